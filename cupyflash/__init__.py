@@ -1,0 +1,21 @@
+"""cupyflash: exact, IO-aware attention (FlashAttention) as CUDA kernels JIT-compiled through CuPy.
+
+Faces:
+- torch: ``cupyflash.flash_attention(q, k, v, attn_bias=None, *, scale=None, causal=False)`` and the custom
+  ops ``torch.ops.cupyflash.flash_attn_fwd`` / ``flash_attn_bwd`` (``cupyflash.torch_op``);
+- CuPy: ``cupyflash.cupy_api.flash_attn_forward`` / ``flash_attn_backward`` on CuPy arrays;
+- ``torch.compile(model, backend="cupyflash")`` (the ``compile_backend`` package).
+
+Importing this package needs neither torch nor a GPU; each face imports what it needs on first use.
+"""
+__version__ = "0.1.0"
+
+_TORCH_NAMES = ("flash_attention", "flash_attn_fwd", "flash_attn_bwd", "why_unsupported")
+
+
+def __getattr__(name):
+    if name in _TORCH_NAMES:
+        from . import torch_op
+
+        return getattr(torch_op, name)
+    raise AttributeError(f"module 'cupyflash' has no attribute {name!r}")
