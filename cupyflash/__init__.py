@@ -10,6 +10,10 @@ Importing this package needs neither torch nor a GPU; each face imports what it 
 """
 __version__ = "0.1.0"
 
+from . import log as _log
+
+_log.setup()  # honours CUPYFLASH_LOG; stdlib only, so the import stays torch- and GPU-free
+
 _TORCH_NAMES = ("flash_attention", "flash_attn_fwd", "flash_attn_bwd", "why_unsupported")
 
 
