@@ -1,0 +1,215 @@
+"""Kernel variants, their source, and their compilation (NVRTC through CuPy).
+
+Every kernel lives in one translation unit, ``kernels_cu/flash_attn.cu``. Its local ``#include "..."`` lines
+are inlined here, so the source handed to CuPy contains every header's text and CuPy's disk cache key
+(source + options + NVRTC version + arch) changes whenever any header does. Templates are instantiated
+through ``name_expressions``; one ``cupy.RawModule`` is built per (pass, dtype, head dim) on first use.
+
+``compile_variant`` compiles without a GPU (NVRTC targets a named arch), which CI uses to check every
+shipped variant and to report registers and spills.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import tiles
+from .errors import KernelCompileError, NVRTCNotFoundError
+
+log = logging.getLogger(__name__)
+
+ENTRY_FILE = "flash_attn.cu"
+NVRTC_OPTIONS = ("-std=c++17",)
+# CuPy's element-type name → the tag struct in common.cuh.
+DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16"}
+KERNELS = ("fwd", "bwd", "bwd_preprocess", "bwd_convert_dq")
+
+
+def kernel_dir() -> Path:
+    """Where the CUDA sources are: ``CUPYFLASH_KERNEL_DIR`` if set (for kernel development), else the package."""
+    override = os.environ.get("CUPYFLASH_KERNEL_DIR")
+    if override:
+        return Path(override)
+    import kernels_cu
+
+    return kernels_cu.SOURCE_DIR
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str  # one of KERNELS
+    dtype: str  # "float16" | "bfloat16"
+    head_dim: int
+    causal: bool = False
+
+    @property
+    def tiles(self) -> tiles.Tiles | None:
+        table = {"fwd": tiles.FORWARD, "bwd": tiles.BACKWARD}.get(self.kernel)
+        return None if table is None else table[self.head_dim]
+
+    @property
+    def name(self) -> str:
+        short = {"float16": "f16", "bfloat16": "bf16"}[self.dtype]
+        return f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
+
+    @property
+    def expression(self) -> str:
+        """The C++ name expression that instantiates this variant."""
+        tag, d, t = DTYPE_TAGS[self.dtype], self.head_dim, self.tiles
+        causal = "true" if self.causal else "false"
+        if self.kernel == "fwd":
+            return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {causal}>"
+        if self.kernel == "bwd":
+            return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {causal}>"
+        if self.kernel == "bwd_preprocess":
+            return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
+        return f"cupyflash::flash_bwd_convert_dq<{tag}, {d}>"
+
+    @property
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory per thread block."""
+        if self.kernel == "fwd":
+            return tiles.forward_smem_bytes(self.head_dim, self.tiles)
+        if self.kernel == "bwd":
+            return tiles.backward_smem_bytes(self.head_dim, self.tiles)
+        return 0
+
+    @property
+    def module_key(self) -> tuple:
+        """Variants compiled together into one RawModule: one pass (forward / backward) of one dtype and head dim."""
+        return ("fwd" if self.kernel == "fwd" else "bwd", self.dtype, self.head_dim)
+
+
+def all_variants() -> list[Variant]:
+    out = []
+    for dtype in DTYPE_TAGS:
+        for d in tiles.FORWARD:
+            out += [Variant("fwd", dtype, d, c) for c in (False, True)]
+        for d in tiles.BACKWARD:
+            out += [Variant("bwd", dtype, d, c) for c in (False, True)]
+            out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]
+    return out
+
+
+def module_variants(key: tuple) -> list[Variant]:
+    return [v for v in all_variants() if v.module_key == key]
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+def _inline(path: Path, seen: set) -> str:
+    """The file's text with each local #include replaced by the header's text (once per header: #pragma once)."""
+    if path in seen:
+        return ""
+    seen.add(path)
+
+    def include(match):
+        return _inline(path.parent / match.group(1), seen)
+
+    return _INCLUDE.sub(include, path.read_text())
+
+
+def source_for(variant: Variant | None = None) -> str:
+    """The full source compiled for `variant` (all variants share one translation unit)."""
+    return _inline(kernel_dir() / ENTRY_FILE, set())
+
+
+# ---------------------------------------------------------------- compile without a GPU (CI, doctor)
+
+@dataclass(frozen=True)
+class CompileReport:
+    variant: Variant
+    arch: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    shared_bytes: int
+
+    def __str__(self) -> str:
+        return (f"{self.variant.name:<28} {self.arch}: {self.registers:3d} registers, {self.stack_bytes} B stack, "
+                f"{self.spill_stores} B spill stores, {self.spill_loads} B spill loads, "
+                f"{self.shared_bytes} B shared")
+
+
+_PTXAS_FUNC = re.compile(r"Function properties for (\S+)\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as err:  # ImportError, or CuPy failing to load libnvrtc
+        raise NVRTCNotFoundError(f"NVRTC could not be loaded ({err}); install it with "
+                                 "pip install 'cuda-toolkit[nvrtc]==13.*'.") from None
+    return nvrtc
+
+
+def compile_module_reports(key: tuple, arch: str) -> list[CompileReport]:
+    """Compiles one module's variants for `arch` ("sm_80", "sm_90") with NVRTC; no GPU needed."""
+    nvrtc = _nvrtc()
+    variants = module_variants(key)
+    prog = nvrtc.createProgram(source_for(), ENTRY_FILE, [], [])
+    try:
+        for v in variants:
+            nvrtc.addNameExpression(prog, v.expression)
+        try:
+            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"-arch={arch}", "-Xptxas=-v"])
+        except Exception as err:
+            log_text = nvrtc.getProgramLog(prog)
+            first = next((ln for ln in log_text.splitlines() if "error" in ln), str(err))
+            raise KernelCompileError(f"kernels {[v.name for v in variants]} failed to compile for {arch}: "
+                                     f"{first.strip()}; this is a bug in cupyflash, please report it.") from None
+        ptxas = {m.group(1): m for m in _PTXAS_FUNC.finditer(nvrtc.getProgramLog(prog))}
+        reports = []
+        for v in variants:
+            m = ptxas[nvrtc.getLoweredName(prog, v.expression)]
+            reports.append(CompileReport(v, arch, registers=int(m.group(5)), spill_stores=int(m.group(3)),
+                                         spill_loads=int(m.group(4)), stack_bytes=int(m.group(2)),
+                                         shared_bytes=v.shared_bytes))
+        return reports
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def compile_variant(variant: Variant, arch: str) -> CompileReport:
+    """One variant's report (compiles its whole module; use compile_module_reports for many)."""
+    return next(r for r in compile_module_reports(variant.module_key, arch) if r.variant == variant)
+
+
+def module_keys() -> list[tuple]:
+    return sorted({v.module_key for v in all_variants()})
+
+
+# ---------------------------------------------------------------- run-time loading (GPU)
+
+@functools.lru_cache(maxsize=None)
+def _raw_module(key: tuple, device_id: int):
+    import cupy
+
+    variants = module_variants(key)
+    log.info("compiling %s kernels for %s head_dim=%d (first use; cached on disk by CuPy)", key[0], key[1], key[2])
+    try:
+        module = cupy.RawModule(code=source_for(), options=NVRTC_OPTIONS,
+                                name_expressions=[v.expression for v in variants])
+        module.compile()
+    except cupy.cuda.compiler.CompileException as err:
+        first = next((ln for ln in str(err).splitlines() if "error" in ln), str(err).splitlines()[0])
+        raise KernelCompileError(f"kernels for {key} failed to compile on this GPU: {first.strip()}; "
+                                 "run `cupyflash doctor` and report the output.") from None
+    return module
+
+
+def get_kernel(variant: Variant, device_id: int):
+    """The cupy.RawKernel of `variant` on `device_id`, with its dynamic shared memory limit raised."""
+    kernel = _raw_module(variant.module_key, device_id).get_function(variant.expression)
+    if variant.shared_bytes > 48 * 1024:
+        # Blocks may use more than 48 KiB of dynamic shared memory only after opting in per kernel.
+        kernel.max_dynamic_shared_size_bytes = variant.shared_bytes
+    return kernel

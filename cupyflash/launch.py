@@ -1,0 +1,79 @@
+"""Kernel launches on raw device pointers: the one place that turns (shapes, strides, pointers, stream) into
+grids and argument lists. Both faces (torch op, CuPy arrays) call these after allocating outputs themselves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import jit
+from .tiles import BACKWARD
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): the kernels use exp2 with the scale folded in
+
+
+@dataclass(frozen=True)
+class Buf:
+    """A (B, H, N, D) or (B, H, N) device buffer: its address and its strides in elements."""
+
+    ptr: int
+    strides: tuple
+
+    def bhn(self) -> list:
+        return [np.int64(s) for s in self.strides[:3]]
+
+
+def _ptr(b: Buf):
+    return np.uint64(b.ptr)
+
+
+def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: int):
+    import cupy
+
+    with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(stream_ptr, device_id):
+        jit.get_kernel(variant, device_id)(grid, block, args, shared_mem=variant.shared_bytes)
+
+
+def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, q: Buf, k: Buf, v: Buf, out: Buf, lse: Buf,
+            scale: float, stream_ptr: int, device_id: int) -> None:
+    """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32."""
+    batch, heads, n_q, d = shape
+    variant = jit.Variant("fwd", dtype, d, causal)
+    t = variant.tiles
+    grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × heads × batch, as FlashAttention-2
+    args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
+            np.int32(n_q), np.int32(n_k), np.float32(scale * LOG2E))
+    _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
+
+
+ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
+
+
+def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, q: Buf, k: Buf, v: Buf, out: Buf, dout: Buf,
+             lse: Buf, d_vec: Buf, dq_accum: Buf, dq: Buf, dk: Buf, dv: Buf, scale: float, stream_ptr: int,
+             device_id: int) -> None:
+    """dq, dk, dv ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 and zeroed, `d_vec` (B, H, Nq) fp32."""
+    batch, heads, n_q, d = shape
+    if d not in BACKWARD:
+        raise NotImplementedError(f"head_dim {d} has a forward kernel only; the backward supports head_dim in "
+                                  f"{tuple(BACKWARD)}")
+    n_rows = batch * heads * n_q
+    row_grid = (math.ceil(n_rows / ROWS_PER_BLOCK),)
+    row_block = (32 * ROWS_PER_BLOCK,)
+    pre = jit.Variant("bwd_preprocess", dtype, d)
+    _run(pre, row_grid, row_block, (_ptr(dout), _ptr(out), _ptr(d_vec), *dout.bhn(), *out.bhn(), np.int32(heads),
+                                    np.int32(n_q), np.int64(n_rows)), stream_ptr, device_id)
+
+    main = jit.Variant("bwd", dtype, d, causal)
+    t = main.tiles
+    grid = (math.ceil(n_k / t.Bc), heads, batch)  # K/V blocks × heads × batch
+    args = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
+            *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
+            np.float32(scale * LOG2E), np.float32(scale))
+    _run(main, grid, (t.threads,), args, stream_ptr, device_id)
+
+    conv = jit.Variant("bwd_convert_dq", dtype, d)
+    _run(conv, row_grid, row_block, (_ptr(dq_accum), _ptr(dq), *dq.bhn(), np.int32(heads), np.int32(n_q),
+                                     np.int64(n_rows), np.float32(scale)), stream_ptr, device_id)

@@ -1,0 +1,167 @@
+// Shared device helpers: 16-bit element types, tensor-core MMA, ldmatrix, cp.async.
+//
+// No CUDA headers are included: NVRTC compiles this without cuda_fp16.h / cuda_bf16.h (CuPy does not ship
+// the bf16 header for every toolkit), so fp16/bf16 values live as raw 16-bit words and are converted with PTX.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+namespace cupyflash {
+
+#define CF_DEVICE __device__ __forceinline__
+
+CF_DEVICE float inf_f() { return __int_as_float(0x7f800000); }
+// exp(x) = exp2(x · log2 e): scores are scaled by scale · log2(e) once so the softmax uses exp2 (one MUFU op).
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;  // log2 → natural log for the saved LSE
+
+// ---- element types: the tag selects the MMA instruction and the f32 ↔ 16-bit conversions ----
+struct f16 {
+    // cvt.rn.f16x2.f32 d, a, b puts a in the upper half and b in the lower half.
+    static CF_DEVICE u32 pack(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static CF_DEVICE u16 from_float(float x) {
+        u16 r;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        return r;
+    }
+    static CF_DEVICE float to_float(u16 x) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+        return f;
+    }
+    // D = A·B + C, m16n8k16, row-major A, column-major B, fp32 accumulate.
+    static CF_DEVICE void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+struct bf16 {
+    static CF_DEVICE u32 pack(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static CF_DEVICE u16 from_float(float x) { return (u16)(pack(x, 0.f) & 0xffffu); }
+    static CF_DEVICE float to_float(u16 x) { return __uint_as_float((u32)x << 16); }  // bf16 is the top half of f32
+    static CF_DEVICE void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// ---- shared memory ----
+CF_DEVICE u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Tiles are stored row-major with each row padded by 16 bytes: 8 consecutive rows then start in 8 distinct
+// 16-byte bank groups, so ldmatrix (8 rows × 16 bytes per 8x8 matrix) is conflict-free for every head dim.
+template <int Cols>
+struct Tile {
+    static constexpr int kRowBytes = Cols * 2 + 16;
+    template <int Rows>
+    __host__ __device__ static constexpr int bytes() { return Rows * kRowBytes; }
+    static CF_DEVICE u32 at(u32 base, int row, int col) { return base + row * kRowBytes + col * 2; }
+};
+
+// ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register i receives, in each lane,
+// row lane/4, columns 2·(lane%4) and +1 of matrix i (or of its transpose with .trans).
+CF_DEVICE void ldmatrix_x4(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+CF_DEVICE void ldmatrix_x4_trans(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// The three fragment loads every GEMM here is built from (m16n8k16, see the PTX ISA "Matrix Fragments for
+// mma.m16n8k16"). `row0`/`col0` locate the 16x16 block in the stored tile.
+//
+// A operand (16 x 16, rows = M, cols = K) from a tile stored [M][K]: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15).
+template <int Cols>
+CF_DEVICE void load_a(u32 a[4], u32 base, int row0, int col0, int lane) {
+    ldmatrix_x4(a, Tile<Cols>::at(base, row0 + (lane & 15), col0 + (lane >> 4) * 8));
+}
+// B operands of two n8 tiles (n = 16 stored rows, k = 16 stored cols) from a tile stored [N][K]:
+// r0,r1 = (b0,b1) of stored rows row0..+7, r2,r3 = of rows row0+8..+15.
+template <int Cols>
+CF_DEVICE void load_b_nk(u32 b[4], u32 base, int row0, int col0, int lane) {
+    ldmatrix_x4(b, Tile<Cols>::at(base, row0 + (lane & 7) + ((lane >> 4) << 3), col0 + ((lane >> 3) & 1) * 8));
+}
+// B operands of two n8 tiles from a tile stored [K][N] (k = 16 stored rows, n = 16 stored cols), transposed by
+// ldmatrix: r0,r1 = (b0,b1) of stored cols col0..+7, r2,r3 = of cols col0+8..+15.
+template <int Cols>
+CF_DEVICE void load_b_kn(u32 b[4], u32 base, int row0, int col0, int lane) {
+    ldmatrix_x4_trans(b, Tile<Cols>::at(base, row0 + (lane & 15), col0 + (lane >> 4) * 8));
+}
+// A operand (rows = M, cols = K) from a tile stored transposed, [K][M].
+template <int Cols>
+CF_DEVICE void load_a_km(u32 a[4], u32 base, int k0, int m0, int lane) {
+    ldmatrix_x4_trans(a, Tile<Cols>::at(base, k0 + (lane & 7) + ((lane >> 4) << 3), m0 + ((lane >> 3) & 1) * 8));
+}
+
+// Accumulator fragments c[nt][0..3] of a 16 x (8·NT) tile hold rows lane/4 (c0, c1) and lane/4 + 8 (c2, c3),
+// cols nt·8 + 2·(lane%4) + {0, 1}. As an A operand for the next GEMM (k = those cols) block kk is:
+template <typename T>
+CF_DEVICE void acc_to_a(u32 a[4], const float (*c)[4], int kk) {
+    a[0] = T::pack(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = T::pack(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = T::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = T::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// ---- global → shared copies ----
+// cp.async 16 bytes; src_bytes = 0 writes zeros (rows past the sequence end), reading nothing.
+CF_DEVICE void cp_async_16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+CF_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+CF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// Copy a Rows x Cols tile whose row r starts at src + r·row_stride (elements, last dim contiguous); rows at or
+// past `valid_rows` are zero-filled so they contribute nothing to the MMAs.
+template <int Rows, int Cols, int Threads>
+CF_DEVICE void load_tile_async(u32 dst, const u16* src, i64 row_stride, int valid_rows, int tid) {
+    constexpr int kChunksPerRow = Cols / 8;  // 16-byte chunks
+    constexpr int kChunks = Rows * kChunksPerRow;
+#pragma unroll
+    for (int it = 0; it < (kChunks + Threads - 1) / Threads; ++it) {
+        const int c = it * Threads + tid;
+        if (kChunks % Threads == 0 || c < kChunks) {
+            const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+            const bool valid = row < valid_rows;
+            cp_async_16(Tile<Cols>::at(dst, row, col), valid ? src + row * row_stride + col : src, valid);
+        }
+    }
+}
+
+CF_DEVICE float warp_max4(float x) {  // over the 4 lanes that share an accumulator row
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+CF_DEVICE float warp_sum4(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+CF_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace cupyflash

@@ -1,0 +1,254 @@
+// Backward: dQ, dK, dV recomputing S and P from Q, K and the saved LSE (Algorithm 2 of FlashAttention-2,
+// https://arxiv.org/abs/2307.08691). Three launches:
+//   1. flash_bwd_preprocess: D_i = rowsum(dO ∘ O), fp32.
+//   2. flash_bwd_kernel: one thread block per (K/V block of Bc rows, head, batch). dK_j, dV_j stay in registers
+//      while Q/dO blocks stream through shared memory; each warp owns 16 keys and works on transposed
+//      scores (Sᵀ = K Qᵀ), so Pᵀ and dSᵀ feed the dV and dK MMAs straight from registers. dQ_i += dS K_j needs
+//      all keys of the block, so dSᵀ goes through shared memory and partial dQ is added atomically to an fp32
+//      buffer.
+//   3. flash_bwd_convert_dq: dQ = scale · dQ_accum in the input dtype, with the caller's strides.
+#pragma once
+#include "common.cuh"
+
+namespace cupyflash {
+
+// One warp per row (B·H·Nq rows): D_i = Σ_d dO[i,d] · O[i,d].
+template <typename T, int D>
+__global__ void flash_bwd_preprocess(const u16* __restrict__ dout, const u16* __restrict__ out,
+                                     float* __restrict__ d_vec, i64 do_sb, i64 do_sh, i64 do_sn,
+                                     i64 o_sb, i64 o_sh, i64 o_sn, int H, int Nq, i64 n_rows) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= n_rows) return;
+    const int lane = threadIdx.x % 32;
+    const int i = (int)(row % Nq), h = (int)((row / Nq) % H), b = (int)(row / ((i64)Nq * H));
+    const u16* dor = dout + b * do_sb + h * do_sh + i * do_sn;
+    const u16* orow = out + b * o_sb + h * o_sh + i * o_sn;
+    float acc = 0.f;
+    for (int d = lane; d < D; d += 32) acc += T::to_float(dor[d]) * T::to_float(orow[d]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) d_vec[row] = acc;
+}
+
+// One warp per row: dQ[b,h,i,:] = scale · dQ_accum[b,h,i,:] (accumulator contiguous (B, H, Nq, D)).
+template <typename T, int D>
+__global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, u16* __restrict__ dq, i64 dq_sb,
+                                     i64 dq_sh, i64 dq_sn, int H, int Nq, i64 n_rows, float scale) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= n_rows) return;
+    const int lane = threadIdx.x % 32;
+    const int i = (int)(row % Nq), h = (int)((row / Nq) % H), b = (int)(row / ((i64)Nq * H));
+    u16* dst = dq + b * dq_sb + h * dq_sh + i * dq_sn;
+    const float* src = dq_accum + row * D;
+    for (int d = lane; d < D; d += 32) dst[d] = T::from_float(src[d] * scale);
+}
+
+template <typename T, int D, int Br, int Bc, int NWarps, bool Causal>
+__global__ void __launch_bounds__(NWarps * 32, 1)
+flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                 const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ d_vec,
+                 float* __restrict__ dq_accum, u16* __restrict__ dk, u16* __restrict__ dv,
+                 i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn, i64 v_sb, i64 v_sh, i64 v_sn,
+                 i64 do_sb, i64 do_sh, i64 do_sn, i64 dk_sb, i64 dk_sh, i64 dk_sn, i64 dv_sb, i64 dv_sh,
+                 i64 dv_sn, int Nq, int Nk, float scale_log2, float scale) {
+    static_assert(Bc == 16 * NWarps, "each warp owns 16 keys");
+    static_assert(Br % 16 == 0 && NWarps % (Br / 16) == 0, "dQ tiles: (Br/16) row tiles split evenly over warps");
+    constexpr int kThreads = NWarps * 32;
+    constexpr int kRowTiles = Br / 16;                   // dQ = dS K: 16-row tiles of the Q block ...
+    constexpr int kDqCols = D / (NWarps / kRowTiles);    // ... each split into column ranges, one per warp
+    static_assert(kDqCols % 16 == 0, "dQ column range per warp is a multiple of 16");
+    using TileD = Tile<D>;
+    using TileS = Tile<Br>;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    const u32 sK = smem_addr(smem);
+    const u32 sV = sK + TileD::template bytes<Bc>();
+    const u32 sQ = sV + TileD::template bytes<Bc>();
+    const u32 sdO = sQ + TileD::template bytes<Br>();
+    const u32 sdS = sdO + TileD::template bytes<Br>();  // dSᵀ, stored [key][query]
+    float* s_lse = reinterpret_cast<float*>(smem + (sdS - sK) + TileS::template bytes<Bc>());  // log2-scaled
+    float* s_dvec = s_lse + Br;
+
+    const int k0 = blockIdx.x * Bc;
+    const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const i64 bh = (i64)b * H + h;
+    q += b * q_sb + h * q_sh;
+    dout += b * do_sb + h * do_sh;
+    lse += bh * Nq;
+    d_vec += bh * Nq;
+    dq_accum += bh * Nq * D;
+
+    // Query i sees key j iff j <= i + diag: the first Q block that sees key k0 holds query k0 - diag.
+    const int diag = Nk - Nq;
+    const int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
+    const int n_qblocks = ceil_div(Nq, Br);
+
+    auto load_q_block = [&](int i) {
+        const int q0 = i * Br;
+        load_tile_async<Br, D, kThreads>(sQ, q + q0 * q_sn, q_sn, Nq - q0, tid);
+        load_tile_async<Br, D, kThreads>(sdO, dout + q0 * do_sn, do_sn, Nq - q0, tid);
+        for (int r = tid; r < Br; r += kThreads) {  // rows past Nq: P = exp2(s - inf) = 0, D = 0
+            s_lse[r] = q0 + r < Nq ? lse[q0 + r] * kLog2e : inf_f();
+            s_dvec[r] = q0 + r < Nq ? d_vec[q0 + r] : 0.f;
+        }
+    };
+
+    load_tile_async<Bc, D, kThreads>(sK, k + b * k_sb + h * k_sh + k0 * k_sn, k_sn, Nk - k0, tid);
+    load_tile_async<Bc, D, kThreads>(sV, v + b * v_sb + h * v_sh + k0 * v_sn, v_sn, Nk - k0, tid);
+    if (i_begin < n_qblocks) load_q_block(i_begin);
+    cp_async_commit();
+
+    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+    const int key_in_block = warp * 16 + lane / 4;  // this lane's keys: key_in_block and key_in_block + 8
+
+    for (int i = i_begin; i < n_qblocks; ++i) {
+        const int q0 = i * Br;
+        // Q_i, dO_i, LSE_i and D_i are in shared memory for every thread; the previous dQ reads of sdS are done.
+        cp_async_wait_all();
+        __syncthreads();
+
+        // Sᵀ = K_j Q_iᵀ, (16 keys x Br) per warp; then Pᵀ = exp2(Sᵀ · scale · log2 e - LSE · log2 e).
+        float pt[Br / 8][4];
+#pragma unroll
+        for (int n = 0; n < Br / 8; ++n) pt[n][0] = pt[n][1] = pt[n][2] = pt[n][3] = 0.f;
+#pragma unroll 1  // see flash_fwd.cuh: unrolling the k loop only hoists fragment loads
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 a[4];
+            load_a<D>(a, sK, warp * 16, kk * 16, lane);
+#pragma unroll
+            for (int np = 0; np < Br / 16; ++np) {
+                u32 bq[4];
+                load_b_nk<D>(bq, sQ, np * 16, kk * 16, lane);
+                T::mma(pt[2 * np], a, bq[0], bq[1]);
+                T::mma(pt[2 * np + 1], a, bq[2], bq[3]);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < Br / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = nt * 8 + 2 * (lane % 4) + (e & 1);  // query within the block
+                const int key = k0 + key_in_block + (e >> 1) * 8;
+                const bool masked = key >= Nk || (Causal && key > q0 + col + diag);
+                pt[nt][e] = masked ? 0.f : exp2f(pt[nt][e] * scale_log2 - s_lse[col]);
+            }
+        }
+
+        // dV_j += Pᵀ dO_i
+#pragma unroll
+        for (int kk = 0; kk < Br / 16; ++kk) {
+            u32 a[4];
+            acc_to_a<T>(a, pt, kk);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 bo[4];
+                load_b_kn<D>(bo, sdO, kk * 16, dp * 16, lane);
+                T::mma(acc_dv[2 * dp], a, bo[0], bo[1]);
+                T::mma(acc_dv[2 * dp + 1], a, bo[2], bo[3]);
+            }
+        }
+
+        // dPᵀ = V_j dO_iᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - D_i) in place.
+        float ds[Br / 8][4];
+#pragma unroll
+        for (int n = 0; n < Br / 8; ++n) ds[n][0] = ds[n][1] = ds[n][2] = ds[n][3] = 0.f;
+#pragma unroll 1  // see flash_fwd.cuh: unrolling the k loop only hoists fragment loads
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 a[4];
+            load_a<D>(a, sV, warp * 16, kk * 16, lane);
+#pragma unroll
+            for (int np = 0; np < Br / 16; ++np) {
+                u32 bo[4];
+                load_b_nk<D>(bo, sdO, np * 16, kk * 16, lane);
+                T::mma(ds[2 * np], a, bo[0], bo[1]);
+                T::mma(ds[2 * np + 1], a, bo[2], bo[3]);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) ds[nt][e] = pt[nt][e] * (ds[nt][e] - s_dvec[nt * 8 + 2 * (lane % 4) + (e & 1)]);
+
+        // dK_j += dSᵀ Q_i (the softmax scale is applied once, at the end)
+#pragma unroll
+        for (int kk = 0; kk < Br / 16; ++kk) {
+            u32 a[4];
+            acc_to_a<T>(a, ds, kk);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 bq[4];
+                load_b_kn<D>(bq, sQ, kk * 16, dp * 16, lane);
+                T::mma(acc_dk[2 * dp], a, bq[0], bq[1]);
+                T::mma(acc_dk[2 * dp + 1], a, bq[2], bq[3]);
+            }
+        }
+
+        // dSᵀ → shared memory, [key][query], for the dQ GEMM that needs every key of the block.
+#pragma unroll
+        for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const u32 addr = TileS::at(sdS, key_in_block + r * 8, nt * 8 + 2 * (lane % 4));
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(T::pack(ds[nt][2 * r], ds[nt][2 * r + 1])));
+            }
+        // dSᵀ is complete, and every warp is done reading sQ/sdO/LSE/D: prefetch the next Q block under dQ.
+        __syncthreads();
+        if (i + 1 < n_qblocks) {
+            load_q_block(i + 1);
+            cp_async_commit();
+        }
+
+        // dQ_i += dS K_j over this warp's (16 rows x kDqCols) tile, added atomically in fp32.
+        const int m0 = (warp % kRowTiles) * 16, c0 = (warp / kRowTiles) * kDqCols;
+        float acc_dq[kDqCols / 8][4];
+#pragma unroll
+        for (int n = 0; n < kDqCols / 8; ++n) acc_dq[n][0] = acc_dq[n][1] = acc_dq[n][2] = acc_dq[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk) {
+            u32 a[4];
+            load_a_km<Br>(a, sdS, kk * 16, m0, lane);
+#pragma unroll
+            for (int dp = 0; dp < kDqCols / 16; ++dp) {
+                u32 bk[4];
+                load_b_kn<D>(bk, sK, kk * 16, c0 + dp * 16, lane);
+                T::mma(acc_dq[2 * dp], a, bk[0], bk[1]);
+                T::mma(acc_dq[2 * dp + 1], a, bk[2], bk[3]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = q0 + m0 + lane / 4 + r * 8;
+            if (row < Nq) {
+                float* dst = dq_accum + (i64)row * D + c0 + 2 * (lane % 4);
+#pragma unroll
+                for (int nt = 0; nt < kDqCols / 8; ++nt) {
+                    atomicAdd(dst + nt * 8, acc_dq[nt][2 * r]);
+                    atomicAdd(dst + nt * 8 + 1, acc_dq[nt][2 * r + 1]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = k0 + key_in_block + r * 8;
+        if (key < Nk) {
+            u16* dk_row = dk + b * dk_sb + h * dk_sh + key * dk_sn;
+            u16* dv_row = dv + b * dv_sb + h * dv_sh + key * dv_sn;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                const int col = dt * 8 + 2 * (lane % 4);
+                *reinterpret_cast<u32*>(dk_row + col) = T::pack(acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
+                *reinterpret_cast<u32*>(dv_row + col) = T::pack(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
+            }
+        }
+    }
+}
+
+}  // namespace cupyflash
