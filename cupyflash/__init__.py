@@ -16,6 +16,11 @@ _log.setup()  # honours CUPYFLASH_LOG; stdlib only, so the import stays torch- a
 
 _TORCH_NAMES = ("flash_attention", "flash_attn_fwd", "flash_attn_bwd", "why_unsupported")
 
+import sys as _sys
+
+if "torch" in _sys.modules:  # torch is loaded already: register torch.ops.cupyflash.* now, at no import cost
+    from . import torch_op as _torch_op
+
 
 def __getattr__(name):
     if name in _TORCH_NAMES:
