@@ -1,0 +1,51 @@
+"""The ``cupyflash`` command: ``demo`` (the main job) and ``doctor`` (what is installed, do kernels compile).
+
+Errors a user can fix (``CupyflashError``) print one sentence and exit with code 2; anything else is a bug
+and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__, log
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cupyflash", description="FlashAttention kernels through CuPy, and a "
+                                     "torch.compile backend that fuses naive attention.")
+    parser.add_argument("--version", action="version", version=f"cupyflash {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (same as CUPYFLASH_LOG=debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="fuse the naive attention of a small GPT, check it against eager, time it")
+    demo.add_argument("--cpu", action="store_true", help="run the small CPU version even when a GPU is present")
+    demo.add_argument("--steps", type=int, default=20, help="timed training steps per variant (GPU; default 20)")
+    demo.add_argument("--plot", metavar="PATH", help="also write the timings as a PNG (needs matplotlib)")
+
+    doctor = sub.add_parser("doctor", help="versions, kernel cache, and a compile of every kernel variant")
+    doctor.add_argument("--arch", action="append", metavar="sm_XX",
+                        help="compile for this arch (repeatable; default: this GPU, or sm_80 and sm_90)")
+    doctor.add_argument("--only", metavar="TEXT", help="only the kernel variants whose name contains TEXT")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verbose:
+        log.setup("debug")
+    from .errors import CupyflashError
+
+    try:
+        if args.command == "demo":
+            from . import demo
+
+            return demo.run(force_cpu=args.cpu, steps=args.steps, plot_path=args.plot)
+        from . import doctor
+
+        return doctor.run(arches=args.arch, only=args.only)
+    except CupyflashError as err:
+        print(f"cupyflash: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
