@@ -1,0 +1,175 @@
+"""Reference attention and the tolerance rule every GPU check uses.
+
+- ``attention_ref``: naive softmax(scale · Q Kᵀ) V with the kernels' semantics (causal mask aligned to the
+  bottom-right corner, rows that see no key give out = 0 and lse = +inf), returning out, lse and, through
+  autograd, dq, dk, dv. With ``compute_dtype=torch.float32`` (or float64) it is the reference; with the
+  inputs' own fp16/bf16 dtype it is "the same-dtype PyTorch math" the rule measures against.
+- ``assert_within_rule``: FlashAttention's test rule (tests/test_flash_attn.py in Dao-AILab/flash-attention:
+  ``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``): our error against the fp32
+  reference may be at most ``factor`` × the error of the same-dtype PyTorch math, plus a rounding floor.
+- ``poison_cuda_allocator``: makes the op's fresh torch allocations land on NaN-filled memory, so an output
+  element the kernel forgets to write shows up as NaN instead of a lucky zero.
+"""
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+OUT_FACTOR = 2  # out and lse
+GRAD_FACTOR = 3  # dq, dk, dv: the backward rounds more often (P, dS in fp16/bf16), FlashAttention allows 3x
+# Absolute part of the floor: fp32 accumulation noise where the exact value cancels to ~0 (e.g. dq for
+# Nk = 1: dS = P (dP - D) is exactly 0 in the fp16 math, ~1e-7 in any fp32 accumulation order).
+ABS_FLOOR = 1e-5
+
+
+@dataclass
+class AttentionResult:
+    out: torch.Tensor  # (B, H, Nq, D)
+    lse: torch.Tensor  # (B, H, Nq), natural log, +inf for rows that see no key
+    dq: Optional[torch.Tensor] = None
+    dk: Optional[torch.Tensor] = None
+    dv: Optional[torch.Tensor] = None
+
+
+def seed_from(*params) -> int:
+    """A stable seed from test parameters (str() of each), so every case draws its own inputs."""
+    return zlib.crc32(repr(params).encode())
+
+
+def causal_keep_mask(n_q: int, n_k: int, device) -> torch.Tensor:
+    """(Nq, Nk) bool: query i sees key j iff j <= i + Nk - Nq (bottom-right aligned)."""
+    rows = torch.arange(n_q, device=device).unsqueeze(1)  # (Nq, 1)
+    cols = torch.arange(n_k, device=device).unsqueeze(0)  # (1, Nk)
+    return cols <= rows + (n_k - n_q)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 matmuls on Ampere+ may run as TF32 (10-bit mantissa) when a global flag is on; the reference
+    must be true fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def attention_ref(q, k, v, dout=None, *, scale: float, causal: bool, compute_dtype=torch.float32,
+                  bias=None) -> AttentionResult:
+    """Naive attention in ``compute_dtype`` on q's device; gradients w.r.t. q, k, v when ``dout`` is given.
+
+    Results stay in ``compute_dtype`` (the fp32 reference is not rounded back to fp16/bf16).
+    """
+    with _no_tf32(), torch.enable_grad():
+        qc, kc, vc = (t.detach().to(compute_dtype).requires_grad_(dout is not None) for t in (q, k, v))
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        # lse from the (rounded) scores in at least fp32, as the kernels keep it
+        lse_dtype = torch.promote_types(compute_dtype, torch.float32)
+        s = torch.matmul(qc * scale, kc.transpose(-1, -2))  # (B, H, Nq, Nk)
+        if bias is not None:
+            s = s + bias.to(compute_dtype)
+        if causal:
+            keep = causal_keep_mask(n_q, n_k, q.device)  # (Nq, Nk)
+            has_key = keep.any(dim=-1, keepdim=True)  # (Nq, 1)
+            # Rows without any key keep finite scores (masking all of them to -inf would make softmax and
+            # its backward NaN); their probabilities are zeroed below instead.
+            s = s.masked_fill(~keep & has_key, float("-inf"))
+            p = torch.softmax(s, dim=-1) * has_key.to(compute_dtype)
+            lse = torch.logsumexp(s.detach().to(lse_dtype), dim=-1)  # (B, H, Nq)
+            lse = lse.masked_fill(~has_key.squeeze(-1), float("inf"))
+        else:
+            p = torch.softmax(s, dim=-1)
+            lse = torch.logsumexp(s.detach().to(lse_dtype), dim=-1)  # (B, H, Nq)
+        out = torch.matmul(p, vc)  # (B, H, Nq, D)
+        result = AttentionResult(out.detach(), lse)
+        if dout is not None:
+            result.dq, result.dk, result.dv = torch.autograd.grad(out, (qc, kc, vc), dout.to(compute_dtype))
+    return result
+
+
+def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``dtype`` at the tensor's largest magnitude, plus ``ABS_FLOOR``.
+
+    Storing a result in fp16/bf16 alone costs up to half an ulp, and two correct computations may round to
+    neighbouring values; the same-dtype PyTorch error can be ~0 by luck (e.g. Nk = 1, where out = v exactly),
+    so without this floor the rule would demand bit-exactness there.
+    """
+    finite = ref[torch.isfinite(ref)]
+    top = finite.abs().max().item() if finite.numel() else 0.0
+    return torch.finfo(dtype).eps * top + ABS_FLOOR
+
+
+def assert_within_rule(ours: torch.Tensor, ref_fp32: torch.Tensor, same_dtype_torch: torch.Tensor, factor: float,
+                       floor: float, name: str) -> None:
+    """max|ours - ref| <= factor · max|same_dtype_torch - ref| + floor, with identical non-finite entries.
+
+    Non-finite reference entries (lse = +inf for rows that see no key) must be matched exactly by ours;
+    NaN in ours fails. Errors are measured in fp64 on the finite entries.
+    """
+    assert ours.shape == ref_fp32.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref_fp32.shape)}"
+    assert not torch.isnan(ours).any(), (f"{name}: {int(torch.isnan(ours).sum())} NaN of {ours.numel()} "
+                                         f"(unwritten output? first at {_first_index(torch.isnan(ours))})")
+    o, r, p = (t.detach().to(torch.float64) for t in (ours, ref_fp32, same_dtype_torch))
+    ref_finite = torch.isfinite(r)
+    wrong_nonfinite = (torch.isfinite(o) != ref_finite) | (~ref_finite & (o != r))
+    assert not wrong_nonfinite.any(), (
+        f"{name}: {int(wrong_nonfinite.sum())} entries differ in finiteness from the reference; first at "
+        f"{_first_index(wrong_nonfinite)}: ours {o[wrong_nonfinite][0].item()}, ref {r[wrong_nonfinite][0].item()}")
+    if not ref_finite.any():
+        return
+    err = (o - r).abs().masked_fill(~ref_finite, 0.0)
+    pt_err = (p - r).abs().masked_fill(~ref_finite, 0.0).nan_to_num(0.0).max().item()
+    bound = factor * pt_err + floor
+    worst = err.max().item()
+    if worst > bound:
+        at = _first_index(err == worst)
+        raise AssertionError(
+            f"{name}: max|ours - ref| = {worst:.3e} > {factor} x max|torch same-dtype - ref| ({pt_err:.3e}) "
+            f"+ floor {floor:.2e} = {bound:.3e}; worst at {at}: ours {o[at].item():.6g}, ref {r[at].item():.6g}; "
+            f"{int((err > bound).sum())} of {err.numel()} entries out of bound")
+
+
+def assert_close_ulps(ours: torch.Tensor, other: torch.Tensor, name: str, ulps: int = 2) -> None:
+    """Two runs of our kernels agree to a few ulps of their dtype (the backward may accumulate dq with
+    atomics, so the order of fp32 additions, and hence the last bit after rounding, can differ)."""
+    assert ours.shape == other.shape and ours.dtype == other.dtype, (
+        f"{name}: {tuple(ours.shape)} {ours.dtype} vs {tuple(other.shape)} {other.dtype}")
+    a, b = ours.detach().double(), other.detach().double()
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b)), f"{name}: non-finite entries differ"
+    finite = torch.isfinite(b)
+    eps = torch.finfo(ours.dtype).eps
+    tol = ulps * eps * (b[finite].abs().max().item() if finite.any() else 0.0) + ABS_FLOOR
+    worst = (a - b).abs()[finite].max().item() if finite.any() else 0.0
+    assert worst <= tol, f"{name}: max difference {worst:.3e} > {ulps} ulp bound {tol:.3e}"
+
+
+def poison_cuda_allocator(*byte_sizes: int) -> None:
+    """Fill the memory the op's next allocations will get with NaN (all bits 1: NaN in fp16, bf16 and fp32).
+
+    torch allocates the op's outputs, so they cannot be pre-filled; instead this returns every cached free
+    block to the driver (``empty_cache``), then allocates one block per expected size, in the order the op
+    allocates (outputs first, then workspaces), fills them with 0xFF and frees them. The caching allocator is
+    best-fit within a stream's pool, so the op's same-size requests, made in the same order, get exactly these
+    blocks back (``test_poison_reaches_fresh_allocations`` checks that on the device). Call it on the stream
+    the op will run on: pools are per stream.
+    """
+    torch.cuda.empty_cache()
+    blocks = [torch.empty(max(int(n), 1), dtype=torch.uint8, device="cuda").fill_(0xFF) for n in byte_sizes]
+    del blocks
+
+
+def nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _first_index(mask: torch.Tensor) -> tuple:
+    idx = mask.nonzero()
+    return tuple(idx[0].tolist()) if idx.numel() else ()

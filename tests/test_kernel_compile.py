@@ -1,0 +1,99 @@
+"""Every shipped kernel variant compiles with NVRTC for sm_80 and sm_90 (no GPU needed), without register
+spills and within what one SM can hold; and the source handed to CuPy carries every header's text, so CuPy's
+disk-cache key changes when a header does."""
+from __future__ import annotations
+
+import functools
+import shutil
+
+import pytest
+
+try:
+    from cupyflash import jit
+
+    VARIANTS = jit.all_variants()
+    UNAVAILABLE = None
+except Exception as err:  # jit.py missing or failing at import: collection must still succeed
+    jit, VARIANTS = None, []
+    UNAVAILABLE = f"cupyflash.jit is not usable: {type(err).__name__}: {err}"
+
+ARCHS = ("sm_80", "sm_90")
+# Opt-in dynamic shared memory per block (CUDA C Programming Guide, compute capabilities table).
+MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+REGISTERS_PER_SM = 64 * 1024
+
+
+def _variant_params():
+    if UNAVAILABLE:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=UNAVAILABLE), id="no-jit")]
+    return [pytest.param(v, id=v.name) for v in VARIANTS]
+
+
+@functools.lru_cache(maxsize=None)
+def _reports(module_key, arch):
+    """One NVRTC compile per (module, arch) serves every variant in that module."""
+    return {r.variant: r for r in jit.compile_module_reports(module_key, arch)}
+
+
+def _report(variant, arch):
+    if hasattr(jit, "compile_module_reports") and hasattr(variant, "module_key"):
+        return _reports(variant.module_key, arch)[variant]
+    return jit.compile_variant(variant, arch)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _nvrtc_available():
+    if UNAVAILABLE:
+        return
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as err:
+        pytest.skip(f"NVRTC cannot be loaded ({type(err).__name__}: {err}); pip install 'cuda-toolkit[nvrtc]==13.*'")
+
+
+def test_variants_are_listed():
+    if UNAVAILABLE:
+        pytest.skip(UNAVAILABLE)
+    names = [v.name for v in VARIANTS]
+    assert names and len(names) == len(set(names)), "variant names must be unique and non-empty"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", _variant_params())
+def test_variant_compiles_without_spills(variant, arch):
+    report = _report(variant, arch)
+    assert 0 < report.registers <= 255, f"{variant.name} {arch}: {report.registers} registers (ptxas -v parsed?)"
+    assert report.spill_stores == 0 and report.spill_loads == 0, (
+        f"{variant.name} {arch}: {report.spill_stores} B spill stores, {report.spill_loads} B spill loads "
+        f"with {report.registers} registers")
+    assert report.shared_bytes <= MAX_SHARED_BYTES[arch], (
+        f"{variant.name} {arch}: {report.shared_bytes} B shared > {MAX_SHARED_BYTES[arch]} B per block")
+    tiles = getattr(variant, "tiles", None)
+    if tiles is not None:  # a block must fit one SM's register file, else the launch fails
+        assert report.registers * tiles.threads <= REGISTERS_PER_SM, (
+            f"{variant.name} {arch}: {report.registers} registers x {tiles.threads} threads > {REGISTERS_PER_SM}")
+
+
+def test_header_edit_changes_compiled_source(tmp_path, monkeypatch):
+    """Copy the kernels to a tmp dir (CUPYFLASH_KERNEL_DIR), edit one header at a time: the source of some
+    variant must change (it is CuPy's cache key), with the header's text inlined, no local #include left."""
+    if UNAVAILABLE:
+        pytest.skip(UNAVAILABLE)
+    kernel_dir = tmp_path / "kernels_cu"
+    shutil.copytree(jit.kernel_dir(), kernel_dir)
+    monkeypatch.setenv("CUPYFLASH_KERNEL_DIR", str(kernel_dir))
+    headers = sorted(p for p in kernel_dir.iterdir() if p.suffix in (".cuh", ".h", ".hpp"))
+    assert headers, f"no headers under {kernel_dir}"
+    before = {v: jit.source_for(v) for v in VARIANTS}
+    for header in headers:
+        assert f'#include "{header.name}"' not in "".join(before.values()), f"{header.name} is not inlined"
+    for i, header in enumerate(headers):
+        marker = f"#define CUPYFLASH_TEST_EDIT_{i} 1"
+        header.write_text(header.read_text() + f"\n{marker}\n")
+        after = {v: jit.source_for(v) for v in VARIANTS}
+        changed = [v.name for v in VARIANTS if after[v] != before[v]]
+        assert changed, f"editing {header.name} changed no variant's source: CuPy's cache would serve stale code"
+        assert all(marker in after[v] for v in VARIANTS if v.name in changed)
+        before = after
