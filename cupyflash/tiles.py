@@ -33,7 +33,7 @@ BACKWARD = {
     32: Tiles(Br=64, Bc=128, warps=8),
     64: Tiles(Br=64, Bc=128, warps=8),
     96: Tiles(Br=32, Bc=64, warps=4),
-    128: Tiles(Br=32, Bc=64, warps=4),
+    128: Tiles(Br=32, Bc=128, warps=8),
 }
 
 

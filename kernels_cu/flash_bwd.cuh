@@ -135,7 +135,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 const int col = nt * 8 + 2 * (lane % 4) + (e & 1);  // query within the block
                 const int key = k0 + key_in_block + (e >> 1) * 8;
                 const bool masked = key >= Nk || (Causal && key > q0 + col + diag);
-                pt[nt][e] = masked ? 0.f : exp2f(pt[nt][e] * scale_log2 - s_lse[col]);
+                pt[nt][e] = masked ? 0.f : fast_exp2(pt[nt][e] * scale_log2 - s_lse[col]);
             }
         }
 

@@ -104,13 +104,13 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             mx = warp_max4(mx);
             // A row with every key masked so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
             const float m_use = mx == -inf_f() ? 0.f : mx;
-            const float alpha = exp2f(m_i[r] - m_use);
+            const float alpha = fast_exp2(m_i[r] - m_use);
             m_i[r] = mx;
             float row_sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt) {
-                s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
-                s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
+                s[nt][2 * r] = fast_exp2(s[nt][2 * r] - m_use);
+                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] - m_use);
                 row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
             }
             l_i[r] = l_i[r] * alpha + row_sum;
