@@ -268,10 +268,13 @@ def run(*, force_cpu: bool = False, steps: int = 20, plot_path: str | None = Non
     """The demo; returns the process exit code (0 PASS, 1 FAIL)."""
     if plot_path:
         require_matplotlib()  # fail before minutes of compiling, not after
-    reason = "--cpu was given" if force_cpu else gpu_unavailable_reason()
-    setup = CPU_SETUP if reason else GPU_SETUP
-    if reason:
-        print(f"No GPU: {reason}. Running the CPU path (small GPT, inner backend aot_eager, no timings).")
+    reason = None if force_cpu else gpu_unavailable_reason()
+    setup = CPU_SETUP if force_cpu or reason else GPU_SETUP
+    cpu_path = "the CPU path (small GPT, inner backend aot_eager, no timings)"
+    if force_cpu:
+        print(f"--cpu: running {cpu_path}.")
+    elif reason:
+        print(f"No GPU: {reason}. Running {cpu_path}.")
     import compile_backend
 
     cfg = setup.config

@@ -1,0 +1,222 @@
+"""The user-facing command end to end (``cupyflash demo`` / ``doctor`` as subprocesses, on the CPU in CI), and
+the parts it is made of: one-sentence errors, the progress bar, the logging switch."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from cupyflash import demo, errors, log
+from cupyflash.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+
+
+def _run(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _demo_commands() -> list:
+    script = shutil.which("cupyflash")
+    return [pytest.param([sys.executable, "-m", "cupyflash"], id="python -m cupyflash"),
+            pytest.param([script or "cupyflash"], id="console script", marks=pytest.mark.skipif(
+                script is None, reason="no `cupyflash` on PATH: the package is not pip-installed here"))]
+
+
+# ---- end to end -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", _demo_commands())
+def test_demo_fuses_and_passes(command):
+    # On a GPU machine the default run times full-size models for minutes; --cpu keeps this a CI-sized check.
+    proc = _run(command + ["demo"] + (["--cpu"] if HAS_GPU else []))
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    first = out.splitlines()[0]
+    if HAS_GPU:
+        assert first.startswith("--cpu: running the CPU path")
+    else:
+        assert re.fullmatch(r"No GPU: .+\. Running the CPU path \(.+\)\.", first), first
+    report = out.split("rewrite report:\n", 1)[1].split("\ncheck against", 1)[0]
+    assert re.search(r"fused|rewr", report, re.I), report
+    assert "fused attention sites: 2 (the model has 2 attention layers)  ok" in out
+    assert "FAIL" not in out
+    assert out.rstrip().endswith("PASS")
+
+
+def test_doctor_reports_versions_and_compiles_every_variant():
+    from cupyflash import jit
+
+    proc = _run([sys.executable, "-m", "cupyflash", "doctor"])
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    for label in ("GPU", "driver", "CUDA runtime", "CuPy", "torch", "NVRTC", "kernel cache", "cache size"):
+        assert re.search(rf"^{label}: +\S", out, re.M), f"no {label} line in:\n{out}"
+    assert re.search(rf"^torch: +{re.escape(torch.__version__)} ", out, re.M)
+    assert re.search(r"^NVRTC: +\d+\.\d+$", out, re.M)
+    if not HAS_GPU:
+        assert re.search(r"^GPU: +not found: .+; run on a machine with an NVIDIA GPU", out, re.M)
+    arches = re.search(r"^kernel variants for (.+) \(", out, re.M).group(1).split(", ")
+    if not HAS_GPU:
+        assert arches == ["sm_80", "sm_90"]
+    expected = {(arch, v.name) for arch in arches for v in jit.all_variants()}
+    compiled = set(re.findall(r"^  ok +(sm_\d+)  (\S+) +\d+ regs", out, re.M))
+    assert compiled == expected
+    assert f"kernels: {len(expected)} of {len(expected)} compiled" in out
+
+
+def test_doctor_reports_a_failed_compile_plainly(tmp_path):
+    broken = tmp_path / "kernels"
+    shutil.copytree(ROOT / "kernels_cu", broken)
+    with open(broken / "flash_fwd.cuh", "a") as f:
+        f.write("\nthis_is_not_cuda;\n")
+    proc = _run([sys.executable, "-m", "cupyflash", "doctor", "--arch", "sm_80", "--only", "fwd_f16_d32"],
+                env={"CUPYFLASH_KERNEL_DIR": str(broken)})
+    assert proc.returncode == 1
+    assert re.search(r"^  FAILED sm_80  fwd_f16_d32, fwd_f16_d32_causal: .*error", proc.stdout, re.M), proc.stdout
+    assert "kernels: 0 of 2 compiled, 2 FAILED" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_user_error_is_one_sentence_with_exit_code_2(tmp_path):
+    # A `matplotlib` that fails to import stands in for a machine without it.
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('blocked for this test')\n")
+    proc = _run([sys.executable, "-m", "cupyflash", "demo", "--plot", str(tmp_path / "t.png")],
+                env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == ["cupyflash: --plot needs matplotlib, which is not installed; "
+                                        "pip install 'cupyflash[plot]' or drop --plot."]
+
+
+# ---- the parts --------------------------------------------------------------------------------------
+
+def _fake_cupy(*, count=1, major=9, minor=0, runtime_error=None, nvrtc_error=None):
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def call(value):
+        def f(*args):
+            if runtime_error:
+                raise CUDARuntimeError(runtime_error)
+            return value
+        return f
+
+    def nvrtc_version():
+        if nvrtc_error:
+            raise nvrtc_error
+        return (13, 0)
+
+    runtime = types.SimpleNamespace(
+        CUDARuntimeError=CUDARuntimeError, getDevice=call(0), getDeviceCount=call(count),
+        getDeviceProperties=call({"name": b"Fake GPU", "major": major, "minor": minor}),
+        driverGetVersion=lambda: 13000)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime,
+                                                            nvrtc=types.SimpleNamespace(getVersion=nvrtc_version)))
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    def install(**kwargs):
+        errors._checked_device.cache_clear()
+        monkeypatch.setattr(errors, "_cupy", lambda: _fake_cupy(**kwargs))
+    yield install
+    errors._checked_device.cache_clear()
+
+
+def test_require_gpu_accepts_sm80_and_newer(fake_cupy):
+    fake_cupy(major=8, minor=0)
+    assert errors.require_gpu() == errors.GPUInfo(0, "Fake GPU", 80)
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(major=7, minor=5), errors.UnsupportedGPUError, "GPU 0 (Fake GPU) is sm_75, and the cupyflash kernels "
+                                                         "need sm_80 (Ampere) or newer"),
+    (dict(count=0), errors.NoGPUError, "No CUDA GPU is visible"),
+    (dict(runtime_error="cudaErrorNoDevice: no CUDA-capable device is detected"), errors.NoGPUError,
+     "No usable CUDA GPU (no CUDA-capable device is detected); run on a machine with an NVIDIA GPU"),
+])
+def test_require_gpu_says_what_happened_and_what_to_do(fake_cupy, kwargs, error, words):
+    fake_cupy(**kwargs)
+    with pytest.raises(error) as info:
+        errors.require_gpu()
+    message = str(info.value)
+    assert words in message
+    assert message.count(". ") == 0 and message.endswith(".")  # one sentence
+
+
+def test_missing_cupy_and_nvrtc(fake_cupy, monkeypatch):
+    fake_cupy(nvrtc_error=RuntimeError("libnvrtc.so.13: cannot open shared object file"))
+    with pytest.raises(errors.NVRTCNotFoundError, match=r"could not be loaded \(RuntimeError\); pip install"):
+        errors.require_nvrtc()
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    with pytest.raises(errors.CupyNotFoundError, match=r"CuPy is not installed .*pip install 'cupyflash\[cuda13\]'"):
+        errors.require_gpu()
+
+
+def test_demo_without_a_gpu_says_why():
+    if HAS_GPU:
+        pytest.skip("this machine has a GPU")
+    assert demo.gpu_unavailable_reason()
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_redraws_on_a_tty_and_prints_only_a_summary_elsewhere(tty):
+    stream = _Stream(tty)
+    with Progress(4, "compiling", stream=stream) as bar:
+        for i in range(4):
+            bar.advance(note=f"k{i}")
+    text = stream.getvalue()
+    assert re.search(r"compiling: 4/4 in \d+\.\ds\n$", text)
+    if tty:
+        assert "\rcompiling [##############..............] 2/4 k1" in text
+    else:
+        assert text.count("\n") == 1 and "\r" not in text
+
+
+def test_log_env_var_turns_on_debug(monkeypatch):
+    monkeypatch.setattr(log.logger, "handlers", [])
+    monkeypatch.setattr(log.logger, "level", logging.NOTSET)
+    monkeypatch.setattr(log.logger, "propagate", True)
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setenv("CUPYFLASH_LOG", "debug")
+    log.setup()
+    log.setup()  # idempotent: one handler, one line per record
+    logging.getLogger("cupyflash.jit").debug("compiling %s", "fwd_bf16_d64")
+    assert stream.getvalue() == "cupyflash DEBUG cupyflash.jit: compiling fwd_bf16_d64\n"
+
+
+def test_timing_table():
+    timings = [demo.Timing("eager", 100.0, 3000.0, 8192), demo.Timing("cupyflash", 50.0, 1000.0, 8192)]
+    lines = demo.format_table(timings).splitlines()
+    assert lines[1].split() == ["eager", "100.00", "81,920", "1.00x", "3,000"]
+    assert lines[2].split() == ["cupyflash", "50.00", "163,840", "2.00x", "1,000"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (the `plot` extra)")
+    path = tmp_path / "t.png"
+    demo.plot([demo.Timing("eager", 100.0, 3000.0, 8192)], str(path), "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
