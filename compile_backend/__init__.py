@@ -1,0 +1,85 @@
+"""``torch.compile(model, backend="cupyflash")``: fuse naive softmax attention into the cupyflash op.
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so no import is needed.
+The backend rewrites each Dynamo FX graph (``matcher`` finds sites by meaning, ``rewrite`` swaps in
+``torch.ops.cupyflash.flash_attn_fwd``) and hands the graph to an inner compiler:
+
+    torch.compile(model, backend="cupyflash")                                  # Inductor
+    torch.compile(model, backend="cupyflash", mode="reduce-overhead")          # Inductor + CUDA graphs
+    torch.compile(model, backend="cupyflash", options={"inner": "aot_eager"})  # or "eager"
+    torch.compile(model, backend="cupyflash", options={"mode": "max-autotune", "inner": "inductor",
+                                                       "epilogue_fusion": False})
+
+torch.compile passes ``mode`` only when it is not "default" and ``options`` only when non-empty, and it
+refuses both together; so ``options`` may also carry ``"mode"``. Other option keys are Inductor config
+settings, as for ``backend="inductor"``.
+
+Every fused site bumps ``torch._dynamo.utils.counters["cupyflash"]["attention_fused"]``; every site is
+logged under ``cupyflash.compile``; ``explain(model, *args)`` returns a report of all sites.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional
+
+import torch
+
+from .report import Report, SiteRecord
+from .rewrite import rewrite_graph
+
+__all__ = ["cupyflash_backend", "explain", "Report", "SiteRecord"]
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+_graph_index = itertools.count()
+
+
+def _inductor_patches(mode: Optional[str], options: dict[str, Any]) -> dict[str, Any]:
+    from torch._inductor import config, list_mode_options
+
+    patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
+    known = config.get_config_copy()
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"backend='cupyflash': unknown option {key!r}; options are 'inner' "
+                             f"({', '.join(INNER_COMPILERS)}), 'mode', or an Inductor config name")
+        patches[name] = value
+    return patches
+
+
+def cupyflash_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
+                      options: Optional[dict[str, Any]] = None):
+    """The Dynamo backend: fuse attention sites, then compile with the inner compiler."""
+    options = dict(options or {})
+    inner = options.pop("inner", "inductor")
+    mode = options.pop("mode", mode)
+    if inner not in INNER_COMPILERS:
+        raise ValueError(f"backend='cupyflash': options['inner'] is {inner!r}; expected one of {INNER_COMPILERS}")
+    if inner != "inductor" and (options or (mode and mode != "default")):
+        raise ValueError(f"backend='cupyflash': mode/options {sorted(options) or [mode]} apply to Inductor, "
+                         f"not to inner={inner!r}")
+    rewrite_graph(gm, example_inputs, graph_index=next(_graph_index))
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, options))
+
+
+def explain(model, *args, **kwargs) -> Report:
+    """Run ``model(*args, **kwargs)`` once through Dynamo and report every softmax-attention site:
+    fused (with scale, causal, bias) or left alone (with the reason). Counters are not touched."""
+    report = Report()
+    index = itertools.count()
+
+    def recorder(gm, example_inputs):
+        report.sites.extend(rewrite_graph(gm, example_inputs, graph_index=next(index), count=False))
+        return gm.forward
+
+    torch.compile(model, backend=recorder)(*args, **kwargs)
+    return report

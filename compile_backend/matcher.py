@@ -1,0 +1,318 @@
+"""Finding softmax-attention sites by meaning.
+
+Every softmax is a candidate. From it we walk backwards through the ops that may sit between Q·Kᵀ and
+the softmax (casts, scaling by a constant, additive biases, boolean fills, batch-regrouping views) to a
+matrix product, and forwards through the ops that may sit between the softmax and P·V (casts, inactive
+dropout, views) to a matrix product whose left operand is the probabilities. Spellings are normalised
+by ``spellings``; masks are understood by ``masks``. The result is a ``Site`` (what to emit) or a
+``Skip`` with the reason the site is left alone. Anything not listed between the two products is a
+reason to leave the site alone: the rewrite must never change what the model computes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import spellings as sp
+from .masks import MaskAnalysis, Not, equal
+
+# A fill value at or below this is exact as a bias: scale·S + v rounds to v in fp32 for any score below
+# 1e22, so the op's "add" equals eager's "replace", even on rows where every key is masked.
+EXACT_FILL = -1e30
+# A fill value at or below this gives masked keys exactly zero weight (exp underflows in fp32 below -104)
+# whenever the row keeps at least one key, which a proven causal mask with Nq <= Nk guarantees.
+NEGLIGIBLE_FILL = -1e4
+
+
+class Skip(Exception):
+    """The site is attention, but the backend leaves it alone (the message says why)."""
+
+
+class NotScores(Exception):
+    """The softmax input does not come from a matrix product through allowed ops."""
+
+
+@dataclass
+class Operand:
+    """``node.permute(perm)`` (perm None: the node itself); batch dims then (..., N, D)."""
+
+    node: fx.Node
+    perm: Optional[tuple[int, ...]] = None
+
+    def shape(self) -> tuple:
+        s = tuple(sp.meta(self.node).shape)
+        return s if self.perm is None else tuple(s[p] for p in self.perm)
+
+
+@dataclass
+class Step:
+    """One op between Q·Kᵀ and the softmax, in program order, on scores with batch dims ``frame``.
+
+    kind "scale": multiply by ``factor``; "add": add ``sign`` · ``tensor``; "fill": set the scores where
+    ``tensor`` (a boolean mask) is true to ``value``.
+    """
+
+    kind: str
+    frame: tuple
+    factor: float = 1.0
+    tensor: Any = None
+    sign: float = 1.0
+    value: float = 0.0
+
+
+@dataclass
+class Site:
+    softmax: fx.Node
+    qk: fx.Node
+    pv: fx.Node
+    q: Operand
+    k: Operand
+    v: Operand
+    scale: float
+    causal: bool
+    steps: list[Step]
+    qk_frame: tuple
+    pv_frame: tuple
+    pv_out_perm: Optional[tuple[int, ...]]
+    erase: list[fx.Node] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def where(node: fx.Node) -> str:
+    """The user's source line of a node (Dynamo records the stack): 'file, line N, in fn: code'."""
+    trace = (node.meta.get("stack_trace") or "").rstrip().splitlines()
+    at = max((i for i, line in enumerate(trace) if line.strip().startswith("File ")), default=None)
+    if at is None:
+        return node.name
+    loc = trace[at].strip().removeprefix("File ").replace('"', "")
+    code = trace[at + 1].strip() if at + 1 < len(trace) else ""
+    return f"{loc}: {code}" if code else loc
+
+
+class Matcher:
+    def __init__(self, gm: fx.GraphModule, example_inputs):
+        self.gm = gm
+        self.masks = MaskAnalysis(gm, example_inputs)
+
+    def match(self, softmax: fx.Node) -> Optional[Site]:
+        """A Site to fuse, None when the softmax is not attention, or raises Skip with the reason."""
+        found = sp.softmax_input_and_dim(self.gm, softmax)
+        if found is None:
+            return None
+        x, dim = found
+        pv, pv_reason = self._walk_probs(softmax)
+        try:
+            steps, chain, qk = self._walk_scores(x)
+        except NotScores as err:
+            if pv is None:
+                return None
+            raise Skip(f"the softmax input is not Q·Kᵀ: {err}") from None
+        if pv is None:
+            raise Skip(pv_reason)
+        scores = sp.meta(x)
+        if dim is None or not isinstance(dim, int) or dim % scores.dim() != scores.dim() - 1:
+            raise Skip(f"softmax over dim {dim}, not the key axis (the last)")
+        for node in chain:
+            if len(node.users) != 1:
+                raise Skip(f"the scores ({node.name}) have other users besides the softmax")
+        return self._site(softmax, qk, pv, steps, chain)
+
+    # ---- the two walks -------------------------------------------------------------------------
+
+    def _walk_scores(self, node: Any) -> tuple[list[Step], list[fx.Node], fx.Node]:
+        """Backwards from the softmax input to Q·Kᵀ; steps come back in program order."""
+        steps: list[Step] = []
+        chain: list[fx.Node] = []
+        while True:
+            if not isinstance(node, fx.Node):
+                raise NotScores("a constant")
+            chain.append(node)
+            frame = _frame(node)
+            if sp.contraction(node) is not None:
+                steps.reverse()
+                return steps, chain, node
+            if (src := sp.cast_input(node)) is not None or (src := _regroup_input(node)) is not None:
+                node = src
+                continue
+            if (scaled := sp.scalar_factor(node)) is not None:
+                node, factor = scaled
+                steps.append(Step("scale", _frame(node), factor=factor))
+                continue
+            if (added := sp.additive_operands(node)) is not None:
+                a, b, sign = added
+                # The scores are the operand that leads to a matrix product; the other is the bias.
+                for scores, bias, s in ((a, b, sign), (b, a, 1.0)):
+                    if s != sign and sign < 0:
+                        continue  # `bias - scores` negates the scores: not attention
+                    try:
+                        inner_steps, inner_chain, qk = self._walk_scores(scores)
+                    except NotScores:
+                        continue
+                    if sp.const_value(bias) is None:
+                        steps.append(Step("add", _frame(scores), tensor=bias, sign=s))
+                    # else: adding a number shifts every score of a row alike; softmax is shift-invariant
+                    steps.reverse()
+                    return inner_steps + steps, chain + inner_chain, qk
+                raise NotScores(f"neither operand of {sp.describe(node)} is a matrix product")
+            if sp.is_call(node, (torch.masked_fill,), ("masked_fill",)):
+                steps.append(Step("fill", frame, tensor=sp.arg(node, 1, "mask"),
+                                  value=_fill_value(sp.arg(node, 2, "value"))))
+                node = node.args[0]
+                continue
+            if sp.is_call(node, (torch.where,)) and len(node.args) == 3:
+                cond, a, b = node.args
+                if isinstance(sp.meta(a), torch.Tensor) and sp.meta(a).dim() > 0 and sp.const_value(a) is None:
+                    steps.append(Step("fill", frame, tensor=Not(cond), value=_fill_value(b)))
+                    node = a
+                else:
+                    steps.append(Step("fill", frame, tensor=cond, value=_fill_value(a)))
+                    node = b
+                continue
+            raise NotScores(f"{sp.describe(node)} ({node.name})")
+
+    def _walk_probs(self, softmax: fx.Node) -> tuple[Optional[tuple[fx.Node, sp.Contraction, list]], str]:
+        """Forwards from the softmax to P·V: ((pv node, contraction, chain), "") or (None, reason)."""
+        node, chain = softmax, [softmax]
+        while True:
+            users = list(node.users)
+            if any(u.op == "output" for u in users):
+                return None, "the attention probabilities leave the graph (returned, e.g. output_attentions)"
+            if len(users) != 1:
+                return None, f"the attention probabilities ({node.name}) have {len(users)} users"
+            user = users[0]
+            dropout = sp.dropout_state(self.gm, user)
+            if dropout is not None:
+                if dropout[1]:
+                    return None, "dropout is not in the kernel yet (active dropout on the probabilities)"
+            elif sp.cast_input(user) is not node and _regroup_input(user) is not node:
+                c = sp.contraction(user)
+                if c is None:
+                    return None, f"{sp.describe(user)} ({user.name}) sits between the softmax and P·V"
+                if c.left != (node, None) or c.addend is not None or c.factor != 1.0:
+                    return None, f"the probabilities are not the plain left operand of {sp.describe(user)}"
+                return (user, c, chain), ""
+            chain.append(user)
+            node = user
+
+    # ---- from walks to a site ------------------------------------------------------------------
+
+    def _site(self, softmax, qk, pv_found, steps, chain) -> Site:
+        pv, pv_c, probs_chain = pv_found
+        c = sp.contraction(qk)
+        if c.out_perm is not None:
+            raise Skip("the scores are written with the key axis not last")
+        erase = [pv, *probs_chain, *chain]
+        q, fq = self._strip(Operand(*c.left), erase)
+        k, fk = self._strip(Operand(*c.right_t), erase)
+        qk_frame = _frame(qk)
+        if len(qk_frame) > 2:
+            raise Skip(f"scores with {len(qk_frame)} batch dims (the op takes at most batch and heads)")
+        if c.addend is not None:
+            steps = [Step("add", qk_frame, tensor=c.addend)] + steps
+        scale = c.factor * fq * fk
+        vc = pv_c.right_t
+        v = Operand(vc[0], _identity_to_none(sp.compose(vc[1] or tuple(range(sp.meta(vc[0]).dim())),
+                                                          _swap_last(sp.meta(vc[0]).dim()))))
+        site = Site(softmax, qk, pv, q, k, v, scale, False, [], qk_frame, _frame(pv_c.left[0]), pv_c.out_perm,
+                    erase)
+        site.steps = self._masks(site, steps, qk)
+        return site
+
+    def _strip(self, operand: Operand, erase: list) -> tuple[Operand, float]:
+        """Fold constant factors and transposes applied to an operand only for this product."""
+        node, perm, factor = operand.node, operand.perm, 1.0
+        n = sp.meta(node).dim()
+        perm = perm or tuple(range(n))
+        while isinstance(node, fx.Node) and len(node.users) == 1:
+            if (scaled := sp.scalar_factor(node)) is not None and sp.meta(scaled[0]).shape == sp.meta(node).shape:
+                erase.append(node)
+                node, f = scaled
+                factor *= f
+            elif (permuted := sp.perm_of(node)) is not None:
+                erase.append(node)
+                node, inner = permuted
+                perm = sp.compose(inner, perm)
+            else:
+                break
+        return Operand(node, _identity_to_none(perm)), factor
+
+    def _masks(self, site: Site, steps: list[Step], qk: fx.Node) -> list[Step]:
+        """Decide causal / bias for every mask; the steps that stay are emitted into attn_bias."""
+        kept: list[Step] = []
+        masked = False
+        nq, nk = sp.meta(qk).shape[-2:]
+        for step in steps:
+            if step.kind == "scale":
+                if masked and step.factor <= 0:
+                    raise Skip("a non-positive scale after a mask would make masked keys the largest")
+                kept.append(step)
+                continue
+            if step.kind == "add":
+                fill = self.masks.fill(step.tensor, before=site.softmax)
+                if fill is None or step.sign < 0:
+                    kept.append(step)  # an opaque additive bias: the op adds it exactly as eager does
+                    continue
+                mask, value = fill.mask, fill.value
+            else:
+                mask, value = step.tensor, step.value
+                if value is None or math.isnan(value) or value > 0:
+                    raise Skip("a mask fill value that is not a constant negative number")
+            masked = True
+            if value <= NEGLIGIBLE_FILL and self._is_causal(mask, nq, nk):
+                site.causal = True
+                site.notes.append(f"causal mask proven (masked with {value:g})")
+                continue
+            if value == -math.inf:
+                raise Skip("a -inf mask the backend cannot prove causal: a row with every key masked gives "
+                           "NaN in eager and 0 in the op")
+            if step.kind == "fill" and value > EXACT_FILL:
+                raise Skip(f"masked_fill/where with {value:g} replaces scores while the op adds a bias: equal "
+                           f"only if no row is fully masked, which cannot be proven here")
+            kept.append(step)
+        return kept
+
+    def _is_causal(self, mask: Any, nq, nk) -> bool:
+        """The mask (true = masked out) is exactly the bottom-right causal complement for (Nq, Nk)."""
+        tri = self.masks.tri(mask)
+        shape = sp.meta(mask.node if isinstance(mask, Not) else mask)
+        if tri is None or not isinstance(shape, torch.Tensor) or shape.dim() < 2:
+            return False
+        rows, cols = shape.shape[-2:]
+        # masked = complement of keep = Tri(Nk - Nq): so the mask itself is Tri(...) inverted.
+        return (tri.inverted and equal(tri.off, nk - nq) and equal(rows, nq) and equal(cols, nk)
+                and bool(statically_known_true(nq <= nk)))
+
+
+def _frame(node: fx.Node) -> tuple:
+    """Batch dims of a (batch..., rows, cols) tensor node."""
+    return tuple(sp.meta(node).shape[:-2])
+
+
+def _fill_value(x: Any) -> Optional[float]:
+    return sp.const_value(x)
+
+
+def _regroup_input(node: fx.Node) -> Optional[fx.Node]:
+    """The input of a view/reshape that only regroups batch dims (the last two dims and the element
+    order stay), as in the (B·H, N, N) <-> (B, H, N, N) dance around a mask; else None."""
+    if not sp.is_call(node, (torch.reshape,), ("view", "reshape")):
+        return None
+    src, out = sp.meta(node.args[0]), sp.meta(node)
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)) or min(src.dim(), out.dim()) < 2:
+        return None
+    if not (equal(src.shape[-1], out.shape[-1]) and equal(src.shape[-2], out.shape[-2])):
+        return None
+    return node.args[0] if equal(math.prod(src.shape[:-2]), math.prod(out.shape[:-2])) else None
+
+
+def _swap_last(n: int) -> tuple[int, ...]:
+    return tuple(range(n - 2)) + (n - 1, n - 2)
+
+
+def _identity_to_none(perm: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+    return None if perm == tuple(range(len(perm))) else perm

@@ -1,0 +1,45 @@
+"""Per-site records of what the backend did, and the readable report ``explain`` returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """One softmax-attention site: fused into the cupyflash op, or left alone with the reason."""
+
+    graph: int  # which Dynamo graph (0, 1, ... in compile order)
+    node: str  # the softmax node's name in that graph
+    where: str  # the user's source line
+    fused: bool
+    reason: Optional[str] = None  # why it was left alone
+    causal: Optional[bool] = None
+    scale: Optional[float] = None
+    has_bias: Optional[bool] = None
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.fused:
+            parts = [f"scale={self.scale:.6g}", f"causal={self.causal}", f"bias={'yes' if self.has_bias else 'no'}",
+                     *self.notes]
+            return f"[graph {self.graph}] {self.node}: FUSED ({', '.join(parts)})  @ {self.where}"
+        return f"[graph {self.graph}] {self.node}: skipped: {self.reason}  @ {self.where}"
+
+
+@dataclass
+class Report:
+    sites: list[SiteRecord] = field(default_factory=list)
+
+    @property
+    def fused(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.fused]
+
+    @property
+    def skipped(self) -> list[SiteRecord]:
+        return [s for s in self.sites if not s.fused]
+
+    def __str__(self) -> str:
+        head = (f"cupyflash: {len(self.sites)} softmax-attention site(s), {len(self.fused)} fused, "
+                f"{len(self.skipped)} left alone")
+        return "\n".join([head, *(f"  {s}" for s in self.sites)])

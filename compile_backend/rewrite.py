@@ -1,0 +1,209 @@
+"""Replacing matched sites in the FX graph with ``torch.ops.cupyflash.flash_attn_fwd``.
+
+New nodes get fake values (``example_value``) as they are made, so the op's own check
+(``why_unsupported``) runs on exactly the tensors it would receive, shapes symbolic or not; if it refuses,
+the new nodes are removed again and the site stays as written.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import fx
+from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensor
+
+from cupyflash.torch_op import why_unsupported
+
+from . import spellings as sp
+from .masks import Not, equal
+from .matcher import Matcher, Site, Skip, where
+from .report import SiteRecord
+
+log = logging.getLogger("cupyflash.compile")
+
+_OP = torch.ops.cupyflash.flash_attn_fwd.default
+
+
+class _Emitter:
+    """Makes nodes before ``anchor``, each with its fake value, and can take them all back."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        self.graph, self.anchor = graph, anchor
+        self.made: list[fx.Node] = []
+
+    def __call__(self, op: str, target: Any, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, args, kwargs)
+        self.made.append(node)
+        node.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        fargs, fkwargs = fx.node.map_arg((args, kwargs), sp.meta)
+        # The mode of the recorded fake values (detect_fake_mode would prefer the backend's own, newer one).
+        flat = torch.utils._pytree.tree_leaves((fargs, fkwargs))
+        fake_mode = next(a.fake_mode for a in flat if isinstance(a, FakeTensor))
+        with fake_mode:
+            if op == "call_method":
+                value = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
+            else:
+                value = target(*fargs, **fkwargs)
+        node.meta["example_value"] = value
+        return node
+
+    def method(self, name: str, *args, **kwargs) -> fx.Node:
+        return self("call_method", name, *args, **kwargs)
+
+    def discard(self) -> None:
+        for node in reversed(self.made):
+            self.graph.erase_node(node)
+        self.made.clear()
+
+
+def _static_int(d: Any) -> Optional[int]:
+    return d if isinstance(d, int) else None
+
+
+def to_layout(emit: _Emitter, t: fx.Node, src: tuple, dst: tuple, full: bool) -> fx.Node:
+    """Move a (batch..., X, Y) tensor whose batch dims broadcast to ``src`` into batch dims ``dst``
+    (same elements, regrouped), e.g. (B·H, N, D) -> (1, B·H, N, D) or (B, H, 1, Nk) -> (1, B·H, 1, Nk).
+    ``full`` widens broadcast dims (the op needs q, k, v with equal batch and heads); a bias keeps them."""
+    while sp.meta(t).dim() < len(src) + 2:
+        t = emit.method("unsqueeze", t, 0)
+    have = tuple(sp.meta(t).shape[:-2])
+    same = len(src) == len(dst) and all(equal(a, b) for a, b in zip(src, dst))
+    if not full and all(equal(d, 1) for d in have):
+        while sp.meta(t).dim() < len(dst) + 2:
+            t = emit.method("unsqueeze", t, 0)
+        while sp.meta(t).dim() > len(dst) + 2:
+            t = emit.method("squeeze", t, 0)
+        return t
+    if full or not same:
+        widen = [-1 if equal(h, s) else s for h, s in zip(have, src)]
+        if any(w != -1 for w in widen):
+            if not all(isinstance(w, int) for w in widen):
+                raise Skip("a broadcast batch/head dim of dynamic size")
+            t = emit.method("expand", t, *widen, -1, -1)
+    if same:
+        return t
+    if len(src) == 0:
+        t = emit.method("unsqueeze", t, 0)
+    elif len(src) > 1:
+        t = emit.method("flatten", t, 0, len(src) - 1)
+    if len(dst) == 0:
+        return emit.method("squeeze", t, 0)
+    if len(dst) == 2:
+        if _static_int(dst[1]) is not None:
+            sizes = (-1, dst[1])
+        elif _static_int(dst[0]) is not None:
+            sizes = (dst[0], -1)
+        else:
+            raise Skip("regrouping batch dims where both batch and heads are dynamic")
+        t = emit.method("unflatten", t, 0, sizes)
+    return t
+
+
+def _op_frame(qk_frame: tuple) -> tuple:
+    """The op's (B, H): the scores' own batch dims when there are two, else (1, B·H) / (1, 1)."""
+    return qk_frame if len(qk_frame) == 2 else (1, qk_frame[0]) if len(qk_frame) == 1 else (1, 1)
+
+
+def _operand(emit: _Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
+    t = operand.node if operand.perm is None else emit.method("permute", operand.node, *operand.perm)
+    # Contiguous: the op's fake outputs are `empty_like` its inputs while the CPU implementation returns
+    # contiguous tensors; a strided q (e.g. nanoGPT's transposed view) would make the traced strides lie
+    # and a later `.view` fail. Contiguous inputs make fake and real agree (no copy when already so).
+    return emit.method("contiguous", to_layout(emit, t, src, dst, full=True))
+
+
+def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], float]:
+    """Emit attn_bias from the kept mask/bias steps, in program order; returns (bias, final scale)."""
+    bias, scale = None, site.scale
+    for step in site.steps:
+        if step.kind == "scale":
+            scale *= step.factor
+            if bias is not None:
+                bias = emit("call_function", torch.mul, bias, step.factor)
+        elif step.kind == "add":
+            b = to_layout(emit, step.tensor, step.frame, dst, full=False)
+            if step.sign < 0:
+                b = emit("call_function", torch.neg, b)
+            bias = b if bias is None else emit("call_function", torch.add, bias, b)
+        else:  # fill: only values that stay exact as a bias get here (matcher.EXACT_FILL)
+            mask = step.tensor
+            if isinstance(mask, Not):
+                mask = emit("call_function", torch.logical_not, mask.node)
+            mask = to_layout(emit, mask, step.frame, dst, full=False)
+            # fp32: a value like finfo(float32).min would round to -inf in bf16.
+            rest = 0.0 if bias is None else emit.method("float", bias)
+            bias = emit("call_function", torch.where, mask, step.value, rest)
+    return bias, scale
+
+
+def _fp32_on_cuda_reason(q) -> Optional[str]:
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        if not (torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"):
+            return ("fp32 on CUDA without TF32 allowed (torch.backends.cuda.matmul.allow_tf32 / "
+                    "set_float32_matmul_precision): the fused op would not match the user's precision choice")
+    return None
+
+
+def fuse(gm: fx.GraphModule, site: Site) -> dict:
+    """Replace one site; returns details for the report or raises Skip (graph left as it was)."""
+    emit = _Emitter(gm.graph, site.pv)
+    try:
+        dst = _op_frame(site.qk_frame)
+        q = _operand(emit, site.q, site.qk_frame, dst)
+        k = _operand(emit, site.k, site.qk_frame, dst)
+        v = _operand(emit, site.v, site.pv_frame, dst)
+        bias, scale = _bias(emit, site, dst)
+        fq, fk, fv = (sp.meta(n) for n in (q, k, v))
+        reason = _fp32_on_cuda_reason(fq) or why_unsupported(fq, fk, fv, None if bias is None else sp.meta(bias))
+        if reason is not None:
+            raise Skip(reason)
+        if not math.isfinite(scale):
+            raise Skip(f"scale {scale} is not finite")
+        res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal))
+        out = emit("call_function", operator.getitem, res, 0)
+        out = to_layout(emit, out, dst, site.pv_frame, full=False)
+        if site.pv_out_perm is not None:
+            out = emit.method("permute", out, *site.pv_out_perm)
+        want = sp.meta(site.pv).dtype
+        if sp.meta(out).dtype != want:
+            out = emit.method("to", out, want)
+    except Skip:
+        emit.discard()
+        raise
+    site.pv.replace_all_uses_with(out)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted(set(site.erase), key=order.__getitem__, reverse=True):
+        if not node.users:
+            gm.graph.erase_node(node)
+    return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None}
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, graph_index: int = 0, count: bool = True) -> list[SiteRecord]:
+    """Fuse every attention site of a Dynamo graph in place; one record per site found."""
+    matcher = Matcher(gm, example_inputs)
+    records = []
+    softmaxes = [n for n in gm.graph.nodes if sp.softmax_input_and_dim(gm, n) is not None]
+    for node in softmaxes:
+        name, loc = node.name, where(node)
+        try:
+            site = matcher.match(node)
+            if site is None:
+                continue
+            details = fuse(gm, site)
+        except Skip as err:
+            records.append(SiteRecord(graph_index, name, loc, False, reason=str(err)))
+            log.info("cupyflash: left attention at %s alone: %s", loc, err)
+            continue
+        records.append(SiteRecord(graph_index, name, loc, True, notes=tuple(site.notes), **details))
+        if count:
+            counters["cupyflash"]["attention_fused"] += 1
+        log.info("cupyflash: fused attention at %s (%s)", loc, details)
+    if any(r.fused for r in records):
+        gm.graph.lint()
+        gm.recompile()
+    return records
