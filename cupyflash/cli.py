@@ -11,6 +11,13 @@ import sys
 from . import __version__, log
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cupyflash", description="FlashAttention kernels through CuPy, and a "
                                      "torch.compile backend that fuses naive attention.")
@@ -20,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fuse the naive attention of a small GPT, check it against eager, time it")
     demo.add_argument("--cpu", action="store_true", help="run the small CPU version even when a GPU is present")
-    demo.add_argument("--steps", type=int, default=20, help="timed training steps per variant (GPU; default 20)")
+    demo.add_argument("--steps", type=_positive_int, default=20, help="timed training steps per variant (GPU; default 20)")
     demo.add_argument("--plot", metavar="PATH", help="also write the timings as a PNG (needs matplotlib)")
 
     doctor = sub.add_parser("doctor", help="versions, kernel cache, and a compile of every kernel variant")
