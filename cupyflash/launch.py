@@ -3,6 +3,7 @@ grids and argument lists. Both faces (torch op, CuPy arrays) call these after al
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,10 +30,30 @@ def _ptr(b: Buf):
     return np.uint64(b.ptr)
 
 
+class _StreamHandle:
+    """A raw cudaStream_t exposed through the CUDA stream protocol, which cupy.cuda.Stream.from_external takes."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(stream_ptr: int, device_id: int):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14; ExternalStream is deprecated there
+            return cupy.cuda.Stream.from_external(_StreamHandle(stream_ptr))
+        return cupy.cuda.ExternalStream(stream_ptr, device_id)
+
+
 def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: int):
     import cupy
 
-    with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(stream_ptr, device_id):
+    with cupy.cuda.Device(device_id), _cupy_stream(stream_ptr, device_id):
         jit.get_kernel(variant, device_id)(grid, block, args, shared_mem=variant.shared_bytes)
 
 

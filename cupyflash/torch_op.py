@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from . import cpu_attention
+from .tiles import BACKWARD
 from .validate import GPU_DTYPES, GPU_HEAD_DIMS, TensorInfo, check_attention_inputs
 
 # Feature flags of the CUDA kernels; the compile backend asks `why_unsupported` before it fuses a site.
@@ -41,6 +42,9 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return f"dtype {dtype} on CUDA: the kernels take {' or '.join(GPU_DTYPES)}"
         if q.shape[-1] not in GPU_HEAD_DIMS:
             return f"head_dim {q.shape[-1]} on CUDA: the kernels support {GPU_HEAD_DIMS}"
+        if q.shape[-1] not in BACKWARD and any(t.requires_grad for t in (q, k, v)):
+            return (f"head_dim {q.shape[-1]} needs gradients on CUDA: the backward kernels support "
+                    f"{tuple(BACKWARD)}")
         if attn_bias is not None and not GPU_SUPPORTS_BIAS:
             return "an additive mask/bias on CUDA: the kernels do not take one yet"
     elif q.device.type != "cpu":
