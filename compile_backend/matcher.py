@@ -117,10 +117,17 @@ class Matcher:
         scores = sp.meta(x)
         if dim is None or not isinstance(dim, int) or dim % scores.dim() != scores.dim() - 1:
             raise Skip(f"softmax over dim {dim}, not the key axis (the last)")
+        # `mask.expand_as(scores)` (DistilBERT) reads only the scores' shape; the fill broadcasts the mask
+        # anyway, so the unexpanded mask is used and the expand_as goes with the site.
+        shape_reads = []
+        for step in steps:
+            if step.kind == "fill" and sp.is_call(step.tensor, (), ("expand_as",)) and step.tensor.args[1] in chain:
+                shape_reads.append(step.tensor)
+                step.tensor = step.tensor.args[0]
         for node in chain:
-            if len(node.users) != 1:
+            if len([u for u in node.users if u not in shape_reads]) != 1:
                 raise Skip(f"the scores ({node.name}) have other users besides the softmax")
-        return self._site(softmax, qk, pv, steps, chain)
+        return self._site(softmax, qk, pv, steps, chain + shape_reads)
 
     # ---- the two walks -------------------------------------------------------------------------
 
