@@ -62,7 +62,7 @@ class Variant:
         tag, d, t = DTYPE_TAGS[self.dtype], self.head_dim, self.tiles
         causal = "true" if self.causal else "false"
         if self.kernel == "fwd":
-            return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {causal}>"
+            return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {causal}>"
         if self.kernel == "bwd":
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {causal}>"
         if self.kernel == "bwd_preprocess":

@@ -35,9 +35,10 @@ struct f16 {
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
         return f;
     }
-    // D = A·B + C, m16n8k16, row-major A, column-major B, fp32 accumulate.
+    // D = A·B + C, m16n8k16, row-major A, column-major B, fp32 accumulate. Not volatile: a pure register op,
+    // which the compiler may schedule freely.
     static CF_DEVICE void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -54,7 +55,7 @@ struct bf16 {
     static CF_DEVICE u16 from_float(float x) { return (u16)(pack(x, 0.f) & 0xffffu); }
     static CF_DEVICE float to_float(u16 x) { return __uint_as_float((u32)x << 16); }  // bf16 is the top half of f32
     static CF_DEVICE void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])

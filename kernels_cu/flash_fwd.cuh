@@ -1,21 +1,22 @@
 // Forward: O = softmax(scale · Q Kᵀ) V, one thread block per (Q block of Br rows, head, batch).
 //
 // Algorithm 1 of FlashAttention-2 (https://arxiv.org/abs/2307.08691): K/V blocks of Bc rows stream through
-// shared memory; each warp owns 16 query rows and keeps S (16 x Bc) and O (16 x D) in registers; the online
+// shared memory; each warp owns MTiles·16 query rows and keeps S (rows x Bc) and O (rows x D) in registers (each K/V
+// fragment read from shared memory feeds MTiles MMAs, which eases the shared-memory bandwidth bound); the online
 // softmax keeps the running max m_i and sum l_i per row; the log-sum-exp is written for the backward.
 #pragma once
 #include "common.cuh"
 
 namespace cupyflash {
 
-template <typename T, int D, int Br, int Bc, int NWarps, bool Causal>
+template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool Causal>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  u16* __restrict__ o, float* __restrict__ lse,
                  i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn,
                  i64 v_sb, i64 v_sh, i64 v_sn, i64 o_sb, i64 o_sh, i64 o_sn,
                  int Nq, int Nk, float scale_log2) {
-    static_assert(Br == 16 * NWarps, "each warp owns 16 query rows");
+    static_assert(Br == 16 * MTiles * NWarps, "each warp owns MTiles 16-row tiles");
     static_assert(D % 16 == 0 && Bc % 16 == 0, "MMA k-steps are 16 wide");
     constexpr int kThreads = NWarps * 32;
     using TileD = Tile<D>;
@@ -43,12 +44,17 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     if (n_blocks > 0) load_tile_async<Bc, D, kThreads>(sK, k, k_sn, Nk, tid);
     cp_async_commit();
 
-    float acc_o[D / 8][4];
+    float acc_o[MTiles][D / 8][4];
+    float m_i[MTiles][2];  // running max of the log2-scaled scores, rows lane/4 and lane/4 + 8 of each tile
+    float l_i[MTiles][2];  // running sum of exp2(s - m_i), this lane's columns only
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
-    float m_i[2] = {-inf_f(), -inf_f()};  // running max of the log2-scaled scores, rows lane/4 and lane/4 + 8
-    float l_i[2] = {0.f, 0.f};            // running sum of exp2(s - m_i), this lane's columns only
-    const int row_in_block = warp * 16 + lane / 4;
+    for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.f;
+        m_i[mt][0] = m_i[mt][1] = -inf_f();
+        l_i[mt][0] = l_i[mt][1] = 0.f;
+    }
+    const int warp_row0 = warp * 16 * MTiles;
 
     for (int j = 0; j < n_blocks; ++j) {
         const int k0 = j * Bc;
@@ -58,20 +64,26 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         load_tile_async<Bc, D, kThreads>(sV, v + k0 * v_sn, v_sn, Nk - k0, tid);
         cp_async_commit();
 
-        float s[Bc / 8][4];  // S = Q K_jᵀ, (16 x Bc) per warp
+        float s[MTiles][Bc / 8][4];  // S = Q K_jᵀ, (16·MTiles x Bc) per warp
 #pragma unroll
-        for (int i = 0; i < Bc / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+            for (int i = 0; i < Bc / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
         // Not unrolled: fully unrolling hoists every K fragment load and costs registers, not speed.
 #pragma unroll 1
         for (int kk = 0; kk < D / 16; ++kk) {
-            u32 a[4];
-            load_a<D>(a, sQ, warp * 16, kk * 16, lane);
+            u32 a[MTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < MTiles; ++mt) load_a<D>(a[mt], sQ, warp_row0 + mt * 16, kk * 16, lane);
 #pragma unroll
             for (int np = 0; np < Bc / 16; ++np) {
                 u32 bk[4];
                 load_b_nk<D>(bk, sK, np * 16, kk * 16, lane);
-                T::mma(s[2 * np], a, bk[0], bk[1]);
-                T::mma(s[2 * np + 1], a, bk[2], bk[3]);
+#pragma unroll
+                for (int mt = 0; mt < MTiles; ++mt) {
+                    T::mma(s[mt][2 * np], a[mt], bk[0], bk[1]);
+                    T::mma(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+                }
             }
         }
         // V_j has landed, and every warp is done reading sK: prefetch K_{j+1} under the softmax and P·V.
@@ -85,53 +97,60 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // Only blocks that cross the sequence end or the causal diagonal need per-element masks.
         const bool need_mask = (k0 + Bc > Nk) || (Causal && k0 + Bc - 1 > q0 + diag);
 #pragma unroll
-        for (int nt = 0; nt < Bc / 8; ++nt) {
+        for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] *= scale_log2;
-                if (need_mask) {
-                    const int col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-                    const int row = q0 + row_in_block + (e >> 1) * 8;
-                    if (col >= Nk || (Causal && col > row + diag)) s[nt][e] = -inf_f();
+            for (int nt = 0; nt < Bc / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[mt][nt][e] *= scale_log2;
+                    if (need_mask) {
+                        const int col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
+                        const int row = q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8;
+                        if (col >= Nk || (Causal && col > row + diag)) s[mt][nt][e] = -inf_f();
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = m_i[mt][r];
+#pragma unroll
+                for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                mx = warp_max4(mx);
+                // A row with every key masked so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+                const float m_use = mx == -inf_f() ? 0.f : mx;
+                const float alpha = fast_exp2(m_i[mt][r] - m_use);
+                m_i[mt][r] = mx;
+                float row_sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < Bc / 8; ++nt) {
+                    s[mt][nt][2 * r] = fast_exp2(s[mt][nt][2 * r] - m_use);
+                    s[mt][nt][2 * r + 1] = fast_exp2(s[mt][nt][2 * r + 1] - m_use);
+                    row_sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+                }
+                l_i[mt][r] = l_i[mt][r] * alpha + row_sum;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    acc_o[mt][dt][2 * r] *= alpha;
+                    acc_o[mt][dt][2 * r + 1] *= alpha;
                 }
             }
         }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = m_i[r];
-#pragma unroll
-            for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = warp_max4(mx);
-            // A row with every key masked so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-            const float m_use = mx == -inf_f() ? 0.f : mx;
-            const float alpha = fast_exp2(m_i[r] - m_use);
-            m_i[r] = mx;
-            float row_sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < Bc / 8; ++nt) {
-                s[nt][2 * r] = fast_exp2(s[nt][2 * r] - m_use);
-                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] - m_use);
-                row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            l_i[r] = l_i[r] * alpha + row_sum;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                acc_o[dt][2 * r] *= alpha;
-                acc_o[dt][2 * r + 1] *= alpha;
-            }
-        }
 
-        // O += P V_j: P (16 x Bc) goes from accumulators straight to A fragments.
+        // O += P V_j: P goes from accumulators straight to A fragments.
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) {
-            u32 a[4];
-            acc_to_a<T>(a, s, kk);
+            u32 a[MTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < MTiles; ++mt) acc_to_a<T>(a[mt], s[mt], kk);
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 u32 bv[4];
                 load_b_kn<D>(bv, sV, kk * 16, dp * 16, lane);
-                T::mma(acc_o[2 * dp], a, bv[0], bv[1]);
-                T::mma(acc_o[2 * dp + 1], a, bv[2], bv[3]);
+#pragma unroll
+                for (int mt = 0; mt < MTiles; ++mt) {
+                    T::mma(acc_o[mt][2 * dp], a[mt], bv[0], bv[1]);
+                    T::mma(acc_o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+                }
             }
         }
     }
@@ -139,18 +158,22 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     // Epilogue: O = acc / l, LSE = ln(sum exp(scale · s)) = (m + log2 l) · ln 2. Rows with no visible key
     // write O = 0 and LSE = +inf, so the backward recomputes P = exp(s - inf) = 0 for them.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float l = warp_sum4(l_i[r]);
-        const float inv_l = l > 0.f ? 1.f / l : 0.f;
-        const int row = row_in_block + r * 8;
-        if (q0 + row < Nq) {
-            u16* o_row = o + row * o_sn;
+    for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                *reinterpret_cast<u32*>(o_row + dt * 8 + 2 * (lane % 4)) =
-                    T::pack(acc_o[dt][2 * r] * inv_l, acc_o[dt][2 * r + 1] * inv_l);
+        for (int r = 0; r < 2; ++r) {
+            const float l = warp_sum4(l_i[mt][r]);
+            const float inv_l = l > 0.f ? 1.f / l : 0.f;
+            const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
+            if (q0 + row < Nq) {
+                u16* o_row = o + row * o_sn;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    *reinterpret_cast<u32*>(o_row + dt * 8 + 2 * (lane % 4)) =
+                        T::pack(acc_o[mt][dt][2 * r] * inv_l, acc_o[mt][dt][2 * r + 1] * inv_l);
+                }
+                if (lane % 4 == 0)
+                    lse[((i64)b * H + h) * Nq + q0 + row] = l > 0.f ? (m_i[mt][r] + log2f(l)) * kLn2 : inf_f();
             }
-            if (lane % 4 == 0) lse[((i64)b * H + h) * Nq + q0 + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : inf_f();
         }
     }
 }
