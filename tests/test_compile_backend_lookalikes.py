@@ -1,0 +1,125 @@
+"""Look-alikes are left alone (counter 0, eager results) and the report says why; masks that only look
+causal are passed as a bias, never as causal=True."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.harness import assert_left_alone, compile_and_compare, skipped_reasons
+from models.nanogpt import CausalSelfAttention
+
+B, H, N, D = 2, 2, 6, 8
+
+
+def _qkv(n_q=N, n_k=N):
+    return torch.randn(B, H, n_q, D), torch.randn(B, H, n_k, D), torch.randn(B, H, n_k, D)
+
+
+def softmax_over_queries(q, k, v):
+    return (q @ k.transpose(-2, -1)).softmax(dim=-2) @ v
+
+
+def probs_returned(q, k, v):
+    p = (q @ k.transpose(-2, -1) / 8.0).softmax(dim=-1)
+    return p @ v, p
+
+
+def scores_returned(q, k, v):
+    s = q @ k.transpose(-2, -1) / 8.0
+    return s.softmax(dim=-1) @ v, s
+
+
+def probs_times_two(q, k, v):
+    return ((q @ k.transpose(-2, -1)).softmax(dim=-1) * 2) @ v
+
+
+def relu_between(q, k, v):
+    return torch.relu((q @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+
+
+def softcapped_scores(q, k, v):  # Gemma-2 style: tanh on the scores is not in the kernel
+    return (torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0).softmax(dim=-1) @ v
+
+
+def inf_arbitrary_mask(q, k, v, keep):
+    return (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
+
+
+def finite_fill_arbitrary_mask(q, k, v, keep):  # the "Annotated Transformer" spelling
+    return (q @ k.transpose(-2, -1)).masked_fill(keep == 0, -1e9).softmax(dim=-1) @ v
+
+
+def probs_on_right(q, k, v):
+    return v.transpose(-2, -1) @ (q @ k.transpose(-2, -1)).softmax(dim=-1).transpose(-2, -1)
+
+
+def learned_bias(q, k, v, bias):
+    return (q @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
+
+
+LOOKALIKES = [
+    (softmax_over_queries, "not the key axis"),
+    (probs_returned, "leave the graph"),
+    (scores_returned, "other users"),
+    (probs_times_two, "between the softmax and P·V"),
+    (relu_between, "between the softmax and P·V"),
+    (softcapped_scores, "not Q·Kᵀ"),
+    (probs_on_right, "between the softmax and P·V"),
+]
+
+
+@pytest.mark.parametrize("fn,reason", LOOKALIKES, ids=[f.__name__ for f, _ in LOOKALIKES])
+def test_lookalike_left_alone(fn, reason):
+    torch.manual_seed(0)
+    assert_left_alone(fn, *_qkv(), reason=reason)
+
+
+@pytest.mark.parametrize("fn,reason", [(inf_arbitrary_mask, "-inf mask the backend cannot prove"),
+                                       (finite_fill_arbitrary_mask, "replaces scores")])
+def test_fill_of_unprovable_mask_left_alone(fn, reason):
+    torch.manual_seed(0)
+    keep = torch.rand(B, 1, N, N) > 0.3
+    assert_left_alone(fn, *_qkv(), keep, reason=reason)
+
+
+def test_bias_that_requires_grad_left_alone():
+    torch.manual_seed(0)
+    bias = torch.randn(1, H, N, N, requires_grad=True)
+    assert skipped_reasons(learned_bias, *_qkv(), bias) == [
+        "the attention bias requires grad, and the op does not return a bias gradient yet"]
+
+
+def test_active_dropout_left_alone():
+    torch.manual_seed(0)
+    m = CausalSelfAttention(32, 2, block_size=16, dropout=0.1).train()
+    reasons = skipped_reasons(m, torch.randn(2, 8, 32))
+    assert reasons == ["dropout is not in the kernel yet (active dropout on the probabilities)"]
+
+
+def not_quite_causal(q, k, v, diagonal):
+    n_q, n_k = q.size(-2), k.size(-2)
+    keep = torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=diagonal)
+    return torch.where(keep, q @ k.transpose(-2, -1) / math.sqrt(D), torch.finfo(q.dtype).min).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("diagonal,n_q,n_k,causal", [(0, 6, 6, True), (1, 6, 6, False), (1, 4, 6, False),
+                                                     (0, 4, 6, False), (2, 4, 6, True), (0, 6, 4, False)])
+def test_causal_only_when_proven(diagonal, n_q, n_k, causal):
+    """tril(diagonal) is the op's bottom-right causal mask iff diagonal == Nk - Nq (and Nq <= Nk);
+    every other triangle is passed as a bias, so the result is eager's either way."""
+    torch.manual_seed(0)
+    graphs = compile_and_compare(lambda q, k, v: not_quite_causal(q, k, v, diagonal), *_qkv(n_q, n_k), expect=1)
+    (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
+    assert op.args[5] is causal
+    assert (op.args[3] is None) is causal
+
+
+def test_upper_triangle_masked_with_triu_is_causal():
+    def fn(q, k, v):
+        drop = torch.ones(N, N, dtype=torch.bool).triu(1)
+        return F.softmax((q @ k.transpose(-2, -1)).masked_fill(drop, float("-inf")), dim=-1) @ v
+
+    graphs = compile_and_compare(fn, *_qkv(), expect=1)
+    (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
+    assert op.args[5] is True and op.args[3] is None
