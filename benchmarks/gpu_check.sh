@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 torch.version.cuda, 'cupy', cupy.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
 tail -3 "$OUT/env.txt"
 
-if ! pip install --no-deps --no-build-isolation -e . > "$OUT/pip_install.log" 2>&1; then
+if ! python -m pip install --no-deps --no-build-isolation -e . > "$OUT/pip_install.log" 2>&1; then
     echo "pip install failed:"; tail -20 "$OUT/pip_install.log"; exit 1
 fi
 
