@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,18 @@ def driver_line() -> str:
     if supported == 0:
         return _not_found("install the NVIDIA driver for your GPU; `nvidia-smi` should then list it")
     text = f"supports CUDA {_cuda_version(supported)}"
-    proc = Path("/proc/driver/nvidia/version")  # Linux only; has the kernel module's version number
-    if proc.exists():
-        text += f" ({proc.read_text().split('Kernel Module')[-1].split()[0]})"
-    return text
+    return text + (f", driver {module}" if (module := _kernel_module_version()) else "")
+
+
+def _kernel_module_version() -> str | None:
+    """The driver's own version (e.g. 550.54.15), from the Linux kernel module; None elsewhere."""
+    try:
+        # "NVRM version: NVIDIA UNIX [Open ]Kernel Module [for x86_64]  550.54.15  Release Build ..."
+        first_line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    match = re.search(r"\s(\d+\.\d+(?:\.\d+)?)\s", first_line)
+    return match.group(1) if match else None
 
 
 def cuda_runtime_line() -> str:
@@ -141,6 +150,8 @@ def compile_variants(arches: list[str], only: str | None = None) -> list[Compile
             return CompileResult(arch, names, [], str(err))
         return CompileResult(arch, names, reports)
 
+    if not jobs:
+        return []
     results = []
     with Progress(sum(len(j[2]) for j in jobs), "compiling kernels") as bar, \
             ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
