@@ -152,7 +152,7 @@ def check_against_eager(setup: Setup, model: GPT, fused_model, idx, targets) -> 
     n_fused, n_layers = _fused_count(), setup.config.n_layer
     checks = compare(ref, eager, fused)
     grads = [c for c in checks if c.name.startswith("grad")]
-    worst = max(grads, key=lambda c: c.fused_err / c.bound if c.bound else float("inf"))
+    worst = max(grads, key=lambda c: c.fused_err / c.bound if c.bound else float("inf") * c.fused_err)
     ref_name = str(setup.ref_dtype).removeprefix("torch.")
     print(f"\ncheck against a {ref_name} reference (rule: cupyflash error <= 2x eager error, 3x for gradients,"
           f" + rounding floor):")

@@ -223,6 +223,20 @@ def test_log_env_var_turns_on_debug(monkeypatch):
     assert stream.getvalue() == "cupyflash DEBUG cupyflash.jit: compiling fwd_bf16_d64\n"
 
 
+def test_tolerance_rule_fails_what_it_should():
+    torch.manual_seed(0)
+    ref = {"logits": torch.randn(64, dtype=torch.float64), "grad w": torch.randn(64, dtype=torch.float64)}
+    eager = {name: t.float() for name, t in ref.items()}  # fp32 rounding error only
+    close = {name: t.float() for name, t in ref.items()}
+    far = {name: t.float() + 1e-3 for name, t in ref.items()}
+    assert all(c.ok for c in demo.compare(ref, eager, close))
+    checks = demo.compare(ref, eager, far)
+    assert not any(c.ok for c in checks)
+    floors = [demo._rounding_floor(eager[c.name]) for c in checks]
+    assert [c.bound for c in checks] == pytest.approx([2 * checks[0].eager_err + floors[0],  # outputs: 2x
+                                                       3 * checks[1].eager_err + floors[1]])  # gradients: 3x
+
+
 def test_timing_table():
     timings = [demo.Timing("eager", 100.0, 3000.0, 8192), demo.Timing("cupyflash", 50.0, 1000.0, 8192)]
     lines = demo.format_table(timings).splitlines()
