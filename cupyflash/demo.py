@@ -129,6 +129,13 @@ class Check:
     def ok(self) -> bool:
         return self.fused_err <= self.bound
 
+    @property
+    def used(self) -> float:
+        """How much of the bound the error uses (> 1 fails)."""
+        if self.bound == 0:
+            return float("inf") if self.fused_err else 0.0
+        return self.fused_err / self.bound
+
 
 def compare(ref: dict, eager: dict, fused: dict) -> list[Check]:
     """The tolerance rule of DEVELOPERS.md: cupyflash's error against the reference is at most 2× (3× for
@@ -152,7 +159,7 @@ def check_against_eager(setup: Setup, model: GPT, fused_model, idx, targets) -> 
     n_fused, n_layers = _fused_count(), setup.config.n_layer
     checks = compare(ref, eager, fused)
     grads = [c for c in checks if c.name.startswith("grad")]
-    worst = max(grads, key=lambda c: c.fused_err / c.bound if c.bound else float("inf") * c.fused_err)
+    worst = max(grads, key=lambda c: c.used)
     ref_name = str(setup.ref_dtype).removeprefix("torch.")
     print(f"\ncheck against a {ref_name} reference (rule: cupyflash error <= 2x eager error, 3x for gradients,"
           f" + rounding floor):")
