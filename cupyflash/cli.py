@@ -1,4 +1,5 @@
-"""The ``cupyflash`` command: ``demo`` (the main job) and ``doctor`` (what is installed, do kernels compile).
+"""The ``cupyflash`` command: ``demo`` (the main job), ``doctor`` (what is installed, do kernels compile) and
+``bench`` (attention TFLOP/s and memory against torch's).
 
 Errors a user can fix (``CupyflashError``) print one sentence and exit with code 2; anything else is a bug
 and keeps its traceback.
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, log
+from . import __version__, bench, log
 
 
 def _positive_int(text: str) -> int:
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--arch", action="append", metavar="sm_XX",
                         help="compile for this arch (repeatable; default: this GPU, or sm_80 and sm_90)")
     doctor.add_argument("--only", metavar="TEXT", help="only the kernel variants whose name contains TEXT")
+
+    bench.add_arguments(sub.add_parser("bench", help="TFLOP/s and peak memory against N, vs torch SDPA (GPU)"))
     return parser
 
 
@@ -41,18 +44,35 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.verbose:
         log.setup("debug")
-    from .errors import CupyflashError
-
     try:
         if args.command == "demo":
             from . import demo
 
             return demo.run(force_cpu=args.cpu, steps=args.steps, plot_path=args.plot)
+        if args.command == "bench":
+            return bench.run(args)
         from . import doctor
 
         return doctor.run(arches=args.arch, only=args.only)
-    except CupyflashError as err:
-        print(f"cupyflash: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"cupyflash: {cause}", file=sys.stderr)
+        return 2
+
+
+def _user_error(err: BaseException):
+    """The CupyflashError behind ``err``, if any: torch.compile wraps errors raised while compiling
+    (BackendCompilerFailed keeps the original as ``inner_exception``), Python chains others as causes."""
+    from .errors import CupyflashError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CupyflashError):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return None

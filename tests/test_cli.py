@@ -117,6 +117,23 @@ def test_user_error_is_one_sentence_with_exit_code_2(tmp_path):
 
 # ---- the parts --------------------------------------------------------------------------------------
 
+def test_cli_unwraps_a_user_error_raised_inside_torch_compile(monkeypatch, capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from cupyflash import cli
+
+    def compile_fails(**kwargs):
+        cause = errors.KernelCompileError("kernel fwd_bf16_d64 failed to compile for sm_90: error: x; report it.")
+        raise BackendCompilerFailed(lambda gm, inputs: None, cause, None)
+
+    monkeypatch.setattr(demo, "run", compile_fails)
+    assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err == "cupyflash: kernel fwd_bf16_d64 failed to compile for sm_90: error: x; report it.\n"
+    monkeypatch.setattr(demo, "run", lambda **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        cli.main(["demo"])
+
+
 def _fake_cupy(*, count=1, major=9, minor=0, runtime_error=None, nvrtc_error=None):
     class CUDARuntimeError(RuntimeError):
         pass
