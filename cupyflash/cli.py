@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fuse the naive attention of a small GPT, check it against eager, time it")
     demo.add_argument("--cpu", action="store_true", help="run the small CPU version even when a GPU is present")
-    demo.add_argument("--steps", type=_positive_int, default=20, help="timed training steps per variant (GPU; default 20)")
+    demo.add_argument("--steps", type=_positive_int, default=20,
+                      help="timed training steps per variant (GPU; default 20)")
     demo.add_argument("--plot", metavar="PATH", help="also write the timings as a PNG (needs matplotlib)")
 
     doctor = sub.add_parser("doctor", help="versions, kernel cache, and a compile of every kernel variant")

@@ -122,13 +122,15 @@ def test_cli_unwraps_a_user_error_raised_inside_torch_compile(monkeypatch, capsy
 
     from cupyflash import cli
 
+    message = "kernel fwd_bf16_d64 failed to compile for sm_90: error: x; report it."
+
     def compile_fails(**kwargs):
-        cause = errors.KernelCompileError("kernel fwd_bf16_d64 failed to compile for sm_90: error: x; report it.")
+        cause = errors.KernelCompileError(message)
         raise BackendCompilerFailed(lambda gm, inputs: None, cause, None)
 
     monkeypatch.setattr(demo, "run", compile_fails)
     assert cli.main(["demo"]) == 2
-    assert capsys.readouterr().err == "cupyflash: kernel fwd_bf16_d64 failed to compile for sm_90: error: x; report it.\n"
+    assert capsys.readouterr().err == f"cupyflash: {message}\n"
     monkeypatch.setattr(demo, "run", lambda **kwargs: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         cli.main(["demo"])
