@@ -2,7 +2,7 @@
 backends) and naive eager attention, in one session on one GPU.
 
 Shapes: batch x N = 16k tokens, heads x head_dim = 2048 hidden, N = 1024 .. 16384. Times are GPU time by CUDA
-events (``CudaEventClock``, see attention_impls.py), median over rounds; ``extra_info`` holds TFLOP/s
+events (``CudaEventClock``, see cupyflash/gpu_timing.py), median over rounds; ``extra_info`` holds TFLOP/s
 (4·B·H·N²·D, half if causal; backward 2.5x, fwd+bwd 3.5x) and the peak memory of one call.
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed: pip install pytest-benchmark")
 import torch  # noqa: E402
 
-from attention_impls import (IMPLS, MODES, CudaEventClock, attention_flops, bench_shape, make_inputs,  # noqa: E402
-                             pass_fn, peak_memory_bytes, unavailable_reason)
+from cupyflash.bench_impls import IMPLS, make_inputs, pass_fn, unavailable_reason  # noqa: E402
+from cupyflash.bench_shapes import MODES, attention_flops, bench_shape  # noqa: E402
+from cupyflash.gpu_timing import CudaEventClock, peak_memory_bytes  # noqa: E402
 
 ROUNDS, ITERATIONS, WARMUP_ROUNDS = 10, 3, 2
 SEQLENS = (1024, 2048, 4096, 8192, 16384)
