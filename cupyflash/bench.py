@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", type=_list_of(CAUSAL.get, CAUSAL), default=(False, True), metavar="yes,no")
     parser.add_argument("--seqlens", type=_list_of(_positive), default=DEFAULT_SEQLENS, metavar="512,...,16384",
                         help="sequence lengths N (default: powers of two from 512 to 16384)")
-    parser.add_argument("--tokens", type=_positive, default=TOKENS, help=f"batch x N (batch at least 1; default {TOKENS})")
+    parser.add_argument("--tokens", type=_positive, default=TOKENS,
+                        help=f"batch x N (batch at least 1; default {TOKENS})")
     parser.add_argument("--hidden", type=_positive, default=HIDDEN, help=f"heads x head_dim (default {HIDDEN})")
     parser.add_argument("--passes", type=_list_of(str, MODES), default=MODES, metavar=",".join(MODES))
     parser.add_argument("--peers", type=_list_of(PEERS.get, PEERS), default=("sdpa-flash", "sdpa-cudnn"),
