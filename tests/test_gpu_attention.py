@@ -31,7 +31,8 @@ def fwd_op(q, k, v, scale, causal):
 
 
 def bwd_op(dout, q, k, v, out, lse, scale, causal):
-    return torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, scale, causal)
+    """(dq, dk, dv); the op may return further outputs after them (the bias gradient)."""
+    return tuple(torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, scale, causal))[:3]
 
 
 def make_inputs(batch, heads, n_q, n_k, head_dim, dtype, layout, seed):
