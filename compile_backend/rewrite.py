@@ -111,10 +111,9 @@ def _op_frame(qk_frame: tuple) -> tuple:
 
 def _operand(emit: _Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
     t = operand.node if operand.perm is None else emit.method("permute", operand.node, *operand.perm)
-    # Contiguous: the op's fake outputs are `empty_like` its inputs while the CPU implementation returns
-    # contiguous tensors; a strided q (e.g. nanoGPT's transposed view) would make the traced strides lie
-    # and a later `.view` fail. Contiguous inputs make fake and real agree (no copy when already so).
-    return emit.method("contiguous", to_layout(emit, t, src, dst, full=True))
+    # No copy: the op takes any strides but a contiguous last dim (it copies that case itself), and its
+    # outputs are contiguous, as the matmul it replaces.
+    return to_layout(emit, t, src, dst, full=True)
 
 
 def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], float]:

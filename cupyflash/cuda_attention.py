@@ -17,33 +17,62 @@ def _buf(t: torch.Tensor) -> launch.Buf:
     return launch.Buf(t.data_ptr(), tuple(t.stride()))
 
 
-def _launch_context(q: torch.Tensor) -> dict:
+def _broadcast_buf(t: torch.Tensor) -> launch.Buf:
+    """A (B, H, Nq, Nk)-broadcastable buffer: stride 0 along its size-1 dims, so it is never expanded."""
+    return launch.Buf(t.data_ptr(), tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride())))
+
+
+def _kernel_bias(attn_bias, q):
+    """The bias as the kernels read it: q's dtype or fp32; boolean masks become additive 0 / -inf."""
+    if attn_bias is None:
+        return None
+    if attn_bias.dtype == torch.bool:
+        return torch.where(attn_bias, torch.zeros((), dtype=q.dtype, device=q.device),
+                           torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    return attn_bias if attn_bias.dtype in (q.dtype, torch.float32) else attn_bias.float()
+
+
+def _mods(bias, window, dropout_p, seed, dbias=None) -> launch.ScoreMods:
+    return launch.ScoreMods(bias=None if bias is None else _broadcast_buf(bias),
+                            bias_f32=bias is not None and bias.dtype == torch.float32,
+                            dbias=None if dbias is None else _broadcast_buf(dbias), window=tuple(window),
+                            dropout_p=dropout_p, seed=seed)
+
+
+def _launch_context(q: torch.Tensor, k: torch.Tensor) -> dict:
     require_gpu(q.device.index)
     dtype = str(q.dtype).removeprefix("torch.")
-    return dict(dtype=dtype, stream_ptr=torch.cuda.current_stream(q.device).cuda_stream, device_id=q.device.index)
+    return dict(dtype=dtype, kv_heads=k.shape[1], stream_ptr=torch.cuda.current_stream(q.device).cuda_stream,
+                device_id=q.device.index)
 
 
-def forward(q, k, v, attn_bias, scale: float, causal: bool):
-    out = torch.empty_like(q)  # same strides as the fake implementation in torch_op
+def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed: int = 0):
+    out = q.new_empty(q.shape)  # contiguous, as the fake implementation in torch_op
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, H, Nq)
     if out.numel() == 0:
         return out, lse
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    bias = _kernel_bias(attn_bias, q)
     launch.forward(causal=causal, shape=tuple(q.shape), n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
-                   out=_buf(out), lse=_buf(lse), scale=scale, **_launch_context(q))
+                   out=_buf(out), lse=_buf(lse), scale=scale, mods=_mods(bias, window, dropout_p, seed),
+                   **_launch_context(q, k))
     return out, lse
 
 
-def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool):
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
+             dropout_p: float = 0.0, seed: int = 0, bias_grad: bool = False):
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
+    # dBias is summed atomically over the bias's broadcast dims, in fp32.
+    dbias = torch.zeros(attn_bias.shape, dtype=torch.float32, device=q.device) if bias_grad else None
     if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), None if dbias is None else dbias.to(attn_bias.dtype)
     q, k, v, out, dout = (_kernel_ready(t) for t in (q, k, v, out, dout))
     batch, heads, n_q, d = q.shape
     dq_accum = torch.zeros((batch, heads, n_q, d), dtype=torch.float32, device=q.device)  # atomically summed
     d_vec = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)  # D = rowsum(dO ∘ O)
+    bias = _kernel_bias(attn_bias, q)
     launch.backward(causal=causal, shape=tuple(q.shape), n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                     out=_buf(out), dout=_buf(dout), lse=_buf(lse.contiguous()), d_vec=_buf(d_vec),
                     dq_accum=_buf(dq_accum), dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
-                    **_launch_context(q))
-    return dq, dk, dv
+                    mods=_mods(bias, window, dropout_p, seed, dbias), **_launch_context(q, k))
+    return dq, dk, dv, None if dbias is None else dbias.to(attn_bias.dtype)

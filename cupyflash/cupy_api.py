@@ -43,11 +43,12 @@ def _buf(a) -> launch.Buf:
     return launch.Buf(a.data.ptr, tuple(s // a.itemsize for s in a.strides))
 
 
-def _context(q) -> dict:
+def _context(q, k) -> dict:
     import cupy
 
     require_gpu(q.device.id)
-    return dict(dtype=str(q.dtype), stream_ptr=cupy.cuda.get_current_stream().ptr, device_id=q.device.id)
+    return dict(dtype=str(q.dtype), kv_heads=k.shape[1], stream_ptr=cupy.cuda.get_current_stream().ptr,
+                device_id=q.device.id)
 
 
 def flash_attn_forward(q, k, v, *, scale: float | None = None, causal: bool = False):
@@ -65,7 +66,7 @@ def flash_attn_forward(q, k, v, *, scale: float | None = None, causal: bool = Fa
     lse = cupy.empty(q.shape[:-1], dtype=cupy.float32)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     launch.forward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
-                   out=_buf(out), lse=_buf(lse), scale=scale, **_context(q))
+                   out=_buf(out), lse=_buf(lse), scale=scale, mods=launch.ScoreMods(), **_context(q, k))
     return out, lse
 
 
@@ -75,7 +76,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, scale: float | None = None, 
     if _is_torch(q):
         from .torch_op import flash_attn_bwd
 
-        return flash_attn_bwd(dout, q, k, v, None, out, lse, scale, bool(causal))
+        return flash_attn_bwd(dout, q, k, v, None, out, lse, scale, bool(causal))[:3]
     import cupy
 
     q, k, v = _as_cupy("q", q), _as_cupy("k", k), _as_cupy("v", v)
@@ -94,5 +95,6 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, scale: float | None = None, 
     q, k, v, out, dout = (_kernel_ready(a) for a in (q, k, v, out, dout))
     launch.backward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                     out=_buf(out), dout=_buf(dout), lse=_buf(cupy.ascontiguousarray(lse)), d_vec=_buf(d_vec),
-                    dq_accum=_buf(dq_accum), dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale, **_context(q))
+                    dq_accum=_buf(dq_accum), dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
+                    mods=launch.ScoreMods(), **_context(q, k))
     return dq, dk, dv

@@ -57,25 +57,57 @@ def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: in
         jit.get_kernel(variant, device_id)(grid, block, args, shared_mem=variant.shared_bytes)
 
 
-def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, q: Buf, k: Buf, v: Buf, out: Buf, lse: Buf,
-            scale: float, stream_ptr: int, device_id: int) -> None:
+NO_WINDOW = 1 << 30  # a window edge farther than any sequence: unbounded
+
+
+@dataclass(frozen=True)
+class ScoreMods:
+    """Everything beyond softmax(scale · Q Kᵀ) (kernels_cu/scores.cuh defines each)."""
+
+    bias: Buf | None = None  # (B, H, Nq, Nk) strides, 0 along broadcast dims
+    bias_f32: bool = False  # else the bias has q's dtype
+    dbias: Buf | None = None  # fp32 accumulator shaped like the bias (backward only)
+    window: tuple = (-1, -1)  # (left, right) keys around the diagonal; -1: unbounded
+    dropout_p: float = 0.0
+    seed: int = 0
+
+    def bias_args(self, buf: Buf | None) -> tuple:
+        if buf is None:
+            return (np.uint64(0), *[np.int64(0)] * 4)
+        return (_ptr(buf), *[np.int64(s) for s in buf.strides[:4]])
+
+    def window_args(self) -> tuple:
+        return tuple(np.int32(NO_WINDOW if w < 0 else w) for w in self.window)
+
+    def dropout_args(self) -> tuple:
+        keep = 1.0 - self.dropout_p
+        # An element is kept iff its 32-bit Philox word < threshold; 0xffffffff means "no dropout" (scores.cuh).
+        threshold = 0xFFFFFFFF if self.dropout_p == 0 else min(0xFFFFFFFF, int(keep * 2.0 ** 32))
+        return (np.uint32(threshold), np.float32(1.0 / keep), np.uint32(self.seed & 0xFFFFFFFF),
+                np.uint32((self.seed >> 32) & 0xFFFFFFFF))
+
+
+def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
+            lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
     """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32."""
     batch, heads, n_q, d = shape
     variant = jit.Variant("fwd", dtype, d, causal)
     t = variant.tiles
-    grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × heads × batch, as FlashAttention-2
+    grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
-            np.int32(n_q), np.int32(n_k), np.float32(scale * LOG2E))
+            np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
+            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.window_args(), *mods.dropout_args())
     _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
 
 
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
 
 
-def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, q: Buf, k: Buf, v: Buf, out: Buf, dout: Buf,
-             lse: Buf, d_vec: Buf, dq_accum: Buf, dq: Buf, dk: Buf, dv: Buf, scale: float, stream_ptr: int,
-             device_id: int) -> None:
-    """dq, dk, dv ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 and zeroed, `d_vec` (B, H, Nq) fp32."""
+def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
+             dout: Buf, lse: Buf, d_vec: Buf, dq_accum: Buf, dq: Buf, dk: Buf, dv: Buf, scale: float,
+             mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
+    """dq, dk, dv (and mods.dbias, zeroed fp32) ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 and
+    zeroed, `d_vec` (B, H, Nq) fp32."""
     batch, heads, n_q, d = shape
     if d not in BACKWARD:
         raise NotImplementedError(f"head_dim {d} has a forward kernel only; the backward supports head_dim in "
@@ -89,10 +121,12 @@ def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, q: Buf, k: Buf
 
     main = jit.Variant("bwd", dtype, d, causal)
     t = main.tiles
-    grid = (math.ceil(n_k / t.Bc), heads, batch)  # K/V blocks × heads × batch
+    grid = (math.ceil(n_k / t.Bc), kv_heads, batch)  # K/V blocks × K/V heads × batch
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
             *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
-            np.float32(scale * LOG2E), np.float32(scale))
+            np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
+            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.dbias),
+            *mods.window_args(), *mods.dropout_args())
     _run(main, grid, (t.threads,), args, stream_ptr, device_id)
 
     conv = jit.Variant("bwd_convert_dq", dtype, d)

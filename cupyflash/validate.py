@@ -29,8 +29,11 @@ def check_attention_inputs(q: TensorInfo, k: TensorInfo, v: TensorInfo, bias: Te
                              f"with shape {tuple(t.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
         raise ValueError(f"batch (dim 0) must match: q has {q.shape[0]}, k has {k.shape[0]}, v has {v.shape[0]}")
-    if q.shape[1] != k.shape[1] or q.shape[1] != v.shape[1]:
-        raise ValueError(f"heads (dim 1) must match: q has {q.shape[1]}, k has {k.shape[1]}, v has {v.shape[1]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same heads (dim 1): k has {k.shape[1]}, v has {v.shape[1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"heads (dim 1) of q must be a multiple of those of k and v (grouped-query attention): "
+                         f"q has {q.shape[1]}, k and v have {k.shape[1]}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same seqlen (dim 2): k has {k.shape[2]}, v has {v.shape[2]}")
     if q.shape[3] != k.shape[3]:

@@ -1,14 +1,16 @@
 // Backward: dQ, dK, dV recomputing S and P from Q, K and the saved LSE (Algorithm 2 of FlashAttention-2,
 // https://arxiv.org/abs/2307.08691). Three launches:
 //   1. flash_bwd_preprocess: D_i = rowsum(dO ∘ O), fp32.
-//   2. flash_bwd_kernel: one thread block per (K/V block of Bc rows, head, batch). dK_j, dV_j stay in registers
-//      while Q/dO blocks stream through shared memory; each warp owns 16 keys and works on transposed
+//   2. flash_bwd_kernel: one thread block per (K/V block of Bc rows, K/V head, batch). dK_j, dV_j stay in
+//      registers while the Q/dO blocks of every query head that shares the K/V head (grouped-query attention)
+//      stream through shared memory, so dK/dV are summed over the group without atomics; each warp owns 16 keys
+//      and works on transposed
 //      scores (Sᵀ = K Qᵀ), so Pᵀ and dSᵀ feed the dV and dK MMAs straight from registers. dQ_i += dS K_j needs
 //      all keys of the block, so dSᵀ goes through shared memory and partial dQ is added atomically to an fp32
 //      buffer.
 //   3. flash_bwd_convert_dq: dQ = scale · dQ_accum in the input dtype, with the caller's strides.
 #pragma once
-#include "common.cuh"
+#include "scores.cuh"
 
 namespace cupyflash {
 
@@ -50,13 +52,17 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  float* __restrict__ dq_accum, u16* __restrict__ dk, u16* __restrict__ dv,
                  i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn, i64 v_sb, i64 v_sh, i64 v_sn,
                  i64 do_sb, i64 do_sh, i64 do_sn, i64 dk_sb, i64 dk_sh, i64 dk_sn, i64 dv_sb, i64 dv_sh,
-                 i64 dv_sn, int Nq, int Nk, float scale_log2, float scale) {
+                 i64 dv_sn, int Nq, int Nk, int group, float scale_log2, float scale,
+                 const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
+                 float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
+                 int win_left, int win_right, u32 keep_threshold, float inv_keep, u32 seed_lo, u32 seed_hi) {
     static_assert(Bc == 16 * NWarps, "each warp owns 16 keys");
     static_assert(Br % 16 == 0 && NWarps % (Br / 16) == 0, "dQ tiles: (Br/16) row tiles split evenly over warps");
     constexpr int kThreads = NWarps * 32;
     constexpr int kRowTiles = Br / 16;                   // dQ = dS K: 16-row tiles of the Q block ...
     constexpr int kDqCols = D / (NWarps / kRowTiles);    // ... each split into column ranges, one per warp
     static_assert(kDqCols % 16 == 0, "dQ column range per warp is a multiple of 16");
+    static_assert(Br / 8 * 4 <= 32, "one bit per score of a lane in the dropout keep mask");
     using TileD = Tile<D>;
     using TileS = Tile<Br>;
 
@@ -70,33 +76,32 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     float* s_dvec = s_lse + Br;
 
     const int k0 = blockIdx.x * Bc;
-    const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
+    const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const i64 bh = (i64)b * H + h;
-    q += b * q_sb + h * q_sh;
-    dout += b * do_sb + h * do_sh;
-    lse += bh * Nq;
-    d_vec += bh * Nq;
-    dq_accum += bh * Nq * D;
 
-    // Query i sees key j iff j <= i + diag: the first Q block that sees key k0 holds query k0 - diag.
-    const int diag = Nk - Nq;
-    const int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
-    const int n_qblocks = ceil_div(Nq, Br);
+    const ScoreMods mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq, win_left,
+                         Causal ? min(win_right, 0) : win_right, keep_threshold, seed_lo, seed_hi};
+    // Queries that see a key of this block: i + diag - left <= j <= i + diag + right for some j in the block.
+    const int i_begin = max(0, k0 - mods.diag - mods.right) / Br;
+    const int i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
+    const int n_iters = group * max(0, i_end - i_begin);  // (query head in the group, Q block) pairs
+    auto head_of = [&](int it) { return h_kv * group + it / (i_end - i_begin); };
+    auto block_of = [&](int it) { return i_begin + it % (i_end - i_begin); };
 
-    auto load_q_block = [&](int i) {
-        const int q0 = i * Br;
-        load_tile_async<Br, D, kThreads>(sQ, q + q0 * q_sn, q_sn, Nq - q0, tid);
-        load_tile_async<Br, D, kThreads>(sdO, dout + q0 * do_sn, do_sn, Nq - q0, tid);
+    auto load_q_block = [&](int it) {
+        const int hq = head_of(it), q0 = block_of(it) * Br;
+        const i64 bh = (i64)b * H + hq;
+        load_tile_async<Br, D, kThreads>(sQ, q + b * q_sb + hq * q_sh + q0 * q_sn, q_sn, Nq - q0, tid);
+        load_tile_async<Br, D, kThreads>(sdO, dout + b * do_sb + hq * do_sh + q0 * do_sn, do_sn, Nq - q0, tid);
         for (int r = tid; r < Br; r += kThreads) {  // rows past Nq: P = exp2(s - inf) = 0, D = 0
-            s_lse[r] = q0 + r < Nq ? lse[q0 + r] * kLog2e : inf_f();
-            s_dvec[r] = q0 + r < Nq ? d_vec[q0 + r] : 0.f;
+            s_lse[r] = q0 + r < Nq ? lse[bh * Nq + q0 + r] * kLog2e : inf_f();
+            s_dvec[r] = q0 + r < Nq ? d_vec[bh * Nq + q0 + r] : 0.f;
         }
     };
 
-    load_tile_async<Bc, D, kThreads>(sK, k + b * k_sb + h * k_sh + k0 * k_sn, k_sn, Nk - k0, tid);
-    load_tile_async<Bc, D, kThreads>(sV, v + b * v_sb + h * v_sh + k0 * v_sn, v_sn, Nk - k0, tid);
-    if (i_begin < n_qblocks) load_q_block(i_begin);
+    load_tile_async<Bc, D, kThreads>(sK, k + b * k_sb + h_kv * k_sh + k0 * k_sn, k_sn, Nk - k0, tid);
+    load_tile_async<Bc, D, kThreads>(sV, v + b * v_sb + h_kv * v_sh + k0 * v_sn, v_sn, Nk - k0, tid);
+    if (n_iters > 0) load_q_block(0);
     cp_async_commit();
 
     float acc_dk[D / 8][4], acc_dv[D / 8][4];
@@ -106,8 +111,9 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
     const int key_in_block = warp * 16 + lane / 4;  // this lane's keys: key_in_block and key_in_block + 8
 
-    for (int i = i_begin; i < n_qblocks; ++i) {
-        const int q0 = i * Br;
+    for (int it = 0; it < n_iters; ++it) {
+        const int hq = head_of(it), q0 = block_of(it) * Br;
+        const i64 bh = (i64)b * H + hq;
         // Q_i, dO_i, LSE_i and D_i are in shared memory for every thread; the previous dQ reads of sdS are done.
         cp_async_wait_all();
         __syncthreads();
@@ -134,16 +140,40 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             for (int e = 0; e < 4; ++e) {
                 const int col = nt * 8 + 2 * (lane % 4) + (e & 1);  // query within the block
                 const int key = k0 + key_in_block + (e >> 1) * 8;
-                const bool masked = key >= Nk || (Causal && key > q0 + col + diag);
-                pt[nt][e] = masked ? 0.f : fast_exp2(pt[nt][e] * scale_log2 - s_lse[col]);
+                float x = pt[nt][e] * scale_log2;
+                if (bias != nullptr && q0 + col < Nq && key < Nk) x = mods.add_bias<T>(x, b, hq, q0 + col, key);
+                pt[nt][e] = mods.visible(q0 + col, key) ? fast_exp2(x - s_lse[col]) : 0.f;
             }
         }
+        // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh).
+        u32 keep_bits = 0xffffffffu;
+        if (mods.dropout()) {
+            keep_bits = 0;
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + key_in_block + (e >> 1) * 8;
+                    const U4 rnd = mods.random_pair(bh, q0 + nt * 8 + 2 * (lane % 4) + (e & 1), key & ~1);
+                    keep_bits |= (u32)(((key & 1) ? rnd.y : rnd.x) < keep_threshold) << (nt * 4 + e);
+                }
+        }
+        auto kept = [&](int nt, int e) { return (keep_bits >> (nt * 4 + e)) & 1u; };
 
-        // dV_j += Pᵀ dO_i
+        // dV_j += Pᵀ dO_i, P with dropout applied (zeroed and scaled by 1/keep probability)
 #pragma unroll
         for (int kk = 0; kk < Br / 16; ++kk) {
             u32 a[4];
-            acc_to_a<T>(a, pt, kk);
+            if (mods.dropout()) {
+                float pd[2][4];
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) pd[n][e] = kept(2 * kk + n, e) ? pt[2 * kk + n][e] * inv_keep : 0.f;
+                acc_to_a<T>(a, pd, 0);
+            } else {
+                acc_to_a<T>(a, pt, kk);
+            }
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 u32 bo[4];
@@ -172,7 +202,21 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 #pragma unroll
         for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) ds[nt][e] = pt[nt][e] * (ds[nt][e] - s_dvec[nt * 8 + 2 * (lane % 4) + (e & 1)]);
+            for (int e = 0; e < 4; ++e) {
+                const float dp = kept(nt, e) ? ds[nt][e] * inv_keep : 0.f;  // inv_keep = 1 without dropout
+                ds[nt][e] = pt[nt][e] * (dp - s_dvec[nt * 8 + 2 * (lane % 4) + (e & 1)]);
+            }
+        // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics.
+        if (dbias != nullptr) {
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = q0 + nt * 8 + 2 * (lane % 4) + (e & 1), key = k0 + key_in_block + (e >> 1) * 8;
+                    if (row < Nq && key < Nk)
+                        atomicAdd(dbias + b * dbias_sb + hq * dbias_sh + row * dbias_sm + key * dbias_sn, ds[nt][e]);
+                }
+        }
 
         // dK_j += dSᵀ Q_i (the softmax scale is applied once, at the end)
 #pragma unroll
@@ -198,8 +242,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             }
         // dSᵀ is complete, and every warp is done reading sQ/sdO/LSE/D: prefetch the next Q block under dQ.
         __syncthreads();
-        if (i + 1 < n_qblocks) {
-            load_q_block(i + 1);
+        if (it + 1 < n_iters) {
+            load_q_block(it + 1);
             cp_async_commit();
         }
 
@@ -224,7 +268,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         for (int r = 0; r < 2; ++r) {
             const int row = q0 + m0 + lane / 4 + r * 8;
             if (row < Nq) {
-                float* dst = dq_accum + (i64)row * D + c0 + 2 * (lane % 4);
+                float* dst = dq_accum + (bh * Nq + row) * D + c0 + 2 * (lane % 4);
 #pragma unroll
                 for (int nt = 0; nt < kDqCols / 8; ++nt) {
                     atomicAdd(dst + nt * 8, acc_dq[nt][2 * r]);
@@ -239,8 +283,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     for (int r = 0; r < 2; ++r) {
         const int key = k0 + key_in_block + r * 8;
         if (key < Nk) {
-            u16* dk_row = dk + b * dk_sb + h * dk_sh + key * dk_sn;
-            u16* dv_row = dv + b * dv_sb + h * dv_sh + key * dv_sn;
+            u16* dk_row = dk + b * dk_sb + h_kv * dk_sh + key * dk_sn;
+            u16* dv_row = dv + b * dv_sb + h_kv * dv_sh + key * dv_sn;
 #pragma unroll
             for (int dt = 0; dt < D / 8; ++dt) {
                 const int col = dt * 8 + 2 * (lane % 4);

@@ -1,11 +1,12 @@
-// Forward: O = softmax(scale · Q Kᵀ) V, one thread block per (Q block of Br rows, head, batch).
+// Forward: O = dropout(softmax(scale · Q Kᵀ + bias, visibility window)) V, one thread block per (Q block of Br
+// rows, head, batch). Logits, windows and dropout are defined in scores.cuh.
 //
 // Algorithm 1 of FlashAttention-2 (https://arxiv.org/abs/2307.08691): K/V blocks of Bc rows stream through
 // shared memory; each warp owns MTiles·16 query rows and keeps S (rows x Bc) and O (rows x D) in registers (each K/V
 // fragment read from shared memory feeds MTiles MMAs, which eases the shared-memory bandwidth bound); the online
 // softmax keeps the running max m_i and sum l_i per row; the log-sum-exp is written for the backward.
 #pragma once
-#include "common.cuh"
+#include "scores.cuh"
 
 namespace cupyflash {
 
@@ -15,7 +16,9 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  u16* __restrict__ o, float* __restrict__ lse,
                  i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn,
                  i64 v_sb, i64 v_sh, i64 v_sn, i64 o_sb, i64 o_sh, i64 o_sn,
-                 int Nq, int Nk, float scale_log2) {
+                 int Nq, int Nk, int group, float scale_log2,
+                 const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
+                 int win_left, int win_right, u32 keep_threshold, float inv_keep, u32 seed_lo, u32 seed_hi) {
     static_assert(Br == 16 * MTiles * NWarps, "each warp owns MTiles 16-row tiles");
     static_assert(D % 16 == 0 && Bc % 16 == 0, "MMA k-steps are 16 wide");
     constexpr int kThreads = NWarps * 32;
@@ -31,17 +34,20 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     q += b * q_sb + h * q_sh + q0 * q_sn;
-    k += b * k_sb + h * k_sh;
-    v += b * v_sb + h * v_sh;
+    k += b * k_sb + (h / group) * k_sh;  // grouped-query: `group` query heads share one K/V head
+    v += b * v_sb + (h / group) * v_sh;
     o += b * o_sb + h * o_sh + q0 * o_sn;
 
-    // Causal aligned to the bottom-right corner (FlashAttention 2.1+): query i sees key j iff j <= i + diag.
-    const int diag = Nk - Nq;
-    int n_blocks = ceil_div(Nk, Bc);
-    if (Causal) n_blocks = min(n_blocks, max(0, ceil_div(min(q0 + Br, Nq) + diag, Bc)));
+    const ScoreMods mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq, win_left,
+                         Causal ? min(win_right, 0) : win_right, keep_threshold, seed_lo, seed_hi};
+    const i64 bh = (i64)b * H + h;
+    // K/V blocks that hold a key visible to some row of this Q block (rows q0 .. q_last).
+    const int q_last = min(q0 + Br, Nq) - 1;
+    const int j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
+    const int j_end = min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
 
     load_tile_async<Br, D, kThreads>(sQ, q, q_sn, Nq - q0, tid);
-    if (n_blocks > 0) load_tile_async<Bc, D, kThreads>(sK, k, k_sn, Nk, tid);
+    if (j_begin < j_end) load_tile_async<Bc, D, kThreads>(sK, k + j_begin * Bc * k_sn, k_sn, Nk - j_begin * Bc, tid);
     cp_async_commit();
 
     float acc_o[MTiles][D / 8][4];
@@ -56,7 +62,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     }
     const int warp_row0 = warp * 16 * MTiles;
 
-    for (int j = 0; j < n_blocks; ++j) {
+    for (int j = j_begin; j < j_end; ++j) {
         const int k0 = j * Bc;
         // K_j (and Q) have landed for every thread, and every warp has finished P·V_{j-1}: sV may be refilled.
         cp_async_wait_all();
@@ -89,25 +95,26 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // V_j has landed, and every warp is done reading sK: prefetch K_{j+1} under the softmax and P·V.
         cp_async_wait_all();
         __syncthreads();
-        if (j + 1 < n_blocks) {
+        if (j + 1 < j_end) {
             load_tile_async<Bc, D, kThreads>(sK, k + (k0 + Bc) * k_sn, k_sn, Nk - k0 - Bc, tid);
             cp_async_commit();
         }
 
-        // Only blocks that cross the sequence end or the causal diagonal need per-element masks.
-        const bool need_mask = (k0 + Bc > Nk) || (Causal && k0 + Bc - 1 > q0 + diag);
+        // Only blocks that cross the sequence end or a window edge need per-element visibility checks.
+        const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
+                               k0 < q_last + mods.diag - mods.left;
 #pragma unroll
         for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    s[mt][nt][e] *= scale_log2;
-                    if (need_mask) {
-                        const int col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-                        const int row = q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8;
-                        if (col >= Nk || (Causal && col > row + diag)) s[mt][nt][e] = -inf_f();
-                    }
+                    const int col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
+                    const int row = q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8;
+                    float x = s[mt][nt][e] * scale_log2;
+                    if (bias != nullptr && row < Nq && col < Nk) x = mods.add_bias<T>(x, b, h, row, col);
+                    if (need_mask && !mods.visible(row, col)) x = -inf_f();
+                    s[mt][nt][e] = x;
                 }
             }
 #pragma unroll
@@ -127,7 +134,16 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                     s[mt][nt][2 * r + 1] = fast_exp2(s[mt][nt][2 * r + 1] - m_use);
                     row_sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
                 }
-                l_i[mt][r] = l_i[mt][r] * alpha + row_sum;
+                l_i[mt][r] = l_i[mt][r] * alpha + row_sum;  // l counts every key: dropout acts after softmax
+                if (mods.dropout()) {
+#pragma unroll
+                    for (int nt = 0; nt < Bc / 8; ++nt) {
+                        const U4 rnd = mods.random_pair(bh, q0 + warp_row0 + mt * 16 + lane / 4 + r * 8,
+                                                        k0 + nt * 8 + 2 * (lane % 4));
+                        if (rnd.x >= keep_threshold) s[mt][nt][2 * r] = 0.f;
+                        if (rnd.y >= keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+                    }
+                }
 #pragma unroll
                 for (int dt = 0; dt < D / 8; ++dt) {
                     acc_o[mt][dt][2 * r] *= alpha;
@@ -155,14 +171,14 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         }
     }
 
-    // Epilogue: O = acc / l, LSE = ln(sum exp(scale · s)) = (m + log2 l) · ln 2. Rows with no visible key
+    // Epilogue: O = acc / (l · keep probability), LSE = ln(Σ exp(logit)) = (m + log2 l) · ln 2. Rows with no visible key
     // write O = 0 and LSE = +inf, so the backward recomputes P = exp(s - inf) = 0 for them.
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l = warp_sum4(l_i[mt][r]);
-            const float inv_l = l > 0.f ? 1.f / l : 0.f;
+            const float inv_l = l > 0.f ? inv_keep / l : 0.f;
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
             if (q0 + row < Nq) {
                 u16* o_row = o + row * o_sn;
@@ -172,7 +188,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                         T::pack(acc_o[mt][dt][2 * r] * inv_l, acc_o[mt][dt][2 * r + 1] * inv_l);
                 }
                 if (lane % 4 == 0)
-                    lse[((i64)b * H + h) * Nq + q0 + row] = l > 0.f ? (m_i[mt][r] + log2f(l)) * kLn2 : inf_f();
+                    lse[bh * Nq + q0 + row] = l > 0.f ? (m_i[mt][r] + log2f(l)) * kLn2 : inf_f();
             }
         }
     }

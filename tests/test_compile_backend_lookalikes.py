@@ -83,11 +83,10 @@ def test_fill_of_unprovable_mask_left_alone(fn, reason):
     assert_left_alone(fn, *_qkv(), keep, reason=reason)
 
 
-def test_bias_that_requires_grad_left_alone():
+def test_bias_that_requires_grad_fused_with_its_gradient():
+    """A learned bias (T5's relative position bias, ALiBi slopes): the op returns its gradient too."""
     torch.manual_seed(0)
-    bias = torch.randn(1, H, N, N, requires_grad=True)
-    assert skipped_reasons(learned_bias, *_qkv(), bias) == [
-        "the attention bias requires grad, and the op does not return a bias gradient yet"]
+    compile_and_compare(learned_bias, *_qkv(), torch.randn(1, H, N, N), expect=1)
 
 
 def test_active_dropout_left_alone():
