@@ -100,4 +100,7 @@ def test_imports_and_doctor_run_without_torch(installed, tmp_path):
                           [blocker, installed], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch:        not found: pip install torch" in proc.stdout
-    assert "kernels: 2 of 2 compiled" in proc.stdout
+    from cupyflash import jit
+
+    n = sum("fwd_f16_d32" in v.name for v in jit.all_variants())
+    assert f"kernels: {n} of {n} compiled" in proc.stdout
