@@ -45,6 +45,7 @@ class Variant:
     dtype: str  # "float16" | "bfloat16"
     head_dim: int
     causal: bool = False
+    mods: bool = False  # bias / window / dropout compiled in (kernels_cu/scores.cuh); False: the lean plain path
 
     @property
     def tiles(self) -> tiles.Tiles | None:
@@ -54,17 +55,18 @@ class Variant:
     @property
     def name(self) -> str:
         short = {"float16": "f16", "bfloat16": "bf16"}[self.dtype]
-        return f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
+        return (f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
+                + ("_mods" if self.mods else ""))
 
     @property
     def expression(self) -> str:
         """The C++ name expression that instantiates this variant."""
         tag, d, t = DTYPE_TAGS[self.dtype], self.head_dim, self.tiles
-        causal = "true" if self.causal else "false"
+        flags = f"{str(self.causal).lower()}, {str(self.mods).lower()}"
         if self.kernel == "fwd":
-            return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {causal}>"
+            return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {flags}>"
         if self.kernel == "bwd":
-            return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {causal}>"
+            return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {flags}>"
         if self.kernel == "bwd_preprocess":
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
         return f"cupyflash::flash_bwd_convert_dq<{tag}, {d}>"
@@ -88,9 +90,9 @@ def all_variants() -> list[Variant]:
     out = []
     for dtype in DTYPE_TAGS:
         for d in tiles.FORWARD:
-            out += [Variant("fwd", dtype, d, c) for c in (False, True)]
+            out += [Variant("fwd", dtype, d, c, m) for c in (False, True) for m in (False, True)]
         for d in tiles.BACKWARD:
-            out += [Variant("bwd", dtype, d, c) for c in (False, True)]
+            out += [Variant("bwd", dtype, d, c, m) for c in (False, True) for m in (False, True)]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]
     return out
 

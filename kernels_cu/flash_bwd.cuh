@@ -45,7 +45,7 @@ __global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, u16* __
     for (int d = lane; d < D; d += 32) dst[d] = T::from_float(src[d] * scale);
 }
 
-template <typename T, int D, int Br, int Bc, int NWarps, bool Causal>
+template <typename T, int D, int Br, int Bc, int NWarps, bool Causal, bool Mods>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ d_vec,
@@ -79,8 +79,10 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    const ScoreMods mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq, win_left,
-                         Causal ? min(win_right, 0) : win_right, keep_threshold, seed_lo, seed_hi};
+    const ScoreMods<Mods> mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq,
+                               Mods ? win_left : kNoWindow,
+                               Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
+                               seed_hi};
     // Queries that see a key of this block: i + diag - left <= j <= i + diag + right for some j in the block.
     const int i_begin = max(0, k0 - mods.diag - mods.right) / Br;
     const int i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
@@ -134,6 +136,10 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 T::mma(pt[2 * np + 1], a, bq[2], bq[3]);
             }
         }
+        // Only blocks that cross the sequence end or a window edge need per-element visibility checks (rows past
+        // Nq need none: their LSE is +inf, so P = 0).
+        const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
+                               k0 < q0 + Br - 1 + mods.diag - mods.left;
 #pragma unroll
         for (int nt = 0; nt < Br / 8; ++nt) {
 #pragma unroll
@@ -141,8 +147,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 const int col = nt * 8 + 2 * (lane % 4) + (e & 1);  // query within the block
                 const int key = k0 + key_in_block + (e >> 1) * 8;
                 float x = pt[nt][e] * scale_log2;
-                if (bias != nullptr && q0 + col < Nq && key < Nk) x = mods.add_bias<T>(x, b, hq, q0 + col, key);
-                pt[nt][e] = mods.visible(q0 + col, key) ? fast_exp2(x - s_lse[col]) : 0.f;
+                if (mods.has_bias() && q0 + col < Nq && key < Nk) x = mods.template add_bias<T>(x, b, hq, q0 + col, key);
+                pt[nt][e] = !need_mask || mods.visible(q0 + col, key) ? fast_exp2(x - s_lse[col]) : 0.f;
             }
         }
         // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh).
@@ -203,11 +209,11 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float dp = kept(nt, e) ? ds[nt][e] * inv_keep : 0.f;  // inv_keep = 1 without dropout
+                const float dp = kept(nt, e) ? ds[nt][e] * (Mods ? inv_keep : 1.f) : 0.f;
                 ds[nt][e] = pt[nt][e] * (dp - s_dvec[nt * 8 + 2 * (lane % 4) + (e & 1)]);
             }
         // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics.
-        if (dbias != nullptr) {
+        if (Mods && dbias != nullptr) {
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll

@@ -10,7 +10,7 @@
 
 namespace cupyflash {
 
-template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool Causal>
+template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool Causal, bool Mods>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  u16* __restrict__ o, float* __restrict__ lse,
@@ -38,8 +38,10 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     v += b * v_sb + (h / group) * v_sh;
     o += b * o_sb + h * o_sh + q0 * o_sn;
 
-    const ScoreMods mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq, win_left,
-                         Causal ? min(win_right, 0) : win_right, keep_threshold, seed_lo, seed_hi};
+    const ScoreMods<Mods> mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq,
+                               Mods ? win_left : kNoWindow,
+                               Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
+                               seed_hi};
     const i64 bh = (i64)b * H + h;
     // K/V blocks that hold a key visible to some row of this Q block (rows q0 .. q_last).
     const int q_last = min(q0 + Br, Nq) - 1;
@@ -112,7 +114,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                     const int col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
                     const int row = q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8;
                     float x = s[mt][nt][e] * scale_log2;
-                    if (bias != nullptr && row < Nq && col < Nk) x = mods.add_bias<T>(x, b, h, row, col);
+                    if (mods.has_bias() && row < Nq && col < Nk) x = mods.template add_bias<T>(x, b, h, row, col);
                     if (need_mask && !mods.visible(row, col)) x = -inf_f();
                     s[mt][nt][e] = x;
                 }
@@ -178,7 +180,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l = warp_sum4(l_i[mt][r]);
-            const float inv_l = l > 0.f ? inv_keep / l : 0.f;
+            const float inv_l = l > 0.f ? (Mods ? inv_keep : 1.f) / l : 0.f;
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
             if (q0 + row < Nq) {
                 u16* o_row = o + row * o_sn;

@@ -37,6 +37,11 @@ CF_DEVICE U4 philox(U4 c, u32 k0, u32 k1) {
     return c;
 }
 
+constexpr int kNoWindow = 1 << 30;  // a window edge farther than any sequence (launch.py's NO_WINDOW)
+
+// Enabled = false is the plain path (at most causal): the compiler drops the bias, window and dropout code, whose
+// registers and instructions otherwise cost the plain kernels about a third of their speed.
+template <bool Enabled>
 struct ScoreMods {
     const void* bias;  // nullptr: no bias
     i64 bias_sb, bias_sh, bias_sm, bias_sn;  // strides in elements, 0 along broadcast dims
@@ -49,7 +54,8 @@ struct ScoreMods {
         return col < Nk && col <= row + diag + right && col >= row + diag - left;
     }
 
-    CF_DEVICE bool dropout() const { return keep_threshold != 0xffffffffu; }
+    CF_DEVICE bool has_bias() const { return Enabled && bias != nullptr; }
+    CF_DEVICE bool dropout() const { return Enabled && keep_threshold != 0xffffffffu; }
 
     // The random words of elements (row, col) and (row, col + 1), col even, of head `bh` = b·H + h.
     CF_DEVICE U4 random_pair(i64 bh, int row, int col) const {
