@@ -1,9 +1,13 @@
 """Reference attention and the tolerance rule every GPU check uses.
 
-- ``attention_ref``: naive softmax(scale · Q Kᵀ) V with the kernels' semantics (causal mask aligned to the
-  bottom-right corner, rows that see no key give out = 0 and lse = +inf), returning out, lse and, through
-  autograd, dq, dk, dv. With ``compute_dtype=torch.float32`` (or float64) it is the reference; with the
-  inputs' own fp16/bf16 dtype it is "the same-dtype PyTorch math" the rule measures against.
+- ``attention_ref``: naive softmax(scale · Q Kᵀ + bias) V with the kernels' semantics (cupyflash/cpu_attention.py:
+  causal mask and window aligned to the bottom-right corner, bias <= -1e30 masks its key, boolean masks,
+  grouped-query K/V, a given dropout keep mask; rows that see no key give out = 0 and lse = +inf), returning
+  out, lse and, through autograd, dq, dk, dv (and dbias). With ``compute_dtype=torch.float32`` (or float64)
+  it is a reference; with the inputs' own fp16/bf16 dtype it is "the same-dtype PyTorch math" the rule
+  measures against.
+- ``semantics_ref``: the op's own exact implementation (``cupyflash.cpu_attention``) run in fp32 on the
+  inputs' device: the fp32 reference of the feature tests (bias, windows, grouped-query, dropout).
 - ``assert_within_rule``: FlashAttention's test rule (tests/test_flash_attn.py in Dao-AILab/flash-attention:
   ``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``): our error against the fp32
   reference may be at most ``factor`` × the error of the same-dtype PyTorch math, plus a rounding floor.
@@ -19,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from cupyflash.cpu_attention import MASKED_BIAS, MASKED_LOGIT, backward as _semantics_bwd, forward as _semantics_fwd
+
 OUT_FACTOR = 2  # out and lse
 GRAD_FACTOR = 3  # dq, dk, dv: the backward rounds more often (P, dS in fp16/bf16), FlashAttention allows 3x
 # Absolute part of the floor: fp32 accumulation noise where the exact value cancels to ~0 (e.g. dq for
@@ -33,6 +39,7 @@ class AttentionResult:
     dq: Optional[torch.Tensor] = None
     dk: Optional[torch.Tensor] = None
     dv: Optional[torch.Tensor] = None
+    dbias: Optional[torch.Tensor] = None  # shaped like the bias, when its gradient was asked for
 
 
 def seed_from(*params) -> int:
@@ -45,6 +52,23 @@ def causal_keep_mask(n_q: int, n_k: int, device) -> torch.Tensor:
     rows = torch.arange(n_q, device=device).unsqueeze(1)  # (Nq, 1)
     cols = torch.arange(n_k, device=device).unsqueeze(0)  # (1, Nk)
     return cols <= rows + (n_k - n_q)
+
+
+def visible_mask(n_q: int, n_k: int, causal: bool, window, device) -> torch.Tensor:
+    """(Nq, Nk) bool: query i sees key j iff i + diag - left <= j <= i + diag + right, diag = Nk - Nq; causal
+    clips right to 0; -1 is unbounded."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    rows = torch.arange(n_q, device=device).unsqueeze(1)  # (Nq, 1)
+    cols = torch.arange(n_k, device=device).unsqueeze(0)  # (1, Nk)
+    offset = cols - rows - (n_k - n_q)  # (Nq, Nk): key's distance right of the diagonal
+    keep = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep &= offset <= right
+    if left >= 0:
+        keep &= offset >= -left
+    return keep
 
 
 @contextlib.contextmanager
@@ -60,35 +84,76 @@ def _no_tf32():
 
 
 def attention_ref(q, k, v, dout=None, *, scale: float, causal: bool, compute_dtype=torch.float32,
-                  bias=None) -> AttentionResult:
-    """Naive attention in ``compute_dtype`` on q's device; gradients w.r.t. q, k, v when ``dout`` is given.
+                  bias=None, window=(-1, -1), dropout_keep=None, dropout_p: float = 0.0,
+                  bias_grad: bool = False) -> AttentionResult:
+    """Naive attention in ``compute_dtype`` on q's device; gradients w.r.t. q, k, v (and a floating ``bias``
+    when ``bias_grad``) when ``dout`` is given.
 
+    ``bias``: additive (any float dtype; values <= -1e30 mask their key as in cpu_attention: -inf gets weight 0,
+    others become MASKED_LOGIT, whose gradient still flows as in eager softmax where finfo.min absorbs the
+    score) or boolean (True = keep), broadcastable to (B, H, Nq, Nk). k and v may have fewer heads than q.
+    ``dropout_keep``: bool (B, H, Nq, Nk); kept probabilities are scaled by 1 / (1 - ``dropout_p``).
     Results stay in ``compute_dtype`` (the fp32 reference is not rounded back to fp16/bf16).
     """
     with _no_tf32(), torch.enable_grad():
-        qc, kc, vc = (t.detach().to(compute_dtype).requires_grad_(dout is not None) for t in (q, k, v))
+        grad = dout is not None
+        qc, kc, vc = (t.detach().to(compute_dtype).requires_grad_(grad) for t in (q, k, v))
         n_q, n_k = q.shape[-2], k.shape[-2]
+        group = q.shape[1] // k.shape[1]
+        kw, vw = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (kc, vc))  # (B, H, Nk, D)
         # lse from the (rounded) scores in at least fp32, as the kernels keep it
         lse_dtype = torch.promote_types(compute_dtype, torch.float32)
-        s = torch.matmul(qc * scale, kc.transpose(-1, -2))  # (B, H, Nq, Nk)
-        if bias is not None:
-            s = s + bias.to(compute_dtype)
-        if causal:
-            keep = causal_keep_mask(n_q, n_k, q.device)  # (Nq, Nk)
-            has_key = keep.any(dim=-1, keepdim=True)  # (Nq, 1)
-            # Rows without any key keep finite scores (masking all of them to -inf would make softmax and
-            # its backward NaN); their probabilities are zeroed below instead.
-            s = s.masked_fill(~keep & has_key, float("-inf"))
-            p = torch.softmax(s, dim=-1) * has_key.to(compute_dtype)
-            lse = torch.logsumexp(s.detach().to(lse_dtype), dim=-1)  # (B, H, Nq)
-            lse = lse.masked_fill(~has_key.squeeze(-1), float("inf"))
-        else:
-            p = torch.softmax(s, dim=-1)
-            lse = torch.logsumexp(s.detach().to(lse_dtype), dim=-1)  # (B, H, Nq)
-        out = torch.matmul(p, vc)  # (B, H, Nq, D)
+        s = torch.matmul(qc * scale, kw.transpose(-1, -2))  # (B, H, Nq, Nk)
+        visible = visible_mask(n_q, n_k, causal, window, q.device)  # (Nq, Nk), broadcast below
+        bias_leaf, soft = None, None
+        if bias is not None and bias.dtype == torch.bool:
+            visible = visible & bias
+        elif bias is not None:
+            bias_leaf = bias.detach().clone().requires_grad_(grad and bias_grad)
+            hard = bias_leaf == float("-inf")
+            soft = (bias_leaf <= MASKED_BIAS) & ~hard  # e.g. finfo.min: the logit becomes MASKED_LOGIT
+            b0 = bias_leaf.masked_fill(hard, 0.0)
+            # Masked entries add 0 here (their value is replaced below) but pass their gradient on, as eager's
+            # s + finfo.min does; converting before this would turn finfo.min(fp32) into -inf in fp16.
+            b0 = torch.where(soft, b0 - b0.detach(), b0)
+            s = s + b0.to(compute_dtype)
+            s = torch.where(soft, MASKED_LOGIT + (s - s.detach()), s)
+            visible = visible & ~hard
+        has_key = visible.any(dim=-1, keepdim=True)  # (..., Nq, 1)
+        # Rows without any key keep finite scores (masking all of them to -inf would make softmax and its
+        # backward NaN); their probabilities are zeroed below instead.
+        s = s.masked_fill(~visible & has_key, float("-inf"))
+        p = torch.softmax(s, dim=-1) * has_key.to(compute_dtype)
+        s_lse = s.detach().to(lse_dtype)
+        if soft is not None:
+            s_lse = s_lse.masked_fill(soft, MASKED_LOGIT)  # the exact constant, not its fp16/bf16 rounding
+        lse = torch.logsumexp(s_lse.masked_fill(~visible, float("-inf")), dim=-1)  # (B, H, Nq)
+        lse = lse.masked_fill(~has_key.squeeze(-1), float("inf"))
+        if dropout_keep is not None:
+            p = p * (dropout_keep.to(device=q.device, dtype=compute_dtype) / (1.0 - dropout_p))
+        out = torch.matmul(p, vw)  # (B, H, Nq, D)
         result = AttentionResult(out.detach(), lse)
+        if grad:
+            wrt = (qc, kc, vc) + ((bias_leaf,) if bias_leaf is not None and bias_grad else ())
+            grads = torch.autograd.grad(out, wrt, dout.to(compute_dtype))
+            result.dq, result.dk, result.dv = grads[:3]
+            result.dbias = grads[3] if len(grads) > 3 else None
+    return result
+
+
+def semantics_ref(q, k, v, dout=None, *, scale: float, causal: bool, bias=None, window=(-1, -1),
+                  dropout_p: float = 0.0, seed: int = 0, bias_grad: bool = False) -> AttentionResult:
+    """``cupyflash.cpu_attention`` (the op's semantics) on fp32 copies of the inputs, on their device, with true
+    fp32 matmuls: out, lse and, when ``dout`` is given, dq, dk, dv (and dbias in fp32 when ``bias_grad``)."""
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    b32 = None if bias is None else bias.detach() if bias.dtype == torch.bool else bias.detach().float()
+    with _no_tf32():
+        out, lse = _semantics_fwd(q32, k32, v32, b32, scale, causal, tuple(window), dropout_p, seed)
+        result = AttentionResult(out, lse)
         if dout is not None:
-            result.dq, result.dk, result.dv = torch.autograd.grad(out, (qc, kc, vc), dout.to(compute_dtype))
+            result.dq, result.dk, result.dv, result.dbias = _semantics_bwd(
+                dout.detach().float(), q32, k32, v32, b32, out, lse, scale, causal, tuple(window), dropout_p, seed,
+                bias_grad)
     return result
 
 
