@@ -5,6 +5,8 @@ import torch
 
 from . import launch
 from .errors import require_gpu
+from .tile_classes import tile_classes
+from .tiles import BACKWARD, FORWARD_MODS
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
@@ -32,9 +34,14 @@ def _kernel_bias(attn_bias, q):
     return attn_bias if attn_bias.dtype in (q.dtype, torch.float32) else attn_bias.float()
 
 
-def _mods(bias, window, dropout_p, seed, dbias=None) -> launch.ScoreMods:
+def _mods(bias, tiles, causal, window, dropout_p, seed, dbias=None) -> launch.ScoreMods:
+    """The launch's ScoreMods; `tiles` is the pass's tile table (its bias tiles are classified for skipping)."""
+    classes = None
+    if bias is not None:
+        classes = tile_classes(bias, tiles.Br, tiles.Bc, window=causal or tuple(window) != (-1, -1))
     return launch.ScoreMods(bias=None if bias is None else _broadcast_buf(bias),
                             bias_f32=bias is not None and bias.dtype == torch.float32,
+                            tile_classes=None if classes is None else _broadcast_buf(classes),
                             dbias=None if dbias is None else _broadcast_buf(dbias), window=tuple(window),
                             dropout_p=dropout_p, seed=seed)
 
@@ -54,7 +61,8 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     bias = _kernel_bias(attn_bias, q)
     launch.forward(causal=causal, shape=tuple(q.shape), n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
-                   out=_buf(out), lse=_buf(lse), scale=scale, mods=_mods(bias, window, dropout_p, seed),
+                   out=_buf(out), lse=_buf(lse), scale=scale,
+                   mods=_mods(bias, FORWARD_MODS[q.shape[-1]], causal, window, dropout_p, seed),
                    **_launch_context(q, k))
     return out, lse
 
@@ -74,5 +82,6 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
     launch.backward(causal=causal, shape=tuple(q.shape), n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                     out=_buf(out), dout=_buf(dout), lse=_buf(lse.contiguous()), d_vec=_buf(d_vec),
                     dq_accum=_buf(dq_accum), dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
-                    mods=_mods(bias, window, dropout_p, seed, dbias), **_launch_context(q, k))
+                    mods=_mods(bias, BACKWARD.get(q.shape[-1]), causal, window, dropout_p, seed, dbias),
+                    **_launch_context(q, k))
     return dq, dk, dv, None if dbias is None else dbias.to(attn_bias.dtype)

@@ -49,7 +49,7 @@ class Variant:
 
     @property
     def tiles(self) -> tiles.Tiles | None:
-        table = {"fwd": tiles.FORWARD, "bwd": tiles.BACKWARD}.get(self.kernel)
+        table = {"fwd": tiles.FORWARD_MODS if self.mods else tiles.FORWARD, "bwd": tiles.BACKWARD}.get(self.kernel)
         return None if table is None else table[self.head_dim]
 
     @property

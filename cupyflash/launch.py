@@ -66,6 +66,7 @@ class ScoreMods:
 
     bias: Buf | None = None  # (B, H, Nq, Nk) strides, 0 along broadcast dims
     bias_f32: bool = False  # else the bias has q's dtype
+    tile_classes: Buf | None = None  # int8 TileClass per bias tile of this pass (cupyflash/tile_classes.py)
     dbias: Buf | None = None  # fp32 accumulator shaped like the bias (backward only)
     window: tuple = (-1, -1)  # (left, right) keys around the diagonal; -1: unbounded
     dropout_p: float = 0.0
@@ -101,7 +102,8 @@ def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, 
     grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
             np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
-            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.window_args(), *mods.dropout_args())
+            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+            *mods.window_args(), *mods.dropout_args())
     _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
 
 
@@ -130,7 +132,8 @@ def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int,
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
             *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
             np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
-            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.dbias),
+            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+            *mods.bias_args(mods.dbias),
             *mods.window_args(), *mods.dropout_args())
     _run(main, grid, (t.threads,), args, stream_ptr, device_id)
 

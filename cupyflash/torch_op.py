@@ -19,9 +19,14 @@ def _info(name: str, t: torch.Tensor) -> TensorInfo:
     return TensorInfo(name, tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch."), str(t.device))
 
 
-def _check(q, k, v, attn_bias):
+def _check(q, k, v, attn_bias, window=(-1, -1), dropout_p=0.0):
     bias = None if attn_bias is None else _info("attn_bias", attn_bias)
     check_attention_inputs(_info("q", q), _info("k", k), _info("v", v), bias, on_gpu=q.device.type == "cuda")
+    for name, w in zip(("window_left", "window_right"), window):
+        if w < -1:
+            raise ValueError(f"{name} is {w}; expected a number of keys >= 0, or -1 for unbounded")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p is {dropout_p}; expected 0 <= dropout_p < 1")
 
 
 def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -56,7 +61,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias:
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, H, Nq, D), lse (B, H, Nq) fp32), both contiguous whatever the strides of q, k, v (as
     a matmul's output would be). Semantics: cupyflash/cpu_attention.py."""
-    _check(q, k, v, attn_bias)
+    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p)
     impl = _impl(q)
     return impl.forward(q, k, v, attn_bias, scale, causal, (window_left, window_right), dropout_p,
                         _seed(dropout_seed))

@@ -54,6 +54,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  i64 do_sb, i64 do_sh, i64 do_sn, i64 dk_sb, i64 dk_sh, i64 dk_sn, i64 dv_sb, i64 dv_sh,
                  i64 dv_sn, int Nq, int Nk, int group, float scale_log2, float scale,
                  const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
+                 const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
                  float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
                  int win_left, int win_right, u32 keep_threshold, float inv_keep, u32 seed_lo, u32 seed_hi) {
     static_assert(Bc == 16 * NWarps, "each warp owns 16 keys");
@@ -79,7 +80,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    const ScoreMods<Mods> mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq,
+    const ScoreMods<Mods> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
+                               cls_sb,   cls_sh,  cls_sm,  cls_sn,  Nq,      Nk,       Nk - Nq,
                                Mods ? win_left : kNoWindow,
                                Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
                                seed_hi};
@@ -103,7 +105,13 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 
     load_tile_async<Bc, D, kThreads>(sK, k + b * k_sb + h_kv * k_sh + k0 * k_sn, k_sn, Nk - k0, tid);
     load_tile_async<Bc, D, kThreads>(sV, v + b * v_sb + h_kv * v_sh + k0 * v_sn, v_sn, Nk - k0, tid);
-    if (n_iters > 0) load_q_block(0);
+    // (head, Q block) pairs whose bias tile with this K/V block is kTileSkip contribute nothing: skipped.
+    auto next_iter = [&](int it) {
+        while (it < n_iters && mods.tile_class(b, head_of(it), block_of(it), blockIdx.x) == kTileSkip) ++it;
+        return it;
+    };
+    int it = next_iter(0);
+    if (it < n_iters) load_q_block(it);
     cp_async_commit();
 
     float acc_dk[D / 8][4], acc_dv[D / 8][4];
@@ -113,8 +121,10 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
     const int key_in_block = warp * 16 + lane / 4;  // this lane's keys: key_in_block and key_in_block + 8
 
-    for (int it = 0; it < n_iters; ++it) {
+    while (it < n_iters) {
+        const int it_next = next_iter(it + 1);
         const int hq = head_of(it), q0 = block_of(it) * Br;
+        const bool read_bias = mods.has_bias() && mods.tile_class(b, hq, block_of(it), blockIdx.x) == kTileRead;
         const i64 bh = (i64)b * H + hq;
         // Q_i, dO_i, LSE_i and D_i are in shared memory for every thread; the previous dQ reads of sdS are done.
         cp_async_wait_all();
@@ -147,7 +157,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 const int col = nt * 8 + 2 * (lane % 4) + (e & 1);  // query within the block
                 const int key = k0 + key_in_block + (e >> 1) * 8;
                 float x = pt[nt][e] * scale_log2;
-                if (mods.has_bias() && q0 + col < Nq && key < Nk) x = mods.template add_bias<T>(x, b, hq, q0 + col, key);
+                if (read_bias && q0 + col < Nq && key < Nk) x = mods.template add_bias<T>(x, b, hq, q0 + col, key);
                 pt[nt][e] = !need_mask || mods.visible(q0 + col, key) ? fast_exp2(x - s_lse[col]) : 0.f;
             }
         }
@@ -248,8 +258,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             }
         // dSᵀ is complete, and every warp is done reading sQ/sdO/LSE/D: prefetch the next Q block under dQ.
         __syncthreads();
-        if (it + 1 < n_iters) {
-            load_q_block(it + 1);
+        if (it_next < n_iters) {
+            load_q_block(it_next);
             cp_async_commit();
         }
 
@@ -282,6 +292,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 }
             }
         }
+        it = it_next;
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.

@@ -18,6 +18,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  i64 v_sb, i64 v_sh, i64 v_sn, i64 o_sb, i64 o_sh, i64 o_sn,
                  int Nq, int Nk, int group, float scale_log2,
                  const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
+                 const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
                  int win_left, int win_right, u32 keep_threshold, float inv_keep, u32 seed_lo, u32 seed_hi) {
     static_assert(Br == 16 * MTiles * NWarps, "each warp owns MTiles 16-row tiles");
     static_assert(D % 16 == 0 && Bc % 16 == 0, "MMA k-steps are 16 wide");
@@ -38,7 +39,8 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     v += b * v_sb + (h / group) * v_sh;
     o += b * o_sb + h * o_sh + q0 * o_sn;
 
-    const ScoreMods<Mods> mods{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, Nq, Nk, Nk - Nq,
+    const ScoreMods<Mods> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
+                               cls_sb,   cls_sh,  cls_sm,  cls_sn,  Nq,      Nk,       Nk - Nq,
                                Mods ? win_left : kNoWindow,
                                Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
                                seed_hi};
@@ -48,8 +50,16 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const int j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
     const int j_end = min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
 
+    // Blocks whose bias tile is kTileSkip contribute nothing: the loop and the prefetch pass over them.
+    const int q_block = q0 / Br;
+    auto next_block = [&](int j) {
+        while (j < j_end && mods.tile_class(b, h, q_block, j) == kTileSkip) ++j;
+        return j;
+    };
+    int j = next_block(j_begin);
+
     load_tile_async<Br, D, kThreads>(sQ, q, q_sn, Nq - q0, tid);
-    if (j_begin < j_end) load_tile_async<Bc, D, kThreads>(sK, k + j_begin * Bc * k_sn, k_sn, Nk - j_begin * Bc, tid);
+    if (j < j_end) load_tile_async<Bc, D, kThreads>(sK, k + j * Bc * k_sn, k_sn, Nk - j * Bc, tid);
     cp_async_commit();
 
     float acc_o[MTiles][D / 8][4];
@@ -64,8 +74,9 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     }
     const int warp_row0 = warp * 16 * MTiles;
 
-    for (int j = j_begin; j < j_end; ++j) {
+    while (j < j_end) {
         const int k0 = j * Bc;
+        const int j_next = next_block(j + 1);
         // K_j (and Q) have landed for every thread, and every warp has finished P·V_{j-1}: sV may be refilled.
         cp_async_wait_all();
         __syncthreads();
@@ -97,14 +108,15 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // V_j has landed, and every warp is done reading sK: prefetch K_{j+1} under the softmax and P·V.
         cp_async_wait_all();
         __syncthreads();
-        if (j + 1 < j_end) {
-            load_tile_async<Bc, D, kThreads>(sK, k + (k0 + Bc) * k_sn, k_sn, Nk - k0 - Bc, tid);
+        if (j_next < j_end) {
+            load_tile_async<Bc, D, kThreads>(sK, k + j_next * Bc * k_sn, k_sn, Nk - j_next * Bc, tid);
             cp_async_commit();
         }
 
         // Only blocks that cross the sequence end or a window edge need per-element visibility checks.
         const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
                                k0 < q_last + mods.diag - mods.left;
+        const bool read_bias = mods.has_bias() && mods.tile_class(b, h, q_block, j) == kTileRead;
 #pragma unroll
         for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
@@ -114,7 +126,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                     const int col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
                     const int row = q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8;
                     float x = s[mt][nt][e] * scale_log2;
-                    if (mods.has_bias() && row < Nq && col < Nk) x = mods.template add_bias<T>(x, b, h, row, col);
+                    if (read_bias && row < Nq && col < Nk) x = mods.template add_bias<T>(x, b, h, row, col);
                     if (need_mask && !mods.visible(row, col)) x = -inf_f();
                     s[mt][nt][e] = x;
                 }
@@ -171,6 +183,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 }
             }
         }
+        j = j_next;
     }
 
     // Epilogue: O = acc / (l · keep probability), LSE = ln(Σ exp(logit)) = (m + log2 l) · ln 2. Rows with no visible key

@@ -39,6 +39,10 @@ CF_DEVICE U4 philox(U4 c, u32 k0, u32 k1) {
 
 constexpr int kNoWindow = 1 << 30;  // a window edge farther than any sequence (launch.py's NO_WINDOW)
 
+// Bias tile classes (cupyflash/tile_classes.py computes them on the GPU at every call, one per tile of the
+// pass's Br x Bc): skip = contributes nothing, zero = adds nothing (no bias read), read = read per element.
+enum TileClass : int { kTileSkip = 0, kTileZero = 1, kTileRead = 2 };
+
 // Enabled = false is the plain path (at most causal): the compiler drops the bias, window and dropout code, whose
 // registers and instructions otherwise cost the plain kernels about a third of their speed.
 template <bool Enabled>
@@ -46,6 +50,8 @@ struct ScoreMods {
     const void* bias;  // nullptr: no bias
     i64 bias_sb, bias_sh, bias_sm, bias_sn;  // strides in elements, 0 along broadcast dims
     int bias_f32;                            // 1: fp32 bias, 0: bias in the element type of q
+    const signed char* tile_cls;             // TileClass per (b, h, Q block, K block); nullptr: all kTileRead
+    i64 cls_sb, cls_sh, cls_sm, cls_sn;      // strides, 0 along the bias's broadcast dims
     int Nq, Nk, diag, left, right;           // visibility window, see the top of this file
     u32 keep_threshold;                      // dropout keeps an element iff its random word < this
     u32 seed_lo, seed_hi;
@@ -55,6 +61,11 @@ struct ScoreMods {
     }
 
     CF_DEVICE bool has_bias() const { return Enabled && bias != nullptr; }
+
+    CF_DEVICE int tile_class(int b, int h, int q_block, int k_block) const {
+        if (!Enabled || tile_cls == nullptr) return kTileRead;
+        return tile_cls[b * cls_sb + h * cls_sh + q_block * cls_sm + k_block * cls_sn];
+    }
     CF_DEVICE bool dropout() const { return Enabled && keep_threshold != 0xffffffffu; }
 
     // The random words of elements (row, col) and (row, col + 1), col even, of head `bh` = b·H + h.
