@@ -6,7 +6,7 @@ import torch
 from . import launch
 from .errors import require_gpu
 from .tile_classes import tile_classes
-from .tiles import BACKWARD, FORWARD_MODS
+from .tiles import BACKWARD, FORWARD
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     bias = _kernel_bias(attn_bias, q)
     launch.forward(causal=causal, shape=tuple(q.shape), n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                    out=_buf(out), lse=_buf(lse), scale=scale,
-                   mods=_mods(bias, FORWARD_MODS[q.shape[-1]], causal, window, dropout_p, seed),
+                   mods=_mods(bias, FORWARD[q.shape[-1]], causal, window, dropout_p, seed),
                    **_launch_context(q, k))
     return out, lse
 

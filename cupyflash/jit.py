@@ -27,6 +27,8 @@ NVRTC_OPTIONS = ("-std=c++17",)
 # CuPy's element-type name → the tag struct in common.cuh.
 DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16"}
 KERNELS = ("fwd", "bwd", "bwd_preprocess", "bwd_convert_dq")
+# (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
+FEATURE_SETS = ((False, False), (True, False), (True, True))
 
 
 def kernel_dir() -> Path:
@@ -45,24 +47,25 @@ class Variant:
     dtype: str  # "float16" | "bfloat16"
     head_dim: int
     causal: bool = False
-    mods: bool = False  # bias / window / dropout compiled in (kernels_cu/scores.cuh); False: the lean plain path
+    mods: bool = False  # bias / window compiled in (kernels_cu/scores.cuh); False: the lean plain path
+    dropout: bool = False  # dropout compiled in (only with mods)
 
     @property
     def tiles(self) -> tiles.Tiles | None:
-        table = {"fwd": tiles.FORWARD_MODS if self.mods else tiles.FORWARD, "bwd": tiles.BACKWARD}.get(self.kernel)
+        table = {"fwd": tiles.FORWARD, "bwd": tiles.BACKWARD}.get(self.kernel)
         return None if table is None else table[self.head_dim]
 
     @property
     def name(self) -> str:
         short = {"float16": "f16", "bfloat16": "bf16"}[self.dtype]
         return (f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
-                + ("_mods" if self.mods else ""))
+                + ("_mods" if self.mods else "") + ("_dropout" if self.dropout else ""))
 
     @property
     def expression(self) -> str:
         """The C++ name expression that instantiates this variant."""
         tag, d, t = DTYPE_TAGS[self.dtype], self.head_dim, self.tiles
-        flags = f"{str(self.causal).lower()}, {str(self.mods).lower()}"
+        flags = ", ".join(str(f).lower() for f in (self.causal, self.mods, self.dropout))
         if self.kernel == "fwd":
             return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {flags}>"
         if self.kernel == "bwd":
@@ -90,9 +93,9 @@ def all_variants() -> list[Variant]:
     out = []
     for dtype in DTYPE_TAGS:
         for d in tiles.FORWARD:
-            out += [Variant("fwd", dtype, d, c, m) for c in (False, True) for m in (False, True)]
+            out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         for d in tiles.BACKWARD:
-            out += [Variant("bwd", dtype, d, c, m) for c in (False, True) for m in (False, True)]
+            out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]
     return out
 

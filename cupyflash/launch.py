@@ -97,7 +97,7 @@ def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, 
             lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
     """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32."""
     batch, heads, n_q, d = shape
-    variant = jit.Variant("fwd", dtype, d, causal, mods.any)
+    variant = jit.Variant("fwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
     t = variant.tiles
     grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
@@ -126,7 +126,7 @@ def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int,
     _run(pre, row_grid, row_block, (_ptr(dout), _ptr(out), _ptr(d_vec), *dout.bhn(), *out.bhn(), np.int32(heads),
                                     np.int32(n_q), np.int64(n_rows)), stream_ptr, device_id)
 
-    main = jit.Variant("bwd", dtype, d, causal, mods.any)
+    main = jit.Variant("bwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
     t = main.tiles
     grid = (math.ceil(n_k / t.Bc), kv_heads, batch)  # K/V blocks × K/V heads × batch
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),

@@ -23,27 +23,24 @@ SKIP, ZERO, READ = 0, 1, 2
 MASKED_BIAS = -1e30  # kernels_cu/scores.cuh kMaskedBias
 
 
-def _tiles_all(x: torch.Tensor, tq: int, tk: int, pad: bool) -> torch.Tensor:
-    """all() over each tq x tk tile of the last two dims, padding ragged edges with `pad`."""
-    bb, hb, nq, nk = x.shape
-    n_qb, n_kb = math.ceil(nq / tq), math.ceil(nk / tk)
-    x = F.pad(x, (0, n_kb * tk - nk, 0, n_qb * tq - nq), value=pad)
-    return x.view(bb, hb, n_qb, tq, n_kb, tk).all(dim=5).all(dim=3)  # (Bb, Hb, QB, KB)
-
-
 def tile_classes(bias: torch.Tensor, br: int, bc: int, *, window: bool) -> torch.Tensor:
     """int8 (Bb, Hb, QB, KB) classes of `bias` (4-D, size-1 dims broadcast) for Br x Bc tiles. With a causal
-    mask or window a row's unmasked keys may all lie outside it, so only all -inf tiles are skipped then."""
-    tq = br if bias.shape[2] > 1 else 1
-    tk = bc if bias.shape[3] > 1 else 1
-    masked = bias <= MASKED_BIAS
-    all_masked = _tiles_all(masked, tq, tk, pad=True)
-    skip = _tiles_all(bias == float("-inf"), tq, tk, pad=True)
+    mask or window a row's unmasked keys may all lie outside it, so only all -inf tiles are skipped then.
+
+    One read of the bias (aminmax over each row's stretch of a key block); everything after is per tile."""
+    bb, hb, nq, nk = bias.shape
+    tq, tk = (br if nq > 1 else 1), (bc if nk > 1 else 1)
+    n_qb, n_kb = math.ceil(nq / tq), math.ceil(nk / tk)
+    if nq % tq or nk % tk:  # ragged edges: padding keys/rows are -inf, i.e. masked (never "all zero")
+        bias = F.pad(bias, (0, n_kb * tk - nk, 0, n_qb * tq - nq), value=float("-inf"))
+    lo, hi = torch.aminmax(bias.reshape(bb, hb, n_qb * tq, n_kb, tk), dim=4)  # (Bb, Hb, rows, KB)
+    tile_hi = hi.view(bb, hb, n_qb, tq, n_kb).amax(dim=3)  # (Bb, Hb, QB, KB)
+    tile_lo = lo.view(bb, hb, n_qb, tq, n_kb).amin(dim=3)
+    skip = tile_hi == float("-inf")
     if not window:
-        rows_keep_a_key = (~masked).any(dim=3)  # (Bb, Hb, Nq)
-        n_qb = all_masked.shape[2]
-        rows_keep_a_key = F.pad(rows_keep_a_key, (0, n_qb * tq - bias.shape[2]), value=True)
-        rows_keep_a_key = rows_keep_a_key.view(*rows_keep_a_key.shape[:2], n_qb, tq).all(dim=3)  # (Bb, Hb, QB)
-        skip = skip | (all_masked & rows_keep_a_key.unsqueeze(3))
-    zero = _tiles_all(bias == 0, tq, tk, pad=False)
+        row_keeps_a_key = hi.amax(dim=3) > MASKED_BIAS  # (Bb, Hb, rows)
+        row_keeps_a_key[..., nq:] = True  # padding rows do not count
+        block_rows_keep = row_keeps_a_key.view(bb, hb, n_qb, tq).all(dim=3).unsqueeze(3)  # (Bb, Hb, QB, 1)
+        skip |= (tile_hi <= MASKED_BIAS) & block_rows_keep
+    zero = (tile_hi == 0) & (tile_lo == 0)
     return torch.where(skip, SKIP, torch.where(zero, ZERO, READ)).to(torch.int8)

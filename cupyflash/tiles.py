@@ -31,10 +31,6 @@ FORWARD = {  # measured on an H200 beside the 8-warp, 1-tile layout: 2 tiles per
     256: Tiles(Br=64, Bc=16, warps=4, m_tiles=1),
 }
 
-# With bias / window / dropout compiled in (jit.Variant.mods) a kernel needs more registers; where the plain tile
-# then spills, a lighter one.
-FORWARD_MODS = {**FORWARD, 64: Tiles(Br=128, Bc=128, warps=8, m_tiles=1)}
-
 BACKWARD = {
     32: Tiles(Br=64, Bc=128, warps=8),
     64: Tiles(Br=64, Bc=128, warps=8),

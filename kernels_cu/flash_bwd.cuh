@@ -45,7 +45,7 @@ __global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, u16* __
     for (int d = lane; d < D; d += 32) dst[d] = T::from_float(src[d] * scale);
 }
 
-template <typename T, int D, int Br, int Bc, int NWarps, bool Causal, bool Mods>
+template <typename T, int D, int Br, int Bc, int NWarps, bool Causal, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ d_vec,
@@ -80,7 +80,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    const ScoreMods<Mods> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
+    const ScoreMods<Mods, Dropout> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
                                cls_sb,   cls_sh,  cls_sm,  cls_sn,  Nq,      Nk,       Nk - Nq,
                                Mods ? win_left : kNoWindow,
                                Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
@@ -150,17 +150,33 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // Nq need none: their LSE is +inf, so P = 0).
         const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
                                k0 < q0 + Br - 1 + mods.diag - mods.left;
+        // Uniform branches around whole loops, not per score (see flash_fwd.cuh).
+        auto col_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };  // query in the block
+        auto key_of = [&](int e) { return k0 + key_in_block + (e >> 1) * 8; };
 #pragma unroll
-        for (int nt = 0; nt < Br / 8; ++nt) {
+        for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = nt * 8 + 2 * (lane % 4) + (e & 1);  // query within the block
-                const int key = k0 + key_in_block + (e >> 1) * 8;
-                float x = pt[nt][e] * scale_log2;
-                if (read_bias && q0 + col < Nq && key < Nk) x = mods.template add_bias<T>(x, b, hq, q0 + col, key);
-                pt[nt][e] = !need_mask || mods.visible(q0 + col, key) ? fast_exp2(x - s_lse[col]) : 0.f;
-            }
+            for (int e = 0; e < 4; ++e) pt[nt][e] *= scale_log2;
+        if (read_bias) {
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = q0 + col_of(nt, e), key = key_of(e);
+                    if (row < Nq && key < Nk) pt[nt][e] = mods.template add_bias<T>(pt[nt][e], b, hq, row, key);
+                }
         }
+        if (need_mask) {
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (!mods.visible(q0 + col_of(nt, e), key_of(e))) pt[nt][e] = -inf_f();
+        }
+#pragma unroll
+        for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pt[nt][e] = fast_exp2(pt[nt][e] - s_lse[col_of(nt, e)]);
         // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh).
         u32 keep_bits = 0xffffffffu;
         if (mods.dropout()) {

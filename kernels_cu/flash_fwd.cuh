@@ -10,7 +10,7 @@
 
 namespace cupyflash {
 
-template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool Causal, bool Mods>
+template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool Causal, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  u16* __restrict__ o, float* __restrict__ lse,
@@ -39,7 +39,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     v += b * v_sb + (h / group) * v_sh;
     o += b * o_sb + h * o_sh + q0 * o_sn;
 
-    const ScoreMods<Mods> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
+    const ScoreMods<Mods, Dropout> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
                                cls_sb,   cls_sh,  cls_sm,  cls_sn,  Nq,      Nk,       Nk - Nq,
                                Mods ? win_left : kNoWindow,
                                Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
@@ -117,20 +117,38 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
                                k0 < q_last + mods.diag - mods.left;
         const bool read_bias = mods.has_bias() && mods.tile_class(b, h, q_block, j) == kTileRead;
+        // One uniform branch around each whole loop: a branch per score gets if-converted, and the predicated
+        // bias loads and index math then cost every score of every block (2-3x on an H200).
+#pragma unroll
+        for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+        auto row_of = [&](int mt, int e) { return q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8; };
+        auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
+        if (read_bias) {
+#pragma unroll
+            for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = row_of(mt, e), col = col_of(nt, e);
+                        if (row < Nq && col < Nk) s[mt][nt][e] = mods.template add_bias<T>(s[mt][nt][e], b, h, row, col);
+                    }
+        }
+        if (need_mask) {
+#pragma unroll
+            for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (!mods.visible(row_of(mt, e), col_of(nt, e))) s[mt][nt][e] = -inf_f();
+        }
 #pragma unroll
         for (int mt = 0; mt < MTiles; ++mt) {
-#pragma unroll
-            for (int nt = 0; nt < Bc / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-                    const int row = q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8;
-                    float x = s[mt][nt][e] * scale_log2;
-                    if (read_bias && row < Nq && col < Nk) x = mods.template add_bias<T>(x, b, h, row, col);
-                    if (need_mask && !mods.visible(row, col)) x = -inf_f();
-                    s[mt][nt][e] = x;
-                }
-            }
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float mx = m_i[mt][r];

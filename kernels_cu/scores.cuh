@@ -44,8 +44,9 @@ constexpr int kNoWindow = 1 << 30;  // a window edge farther than any sequence (
 enum TileClass : int { kTileSkip = 0, kTileZero = 1, kTileRead = 2 };
 
 // Enabled = false is the plain path (at most causal): the compiler drops the bias, window and dropout code, whose
-// registers and instructions otherwise cost the plain kernels about a third of their speed.
-template <bool Enabled>
+// registers and instructions otherwise cost the plain kernels about a third of their speed. Dropout has a flag
+// of its own: its unrolled Philox rounds alone made a kernel without dropout 3x slower (H200, d64).
+template <bool Enabled, bool Dropout>
 struct ScoreMods {
     const void* bias;  // nullptr: no bias
     i64 bias_sb, bias_sh, bias_sm, bias_sn;  // strides in elements, 0 along broadcast dims
@@ -66,7 +67,7 @@ struct ScoreMods {
         if (!Enabled || tile_cls == nullptr) return kTileRead;
         return tile_cls[b * cls_sb + h * cls_sh + q_block * cls_sm + k_block * cls_sn];
     }
-    CF_DEVICE bool dropout() const { return Enabled && keep_threshold != 0xffffffffu; }
+    CF_DEVICE bool dropout() const { return Dropout && keep_threshold != 0xffffffffu; }
 
     // The random words of elements (row, col) and (row, col + 1), col even, of head `bh` = b·H + h.
     CF_DEVICE U4 random_pair(i64 bh, int row, int col) const {
