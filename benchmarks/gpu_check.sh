@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One-shot check on the GPU machine: install, prewarm the kernel cache, run the GPU tests (skips listed with
-# reasons), then the quick performance floor. Everything lands under $OUT (default ./gpu_check_out).
-# Budget (timeouts): kernel prewarm 90 s, attention tests 210 s, other GPU tests 45 s, floor --quick 120 s:
-# under 8 minutes with the install; typically about half that.
+# One-shot check on the GPU machine: install, prewarm the kernel cache, every GPU test (skips listed with
+# reasons), compute-sanitizer memcheck and racecheck, the performance floor and the mask benchmark. Everything
+# lands under $OUT (default ./gpu_check_out). Budget (timeouts): prewarm 90 s, GPU tests 300 s, sanitizers
+# 2 x 120 s, floor 120 s, masks 100 s: under 10 minutes with the install; typically about half that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -34,21 +34,22 @@ PY
 echo "kernel prewarm exit $? (details in prewarm.log; pytest compiles whatever is missing)"
 
 # The attention tests (this suite), then the other GPU-marked tests with what is left of the budget.
-MINE="tests/test_gpu_attention.py tests/test_cupy_face.py tests/test_validation.py tests/test_reference.py"
-timeout 210 python -m pytest $MINE -rs -q --tb=short --durations=15 -p no:cacheprovider \
-    --junitxml="$OUT/junit_attention.xml" > "$OUT/pytest_attention.log" 2>&1
+timeout 300 python -m pytest tests -m gpu -rs -q --tb=short --durations=15 -p no:cacheprovider \
+    --junitxml="$OUT/junit_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
 test_rc=$?
-tail -n 100 "$OUT/pytest_attention.log"
-ignores=$(for f in $MINE; do printf -- "--ignore=%s " "$f"; done)
-timeout 45 python -m pytest tests -m gpu $ignores -rs -q --tb=short -p no:cacheprovider \
-    --junitxml="$OUT/junit_other_gpu.xml" > "$OUT/pytest_other_gpu.log" 2>&1
-other_rc=$?
-tail -n 25 "$OUT/pytest_other_gpu.log"
+tail -n 40 "$OUT/pytest_gpu.log"
 
-timeout 120 python benchmarks/floor.py --quick --out "$OUT/floor_quick.md" --json "$OUT/floor_quick.json" \
-    > "$OUT/floor_quick.log" 2>&1
+for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python scripts/sanitize_case.py \
+        > "$OUT/$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit $?: $(tail -n 1 "$OUT/$tool.log")"
+done
+
+timeout 120 python benchmarks/floor.py --out "$OUT/floor.md" --json "$OUT/floor.json" > "$OUT/floor.log" 2>&1
 floor_rc=$?
-cat "$OUT/floor_quick.md" 2>/dev/null || tail -n 30 "$OUT/floor_quick.log"
+cat "$OUT/floor.md" 2>/dev/null || tail -n 30 "$OUT/floor.log"
+timeout 100 python benchmarks/mask_bench.py --out "$OUT/masks.md" > "$OUT/masks.log" 2>&1
+tail -n 18 "$OUT/masks.log"
 
-echo "attention tests exit $test_rc, other GPU tests exit $other_rc (124 = timed out), floor.py exit $floor_rc; logs under $OUT"
+echo "GPU tests exit $test_rc (124 = timed out), floor.py exit $floor_rc; logs under $OUT"
 [ "$test_rc" -eq 0 ] && [ "$floor_rc" -eq 0 ]
