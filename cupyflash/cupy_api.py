@@ -17,6 +17,14 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def _require_cuda_tensors(**tensors) -> None:
+    """The CuPy face is CUDA-only: a CPU torch tensor is refused by name (the torch op has the CPU path)."""
+    for name, t in tensors.items():
+        if t.device.type != "cuda":
+            raise TypeError(f"{name} is a torch tensor on {t.device}; the CuPy face takes CUDA arrays only, so move "
+                            f"it to the GPU (.cuda()) or call cupyflash.flash_attention for the CPU path")
+
+
 def _as_cupy(name: str, x):
     import cupy
 
@@ -57,6 +65,7 @@ def flash_attn_forward(q, k, v, *, scale: float | None = None, causal: bool = Fa
     if _is_torch(q):
         from .torch_op import flash_attn_fwd
 
+        _require_cuda_tensors(q=q, k=k, v=v)
         return flash_attn_fwd(q, k, v, None, scale, bool(causal))
     import cupy
 
@@ -76,6 +85,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, scale: float | None = None, 
     if _is_torch(q):
         from .torch_op import flash_attn_bwd
 
+        _require_cuda_tensors(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
         return flash_attn_bwd(dout, q, k, v, None, out, lse, scale, bool(causal))[:3]
     import cupy
 

@@ -154,12 +154,7 @@ def _host_inputs(kind):
     return [torch.randn(1, 2, 16, 64, dtype=torch.bfloat16) for _ in range(3)]
 
 
-@pytest.mark.parametrize("kind", [
-    "numpy",
-    pytest.param("torch-cpu", marks=pytest.mark.xfail(
-        strict=True, reason="contract: the CuPy face refuses CPU torch tensors; cupy_api currently hands them to "
-                            "the torch op's CPU path (remove this mark when fixed; strict: an XPASS fails)")),
-])
+@pytest.mark.parametrize("kind", ["numpy", "torch-cpu"])
 def test_cupy_face_refuses_host_arrays(kind):
     cupy_api = pytest.importorskip("cupyflash.cupy_api", reason="cupyflash/cupy_api.py is not importable")
     q, k, v = _host_inputs(kind)
