@@ -7,6 +7,7 @@ from dataclasses import dataclass
 # Head dims the CUDA kernels are instantiated for (the tile table in cupyflash/tiles.py has one row each).
 GPU_HEAD_DIMS = (32, 64, 96, 128, 256)
 GPU_DTYPES = ("float16", "bfloat16")
+MAX_GRID_YZ = 65535
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ def check_attention_inputs(q: TensorInfo, k: TensorInfo, v: TensorInfo, bias: Te
         raise TypeError(f"q has dtype {q.dtype}; the CUDA kernels take {' or '.join(GPU_DTYPES)}")
     if q.shape[3] not in GPU_HEAD_DIMS:
         raise ValueError(f"head_dim (dim 3 of q) is {q.shape[3]}; the CUDA kernels support {GPU_HEAD_DIMS}")
+    # The kernels' grids put heads on gridDim.y and batch on gridDim.z, each at most 65535.
+    for dim, name in ((0, "batch"), (1, "heads")):
+        if q.shape[dim] > MAX_GRID_YZ:
+            raise ValueError(f"q has {q.shape[dim]} {name} (dim {dim}); the CUDA kernels take at most {MAX_GRID_YZ}: "
+                             f"split the call along that dim")
     for t in (q, k, v):
         if t.strides[3] != 1:
             raise ValueError(f"{t.name} must be contiguous in its last dim (head_dim, dim 3): stride is "

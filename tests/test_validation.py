@@ -91,6 +91,10 @@ DEVICE_RULES = [
      r"k must be contiguous in its last dim \(head_dim, dim 3\): stride is 2, expected 1"),
     ("gpu-host-tensors", {n: {"device": "cpu"} for n in "qkv"}, ValueError,
      r"q is on cpu; the CUDA kernels need tensors on a CUDA device"),
+    ("gpu-grid-batch", {n: {"shape": (70000, 3, NQ if n == "q" else NK, D)} for n in "qkv"}, ValueError,
+     r"q has 70000 batch \(dim 0\); the CUDA kernels take at most 65535"),
+    ("gpu-grid-heads", {n: {"shape": (2, 70000, NQ if n == "q" else NK, D)} for n in "qkv"}, ValueError,
+     r"q has 70000 heads \(dim 1\); the CUDA kernels take at most 65535"),
 ]
 
 
