@@ -129,6 +129,58 @@ CF_DEVICE void acc_to_a(u32 a[4], const float (*c)[4], int kk) {
     a[3] = T::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// ---- the two warp-level GEMMs every product in the kernels is ----
+// Accumulators c[mt][n][4] hold MT 16-row tiles of the warp by N/8 column tiles (fp32, m16n8k16 layout).
+//
+// c = A·Bᵀ over K: A's MT row tiles from a [M][K] tile in shared memory (rows a_row0 + 16·mt), B the first N rows
+// of a [N][K] tile in shared memory (S = Q Kᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ). Each B fragment feeds MT MMAs. The k loop
+// is not unrolled: unrolling it only hoists fragment loads, which costs registers, not speed.
+template <typename T, int K, int N, int MT, int ACols, int BCols>
+CF_DEVICE void mma_abt(float (*c)[N / 8][4], u32 sA, int a_row0, u32 sB, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < N / 8; ++n) c[mt][n][0] = c[mt][n][1] = c[mt][n][2] = c[mt][n][3] = 0.f;
+#pragma unroll 1
+    for (int kk = 0; kk < K / 16; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) load_a<ACols>(a[mt], sA, a_row0 + mt * 16, kk * 16, lane);
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            u32 b[4];
+            load_b_nk<BCols>(b, sB, np * 16, kk * 16, lane);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                T::mma(c[mt][2 * np], a[mt], b[0], b[1]);
+                T::mma(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// c += A·B over K: a_frag(a, kk) fills A's fragments (u32 a[MT][4]) for k-block kk, from registers or shared
+// memory; B is a [K][N] tile in shared memory, columns b_col0.. (O += P V, dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K).
+// Unrolled: A fragments built from accumulators are indexed by kk at compile time.
+template <typename T, int K, int N, int MT, int BCols, typename AFrag>
+CF_DEVICE void mma_ab(float (*c)[N / 8][4], AFrag a_frag, u32 sB, int b_col0, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        u32 a[MT][4];
+        a_frag(a, kk);
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            u32 b[4];
+            load_b_kn<BCols>(b, sB, kk * 16, b_col0 + np * 16, lane);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                T::mma(c[mt][2 * np], a[mt], b[0], b[1]);
+                T::mma(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
 // ---- global → shared copies ----
 // cp.async 16 bytes; src_bytes = 0 writes zeros (rows past the sequence end), reading nothing.
 CF_DEVICE void cp_async_16(u32 dst, const void* src, bool valid) {

@@ -132,20 +132,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 
         // Sᵀ = K_j Q_iᵀ, (16 keys x Br) per warp; then Pᵀ = exp2(Sᵀ · scale · log2 e - LSE · log2 e).
         float pt[Br / 8][4];
-#pragma unroll
-        for (int n = 0; n < Br / 8; ++n) pt[n][0] = pt[n][1] = pt[n][2] = pt[n][3] = 0.f;
-#pragma unroll 1  // see flash_fwd.cuh: unrolling the k loop only hoists fragment loads
-        for (int kk = 0; kk < D / 16; ++kk) {
-            u32 a[4];
-            load_a<D>(a, sK, warp * 16, kk * 16, lane);
-#pragma unroll
-            for (int np = 0; np < Br / 16; ++np) {
-                u32 bq[4];
-                load_b_nk<D>(bq, sQ, np * 16, kk * 16, lane);
-                T::mma(pt[2 * np], a, bq[0], bq[1]);
-                T::mma(pt[2 * np + 1], a, bq[2], bq[3]);
-            }
-        }
+        mma_abt<T, D, Br, 1, D, D>(&pt, sK, warp * 16, sQ, lane);
         // Only blocks that cross the sequence end or a window edge need per-element visibility checks (rows past
         // Nq need none: their LSE is +inf, so P = 0).
         const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
@@ -193,44 +180,23 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         auto kept = [&](int nt, int e) { return (keep_bits >> (nt * 4 + e)) & 1u; };
 
         // dV_j += Pᵀ dO_i, P with dropout applied (zeroed and scaled by 1/keep probability)
-#pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) {
-            u32 a[4];
-            if (mods.dropout()) {
+        if (mods.dropout()) {
+            auto dropped_p_frag = [&](u32 (&a)[1][4], int kk) {
                 float pd[2][4];
 #pragma unroll
                 for (int n = 0; n < 2; ++n)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) pd[n][e] = kept(2 * kk + n, e) ? pt[2 * kk + n][e] * inv_keep : 0.f;
-                acc_to_a<T>(a, pd, 0);
-            } else {
-                acc_to_a<T>(a, pt, kk);
-            }
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                u32 bo[4];
-                load_b_kn<D>(bo, sdO, kk * 16, dp * 16, lane);
-                T::mma(acc_dv[2 * dp], a, bo[0], bo[1]);
-                T::mma(acc_dv[2 * dp + 1], a, bo[2], bo[3]);
-            }
+                acc_to_a<T>(a[0], pd, 0);
+            };
+            mma_ab<T, Br, D, 1, D>(&acc_dv, dropped_p_frag, sdO, 0, lane);
+        } else {
+            mma_ab<T, Br, D, 1, D>(&acc_dv, [&](u32 (&a)[1][4], int kk) { acc_to_a<T>(a[0], pt, kk); }, sdO, 0, lane);
         }
 
         // dPᵀ = V_j dO_iᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - D_i) in place.
         float ds[Br / 8][4];
-#pragma unroll
-        for (int n = 0; n < Br / 8; ++n) ds[n][0] = ds[n][1] = ds[n][2] = ds[n][3] = 0.f;
-#pragma unroll 1  // see flash_fwd.cuh: unrolling the k loop only hoists fragment loads
-        for (int kk = 0; kk < D / 16; ++kk) {
-            u32 a[4];
-            load_a<D>(a, sV, warp * 16, kk * 16, lane);
-#pragma unroll
-            for (int np = 0; np < Br / 16; ++np) {
-                u32 bo[4];
-                load_b_nk<D>(bo, sdO, np * 16, kk * 16, lane);
-                T::mma(ds[2 * np], a, bo[0], bo[1]);
-                T::mma(ds[2 * np + 1], a, bo[2], bo[3]);
-            }
-        }
+        mma_abt<T, D, Br, 1, D, D>(&ds, sV, warp * 16, sdO, lane);
 #pragma unroll
         for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
@@ -251,18 +217,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         }
 
         // dK_j += dSᵀ Q_i (the softmax scale is applied once, at the end)
-#pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) {
-            u32 a[4];
-            acc_to_a<T>(a, ds, kk);
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                u32 bq[4];
-                load_b_kn<D>(bq, sQ, kk * 16, dp * 16, lane);
-                T::mma(acc_dk[2 * dp], a, bq[0], bq[1]);
-                T::mma(acc_dk[2 * dp + 1], a, bq[2], bq[3]);
-            }
-        }
+        mma_ab<T, Br, D, 1, D>(&acc_dk, [&](u32 (&a)[1][4], int kk) { acc_to_a<T>(a[0], ds, kk); }, sQ, 0, lane);
 
         // dSᵀ → shared memory, [key][query], for the dQ GEMM that needs every key of the block.
 #pragma unroll
@@ -281,21 +236,9 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 
         // dQ_i += dS K_j over this warp's (16 rows x kDqCols) tile, added atomically in fp32.
         const int m0 = (warp % kRowTiles) * 16, c0 = (warp / kRowTiles) * kDqCols;
-        float acc_dq[kDqCols / 8][4];
-#pragma unroll
-        for (int n = 0; n < kDqCols / 8; ++n) acc_dq[n][0] = acc_dq[n][1] = acc_dq[n][2] = acc_dq[n][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk) {
-            u32 a[4];
-            load_a_km<Br>(a, sdS, kk * 16, m0, lane);
-#pragma unroll
-            for (int dp = 0; dp < kDqCols / 16; ++dp) {
-                u32 bk[4];
-                load_b_kn<D>(bk, sK, kk * 16, c0 + dp * 16, lane);
-                T::mma(acc_dq[2 * dp], a, bk[0], bk[1]);
-                T::mma(acc_dq[2 * dp + 1], a, bk[2], bk[3]);
-            }
-        }
+        float acc_dq[kDqCols / 8][4] = {};
+        mma_ab<T, Bc, kDqCols, 1, D>(&acc_dq, [&](u32 (&a)[1][4], int kk) { load_a_km<Br>(a[0], sdS, kk * 16, m0, lane); },
+                                     sK, c0, lane);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = q0 + m0 + lane / 4 + r * 8;

@@ -84,27 +84,8 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         cp_async_commit();
 
         float s[MTiles][Bc / 8][4];  // S = Q K_jᵀ, (16·MTiles x Bc) per warp
-#pragma unroll
-        for (int mt = 0; mt < MTiles; ++mt)
-#pragma unroll
-            for (int i = 0; i < Bc / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-        // Not unrolled: fully unrolling hoists every K fragment load and costs registers, not speed.
-#pragma unroll 1
-        for (int kk = 0; kk < D / 16; ++kk) {
-            u32 a[MTiles][4];
-#pragma unroll
-            for (int mt = 0; mt < MTiles; ++mt) load_a<D>(a[mt], sQ, warp_row0 + mt * 16, kk * 16, lane);
-#pragma unroll
-            for (int np = 0; np < Bc / 16; ++np) {
-                u32 bk[4];
-                load_b_nk<D>(bk, sK, np * 16, kk * 16, lane);
-#pragma unroll
-                for (int mt = 0; mt < MTiles; ++mt) {
-                    T::mma(s[mt][2 * np], a[mt], bk[0], bk[1]);
-                    T::mma(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-                }
-            }
-        }
+        mma_abt<T, D, Bc, MTiles, D, D>(s, sQ, warp_row0, sK, lane);
+
         // V_j has landed, and every warp is done reading sK: prefetch K_{j+1} under the softmax and P·V.
         cp_async_wait_all();
         __syncthreads();
@@ -185,22 +166,11 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         }
 
         // O += P V_j: P goes from accumulators straight to A fragments.
-#pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk) {
-            u32 a[MTiles][4];
+        auto p_frag = [&](u32 (&a)[MTiles][4], int kk) {
 #pragma unroll
             for (int mt = 0; mt < MTiles; ++mt) acc_to_a<T>(a[mt], s[mt], kk);
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                u32 bv[4];
-                load_b_kn<D>(bv, sV, kk * 16, dp * 16, lane);
-#pragma unroll
-                for (int mt = 0; mt < MTiles; ++mt) {
-                    T::mma(acc_o[mt][2 * dp], a[mt], bv[0], bv[1]);
-                    T::mma(acc_o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
-                }
-            }
-        }
+        };
+        mma_ab<T, Bc, D, MTiles, D>(acc_o, p_frag, sV, 0, lane);
         j = j_next;
     }
 
