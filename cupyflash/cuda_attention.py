@@ -11,7 +11,7 @@ from .tiles import BACKWARD, FORWARD
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """`t` itself if every row starts 16-byte aligned (cp.async copies 16 bytes), else a contiguous copy."""
-    aligned = t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3])
+    aligned = launch.rows_aligned(t.data_ptr(), [s * t.element_size() for s in t.stride()[:3]])
     return t if aligned else t.contiguous()
 
 

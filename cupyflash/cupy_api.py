@@ -43,8 +43,7 @@ def _kernel_ready(a):
     """`a` itself if every row starts 16-byte aligned (cp.async copies 16 bytes), else a contiguous copy."""
     import cupy
 
-    aligned = a.data.ptr % 16 == 0 and all(s % 16 == 0 for s in a.strides[:3])
-    return a if aligned else cupy.ascontiguousarray(a)
+    return a if launch.rows_aligned(a.data.ptr, a.strides[:3]) else cupy.ascontiguousarray(a)
 
 
 def _buf(a) -> launch.Buf:

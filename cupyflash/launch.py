@@ -26,6 +26,12 @@ class Buf:
         return [np.int64(s) for s in self.strides[:3]]
 
 
+def rows_aligned(ptr: int, row_strides_bytes) -> bool:
+    """Whether every (b, h, n) row of a tensor starts 16-byte aligned, as the kernels' 16-byte cp.async copies
+    need; the faces copy a tensor to contiguous memory when not."""
+    return ptr % 16 == 0 and all(s % 16 == 0 for s in row_strides_bytes)
+
+
 def _ptr(b: Buf):
     return np.uint64(b.ptr)
 
