@@ -6,7 +6,9 @@ This is the CPU implementation of the ``cupyflash`` torch op: the same function 
 memory grows with Nq·chunk rather than Nq·Nk. It lets the compile backend run and be tested without a GPU.
 
 Semantics shared with the kernels:
-- logits = scale · Q Kᵀ + attn_bias; a bias at or below -1e30 (finfo.min of fp32/bf16, or -inf) masks its key:
+- logits = scale · Q Kᵀ + attn_bias, or with a soft cap (FlashAttention-2's ``softcap``, Gemma 2's logit
+  capping) softcap · tanh(scale · Q Kᵀ / softcap) + attn_bias: the bias is added after the cap;
+- a bias at or below -1e30 (finfo.min of fp32/bf16, or -inf) masks its key:
   the logit becomes MASKED_LOGIT (-inf stays -inf), so beside any other key it gets weight 0 and a row masked
   only that way attends uniformly, as eager softmax does after finfo.min absorbs the score;
 - key j is visible to query i iff i + diag - left <= j <= i + diag + right, diag = Nk - Nq (bottom-right
@@ -20,6 +22,7 @@ Semantics shared with the kernels:
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -71,15 +74,20 @@ def _visible(n_q, n_k, j0, j1, causal, window, device):
     return keep
 
 
-def _chunk_logits(q, k, bias, scale, causal, window, j0, j1):
-    """Logits for keys [j0, j1) with bias and visibility applied, in the compute dtype."""
+def _chunk_logits(q, k, bias, scale, causal, window, j0, j1, softcap):
+    """(logits, tanh) for keys [j0, j1) with the cap, bias and visibility applied, in the compute dtype; tanh is
+    tanh(scale · q kᵀ / softcap), the backward's cap derivative 1 - tanh², or None without a cap."""
     n_q, n_k = q.shape[-2], k.shape[-2]
     s = torch.matmul(q, k[..., j0:j1, :].transpose(-1, -2)) * scale  # (B, H, Nq, j1-j0)
+    tanh = None
+    if softcap > 0:
+        tanh = torch.tanh(s / softcap)
+        s = softcap * tanh
     if bias is not None:
         b = bias[..., j0:j1] if bias.shape[-1] != 1 else bias
         masked = torch.where(b == float("-inf"), torch.full_like(b, float("-inf")), torch.full_like(b, MASKED_LOGIT))
         s = torch.where(b <= MASKED_BIAS, masked, s + b)
-    return s.masked_fill(~_visible(n_q, n_k, j0, j1, causal, window, q.device), float("-inf"))
+    return s.masked_fill(~_visible(n_q, n_k, j0, j1, causal, window, q.device), float("-inf")), tanh
 
 
 def _widen_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -96,8 +104,9 @@ def _as_additive(attn_bias, dtype):
 
 
 def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0,
-            seed: int = 0):
-    """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32."""
+            seed: Optional[torch.Tensor] = None, *, softcap: float = 0.0):
+    """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32. ``seed``: the dropout seed, a
+    one-element int64 tensor (None without dropout)."""
     cdt = _compute_dtype(q.dtype)
     heads = q.shape[1]
     qc, kc, vc = q.to(cdt), _widen_kv(k, heads).to(cdt), _widen_kv(v, heads).to(cdt)
@@ -107,9 +116,10 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     m_i = torch.full((*q.shape[:2], n_q), float("-inf"), dtype=cdt, device=q.device)  # running max
     l_i = torch.zeros((*q.shape[:2], n_q), dtype=cdt, device=q.device)  # running sum (before dropout)
     acc = torch.zeros((*q.shape[:2], n_q, v.shape[-1]), dtype=cdt, device=q.device)
+    philox_key = int(seed) if dropout_p > 0 else 0  # read from the seed tensor once
     for j0 in range(0, n_k, KEY_CHUNK):
         j1 = min(j0 + KEY_CHUNK, n_k)
-        s = _chunk_logits(qc, kc, bias, scale, causal, window, j0, j1)
+        s, _ = _chunk_logits(qc, kc, bias, scale, causal, window, j0, j1, softcap)
         m_new = torch.maximum(m_i, s.amax(dim=-1))
         # A row that has seen only -inf keeps m = -inf; subtract 0 there to avoid (-inf) - (-inf) = nan.
         m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
@@ -117,7 +127,7 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
         alpha = torch.exp(m_i - m_safe)
         l_i = l_i * alpha + p.sum(dim=-1)
         if dropout_p > 0:
-            p = p * dropout_keep(seed, dropout_p, q.shape[0], heads, range(n_q), range(j0, j1)).to(p.device)
+            p = p * dropout_keep(philox_key, dropout_p, q.shape[0], heads, range(n_q), range(j0, j1)).to(p.device)
         acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, vc[..., j0:j1, :])
         m_i = m_new
     empty = l_i == 0
@@ -134,7 +144,8 @@ def _sum_to_shape(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
-             dropout_p: float = 0.0, seed: int = 0, bias_grad: bool = False):
+             dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None, bias_grad: bool = False, *,
+             softcap: float = 0.0):
     """Returns (dq, dk, dv, dbias) recomputing P chunk by chunk from the saved lse (nothing N×N kept); dbias is
     shaped like attn_bias when bias_grad, else None."""
     cdt = _compute_dtype(q.dtype)
@@ -149,21 +160,24 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
     # Contiguous whatever the inputs' strides, as the op promises.
     dq, dk, dv = (torch.zeros(t.shape, dtype=cdt, device=q.device) for t in (qc, kc, vc))
     dbias = torch.zeros(attn_bias.shape, dtype=cdt, device=q.device) if bias_grad else None
+    philox_key = int(seed) if dropout_p > 0 else 0  # read from the seed tensor once
     for j0 in range(0, n_k, KEY_CHUNK):
         j1 = min(j0 + KEY_CHUNK, n_k)
-        s = _chunk_logits(qc, kc, bias, scale, causal, window, j0, j1)
+        s, tanh = _chunk_logits(qc, kc, bias, scale, causal, window, j0, j1, softcap)
         p = torch.exp(s - lse_c)  # rows with lse = +inf give exactly 0
         dp = torch.matmul(do, vc[..., j0:j1, :].transpose(-1, -2))
         if dropout_p > 0:
-            keep = dropout_keep(seed, dropout_p, q.shape[0], heads, range(n_q), range(j0, j1)).to(p.device)
+            keep = dropout_keep(philox_key, dropout_p, q.shape[0], heads, range(n_q), range(j0, j1)).to(p.device)
             keep = keep / (1.0 - dropout_p)
             dv[..., j0:j1, :] = torch.matmul((p * keep).transpose(-1, -2), do)
             dp = dp * keep
         else:
             dv[..., j0:j1, :] = torch.matmul(p.transpose(-1, -2), do)
-        ds = p * (dp - d_i)
-        dq += torch.matmul(ds, kc[..., j0:j1, :]) * scale
-        dk[..., j0:j1, :] = torch.matmul(ds.transpose(-1, -2), qc) * scale
+        ds = p * (dp - d_i)  # dL/dlogits, which is also dL/dbias: the bias is added after the cap
+        # d(softcap · tanh(x / softcap))/dx = 1 - tanh²
+        ds_raw = ds if tanh is None else ds * (1.0 - tanh * tanh)
+        dq += torch.matmul(ds_raw, kc[..., j0:j1, :]) * scale
+        dk[..., j0:j1, :] = torch.matmul(ds_raw.transpose(-1, -2), qc) * scale
         if dbias is not None:
             ds_b = _sum_to_shape(ds, attn_bias.shape)
             if attn_bias.shape[-1] == 1:

@@ -13,20 +13,44 @@ import torch
 
 from . import cpu_attention
 from .tiles import BACKWARD
-from .validate import GPU_DTYPES, GPU_HEAD_DIMS, TensorInfo, check_attention_inputs
+from .validate import GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs, check_softcap
+
+
+def tf32_allowed() -> bool:
+    """Whether torch's settings let fp32 matmuls round to TF32, which the fp32 CUDA kernels do.
+
+    The fp32_precision API (torch >= 2.9) reflects the legacy flags too; its "none" means no choice was made
+    through it, so the legacy flags decide. Reading a legacy flag raises once the new API has been used, hence
+    this order. https://pytorch.org/docs/main/notes/cuda.html#tensorfloat-32-tf32-on-ampere-and-later-devices
+    """
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+
 
 def _info(name: str, t: torch.Tensor) -> TensorInfo:
     return TensorInfo(name, tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch."), str(t.device))
 
 
-def _check(q, k, v, attn_bias, window=(-1, -1), dropout_p=0.0):
+def _check(q, k, v, attn_bias, window=(-1, -1), dropout_p=0.0, dropout_seed=None, softcap=0.0):
     bias = None if attn_bias is None else _info("attn_bias", attn_bias)
-    check_attention_inputs(_info("q", q), _info("k", k), _info("v", v), bias, on_gpu=q.device.type == "cuda")
+    on_gpu = q.device.type == "cuda"
+    check_attention_inputs(_info("q", q), _info("k", k), _info("v", v), bias, on_gpu=on_gpu,
+                           tf32_allowed=on_gpu and tf32_allowed())
     for name, w in zip(("window_left", "window_right"), window):
         if w < -1:
             raise ValueError(f"{name} is {w}; expected a number of keys >= 0, or -1 for unbounded")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p is {dropout_p}; expected 0 <= dropout_p < 1")
+    if dropout_p > 0 and dropout_seed is None:
+        raise ValueError(f"dropout_seed is None but dropout_p is {dropout_p}; expected a one-element int64 tensor")
+    # The kernels read the seed from device memory (so a CUDA graph replays a fresh draw), hence q's device.
+    if dropout_seed is not None and (dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1
+                                     or dropout_seed.device != q.device):
+        raise ValueError(f"dropout_seed has shape {tuple(dropout_seed.shape)}, dtype {dropout_seed.dtype} and is on "
+                         f"{dropout_seed.device}; expected one int64 element on q's device ({q.device})")
+    check_softcap(softcap)
 
 
 def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -35,7 +59,10 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.device.type == "cuda":
         dtype = str(q.dtype).removeprefix("torch.")
         if dtype not in GPU_DTYPES:
-            return f"dtype {dtype} on CUDA: the kernels take {' or '.join(GPU_DTYPES)}"
+            return f"dtype {dtype} on CUDA: the kernels take {', '.join(GPU_DTYPES)}"
+        if dtype == "float32" and not tf32_allowed():
+            return (f"float32 on CUDA runs on TF32 tensor cores, which torch's settings do not allow "
+                    f"(fusing would lower the precision the model asked for); {TF32_HOW}")
         if q.shape[-1] not in GPU_HEAD_DIMS:
             return f"head_dim {q.shape[-1]} on CUDA: the kernels support {GPU_HEAD_DIMS}"
         if q.shape[-1] not in BACKWARD and any(t.requires_grad for t in (q, k, v)):
@@ -50,21 +77,17 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None
 
 
-def _seed(dropout_seed: Optional[torch.Tensor]) -> int:
-    return 0 if dropout_seed is None else int(dropout_seed.item())
-
-
 @torch.library.custom_op("cupyflash::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
                    scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
-                   dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None
+                   dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, softcap: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, H, Nq, D), lse (B, H, Nq) fp32), both contiguous whatever the strides of q, k, v (as
-    a matmul's output would be). Semantics: cupyflash/cpu_attention.py."""
-    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p)
-    impl = _impl(q)
-    return impl.forward(q, k, v, attn_bias, scale, causal, (window_left, window_right), dropout_p,
-                        _seed(dropout_seed))
+    a matmul's output would be). ``dropout_seed``: one int64 element on q's device, read by the kernels on the
+    device (never synchronised to the host). Semantics: cupyflash/cpu_attention.py."""
+    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap)
+    return _impl(q).forward(q, k, v, attn_bias, scale, causal, (window_left, window_right), dropout_p, dropout_seed,
+                            softcap=softcap)
 
 
 def _impl(q: torch.Tensor):
@@ -76,7 +99,8 @@ def _impl(q: torch.Tensor):
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0, dropout_seed=None):
+def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0, dropout_seed=None,
+      softcap=0.0):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -84,27 +108,29 @@ def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropou
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attn_bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
                    causal: bool, window_left: int = -1, window_right: int = -1, dropout_p: float = 0.0,
-                   dropout_seed: Optional[torch.Tensor] = None, bias_grad: bool = False
+                   dropout_seed: Optional[torch.Tensor] = None, bias_grad: bool = False, softcap: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns contiguous (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias is empty unless
     bias_grad)."""
     dq, dk, dv, dbias = _impl(q).backward(dout, q, k, v, attn_bias, out, lse, scale, causal,
-                                          (window_left, window_right), dropout_p, _seed(dropout_seed), bias_grad)
+                                          (window_left, window_right), dropout_p, dropout_seed, bias_grad,
+                                          softcap=softcap)
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
 
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0,
-      dropout_seed=None, bias_grad=False):
+      dropout_seed=None, bias_grad=False, softcap=0.0):
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed = inputs
+    q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_bias, out, lse, dropout_seed)
     ctx.scale, ctx.causal, ctx.window, ctx.dropout_p = scale, causal, (window_left, window_right), dropout_p
+    ctx.softcap = softcap
 
 
 def _backward(ctx, dout, dlse):
@@ -112,8 +138,8 @@ def _backward(ctx, dout, dlse):
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = flash_attn_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, attn_bias,
                                        out, lse, ctx.scale, ctx.causal, *ctx.window, ctx.dropout_p, dropout_seed,
-                                       bias_grad)
-    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None
+                                       bias_grad, ctx.softcap)
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -121,19 +147,22 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
                     *, scale: Optional[float] = None, causal: bool = False, window: tuple = (-1, -1),
-                    dropout_p: float = 0.0) -> torch.Tensor:
+                    dropout_p: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """dropout(softmax(scale · q kᵀ + attn_bias)) v for (B, H, N, D) tensors, differentiable in q, k, v and a
     floating attn_bias.
 
     ``attn_bias``: additive (fp16/bf16/fp32) or boolean (True = keep, as SDPA), 4-D, broadcastable to
     (B, H, Nq, Nk) by size-1 dims. k and v may have fewer heads than q (grouped-query attention).
     ``scale`` defaults to 1/sqrt(head_dim); ``causal`` and ``window`` = (left, right) keys around the diagonal
-    (-1: unbounded) are aligned to the bottom-right corner. ``dropout_p`` draws its seed from torch's default
-    generator, so ``torch.manual_seed`` reproduces a run.
+    (-1: unbounded) are aligned to the bottom-right corner. ``softcap`` > 0 caps the logits before the bias is
+    added: softcap · tanh(scale · q kᵀ / softcap) (Gemma 2; FlashAttention-2's ``softcap``). ``dropout_p``
+    draws its seed from torch's generator of q's device, so ``torch.manual_seed`` reproduces a run.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_p > 0 else None
+    # Drawn on q's device and never read back on the host: a CUDA RNG op in a captured CUDA graph draws a
+    # fresh value at each replay, where a Python int would be baked into the graph.
+    seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64, device=q.device) if dropout_p > 0 else None
     out, _ = flash_attn_fwd(q, k, v, attn_bias, float(scale), bool(causal), int(window[0]), int(window[1]),
-                            float(dropout_p), seed)
+                            float(dropout_p), seed, float(softcap))
     return out

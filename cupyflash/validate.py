@@ -2,12 +2,17 @@
 what was expected."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Head dims the CUDA kernels are instantiated for (the tile table in cupyflash/tiles.py has one row each).
 GPU_HEAD_DIMS = (32, 64, 96, 128, 256)
-GPU_DTYPES = ("float16", "bfloat16")
+# float32 runs on TF32 tensor cores (10-bit mantissa), so it is taken only where the caller allows TF32.
+GPU_DTYPES = ("float16", "bfloat16", "float32")
 MAX_GRID_YZ = 65535
+TF32_HOW = ("allow TF32 with torch.backends.cuda.matmul.allow_tf32 = True or "
+            "torch.set_float32_matmul_precision('high') (torch), or allow_tf32=True (CuPy face), "
+            "or pass float16/bfloat16")
 
 
 @dataclass(frozen=True)
@@ -22,8 +27,12 @@ class TensorInfo:
 
 
 def check_attention_inputs(q: TensorInfo, k: TensorInfo, v: TensorInfo, bias: TensorInfo | None, *,
-                           on_gpu: bool) -> None:
-    """Raises ValueError/TypeError naming the tensor and dimension for anything the kernels cannot take."""
+                           on_gpu: bool, tf32_allowed: bool = False) -> None:
+    """Raises ValueError/TypeError naming the tensor and dimension for anything the kernels cannot take.
+
+    ``tf32_allowed``: whether the caller accepts TF32 rounding for float32 inputs (torch: its matmul precision
+    setting; CuPy face: ``allow_tf32=True``); the GPU refuses float32 without it rather than round silently.
+    """
     for t in (q, k, v):
         if len(t.shape) != 4:
             raise ValueError(f"{t.name} must be 4-D (batch, heads, seqlen, head_dim); got {len(t.shape)}-D "
@@ -55,7 +64,10 @@ def check_attention_inputs(q: TensorInfo, k: TensorInfo, v: TensorInfo, bias: Te
     if not q.device.startswith("cuda"):
         raise ValueError(f"q is on {q.device}; the CUDA kernels need tensors on a CUDA device")
     if q.dtype not in GPU_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; the CUDA kernels take {' or '.join(GPU_DTYPES)}")
+        raise TypeError(f"q has dtype {q.dtype}; the CUDA kernels take {', '.join(GPU_DTYPES)}")
+    if q.dtype == "float32" and not tf32_allowed:
+        raise TypeError(f"q has dtype float32: the CUDA kernels run float32 on TF32 tensor cores (10-bit "
+                        f"mantissa), which the caller has not allowed; {TF32_HOW}")
     if q.shape[3] not in GPU_HEAD_DIMS:
         raise ValueError(f"head_dim (dim 3 of q) is {q.shape[3]}; the CUDA kernels support {GPU_HEAD_DIMS}")
     # The kernels' grids put heads on gridDim.y and batch on gridDim.z, each at most 65535.
@@ -80,3 +92,9 @@ def _check_bias(bias: TensorInfo, q: TensorInfo, k: TensorInfo) -> None:
             raise ValueError(f"attn_bias dim {dim} ({names[dim]}) is {got}; expected {want} or 1 to broadcast")
     if bias.device != q.device:
         raise ValueError(f"attn_bias is on {bias.device} but q is on {q.device}")
+
+
+def check_softcap(softcap: float) -> None:
+    """softcap = 0 is off; otherwise logits become softcap · tanh(logits / softcap)."""
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap is {softcap}; expected a finite cap > 0 on the logits, or 0 for none")

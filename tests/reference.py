@@ -85,9 +85,12 @@ def _no_tf32():
 
 def attention_ref(q, k, v, dout=None, *, scale: float, causal: bool, compute_dtype=torch.float32,
                   bias=None, window=(-1, -1), dropout_keep=None, dropout_p: float = 0.0,
-                  bias_grad: bool = False) -> AttentionResult:
+                  bias_grad: bool = False, softcap: float = 0.0) -> AttentionResult:
     """Naive attention in ``compute_dtype`` on q's device; gradients w.r.t. q, k, v (and a floating ``bias``
     when ``bias_grad``) when ``dout`` is given.
+
+    ``softcap`` > 0 caps the scores before the bias: softcap · tanh(scale · Q Kᵀ / softcap) (autograd gives the
+    cap's derivative).
 
     ``bias``: additive (any float dtype; values <= -1e30 mask their key as in cpu_attention: -inf gets weight 0,
     others become MASKED_LOGIT, whose gradient still flows as in eager softmax where finfo.min absorbs the
@@ -104,6 +107,8 @@ def attention_ref(q, k, v, dout=None, *, scale: float, causal: bool, compute_dty
         # lse from the (rounded) scores in at least fp32, as the kernels keep it
         lse_dtype = torch.promote_types(compute_dtype, torch.float32)
         s = torch.matmul(qc * scale, kw.transpose(-1, -2))  # (B, H, Nq, Nk)
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
         visible = visible_mask(n_q, n_k, causal, window, q.device)  # (Nq, Nk), broadcast below
         bias_leaf, soft = None, None
         if bias is not None and bias.dtype == torch.bool:
@@ -142,18 +147,19 @@ def attention_ref(q, k, v, dout=None, *, scale: float, causal: bool, compute_dty
 
 
 def semantics_ref(q, k, v, dout=None, *, scale: float, causal: bool, bias=None, window=(-1, -1),
-                  dropout_p: float = 0.0, seed: int = 0, bias_grad: bool = False) -> AttentionResult:
+                  dropout_p: float = 0.0, seed: int = 0, bias_grad: bool = False,
+                  softcap: float = 0.0) -> AttentionResult:
     """``cupyflash.cpu_attention`` (the op's semantics) on fp32 copies of the inputs, on their device, with true
     fp32 matmuls: out, lse and, when ``dout`` is given, dq, dk, dv (and dbias in fp32 when ``bias_grad``)."""
     q32, k32, v32 = (t.detach().float() for t in (q, k, v))
     b32 = None if bias is None else bias.detach() if bias.dtype == torch.bool else bias.detach().float()
     with _no_tf32():
-        out, lse = _semantics_fwd(q32, k32, v32, b32, scale, causal, tuple(window), dropout_p, seed)
+        out, lse = _semantics_fwd(q32, k32, v32, b32, scale, causal, tuple(window), dropout_p, seed, softcap=softcap)
         result = AttentionResult(out, lse)
         if dout is not None:
             result.dq, result.dk, result.dv, result.dbias = _semantics_bwd(
                 dout.detach().float(), q32, k32, v32, b32, out, lse, scale, causal, tuple(window), dropout_p, seed,
-                bias_grad)
+                bias_grad, softcap=softcap)
     return result
 
 

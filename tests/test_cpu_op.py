@@ -27,3 +27,46 @@ def test_cpu_matches_eager_fp64(causal, n_q, n_k):
 def test_opcheck():
     q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
     torch.library.opcheck(torch.ops.cupyflash.flash_attn_fwd.default, (q, k, v, None, 0.3, True))
+
+
+@pytest.mark.parametrize("case", ["softcap", "dropout", "bias-softcap-dropout"])
+def test_opcheck_softcap_and_dropout(case):
+    """Schema, fake implementation and autograd registration with the trailing softcap and the seed tensor."""
+    q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 9, 9, requires_grad=True) if case.startswith("bias") else None
+    p = 0.0 if case == "softcap" else 0.2
+    seed = torch.tensor(12345, dtype=torch.int64) if p else None
+    cap = 0.0 if case == "dropout" else 2.5
+    torch.library.opcheck(torch.ops.cupyflash.flash_attn_fwd.default, (q, k, v, bias, 0.3, True, -1, -1, p, seed, cap))
+
+
+def test_dropout_seed_reaches_the_implementation_as_a_device_tensor(monkeypatch):
+    """flash_attention hands the implementation the seed as a 0-dim int64 tensor on q's device (the CUDA kernels
+    read it from device memory), not a host int, and nothing when dropout is off."""
+    seen = []
+    forward = cupyflash.cpu_attention.forward
+
+    def spy(*args, **kwargs):
+        seen.append(args[8])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(cupyflash.cpu_attention, "forward", spy)
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    cupyflash.flash_attention(q, k, v, dropout_p=0.2)
+    cupyflash.flash_attention(q, k, v)
+    (seed, off) = seen
+    assert isinstance(seed, torch.Tensor) and seed.shape == () and seed.dtype == torch.int64
+    assert seed.device == q.device and off is None
+
+
+def test_compiled_dropout_draws_a_fresh_seed_per_call():
+    """Under torch.compile the seed is an RNG op in the graph, not a constant traced once: each call drops
+    differently (as each replay of a captured CUDA graph does), and torch.manual_seed reproduces a call."""
+    q, k, v = (torch.randn(1, 2, 17, 8) for _ in range(3))
+    fn = torch.compile(lambda q, k, v: cupyflash.flash_attention(q, k, v, dropout_p=0.3), backend="aot_eager",
+                       fullgraph=True)
+    torch.manual_seed(5)
+    first, second = fn(q, k, v), fn(q, k, v)
+    assert not torch.equal(first, second)
+    torch.manual_seed(5)
+    assert torch.equal(fn(q, k, v), first)

@@ -37,16 +37,17 @@ def _make_bias(kind, n_q, n_k, gen):
     return 2.0 * _randn(*shape, gen=gen), True
 
 
-def _check_against_naive(q, k, v, dout, bias, *, scale, causal, window, dropout_p, seed, bias_grad):
-    out, lse = cpu_attention.forward(q, k, v, bias, scale, causal, window, dropout_p, seed)
-    dq, dk, dv, dbias = cpu_attention.backward(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p, seed,
-                                               bias_grad)
+def _check_against_naive(q, k, v, dout, bias, *, scale, causal, window, dropout_p, seed, bias_grad, softcap=0.0):
+    seed_t = torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else None  # as flash_attention passes it
+    out, lse = cpu_attention.forward(q, k, v, bias, scale, causal, window, dropout_p, seed_t, softcap=softcap)
+    dq, dk, dv, dbias = cpu_attention.backward(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p,
+                                               seed_t, bias_grad, softcap=softcap)
     keep = None
     if dropout_p > 0:
         keep = cpu_attention.dropout_keep(seed, dropout_p, q.shape[0], q.shape[1], range(q.shape[2]),
                                           range(k.shape[2]))
     ref = attention_ref(q, k, v, dout, scale=scale, causal=causal, compute_dtype=F64, bias=bias, window=window,
-                        dropout_keep=keep, dropout_p=dropout_p, bias_grad=bias_grad)
+                        dropout_keep=keep, dropout_p=dropout_p, bias_grad=bias_grad, softcap=softcap)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     torch.testing.assert_close(out, ref.out)
     torch.testing.assert_close(lse, ref.lse.float())  # +inf rows compare equal
@@ -93,6 +94,69 @@ def test_features_match_naive_fp64(bias_kind, h_kv, window, causal, dropout_p, l
     assert grads[1].shape == k.shape and grads[2].shape == v.shape  # dK/dV summed over the group
 
 
+SOFTCAP_CASES = [  # (softcap, bias kind, K/V heads, window, causal, dropout_p, (Nq, Nk))
+    (0.5, "none", 4, (-1, -1), False, 0.0, (17, 17)),  # tanh saturated on most scores
+    (50.0, "none", 4, (-1, -1), True, 0.0, (1, 1)),  # nearly linear
+    (2.0, "full", 2, (-1, -1), True, 0.0, (40, 9)),  # causal Nq > Nk: rows without keys
+    (3.0, "keys", 1, (-1, -1), True, 0.25, (9, 40)),  # bias + causal + multi-query + dropout
+    (1.5, "full", 2, (-1, -1), False, 0.25, (97, 33)),
+    (2.0, "rows", 2, (5, 3), False, 0.0, (17, 33)),
+    (1.0, "bool", 4, (-1, -1), True, 0.5, (33, 17)),
+    (4.0, "full", 4, (7, 2), True, 0.0, (113, 203)),
+]
+
+
+@pytest.mark.parametrize("softcap,bias_kind,h_kv,window,causal,dropout_p,lengths", SOFTCAP_CASES,
+                         ids=[f"cap{c[0]}-{c[1]}-hkv{c[2]}-w{c[3][0]}_{c[3][1]}-{'causal' if c[4] else 'full'}-"
+                              f"p{c[5]}-{c[6][0]}x{c[6][1]}" for c in SOFTCAP_CASES])
+def test_softcap_matches_naive_fp64(softcap, bias_kind, h_kv, window, causal, dropout_p, lengths):
+    """Soft-capped logits softcap · tanh(scale · q kᵀ / softcap) + bias: out, lse, dq, dk, dv and dbias (the
+    gradient w.r.t. the bias, added after the cap) of cpu_attention equal naive fp64 math through autograd."""
+    n_q, n_k = lengths
+    gen = torch.Generator().manual_seed(seed_from("softcap", softcap, bias_kind, h_kv, window, causal, lengths))
+    q, dout = _randn(B, HQ, n_q, D, gen=gen), _randn(B, HQ, n_q, D, gen=gen)
+    k, v = _randn(B, h_kv, n_k, D, gen=gen), _randn(B, h_kv, n_k, D, gen=gen)
+    bias, bias_grad = _make_bias(bias_kind, n_q, n_k, gen)
+    scale = 0.5  # scale · q kᵀ has std 2 here: well into tanh's curved part for the small caps
+    _, lse, _ = _check_against_naive(q, k, v, dout, bias, scale=scale, causal=causal, window=window,
+                                     dropout_p=dropout_p, seed=seed_from("dropout", lengths), bias_grad=bias_grad,
+                                     softcap=softcap)
+    if softcap < 10:  # the cap must change the result, or this would not test it
+        _, lse_plain = cpu_attention.forward(q, k, v, bias, scale, causal, window)
+        seen = torch.isfinite(lse)
+        assert (lse - lse_plain)[seen].abs().max() > 0.1
+
+
+def test_softcap_through_flash_attention_equals_gemma2_eager():
+    """flash_attention(..., softcap=) with a learned bias, finfo.min-masked keys and grouped-query heads against
+    Gemma 2's eager code (HF transformers eager_attention_forward), differentiated by autograd in all of q, k,
+    v and the bias (rows masked entirely: test_finfo_min_rows_match_eager)."""
+    n_q, n_k, cap, scaling = 13, 29, 5.0, D ** -0.5
+    gen = torch.Generator().manual_seed(seed_from("gemma2 eager"))
+    q, dout = (_randn(B, HQ, n_q, D, gen=gen) * 3 for _ in range(2))
+    k, v = (_randn(B, 2, n_k, D, gen=gen) * 3 for _ in range(2))
+    bias = _randn(B, 1, n_q, n_k, gen=gen)
+    bias[..., 20:] = torch.finfo(F64).min  # keys masked the way HF masks them
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out = cupyflash.flash_attention(*leaves, scale=scaling, softcap=cap)
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    eager_leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    qe, ke, ve, be = eager_leaves
+    attn_weights = torch.matmul(qe, ke.repeat_interleave(2, dim=1).transpose(2, 3)) * scaling
+    attn_weights = attn_weights / cap
+    attn_weights = torch.tanh(attn_weights)
+    attn_weights = attn_weights * cap
+    attn_weights = attn_weights + be
+    ref = torch.softmax(attn_weights, dim=-1) @ ve.repeat_interleave(2, dim=1)
+    ref_grads = torch.autograd.grad(ref, eager_leaves, dout)
+    torch.testing.assert_close(out, ref)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert got.shape == want.shape and not torch.isnan(got).any(), name
+        torch.testing.assert_close(got, want, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+    assert (grads[3][..., 20:].abs() < 1e-30).all(), "masked keys get no bias gradient"
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [(-1, -1), (3, 1), (0, 0), (2, -1), (-1, 0), (-1, 4), (30, 30)])
 @pytest.mark.parametrize("n_q,n_k", [(11, 11), (15, 7), (7, 15)])
@@ -116,14 +180,15 @@ def test_window_by_definition(n_q, n_k, window, causal):
     assert (out[0, 0][no_key] == 0).all()
 
 
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_finfo_min_rows_match_eager(causal, bias_dtype):
+def test_finfo_min_rows_match_eager(causal, bias_dtype, softcap):
     """A bias of finfo.min (fp32 or bf16, both <= -1e30) masks its key; a row masked only that way attends
     uniformly, and out and every gradient (dbias included) match eager fp32 math, where finfo.min absorbs the
-    score. Keys masked by -inf in a row that also has finfo.min keys get weight 0."""
+    score (soft-capped or not). Keys masked by -inf in a row that also has finfo.min keys get weight 0."""
     n_q, n_k = 9, 13
-    gen = torch.Generator().manual_seed(seed_from("finfo.min", causal, bias_dtype))
+    gen = torch.Generator().manual_seed(seed_from("finfo.min", causal, bias_dtype, softcap))
     q, dout = (torch.randn(B, HQ, n_q, D, generator=gen) for _ in range(2))
     k, v = (torch.randn(B, 2, n_k, D, generator=gen) for _ in range(2))
     bias = torch.randn(B, HQ, n_q, n_k, generator=gen).to(bias_dtype)
@@ -134,12 +199,15 @@ def test_finfo_min_rows_match_eager(causal, bias_dtype):
     bias[:, :, 7, 4:] = lowest
     bias[:, 1, :, 10] = lowest  # one key masked for a whole head
     leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-    out = cupyflash.flash_attention(*leaves, scale=0.25, causal=causal)
+    out = cupyflash.flash_attention(*leaves, scale=0.25, causal=causal, softcap=softcap)
     grads = torch.autograd.grad(out, leaves, dout)
 
     eager_leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
     qe, ke, ve, be = eager_leaves
-    s = 0.25 * qe @ ke.repeat_interleave(2, dim=1).transpose(-1, -2) + be  # promotes bf16 bias to fp32
+    s = 0.25 * qe @ ke.repeat_interleave(2, dim=1).transpose(-1, -2)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s + be  # promotes bf16 bias to fp32
     assert (s[:, :, 2] == lowest).all(), "eager absorbs the score into finfo.min"
     if causal:
         s = s.masked_fill(~visible_mask(n_q, n_k, True, (-1, -1), "cpu"), float("-inf"))
@@ -148,14 +216,16 @@ def test_finfo_min_rows_match_eager(causal, bias_dtype):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # The backward recomputes P of a finfo.min-only row from an lse near MASKED_LOGIT (~ -2839), which fp32
     # holds to ~2^-12 (scores.cuh): P there is good to ~2.4e-4 relative, hence the looser gradient tolerance.
+    # dbias comes back in the bias's dtype, where both sides round: one bf16 ulp is 2^-7 relative.
     for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
         assert got.dtype == want.dtype and not torch.isnan(got).any(), name
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=max(1e-3, torch.finfo(got.dtype).eps),
+                                   msg=lambda m: f"{name}: {m}")
     seen = visible_mask(n_q, n_k, causal, (-1, -1), "cpu")[2]  # (Nk,)
     uniform = v.repeat_interleave(2, dim=1)[:, :, seen].mean(dim=-2)  # (B, H, D)
     torch.testing.assert_close(out[:, :, 2], uniform, atol=1e-5, rtol=1e-5)
     assert grads[3][:, :, 7, :4].eq(0).all(), "dbias of -inf keys is 0"
-    _, lse = cpu_attention.forward(q, k, v, bias, 0.25, causal)
+    _, lse = cpu_attention.forward(q, k, v, bias, 0.25, causal, softcap=softcap)
     expected = cpu_attention.MASKED_LOGIT + math.log(int(seen.sum()))
     torch.testing.assert_close(lse[:, :, 2], torch.full_like(lse[:, :, 2], expected))
 

@@ -7,11 +7,17 @@ GPU: the same rules reached through the torch op with CUDA tensors.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
+import cupyflash
 import cupyflash.torch_op  # noqa: F401  registers torch.ops.cupyflash.*
+from cupyflash.torch_op import why_unsupported
 from cupyflash.validate import GPU_HEAD_DIMS, TensorInfo, check_attention_inputs
 
 NQ, NK, D = 17, 29, 64
@@ -42,11 +48,11 @@ def _info(name, spec):
                       spec["dtype"], spec["device"])
 
 
-def _check_infos(overrides, on_gpu):
+def _check_infos(overrides, on_gpu, tf32_allowed=False):
     specs = _specs(overrides)
     bias = _info("attn_bias", specs["attn_bias"]) if "attn_bias" in specs else None
     check_attention_inputs(_info("q", specs["q"]), _info("k", specs["k"]), _info("v", specs["v"]), bias,
-                           on_gpu=on_gpu)
+                           on_gpu=on_gpu, tf32_allowed=tf32_allowed)
 
 
 def _call_torch_op_on_cpu(overrides):
@@ -85,8 +91,12 @@ DEVICE_RULES = [
      r"attn_bias is on cpu but q is on cuda:0"),
     ("gpu-head-dim", {n: {"shape": (2, 3, NQ if n == "q" else NK, 80)} for n in "qkv"}, ValueError,
      r"head_dim \(dim 3 of q\) is 80; the CUDA kernels support \(32, 64, 96, 128, 256\)"),
-    ("gpu-dtype", {n: {"dtype": "float32"} for n in "qkv"}, TypeError,
-     r"q has dtype float32; the CUDA kernels take float16 or bfloat16"),
+    ("gpu-dtype", {n: {"dtype": "float64"} for n in "qkv"}, TypeError,
+     r"q has dtype float64; the CUDA kernels take float16, bfloat16, float32"),
+    ("gpu-fp32-without-tf32", {n: {"dtype": "float32"} for n in "qkv"}, TypeError,
+     r"q has dtype float32: the CUDA kernels run float32 on TF32 tensor cores .*not allowed; allow TF32 with "
+     r"torch\.backends\.cuda\.matmul\.allow_tf32 = True or torch\.set_float32_matmul_precision\('high'\) \(torch\), "
+     r"or allow_tf32=True \(CuPy face\)"),
     ("gpu-last-dim-stride", {"k": {"strides": (3 * NK * D * 2, NK * D * 2, D * 2, 2)}}, ValueError,
      r"k must be contiguous in its last dim \(head_dim, dim 3\): stride is 2, expected 1"),
     ("gpu-host-tensors", {n: {"device": "cpu"} for n in "qkv"}, ValueError,
@@ -125,15 +135,100 @@ def test_device_and_gpu_rules(overrides, exc, pattern):
 
 
 @pytest.mark.parametrize("head_dim", GPU_HEAD_DIMS)
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_accepted_inputs_pass(dtype, head_dim):
-    """What the kernels take passes: transposed (B, N, H, D) views, Nq != Nk, a broadcast bias."""
+    """What the kernels take passes: transposed (B, N, H, D) views, Nq != Nk, a broadcast bias; float32 where
+    the caller allows TF32."""
     def transposed_view(n):  # strides of x.view(B, N, H, D).transpose(1, 2)
         return {"shape": (2, 3, n, head_dim), "strides": (n * 3 * head_dim, head_dim, 3 * head_dim, 1),
                 "dtype": dtype, "device": "cuda:0"}
 
     _check_infos({"q": transposed_view(NQ), "k": transposed_view(NK), "v": transposed_view(NK),
-                  "attn_bias": {"shape": (1, 3, 1, NK), "dtype": dtype}}, on_gpu=True)
+                  "attn_bias": {"shape": (1, 3, 1, NK), "dtype": dtype}}, on_gpu=True, tf32_allowed=True)
+
+
+# (id, op arguments after q, k, v, bias, scale, causal, message pattern): scalar arguments of the torch op.
+SCALAR_ARGS = [
+    ("softcap-negative", dict(softcap=-30.0), r"softcap is -30\.0; expected a finite cap > 0 on the logits, or 0"),
+    ("softcap-nan", dict(softcap=float("nan")), r"softcap is nan; expected a finite cap > 0"),
+    ("softcap-inf", dict(softcap=float("inf")), r"softcap is inf; expected a finite cap > 0"),
+    ("window", dict(window_left=-2), r"window_left is -2; expected a number of keys >= 0, or -1 for unbounded"),
+    ("dropout_p", dict(dropout_p=1.0), r"dropout_p is 1\.0; expected 0 <= dropout_p < 1"),
+    ("no-seed", dict(dropout_p=0.1), r"dropout_seed is None but dropout_p is 0\.1; expected a one-element int64"),
+    ("seed-dtype", dict(dropout_p=0.1, dropout_seed=torch.tensor(3, dtype=torch.int32)),
+     r"dropout_seed has shape \(\), dtype torch\.int32 and is on cpu; expected one int64 element on q's device"),
+    ("seed-shape", dict(dropout_p=0.1, dropout_seed=torch.tensor([3, 4])),
+     r"dropout_seed has shape \(2,\), dtype torch\.int64 .*expected one int64 element"),
+]
+
+
+@pytest.mark.parametrize("kwargs,pattern", [pytest.param(kw, pat, id=name) for name, kw, pat in SCALAR_ARGS])
+def test_scalar_argument_errors(kwargs, pattern):
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.25, False, **kwargs)
+    if "softcap" in kwargs:
+        with pytest.raises(ValueError, match=pattern):
+            cupyflash.flash_attention(q, k, v, softcap=kwargs["softcap"])
+
+
+@pytest.fixture
+def matmul_precision():
+    """Restores torch's fp32 matmul precision (the legacy API only: once the fp32_precision API is used, torch
+    refuses to read the legacy flags for the rest of the process)."""
+    saved = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved)
+
+
+def _fake_cuda(*shape, dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # fake CUDA tensors need no GPU, as in the compile backend's graphs
+        return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("precision,fp32_ok", [("highest", False), ("high", True), ("medium", True)])
+def test_why_unsupported_fp32_on_cuda_follows_torch_tf32_setting(matmul_precision, precision, fp32_ok):
+    """The compile backend asks why_unsupported: fp32 CUDA sites are fused only where torch's own fp32 matmuls
+    may use TF32 too; fp16 is unaffected by the setting."""
+    matmul_precision(precision)
+    assert cupyflash.torch_op.tf32_allowed() is fp32_ok
+    assert torch.backends.cuda.matmul.allow_tf32 is fp32_ok  # the legacy flag says the same
+    q, k = _fake_cuda(2, 3, NQ, D, dtype=torch.float32), _fake_cuda(2, 3, NK, D, dtype=torch.float32)
+    reason = why_unsupported(q, k, k)
+    if fp32_ok:
+        assert reason is None
+    else:
+        assert "float32 on CUDA runs on TF32 tensor cores, which torch's settings do not allow" in reason
+        assert "torch.set_float32_matmul_precision('high')" in reason
+    half = _fake_cuda(2, 3, NQ, D, dtype=torch.float16), _fake_cuda(2, 3, NK, D, dtype=torch.float16)
+    assert why_unsupported(half[0], half[1], half[1]) is None
+    f64 = _fake_cuda(2, 3, NQ, D, dtype=torch.float64)
+    assert why_unsupported(f64, f64, f64) == "dtype float64 on CUDA: the kernels take float16, bfloat16, float32"
+
+
+def test_tf32_allowed_reads_the_fp32_precision_api():
+    """torch >= 2.9's fp32_precision API: once used, torch raises on reading the legacy flags, so tf32_allowed
+    must read the new one (in a fresh interpreter: the API cannot be undone in this one)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision API")
+    script = textwrap.dedent("""
+        import torch
+        from cupyflash.torch_op import tf32_allowed
+        seen = []
+        for setting in ("tf32", "ieee", "tf32"):
+            torch.backends.cuda.matmul.fp32_precision = setting
+            seen.append(tf32_allowed())
+        torch.backends.fp32_precision = "ieee"  # the global setting, inherited by matmul
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        seen.append(tf32_allowed())
+        print(seen)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "[True, False, True, False]"
 
 
 def test_gpu_only_rules_do_not_apply_on_cpu():
@@ -175,15 +270,24 @@ def _cuda(*shape, dtype=torch.float16):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["head-dim-80", "float32", "last-dim-stride", "k-on-cpu"])
-def test_torch_op_refuses_on_cuda(case):
+@pytest.mark.parametrize("case", ["head-dim-80", "float64", "float32-without-tf32", "last-dim-stride", "k-on-cpu",
+                                  "seed-on-cpu"])
+def test_torch_op_refuses_on_cuda(case, matmul_precision):
+    matmul_precision("highest")
     q, k, v = _cuda(2, 3, NQ, D), _cuda(2, 3, NK, D), _cuda(2, 3, NK, D)
+    kwargs = {}
     if case == "head-dim-80":
         q, k, v = _cuda(2, 3, NQ, 80), _cuda(2, 3, NK, 80), _cuda(2, 3, NK, 80)
         exc, pattern = ValueError, r"head_dim \(dim 3 of q\) is 80"
-    elif case == "float32":
+    elif case == "float64":
+        q, k, v = (t.double() for t in (q, k, v))
+        exc, pattern = TypeError, r"q has dtype float64; the CUDA kernels take float16, bfloat16, float32"
+    elif case == "float32-without-tf32":
         q, k, v = (t.float() for t in (q, k, v))
-        exc, pattern = TypeError, r"q has dtype float32; the CUDA kernels take float16 or bfloat16"
+        exc, pattern = TypeError, r"q has dtype float32: the CUDA kernels run float32 on TF32 tensor cores"
+    elif case == "seed-on-cpu":
+        kwargs = dict(dropout_p=0.1, dropout_seed=torch.tensor(3))
+        exc, pattern = ValueError, r"dropout_seed .* is on cpu; expected one int64 element on q's device \(cuda:0\)"
     elif case == "last-dim-stride":
         v = _cuda(2, 3, D, NK).transpose(-1, -2)  # (B, H, Nk, D) with stride NK in the last dim
         exc, pattern = ValueError, rf"v must be contiguous in its last dim \(head_dim, dim 3\): stride is {NK}"
@@ -191,7 +295,7 @@ def test_torch_op_refuses_on_cuda(case):
         k = k.cpu()
         exc, pattern = ValueError, r"k is on cpu but q is on cuda"
     with pytest.raises(exc, match=pattern):
-        torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.125, False)
+        torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.125, False, **kwargs)
 
 
 @pytest.mark.gpu
