@@ -1,12 +1,13 @@
 """Finding softmax-attention sites by meaning.
 
 Every softmax is a candidate. From it we walk backwards through the ops that may sit between Q·Kᵀ and
-the softmax (casts, scaling by a constant, additive biases, boolean fills, batch-regrouping views) to a
-matrix product, and forwards through the ops that may sit between the softmax and P·V (casts, inactive
-dropout, views) to a matrix product whose left operand is the probabilities. Spellings are normalised
-by ``spellings``; masks are understood by ``masks``. The result is a ``Site`` (what to emit) or a
-``Skip`` with the reason the site is left alone. Anything not listed between the two products is a
-reason to leave the site alone: the rewrite must never change what the model computes.
+the softmax (casts, scaling by a constant, additive biases, boolean fills, batch-regrouping views, a
+soft-cap ``cap · tanh(s / cap)``) to a matrix product, and forwards through the ops that may sit between
+the softmax and P·V (casts, inactive dropout, views) to a matrix product whose left operand is the
+probabilities. Spellings are normalised by ``spellings``; masks are understood by ``masks``. The result
+is a ``Site`` (what to emit) or a ``Skip`` with the reason the site is left alone. Anything not listed
+between the two products is a reason to leave the site alone: the rewrite must never change what the
+model computes.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class Step:
     """One op between Q·Kᵀ and the softmax, in program order, on scores with batch dims ``frame``.
 
     kind "scale": multiply by ``factor``; "add": add ``sign`` · ``tensor``; "fill": set the scores where
-    ``tensor`` (a boolean mask) is true to ``value``.
+    ``tensor`` (a boolean mask) is true to ``value``; "softcap": replace the scores s by value · tanh(s / value).
     """
 
     kind: str
@@ -112,6 +113,10 @@ class Matcher:
             if pv is None:
                 return None
             raise Skip(f"the softmax input is not Q·Kᵀ: {err}") from None
+        except Skip:
+            if pv is None:  # the scores are Q·Kᵀ, so say first what is missing after the softmax
+                raise Skip(pv_reason) from None
+            raise
         if pv is None:
             raise Skip(pv_reason)
         scores = sp.meta(x)
@@ -166,6 +171,10 @@ class Matcher:
                     steps.reverse()
                     return inner_steps + steps, chain + inner_chain, qk
                 raise NotScores(f"neither operand of {sp.describe(node)} is a matrix product")
+            if sp.is_call(node, (torch.tanh, torch.nn.functional.tanh), ("tanh",)):
+                cap, node = self._softcap(node, chain)
+                steps[-1] = Step("softcap", frame, value=cap)  # the "× cap" step just walked
+                continue
             if sp.is_call(node, (torch.masked_fill,), ("masked_fill",)):
                 steps.append(Step("fill", frame, tensor=sp.arg(node, 1, "mask"),
                                   value=_fill_value(sp.arg(node, 2, "value"))))
@@ -180,7 +189,30 @@ class Matcher:
                     steps.append(Step("fill", frame, tensor=cond, value=_fill_value(a)))
                     node = b
                 continue
+            if (scaled := sp.runtime_factor(node)) is not None:
+                self._walk_scores(scaled[0])  # NotScores unless these are the scores
+                what = (f"the 0-dim tensor {scaled[1].name}" if isinstance(sp.meta(scaled[1]), torch.Tensor) else
+                        "a float Dynamo made symbolic, as under dynamic=True; torch._dynamo.config.specialize_float"
+                        " = True keeps such floats constant")
+                raise Skip(f"the scores are scaled by a number known only at run time ({what})")
             raise NotScores(f"{sp.describe(node)} ({node.name})")
+
+    def _softcap(self, tanh: fx.Node, chain: list[fx.Node]) -> tuple[float, fx.Node]:
+        """For ``cap · tanh(s / cap)`` (Gemma 2, FlashAttention-2's softcap; the multiplication was walked just
+        before ``tanh``): (cap, s), with the division added to ``chain``; else Skip, if ``tanh`` is on Q·Kᵀ."""
+        after = sp.scalar_factor(chain[-2]) if len(chain) > 1 else None
+        before = sp.scalar_factor(tanh.args[0]) if isinstance(tanh.args[0], fx.Node) else None
+        if after is None or after[0] is not tanh or before is None:
+            reason = "tanh on the scores without a division by a constant cap before it and a multiplication after"
+        # One cap on both sides (1/c rounds, so up to double rounding); c < 0 gives the same as |c| (tanh is odd).
+        elif not math.isclose(before[1] * after[1], 1.0, rel_tol=1e-12):
+            reason = (f"tanh on the scores between × {before[1]:.6g} and × {after[1]:.6g}, not a division and a "
+                      f"multiplication by one cap")
+        else:
+            chain.append(tanh.args[0])
+            return abs(after[1]), before[0]
+        self._walk_scores(tanh.args[0])  # NotScores unless the tanh is on Q·Kᵀ: then it is not our business
+        raise Skip(f"{reason}: the kernel applies only the soft-cap cap · tanh(s / cap)")
 
     def _walk_probs(self, softmax: fx.Node) -> tuple[Optional[tuple[fx.Node, sp.Contraction, list]], str]:
         """Forwards from the softmax to P·V: ((pv node, contraction, chain), "") or (None, reason)."""
@@ -251,14 +283,25 @@ class Matcher:
     def _masks(self, site: Site, steps: list[Step], qk: fx.Node) -> list[Step]:
         """Decide causal / bias for every mask; the steps that stay are emitted into attn_bias."""
         kept: list[Step] = []
-        masked = False
+        masked = added = capped = False
         nq, nk = sp.meta(qk).shape[-2:]
         for step in steps:
+            if step.kind == "softcap":
+                if capped:
+                    raise Skip("two soft-caps on the scores: the kernel applies one")
+                if added:
+                    raise Skip("a bias or mask inside the soft-cap's tanh: the kernel adds them after the cap")
+                capped = True
+                kept.append(step)
+                continue
             if step.kind == "scale":
                 if masked and step.factor <= 0:
                     raise Skip("a non-positive scale after a mask would make masked keys the largest")
+                if capped and step.factor <= 0:
+                    raise Skip("a non-positive scale after the soft-cap")
                 kept.append(step)
                 continue
+            added = True
             if step.kind == "add":
                 fill = self.masks.fill(step.tensor, before=site.softmax)
                 if fill is None or step.sign < 0:

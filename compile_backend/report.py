@@ -17,12 +17,13 @@ class SiteRecord:
     causal: Optional[bool] = None
     scale: Optional[float] = None
     has_bias: Optional[bool] = None
+    softcap: Optional[float] = None  # 0.0: none
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         if self.fused:
             parts = [f"scale={self.scale:.6g}", f"causal={self.causal}", f"bias={'yes' if self.has_bias else 'no'}",
-                     *self.notes]
+                     *([f"softcap={self.softcap:.6g}"] if self.softcap else []), *self.notes]
             return f"[graph {self.graph}] {self.node}: FUSED ({', '.join(parts)})  @ {self.where}"
         return f"[graph {self.graph}] {self.node}: skipped: {self.reason}  @ {self.where}"
 

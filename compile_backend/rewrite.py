@@ -116,14 +116,18 @@ def _operand(emit: _Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
     return to_layout(emit, t, src, dst, full=True)
 
 
-def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], float]:
-    """Emit attn_bias from the kept mask/bias steps, in program order; returns (bias, final scale)."""
-    bias, scale = None, site.scale
+def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], float, float]:
+    """Emit attn_bias from the kept mask/bias steps, in program order; returns (bias, final scale, softcap)."""
+    bias, scale, softcap = None, site.scale, 0.0
     for step in site.steps:
         if step.kind == "scale":
             scale *= step.factor
+            # h · cap · tanh(scale · x / cap) = (h · cap) · tanh((h · scale) · x / (h · cap)) for h > 0.
+            softcap *= step.factor
             if bias is not None:
                 bias = emit("call_function", torch.mul, bias, step.factor)
+        elif step.kind == "softcap":  # the matcher lets no bias or mask before it
+            softcap = step.value
         elif step.kind == "add":
             b = to_layout(emit, step.tensor, step.frame, dst, full=False)
             if step.sign < 0:
@@ -137,15 +141,7 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
             # fp32: a value like finfo(float32).min would round to -inf in bf16.
             rest = 0.0 if bias is None else emit.method("float", bias)
             bias = emit("call_function", torch.where, mask, step.value, rest)
-    return bias, scale
-
-
-def _fp32_on_cuda_reason(q) -> Optional[str]:
-    if q.device.type == "cuda" and q.dtype == torch.float32:
-        if not (torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"):
-            return ("fp32 on CUDA without TF32 allowed (torch.backends.cuda.matmul.allow_tf32 / "
-                    "set_float32_matmul_precision): the fused op would not match the user's precision choice")
-    return None
+    return bias, scale, softcap
 
 
 def fuse(gm: fx.GraphModule, site: Site) -> dict:
@@ -156,14 +152,15 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
         q = _operand(emit, site.q, site.qk_frame, dst)
         k = _operand(emit, site.k, site.qk_frame, dst)
         v = _operand(emit, site.v, site.pv_frame, dst)
-        bias, scale = _bias(emit, site, dst)
+        bias, scale, softcap = _bias(emit, site, dst)
         fq, fk, fv = (sp.meta(n) for n in (q, k, v))
-        reason = _fp32_on_cuda_reason(fq) or why_unsupported(fq, fk, fv, None if bias is None else sp.meta(bias))
+        # fp32 on CUDA is refused here unless torch allows TF32 (torch_op.tf32_allowed), as for its own matmuls.
+        reason = why_unsupported(fq, fk, fv, None if bias is None else sp.meta(bias))
         if reason is not None:
             raise Skip(reason)
         if not math.isfinite(scale):
             raise Skip(f"scale {scale} is not finite")
-        res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal))
+        res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal), softcap=float(softcap))
         out = emit("call_function", operator.getitem, res, 0)
         out = to_layout(emit, out, dst, site.pv_frame, full=False)
         if site.pv_out_perm is not None:
@@ -179,7 +176,8 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
     for node in sorted(set(site.erase), key=order.__getitem__, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
-    return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None}
+    return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None,
+            "softcap": float(softcap)}
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, graph_index: int = 0, count: bool = True) -> list[SiteRecord]:

@@ -156,6 +156,28 @@ def scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     return None
 
 
+def runtime_factor(node: fx.Node) -> Optional[tuple[fx.Node, Any]]:
+    """(tensor operand, factor) when the node multiplies or divides a tensor by a number known only at run time:
+    a symbolic float (Dynamo lifts Python floats to graph inputs under ``dynamic=True``) or a 0-dim tensor
+    input; else None."""
+    def runtime_number(x):
+        value = meta(x)
+        return isinstance(x, fx.Node) and (isinstance(value, (torch.SymFloat, torch.SymInt))
+                                           or isinstance(value, torch.Tensor) and value.dim() == 0)
+
+    if is_call(node, (operator.mul, operator.imul, torch.mul), ("mul", "__mul__", "__rmul__")):
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        for tensor, c in ((a, b), (b, a)):
+            if runtime_number(c) and isinstance(meta(tensor), torch.Tensor) and meta(tensor).dim() > 0:
+                return tensor, c
+    elif is_call(node, (operator.truediv, operator.itruediv, torch.div, torch.true_divide),
+                 ("div", "true_divide", "__truediv__")):
+        c = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if runtime_number(c) and isinstance(meta(node.args[0]), torch.Tensor):
+            return node.args[0], c
+    return None
+
+
 def additive_operands(node: fx.Node) -> Optional[tuple[Any, Any, float]]:
     """(a, b, sign) for ``a + b`` / ``a - b`` in any spelling (``alpha=`` unsupported), else None."""
     if node.kwargs.get("alpha", 1) != 1:

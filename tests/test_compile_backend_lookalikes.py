@@ -38,10 +38,6 @@ def relu_between(q, k, v):
     return torch.relu((q @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
 
 
-def softcapped_scores(q, k, v):  # Gemma-2 style: tanh on the scores is not in the kernel
-    return (torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0).softmax(dim=-1) @ v
-
-
 def inf_arbitrary_mask(q, k, v, keep):
     return (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
 
@@ -64,7 +60,6 @@ LOOKALIKES = [
     (scores_returned, "other users"),
     (probs_times_two, "between the softmax and P·V"),
     (relu_between, "between the softmax and P·V"),
-    (softcapped_scores, "not Q·Kᵀ"),
     (probs_on_right, "between the softmax and P·V"),
 ]
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from models.harness import compile_and_compare
-from models.hf import BertSelfAttention, GPT2Attention, LlamaAttention, bert_extended_mask, llama_causal_mask
+from models.hf import (BertSelfAttention, Gemma2Attention, GPT2Attention, LlamaAttention, bert_extended_mask,
+                       llama_causal_mask, sliding_window_mask)
 from models.nanogpt import GPT, CausalSelfAttention
 from models.others import BmmAttention, EinsumCrossAttention, TimmAttention, sdpa_reference
 
@@ -49,6 +50,25 @@ def test_llama_left_padding_fully_masked_rows_gradient():
     pad = torch.ones(2, 7)
     pad[1, :2] = 0  # left padding: the first two queries of sequence 1 see no key at all
     compile_and_compare(m, torch.randn(2, 7, 64), llama_causal_mask(pad, torch.float32), expect=1, frozen=(1,))
+
+
+@pytest.mark.parametrize("mask", ["causal", "padded", "sliding"])
+@pytest.mark.parametrize("cap", [50.0, 0.5])
+def test_gemma2_soft_capped_attention(cap, mask):
+    """Gemma 2's eager attention (query_pre_attn_scalar scaling, grouped-query K/V, tanh logit soft-capping
+    with its released cap 50 and with a cap small enough that tanh bends the scores): fused with the cap."""
+    m = Gemma2Attention(hidden_size=64, num_heads=4, num_key_value_heads=2, query_pre_attn_scalar=24,
+                        attn_logit_softcapping=cap)
+    pad = torch.ones(2, 9)
+    if mask == "padded":
+        pad[1, -3:] = 0
+    if mask == "sliding":
+        attn_mask = sliding_window_mask(pad, 4, torch.float32)
+    else:
+        attn_mask = llama_causal_mask(pad, torch.float32)
+    graphs = compile_and_compare(m, torch.randn(2, 9, 64), attn_mask, expect=1, frozen=(1,))
+    (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
+    assert op.kwargs["softcap"] == cap and op.args[4] == pytest.approx(24 ** -0.5)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

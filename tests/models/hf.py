@@ -1,4 +1,4 @@
-"""Hugging Face transformers eager attention, written as their sources write it (Llama, GPT-2, BERT)."""
+"""Hugging Face transformers eager attention, written as their sources write it (Llama, Gemma 2, GPT-2, BERT)."""
 import math
 
 import torch
@@ -90,6 +90,64 @@ def llama_causal_mask(padding_mask, dtype):
     causal = causal[None, None, :, :].expand(b, 1, -1, -1).clone()
     padding = causal + padding_mask[:, None, None, :].to(dtype)
     return causal.masked_fill(padding == 0, min_dtype)
+
+
+# ---- Gemma 2 (modeling_gemma2.py: eager_attention_forward with logit soft-capping) -----------------
+
+def gemma2_eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                   softcap=None):
+    if scaling is None:
+        scaling = module.head_dim ** -0.5
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if softcap is not None:
+        attn_weights = attn_weights / softcap
+        attn_weights = torch.tanh(attn_weights)
+        attn_weights = attn_weights * softcap
+    if attention_mask is not None:
+        causal_mask = attention_mask[:, :, :, : key_states.shape[-2]]
+        attn_weights = attn_weights + causal_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class Gemma2Attention(LlamaAttention):
+    """Llama's projections and rotary embedding; Gemma 2 scales by query_pre_attn_scalar ** -0.5 and caps the
+    logits with attn_logit_softcapping (50.0 in the released configs)."""
+
+    def __init__(self, hidden_size=64, num_heads=4, num_key_value_heads=2, query_pre_attn_scalar=16,
+                 attn_logit_softcapping=50.0):
+        super().__init__(hidden_size, num_heads, num_key_value_heads)
+        self.scaling = query_pre_attn_scalar ** -0.5
+        self.attn_logit_softcapping = attn_logit_softcapping
+
+    def forward(self, hidden_states, attention_mask):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
+        cos, sin = self.rotary(hidden_states, position_ids)
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        attn_output, _ = gemma2_eager_attention_forward(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+            softcap=self.attn_logit_softcapping)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output)
+
+
+def sliding_window_mask(padding_mask, window, dtype):
+    """llama_causal_mask with keys more than ``window`` - 1 positions back masked too (Gemma 2's local layers)."""
+    mask = llama_causal_mask(padding_mask, dtype)
+    t = padding_mask.shape[1]
+    too_far = torch.ones(t, t, dtype=torch.bool).tril(-window)
+    return mask.masked_fill(too_far, torch.finfo(dtype).min)
 
 
 # ---- GPT-2 (modeling_gpt2.py, eager _attn with the `bias` causal buffer) ---------------------------
