@@ -5,8 +5,7 @@ import torch
 
 from . import launch
 from .errors import require_gpu
-from .tile_classes import tile_classes
-from .tiles import BACKWARD, FORWARD
+from .tiles import for_pass
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
@@ -34,16 +33,29 @@ def _kernel_bias(attn_bias, q):
     return attn_bias if attn_bias.dtype in (q.dtype, torch.float32) else attn_bias.float()
 
 
-def _mods(bias, tiles, causal, window, dropout_p, seed, dbias=None) -> launch.ScoreMods:
-    """The launch's ScoreMods; `tiles` is the pass's tile table (its bias tiles are classified for skipping)."""
+def _alloc(device):
+    """launch.classify_tiles's allocator: torch tensors on `device`, on torch's current stream."""
+    def alloc(shape, dtype: str, zeroed: bool):
+        make = torch.zeros if zeroed else torch.empty
+        t = make(shape, dtype=getattr(torch, dtype), device=device)
+        return t, _buf(t)
+
+    return alloc
+
+
+def _mods(bias, tiles, causal, window, dropout_p, seed, softcap, ctx, dbias=None) -> launch.ScoreMods:
+    """The launch's ScoreMods; `tiles` are the pass's tiles (its bias tiles are classified for skipping)."""
     classes = None
     if bias is not None:
-        classes = tile_classes(bias, tiles.Br, tiles.Bc, window=causal or tuple(window) != (-1, -1))
+        classes = launch.classify_tiles(dtype=ctx["dtype"], bias=_broadcast_buf(bias), bias_shape=tuple(bias.shape),
+                                        bias_f32=bias.dtype == torch.float32, br=tiles.Br, bc=tiles.Bc,
+                                        window=causal or tuple(window) != (-1, -1), alloc=_alloc(bias.device),
+                                        stream_ptr=ctx["stream_ptr"], device_id=ctx["device_id"])
     return launch.ScoreMods(bias=None if bias is None else _broadcast_buf(bias),
                             bias_f32=bias is not None and bias.dtype == torch.float32,
                             tile_classes=None if classes is None else _broadcast_buf(classes),
                             dbias=None if dbias is None else _broadcast_buf(dbias), window=tuple(window),
-                            dropout_p=dropout_p, seed=seed)
+                            dropout_p=dropout_p, seed_ptr=0 if seed is None else seed.data_ptr(), softcap=softcap)
 
 
 def _launch_context(q: torch.Tensor, k: torch.Tensor) -> dict:
@@ -53,22 +65,26 @@ def _launch_context(q: torch.Tensor, k: torch.Tensor) -> dict:
                 device_id=q.device.index)
 
 
-def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed: int = 0):
+def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
+            softcap: float = 0.0):
+    """`seed`: the dropout seed, one int64 element on q's device (the kernels read it there, so a CUDA graph
+    replays with the seed drawn at that replay)."""
     out = q.new_empty(q.shape)  # contiguous, as the fake implementation in torch_op
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, H, Nq)
     if out.numel() == 0:
         return out, lse
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     bias = _kernel_bias(attn_bias, q)
+    ctx = _launch_context(q, k)
     launch.forward(causal=causal, shape=tuple(q.shape), n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                    out=_buf(out), lse=_buf(lse), scale=scale,
-                   mods=_mods(bias, FORWARD[q.shape[-1]], causal, window, dropout_p, seed),
-                   **_launch_context(q, k))
+                   mods=_mods(bias, for_pass("fwd", ctx["dtype"], q.shape[-1]), causal, window, dropout_p, seed,
+                              softcap, ctx), **ctx)
     return out, lse
 
 
 def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
-             dropout_p: float = 0.0, seed: int = 0, bias_grad: bool = False):
+             dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
     # dBias is summed atomically over the bias's broadcast dims, in fp32.
     dbias = torch.zeros(attn_bias.shape, dtype=torch.float32, device=q.device) if bias_grad else None
@@ -79,9 +95,11 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
     dq_accum = torch.zeros((batch, heads, n_q, d), dtype=torch.float32, device=q.device)  # atomically summed
     d_vec = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)  # D = rowsum(dO ∘ O)
     bias = _kernel_bias(attn_bias, q)
+    ctx = _launch_context(q, k)
+    launch.require_backward(d)
     launch.backward(causal=causal, shape=tuple(q.shape), n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                     out=_buf(out), dout=_buf(dout), lse=_buf(lse.contiguous()), d_vec=_buf(d_vec),
                     dq_accum=_buf(dq_accum), dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
-                    mods=_mods(bias, BACKWARD.get(q.shape[-1]), causal, window, dropout_p, seed, dbias),
-                    **_launch_context(q, k))
+                    mods=_mods(bias, for_pass("bwd", ctx["dtype"], d), causal, window, dropout_p, seed, softcap,
+                               ctx, dbias), **ctx)
     return dq, dk, dv, None if dbias is None else dbias.to(attn_bias.dtype)

@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 
 ENTRY_FILE = "flash_attn.cu"
 NVRTC_OPTIONS = ("-std=c++17",)
-# CuPy's element-type name → the tag struct in common.cuh.
-DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16"}
-KERNELS = ("fwd", "bwd", "bwd_preprocess", "bwd_convert_dq")
+# CuPy's element-type name → the tag struct in common.cuh (fp32 runs on TF32 tensor cores).
+DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float32": "cupyflash::tf32"}
+ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+KERNELS = ("fwd", "bwd", "bwd_preprocess", "bwd_convert_dq", "tile_minmax", "tile_classify")
+TILE_CLASS_KERNELS = ("tile_minmax", "tile_classify")  # per dtype, no head dim (kernels_cu/tile_classes.cuh)
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
 
@@ -44,7 +46,7 @@ def kernel_dir() -> Path:
 @dataclass(frozen=True)
 class Variant:
     kernel: str  # one of KERNELS
-    dtype: str  # "float16" | "bfloat16"
+    dtype: str  # a key of DTYPE_TAGS
     head_dim: int
     causal: bool = False
     mods: bool = False  # bias / window compiled in (kernels_cu/scores.cuh); False: the lean plain path
@@ -52,12 +54,13 @@ class Variant:
 
     @property
     def tiles(self) -> tiles.Tiles | None:
-        table = {"fwd": tiles.FORWARD, "bwd": tiles.BACKWARD}.get(self.kernel)
-        return None if table is None else table[self.head_dim]
+        return tiles.for_pass(self.kernel, self.dtype, self.head_dim) if self.kernel in ("fwd", "bwd") else None
 
     @property
     def name(self) -> str:
-        short = {"float16": "f16", "bfloat16": "bf16"}[self.dtype]
+        short = {"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}[self.dtype]
+        if self.kernel in TILE_CLASS_KERNELS:
+            return f"{self.kernel}_{short}"
         return (f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
                 + ("_mods" if self.mods else "") + ("_dropout" if self.dropout else ""))
 
@@ -72,26 +75,34 @@ class Variant:
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {flags}>"
         if self.kernel == "bwd_preprocess":
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
+        if self.kernel == "tile_minmax":
+            return f"cupyflash::tile_minmax<{tag}>"
+        if self.kernel == "tile_classify":
+            return "cupyflash::tile_classify"
         return f"cupyflash::flash_bwd_convert_dq<{tag}, {d}>"
 
     @property
     def shared_bytes(self) -> int:
         """Dynamic shared memory per thread block."""
         if self.kernel == "fwd":
-            return tiles.forward_smem_bytes(self.head_dim, self.tiles)
+            return tiles.forward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
         if self.kernel == "bwd":
-            return tiles.backward_smem_bytes(self.head_dim, self.tiles)
+            return tiles.backward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
         return 0
 
     @property
     def module_key(self) -> tuple:
-        """Variants compiled together into one RawModule: one pass (forward / backward) of one dtype and head dim."""
+        """Variants compiled together into one RawModule: one pass (forward / backward) of one dtype and head dim,
+        or the bias tile classification of one dtype."""
+        if self.kernel in TILE_CLASS_KERNELS:
+            return ("tiles", self.dtype, 0)
         return ("fwd" if self.kernel == "fwd" else "bwd", self.dtype, self.head_dim)
 
 
 def all_variants() -> list[Variant]:
     out = []
     for dtype in DTYPE_TAGS:
+        out += [Variant(k, dtype, 0) for k in TILE_CLASS_KERNELS]
         for d in tiles.FORWARD:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         for d in tiles.BACKWARD:
@@ -135,6 +146,7 @@ class CompileReport:
     spill_loads: int
     stack_bytes: int
     shared_bytes: int
+    symbol: str = ""  # the mangled kernel name in the cubin
 
     def __str__(self) -> str:
         return (f"{self.variant.name:<28} {self.arch}: {self.registers:3d} registers, {self.stack_bytes} B stack, "
@@ -156,8 +168,9 @@ def _nvrtc():
     return nvrtc
 
 
-def compile_module_reports(key: tuple, arch: str) -> list[CompileReport]:
-    """Compiles one module's variants for `arch` ("sm_80", "sm_90") with NVRTC; no GPU needed."""
+def compile_module_reports(key: tuple, arch: str, cubin_path: Path | None = None) -> list[CompileReport]:
+    """Compiles one module's variants for `arch` ("sm_80", "sm_90") with NVRTC; no GPU needed. With
+    `cubin_path`, the module's cubin is written there too (for cuobjdump -sass: benchmarks/sass_report.py)."""
     nvrtc = _nvrtc()
     variants = module_variants(key)
     prog = nvrtc.createProgram(source_for(), ENTRY_FILE, [], [])
@@ -171,13 +184,16 @@ def compile_module_reports(key: tuple, arch: str) -> list[CompileReport]:
             first = next((ln for ln in log_text.splitlines() if "error" in ln), str(err))
             raise KernelCompileError(f"kernels {[v.name for v in variants]} failed to compile for {arch}: "
                                      f"{first.strip()}; this is a bug in cupyflash, please report it.") from None
+        if cubin_path is not None:
+            Path(cubin_path).write_bytes(nvrtc.getCUBIN(prog))
         ptxas = {m.group(1): m for m in _PTXAS_FUNC.finditer(nvrtc.getProgramLog(prog))}
         reports = []
         for v in variants:
-            m = ptxas[nvrtc.getLoweredName(prog, v.expression)]
+            symbol = nvrtc.getLoweredName(prog, v.expression)
+            m = ptxas[symbol]
             reports.append(CompileReport(v, arch, registers=int(m.group(5)), spill_stores=int(m.group(3)),
                                          spill_loads=int(m.group(4)), stack_bytes=int(m.group(2)),
-                                         shared_bytes=v.shared_bytes))
+                                         shared_bytes=v.shared_bytes, symbol=symbol))
         return reports
     finally:
         nvrtc.destroyProgram(prog)

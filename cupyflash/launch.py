@@ -76,12 +76,13 @@ class ScoreMods:
     dbias: Buf | None = None  # fp32 accumulator shaped like the bias (backward only)
     window: tuple = (-1, -1)  # (left, right) keys around the diagonal; -1: unbounded
     dropout_p: float = 0.0
-    seed: int = 0
+    seed_ptr: int = 0  # device address of the int64 dropout seed (read by the kernels, so CUDA graphs replay it)
+    softcap: float = 0.0  # logits = softcap · tanh(scale · q·k / softcap); 0: off
 
     @property
     def any(self) -> bool:
         """Whether the kernel variant with these features compiled in is needed."""
-        return self.bias is not None or self.window != (-1, -1) or self.dropout_p > 0
+        return self.bias is not None or self.window != (-1, -1) or self.dropout_p > 0 or self.softcap > 0
 
     def bias_args(self, buf: Buf | None) -> tuple:
         if buf is None:
@@ -95,8 +96,15 @@ class ScoreMods:
         keep = 1.0 - self.dropout_p
         # An element is kept iff its 32-bit Philox word < threshold; 0xffffffff means "no dropout" (scores.cuh).
         threshold = 0xFFFFFFFF if self.dropout_p == 0 else min(0xFFFFFFFF, int(keep * 2.0 ** 32))
-        return (np.uint32(threshold), np.float32(1.0 / keep), np.uint32(self.seed & 0xFFFFFFFF),
-                np.uint32((self.seed >> 32) & 0xFFFFFFFF))
+        if self.dropout_p > 0 and not self.seed_ptr:
+            raise ValueError("dropout needs the device address of its seed (seed_ptr)")
+        return np.uint32(threshold), np.float32(1.0 / keep), np.uint64(self.seed_ptr)
+
+    def softcap_args(self, scale: float) -> tuple:
+        """(scale / softcap, softcap · log2 e): the kernels' tanh argument and log2-unit logit scale (0: off)."""
+        if self.softcap <= 0:
+            return np.float32(0.0), np.float32(0.0)
+        return np.float32(scale / self.softcap), np.float32(self.softcap * LOG2E)
 
 
 def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
@@ -109,8 +117,49 @@ def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, 
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
             np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
             *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-            *mods.window_args(), *mods.dropout_args())
+            *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
     _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
+
+
+def tile_grid(bias_shape: tuple, br: int, bc: int) -> tuple:
+    """(tq, tk, QB, KB): the tiles of a pass's Br x Bc blocks over the bias's own (broadcast) shape; a size-1
+    query or key dim is one tile of size 1 (cupyflash/tile_classes.py)."""
+    _, _, nq, nk = bias_shape
+    tq, tk = (br if nq > 1 else 1), (bc if nk > 1 else 1)
+    return tq, tk, math.ceil(nq / tq), math.ceil(nk / tk)
+
+
+def classify_tiles(*, dtype: str, bias: Buf, bias_shape: tuple, bias_f32: bool, br: int, bc: int, window: bool,
+                   alloc, stream_ptr: int, device_id: int):
+    """The int8 (Bb, Hb, QB, KB) TileClass of each bias tile (definition: cupyflash/tile_classes.py), computed on
+    the GPU in two launches. `alloc(shape, dtype_name, zeroed)` returns (array, Buf) in the caller's library."""
+    bb, hb, nq, _ = bias_shape
+    tq, tk, n_qb, n_kb = tile_grid(bias_shape, br, bc)
+    n_tiles = bb * hb * n_qb * n_kb
+    classes, classes_buf = alloc((bb, hb, n_qb, n_kb), "int8", False)
+    _, lo = alloc((n_tiles,), "float32", False)
+    _, hi = alloc((n_tiles,), "float32", False)
+    _, row_keeps = alloc((bb * hb * nq,), "int32", True)
+    minmax = jit.Variant("tile_minmax", dtype, 0)
+    _run(minmax, (n_tiles,), (CLASS_THREADS,),
+         (_ptr(bias), np.int32(bias_f32), *[np.int64(x) for x in bias.strides[:4]], np.int32(hb), np.int32(nq),
+          np.int32(bias_shape[3]), np.int32(tq), np.int32(tk), np.int32(n_qb), np.int32(n_kb), _ptr(lo), _ptr(hi),
+          _ptr(row_keeps)), stream_ptr, device_id)
+    classify = jit.Variant("tile_classify", dtype, 0)
+    _run(classify, (math.ceil(n_tiles / CLASS_THREADS),), (CLASS_THREADS,),
+         (_ptr(lo), _ptr(hi), _ptr(row_keeps), np.int32(nq), np.int32(tq), np.int32(n_qb), np.int32(n_kb),
+          np.int64(n_tiles), np.int32(window), _ptr(classes_buf)), stream_ptr, device_id)
+    return classes
+
+
+CLASS_THREADS = 128  # kernels_cu/tile_classes.cuh kClassThreads
+
+
+def require_backward(head_dim: int) -> None:
+    """Raises NotImplementedError for a head dim with no backward kernel (before the faces classify bias tiles)."""
+    if head_dim not in BACKWARD:
+        raise NotImplementedError(f"head_dim {head_dim} has a forward kernel only; the backward supports head_dim "
+                                  f"in {tuple(BACKWARD)}")
 
 
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
@@ -122,9 +171,7 @@ def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int,
     """dq, dk, dv (and mods.dbias, zeroed fp32) ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 and
     zeroed, `d_vec` (B, H, Nq) fp32."""
     batch, heads, n_q, d = shape
-    if d not in BACKWARD:
-        raise NotImplementedError(f"head_dim {d} has a forward kernel only; the backward supports head_dim in "
-                                  f"{tuple(BACKWARD)}")
+    require_backward(d)
     n_rows = batch * heads * n_q
     row_grid = (math.ceil(n_rows / ROWS_PER_BLOCK),)
     row_block = (32 * ROWS_PER_BLOCK,)
@@ -140,7 +187,7 @@ def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int,
             np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
             *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
             *mods.bias_args(mods.dbias),
-            *mods.window_args(), *mods.dropout_args())
+            *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
     _run(main, grid, (t.threads,), args, stream_ptr, device_id)
 
     conv = jit.Variant("bwd_convert_dq", dtype, d)

@@ -1,4 +1,5 @@
-"""The one table of tile sizes: per head dim, the forward and backward block shapes.
+"""The one table of tile sizes: per head dim, the forward and backward block shapes (for every element type:
+fp32 tiles take twice the shared memory, still within an sm_80/sm_90 block's opt-in limit).
 
 Forward: Br query rows per thread block, Bc keys per K/V block, Br = 16 · m_tiles · warps (each warp owns
 m_tiles 16-row tiles; two halve the shared-memory reads of K and V per MMA, at the cost of registers).
@@ -39,11 +40,29 @@ BACKWARD = {
 }
 
 
-def forward_smem_bytes(d: int, t: Tiles) -> int:
-    row = 2 * d + 16  # padded row, see Tile<> in common.cuh
+# fp32 on TF32 tensor cores holds twice the fragment registers and twice the shared memory per tile; where the
+# 16-bit shape would spill registers or pass sm_80's 163 KiB of shared memory, it takes this one (NVRTC -Xptxas=-v,
+# tests/test_kernel_compile.py).
+TF32 = {
+    ("fwd", 64): Tiles(Br=64, Bc=64, warps=4, m_tiles=1),
+    ("fwd", 128): Tiles(Br=64, Bc=32, warps=4, m_tiles=1),
+    ("bwd", 96): Tiles(Br=16, Bc=32, warps=2),
+    ("bwd", 128): Tiles(Br=16, Bc=128, warps=8),
+}
+
+
+def for_pass(kernel: str, dtype: str, head_dim: int) -> Tiles:
+    """The tiles of pass `kernel` ("fwd" / "bwd") for `dtype` and `head_dim`: the one lookup every launch uses."""
+    if dtype == "float32" and (kernel, head_dim) in TF32:
+        return TF32[(kernel, head_dim)]
+    return (FORWARD if kernel == "fwd" else BACKWARD)[head_dim]
+
+
+def forward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:
+    row = elem_bytes * d + 16  # padded row, see Tile<> in common.cuh
     return (t.Br + 2 * t.Bc) * row
 
 
-def backward_smem_bytes(d: int, t: Tiles) -> int:
-    row = 2 * d + 16
-    return (2 * t.Bc + 2 * t.Br) * row + t.Bc * (2 * t.Br + 16) + 2 * 4 * t.Br
+def backward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:
+    row = elem_bytes * d + 16
+    return (2 * t.Bc + 2 * t.Br) * row + t.Bc * (elem_bytes * t.Br + 16) + 2 * 4 * t.Br

@@ -1,4 +1,4 @@
-// Shared device helpers: 16-bit element types, tensor-core MMA, ldmatrix, cp.async.
+// Shared device helpers: element types (fp16, bf16, fp32 on TF32), tensor-core MMA, fragment loads, cp.async.
 //
 // No CUDA headers are included: NVRTC compiles this without cuda_fp16.h / cuda_bf16.h (CuPy does not ship
 // the bf16 header for every toolkit), so fp16/bf16 values live as raw 16-bit words and are converted with PTX.
@@ -17,8 +17,13 @@ CF_DEVICE float inf_f() { return __int_as_float(0x7f800000); }
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;  // log2 → natural log for the saved LSE
 
-// ---- element types: the tag selects the MMA instruction and the f32 ↔ 16-bit conversions ----
+// ---- element types: the tag selects the element type in memory, the MMA and the fragment loads ----
+// Every GEMM is built from "k16 blocks": an A fragment covers 16 rows x 16 k (kARegs registers per lane), a B
+// fragment one n8 tile x 16 k (kBRegs), and mma16 adds A·B into an m16n8 fp32 accumulator.
 struct f16 {
+    using elem = u16;
+    static constexpr bool kTF32 = false;
+    static constexpr int kARegs = 4, kBRegs = 2;
     // cvt.rn.f16x2.f32 d, a, b puts a in the upper half and b in the lower half.
     static CF_DEVICE u32 pack(float lo, float hi) {
         u32 r;
@@ -37,16 +42,19 @@ struct f16 {
     }
     // D = A·B + C, m16n8k16, row-major A, column-major B, fp32 accumulate. Not volatile: a pure register op,
     // which the compiler may schedule freely.
-    static CF_DEVICE void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
+    static CF_DEVICE void mma16(float c[4], const u32* a, const u32* b) {
         asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
 };
 
 struct bf16 {
+    using elem = u16;
+    static constexpr bool kTF32 = false;
+    static constexpr int kARegs = 4, kBRegs = 2;
     static CF_DEVICE u32 pack(float lo, float hi) {
         u32 r;
         asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -54,12 +62,38 @@ struct bf16 {
     }
     static CF_DEVICE u16 from_float(float x) { return (u16)(pack(x, 0.f) & 0xffffu); }
     static CF_DEVICE float to_float(u16 x) { return __uint_as_float((u32)x << 16); }  // bf16 is the top half of f32
-    static CF_DEVICE void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
+    static CF_DEVICE void mma16(float c[4], const u32* a, const u32* b) {
         asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+// fp32 in memory, TF32 tensor cores (mma m16n8k8 .tf32: 10-bit mantissa in, fp32 accumulate). A k16 block is
+// two k8 MMAs: A registers 0-3 and B registers 0-1 hold k 0-7, the rest k 8-15.
+struct tf32 {
+    using elem = float;
+    static constexpr bool kTF32 = true;
+    static constexpr int kARegs = 8, kBRegs = 4;
+    static CF_DEVICE float from_float(float x) { return x; }
+    static CF_DEVICE float to_float(float x) { return x; }
+    // Round to nearest (ties away), as cuBLAS's TF32 GEMMs: the MMA itself would truncate the low 13 bits.
+    static CF_DEVICE u32 round(float x) {
+        u32 r;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+        return r;
+    }
+    static CF_DEVICE void mma16(float c[4], const u32* a, const u32* b) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            asm(
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                "{%0,%1,%2,%3};"
+                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                : "r"(a[4 * h]), "r"(a[4 * h + 1]), "r"(a[4 * h + 2]), "r"(a[4 * h + 3]), "r"(b[2 * h]),
+                  "r"(b[2 * h + 1]));
     }
 };
 
@@ -69,15 +103,25 @@ CF_DEVICE u32 smem_addr(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
+CF_DEVICE float lds_f32(u32 addr) {
+    float x;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(x) : "r"(addr));
+    return x;
+}
+CF_DEVICE void lds_f32x2(float& x, float& y, u32 addr) {
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(x), "=f"(y) : "r"(addr));
+}
 
-// Tiles are stored row-major with each row padded by 16 bytes: 8 consecutive rows then start in 8 distinct
-// 16-byte bank groups, so ldmatrix (8 rows × 16 bytes per 8x8 matrix) is conflict-free for every head dim.
-template <int Cols>
+// Tiles of T's elements are stored row-major with each row padded by 16 bytes: 8 consecutive rows then start in
+// 8 distinct 16-byte bank groups, so ldmatrix (8 rows × 16 bytes per 8x8 matrix) is conflict-free for every head
+// dim (fp32 tiles take 2-way conflicts on some TF32 fragment loads, which ldmatrix cannot serve).
+template <typename T, int Cols>
 struct Tile {
-    static constexpr int kRowBytes = Cols * 2 + 16;
+    static constexpr int kElemBytes = sizeof(typename T::elem);
+    static constexpr int kRowBytes = Cols * kElemBytes + 16;
     template <int Rows>
     __host__ __device__ static constexpr int bytes() { return Rows * kRowBytes; }
-    static CF_DEVICE u32 at(u32 base, int row, int col) { return base + row * kRowBytes + col * 2; }
+    static CF_DEVICE u32 at(u32 base, int row, int col) { return base + row * kRowBytes + col * kElemBytes; }
 };
 
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register i receives, in each lane,
@@ -93,44 +137,127 @@ CF_DEVICE void ldmatrix_x4_trans(u32 r[4], u32 addr) {
                  : "r"(addr));
 }
 
-// The three fragment loads every GEMM here is built from (m16n8k16, see the PTX ISA "Matrix Fragments for
-// mma.m16n8k16"). `row0`/`col0` locate the 16x16 block in the stored tile.
+// The four fragment loads every GEMM here is built from. `row0`/`col0` locate the 16x16 block in the stored tile.
+// 16-bit types: ldmatrix, layouts of the PTX ISA "Matrix Fragments for mma.m16n8k16".
+// TF32 (layouts of "mma.m16n8k8" .tf32): within each k8 half, fragment slot k = t (lane%4) holds column 2t and
+// slot t + 4 column 2t + 1. Any k order gives the same product as long as A and B share it, and this one makes an
+// accumulator's own registers an A fragment (acc_to_a) and lets row-major loads fetch both of a lane's k in one
+// 8-byte load.
 //
 // A operand (16 x 16, rows = M, cols = K) from a tile stored [M][K]: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15).
-template <int Cols>
-CF_DEVICE void load_a(u32 a[4], u32 base, int row0, int col0, int lane) {
-    ldmatrix_x4(a, Tile<Cols>::at(base, row0 + (lane & 15), col0 + (lane >> 4) * 8));
+template <typename T, int Cols>
+CF_DEVICE void load_a(u32* a, u32 base, int row0, int col0, int lane) {
+    using Tl = Tile<T, Cols>;
+    if constexpr (T::kTF32) {
+        const int g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {  // a0/a2: row g, a1/a3: row g + 8
+                float x, y;
+                lds_f32x2(x, y, Tl::at(base, row0 + g + 8 * r, col0 + 8 * h + 2 * t));
+                a[4 * h + r] = T::round(x);
+                a[4 * h + r + 2] = T::round(y);
+            }
+    } else {
+        ldmatrix_x4(a, Tl::at(base, row0 + (lane & 15), col0 + (lane >> 4) * 8));
+    }
 }
 // B operands of two n8 tiles (n = 16 stored rows, k = 16 stored cols) from a tile stored [N][K]:
-// r0,r1 = (b0,b1) of stored rows row0..+7, r2,r3 = of rows row0+8..+15.
-template <int Cols>
-CF_DEVICE void load_b_nk(u32 b[4], u32 base, int row0, int col0, int lane) {
-    ldmatrix_x4(b, Tile<Cols>::at(base, row0 + (lane & 7) + ((lane >> 4) << 3), col0 + ((lane >> 3) & 1) * 8));
+// b[0 .. kBRegs) of stored rows row0..+7, b[kBRegs ..) of rows row0+8..+15.
+template <typename T, int Cols>
+CF_DEVICE void load_b_nk(u32* b, u32 base, int row0, int col0, int lane) {
+    using Tl = Tile<T, Cols>;
+    if constexpr (T::kTF32) {
+        const int g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float x, y;
+                lds_f32x2(x, y, Tl::at(base, row0 + 8 * nt + g, col0 + 8 * h + 2 * t));
+                b[4 * nt + 2 * h] = T::round(x);
+                b[4 * nt + 2 * h + 1] = T::round(y);
+            }
+    } else {
+        ldmatrix_x4(b, Tl::at(base, row0 + (lane & 7) + ((lane >> 4) << 3), col0 + ((lane >> 3) & 1) * 8));
+    }
 }
 // B operands of two n8 tiles from a tile stored [K][N] (k = 16 stored rows, n = 16 stored cols), transposed by
-// ldmatrix: r0,r1 = (b0,b1) of stored cols col0..+7, r2,r3 = of cols col0+8..+15.
-template <int Cols>
-CF_DEVICE void load_b_kn(u32 b[4], u32 base, int row0, int col0, int lane) {
-    ldmatrix_x4_trans(b, Tile<Cols>::at(base, row0 + (lane & 15), col0 + (lane >> 4) * 8));
+// ldmatrix: b[0 .. kBRegs) of stored cols col0..+7, b[kBRegs ..) of cols col0+8..+15.
+template <typename T, int Cols>
+CF_DEVICE void load_b_kn(u32* b, u32 base, int row0, int col0, int lane) {
+    using Tl = Tile<T, Cols>;
+    if constexpr (T::kTF32) {
+        const int g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    b[4 * nt + 2 * h + j] = T::round(lds_f32(Tl::at(base, row0 + 8 * h + 2 * t + j, col0 + 8 * nt + g)));
+    } else {
+        ldmatrix_x4_trans(b, Tl::at(base, row0 + (lane & 15), col0 + (lane >> 4) * 8));
+    }
 }
 // A operand (rows = M, cols = K) from a tile stored transposed, [K][M].
-template <int Cols>
-CF_DEVICE void load_a_km(u32 a[4], u32 base, int k0, int m0, int lane) {
-    ldmatrix_x4_trans(a, Tile<Cols>::at(base, k0 + (lane & 7) + ((lane >> 4) << 3), m0 + ((lane >> 3) & 1) * 8));
+template <typename T, int Cols>
+CF_DEVICE void load_a_km(u32* a, u32 base, int k0, int m0, int lane) {
+    using Tl = Tile<T, Cols>;
+    if constexpr (T::kTF32) {
+        const int g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    a[4 * h + r + 2 * j] = T::round(lds_f32(Tl::at(base, k0 + 8 * h + 2 * t + j, m0 + g + 8 * r)));
+    } else {
+        ldmatrix_x4_trans(a, Tl::at(base, k0 + (lane & 7) + ((lane >> 4) << 3), m0 + ((lane >> 3) & 1) * 8));
+    }
 }
 
 // Accumulator fragments c[nt][0..3] of a 16 x (8·NT) tile hold rows lane/4 (c0, c1) and lane/4 + 8 (c2, c3),
-// cols nt·8 + 2·(lane%4) + {0, 1}. As an A operand for the next GEMM (k = those cols) block kk is:
+// cols nt·8 + 2·(lane%4) + {0, 1}. As an A operand for the next GEMM (k = those cols) k16 block kk is:
 template <typename T>
-CF_DEVICE void acc_to_a(u32 a[4], const float (*c)[4], int kk) {
-    a[0] = T::pack(c[2 * kk][0], c[2 * kk][1]);
-    a[1] = T::pack(c[2 * kk][2], c[2 * kk][3]);
-    a[2] = T::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-    a[3] = T::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+CF_DEVICE void acc_to_a(u32* a, const float (*c)[4], int kk) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float* ch = c[2 * kk + h];
+        if constexpr (T::kTF32) {  // the TF32 k order above: slot t = col 2t (c0, c2), slot t + 4 = col 2t + 1
+            a[4 * h] = T::round(ch[0]);
+            a[4 * h + 1] = T::round(ch[2]);
+            a[4 * h + 2] = T::round(ch[1]);
+            a[4 * h + 3] = T::round(ch[3]);
+        } else {
+            a[2 * h] = T::pack(ch[0], ch[1]);
+            a[2 * h + 1] = T::pack(ch[2], ch[3]);
+        }
+    }
+}
+
+// Two adjacent fp32 values (cols 2·(lane%4) + {0, 1} of an accumulator row) stored as T's elements.
+template <typename T>
+CF_DEVICE void store2(typename T::elem* p, float lo, float hi) {
+    if constexpr (T::kTF32) {
+        p[0] = lo;
+        p[1] = hi;
+    } else {
+        *reinterpret_cast<u32*>(p) = T::pack(lo, hi);
+    }
+}
+template <typename T>
+CF_DEVICE void store2_shared(u32 addr, float lo, float hi) {
+    if constexpr (T::kTF32)
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(lo), "f"(hi));
+    else
+        asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(T::pack(lo, hi)));
 }
 
 // ---- the two warp-level GEMMs every product in the kernels is ----
-// Accumulators c[mt][n][4] hold MT 16-row tiles of the warp by N/8 column tiles (fp32, m16n8k16 layout).
+// Accumulators c[mt][n][4] hold MT 16-row tiles of the warp by N/8 column tiles (fp32, m16n8 layout).
 //
 // c = A·Bᵀ over K: A's MT row tiles from a [M][K] tile in shared memory (rows a_row0 + 16·mt), B the first N rows
 // of a [N][K] tile in shared memory (S = Q Kᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ). Each B fragment feeds MT MMAs. The k loop
@@ -143,39 +270,39 @@ CF_DEVICE void mma_abt(float (*c)[N / 8][4], u32 sA, int a_row0, u32 sB, int lan
         for (int n = 0; n < N / 8; ++n) c[mt][n][0] = c[mt][n][1] = c[mt][n][2] = c[mt][n][3] = 0.f;
 #pragma unroll 1
     for (int kk = 0; kk < K / 16; ++kk) {
-        u32 a[MT][4];
+        u32 a[MT][T::kARegs];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) load_a<ACols>(a[mt], sA, a_row0 + mt * 16, kk * 16, lane);
+        for (int mt = 0; mt < MT; ++mt) load_a<T, ACols>(a[mt], sA, a_row0 + mt * 16, kk * 16, lane);
 #pragma unroll
         for (int np = 0; np < N / 16; ++np) {
-            u32 b[4];
-            load_b_nk<BCols>(b, sB, np * 16, kk * 16, lane);
+            u32 b[2 * T::kBRegs];
+            load_b_nk<T, BCols>(b, sB, np * 16, kk * 16, lane);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                T::mma(c[mt][2 * np], a[mt], b[0], b[1]);
-                T::mma(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+                T::mma16(c[mt][2 * np], a[mt], b);
+                T::mma16(c[mt][2 * np + 1], a[mt], b + T::kBRegs);
             }
         }
     }
 }
 
-// c += A·B over K: a_frag(a, kk) fills A's fragments (u32 a[MT][4]) for k-block kk, from registers or shared
-// memory; B is a [K][N] tile in shared memory, columns b_col0.. (O += P V, dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K).
-// Unrolled: A fragments built from accumulators are indexed by kk at compile time.
+// c += A·B over K: a_frag(a, kk) fills A's fragments (u32 a[MT][T::kARegs]) for k16 block kk, from registers or
+// shared memory; B is a [K][N] tile in shared memory, columns b_col0.. (O += P V, dV += Pᵀ dO, dK += dSᵀ Q,
+// dQ += dS K). Unrolled: A fragments built from accumulators are indexed by kk at compile time.
 template <typename T, int K, int N, int MT, int BCols, typename AFrag>
 CF_DEVICE void mma_ab(float (*c)[N / 8][4], AFrag a_frag, u32 sB, int b_col0, int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
-        u32 a[MT][4];
+        u32 a[MT][T::kARegs];
         a_frag(a, kk);
 #pragma unroll
         for (int np = 0; np < N / 16; ++np) {
-            u32 b[4];
-            load_b_kn<BCols>(b, sB, kk * 16, b_col0 + np * 16, lane);
+            u32 b[2 * T::kBRegs];
+            load_b_kn<T, BCols>(b, sB, kk * 16, b_col0 + np * 16, lane);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                T::mma(c[mt][2 * np], a[mt], b[0], b[1]);
-                T::mma(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+                T::mma16(c[mt][2 * np], a[mt], b);
+                T::mma16(c[mt][2 * np + 1], a[mt], b + T::kBRegs);
             }
         }
     }
@@ -191,17 +318,18 @@ CF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "
 
 // Copy a Rows x Cols tile whose row r starts at src + r·row_stride (elements, last dim contiguous); rows at or
 // past `valid_rows` are zero-filled so they contribute nothing to the MMAs.
-template <int Rows, int Cols, int Threads>
-CF_DEVICE void load_tile_async(u32 dst, const u16* src, i64 row_stride, int valid_rows, int tid) {
-    constexpr int kChunksPerRow = Cols / 8;  // 16-byte chunks
+template <typename T, int Rows, int Cols, int Threads>
+CF_DEVICE void load_tile_async(u32 dst, const typename T::elem* src, i64 row_stride, int valid_rows, int tid) {
+    constexpr int kPerChunk = 16 / sizeof(typename T::elem);  // elements per 16-byte chunk
+    constexpr int kChunksPerRow = Cols / kPerChunk;
     constexpr int kChunks = Rows * kChunksPerRow;
 #pragma unroll
     for (int it = 0; it < (kChunks + Threads - 1) / Threads; ++it) {
         const int c = it * Threads + tid;
         if (kChunks % Threads == 0 || c < kChunks) {
-            const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+            const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * kPerChunk;
             const bool valid = row < valid_rows;
-            cp_async_16(Tile<Cols>::at(dst, row, col), valid ? src + row * row_stride + col : src, valid);
+            cp_async_16(Tile<T, Cols>::at(dst, row, col), valid ? src + row * row_stride + col : src, valid);
         }
     }
 }

@@ -2,3 +2,4 @@
 // is part of CuPy's cache key) and instantiates templates through name_expressions.
 #include "flash_fwd.cuh"
 #include "flash_bwd.cuh"
+#include "tile_classes.cuh"

@@ -16,15 +16,15 @@ namespace cupyflash {
 
 // One warp per row (B·H·Nq rows): D_i = Σ_d dO[i,d] · O[i,d].
 template <typename T, int D>
-__global__ void flash_bwd_preprocess(const u16* __restrict__ dout, const u16* __restrict__ out,
+__global__ void flash_bwd_preprocess(const typename T::elem* __restrict__ dout, const typename T::elem* __restrict__ out,
                                      float* __restrict__ d_vec, i64 do_sb, i64 do_sh, i64 do_sn,
                                      i64 o_sb, i64 o_sh, i64 o_sn, int H, int Nq, i64 n_rows) {
     const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= n_rows) return;
     const int lane = threadIdx.x % 32;
     const int i = (int)(row % Nq), h = (int)((row / Nq) % H), b = (int)(row / ((i64)Nq * H));
-    const u16* dor = dout + b * do_sb + h * do_sh + i * do_sn;
-    const u16* orow = out + b * o_sb + h * o_sh + i * o_sn;
+    const typename T::elem* dor = dout + b * do_sb + h * do_sh + i * do_sn;
+    const typename T::elem* orow = out + b * o_sb + h * o_sh + i * o_sn;
     float acc = 0.f;
     for (int d = lane; d < D; d += 32) acc += T::to_float(dor[d]) * T::to_float(orow[d]);
 #pragma unroll
@@ -34,29 +34,30 @@ __global__ void flash_bwd_preprocess(const u16* __restrict__ dout, const u16* __
 
 // One warp per row: dQ[b,h,i,:] = scale · dQ_accum[b,h,i,:] (accumulator contiguous (B, H, Nq, D)).
 template <typename T, int D>
-__global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, u16* __restrict__ dq, i64 dq_sb,
+__global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, typename T::elem* __restrict__ dq, i64 dq_sb,
                                      i64 dq_sh, i64 dq_sn, int H, int Nq, i64 n_rows, float scale) {
     const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= n_rows) return;
     const int lane = threadIdx.x % 32;
     const int i = (int)(row % Nq), h = (int)((row / Nq) % H), b = (int)(row / ((i64)Nq * H));
-    u16* dst = dq + b * dq_sb + h * dq_sh + i * dq_sn;
+    typename T::elem* dst = dq + b * dq_sb + h * dq_sh + i * dq_sn;
     const float* src = dq_accum + row * D;
     for (int d = lane; d < D; d += 32) dst[d] = T::from_float(src[d] * scale);
 }
 
 template <typename T, int D, int Br, int Bc, int NWarps, bool Causal, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
-flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                 const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ d_vec,
-                 float* __restrict__ dq_accum, u16* __restrict__ dk, u16* __restrict__ dv,
+flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem* __restrict__ k, const typename T::elem* __restrict__ v,
+                 const typename T::elem* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ d_vec,
+                 float* __restrict__ dq_accum, typename T::elem* __restrict__ dk, typename T::elem* __restrict__ dv,
                  i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn, i64 v_sb, i64 v_sh, i64 v_sn,
                  i64 do_sb, i64 do_sh, i64 do_sn, i64 dk_sb, i64 dk_sh, i64 dk_sn, i64 dv_sb, i64 dv_sh,
                  i64 dv_sn, int Nq, int Nk, int group, float scale_log2, float scale,
                  const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
                  const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
                  float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
-                 int win_left, int win_right, u32 keep_threshold, float inv_keep, u32 seed_lo, u32 seed_hi) {
+                 int win_left, int win_right, u32 keep_threshold, float inv_keep,
+                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
     static_assert(Bc == 16 * NWarps, "each warp owns 16 keys");
     static_assert(Br % 16 == 0 && NWarps % (Br / 16) == 0, "dQ tiles: (Br/16) row tiles split evenly over warps");
     constexpr int kThreads = NWarps * 32;
@@ -64,8 +65,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     constexpr int kDqCols = D / (NWarps / kRowTiles);    // ... each split into column ranges, one per warp
     static_assert(kDqCols % 16 == 0, "dQ column range per warp is a multiple of 16");
     static_assert(Br / 8 * 4 <= 32, "one bit per score of a lane in the dropout keep mask");
-    using TileD = Tile<D>;
-    using TileS = Tile<Br>;
+    using TileD = Tile<T, D>;
+    using TileS = Tile<T, Br>;
 
     extern __shared__ __align__(16) unsigned char smem[];
     const u32 sK = smem_addr(smem);
@@ -80,37 +81,39 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    const ScoreMods<Mods, Dropout> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
-                               cls_sb,   cls_sh,  cls_sm,  cls_sn,  Nq,      Nk,       Nk - Nq,
-                               Mods ? win_left : kNoWindow,
-                               Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
-                               seed_hi};
+    const auto mods = make_score_mods<Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
+                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
+                                                             win_right, keep_threshold, seed, cap_in, cap_out);
     // Queries that see a key of this block: i + diag - left <= j <= i + diag + right for some j in the block.
     const int i_begin = max(0, k0 - mods.diag - mods.right) / Br;
     const int i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
-    const int n_iters = group * max(0, i_end - i_begin);  // (query head in the group, Q block) pairs
+    const int n_pairs = group * max(0, i_end - i_begin);  // (query head in the group, Q block) pairs
     auto head_of = [&](int it) { return h_kv * group + it / (i_end - i_begin); };
     auto block_of = [&](int it) { return i_begin + it % (i_end - i_begin); };
 
     auto load_q_block = [&](int it) {
         const int hq = head_of(it), q0 = block_of(it) * Br;
         const i64 bh = (i64)b * H + hq;
-        load_tile_async<Br, D, kThreads>(sQ, q + b * q_sb + hq * q_sh + q0 * q_sn, q_sn, Nq - q0, tid);
-        load_tile_async<Br, D, kThreads>(sdO, dout + b * do_sb + hq * do_sh + q0 * do_sn, do_sn, Nq - q0, tid);
+        load_tile_async<T, Br, D, kThreads>(sQ, q + b * q_sb + hq * q_sh + q0 * q_sn, q_sn, Nq - q0, tid);
+        load_tile_async<T, Br, D, kThreads>(sdO, dout + b * do_sb + hq * do_sh + q0 * do_sn, do_sn, Nq - q0, tid);
         for (int r = tid; r < Br; r += kThreads) {  // rows past Nq: P = exp2(s - inf) = 0, D = 0
             s_lse[r] = q0 + r < Nq ? lse[bh * Nq + q0 + r] * kLog2e : inf_f();
             s_dvec[r] = q0 + r < Nq ? d_vec[bh * Nq + q0 + r] : 0.f;
         }
     };
 
-    load_tile_async<Bc, D, kThreads>(sK, k + b * k_sb + h_kv * k_sh + k0 * k_sn, k_sn, Nk - k0, tid);
-    load_tile_async<Bc, D, kThreads>(sV, v + b * v_sb + h_kv * v_sh + k0 * v_sn, v_sn, Nk - k0, tid);
-    // (head, Q block) pairs whose bias tile with this K/V block is kTileSkip contribute nothing: skipped.
+    load_tile_async<T, Bc, D, kThreads>(sK, k + b * k_sb + h_kv * k_sh + k0 * k_sn, k_sn, Nk - k0, tid);
+    load_tile_async<T, Bc, D, kThreads>(sV, v + b * v_sb + h_kv * v_sh + k0 * v_sn, v_sn, Nk - k0, tid);
+    // (head, Q block) pairs whose bias tile with this K/V block is kTileSkip contribute nothing: the range is
+    // trimmed to the first and last that count, and the loop passes over any skipped ones between.
+    auto skipped = [&](int it) { return mods.tile_class(b, head_of(it), block_of(it), blockIdx.x) == kTileSkip; };
+    int it_begin = 0, n_iters = n_pairs;
+    if (Mods && tile_cls != nullptr) trim_skipped<kThreads>(it_begin, n_iters, skipped, tid);
     auto next_iter = [&](int it) {
-        while (it < n_iters && mods.tile_class(b, head_of(it), block_of(it), blockIdx.x) == kTileSkip) ++it;
+        while (it < n_iters && skipped(it)) ++it;
         return it;
     };
-    int it = next_iter(0);
+    int it = next_iter(it_begin);
     if (it < n_iters) load_q_block(it);
     cp_async_commit();
 
@@ -140,10 +143,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // Uniform branches around whole loops, not per score (see flash_fwd.cuh).
         auto col_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };  // query in the block
         auto key_of = [&](int e) { return k0 + key_in_block + (e >> 1) * 8; };
-#pragma unroll
-        for (int nt = 0; nt < Br / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pt[nt][e] *= scale_log2;
+        mods.template scale_scores<Br / 8>(pt, scale_log2);
         if (read_bias) {
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt)
@@ -181,7 +181,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 
         // dV_j += Pᵀ dO_i, P with dropout applied (zeroed and scaled by 1/keep probability)
         if (mods.dropout()) {
-            auto dropped_p_frag = [&](u32 (&a)[1][4], int kk) {
+            auto dropped_p_frag = [&](u32 (&a)[1][T::kARegs], int kk) {
                 float pd[2][4];
 #pragma unroll
                 for (int n = 0; n < 2; ++n)
@@ -191,7 +191,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             };
             mma_ab<T, Br, D, 1, D>(&acc_dv, dropped_p_frag, sdO, 0, lane);
         } else {
-            mma_ab<T, Br, D, 1, D>(&acc_dv, [&](u32 (&a)[1][4], int kk) { acc_to_a<T>(a[0], pt, kk); }, sdO, 0, lane);
+            mma_ab<T, Br, D, 1, D>(&acc_dv, [&](u32 (&a)[1][T::kARegs], int kk) { acc_to_a<T>(a[0], pt, kk); }, sdO,
+                                   0, lane);
         }
 
         // dPᵀ = V_j dO_iᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - D_i) in place.
@@ -216,16 +217,32 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 }
         }
 
+        // Soft-capping: the logit is softcap · tanh(scale · q·k / softcap), so dS w.r.t. scale · q·k is dS · (1 - tanh²)
+        // (the bias gradient above is taken before: the bias adds after the cap). tanh is recomputed from a second
+        // Sᵀ GEMM into pt (P is no longer needed) rather than kept from the first, which would hold Br/2 more
+        // registers per thread in every variant with score modifiers.
+        if (mods.softcap()) {
+            mma_abt<T, D, Br, 1, D, D>(&pt, sK, warp * 16, sQ, lane);
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float t = tanhf(pt[nt][e] * mods.cap_in);
+                    ds[nt][e] *= 1.f - t * t;
+                }
+        }
+
         // dK_j += dSᵀ Q_i (the softmax scale is applied once, at the end)
-        mma_ab<T, Br, D, 1, D>(&acc_dk, [&](u32 (&a)[1][4], int kk) { acc_to_a<T>(a[0], ds, kk); }, sQ, 0, lane);
+        mma_ab<T, Br, D, 1, D>(&acc_dk, [&](u32 (&a)[1][T::kARegs], int kk) { acc_to_a<T>(a[0], ds, kk); }, sQ, 0,
+                               lane);
 
         // dSᵀ → shared memory, [key][query], for the dQ GEMM that needs every key of the block.
 #pragma unroll
         for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const u32 addr = TileS::at(sdS, key_in_block + r * 8, nt * 8 + 2 * (lane % 4));
-                asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(T::pack(ds[nt][2 * r], ds[nt][2 * r + 1])));
+                store2_shared<T>(TileS::at(sdS, key_in_block + r * 8, nt * 8 + 2 * (lane % 4)), ds[nt][2 * r],
+                                 ds[nt][2 * r + 1]);
             }
         // dSᵀ is complete, and every warp is done reading sQ/sdO/LSE/D: prefetch the next Q block under dQ.
         __syncthreads();
@@ -237,8 +254,9 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // dQ_i += dS K_j over this warp's (16 rows x kDqCols) tile, added atomically in fp32.
         const int m0 = (warp % kRowTiles) * 16, c0 = (warp / kRowTiles) * kDqCols;
         float acc_dq[kDqCols / 8][4] = {};
-        mma_ab<T, Bc, kDqCols, 1, D>(&acc_dq, [&](u32 (&a)[1][4], int kk) { load_a_km<Br>(a[0], sdS, kk * 16, m0, lane); },
-                                     sK, c0, lane);
+        mma_ab<T, Bc, kDqCols, 1, D>(
+            &acc_dq, [&](u32 (&a)[1][T::kARegs], int kk) { load_a_km<T, Br>(a[0], sdS, kk * 16, m0, lane); }, sK, c0,
+            lane);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = q0 + m0 + lane / 4 + r * 8;
@@ -259,13 +277,13 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     for (int r = 0; r < 2; ++r) {
         const int key = k0 + key_in_block + r * 8;
         if (key < Nk) {
-            u16* dk_row = dk + b * dk_sb + h_kv * dk_sh + key * dk_sn;
-            u16* dv_row = dv + b * dv_sb + h_kv * dv_sh + key * dv_sn;
+            typename T::elem* dk_row = dk + b * dk_sb + h_kv * dk_sh + key * dk_sn;
+            typename T::elem* dv_row = dv + b * dv_sb + h_kv * dv_sh + key * dv_sn;
 #pragma unroll
             for (int dt = 0; dt < D / 8; ++dt) {
                 const int col = dt * 8 + 2 * (lane % 4);
-                *reinterpret_cast<u32*>(dk_row + col) = T::pack(acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
-                *reinterpret_cast<u32*>(dv_row + col) = T::pack(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
+                store2<T>(dk_row + col, acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
+                store2<T>(dv_row + col, acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
             }
         }
     }

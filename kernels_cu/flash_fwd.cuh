@@ -1,4 +1,4 @@
-// Forward: O = dropout(softmax(scale · Q Kᵀ + bias, visibility window)) V, one thread block per (Q block of Br
+// Forward: O = dropout(softmax(cap(scale · Q Kᵀ) + bias, visibility window)) V, one thread block per (Q block of Br
 // rows, head, batch). Logits, windows and dropout are defined in scores.cuh.
 //
 // Algorithm 1 of FlashAttention-2 (https://arxiv.org/abs/2307.08691): K/V blocks of Bc rows stream through
@@ -12,18 +12,19 @@ namespace cupyflash {
 
 template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool Causal, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
-flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                 u16* __restrict__ o, float* __restrict__ lse,
+flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem* __restrict__ k,
+                 const typename T::elem* __restrict__ v, typename T::elem* __restrict__ o, float* __restrict__ lse,
                  i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn,
                  i64 v_sb, i64 v_sh, i64 v_sn, i64 o_sb, i64 o_sh, i64 o_sn,
                  int Nq, int Nk, int group, float scale_log2,
                  const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
                  const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
-                 int win_left, int win_right, u32 keep_threshold, float inv_keep, u32 seed_lo, u32 seed_hi) {
+                 int win_left, int win_right, u32 keep_threshold, float inv_keep,
+                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
     static_assert(Br == 16 * MTiles * NWarps, "each warp owns MTiles 16-row tiles");
     static_assert(D % 16 == 0 && Bc % 16 == 0, "MMA k-steps are 16 wide");
     constexpr int kThreads = NWarps * 32;
-    using TileD = Tile<D>;
+    using TileD = Tile<T, D>;
 
     extern __shared__ __align__(16) unsigned char smem[];
     const u32 sQ = smem_addr(smem);
@@ -39,27 +40,29 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     v += b * v_sb + (h / group) * v_sh;
     o += b * o_sb + h * o_sh + q0 * o_sn;
 
-    const ScoreMods<Mods, Dropout> mods{bias,     bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls,
-                               cls_sb,   cls_sh,  cls_sm,  cls_sn,  Nq,      Nk,       Nk - Nq,
-                               Mods ? win_left : kNoWindow,
-                               Causal ? min(win_right, 0) : Mods ? win_right : kNoWindow, keep_threshold, seed_lo,
-                               seed_hi};
+    const auto mods = make_score_mods<Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
+                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
+                                                             win_right, keep_threshold, seed, cap_in, cap_out);
     const i64 bh = (i64)b * H + h;
     // K/V blocks that hold a key visible to some row of this Q block (rows q0 .. q_last).
     const int q_last = min(q0 + Br, Nq) - 1;
-    const int j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
-    const int j_end = min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
+    int j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
+    int j_end = min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
 
-    // Blocks whose bias tile is kTileSkip contribute nothing: the loop and the prefetch pass over them.
+    // Blocks whose bias tile is kTileSkip contribute nothing: the range is trimmed to the first and last that
+    // count, and the loop and the prefetch pass over any skipped ones between.
     const int q_block = q0 / Br;
+    if (Mods && tile_cls != nullptr)
+        trim_skipped<kThreads>(j_begin, j_end, [&](int j) { return mods.tile_class(b, h, q_block, j) == kTileSkip; },
+                               tid);
     auto next_block = [&](int j) {
         while (j < j_end && mods.tile_class(b, h, q_block, j) == kTileSkip) ++j;
         return j;
     };
     int j = next_block(j_begin);
 
-    load_tile_async<Br, D, kThreads>(sQ, q, q_sn, Nq - q0, tid);
-    if (j < j_end) load_tile_async<Bc, D, kThreads>(sK, k + j * Bc * k_sn, k_sn, Nk - j * Bc, tid);
+    load_tile_async<T, Br, D, kThreads>(sQ, q, q_sn, Nq - q0, tid);
+    if (j < j_end) load_tile_async<T, Bc, D, kThreads>(sK, k + j * Bc * k_sn, k_sn, Nk - j * Bc, tid);
     cp_async_commit();
 
     float acc_o[MTiles][D / 8][4];
@@ -80,7 +83,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // K_j (and Q) have landed for every thread, and every warp has finished P·V_{j-1}: sV may be refilled.
         cp_async_wait_all();
         __syncthreads();
-        load_tile_async<Bc, D, kThreads>(sV, v + k0 * v_sn, v_sn, Nk - k0, tid);
+        load_tile_async<T, Bc, D, kThreads>(sV, v + k0 * v_sn, v_sn, Nk - k0, tid);
         cp_async_commit();
 
         float s[MTiles][Bc / 8][4];  // S = Q K_jᵀ, (16·MTiles x Bc) per warp
@@ -90,7 +93,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         cp_async_wait_all();
         __syncthreads();
         if (j_next < j_end) {
-            load_tile_async<Bc, D, kThreads>(sK, k + j_next * Bc * k_sn, k_sn, Nk - j_next * Bc, tid);
+            load_tile_async<T, Bc, D, kThreads>(sK, k + j_next * Bc * k_sn, k_sn, Nk - j_next * Bc, tid);
             cp_async_commit();
         }
 
@@ -101,23 +104,24 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // One uniform branch around each whole loop: a branch per score gets if-converted, and the predicated
         // bias loads and index math then cost every score of every block (2-3x on an H200).
 #pragma unroll
-        for (int mt = 0; mt < MTiles; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+        for (int mt = 0; mt < MTiles; ++mt) mods.template scale_scores<Bc / 8>(s[mt], scale_log2);
         auto row_of = [&](int mt, int e) { return q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8; };
         auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
-        if (read_bias) {
+        if (read_bias) {  // each lane's two adjacent keys per row and n8 tile: one load where they are contiguous
 #pragma unroll
             for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < Bc / 8; ++nt)
+                for (int r = 0; r < 2; ++r) {
+                    const int row = row_of(mt, 2 * r);
+                    if (row >= Nq) continue;
+                    const i64 row_off = mods.bias_row(b, h, row);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int row = row_of(mt, e), col = col_of(nt, e);
-                        if (row < Nq && col < Nk) s[mt][nt][e] = mods.template add_bias<T>(s[mt][nt][e], b, h, row, col);
+                    for (int nt = 0; nt < Bc / 8; ++nt) {
+                        const int col = col_of(nt, 0);
+                        if (col < Nk)
+                            mods.template add_bias_pair<T>(s[mt][nt][2 * r], s[mt][nt][2 * r + 1], row_off, col);
                     }
+                }
         }
         if (need_mask) {
 #pragma unroll
@@ -166,7 +170,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         }
 
         // O += P V_j: P goes from accumulators straight to A fragments.
-        auto p_frag = [&](u32 (&a)[MTiles][4], int kk) {
+        auto p_frag = [&](u32 (&a)[MTiles][T::kARegs], int kk) {
 #pragma unroll
             for (int mt = 0; mt < MTiles; ++mt) acc_to_a<T>(a[mt], s[mt], kk);
         };
@@ -184,12 +188,11 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             const float inv_l = l > 0.f ? (Mods ? inv_keep : 1.f) / l : 0.f;
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
             if (q0 + row < Nq) {
-                u16* o_row = o + row * o_sn;
+                typename T::elem* o_row = o + row * o_sn;
 #pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    *reinterpret_cast<u32*>(o_row + dt * 8 + 2 * (lane % 4)) =
-                        T::pack(acc_o[mt][dt][2 * r] * inv_l, acc_o[mt][dt][2 * r + 1] * inv_l);
-                }
+                for (int dt = 0; dt < D / 8; ++dt)
+                    store2<T>(o_row + dt * 8 + 2 * (lane % 4), acc_o[mt][dt][2 * r] * inv_l,
+                              acc_o[mt][dt][2 * r + 1] * inv_l);
                 if (lane % 4 == 0)
                     lse[bh * Nq + q0 + row] = l > 0.f ? (m_i[mt][r] + log2f(l)) * kLn2 : inf_f();
             }

@@ -1,7 +1,8 @@
 // What turns raw Q·Kᵀ into the logits the softmax sees, and the dropout mask applied to its output; shared by
 // the forward and the backward so both see exactly the same function.
 //
-//   logit(i, j) = scale · q_i·k_j + bias[b, h, i, j]      (log2 units inside the kernels: × log2 e)
+//   logit(i, j) = cap(scale · q_i·k_j) + bias[b, h, i, j]      (log2 units inside the kernels: × log2 e)
+//   cap(x) = softcap · tanh(x / softcap) with soft-capping on (Gemma 2, FlashAttention 2.6's softcap), else x
 //   key j is visible to query i iff  i + diag - left <= j <= i + diag + right  and  j < Nk,
 //   with diag = Nk - Nq (masks aligned to the bottom-right corner, as FlashAttention 2.1+); causal is right = 0.
 #pragma once
@@ -56,6 +57,7 @@ struct ScoreMods {
     int Nq, Nk, diag, left, right;           // visibility window, see the top of this file
     u32 keep_threshold;                      // dropout keeps an element iff its random word < this
     u32 seed_lo, seed_hi;
+    float cap_in, cap_out;                   // soft-capping: scale / softcap and softcap · log2 e; cap_out = 0: off
 
     CF_DEVICE bool visible(int row, int col) const {
         return col < Nk && col <= row + diag + right && col >= row + diag - left;
@@ -68,22 +70,109 @@ struct ScoreMods {
         return tile_cls[b * cls_sb + h * cls_sh + q_block * cls_sm + k_block * cls_sn];
     }
     CF_DEVICE bool dropout() const { return Dropout && keep_threshold != 0xffffffffu; }
+    CF_DEVICE bool softcap() const { return Enabled && cap_out != 0.f; }
+
+    // Raw scores q·k of an accumulator tile (NT n8 tiles) → log2-scaled logits before the bias.
+    template <int NT>
+    CF_DEVICE void scale_scores(float (*s)[4], float scale_log2) const {
+        if (softcap()) {  // the accurate tanhf, not tanh.approx (2^-11 relative): logits reach ±softcap
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt][e] = cap_out * tanhf(s[nt][e] * cap_in);
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+        }
+    }
 
     // The random words of elements (row, col) and (row, col + 1), col even, of head `bh` = b·H + h.
     CF_DEVICE U4 random_pair(i64 bh, int row, int col) const {
         return philox(U4{(u32)col >> 1, (u32)row, (u32)bh, (u32)(bh >> 32)}, seed_lo, seed_hi);
     }
 
-    // x = scale · log2 e · q·k for (row, col) of head (b, h); returns the logit in log2 units. row < Nq and
-    // col < Nk are the caller's to check.
-    template <typename T>
-    CF_DEVICE float add_bias(float x, int b, int h, int row, int col) const {
-        const i64 off = b * bias_sb + h * bias_sh + row * bias_sm + col * bias_sn;
-        const float bv = bias_f32 ? static_cast<const float*>(bias)[off]
-                                  : T::to_float(static_cast<const u16*>(bias)[off]);
+    // x = the log2-scaled (capped) score, bv its bias; returns the logit in log2 units.
+    CF_DEVICE float biased(float x, float bv) const {
         if (bv <= kMaskedBias) return bv == -inf_f() ? -inf_f() : kMaskedLogit2;
         return fmaf(bv, kLog2e, x);
     }
+    template <typename T>
+    CF_DEVICE float bias_at(i64 off) const {
+        return bias_f32 ? static_cast<const float*>(bias)[off]
+                        : T::to_float(static_cast<const typename T::elem*>(bias)[off]);
+    }
+    CF_DEVICE i64 bias_row(int b, int h, int row) const { return b * bias_sb + h * bias_sh + row * bias_sm; }
+
+    // The logit of (row, col) of head (b, h) from its score x. row < Nq and col < Nk are the caller's to check.
+    template <typename T>
+    CF_DEVICE float add_bias(float x, int b, int h, int row, int col) const {
+        return biased(x, bias_at<T>(bias_row(b, h, row) + col * bias_sn));
+    }
+
+    // Keys col (even, < Nk) and col + 1 of the row at offset row_off: one 4-byte (16-bit) or 8-byte (fp32) load
+    // where the pair is contiguous and aligned, as in a row-major mask, else one load each; x1 is left alone past Nk.
+    template <typename T>
+    CF_DEVICE void add_bias_pair(float& x0, float& x1, i64 row_off, int col) const {
+        const i64 off = row_off + col * bias_sn;
+        if (bias_sn == 1 && col + 1 < Nk) {
+            if (bias_f32 && (reinterpret_cast<unsigned long long>(static_cast<const float*>(bias) + off) & 7) == 0) {
+                float v0, v1;
+                asm("ld.global.nc.v2.f32 {%0, %1}, [%2];" : "=f"(v0), "=f"(v1) : "l"(static_cast<const float*>(bias) + off));
+                x0 = biased(x0, v0);
+                x1 = biased(x1, v1);
+                return;
+            }
+            const u16* p16 = static_cast<const u16*>(bias) + off;
+            if (!bias_f32 && sizeof(typename T::elem) == 2 && (reinterpret_cast<unsigned long long>(p16) & 3) == 0) {
+                const u32 w = __ldg(reinterpret_cast<const u32*>(p16));
+                x0 = biased(x0, T::to_float((typename T::elem)(w & 0xffffu)));
+                x1 = biased(x1, T::to_float((typename T::elem)(w >> 16)));
+                return;
+            }
+        }
+        x0 = biased(x0, bias_at<T>(off));
+        if (col + 1 < Nk) x1 = biased(x1, bias_at<T>(off + bias_sn));
+    }
 };
+
+// Narrows [begin, end) to its first .. last index whose tile is not kTileSkip (empty if all are), in one parallel
+// pass by the whole block (call it uniformly). Walking skipped tiles one dependent load at a time from the loop
+// cost a dense causal mask passed as a tensor ~0.4 ms of its forward (H200, N = 8192): every Q block scanned all
+// the tiles past its diagonal.
+template <int Threads, typename IsSkipped>
+CF_DEVICE void trim_skipped(int& begin, int& end, IsSkipped is_skipped, int tid) {
+    __shared__ int s_first, s_last;
+    if (tid == 0) {
+        s_first = end;
+        s_last = begin - 1;
+    }
+    __syncthreads();  // initialised before any thread updates them
+    for (int i = begin + tid; i < end; i += Threads)
+        if (!is_skipped(i)) {
+            atomicMin(&s_first, i);
+            atomicMax(&s_last, i);
+        }
+    __syncthreads();  // every thread's candidates are in
+    begin = s_first;
+    end = s_last + 1;
+}
+
+// The kernels' ScoreMods from their launch arguments. Causal clips the right window edge at the diagonal; the
+// plain path (Enabled = false) has no window beyond that. The dropout seed is read from device memory, where
+// torch's CUDA generator wrote it, so a CUDA graph replay runs with that replay's seed.
+template <bool Causal, bool Enabled, bool Dropout>
+CF_DEVICE ScoreMods<Enabled, Dropout> make_score_mods(const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm,
+                                                      i64 bias_sn, int bias_f32, const signed char* tile_cls,
+                                                      i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn, int Nq, int Nk,
+                                                      int win_left, int win_right, u32 keep_threshold,
+                                                      const unsigned long long* seed, float cap_in, float cap_out) {
+    const unsigned long long sd = Dropout && seed != nullptr ? *seed : 0ull;
+    return ScoreMods<Enabled, Dropout>{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls, cls_sb, cls_sh,
+                                       cls_sm, cls_sn, Nq, Nk, Nk - Nq, Enabled ? win_left : kNoWindow,
+                                       Causal ? min(win_right, 0) : Enabled ? win_right : kNoWindow, keep_threshold,
+                                       (u32)sd, (u32)(sd >> 32), cap_in, cap_out};
+}
 
 }  // namespace cupyflash

@@ -1,7 +1,8 @@
 """The kernels' score modifications through the torch op, against the fp32 reference with the tolerance rule:
 additive (fp16/bf16/fp32, broadcast, strided) and boolean biases with their gradient, bias values <= -1e30
 (finfo.min: uniform rows; -inf: rows without keys), grouped-query / multi-query K/V, sliding windows with and
-without causal, and Philox dropout (the exact mask, its rate, unbiasedness, determinism, seeding).
+without causal, Philox dropout (the exact mask, its rate, unbiasedness, determinism, seeding, CUDA graphs),
+logit soft-capping, and fp32 inputs on TF32 tensor cores (against fp64, beside torch's TF32 math).
 
 Reference: ``reference.semantics_ref`` (cupyflash/cpu_attention.py in fp32 on the GPU, the same seed); the
 same-dtype PyTorch math the rule measures against: ``reference.attention_ref`` in fp16/bf16 with the same bias,
@@ -70,42 +71,44 @@ def draw_bias(shape_name, q, k, dtype, seed):
     return bias.transpose(-1, -2) if strided else bias
 
 
-def run_fwd(q, k, v, bias, scale, causal, window, dropout_p, seed):
+def run_fwd(q, k, v, bias, scale, causal, window, dropout_p, seed, softcap=0.0):
     b, h, n_q, _ = q.shape
     poison_cuda_allocator(nbytes(q.shape, q.dtype), nbytes((b, h, n_q), FP32))  # out, lse
-    seed_t = torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else None
-    return torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, scale, causal, window[0], window[1], dropout_p, seed_t)
+    seed_t = torch.tensor(seed, dtype=torch.int64, device="cuda") if dropout_p > 0 else None
+    return torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, scale, causal, window[0], window[1], dropout_p, seed_t,
+                                              softcap)
 
 
-def run_bwd(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p, seed, bias_grad):
+def run_bwd(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p, seed, bias_grad, softcap=0.0):
     b, h, n_q, d = q.shape
     sizes = [nbytes(q.shape, q.dtype), nbytes(k.shape, k.dtype), nbytes(v.shape, v.dtype)]  # dq, dk, dv
     if bias_grad:
         sizes.append(nbytes(bias.shape, FP32))  # dbias accumulator
     sizes += [nbytes(q.shape, FP32), nbytes((b, h, n_q), FP32)]  # dq_accum, D
     poison_cuda_allocator(*sizes)
-    seed_t = torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else None
+    seed_t = torch.tensor(seed, dtype=torch.int64, device="cuda") if dropout_p > 0 else None
     return torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, bias, out, lse, scale, causal, window[0], window[1],
-                                              dropout_p, seed_t, bias_grad)
+                                              dropout_p, seed_t, bias_grad, softcap)
 
 
 def check_features(q, k, v, dout, bias=None, *, causal=False, window=(-1, -1), dropout_p=0.0, seed=0,
-                   bias_grad=False, scale=None):
+                   bias_grad=False, scale=None, softcap=0.0):
     """fwd and bwd through the op; the rule on out, lse, dq, dk, dv (and dbias). Returns (out, lse, grads, ref)."""
     dtype, (b, h, n_q, d), n_k = q.dtype, q.shape, k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out, lse = run_fwd(q, k, v, bias, scale, causal, window, dropout_p, seed)
+    out, lse = run_fwd(q, k, v, bias, scale, causal, window, dropout_p, seed, softcap)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
     assert lse.dtype == FP32 and lse.shape == q.shape[:-1]
     ref = semantics_ref(q, k, v, dout, scale=scale, causal=causal, bias=bias, window=window, dropout_p=dropout_p,
-                        seed=seed, bias_grad=bias_grad)
+                        seed=seed, bias_grad=bias_grad, softcap=softcap)
     keep = dropout_keep(seed, dropout_p, b, h, range(n_q), range(n_k)) if dropout_p > 0 else None
     pt = attention_ref(q, k, v, dout, scale=scale, causal=causal, compute_dtype=dtype, bias=bias, window=window,
-                       dropout_keep=keep, dropout_p=dropout_p, bias_grad=bias_grad)
+                       dropout_keep=keep, dropout_p=dropout_p, bias_grad=bias_grad, softcap=softcap)
     assert_within_rule(out, ref.out, pt.out, OUT_FACTOR, rounding_floor(ref.out, dtype), "out")
     assert_within_rule(lse, ref.lse, pt.lse, OUT_FACTOR, rounding_floor(ref.lse, FP32), "lse")
 
-    dq, dk, dv, dbias = run_bwd(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p, seed, bias_grad)
+    dq, dk, dv, dbias = run_bwd(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p, seed, bias_grad,
+                                softcap)
     for name, ours, inp, r, p in zip(("dq", "dk", "dv"), (dq, dk, dv), (q, k, v), (ref.dq, ref.dk, ref.dv),
                                      (pt.dq, pt.dk, pt.dv)):
         assert ours.dtype == dtype and ours.shape == inp.shape, f"{name}: {ours.dtype} {tuple(ours.shape)}"
@@ -119,7 +122,7 @@ def check_features(q, k, v, dout, bias=None, *, causal=False, window=(-1, -1), d
 
 
 def _dropout_seed(*params) -> int:
-    """A seed with both 32-bit words nonzero (the kernels take them as two arguments)."""
+    """A seed with both 32-bit words nonzero (they are the two words of the Philox key)."""
     return (seed_from("hi", *params) << 30) ^ seed_from("lo", *params)
 
 
@@ -366,7 +369,8 @@ def test_dropout_is_unbiased():
     total = torch.zeros(q.shape, dtype=torch.float64, device="cuda")
     for i in range(n_seeds):
         out, _ = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, scale, False, -1, -1, p,
-                                                    torch.tensor(_dropout_seed("unbiased", i), dtype=torch.int64))
+                                                    torch.tensor(_dropout_seed("unbiased", i), dtype=torch.int64,
+                                                                 device="cuda"))
         assert not torch.isnan(out).any()
         total += out.double()
     mean = total / n_seeds
@@ -405,7 +409,7 @@ def test_dropout_determinism():
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_flash_attention_dropout_autograd(layout):
-    """cupyflash.flash_attention draws the seed from torch's CPU generator: torch.manual_seed reproduces out and
+    """cupyflash.flash_attention draws the seed from torch's CUDA generator: torch.manual_seed reproduces out and
     every gradient (dbias included), the next draw differs, and the result is the reference for that seed."""
     dtype, scale, p, window = FP16, 0.1, 0.25, (40, 3)
     q, k, v, dout = draw_inputs(BATCH, 4, 2, 113, 203, 64, dtype, layout, seed_from("autograd", layout))
@@ -424,9 +428,11 @@ def test_flash_attention_dropout_autograd(layout):
     other = run()
     assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
     for name, a, b in zip(("dq", "dk", "dv", "dbias"), first[1:], again[1:]):
-        assert_close_ulps(a, b, f"{name}, same torch seed")
+        # dq and dbias are sums of fp32 atomics, in a different order each run; dbias (B, 1, 1, Nk) sums over
+        # heads and all query rows, so its rounding differences reach a few more ulps of its largest entry
+        assert_close_ulps(a, b, f"{name}, same torch seed", ulps=8 if name == "dbias" else 2)
     torch.manual_seed(seed_from("manual seed", layout))
-    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cuda"))
     ref = semantics_ref(q, k, v, dout, scale=scale, causal=False, bias=bias, window=window, dropout_p=p, seed=seed,
                         bias_grad=True)
     keep = dropout_keep(seed, p, BATCH, 4, range(113), range(203))
@@ -450,3 +456,246 @@ def test_all_features_other_head_dims(head_dim, dtype, causal):
     bias = draw_bias("1HQK", q, k, FP32, seed + 1)
     check_features(q, k, v, dout, bias, causal=causal, window=(48, 24), dropout_p=0.15, seed=_dropout_seed(seed),
                    bias_grad=True)
+
+
+# ---- dropout under CUDA graphs --------------------------------------------------------------------------------
+
+def test_dropout_seed_advances_under_cuda_graph():
+    """The kernels read the seed from device memory, where torch's CUDA generator writes it, so each replay of a
+    captured fwd + bwd draws a new mask: replays differ, and each equals the eager op run with that replay's seed."""
+    q, k, v, dout = draw_inputs(BATCH, 4, 2, 113, 203, 64, BF16, "contiguous", seed_from("graph dropout"))
+    scale, p, window = 0.125, 0.2, (-1, -1)
+
+    def step():
+        seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cuda")  # as flash_attention draws it
+        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, scale, True, -1, -1, p, seed)
+        grads = torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, scale, True, -1, -1, p, seed)
+        return seed, out, *grads[:3]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        seed, out, dq, dk, dv = (t.clone() for t in static)
+        outs.append(out)
+        eager_out, eager_lse = run_fwd(q, k, v, None, scale, True, window, p, int(seed))
+        eager_grads = run_bwd(dout, q, k, v, None, eager_out, eager_lse, scale, True, window, p, int(seed), False)
+        assert torch.equal(out, eager_out), "a replay must equal the eager op with the seed it drew"
+        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), eager_grads[:3]):
+            assert_close_ulps(got, want, f"replayed {name} vs eager with the replay's seed")
+    changed = (outs[0] != outs[1]).float().mean().item()
+    assert changed > 0.9, f"the second replay changed only {changed:.1%} of the outputs: its seed did not advance"
+
+
+def test_flash_attention_dropout_differs_per_graph_replay():
+    """The public function under capture: two replays drop different elements."""
+    q, k, v, _ = draw_inputs(BATCH, 4, 4, 97, 97, 64, FP16, "contiguous", seed_from("graph dropout api"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cupyflash.flash_attention(q, k, v, dropout_p=0.3)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = cupyflash.flash_attention(q, k, v, dropout_p=0.3)
+    graph.replay()
+    first = static_out.clone()
+    graph.replay()
+    assert (first != static_out).float().mean().item() > 0.9
+
+
+# ---- logit soft-capping ---------------------------------------------------------------------------------------
+
+SOFTCAP_CASES = [  # (dtype, head_dim, causal, (Nq, Nk), h_q, h_kv, bias shape / dtype, window, dropout_p, layout)
+    (FP16, 64, False, (17, 17), 4, 4, None, (-1, -1), 0.0, "contiguous"),
+    (BF16, 128, True, (113, 203), 4, 2, None, (-1, -1), 0.0, "transposed"),
+    (FP16, 128, False, (203, 113), 4, 1, ("1HQK", FP32), (-1, -1), 0.0, "contiguous"),
+    (BF16, 64, True, (97, 97), 4, 2, ("B11K", torch.bool), (30, -1), 0.15, "transposed"),
+    (BF16, 32, False, (1023, 1024), 2, 2, ("BHQK", BF16), (-1, -1), 0.0, "contiguous"),
+    (FP16, 96, True, (113, 203), 4, 2, ("11QK", FP16), (48, 24), 0.1, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype,head_dim,causal,lengths,h_q,h_kv,bias,window,p,layout", SOFTCAP_CASES,
+                         ids=[f"{_name(c[0])}-d{c[1]}-{'causal' if c[2] else 'full'}-{c[3][0]}x{c[3][1]}"
+                              f"-{c[4]}/{c[5]}-{c[6][0] if c[6] else 'nobias'}-p{c[8]}" for c in SOFTCAP_CASES])
+def test_softcap(dtype, head_dim, causal, lengths, h_q, h_kv, bias, window, p, layout):
+    """Soft-capped logits (cap 5 on scores drawn to reach ±15, so tanh saturates) alone and with bias (and its
+    gradient), GQA, windows and dropout; forward and backward against the capped reference."""
+    seed = seed_from("softcap", dtype, head_dim, causal, lengths)
+    q, k, v, dout = draw_inputs(BATCH, h_q, h_kv, *lengths, head_dim, dtype, layout, seed, qk_scale=2.0)
+    attn_bias = None if bias is None else draw_bias(bias[0], q, k, bias[1], seed + 1)
+    check_features(q, k, v, dout, attn_bias, causal=causal, window=window, dropout_p=p, seed=_dropout_seed(seed),
+                   bias_grad=attn_bias is not None and attn_bias.dtype != torch.bool, softcap=5.0)
+
+
+def test_softcap_through_flash_attention():
+    """The public function: softcap reaches both passes (autograd) and a large cap is the uncapped function."""
+    q, k, v, dout = draw_inputs(BATCH, 4, 2, 113, 203, 64, BF16, "contiguous", seed_from("softcap api"), 2.0)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = cupyflash.flash_attention(*leaves, causal=True, softcap=3.0)
+    out.backward(dout)
+    ref = semantics_ref(q, k, v, dout, scale=0.125, causal=True, softcap=3.0)
+    pt = attention_ref(q, k, v, dout, scale=0.125, causal=True, compute_dtype=BF16, softcap=3.0)
+    assert_within_rule(out, ref.out, pt.out, OUT_FACTOR, rounding_floor(ref.out, BF16), "out")
+    for name, leaf, r, pp in zip(("dq", "dk", "dv"), leaves, (ref.dq, ref.dk, ref.dv), (pt.dq, pt.dk, pt.dv)):
+        assert_within_rule(leaf.grad, r, pp, GRAD_FACTOR, rounding_floor(r, BF16), name)
+    uncapped = cupyflash.flash_attention(q, k, v, causal=True)
+    assert not torch.allclose(out.detach(), uncapped, atol=1e-2), "cap 3 must change the result"
+
+
+# ---- fp32 on TF32 tensor cores --------------------------------------------------------------------------------
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to TF32 (10-bit mantissa, nearest, ties away from zero: cvt.rna.tf32.f32)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+class _TF32MatMul(torch.autograd.Function):
+    """a @ b as a TF32 tensor core computes it: operands rounded to TF32, products accumulated in fp32 (run with
+    TF32 off, so the rounding is ours and not cuBLAS's choice); the backward's two matmuls round alike."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _round_tf32(a) @ _round_tf32(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        g = _round_tf32(grad)
+        return g @ _round_tf32(b).transpose(-1, -2), _round_tf32(a).transpose(-1, -2) @ g
+
+
+def torch_fp32_attention(q, k, v, dout, *, scale, causal, bias=None, matmul=torch.matmul):
+    """torch's fp32 attention math, out and (dq, dk, dv), with `matmul` for its products."""
+    with torch.enable_grad():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        group = q.shape[1] // k.shape[1]
+        kw, vw = (t.repeat_interleave(group, dim=1) for t in leaves[1:])  # (B, H, Nk, D)
+        s = matmul(leaves[0] * scale, kw.transpose(-1, -2))  # (B, H, Nq, Nk)
+        if bias is not None:
+            s = s + bias
+        if causal:
+            s = s.masked_fill(~visible_mask(q.shape[2], k.shape[2], True, (-1, -1), q.device), float("-inf"))
+        out = matmul(torch.softmax(s, dim=-1), vw)
+        grads = torch.autograd.grad(out, leaves, dout)
+    return out.detach(), grads
+
+
+def tf32_peers(q, k, v, dout, *, scale, causal, bias=None):
+    """(TF32-rounded math, torch with allow_tf32): the first is the same-precision math the rule measures against
+    (cuBLAS may run small or odd shapes in full fp32 even with TF32 allowed); the second is reported beside it."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        emulated = torch_fp32_attention(q, k, v, dout, scale=scale, causal=causal, bias=bias,
+                                        matmul=_TF32MatMul.apply)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        cublas = torch_fp32_attention(q, k, v, dout, scale=scale, causal=causal, bias=bias)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return emulated, cublas
+
+
+TF32_CASES = [  # (head_dim, causal, (Nq, Nk), h_q, h_kv, bias, layout)
+    (64, False, (97, 97), 4, 4, False, "contiguous"),
+    (64, True, (113, 203), 4, 2, True, "transposed"),
+    (128, True, (1023, 1024), 2, 2, False, "contiguous"),
+    (128, False, (203, 113), 4, 1, True, "contiguous"),
+    (32, True, (17, 17), 2, 2, False, "transposed"),
+    (96, False, (113, 203), 4, 2, False, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("head_dim,causal,lengths,h_q,h_kv,with_bias,layout", TF32_CASES,
+                         ids=[f"d{c[0]}-{'causal' if c[1] else 'full'}-{c[2][0]}x{c[2][1]}-{c[3]}/{c[4]}"
+                              f"-{'bias' if c[5] else 'nobias'}-{c[6]}" for c in TF32_CASES])
+def test_fp32_on_tf32(head_dim, causal, lengths, h_q, h_kv, with_bias, layout):
+    """fp32 inputs (TF32 allowed): our error against the fp64 reference is within 2x (3x for gradients) of torch's
+    fp32 math with its matmul operands rounded to TF32, plus an fp32 rounding floor; printed beside the error of
+    torch's own allow_tf32 matmuls."""
+    seed = seed_from("tf32", head_dim, causal, lengths, with_bias)
+    q, k, v, dout = draw_inputs(BATCH, h_q, h_kv, *lengths, head_dim, FP32, layout, seed)
+    bias = draw_bias("1HQK", q, k, FP32, seed + 1) if with_bias else None
+    scale = 1.0 / math.sqrt(head_dim)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out, lse = run_fwd(q, k, v, bias, scale, causal, (-1, -1), 0.0, 0)
+        grads = run_bwd(dout, q, k, v, bias, out, lse, scale, causal, (-1, -1), 0.0, 0, False)[:3]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert out.dtype == FP32 and all(g.dtype == FP32 for g in grads)
+    ref = attention_ref(q, k, v, dout, scale=scale, causal=causal, compute_dtype=torch.float64, bias=bias)
+    (em_out, em_grads), (cb_out, cb_grads) = tf32_peers(q, k, v, dout, scale=scale, causal=causal, bias=bias)
+    report = []
+    for name, ours, r, em, cb, factor in zip(
+            ("out", "dq", "dk", "dv"), (out, *grads), (ref.out, ref.dq, ref.dk, ref.dv), (em_out, *em_grads),
+            (cb_out, *cb_grads), (OUT_FACTOR, GRAD_FACTOR, GRAD_FACTOR, GRAD_FACTOR)):
+        errors = [(t.double() - r).abs().max().item() for t in (ours, em, cb)]
+        report.append(f"{name}: ours {errors[0]:.2e}, TF32-rounded math {errors[1]:.2e}, torch allow_tf32 "
+                      f"{errors[2]:.2e}")
+        assert_within_rule(ours, r, em, factor, rounding_floor(r, FP32), name)
+    print("max |error| vs fp64:", "; ".join(report))
+
+
+def test_fp32_needs_tf32_allowed():
+    q, k, v, _ = draw_inputs(1, 2, 2, 17, 17, 64, FP32, "contiguous", seed_from("tf32 refused"))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with pytest.raises(TypeError, match="TF32"):
+            cupyflash.flash_attention(q, k, v)
+    finally:  # the precision setter also sets allow_tf32: restore it first
+        torch.set_float32_matmul_precision(saved[1])
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+
+
+# ---- bias tile classes on the GPU -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("window", [False, True])
+@pytest.mark.parametrize("shape,br,bc,strided", [((2, 3, 203, 113), 128, 64, False), ((1, 1, 256, 256), 64, 64, True),
+                                                 ((2, 1, 1, 97), 64, 32, False), ((1, 2, 97, 1), 32, 128, False),
+                                                 ((1, 1, 1024, 1023), 128, 64, False)])
+@pytest.mark.parametrize("dtype", [FP16, BF16, FP32])
+def test_tile_classes_kernel_matches_definition(dtype, shape, br, bc, strided, window):
+    """launch.classify_tiles (two CUDA kernels) against cupyflash/tile_classes.py (the definition, in torch) on
+    biases mixing all-zero, all -inf, all finfo.min, fully masked rows and random tiles, ragged edges included."""
+    from cupyflash import cuda_attention, launch
+    from cupyflash.tile_classes import tile_classes
+
+    gen = torch.Generator(device="cuda").manual_seed(seed_from("classes", dtype, shape, br, bc, strided))
+    drawn = (*shape[:2], shape[3], shape[2]) if strided else shape
+    kind = torch.randint(0, 5, drawn, generator=gen, device="cuda")  # per element, then made tile-coherent below
+    block = torch.randint(0, 5, (drawn[0], drawn[1], 1 + drawn[2] // 37, 1 + drawn[3] // 29), generator=gen,
+                          device="cuda")
+    block = block.repeat_interleave(37, dim=2)[:, :, :drawn[2]].repeat_interleave(29, dim=3)[..., :drawn[3]]
+    kind = torch.where(block < 4, block, kind)  # mostly coherent regions, some per-element noise
+    values = torch.stack([torch.zeros(drawn, device="cuda"), torch.full(drawn, float("-inf"), device="cuda"),
+                          torch.full(drawn, torch.finfo(FP32).min, device="cuda"),
+                          torch.randn(drawn, generator=gen, device="cuda"),
+                          torch.full(drawn, -1e4, device="cuda")])
+    bias = values.gather(0, kind.unsqueeze(0)).squeeze(0).to(dtype)
+    if dtype != FP32:  # finfo(fp32).min is -inf in fp16; use each dtype's own "finfo.min" masking value
+        bias = torch.where(kind == 2, torch.full((), torch.finfo(dtype).min, dtype=dtype, device="cuda"), bias)
+    if strided:
+        bias = bias.transpose(-1, -2)
+    want = tile_classes(bias, br, bc, window=window)
+    ctx = dict(stream_ptr=torch.cuda.current_stream().cuda_stream, device_id=torch.cuda.current_device())
+    got = launch.classify_tiles(dtype=str(dtype).removeprefix("torch."), bias=cuda_attention._broadcast_buf(bias),
+                                bias_shape=tuple(bias.shape), bias_f32=dtype == FP32, br=br, bc=bc, window=window,
+                                alloc=cuda_attention._alloc(bias.device), **ctx)
+    assert got.dtype == torch.int8 and got.shape == want.shape
+    assert torch.equal(got.cpu(), want.cpu()), f"{int((got != want).sum())} of {got.numel()} tiles differ"
