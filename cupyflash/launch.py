@@ -140,11 +140,15 @@ def classify_tiles(*, dtype: str, bias: Buf, bias_shape: tuple, bias_f32: bool, 
     _, lo = alloc((n_tiles,), "float32", False)
     _, hi = alloc((n_tiles,), "float32", False)
     _, row_keeps = alloc((bb * hb * nq,), "int32", True)
+    # 16-byte loads need unit key stride, 16-byte aligned rows and tiles (sizes in elements)
+    per16 = 16 // (4 if bias_f32 else jit.ELEM_BYTES[dtype])
+    vec16 = (bias.strides[3] == 1 and tk % per16 == 0
+             and rows_aligned(bias.ptr, [s * 16 // per16 for s in bias.strides[:3]]))
     minmax = jit.Variant("tile_minmax", dtype, 0)
     _run(minmax, (n_tiles,), (CLASS_THREADS,),
          (_ptr(bias), np.int32(bias_f32), *[np.int64(x) for x in bias.strides[:4]], np.int32(hb), np.int32(nq),
-          np.int32(bias_shape[3]), np.int32(tq), np.int32(tk), np.int32(n_qb), np.int32(n_kb), _ptr(lo), _ptr(hi),
-          _ptr(row_keeps)), stream_ptr, device_id)
+          np.int32(bias_shape[3]), np.int32(tq), np.int32(tk), np.int32(n_qb), np.int32(n_kb), np.int32(vec16),
+          _ptr(lo), _ptr(hi), _ptr(row_keeps)), stream_ptr, device_id)
     classify = jit.Variant("tile_classify", dtype, 0)
     _run(classify, (math.ceil(n_tiles / CLASS_THREADS),), (CLASS_THREADS,),
          (_ptr(lo), _ptr(hi), _ptr(row_keeps), np.int32(nq), np.int32(tq), np.int32(n_qb), np.int32(n_kb),

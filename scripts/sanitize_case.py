@@ -20,16 +20,18 @@ def main():
                 if d != 256:
                     torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, None, out, lse, d ** -0.5,
                                                        causal)
-    # The feature variants: bias (with its gradient and skipped tiles), grouped-query heads, window, dropout.
-    for d in (64, 128):
-        q = torch.randn(2, 4, 130, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(2, 2, 77, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        bias = torch.randn(2, 1, 130, 77, device="cuda", dtype=torch.bfloat16)
+    # The feature variants: bias (with its gradient and skipped tiles), grouped-query heads, window, dropout,
+    # soft-capping; fp16/bf16 and fp32 on TF32 (tile shapes of their own).
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float32), (128, torch.float32)):
+        q = torch.randn(2, 4, 130, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(2, 2, 77, d, device="cuda", dtype=dtype) for _ in range(2))
+        bias = torch.randn(2, 1, 130, 77, device="cuda", dtype=dtype)
         bias[..., 40:] = float("-inf")
-        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, d ** -0.5, False, 50, 10, 0.1,
-                                                      torch.tensor(7))
+        seed = torch.tensor(7, device="cuda")
+        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, d ** -0.5, False, 50, 10, 0.1, seed, 5.0)
         torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, bias, out, lse, d ** -0.5, False, 50, 10,
-                                           0.1, torch.tensor(7), True)
+                                           0.1, seed, True, 5.0)
     torch.cuda.synchronize()
     print("sanitize cases done")
 

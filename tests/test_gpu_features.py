@@ -668,11 +668,14 @@ def test_fp32_needs_tf32_allowed():
 @pytest.mark.parametrize("window", [False, True])
 @pytest.mark.parametrize("shape,br,bc,strided", [((2, 3, 203, 113), 128, 64, False), ((1, 1, 256, 256), 64, 64, True),
                                                  ((2, 1, 1, 97), 64, 32, False), ((1, 2, 97, 1), 32, 128, False),
-                                                 ((1, 1, 1024, 1023), 128, 64, False)])
+                                                 ((1, 1, 1024, 1023), 128, 64, False),
+                                                 ((2, 2, 256, 512), 64, 64, False),  # 16-byte loads
+                                                 ((1, 1, 1000, 1024), 128, 32, False)])  # ragged rows, 16-byte loads
 @pytest.mark.parametrize("dtype", [FP16, BF16, FP32])
 def test_tile_classes_kernel_matches_definition(dtype, shape, br, bc, strided, window):
     """launch.classify_tiles (two CUDA kernels) against cupyflash/tile_classes.py (the definition, in torch) on
-    biases mixing all-zero, all -inf, all finfo.min, fully masked rows and random tiles, ragged edges included."""
+    biases mixing all-zero, all -inf, all finfo.min, fully masked rows and random tiles, ragged edges included,
+    through both the element-wise and the 16-byte load paths."""
     from cupyflash import cuda_attention, launch
     from cupyflash.tile_classes import tile_classes
 
