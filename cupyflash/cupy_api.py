@@ -1,29 +1,121 @@
 """The CuPy face: attention on CuPy arrays (B, H, N, D), for pipelines without torch.
 
-CuPy has no bfloat16 dtype, so CuPy arrays run in fp16; bf16 callers pass CUDA torch tensors (or anything
-torch can take through DLPack), which go through the torch op's CUDA path and come back as torch tensors.
-Kernels run on CuPy's current stream.
+CuPy has no bfloat16 dtype, so CuPy arrays run in fp16, or in fp32 on TF32 tensor cores where the caller allows it
+(``allow_tf32=True``); bf16 callers pass CUDA torch tensors (or anything torch can take through DLPack), which go
+through the torch op's CUDA path and come back as torch tensors. Kernels run on CuPy's current stream of q's device.
+
+Semantics (bias and masks, windows, dropout, soft cap): cupyflash/cpu_attention.py. The CuPy path mirrors the torch
+op's CUDA path (cupyflash/cuda_attention.py) step for step, on arrays CuPy allocates.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 from . import launch
 from .errors import require_gpu
-from .validate import TensorInfo, check_attention_inputs
+from .tiles import for_pass
+from .validate import TensorInfo, check_attention_inputs, check_softcap
+
+BIAS_DTYPES = ("bool", "float16", "float32")
+# The seed's 64 bits are the Philox key (kernels_cu/scores.cuh), so int64 and uint64 values are both taken.
+SEED_MIN, SEED_END = -2 ** 63, 2 ** 64
 
 
 def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def _dtype_name(x) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def _check_options(window, dropout_p, dropout_seed, softcap) -> tuple:
+    """Checks the scalar arguments before any array is touched; returns the window as (left, right) ints."""
+    try:
+        left, right = (operator.index(w) for w in window)
+    except (TypeError, ValueError):
+        raise TypeError(f"window is {window!r}; expected (left, right): two ints, keys around the diagonal, "
+                        f"-1 for unbounded") from None
+    for name, w in (("window[0] (left)", left), ("window[1] (right)", right)):
+        if w < -1:
+            raise ValueError(f"{name} is {w}; expected a number of keys >= 0, or -1 for unbounded")
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
+        raise TypeError(f"dropout_p is a {type(dropout_p).__name__}; expected a float, 0 <= dropout_p < 1")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p is {dropout_p!r}; expected 0 <= dropout_p < 1")
+    if dropout_seed is not None:
+        if not isinstance(dropout_seed, numbers.Integral) or isinstance(dropout_seed, bool):
+            raise TypeError(f"dropout_seed is a {type(dropout_seed).__name__}; expected an int (the Philox key, the "
+                            f"same in the forward and the backward), or None to draw one from cupy.random")
+        if not SEED_MIN <= dropout_seed < SEED_END:
+            raise ValueError(f"dropout_seed is {dropout_seed}; expected a 64-bit int, in [-2**63, 2**64)")
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
+        raise TypeError(f"softcap is a {type(softcap).__name__}; expected a float (0 for none)")
+    check_softcap(float(softcap))
+    return left, right
+
+
+def _check_bias_grad(attn_bias, bias_grad: bool) -> None:
+    if not bias_grad:
+        return
+    if attn_bias is None:
+        raise ValueError("bias_grad=True needs attn_bias; without a bias there is no gradient to return")
+    if _dtype_name(attn_bias) == "bool":
+        raise ValueError("bias_grad=True but attn_bias is a boolean mask, which has no gradient; pass an additive "
+                         "float bias or bias_grad=False")
+
+
+def _check_backward_seed(dropout_p: float, dropout_seed) -> None:
+    if dropout_p > 0 and dropout_seed is None:
+        raise ValueError(f"dropout_seed is None but dropout_p is {dropout_p}: the backward regenerates the forward's "
+                         f"dropout mask from its seed, so pass the int the forward used")
+
+
+def _require_tf32(q, allow_tf32: bool) -> None:
+    """fp32 torch tensors: the CuPy face asks for allow_tf32 as for CuPy arrays (the op then follows torch's own
+    TF32 setting too)."""
+    if _dtype_name(q) == "float32" and not allow_tf32:
+        raise TypeError("q has dtype float32: the CUDA kernels run float32 on TF32 tensor cores (10-bit mantissa), "
+                        "which the caller has not allowed; pass allow_tf32=True (torch tensors also need "
+                        "torch.set_float32_matmul_precision('high')), or float16/bfloat16")
+
+
+# ---- torch tensors: the torch op's CUDA path -------------------------------------------------------------------
+
 def _require_cuda_tensors(**tensors) -> None:
-    """The CuPy face is CUDA-only: a CPU torch tensor is refused by name (the torch op has the CPU path)."""
+    """The CuPy face is CUDA-only: a CPU torch tensor is refused by name (the torch op has the CPU path), and so is
+    a non-torch array beside torch tensors (one call takes one kind)."""
     for name, t in tensors.items():
+        if t is None:
+            continue
+        if not _is_torch(t):
+            raise TypeError(f"{name} is a {type(t).__module__}.{type(t).__name__} but q is a torch tensor; pass "
+                            f"every array of one call as the same kind (torch.from_dlpack converts)")
         if t.device.type != "cuda":
             raise TypeError(f"{name} is a torch tensor on {t.device}; the CuPy face takes CUDA arrays only, so move "
                             f"it to the GPU (.cuda()) or call cupyflash.flash_attention for the CPU path")
 
+
+def _torch_seed(dropout_seed, dropout_p: float, q):
+    """The op's seed: one int64 element on q's device; None draws it from torch's generator of q's device (as
+    cupyflash.flash_attention does), on the device."""
+    import torch
+
+    if dropout_p == 0:
+        return None
+    if dropout_seed is None:
+        return torch.randint(0, 2 ** 62, (), dtype=torch.int64, device=q.device)
+    return torch.tensor(_as_int64(dropout_seed), dtype=torch.int64, device=q.device)
+
+
+def _as_int64(seed: int) -> int:
+    """The int64 with the seed's 64 bits."""
+    return seed - 2 ** 64 if seed >= 2 ** 63 else seed
+
+
+# ---- CuPy arrays -----------------------------------------------------------------------------------------------
 
 def _as_cupy(name: str, x):
     import cupy
@@ -31,7 +123,8 @@ def _as_cupy(name: str, x):
     if isinstance(x, cupy.ndarray):
         return x
     raise TypeError(f"{name} is a {type(x).__module__}.{type(x).__name__}; the CuPy face takes cupy.ndarray "
-                    f"(fp16) or CUDA torch tensors, so move it to the GPU first (cupy.asarray(...))")
+                    f"(fp16, fp32) or CUDA torch tensors, one kind per call: move host arrays to the GPU "
+                    f"(cupy.asarray(...)), convert others with cupy.from_dlpack")
 
 
 def _info(name: str, a) -> TensorInfo:
@@ -39,18 +132,99 @@ def _info(name: str, a) -> TensorInfo:
                       f"cuda:{a.device.id}")
 
 
+def _check_arrays(q, k, v, bias, allow_tf32: bool) -> None:
+    bias_info = None if bias is None else _info("attn_bias", bias)
+    check_attention_inputs(_info("q", q), _info("k", k), _info("v", v), bias_info, on_gpu=True,
+                           tf32_allowed=bool(allow_tf32))
+    if bias is not None and str(bias.dtype) not in BIAS_DTYPES:
+        raise TypeError(f"attn_bias has dtype {bias.dtype}; expected bool (a mask, True = keep), float16 or "
+                        f"float32")
+
+
 def _kernel_ready(a):
-    """`a` itself if every row starts 16-byte aligned (cp.async copies 16 bytes), else a contiguous copy."""
+    """`a` itself if its last dim is contiguous and every row starts 16-byte aligned (cp.async copies 16 bytes),
+    else a contiguous copy (q, k, v are checked for a contiguous last dim; dout and out are copied)."""
     import cupy
 
-    return a if launch.rows_aligned(a.data.ptr, a.strides[:3]) else cupy.ascontiguousarray(a)
+    ready = a.strides[3] == a.itemsize and launch.rows_aligned(a.data.ptr, a.strides[:3])
+    return a if ready else cupy.ascontiguousarray(a)
 
 
 def _buf(a) -> launch.Buf:
     return launch.Buf(a.data.ptr, tuple(s // a.itemsize for s in a.strides))
 
 
+def _broadcast_buf(a) -> launch.Buf:
+    """A (B, H, Nq, Nk)-broadcastable buffer: stride 0 along its size-1 dims, so it is never expanded."""
+    return launch.Buf(a.data.ptr, tuple(0 if n == 1 else s // a.itemsize for n, s in zip(a.shape, a.strides)))
+
+
+def _kernel_bias(attn_bias, q):
+    """The bias as the kernels read it: q's dtype or fp32; boolean masks become additive 0 / -inf in q's dtype."""
+    import cupy
+
+    if attn_bias is None:
+        return None
+    if attn_bias.dtype == cupy.bool_:
+        return cupy.where(attn_bias, cupy.zeros((), dtype=q.dtype), cupy.full((), -math.inf, dtype=q.dtype))
+    return attn_bias if attn_bias.dtype in (q.dtype, cupy.float32) else attn_bias.astype(cupy.float32)
+
+
+def _seed_on_device(dropout_seed, dropout_p: float):
+    """The seed as one int64 on the current device (the kernels read the Philox key there), or None without
+    dropout; None draws it from cupy.random on the device, so cupy.random.seed reproduces it."""
+    import cupy
+
+    if dropout_p == 0:
+        return None
+    if dropout_seed is None:
+        return cupy.random.randint(0, 2 ** 62, size=(), dtype=cupy.int64)
+    return cupy.asarray(_as_int64(dropout_seed), dtype=cupy.int64)
+
+
+def _holding_alloc(held: list):
+    """launch.classify_tiles's allocator: CuPy arrays on the current device, each appended to `held`. The launch
+    keeps only their addresses, and CuPy's pool hands a dropped array's memory to the next allocation on the stream,
+    so the caller holds them until the kernels that use them are enqueued."""
+    import cupy
+
+    def alloc(shape, dtype: str, zeroed: bool):
+        a = (cupy.zeros if zeroed else cupy.empty)(shape, dtype=dtype)
+        held.append(a)
+        return a, _buf(a)
+
+    return alloc
+
+
+def _classify(bias, kernel: str, ctx: dict, head_dim: int, causal: bool, window: tuple, held: list):
+    """The bias's tile classes (definition: cupyflash/tile_classes.py) for the tiles of pass `kernel`, computed on
+    the GPU as the torch op's CUDA path does, or None without a bias; arrays it allocates go to `held`."""
+    import cupy
+
+    if bias is None:
+        return None
+    tiles = for_pass(kernel, ctx["dtype"], head_dim)
+    return launch.classify_tiles(dtype=ctx["dtype"], bias=_broadcast_buf(bias), bias_shape=tuple(bias.shape),
+                                 bias_f32=bias.dtype == cupy.float32, br=tiles.Br, bc=tiles.Bc,
+                                 window=causal or window != (-1, -1), alloc=_holding_alloc(held),
+                                 stream_ptr=ctx["stream_ptr"], device_id=ctx["device_id"])
+
+
+def _mods(bias, classes, window, dropout_p, seed, softcap, dbias=None) -> launch.ScoreMods:
+    """The launch's ScoreMods: raw addresses, so the caller keeps bias, classes, seed and dbias alive until the
+    launch is enqueued (as in _holding_alloc)."""
+    import cupy
+
+    return launch.ScoreMods(bias=None if bias is None else _broadcast_buf(bias),
+                            bias_f32=bias is not None and bias.dtype == cupy.float32,
+                            tile_classes=None if classes is None else _broadcast_buf(classes),
+                            dbias=None if dbias is None else _broadcast_buf(dbias), window=window,
+                            dropout_p=float(dropout_p), seed_ptr=0 if seed is None else seed.data.ptr,
+                            softcap=float(softcap))
+
+
 def _context(q, k) -> dict:
+    """Launch arguments; call with q's device current (its current stream is the one the kernels run on)."""
     import cupy
 
     require_gpu(q.device.id)
@@ -58,52 +232,117 @@ def _context(q, k) -> dict:
                 device_id=q.device.id)
 
 
-def flash_attn_forward(q, k, v, *, scale: float | None = None, causal: bool = False):
-    """Returns (out (B, H, Nq, D), lse (B, H, Nq) fp32 natural-log log-sum-exp of scale · q kᵀ)."""
+# ---- the face --------------------------------------------------------------------------------------------------
+
+def flash_attn_forward(q, k, v, attn_bias=None, *, scale: float | None = None, causal: bool = False,
+                       window: tuple = (-1, -1), dropout_p: float = 0.0, dropout_seed: int | None = None,
+                       softcap: float = 0.0, allow_tf32: bool = False):
+    """Returns (out (B, H, Nq, D), lse (B, H, Nq) fp32 natural-log log-sum-exp of the logits).
+
+    ``attn_bias``: additive (float16, float32) or boolean (True = keep), 4-D, broadcastable to (B, H, Nq, Nk) by
+    size-1 dims (read in place, never expanded). k and v may have fewer heads than q (grouped-query attention).
+    ``scale`` defaults to 1/sqrt(head_dim); ``causal`` and ``window`` = (left, right) keys around the diagonal
+    (-1: unbounded) are aligned to the bottom-right corner. ``softcap`` > 0 caps the logits before the bias:
+    softcap · tanh(scale · q kᵀ / softcap). ``dropout_p`` drops attention probabilities with the Philox key
+    ``dropout_seed``, an int (pass the same to the backward); None draws one from cupy.random (torch tensors:
+    torch's generator), so cupy.random.seed reproduces a run. float32 inputs need ``allow_tf32=True``: the
+    kernels run them on TF32 tensor cores.
+    """
+    window = _check_options(window, dropout_p, dropout_seed, softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _is_torch(q):
         from .torch_op import flash_attn_fwd
 
-        _require_cuda_tensors(q=q, k=k, v=v)
-        return flash_attn_fwd(q, k, v, None, scale, bool(causal))
+        _require_cuda_tensors(q=q, k=k, v=v, attn_bias=attn_bias)
+        _require_tf32(q, allow_tf32)
+        return flash_attn_fwd(q, k, v, attn_bias, scale, bool(causal), *window, float(dropout_p),
+                              _torch_seed(dropout_seed, dropout_p, q), float(softcap))
     import cupy
 
     q, k, v = _as_cupy("q", q), _as_cupy("k", k), _as_cupy("v", v)
-    check_attention_inputs(_info("q", q), _info("k", k), _info("v", v), None, on_gpu=True)
-    out = cupy.empty(q.shape, dtype=q.dtype)
-    lse = cupy.empty(q.shape[:-1], dtype=cupy.float32)
-    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
-    launch.forward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
-                   out=_buf(out), lse=_buf(lse), scale=scale, mods=launch.ScoreMods(), **_context(q, k))
+    attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
+    _check_arrays(q, k, v, attn_bias, allow_tf32)
+    with q.device:
+        out = cupy.empty(q.shape, dtype=q.dtype)  # contiguous, as the torch op's
+        lse = cupy.empty(q.shape[:-1], dtype=cupy.float32)  # (B, H, Nq)
+        if out.size == 0:
+            return out, lse
+        q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+        bias = _kernel_bias(attn_bias, q)
+        seed = _seed_on_device(dropout_seed, dropout_p)
+        ctx = _context(q, k)
+        held = []  # the classification's arrays, alive until the forward is enqueued
+        classes = _classify(bias, "fwd", ctx, q.shape[-1], bool(causal), window, held)
+        launch.forward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
+                       out=_buf(out), lse=_buf(lse), scale=scale,
+                       mods=_mods(bias, classes, window, dropout_p, seed, softcap), **ctx)
     return out, lse
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, *, scale: float | None = None, causal: bool = False):
-    """Returns (dq, dk, dv) for the forward's (out, lse), recomputing the attention matrix block by block."""
+def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float | None = None,
+                        causal: bool = False, window: tuple = (-1, -1), dropout_p: float = 0.0,
+                        dropout_seed: int | None = None, softcap: float = 0.0, bias_grad: bool = False,
+                        allow_tf32: bool = False):
+    """Returns (dq, dk, dv), or (dq, dk, dv, dbias) with ``bias_grad``, for the forward's (out, lse) with the same
+    arguments, recomputing the attention matrix block by block.
+
+    dq, dk, dv are contiguous and shaped like q, k, v (dk, dv summed over the query heads sharing a K/V head);
+    dbias is shaped like ``attn_bias`` (summed over its broadcast dims) in its dtype. Dropout regenerates the
+    forward's mask from ``dropout_seed``, which is required here: pass the int the forward used.
+    """
+    window = _check_options(window, dropout_p, dropout_seed, softcap)
+    _check_backward_seed(dropout_p, dropout_seed)
+    _check_bias_grad(attn_bias, bias_grad)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _is_torch(q):
         from .torch_op import flash_attn_bwd
 
-        _require_cuda_tensors(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
-        return flash_attn_bwd(dout, q, k, v, None, out, lse, scale, bool(causal))[:3]
+        _require_cuda_tensors(dout=dout, q=q, k=k, v=v, out=out, lse=lse, attn_bias=attn_bias)
+        _require_tf32(q, allow_tf32)
+        dout, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, out))  # as the op's autograd does
+        grads = flash_attn_bwd(dout, q, k, v, attn_bias, out, lse, scale, bool(causal), *window, float(dropout_p),
+                               _torch_seed(dropout_seed, dropout_p, q), bool(bias_grad), float(softcap))
+        return grads if bias_grad else grads[:3]
     import cupy
 
     q, k, v = _as_cupy("q", q), _as_cupy("k", k), _as_cupy("v", v)
     dout, out, lse = _as_cupy("dout", dout), _as_cupy("out", out), _as_cupy("lse", lse)
-    check_attention_inputs(_info("q", q), _info("k", k), _info("v", v), None, on_gpu=True)
+    attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
+    _check_arrays(q, k, v, attn_bias, allow_tf32)
     for name, a in (("dout", dout), ("out", out)):
         if a.shape != q.shape or a.dtype != q.dtype:
             raise ValueError(f"{name} must match q: expected shape {q.shape} {q.dtype}, got {a.shape} {a.dtype}")
     if lse.shape != q.shape[:-1] or lse.dtype != cupy.float32:
         raise ValueError(f"lse must be float32 of shape (batch, heads, seqlen_q) = {q.shape[:-1]}, "
                          f"got {lse.dtype} {lse.shape}")
-    dq, dk, dv = cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
+    for name, a in (("dout", dout), ("out", out), ("lse", lse)):
+        if a.device != q.device:
+            raise ValueError(f"{name} is on cuda:{a.device.id} but q is on cuda:{q.device.id}; all inputs must be "
+                             f"on one device")
     batch, heads, n_q, d = q.shape
-    dq_accum = cupy.zeros((batch, heads, n_q, d), dtype=cupy.float32)  # atomically summed
-    d_vec = cupy.empty((batch, heads, n_q), dtype=cupy.float32)  # D = rowsum(dO ∘ O)
-    q, k, v, out, dout = (_kernel_ready(a) for a in (q, k, v, out, dout))
-    launch.backward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
-                    out=_buf(out), dout=_buf(dout), lse=_buf(cupy.ascontiguousarray(lse)), d_vec=_buf(d_vec),
-                    dq_accum=_buf(dq_accum), dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
-                    mods=launch.ScoreMods(), **_context(q, k))
-    return dq, dk, dv
+    launch.require_backward(d)  # before any work on the bias
+    with q.device:
+        dq, dk, dv = (cupy.empty(a.shape, dtype=a.dtype) for a in (q, k, v))  # contiguous, as the torch op's
+        # dBias is summed atomically over the bias's broadcast dims, in fp32.
+        dbias = cupy.zeros(attn_bias.shape, dtype=cupy.float32) if bias_grad else None
+        if dq.size == 0:  # batch 0: nothing to launch
+            return _grads(dq, dk, dv, dbias, attn_bias)
+        q, k, v, out, dout = (_kernel_ready(a) for a in (q, k, v, out, dout))
+        lse = cupy.ascontiguousarray(lse)
+        dq_accum = cupy.zeros((batch, heads, n_q, d), dtype=cupy.float32)  # atomically summed
+        d_vec = cupy.empty((batch, heads, n_q), dtype=cupy.float32)  # D = rowsum(dO ∘ O)
+        bias = _kernel_bias(attn_bias, q)
+        seed = _seed_on_device(dropout_seed, dropout_p)
+        ctx = _context(q, k)
+        held = []  # the classification's arrays, alive until the backward is enqueued
+        classes = _classify(bias, "bwd", ctx, d, bool(causal), window, held)
+        launch.backward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
+                        out=_buf(out), dout=_buf(dout), lse=_buf(lse), d_vec=_buf(d_vec), dq_accum=_buf(dq_accum),
+                        dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
+                        mods=_mods(bias, classes, window, dropout_p, seed, softcap, dbias), **ctx)
+        return _grads(dq, dk, dv, dbias, attn_bias)
+
+
+def _grads(dq, dk, dv, dbias, attn_bias) -> tuple:
+    """(dq, dk, dv), and dbias in the bias's dtype where it was asked for."""
+    return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.astype(attn_bias.dtype, copy=False))
