@@ -136,10 +136,12 @@ def classify_tiles(*, dtype: str, bias: Buf, bias_shape: tuple, bias_f32: bool, 
     bb, hb, nq, _ = bias_shape
     tq, tk, n_qb, n_kb = tile_grid(bias_shape, br, bc)
     n_tiles = bb * hb * n_qb * n_kb
+    # Every workspace stays referenced until both launches are queued: a freed one would be handed straight to
+    # the next allocation on this stream (torch's and CuPy's pools), aliasing two buffers.
     classes, classes_buf = alloc((bb, hb, n_qb, n_kb), "int8", False)
-    _, lo = alloc((n_tiles,), "float32", False)
-    _, hi = alloc((n_tiles,), "float32", False)
-    _, row_keeps = alloc((bb * hb * nq,), "int32", True)
+    lo_arr, lo = alloc((n_tiles,), "float32", False)
+    hi_arr, hi = alloc((n_tiles,), "float32", False)
+    keeps_arr, row_keeps = alloc((bb * hb * nq,), "int32", True)
     # 16-byte loads need unit key stride, 16-byte aligned rows and tiles (sizes in elements)
     per16 = 16 // (4 if bias_f32 else jit.ELEM_BYTES[dtype])
     vec16 = (bias.strides[3] == 1 and tk % per16 == 0
@@ -153,6 +155,7 @@ def classify_tiles(*, dtype: str, bias: Buf, bias_shape: tuple, bias_f32: bool, 
     _run(classify, (math.ceil(n_tiles / CLASS_THREADS),), (CLASS_THREADS,),
          (_ptr(lo), _ptr(hi), _ptr(row_keeps), np.int32(nq), np.int32(tq), np.int32(n_qb), np.int32(n_kb),
           np.int64(n_tiles), np.int32(window), _ptr(classes_buf)), stream_ptr, device_id)
+    del lo_arr, hi_arr, keeps_arr  # freed only now, after both launches are on the stream
     return classes
 
 
