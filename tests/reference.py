@@ -244,3 +244,19 @@ def nbytes(shape, dtype: torch.dtype) -> int:
 def _first_index(mask: torch.Tensor) -> tuple:
     idx = mask.nonzero()
     return tuple(idx[0].tolist()) if idx.numel() else ()
+
+
+def draw_inputs(batch, h_q, h_kv, n_q, n_k, head_dim, dtype, layout, seed, qk_scale=1.0):
+    """q, dout (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D) as CUDA torch tensors; ``transposed``: views of (B, N, H, D)
+    tensors. ``qk_scale`` widens the scores (soft-capping saturates only on large ones)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def draw(heads, n, factor=1.0):
+        if layout == "contiguous":
+            t = torch.randn(batch, heads, n, head_dim, generator=gen, device="cuda", dtype=dtype)
+        else:
+            assert layout == "transposed", layout
+            t = torch.randn(batch, n, heads, head_dim, generator=gen, device="cuda", dtype=dtype).transpose(1, 2)
+        return t.mul_(factor) if factor != 1.0 else t
+
+    return draw(h_q, n_q, qk_scale), draw(h_kv, n_k, qk_scale), draw(h_kv, n_k), draw(h_q, n_q)

@@ -28,7 +28,7 @@ import cupyflash.torch_op  # noqa: F401  registers torch.ops.cupyflash.*
 from cupyflash.cpu_attention import dropout_keep
 from cupyflash.tile_classes import MASKED_BIAS, READ, SKIP, ZERO, tile_classes
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref,
-                       rounding_floor, seed_from, semantics_ref)
+                       draw_inputs, rounding_floor, seed_from, semantics_ref)
 
 ROOT = Path(__file__).resolve().parents[1]
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -227,22 +227,6 @@ def test_cupy_face_imports_and_checks_without_torch(tmp_path):
 
 
 # ---- GPU helpers ------------------------------------------------------------------------------------------------
-
-def draw_inputs(batch, h_q, h_kv, n_q, n_k, head_dim, dtype, layout, seed, qk_scale=1.0):
-    """q, dout (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D) as CUDA torch tensors; ``transposed``: views of (B, N, H, D)
-    tensors. ``qk_scale`` widens the scores (soft-capping saturates only on large ones)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-
-    def draw(heads, n, factor=1.0):
-        if layout == "contiguous":
-            t = torch.randn(batch, heads, n, head_dim, generator=gen, device="cuda", dtype=dtype)
-        else:
-            assert layout == "transposed", layout
-            t = torch.randn(batch, n, heads, head_dim, generator=gen, device="cuda", dtype=dtype).transpose(1, 2)
-        return t.mul_(factor) if factor != 1.0 else t
-
-    return draw(h_q, n_q, qk_scale), draw(h_kv, n_k, qk_scale), draw(h_kv, n_k), draw(h_q, n_q)
-
 
 BIAS_SHAPES = {  # name: the bias's shape for (B, H, Nq, Nk)
     "BHQK": lambda b, h, nq, nk: (b, h, nq, nk),

@@ -19,8 +19,9 @@ import torch
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
 from cupyflash.cpu_attention import dropout_keep
-from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, nbytes,
-                       poison_cuda_allocator, rounding_floor, seed_from, semantics_ref, visible_mask)
+from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref,
+                       draw_inputs, nbytes, poison_cuda_allocator, rounding_floor, seed_from, semantics_ref,
+                       visible_mask)
 
 pytestmark = pytest.mark.gpu
 
@@ -30,22 +31,6 @@ BATCH = 2
 
 def _name(dtype) -> str:
     return {FP16: "fp16", BF16: "bf16", FP32: "fp32", torch.bool: "bool"}[dtype]
-
-
-def draw_inputs(batch, h_q, h_kv, n_q, n_k, head_dim, dtype, layout, seed, qk_scale=1.0):
-    """q, dout (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D); ``transposed``: views of (B, N, H, D) tensors."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-
-    def draw(heads, n, factor=1.0):
-        if layout == "contiguous":
-            t = torch.randn(batch, heads, n, head_dim, generator=gen, device="cuda", dtype=dtype)
-        else:
-            assert layout == "transposed", layout
-            t = torch.randn(batch, n, heads, head_dim, generator=gen, device="cuda", dtype=dtype).transpose(1, 2)
-        return t.mul_(factor) if factor != 1.0 else t
-
-    q, k, v, dout = draw(h_q, n_q, qk_scale), draw(h_kv, n_k, qk_scale), draw(h_kv, n_k), draw(h_q, n_q)
-    return q, k, v, dout
 
 
 BIAS_SHAPES = {  # name: (shape builder, strided): strided draws a permuted tensor and views it back
