@@ -40,7 +40,7 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     v += b * v_sb + (h / group) * v_sh;
     o += b * o_sb + h * o_sh + q0 * o_sn;
 
-    const auto mods = make_score_mods<Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
+    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
                                                              tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
                                                              win_right, keep_threshold, seed, cap_in, cap_out);
     const i64 bh = (i64)b * H + h;
@@ -107,21 +107,13 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         for (int mt = 0; mt < MTiles; ++mt) mods.template scale_scores<Bc / 8>(s[mt], scale_log2);
         auto row_of = [&](int mt, int e) { return q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8; };
         auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
-        if (read_bias) {  // each lane's two adjacent keys per row and n8 tile: one load where they are contiguous
+        if (read_bias) {
 #pragma unroll
             for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int row = row_of(mt, 2 * r);
-                    if (row >= Nq) continue;
-                    const i64 row_off = mods.bias_row(b, h, row);
-#pragma unroll
-                    for (int nt = 0; nt < Bc / 8; ++nt) {
-                        const int col = col_of(nt, 0);
-                        if (col < Nk)
-                            mods.template add_bias_pair<T>(s[mt][nt][2 * r], s[mt][nt][2 * r + 1], row_off, col);
-                    }
-                }
+                for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
+                    mods.template add_bias_row<T, Bc / 8>(s[mt], r, mods.bias_row(b, h, min(row_of(mt, 2 * r), Nq - 1)),
+                                                         col_of(0, 0));
         }
         if (need_mask) {
 #pragma unroll

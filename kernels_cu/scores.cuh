@@ -44,6 +44,26 @@ constexpr int kNoWindow = 1 << 30;  // a window edge farther than any sequence (
 // pass's Br x Bc): skip = contributes nothing, zero = adds nothing (no bias read), read = read per element.
 enum TileClass : int { kTileSkip = 0, kTileZero = 1, kTileRead = 2 };
 
+// A bias element as float: fp32 as is, 16-bit biases in q's element type.
+template <typename T>
+CF_DEVICE float bias_float(float x) { return x; }
+template <typename T>
+CF_DEVICE float bias_float(u16 x) { return T::to_float(x); }
+
+// Two adjacent bias elements at p (aligned to their pair) in one load.
+template <typename T>
+CF_DEVICE void load_pair(const float* p, float (&out)[2]) {
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
+    out[0] = v.x;
+    out[1] = v.y;
+}
+template <typename T>
+CF_DEVICE void load_pair(const u16* p, float (&out)[2]) {
+    const u32 w = __ldg(reinterpret_cast<const u32*>(p));
+    out[0] = T::to_float((u16)(w & 0xffffu));
+    out[1] = T::to_float((u16)(w >> 16));
+}
+
 // Enabled = false is the plain path (at most causal): the compiler drops the bias, window and dropout code, whose
 // registers and instructions otherwise cost the plain kernels about a third of their speed. Dropout has a flag
 // of its own: its unrolled Philox rounds alone made a kernel without dropout 3x slower (H200, d64).
@@ -58,6 +78,7 @@ struct ScoreMods {
     u32 keep_threshold;                      // dropout keeps an element iff its random word < this
     u32 seed_lo, seed_hi;
     float cap_in, cap_out;                   // soft-capping: scale / softcap and softcap · log2 e; cap_out = 0: off
+    bool pairs;  // a lane's two adjacent keys are one aligned load: unit key stride, even Nk and row offsets
 
     CF_DEVICE bool visible(int row, int col) const {
         return col < Nk && col <= row + diag + right && col >= row + diag - left;
@@ -98,42 +119,47 @@ struct ScoreMods {
         if (bv <= kMaskedBias) return bv == -inf_f() ? -inf_f() : kMaskedLogit2;
         return fmaf(bv, kLog2e, x);
     }
-    template <typename T>
-    CF_DEVICE float bias_at(i64 off) const {
-        return bias_f32 ? static_cast<const float*>(bias)[off]
-                        : T::to_float(static_cast<const typename T::elem*>(bias)[off]);
-    }
     CF_DEVICE i64 bias_row(int b, int h, int row) const { return b * bias_sb + h * bias_sh + row * bias_sm; }
 
-    // The logit of (row, col) of head (b, h) from its score x. row < Nq and col < Nk are the caller's to check.
-    template <typename T>
-    CF_DEVICE float add_bias(float x, int b, int h, int row, int col) const {
-        return biased(x, bias_at<T>(bias_row(b, h, row) + col * bias_sn));
+    // Reading the bias: body(p) with p the bias as a pointer to its element type (fp32, or q's element type),
+    // chosen by one uniform branch outside the caller's loops.
+    //
+    // Callers load a tile's biases with no branch around each load, clamping rows and keys past Nq / Nk to the
+    // last ones (their scores are discarded or masked anyway), so the loads issue back to back. Behind a
+    // per-element bounds or alignment branch each load waited out its own L2 round trip: a tile that read the
+    // bias cost about 6 tiles that did not (H200, d64 forward), which put a dense causal mask at 1.54x of the
+    // causal flag.
+    template <typename T, typename Body>
+    CF_DEVICE void with_bias(Body body) const {
+        if (bias_f32)
+            body(static_cast<const float*>(bias));
+        else
+            body(static_cast<const typename T::elem*>(bias));
     }
 
-    // Keys col (even, < Nk) and col + 1 of the row at offset row_off: one 4-byte (16-bit) or 8-byte (fp32) load
-    // where the pair is contiguous and aligned, as in a row-major mask, else one load each; x1 is left alone past Nk.
-    template <typename T>
-    CF_DEVICE void add_bias_pair(float& x0, float& x1, i64 row_off, int col) const {
-        const i64 off = row_off + col * bias_sn;
-        if (bias_sn == 1 && col + 1 < Nk) {
-            if (bias_f32 && (reinterpret_cast<unsigned long long>(static_cast<const float*>(bias) + off) & 7) == 0) {
-                float v0, v1;
-                asm("ld.global.nc.v2.f32 {%0, %1}, [%2];" : "=f"(v0), "=f"(v1) : "l"(static_cast<const float*>(bias) + off));
-                x0 = biased(x0, v0);
-                x1 = biased(x1, v1);
-                return;
+    // Adds the biases of this lane's keys col0 + nt·8 + {0, 1} (col0 even, nt < NT) in the row at row_off to
+    // s[nt][2r] and s[nt][2r + 1] (an accumulator tile's rows lane/4 + 8r). With `pairs` each key pair is one
+    // 4-byte (16-bit) or 8-byte (fp32) load.
+    template <typename T, int NT>
+    CF_DEVICE void add_bias_row(float (*s)[4], int r, i64 row_off, int col0) const {
+        with_bias<T>([&](auto p) {
+            p += row_off;
+            float bv[NT][2];
+            if (pairs) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) load_pair<T>(p + min(col0 + nt * 8, Nk - 2), bv[nt]);
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) bv[nt][e] = bias_float<T>(__ldg(p + min(col0 + nt * 8 + e, Nk - 1) * bias_sn));
             }
-            const u16* p16 = static_cast<const u16*>(bias) + off;
-            if (!bias_f32 && sizeof(typename T::elem) == 2 && (reinterpret_cast<unsigned long long>(p16) & 3) == 0) {
-                const u32 w = __ldg(reinterpret_cast<const u32*>(p16));
-                x0 = biased(x0, T::to_float((typename T::elem)(w & 0xffffu)));
-                x1 = biased(x1, T::to_float((typename T::elem)(w >> 16)));
-                return;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                s[nt][2 * r] = biased(s[nt][2 * r], bv[nt][0]);
+                s[nt][2 * r + 1] = biased(s[nt][2 * r + 1], bv[nt][1]);
             }
-        }
-        x0 = biased(x0, bias_at<T>(off));
-        if (col + 1 < Nk) x1 = biased(x1, bias_at<T>(off + bias_sn));
+        });
     }
 };
 
@@ -162,17 +188,20 @@ CF_DEVICE void trim_skipped(int& begin, int& end, IsSkipped is_skipped, int tid)
 // The kernels' ScoreMods from their launch arguments. Causal clips the right window edge at the diagonal; the
 // plain path (Enabled = false) has no window beyond that. The dropout seed is read from device memory, where
 // torch's CUDA generator wrote it, so a CUDA graph replay runs with that replay's seed.
-template <bool Causal, bool Enabled, bool Dropout>
+template <typename T, bool Causal, bool Enabled, bool Dropout>
 CF_DEVICE ScoreMods<Enabled, Dropout> make_score_mods(const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm,
                                                       i64 bias_sn, int bias_f32, const signed char* tile_cls,
                                                       i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn, int Nq, int Nk,
                                                       int win_left, int win_right, u32 keep_threshold,
                                                       const unsigned long long* seed, float cap_in, float cap_out) {
     const unsigned long long sd = Dropout && seed != nullptr ? *seed : 0ull;
+    const unsigned long long pair_bytes = 2 * (bias_f32 ? 4 : sizeof(typename T::elem));
+    const bool pairs = bias_sn == 1 && Nk % 2 == 0 && (bias_sb | bias_sh | bias_sm) % 2 == 0 &&
+                       reinterpret_cast<unsigned long long>(bias) % pair_bytes == 0;
     return ScoreMods<Enabled, Dropout>{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls, cls_sb, cls_sh,
                                        cls_sm, cls_sn, Nq, Nk, Nk - Nq, Enabled ? win_left : kNoWindow,
                                        Causal ? min(win_right, 0) : Enabled ? win_right : kNoWindow, keep_threshold,
-                                       (u32)sd, (u32)(sd >> 32), cap_in, cap_out};
+                                       (u32)sd, (u32)(sd >> 32), cap_in, cap_out, pairs};
 }
 
 }  // namespace cupyflash

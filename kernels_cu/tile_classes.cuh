@@ -18,9 +18,10 @@ CF_DEVICE float bias_value(const void* bias, int bias_f32, i64 off) {
 
 // One block per tile, blockIdx.x = (bh · QB + qb) · KB + kb: the tile's min and max, and row_keeps[bh · nq + row]
 // = 1 for every row with an element above kMaskedBias (the buffer comes zeroed; concurrent writers store the
-// same 1). Warp w reads rows w, w + 4, ... with its lanes along the row. vec16 (the caller checked sn = 1 and
-// 16-byte aligned rows): each lane reads 16 bytes at a time, as a row-major mask allows; element-wise loads of
-// 2 bytes ran at ~1/5 of the memory bandwidth (238 µs for an 8192² bf16 mask on the H200).
+// same 1). Each thread reads `step` consecutive elements of a row at a time, 16 bytes with vec16 (the caller
+// checked sn = 1 and 16-byte aligned rows and tiles), and the block's threads spread over the tile's rows and
+// columns together. Lanes along one row only left 24 of 32 lanes idle on a 64-key tile, and 2-byte loads ran at a
+// fifth of the memory bandwidth (252 µs and 238 µs for an 8192² bf16 mask on the H200).
 template <typename T>
 __global__ void __launch_bounds__(kClassThreads)
 tile_minmax(const void* __restrict__ bias, int bias_f32, i64 sb, i64 sh, i64 sm, i64 sn, int Hb, int nq, int nk,
@@ -32,33 +33,33 @@ tile_minmax(const void* __restrict__ bias, int bias_f32, i64 sb, i64 sh, i64 sm,
     const int b = (int)(bh / Hb), h = (int)(bh % Hb);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int ebytes = bias_f32 ? 4 : (int)sizeof(typename T::elem);
-    const int step = vec16 ? 16 / ebytes : 1;  // elements per lane per load
+    const int step = vec16 ? 16 / ebytes : 1;  // elements per thread per load
+    const int chunks = ceil_div(tk, step);     // per row
     float lo = inf_f(), hi = -inf_f();
-    for (int r = warp; r < tq; r += kClassThreads / 32) {
-        const int row = qb * tq + r;
+#pragma unroll 4
+    for (int item = threadIdx.x; item < tq * chunks; item += kClassThreads) {
+        const int r = item / chunks, c = (item - r * chunks) * step;
+        const int row = qb * tq + r, col = kb * tk + c;
+        const i64 off = b * sb + h * sh + row * sm + col * sn;
         bool keeps = false;
-        for (int c = lane * step; c < tk; c += 32 * step) {
-            const int col = kb * tk + c;
-            const i64 off = b * sb + h * sh + row * sm + col * sn;
-            if (vec16 && row < nq && col + step <= nk) {
-                u32 w[4];
-                asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-                    : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
-                    : "l"(static_cast<const unsigned char*>(bias) + off * ebytes));
+        if (vec16 && row < nq && col + step <= nk) {
+            u32 w[4];
+            asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                : "l"(static_cast<const unsigned char*>(bias) + off * ebytes));
 #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    if (i >= step) break;
-                    float x;
-                    if (bias_f32)
-                        x = __uint_as_float(w[i]);
-                    else
-                        x = T::to_float((typename T::elem)((w[i / 2] >> (16 * (i % 2))) & 0xffffu));
-                    lo = fminf(lo, x);
-                    hi = fmaxf(hi, x);
-                    keeps |= x > kMaskedBias;
-                }
-                continue;
+            for (int i = 0; i < 8; ++i) {
+                if (i >= step) break;
+                float x;
+                if (bias_f32)
+                    x = __uint_as_float(w[i]);
+                else
+                    x = T::to_float((typename T::elem)((w[i / 2] >> (16 * (i % 2))) & 0xffffu));
+                lo = fminf(lo, x);
+                hi = fmaxf(hi, x);
+                keeps |= x > kMaskedBias;
             }
+        } else {
             for (int i = 0; i < step && c + i < tk; ++i) {
                 const bool in = row < nq && col + i < nk;
                 const float x = in ? bias_value<T>(bias, bias_f32, off + i * sn) : -inf_f();
@@ -67,7 +68,7 @@ tile_minmax(const void* __restrict__ bias, int bias_f32, i64 sb, i64 sh, i64 sm,
                 keeps |= x > kMaskedBias;
             }
         }
-        if (__any_sync(0xffffffffu, keeps) && lane == 0 && row < nq) row_keeps[bh * nq + row] = 1;
+        if (keeps) row_keeps[bh * nq + row] = 1;
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) {
