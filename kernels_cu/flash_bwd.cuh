@@ -144,20 +144,14 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         auto col_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };  // query in the block
         auto key_of = [&](int e) { return k0 + key_in_block + (e >> 1) * 8; };
         mods.template scale_scores<Br / 8>(pt, scale_log2);
-        if (read_bias) {  // clamped, branch-free loads as in the forward (scores.cuh with_bias); rows past Nq have
-                          // P = 0 and keys past Nk are masked below
-            mods.template with_bias<T>([&](auto p) {
-                i64 key_off[2];
+        if (read_bias) {  // per element: the forward's branch-free loads (scores.cuh with_bias) spill here on sm_80
 #pragma unroll
-                for (int e = 0; e < 2; ++e) key_off[e] = min(key_of(2 * e), Nk - 1) * mods.bias_sn;
+            for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
-                for (int nt = 0; nt < Br / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const i64 off = mods.bias_row(b, hq, min(q0 + col_of(nt, e), Nq - 1)) + key_off[e >> 1];
-                        pt[nt][e] = mods.biased(pt[nt][e], bias_float<T>(__ldg(p + off)));
-                    }
-            });
+                for (int e = 0; e < 4; ++e) {
+                    const int row = q0 + col_of(nt, e), key = key_of(e);
+                    if (row < Nq && key < Nk) pt[nt][e] = mods.template add_bias<T>(pt[nt][e], b, hq, row, key);
+                }
         }
         if (need_mask) {
 #pragma unroll
