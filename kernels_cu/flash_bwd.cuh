@@ -164,11 +164,14 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) pt[nt][e] = fast_exp2(pt[nt][e] - s_lse[col_of(nt, e)]);
-        // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh).
+        // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh). The
+        // loop over nt stays rolled: unrolled, the scheduler interleaved all Br/2 Philox chains beside Pᵀ and the
+        // dK/dV accumulators and spilled d64 and d96 on sm_90 (tests/test_kernel_compile.py); four chains per
+        // iteration are enough to hide their latency.
         u32 keep_bits = 0xffffffffu;
         if (mods.dropout()) {
             keep_bits = 0;
-#pragma unroll
+#pragma unroll 1
             for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
