@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,15 @@ def _nvrtc():
     return nvrtc
 
 
+def _whole_elf(cubin: bytes) -> bytes:
+    """CuPy's getCUBIN (14.2) drops the cubin's last byte, as for NUL-terminated PTX, cutting off the end of the
+    ELF's program-header table; cuobjdump then rejects it. Pads back to the end the ELF header declares."""
+    phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", cubin, 0x36)
+    end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    return cubin + bytes(max(0, end - len(cubin)))
+
+
 def compile_module_reports(key: tuple, arch: str, cubin_path: Path | None = None) -> list[CompileReport]:
     """Compiles one module's variants for `arch` ("sm_80", "sm_90") with NVRTC; no GPU needed. With
     `cubin_path`, the module's cubin is written there too (for cuobjdump -sass: benchmarks/sass_report.py)."""
@@ -185,7 +195,7 @@ def compile_module_reports(key: tuple, arch: str, cubin_path: Path | None = None
             raise KernelCompileError(f"kernels {[v.name for v in variants]} failed to compile for {arch}: "
                                      f"{first.strip()}; this is a bug in cupyflash, please report it.") from None
         if cubin_path is not None:
-            Path(cubin_path).write_bytes(nvrtc.getCUBIN(prog))
+            Path(cubin_path).write_bytes(_whole_elf(nvrtc.getCUBIN(prog)))
         ptxas = {m.group(1): m for m in _PTXAS_FUNC.finditer(nvrtc.getProgramLog(prog))}
         reports = []
         for v in variants:

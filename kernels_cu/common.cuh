@@ -308,6 +308,19 @@ CF_DEVICE void mma_ab(float (*c)[N / 8][4], AFrag a_frag, u32 sB, int b_col0, in
     }
 }
 
+// ---- fp32 reductions into global memory ----
+// p[0..3] += v[0..3], p 16-byte aligned. sm_90 has one vector reduction for it (red.global.add.v4.f32, PTX ISA
+// 8.1); older GPUs take four scalar ones.
+CF_DEVICE void red_add4(float* p, const float (&v)[4]) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+                 : "memory");
+#else
+#pragma unroll
+    for (int i = 0; i < 4; ++i) atomicAdd(p + i, v[i]);
+#endif
+}
+
 // ---- global → shared copies ----
 // cp.async 16 bytes; src_bytes = 0 writes zeros (rows past the sequence end), reading nothing.
 CF_DEVICE void cp_async_16(u32 dst, const void* src, bool valid) {

@@ -260,17 +260,21 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         mma_ab<T, Bc, kDqCols, 1, D>(
             &acc_dq, [&](u32 (&a)[1][T::kARegs], int kk) { load_a_km<T, Br>(a[0], sdS, kk * 16, m0, lane); }, sK, c0,
             lane);
+        // Lanes 2i and 2i+1 hold columns 4·(i%2) .. +3 of an n8 tile, two each, in rows lane/4 and lane/4 + 8; one
+        // exchange gives the even lane four consecutive columns of the first row and the odd lane of the second,
+        // so each lane adds 16 bytes at once: a quarter of the reductions of one per element, and every L2
+        // sector they touch is full (per element, each sector was reached twice, half used each time).
+        const int r = lane & 1;  // the accumulator row this lane adds: lane/4 + 8r
+        const int row = q0 + m0 + lane / 4 + r * 8;
+        float* dst = dq_accum + (bh * Nq + row) * D + c0 + 2 * (lane % 4 & ~1);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = q0 + m0 + lane / 4 + r * 8;
-            if (row < Nq) {
-                float* dst = dq_accum + (bh * Nq + row) * D + c0 + 2 * (lane % 4);
-#pragma unroll
-                for (int nt = 0; nt < kDqCols / 8; ++nt) {
-                    atomicAdd(dst + nt * 8, acc_dq[nt][2 * r]);
-                    atomicAdd(dst + nt * 8 + 1, acc_dq[nt][2 * r + 1]);
-                }
-            }
+        for (int nt = 0; nt < kDqCols / 8; ++nt) {
+            const float* c = acc_dq[nt];  // (selects, not c[2r]: a run-time index would put the array in local memory)
+            const float own0 = r ? c[2] : c[0], own1 = r ? c[3] : c[1];
+            const float got0 = __shfl_xor_sync(0xffffffffu, r ? c[0] : c[2], 1);  // the partner's pair of our row
+            const float got1 = __shfl_xor_sync(0xffffffffu, r ? c[1] : c[3], 1);
+            const float quad[4] = {r ? got0 : own0, r ? got1 : own1, r ? own0 : got0, r ? own1 : got1};
+            if (row < Nq) red_add4(dst + nt * 8, quad);
         }
         it = it_next;
     }
