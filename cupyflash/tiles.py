@@ -18,6 +18,9 @@ class Tiles:
     Bc: int
     warps: int
     m_tiles: int = 1  # forward: 16-row tiles per warp (Br = 16 · m_tiles · warps)
+    # backward, plain path: Sᵀ and dPᵀ in one k loop, twice the MMAs in flight, with dPᵀ's Br/2 registers per
+    # thread live through the softmax and dV (kernels_cu/flash_bwd.cuh)
+    fuse_sdp: bool = False
 
     @property
     def threads(self) -> int:
@@ -32,11 +35,11 @@ FORWARD = {  # measured on an H200 beside the 8-warp, 1-tile layout: 2 tiles per
     256: Tiles(Br=64, Bc=16, warps=4, m_tiles=1),
 }
 
-BACKWARD = {
+BACKWARD = {  # fuse_sdp, A/B on an H100: d64 +4-9%, d128 +9-17%; d96 -2-4% (it spills there: 32 B on sm_90)
     32: Tiles(Br=64, Bc=128, warps=8),
-    64: Tiles(Br=64, Bc=128, warps=8),
+    64: Tiles(Br=64, Bc=128, warps=8, fuse_sdp=True),
     96: Tiles(Br=64, Bc=128, warps=8),  # H200, beside (32, 64, 4): 0.54x -> 0.77x of SDPA flash (geomean, bf16)
-    128: Tiles(Br=32, Bc=128, warps=8),
+    128: Tiles(Br=32, Bc=128, warps=8, fuse_sdp=True),
 }
 
 

@@ -45,7 +45,7 @@ __global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, typenam
     for (int d = lane; d < D; d += 32) dst[d] = T::from_float(src[d] * scale);
 }
 
-template <typename T, int D, int Br, int Bc, int NWarps, bool Causal, bool Mods, bool Dropout>
+template <typename T, int D, int Br, int Bc, int NWarps, bool FuseSdP, bool Causal, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem* __restrict__ k, const typename T::elem* __restrict__ v,
                  const typename T::elem* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ d_vec,
@@ -74,8 +74,10 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     const u32 sQ = sV + TileD::template bytes<Bc>();
     const u32 sdO = sQ + TileD::template bytes<Br>();
     const u32 sdS = sdO + TileD::template bytes<Br>();  // dSᵀ, stored [key][query]
-    float* s_lse = reinterpret_cast<float*>(smem + (sdS - sK) + TileS::template bytes<Bc>());  // log2-scaled
-    float* s_dvec = s_lse + Br;
+    // LSE_i (log2-scaled) and D_i of the Q block: read through 32-bit shared addresses, two per LDS.64 (64-bit
+    // generic pointers held through the loop cost registers this kernel is short of).
+    const u32 sLse = sdS + TileS::template bytes<Bc>();
+    const u32 sDvec = sLse + 4 * Br;
 
     const int k0 = blockIdx.x * Bc;
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
@@ -96,6 +98,8 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         const i64 bh = (i64)b * H + hq;
         load_tile_async<T, Br, D, kThreads>(sQ, q + b * q_sb + hq * q_sh + q0 * q_sn, q_sn, Nq - q0, tid);
         load_tile_async<T, Br, D, kThreads>(sdO, dout + b * do_sb + hq * do_sh + q0 * do_sn, do_sn, Nq - q0, tid);
+        float* s_lse = reinterpret_cast<float*>(smem + (sLse - sK));
+        float* s_dvec = reinterpret_cast<float*>(smem + (sDvec - sK));
         for (int r = tid; r < Br; r += kThreads) {  // rows past Nq: P = exp2(s - inf) = 0, D = 0
             s_lse[r] = q0 + r < Nq ? lse[bh * Nq + q0 + r] * kLog2e : inf_f();
             s_dvec[r] = q0 + r < Nq ? d_vec[bh * Nq + q0 + r] : 0.f;
@@ -134,8 +138,15 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         __syncthreads();
 
         // Sᵀ = K_j Q_iᵀ, (16 keys x Br) per warp; then Pᵀ = exp2(Sᵀ · scale · log2 e - LSE · log2 e).
-        float pt[Br / 8][4];
-        mma_abt<T, D, Br, 1, D, D>(&pt, sK, warp * 16, sQ, lane);
+        // With FuseSdP (tiles.py), the plain path computes dPᵀ = V_j dO_iᵀ here too, in the same k loop (twice the
+        // MMAs in flight); otherwise, and always with score modifiers, whose bias and dropout code would spill beside
+        // dPᵀ's registers, dPᵀ waits until after dV.
+        constexpr bool kFused = FuseSdP && !Mods;
+        float pt[Br / 8][4], ds[Br / 8][4];
+        if constexpr (kFused)
+            mma_abt_x2<T, D, Br, D>(&pt, sK, sQ, &ds, sV, sdO, warp * 16, lane);
+        else
+            mma_abt<T, D, Br, 1, D, D>(&pt, sK, warp * 16, sQ, lane);
         // Only blocks that cross the sequence end or a window edge need per-element visibility checks (rows past
         // Nq need none: their LSE is +inf, so P = 0).
         const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
@@ -145,12 +156,14 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         auto key_of = [&](int e) { return k0 + key_in_block + (e >> 1) * 8; };
         mods.template scale_scores<Br / 8>(pt, scale_log2);
         if (read_bias) {  // per element: the forward's branch-free loads (scores.cuh with_bias) spill here on sm_80
+            const i64 block_off = mods.bias_row(b, hq, q0);  // element (q0, 0) of this head's bias
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int row = q0 + col_of(nt, e), key = key_of(e);
-                    if (row < Nq && key < Nk) pt[nt][e] = mods.template add_bias<T>(pt[nt][e], b, hq, row, key);
+                    const int row = col_of(nt, e), key = key_of(e);
+                    if (q0 + row < Nq && key < Nk)
+                        pt[nt][e] = mods.template add_bias<T>(pt[nt][e], block_off + row * mods.bias_sm + key * mods.bias_sn);
                 }
         }
         if (need_mask) {
@@ -161,9 +174,12 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
                     if (!mods.visible(q0 + col_of(nt, e), key_of(e))) pt[nt][e] = -inf_f();
         }
 #pragma unroll
-        for (int nt = 0; nt < Br / 8; ++nt)
+        for (int nt = 0; nt < Br / 8; ++nt) {
+            float lse2[2];
+            lds_f32x2(lse2[0], lse2[1], sLse + 4 * col_of(nt, 0));
 #pragma unroll
-            for (int e = 0; e < 4; ++e) pt[nt][e] = fast_exp2(pt[nt][e] - s_lse[col_of(nt, e)]);
+            for (int e = 0; e < 4; ++e) pt[nt][e] = fast_exp2(pt[nt][e] - lse2[e & 1]);
+        }
         // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh). The
         // loop over nt stays rolled: unrolled, the scheduler interleaved all Br/2 Philox chains beside Pᵀ and the
         // dK/dV accumulators and spilled d64 and d96 on sm_90 (tests/test_kernel_compile.py); four chains per
@@ -198,16 +214,18 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
                                    0, lane);
         }
 
-        // dPᵀ = V_j dO_iᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - D_i) in place.
-        float ds[Br / 8][4];
-        mma_abt<T, D, Br, 1, D, D>(&ds, sV, warp * 16, sdO, lane);
+        // dPᵀ = V_j dO_iᵀ (unless fused above), then dSᵀ = Pᵀ ∘ (dPᵀ - D_i) in place.
+        if constexpr (!kFused) mma_abt<T, D, Br, 1, D, D>(&ds, sV, warp * 16, sdO, lane);
 #pragma unroll
-        for (int nt = 0; nt < Br / 8; ++nt)
+        for (int nt = 0; nt < Br / 8; ++nt) {
+            float dvec[2];
+            lds_f32x2(dvec[0], dvec[1], sDvec + 4 * col_of(nt, 0));
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float dp = kept(nt, e) ? ds[nt][e] * (Mods ? inv_keep : 1.f) : 0.f;
-                ds[nt][e] = pt[nt][e] * (dp - s_dvec[nt * 8 + 2 * (lane % 4) + (e & 1)]);
+                ds[nt][e] = pt[nt][e] * (dp - dvec[e & 1]);
             }
+        }
         // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics.
         if (Mods && dbias != nullptr) {
 #pragma unroll
@@ -260,22 +278,8 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         mma_ab<T, Bc, kDqCols, 1, D>(
             &acc_dq, [&](u32 (&a)[1][T::kARegs], int kk) { load_a_km<T, Br>(a[0], sdS, kk * 16, m0, lane); }, sK, c0,
             lane);
-        // Lanes 2i and 2i+1 hold columns 4·(i%2) .. +3 of an n8 tile, two each, in rows lane/4 and lane/4 + 8; one
-        // exchange gives the even lane four consecutive columns of the first row and the odd lane of the second,
-        // so each lane adds 16 bytes at once: a quarter of the reductions of one per element, and every L2
-        // sector they touch is full (per element, each sector was reached twice, half used each time).
-        const int r = lane & 1;  // the accumulator row this lane adds: lane/4 + 8r
-        const int row = q0 + m0 + lane / 4 + r * 8;
-        float* dst = dq_accum + (bh * Nq + row) * D + c0 + 2 * (lane % 4 & ~1);
-#pragma unroll
-        for (int nt = 0; nt < kDqCols / 8; ++nt) {
-            const float* c = acc_dq[nt];  // (selects, not c[2r]: a run-time index would put the array in local memory)
-            const float own0 = r ? c[2] : c[0], own1 = r ? c[3] : c[1];
-            const float got0 = __shfl_xor_sync(0xffffffffu, r ? c[0] : c[2], 1);  // the partner's pair of our row
-            const float got1 = __shfl_xor_sync(0xffffffffu, r ? c[1] : c[3], 1);
-            const float quad[4] = {r ? got0 : own0, r ? got1 : own1, r ? own0 : got0, r ? own1 : got1};
-            if (row < Nq) red_add4(dst + nt * 8, quad);
-        }
+        const int row = q0 + m0 + lane / 4;
+        red_add_tile<kDqCols / 8>(dq_accum + (bh * Nq + q0 + m0) * D + c0, D, acc_dq, row < Nq, row + 8 < Nq, lane);
         it = it_next;
     }
 

@@ -121,10 +121,9 @@ struct ScoreMods {
     }
     CF_DEVICE i64 bias_row(int b, int h, int row) const { return b * bias_sb + h * bias_sh + row * bias_sm; }
 
-    // The logit of (row, col) of head (b, h) from its score x. row < Nq and col < Nk are the caller's to check.
+    // The logit of the score x whose bias element is at `off`, inside the bias (the caller checks row and key).
     template <typename T>
-    CF_DEVICE float add_bias(float x, int b, int h, int row, int col) const {
-        const i64 off = bias_row(b, h, row) + col * bias_sn;
+    CF_DEVICE float add_bias(float x, i64 off) const {
         return biased(x, bias_f32 ? static_cast<const float*>(bias)[off]
                                   : T::to_float(static_cast<const typename T::elem*>(bias)[off]));
     }
