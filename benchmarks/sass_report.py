@@ -2,7 +2,10 @@
 (tensor-core HMMA, ldmatrix LDSM, cp.async LDGSTS, 16-byte global loads, MUFU.EX2 for exp2, local-memory
 spills) beside registers and spill bytes from ptxas.
 
-    python benchmarks/sass_report.py --out benchmarks/results/sass-sm_90.md     # needs cuobjdump (CUDA toolkit)
+    python benchmarks/sass_report.py --out benchmarks/results/sass-sm_90.md     # needs cuobjdump on PATH
+
+cuobjdump comes with the CUDA toolkit, or without one from PyPI: `pip install "nvidia-cuda-cuobjdump==13.*"`, then
+put its `nvidia/cu13/bin` (under site-packages) on PATH.
 
 NVRTC compiles each module for the arch without a GPU; cuobjdump disassembles the cubin.
 """
@@ -21,7 +24,7 @@ from cupyflash import jit
 MODULES = [("fwd", "bfloat16", 64), ("fwd", "bfloat16", 128), ("bwd", "bfloat16", 64), ("bwd", "bfloat16", 128),
            ("fwd", "float32", 64), ("bwd", "float32", 64)]
 # (column, SASS opcode prefix): what each shows
-COLUMNS = [("HMMA", "HMMA"), ("LDSM", "LDSM"), ("LDGSTS (cp.async)", "LDGSTS"), ("LDS", "LDS"),
+COLUMNS = [("HMMA", "HMMA"), ("LDSM", "LDSM"), ("LDGSTS (cp.async)", "LDGSTS"), ("of them 16-byte", "LDGSTS.E.BYPASS.128"), ("LDS", "LDS"),
            ("LDG.E.128", "LDG.E.128"), ("MUFU.EX2", "MUFU.EX2"), ("STL/LDL (spills)", "STL|LDL"),
            ("RED/ATOM (atomics)", "RED|ATOM"), ("all", "")]
 _FUNC = re.compile(r"Function : (\S+)|^\s*\.text\.(\S+):")

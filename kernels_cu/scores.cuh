@@ -131,8 +131,9 @@ struct ScoreMods {
     // Reading the bias: body(p) with p the bias as a pointer to its element type (fp32, or q's element type),
     // chosen by one uniform branch outside the caller's loops.
     //
-    // Callers load a tile's biases with no branch around each load, clamping rows and keys past Nq / Nk to the
-    // last ones (their scores are discarded or masked anyway), so the loads issue back to back. Behind a
+    // The forward (add_bias_row) loads a tile's biases with no branch around each load, clamping rows and keys
+    // past Nq / Nk to the last ones (their scores are discarded or masked anyway), so the loads issue back to back;
+    // the backward reads per element (add_bias), as the clamped loads spilled its registers. Behind a
     // per-element bounds or alignment branch each load waited out its own L2 round trip: a tile that read the
     // bias cost about 6 tiles that did not (H200, d64 forward), which put a dense causal mask at 1.54x of the
     // causal flag.
