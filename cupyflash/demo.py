@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .demo_model import GPT, GPTConfig
-from .errors import CupyflashError, require_gpu
+from .errors import CupyflashError, gpu_unavailable_reason
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -47,19 +47,6 @@ CPU_SETUP = Setup("cpu", GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_h
 
 class PlotUnavailableError(CupyflashError):
     pass
-
-
-def gpu_unavailable_reason() -> str | None:
-    """None when torch and the cupyflash kernels can use the current GPU, else why not, in words."""
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build"
-    if not torch.cuda.is_available():
-        return f"torch {torch.__version__} sees no CUDA device"
-    try:
-        require_gpu(torch.cuda.current_device())
-    except CupyflashError as err:
-        return str(err)
-    return None
 
 
 def cupyflash_backend():

@@ -112,6 +112,24 @@ def _checked_device(device_id: int) -> GPUInfo:
     return info
 
 
+def gpu_unavailable_reason() -> str | None:
+    """None when torch and the kernels can use torch's current GPU, else why not, in one line: the demo falls back
+    to the CPU with it, and GPU tests and benchmarks skip with it."""
+    try:
+        import torch
+    except ImportError as err:
+        return f"torch is not importable: {err}"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    try:
+        require_gpu(torch.cuda.current_device())
+    except CupyflashError as err:
+        return str(err)
+    return None
+
+
 def require_nvrtc() -> tuple[int, int]:
     """NVRTC's (major, minor) version; raises NVRTCNotFoundError when CuPy cannot load the library."""
     cupy = _cupy()
