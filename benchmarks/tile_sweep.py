@@ -36,19 +36,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# (pass, head_dim, (Br, Bc, warps, m_tiles)); None = the current table entry (the baseline, read at run time).
-# Registers and spills are NVRTC's (bf16, sm_90 / sm_80); an H200 run is in benchmarks/results/tile-sweep-NVIDIA_H200.log.
+# (pass, head_dim, (Br, Bc, warps, m_tiles[, fuse_sdp])); None = the current table entry (the baseline, read at run
+# time, with its own fuse_sdp; listed shapes run without it unless a fifth element says 1). Registers and spills are
+# NVRTC's (bf16, sm_90 / sm_80), noted when each was added; runs: benchmarks/results/tile-sweep-NVIDIA_H200.log (bwd
+# d96) and tile-sweep-NVIDIA_H100_80GB_HBM3.log (all, before fuse_sdp).
 BWD_CANDIDATES = [
-    ("bwd", 96, None),              # the table: (64, 128, 8), 248 regs, 0 spills (all variants, both archs), 97 KB smem
+    ("bwd", 96, None),              # the table: (64, 128, 8), 250 regs, 0 spills (all variants, both archs), 97 KB smem
     ("bwd", 96, (32, 64, 4, 1)),    # the table until 2026-11-22: 224 regs sm_90, no spills
     ("bwd", 96, (48, 96, 6, 1)),    # 240 regs, 0 spills (all variants, both archs), 69 KB
     ("bwd", 96, (32, 96, 6, 1)),    # 219 regs, 0 spills (all variants, both archs), 60 KB
     ("bwd", 96, (64, 64, 4, 1)),    # 254 regs, 0 spills plain sm_90; mods+dropout spills 40 B sm_90, sm_80 spills
     ("bwd", 96, (16, 32, 2, 1)),    # 211 regs, 0 spills, 21 KB
-    ("bwd", 64, None),              # today: (64, 128, 8)     204 regs
+    ("bwd", 64, None),              # the table: (64, 128, 8, fused) 228 regs
     ("bwd", 64, (32, 128, 8, 1)),   # 162 regs, 0 spills
     ("bwd", 64, (64, 64, 4, 1)),    # 222 regs, 0 spills
-    ("bwd", 128, None),             # today: (32, 128, 8)     250 regs
+    ("bwd", 128, None),             # the table: (32, 128, 8, fused) 251 regs
     ("bwd", 128, (16, 128, 8, 1)),  # 230 regs, 0 spills
     ("bwd", 128, (32, 64, 4, 1)),   # 255 regs, 0 spills (at the limit)
 ]
@@ -196,7 +198,7 @@ def _label(kind, d, shape):
     table = tiles.FORWARD if kind == "fwd" else tiles.BACKWARD
     t = tiles.Tiles(*shape) if shape is not None else table[d]
     base = " (table)" if t == table.get(d) else ""
-    mt = f"x{t.m_tiles}" if kind == "fwd" else ""
+    mt = f"x{t.m_tiles}" if kind == "fwd" else ("+fused" if t.fuse_sdp else "")
     return f"{kind} d{d} {t.Br}/{t.Bc}/{t.warps}w{mt}{base}", t
 
 
@@ -212,7 +214,7 @@ def main():
     ap.add_argument("--no-backward", action="store_true", help="skip the backward candidates")
     ap.add_argument("--dims", default="", help="only these head dims, e.g. 96 or 64,128")
     ap.add_argument("--cand", action="append", default=[],
-                    help="extra candidate pass,d,Br,Bc,warps[,m_tiles], e.g. bwd,96,64,128,8")
+                    help="extra candidate pass,d,Br,Bc,warps[,m_tiles[,fuse_sdp 0/1]], e.g. bwd,96,64,128,8 or bwd,96,64,128,8,1,1")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per timed subprocess")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 2), help="parallel compiles")
     ap.add_argument("--no-precompile", action="store_true")
@@ -238,7 +240,7 @@ def main():
         cands += FWD_CANDIDATES
     for c in args.cand:
         p = c.split(",")
-        shape = tuple(int(x) for x in p[2:]) + ((1,) if len(p) == 5 else ())
+        shape = tuple(int(x) for x in p[2:6]) + ((1,) if len(p) == 5 else ()) + tuple(bool(int(x)) for x in p[6:7])
         cands.append((p[0], int(p[1]), shape))
     if args.dims:
         dims = {int(x) for x in args.dims.split(",")}
