@@ -124,8 +124,9 @@ struct ScoreMods {
     // The logit of the score x whose bias element is at `off`, inside the bias (the caller checks row and key).
     template <typename T>
     CF_DEVICE float add_bias(float x, i64 off) const {
-        return biased(x, bias_f32 ? static_cast<const float*>(bias)[off]
-                                  : T::to_float(static_cast<const typename T::elem*>(bias)[off]));
+        float bv;
+        with_bias<T>([&](auto p) { bv = bias_float<T>(p[off]); });
+        return biased(x, bv);
     }
 
     // Reading the bias: body(p) with p the bias as a pointer to its element type (fp32, or q's element type),
