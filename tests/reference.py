@@ -219,6 +219,20 @@ def assert_close_ulps(ours: torch.Tensor, other: torch.Tensor, name: str, ulps: 
     assert worst <= tol, f"{name}: max difference {worst:.3e} > {ulps} ulp bound {tol:.3e}"
 
 
+def assert_dropout_runs_agree(runs) -> None:
+    """`runs`: (out, lse, dq, dk, dv, dbias) of three runs with dropout seeds a, a and b. Same seed: identical out,
+    lse, dK and dV bits (dK/dV are written once per block), dQ and dBias equal up to the order of their fp32
+    atomics; another seed changes nearly every output element but not the lse (dropout acts after the softmax)."""
+    (out1, lse1, dq1, dk1, dv1, db1), (out2, lse2, dq2, dk2, dv2, db2), (out3, lse3, *_) = runs
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    assert torch.equal(dk1, dk2) and torch.equal(dv1, dv2)
+    assert_close_ulps(dq1, dq2, "dq, same seed")
+    assert_close_ulps(db1, db2, "dbias, same seed")
+    assert torch.equal(lse3, lse1), "dropout acts after the softmax: the lse does not depend on the seed"
+    changed = (out3 != out1).float().mean().item()
+    assert changed > 0.9, f"another seed changed only {changed:.1%} of the outputs"
+
+
 def poison_cuda_allocator(*byte_sizes: int) -> None:
     """Fill the memory the op's next allocations will get with NaN (all bits 1: NaN in fp16, bf16 and fp32).
 
