@@ -59,7 +59,7 @@ FWD_CANDIDATES = [  # behind --forward
     ("fwd", 96, (128, 64, 8, 1)),   # 173 regs, 0 spills
     ("fwd", 96, (128, 32, 8, 1)),   # 144 regs, 0 spills
     ("fwd", 96, (64, 64, 4, 1)),    # 198 regs, 0 spills
-    ("fwd", 128, None),             # today: (64, 64, 4, 1)   237 regs
+    ("fwd", 128, None),             # today: (64, 64, 4, 1) 237 regs; plain: (128, 32, 4, 2, fresh offsets)
     ("fwd", 128, (128, 64, 8, 1)),  # 204 regs, 0 spills
     ("fwd", 128, (128, 32, 8, 1)),  # 165 regs, 0 spills
 ]
@@ -78,7 +78,9 @@ def _patch(kind: str, d: int, shape):
     table = tiles.FORWARD if kind == "fwd" else tiles.BACKWARD
     if shape is not None:
         table[d] = tiles.Tiles(*shape)
-    t = table[d]
+        if kind == "fwd":  # the candidate runs for the plain variants too
+            tiles.FORWARD_PLAIN.pop(d, None)
+    t = table[d]  # the baseline of a head dim in FORWARD_PLAIN runs that entry for its plain (non-causal) rows
     tag = f"{kind} d{d} Br={t.Br} Bc={t.Bc} warps={t.warps} m_tiles={t.m_tiles}"
 
     # _raw_module(key) calls module_variants(key) and then source_for(): remember the key to tag only the module

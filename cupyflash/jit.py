@@ -55,7 +55,9 @@ class Variant:
 
     @property
     def tiles(self) -> tiles.Tiles | None:
-        return tiles.for_pass(self.kernel, self.dtype, self.head_dim) if self.kernel in ("fwd", "bwd") else None
+        if self.kernel not in ("fwd", "bwd"):
+            return None
+        return tiles.for_pass(self.kernel, self.dtype, self.head_dim, plain=not (self.causal or self.mods))
 
     @property
     def name(self) -> str:
@@ -71,7 +73,8 @@ class Variant:
         tag, d, t = DTYPE_TAGS[self.dtype], self.head_dim, self.tiles
         flags = ", ".join(str(f).lower() for f in (self.causal, self.mods, self.dropout))
         if self.kernel == "fwd":
-            return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {flags}>"
+            fresh = str(t.fresh_offsets).lower()
+            return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {fresh}, {flags}>"
         if self.kernel == "bwd":
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {str(t.fuse_sdp).lower()}, {flags}>"
         if self.kernel == "bwd_preprocess":

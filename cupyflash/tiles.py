@@ -21,6 +21,9 @@ class Tiles:
     # backward, plain path: Sᵀ and dPᵀ in one k loop, twice the MMAs in flight, with dPᵀ's Br/2 registers per
     # thread live through the softmax and dV (kernels_cu/flash_bwd.cuh)
     fuse_sdp: bool = False
+    # forward: each tile load recomputes its per-thread cp.async offsets, fewer registers for more instructions
+    # (load_tile_async in kernels_cu/common.cuh)
+    fresh_offsets: bool = False
 
     @property
     def threads(self) -> int:
@@ -31,8 +34,16 @@ FORWARD = {  # measured on an H200 beside the 8-warp, 1-tile layout: 2 tiles per
     32: Tiles(Br=128, Bc=64, warps=4, m_tiles=2),
     64: Tiles(Br=128, Bc=64, warps=4, m_tiles=2),
     96: Tiles(Br=128, Bc=32, warps=4, m_tiles=2),
-    128: Tiles(Br=64, Bc=64, warps=4, m_tiles=1),  # (128, 32, 4 warps, 2 tiles) ran 0-8% faster but spills
+    128: Tiles(Br=64, Bc=64, warps=4, m_tiles=1),  # causal or modified; plain: FORWARD_PLAIN
     256: Tiles(Br=64, Bc=16, warps=4, m_tiles=1),
+}
+
+# The plain forward (no causal mask, bias, window, dropout or soft-cap) where a shape beats FORWARD[d] only there.
+# d128: FA2's 2-tile shape, which fits in registers only with fresh_offsets; same-run A/B on an H100 against
+# FORWARD[128] (benchmarks/results/opaque-offsets-ab-NVIDIA_H100_80GB_HBM3.log): plain +12-15 %, causal -4-13 %,
+# with a bias -6 %.
+FORWARD_PLAIN = {
+    128: Tiles(Br=128, Bc=32, warps=4, m_tiles=2, fresh_offsets=True),
 }
 
 BACKWARD = {  # fuse_sdp, A/B on an H100: d64 +4-9%, d128 +9-17%; d96 -2-4% (it spills there: 32 B on sm_90)
@@ -54,10 +65,13 @@ TF32 = {
 }
 
 
-def for_pass(kernel: str, dtype: str, head_dim: int) -> Tiles:
-    """The tiles of pass `kernel` ("fwd" / "bwd") for `dtype` and `head_dim`: the one lookup every launch uses."""
+def for_pass(kernel: str, dtype: str, head_dim: int, plain: bool = False) -> Tiles:
+    """The tiles of pass `kernel` ("fwd" / "bwd") for `dtype` and `head_dim`: the one lookup every launch uses.
+    `plain`: the variant has no causal mask and no score modification (jit.Variant: not causal, not mods)."""
     if dtype == "float32" and (kernel, head_dim) in TF32:
         return TF32[(kernel, head_dim)]
+    if kernel == "fwd" and plain and head_dim in FORWARD_PLAIN:
+        return FORWARD_PLAIN[head_dim]
     return (FORWARD if kernel == "fwd" else BACKWARD)[head_dim]
 
 

@@ -389,11 +389,16 @@ CF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "
 
 // Copy a Rows x Cols tile whose row r starts at src + r·row_stride (elements, last dim contiguous); rows at or
 // past `valid_rows` are zero-filled so they contribute nothing to the MMAs.
-template <typename T, int Rows, int Cols, int Threads>
+// FreshOffsets (tiles.Tiles.fresh_offsets): the stride and the thread index pass through an empty asm at every call,
+// so each thread's 64-bit offsets (one per chunk) are recomputed per tile (a few IMAD.WIDE) rather than hoisted out
+// of the caller's loop, where they hold 16+ registers for the whole kernel (the 2-tile d128 forward spilled them in
+// its prologue, SASS). The extra instructions cost the shapes that fit without it 2-30 % (same-run A/B on an H100).
+template <typename T, int Rows, int Cols, int Threads, bool FreshOffsets = false>
 CF_DEVICE void load_tile_async(u32 dst, const typename T::elem* src, i64 row_stride, int valid_rows, int tid) {
     constexpr int kPerChunk = 16 / sizeof(typename T::elem);  // elements per 16-byte chunk
     constexpr int kChunksPerRow = Cols / kPerChunk;
     constexpr int kChunks = Rows * kChunksPerRow;
+    if constexpr (FreshOffsets) asm volatile("" : "+l"(row_stride), "+r"(tid));
 #pragma unroll
     for (int it = 0; it < (kChunks + Threads - 1) / Threads; ++it) {
         const int c = it * Threads + tid;

@@ -10,7 +10,8 @@
 
 namespace cupyflash {
 
-template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool Causal, bool Mods, bool Dropout>
+template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool FreshOffsets, bool Causal, bool Mods,
+          bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem* __restrict__ k,
                  const typename T::elem* __restrict__ v, typename T::elem* __restrict__ o, float* __restrict__ lse,
@@ -61,8 +62,8 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     };
     int j = next_block(j_begin);
 
-    load_tile_async<T, Br, D, kThreads>(sQ, q, q_sn, Nq - q0, tid);
-    if (j < j_end) load_tile_async<T, Bc, D, kThreads>(sK, k + j * Bc * k_sn, k_sn, Nk - j * Bc, tid);
+    load_tile_async<T, Br, D, kThreads, FreshOffsets>(sQ, q, q_sn, Nq - q0, tid);
+    if (j < j_end) load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sK, k + j * Bc * k_sn, k_sn, Nk - j * Bc, tid);
     cp_async_commit();
 
     float acc_o[MTiles][D / 8][4];
@@ -83,7 +84,7 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         // K_j (and Q) have landed for every thread, and every warp has finished P·V_{j-1}: sV may be refilled.
         cp_async_wait_all();
         __syncthreads();
-        load_tile_async<T, Bc, D, kThreads>(sV, v + k0 * v_sn, v_sn, Nk - k0, tid);
+        load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sV, v + k0 * v_sn, v_sn, Nk - k0, tid);
         cp_async_commit();
 
         float s[MTiles][Bc / 8][4];  // S = Q K_jᵀ, (16·MTiles x Bc) per warp
@@ -93,7 +94,7 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         cp_async_wait_all();
         __syncthreads();
         if (j_next < j_end) {
-            load_tile_async<T, Bc, D, kThreads>(sK, k + j_next * Bc * k_sn, k_sn, Nk - j_next * Bc, tid);
+            load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sK, k + j_next * Bc * k_sn, k_sn, Nk - j_next * Bc, tid);
             cp_async_commit();
         }
 
