@@ -40,8 +40,8 @@ FORWARD = {  # measured on an H200 beside the 8-warp, 1-tile layout: 2 tiles per
 
 # The plain forward (no causal mask, bias, window, dropout or soft-cap) where a shape beats FORWARD[d] only there.
 # d128: FA2's 2-tile shape, which fits in registers only with fresh_offsets; same-run A/B on an H100 against
-# FORWARD[128] (benchmarks/results/opaque-offsets-ab-NVIDIA_H100_80GB_HBM3.log): plain +12-15 %, causal -4-13 %,
-# with a bias -6 %.
+# FORWARD[128] (benchmarks/results/opaque-offsets-ab-NVIDIA_H100_80GB_HBM3.log): plain +12-15 %; causal -4-13 % and
+# with a bias -6 %, within that A/B's noise (up to 14 % at N <= 4096) but no gain.
 FORWARD_PLAIN = {
     128: Tiles(Br=128, Bc=32, warps=4, m_tiles=2, fresh_offsets=True),
 }

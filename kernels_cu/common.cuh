@@ -392,7 +392,8 @@ CF_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "
 // FreshOffsets (tiles.Tiles.fresh_offsets): the stride and the thread index pass through an empty asm at every call,
 // so each thread's 64-bit offsets (one per chunk) are recomputed per tile (a few IMAD.WIDE) rather than hoisted out
 // of the caller's loop, where they hold 16+ registers for the whole kernel (the 2-tile d128 forward spilled them in
-// its prologue, SASS). The extra instructions cost the shapes that fit without it 2-30 % (same-run A/B on an H100).
+// its prologue, SASS). The extra instructions cost the kernels that fit without it (backward 2-5 % slower in a
+// same-run A/B on an H100), so only the shapes that need it take it.
 template <typename T, int Rows, int Cols, int Threads, bool FreshOffsets = false>
 CF_DEVICE void load_tile_async(u32 dst, const typename T::elem* src, i64 row_stride, int valid_rows, int tid) {
     constexpr int kPerChunk = 16 / sizeof(typename T::elem);  // elements per 16-byte chunk
