@@ -200,6 +200,9 @@ def _label(kind, d, shape):
     table = tiles.FORWARD if kind == "fwd" else tiles.BACKWARD
     t = tiles.Tiles(*shape) if shape is not None else table[d]
     base = " (table)" if t == table.get(d) else ""
+    plain = tiles.FORWARD_PLAIN.get(d) if kind == "fwd" and shape is None else None
+    if plain is not None:  # the baseline's non-causal rows run this entry, not table[d]
+        base = f" (table; non-causal: {plain.Br}/{plain.Bc}/{plain.warps}wx{plain.m_tiles}, fresh offsets)"
     mt = f"x{t.m_tiles}" if kind == "fwd" else ("+fused" if t.fuse_sdp else "")
     return f"{kind} d{d} {t.Br}/{t.Bc}/{t.warps}w{mt}{base}", t
 
