@@ -136,7 +136,7 @@ def compile_variants(arches: list[str], only: str | None = None) -> list[Compile
 
     jobs = []
     for arch in arches:
-        for key in jit.module_keys():
+        for key in jit.module_keys(arch):
             names = [v.name for v in jit.module_variants(key) if only is None or only in v.name]
             if names:
                 jobs.append((key, arch, names))

@@ -1,7 +1,8 @@
 """Kernel variants, their source, and their compilation (NVRTC through CuPy).
 
-Every kernel lives in one translation unit, ``kernels_cu/flash_attn.cu``. Its local ``#include "..."`` lines
-are inlined here, so the source handed to CuPy contains every header's text and CuPy's disk cache key
+The kernels live in two translation units: ``kernels_cu/flash_attn.cu`` (sm_80 and later) and
+``kernels_cu/flash_attn_sm90.cu`` (Hopper only: compiled with -arch=sm_90a). Their local ``#include "..."``
+lines are inlined here, so the source handed to CuPy contains every header's text and CuPy's disk cache key
 (source + options + NVRTC version + arch) changes whenever any header does. Templates are instantiated
 through ``name_expressions``; one ``cupy.RawModule`` is built per (pass, dtype, head dim) on first use.
 
@@ -24,14 +25,17 @@ from .errors import KernelCompileError, NVRTCNotFoundError
 log = logging.getLogger(__name__)
 
 ENTRY_FILE = "flash_attn.cu"
+SM90_ENTRY_FILE = "flash_attn_sm90.cu"
 NVRTC_OPTIONS = ("-std=c++17",)
 # CuPy's element-type name → the tag struct in common.cuh (fp32 runs on TF32 tensor cores).
 DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float32": "cupyflash::tf32"}
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-KERNELS = ("fwd", "bwd", "bwd_preprocess", "bwd_convert_dq", "tile_minmax", "tile_classify")
+KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_preprocess", "bwd_convert_dq", "tile_minmax", "tile_classify")
 TILE_CLASS_KERNELS = ("tile_minmax", "tile_classify")  # per dtype, no head dim (kernels_cu/tile_classes.cuh)
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
+SM90_KERNELS = ("fwd_sm90",)  # wgmma / TMA: sm_90a only
+SM90_DTYPES = ("float16", "bfloat16")
 
 
 def kernel_dir() -> Path:
@@ -54,10 +58,16 @@ class Variant:
     dropout: bool = False  # dropout compiled in (only with mods)
 
     @property
-    def tiles(self) -> tiles.Tiles | None:
+    def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
+        if self.kernel == "fwd_sm90":
+            return tiles.FORWARD_SM90[self.head_dim]
         if self.kernel not in ("fwd", "bwd"):
             return None
         return tiles.for_pass(self.kernel, self.dtype, self.head_dim, plain=not (self.causal or self.mods))
+
+    def compiles_for(self, arch: str) -> bool:
+        """Whether this variant is built for `arch` (the Hopper kernels for sm_90 only, the others for any)."""
+        return arch == "sm_90" or self.kernel not in SM90_KERNELS
 
     @property
     def name(self) -> str:
@@ -75,6 +85,8 @@ class Variant:
         if self.kernel == "fwd":
             fresh = str(t.fresh_offsets).lower()
             return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {fresh}, {flags}>"
+        if self.kernel == "fwd_sm90":
+            return f"cupyflash::flash_fwd_sm90_kernel<{tag}, {d}, {t.Bc}, {str(self.causal).lower()}, {t.stages}>"
         if self.kernel == "bwd":
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {str(t.fuse_sdp).lower()}, {flags}>"
         if self.kernel == "bwd_preprocess":
@@ -90,17 +102,19 @@ class Variant:
         """Dynamic shared memory per thread block."""
         if self.kernel == "fwd":
             return tiles.forward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
+        if self.kernel == "fwd_sm90":
+            return tiles.sm90_forward_smem_bytes(self.head_dim, self.tiles)
         if self.kernel == "bwd":
             return tiles.backward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
         return 0
 
     @property
     def module_key(self) -> tuple:
-        """Variants compiled together into one RawModule: one pass (forward / backward) of one dtype and head dim,
-        or the bias tile classification of one dtype."""
+        """Variants compiled together into one RawModule: one pass (forward / Hopper forward / backward) of one dtype
+        and head dim, or the bias tile classification of one dtype."""
         if self.kernel in TILE_CLASS_KERNELS:
             return ("tiles", self.dtype, 0)
-        return ("fwd" if self.kernel == "fwd" else "bwd", self.dtype, self.head_dim)
+        return (self.kernel if self.kernel in ("fwd", "fwd_sm90") else "bwd", self.dtype, self.head_dim)
 
 
 def all_variants() -> list[Variant]:
@@ -109,6 +123,8 @@ def all_variants() -> list[Variant]:
         out += [Variant(k, dtype, 0) for k in TILE_CLASS_KERNELS]
         for d in tiles.FORWARD:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
+        if dtype in SM90_DTYPES:
+            out += [Variant("fwd_sm90", dtype, d, c) for d in tiles.FORWARD_SM90 for c in (False, True)]
         for d in tiles.BACKWARD:
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]
@@ -134,9 +150,24 @@ def _inline(path: Path, seen: set) -> str:
     return _INCLUDE.sub(include, path.read_text())
 
 
+def entry_file(key: tuple) -> str:
+    """The translation unit of module `key`."""
+    return SM90_ENTRY_FILE if key[0] in SM90_KERNELS else ENTRY_FILE
+
+
 def source_for(variant: Variant | None = None) -> str:
-    """The full source compiled for `variant` (all variants share one translation unit)."""
-    return _inline(kernel_dir() / ENTRY_FILE, set())
+    """The full source compiled for `variant` (None: the main translation unit, flash_attn.cu)."""
+    return _inline(kernel_dir() / (ENTRY_FILE if variant is None else entry_file(variant.module_key)), set())
+
+
+def arch_options(key: tuple, arch: str | None) -> tuple:
+    """NVRTC's -arch for module `key`: the Hopper module needs sm_90a (the "a" features: wgmma, setmaxnreg), on
+    sm_90 only; `arch` None (run time, the others): CuPy picks the device's own."""
+    if key[0] in SM90_KERNELS:
+        if arch not in (None, "sm_90"):
+            raise ValueError(f"module {key} is for sm_90 only, not {arch}")
+        return ("-arch=sm_90a",)
+    return () if arch is None else (f"-arch={arch}",)
 
 
 # ---------------------------------------------------------------- compile without a GPU (CI, doctor)
@@ -186,12 +217,13 @@ def compile_module_reports(key: tuple, arch: str, cubin_path: Path | None = None
     `cubin_path`, the module's cubin is written there too (for cuobjdump -sass: benchmarks/sass_report.py)."""
     nvrtc = _nvrtc()
     variants = module_variants(key)
-    prog = nvrtc.createProgram(source_for(), ENTRY_FILE, [], [])
+    options = [*NVRTC_OPTIONS, *arch_options(key, arch), "-Xptxas=-v"]
+    prog = nvrtc.createProgram(source_for(variants[0]), entry_file(key), [], [])
     try:
         for v in variants:
             nvrtc.addNameExpression(prog, v.expression)
         try:
-            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"-arch={arch}", "-Xptxas=-v"])
+            nvrtc.compileProgram(prog, options)
         except Exception as err:
             log_text = nvrtc.getProgramLog(prog)
             first = next((ln for ln in log_text.splitlines() if "error" in ln), str(err))
@@ -217,8 +249,9 @@ def compile_variant(variant: Variant, arch: str) -> CompileReport:
     return next(r for r in compile_module_reports(variant.module_key, arch) if r.variant == variant)
 
 
-def module_keys() -> list[tuple]:
-    return sorted({v.module_key for v in all_variants()})
+def module_keys(arch: str | None = None) -> list[tuple]:
+    """Every module's key (with `arch`: those compiled for it)."""
+    return sorted({v.module_key for v in all_variants() if arch is None or v.compiles_for(arch)})
 
 
 # ---------------------------------------------------------------- run-time loading (GPU)
@@ -230,7 +263,7 @@ def _raw_module(key: tuple, device_id: int):
     variants = module_variants(key)
     log.info("compiling %s kernels for %s head_dim=%d (first use; cached on disk by CuPy)", key[0], key[1], key[2])
     try:
-        module = cupy.RawModule(code=source_for(), options=NVRTC_OPTIONS,
+        module = cupy.RawModule(code=source_for(variants[0]), options=(*NVRTC_OPTIONS, *arch_options(key, None)),
                                 name_expressions=[v.expression for v in variants])
         module.compile()
     except cupy.cuda.compiler.CompileException as err:

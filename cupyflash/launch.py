@@ -4,13 +4,18 @@ grids and argument lists. Both faces (torch op, CuPy arrays) call these after al
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import jit
-from .tiles import BACKWARD
+from . import jit, tma
+from .errors import require_gpu
+from .tiles import BACKWARD, FORWARD_SM90
+
+log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): the kernels use exp2 with the scale folded in
 
@@ -107,10 +112,60 @@ class ScoreMods:
         return np.float32(scale / self.softcap), np.float32(self.softcap * LOG2E)
 
 
+SM90_FORWARD_ENV = "CUPYFLASH_SM90_FORWARD"  # "0": the mma.sync forward on Hopper too (A/B runs, bisecting)
+
+
+def sm90_forward_unsupported(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf,
+                             mods: ScoreMods, compute_capability: int) -> str | None:
+    """Why the Hopper forward (kernels_cu/flash_fwd_sm90.cuh) does not take this call; None when it does. Every
+    call it declines runs on the mma.sync forward, which takes all."""
+    batch, heads, n_q, d = shape
+    if os.environ.get(SM90_FORWARD_ENV, "1") == "0":
+        return f"{SM90_FORWARD_ENV}=0"
+    if compute_capability != 90:
+        return f"sm_{compute_capability}: wgmma and TMA are sm_90a instructions"
+    if dtype not in jit.SM90_DTYPES:
+        return f"dtype {dtype}: it takes {' and '.join(jit.SM90_DTYPES)}"
+    if d not in FORWARD_SM90:
+        return f"head_dim {d}: it takes {tuple(FORWARD_SM90)}"
+    if mods.any:
+        return "a bias, window, dropout or soft-cap: it has the plain and causal paths only"
+    if 0 in shape:
+        return f"an empty tensor {shape}"
+    kv_shape = (batch, kv_heads, n_k, d)
+    for name, buf, buf_shape in (("q", q, shape), ("k", k, kv_shape), ("v", v, kv_shape)):
+        reason = tma.unsupported_reason(buf_shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr)
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def _forward_sm90(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf,
+                  out: Buf, lse: Buf, scale: float, stream_ptr: int, device_id: int) -> None:
+    batch, heads, n_q, d = shape
+    variant = jit.Variant("fwd_sm90", dtype, d, causal)
+    t = variant.tiles
+    kv_shape = (batch, kv_heads, n_k, d)
+    maps = [tma.encode(dtype, buf_shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr, rows)
+            for buf, buf_shape, rows in ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc))]
+    grid = (math.ceil(n_q / t.Br), heads, batch)
+    args = (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
+            np.float32(scale * LOG2E))
+    _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
+
+
 def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
             lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
-    """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32."""
+    """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32. On Hopper the warp-specialized forward
+    takes what it supports (sm90_forward_unsupported); the mma.sync forward takes the rest."""
     batch, heads, n_q, d = shape
+    why_not = sm90_forward_unsupported(dtype=dtype, shape=shape, n_k=n_k, kv_heads=kv_heads, q=q, k=k, v=v, mods=mods,
+                                       compute_capability=require_gpu(device_id).compute_capability)
+    if why_not is None:
+        _forward_sm90(dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads, q=q, k=k, v=v, out=out,
+                      lse=lse, scale=scale, stream_ptr=stream_ptr, device_id=device_id)
+        return
+    log.debug("forward on mma.sync: %s", why_not)
     variant = jit.Variant("fwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
     t = variant.tiles
     grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2

@@ -46,6 +46,25 @@ FORWARD_PLAIN = {
     128: Tiles(Br=128, Bc=32, warps=4, m_tiles=2, fresh_offsets=True),
 }
 
+@dataclass(frozen=True)
+class Sm90Tiles:
+    """The warp-specialized Hopper forward (kernels_cu/flash_fwd_sm90.cuh): one producer warpgroup and two consumer
+    warpgroups of 64 query rows each, so Br = 128 and 384 threads always; K/V stream through `stages` slots."""
+
+    Bc: int
+    stages: int
+    Br: int = 128
+    threads: int = 384
+
+
+# H100, same run (benchmarks/results/sm90-tma-forward-NVIDIA_H100_80GB_HBM3.log): bf16 d128 439-559 TFLOP/s plain and
+# 267-508 causal (N 1024-16384) against SDPA flash's 325-352 / 243-323. With the cp.async producer, 3 or 4 stages
+# changed nothing (benchmarks/results/sm90-ws-forward-NVIDIA_H100_80GB_HBM3.log).
+FORWARD_SM90 = {
+    64: Sm90Tiles(Bc=128, stages=2),
+    128: Sm90Tiles(Bc=128, stages=2),
+}
+
 BACKWARD = {  # fuse_sdp, A/B on an H100: d64 +4-9%, d128 +9-17%; d96 -2-4% (it spills there: 32 B on sm_90)
     32: Tiles(Br=64, Bc=128, warps=8),
     64: Tiles(Br=64, Bc=128, warps=8, fuse_sdp=True),
@@ -78,6 +97,12 @@ def for_pass(kernel: str, dtype: str, head_dim: int, plain: bool = False) -> Til
 def forward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:
     row = elem_bytes * d + 16  # padded row, see Tile<> in common.cuh
     return (t.Br + 2 * t.Bc) * row
+
+
+def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
+    """Q, the K and V ring (16-bit, unpadded: the 128-byte swizzle), the mbarriers (q_full, then full and empty of K
+    and V per stage, 8 bytes each), and 1 KiB of slack to align the tiles to the swizzle's 1024-byte atoms."""
+    return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (1 + 4 * t.stages) + 1024
 
 
 def backward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:

@@ -22,7 +22,7 @@ constexpr float kLn2 = 0.6931471805599453f;  // log2 → natural log for the sav
 // fragment one n8 tile x 16 k (kBRegs), and mma16 adds A·B into an m16n8 fp32 accumulator.
 struct f16 {
     using elem = u16;
-    static constexpr bool kTF32 = false;
+    static constexpr bool kTF32 = false, kBf16 = false;
     static constexpr int kARegs = 4, kBRegs = 2;
     // cvt.rn.f16x2.f32 d, a, b puts a in the upper half and b in the lower half.
     static CF_DEVICE u32 pack(float lo, float hi) {
@@ -53,7 +53,7 @@ struct f16 {
 
 struct bf16 {
     using elem = u16;
-    static constexpr bool kTF32 = false;
+    static constexpr bool kTF32 = false, kBf16 = true;
     static constexpr int kARegs = 4, kBRegs = 2;
     static CF_DEVICE u32 pack(float lo, float hi) {
         u32 r;
@@ -75,7 +75,7 @@ struct bf16 {
 // two k8 MMAs: A registers 0-3 and B registers 0-1 hold k 0-7, the rest k 8-15.
 struct tf32 {
     using elem = float;
-    static constexpr bool kTF32 = true;
+    static constexpr bool kTF32 = true, kBf16 = false;
     static constexpr int kARegs = 8, kBRegs = 4;
     static CF_DEVICE float from_float(float x) { return x; }
     static CF_DEVICE float to_float(float x) { return x; }

@@ -1,0 +1,196 @@
+// Forward on Hopper (sm_90a), warp-specialized as FlashAttention-3 (https://arxiv.org/abs/2407.08608). One producer
+// warpgroup streams Q, then K_j and V_j through a ring of kStages shared-memory slots: one thread issues TMA copies
+// that complete on mbarriers. Two consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on wgmma
+// (wgmma.cuh) and take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the other's GEMMs);
+// inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. The plain path only: 16-bit types, at most a causal
+// mask (cupyflash/launch.py sends everything else to flash_fwd.cuh).
+#pragma once
+#include "common.cuh"
+#include "wgmma.cuh"
+
+namespace cupyflash {
+
+// TMA copy of rows [row0, row0 + Rows) of head (h, b) of a (B, H, N, D) tensor into a SwTile: one box of 64 columns
+// (the 128-byte swizzle's widest) per panel.
+template <int Rows, int D>
+CF_DEVICE void tma_tile(u32 dst, const TmaDesc& desc, int row0, int h, int b, u32 bar) {
+#pragma unroll
+    for (int p = 0; p < D / 64; ++p) tma_load_4d(dst + p * Rows * 128, desc, p * 64, row0, h, b, bar);
+}
+
+// Tile sizes: cupyflash/tiles.py FORWARD_SM90 (Br = 128 is the two consumer warpgroups' 64 rows each).
+template <typename T, int D, int Bc, bool Causal, int kStages>
+__global__ void __launch_bounds__(384, 1)
+flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
+                      const __grid_constant__ TmaDesc tm_v, typename T::elem* __restrict__ o, float* __restrict__ lse,
+                      i64 o_sb, i64 o_sh, i64 o_sn, int Nq, int Nk, int group, float scale_log2) {
+    constexpr int Br = 128;
+    using TileQ = SwTile<Br, D>;
+    using TileKV = SwTile<Bc, D>;
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 sQ = (smem_addr(smem) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned (launch: +1 KiB)
+    const u32 sK0 = sQ + TileQ::bytes();
+    const u32 sV0 = sK0 + kStages * TileKV::bytes();
+    const u32 bars = sV0 + kStages * TileKV::bytes();  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
+    auto sK = [&](int j) { return sK0 + (j % kStages) * TileKV::bytes(); };
+    auto sV = [&](int j) { return sV0 + (j % kStages) * TileKV::bytes(); };
+    const u32 q_full = bars;
+    auto k_full = [&](int j) { return bars + 8 * (1 + j % kStages); };
+    auto v_full = [&](int j) { return bars + 8 * (1 + kStages + j % kStages); };
+    auto k_empty = [&](int j) { return bars + 8 * (1 + 2 * kStages + j % kStages); };
+    auto v_empty = [&](int j) { return bars + 8 * (1 + 3 * kStages + j % kStages); };
+    auto phase = [](int j) { return (j / kStages) & 1; };
+
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * Br;  // heaviest Q blocks first (causal)
+    const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+    const int diag = Nk - Nq;
+    const int q_last = min(q0 + Br, Nq) - 1;
+    const int j_end = Causal ? min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc))) : ceil_div(Nk, Bc);
+
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(k_full(s), 1);
+            mbar_init(v_full(s), 1);
+            mbar_init(k_empty(s), 256);
+            mbar_init(v_empty(s), 256);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();  // the barriers are initialised before anyone arrives or waits
+
+    if (wg == 2) {  // producer
+        regs_dealloc<24>();  // 168 - 24 = 2 · (240 - 168): what the consumers take (launch: 65536 / 384 = 168 each)
+        if (tid == 256) {  // one thread issues every copy
+            mbar_arrive_expect_tx(q_full, TileQ::bytes());
+            tma_tile<Br, D>(sQ, tm_q, q0, h, b, q_full);
+            for (int j = 0; j < j_end; ++j) {
+                mbar_wait(k_empty(j), phase(j) ^ 1);
+                mbar_arrive_expect_tx(k_full(j), TileKV::bytes());
+                tma_tile<Bc, D>(sK(j), tm_k, j * Bc, h / group, b, k_full(j));
+                mbar_wait(v_empty(j), phase(j) ^ 1);
+                mbar_arrive_expect_tx(v_full(j), TileKV::bytes());
+                tma_tile<Bc, D>(sV(j), tm_v, j * Bc, h / group, b, v_full(j));
+            }
+        }
+        return;
+    }
+
+    regs_alloc<240>();
+    const int wg_row0 = wg * 64, warp_row0 = wg_row0 + (warp % 4) * 16;
+    // Ping-pong: warpgroup w issues its GEMMs after barrier 1 + w, which the other warpgroup arrives at once it has
+    // issued its own. Warpgroup 1 lets warpgroup 0 go first.
+    if (wg == 1) named_arrive(1, 256);
+
+    auto desc_q = [&](int kk) { return TileQ::desc_k(sQ, wg_row0, kk); };
+    float acc_o[D / 8][4];
+    float m_i[2] = {-inf_f(), -inf_f()};
+    float l_i[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+    u32 p[Bc / 16][4];  // P_{j-1} as A fragments
+    auto issue_pv = [&](int j) {
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk)
+            Wgmma<T, D>::template rs<1>(acc_o, p[kk], TileKV::desc_mn(sV(j), kk), 1);
+        wgmma_commit();
+    };
+
+    mbar_wait(q_full, 0);
+    for (int j = 0; j < j_end; ++j) {
+        const int k0 = j * Bc;
+        mbar_wait(k_full(j), phase(j));
+        if (j > 0) mbar_wait(v_full(j - 1), phase(j - 1));
+        float s[Bc / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        named_sync(1 + wg, 256);
+        fence_operands(s);
+        fence_operands(acc_o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            Wgmma<T, Bc>::template ss<0>(s, desc_q(kk), TileKV::desc_k(sK(j), 0, kk), kk > 0);
+        wgmma_commit();
+        if (j > 0) issue_pv(j - 1);
+        if (j > 0)
+            wgmma_wait<1>();
+        else
+            wgmma_wait<0>();
+        fence_operands(s);
+        // Arriving between the commit and the wait made ptxas serialize every wgmma (C7514).
+        named_arrive(2 - wg, 256);
+        mbar_arrive(k_empty(j));
+
+        const bool need_mask = k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + diag);
+#pragma unroll
+        for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[nt][e] *= scale_log2;
+                if (need_mask) {
+                    const int row = q0 + warp_row0 + lane / 4 + (e >> 1) * 8, col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
+                    if (col >= Nk || (Causal && col > row + diag)) s[nt][e] = -inf_f();
+                }
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = m_i[r];
+#pragma unroll
+            for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            mx = warp_max4(mx);
+            const float m_use = mx == -inf_f() ? 0.f : mx;
+            alpha[r] = fast_exp2(m_i[r] - m_use);
+            m_i[r] = mx;
+            float row_sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < Bc / 8; ++nt) {
+                s[nt][2 * r] = fast_exp2(s[nt][2 * r] - m_use);
+                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] - m_use);
+                row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
+            }
+            l_i[r] = l_i[r] * alpha[r] + row_sum;
+        }
+        wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
+        fence_operands(acc_o);
+        if (j > 0) mbar_arrive(v_empty(j - 1));
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            acc_o[dt][0] *= alpha[0];
+            acc_o[dt][1] *= alpha[0];
+            acc_o[dt][2] *= alpha[1];
+            acc_o[dt][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
+    }
+    if (j_end > 0) {
+        mbar_wait(v_full(j_end - 1), phase(j_end - 1));
+        fence_operands(acc_o);
+        wgmma_fence();
+        issue_pv(j_end - 1);
+        wgmma_wait<0>();
+        fence_operands(acc_o);
+    }
+    if (wg == 0) named_sync(1, 256);  // matches warpgroup 1's last arrival
+
+    o += b * o_sb + h * o_sh + q0 * o_sn;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float l = warp_sum4(l_i[r]);
+        const float inv_l = l > 0.f ? 1.f / l : 0.f;
+        const int row = warp_row0 + lane / 4 + r * 8;
+        if (q0 + row < Nq) {
+            typename T::elem* o_row = o + row * o_sn;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt)
+                store2<T>(o_row + dt * 8 + 2 * (lane % 4), acc_o[dt][2 * r] * inv_l, acc_o[dt][2 * r + 1] * inv_l);
+            if (lane % 4 == 0) lse[((i64)b * H + h) * Nq + q0 + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : inf_f();
+        }
+    }
+}
+
+}  // namespace cupyflash

@@ -1,0 +1,164 @@
+// Hopper (sm_90a) building blocks: warpgroup MMA (wgmma.mma_async, operands in shared memory described by 64-bit
+// matrix descriptors, PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate":
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#asynchronous-warpgroup-level-matrix-instructions), the
+// shared-memory layout those descriptors read, TMA copies, mbarriers, named barriers and register reallocation.
+// Only flash_attn_sm90.cu includes this; cupyflash/jit.py compiles that module with -arch=sm_90a.
+#pragma once
+#include "common.cuh"
+
+typedef unsigned long long u64;
+
+namespace cupyflash {
+
+// The 128-byte swizzle (the layout TMA writes and FlashAttention-3 reads): panels of 64 columns (128 bytes), each
+// Rows x 128 bytes with row r at r · 128; within each 8-row, 1024-byte atom the 16-byte chunks of row r are XORed
+// with r % 8, so the 8 rows of a column chunk sit on different banks. The tile base must be 1024-byte aligned. A
+// Rows x Cols tile serves as a K-major operand (rows = M or N, cols = K: Q and K in S = Q Kᵀ) and as an MN-major
+// one (rows = K, cols = N: V in O = P V).
+template <int Rows, int Cols>
+struct SwTile {
+    static_assert(Rows % 8 == 0 && Cols % 64 == 0, "whole 8-row, 128-byte atoms");
+    __host__ __device__ static constexpr int bytes() { return Rows * Cols * 2; }
+    static CF_DEVICE u64 desc_k(u32 base, int row0, int kk);
+    static CF_DEVICE u64 desc_mn(u32 base, int kk);
+};
+// Matrix descriptor: start address, leading and stride byte offsets (LBO, SBO; their meaning per operand major-ness
+// at the callers), each stored >> 4, and the 128-byte swizzle (mode 1 in bits 62-63); atoms are 1024-byte aligned,
+// so the base offset field stays 0.
+CF_DEVICE u64 smem_desc_sw128(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// K-major: SBO = 1024 (8-row atoms), LBO unused (one k16 step, 32 bytes, stays inside the 128-byte panel: the start
+// address moves 32 bytes per step and the hardware applies the XOR on the address bits).
+template <int Rows, int Cols>
+CF_DEVICE u64 SwTile<Rows, Cols>::desc_k(u32 base, int row0, int kk) {
+    return smem_desc_sw128(base + (kk / 4) * Rows * 128 + row0 * 128 + (kk % 4) * 32, 16, 1024);
+}
+// MN-major (PTX ISA canonical layout ((8 elems, 8, m), (8, k)) : ((1, 8, LBO), (64, SBO))): LBO = the 64-column panel
+// stride, SBO = 1024 (8 rows of K); a k16 step is 16 rows, 2048 bytes.
+// (The other order, LBO = 1024 and SBO = the panel stride, read past the tile: illegal address on an H100.)
+template <int Rows, int Cols>
+CF_DEVICE u64 SwTile<Rows, Cols>::desc_mn(u32 base, int kk) { return smem_desc_sw128(base + kk * 2048, Rows * 128, 1024); }
+
+// wgmma reads registers and shared memory asynchronously: fence before the first MMA of a group (orders the
+// warpgroup's earlier register writes, e.g. of accumulators or A fragments, before the MMAs read them), commit
+// the group, and wait before reading the accumulators.
+CF_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+CF_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int Pending>
+CF_DEVICE void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory"); }
+// The compiler sees an accumulator as written when its wgmma is issued, not when the group completes, and may move
+// other instructions that write or read it across the fence and the wait. This empty asm pins every register of
+// `d` at this point: call it before wgmma_fence() and after wgmma_wait() (as CUTLASS's warpgroup_fence_operand).
+// Without it the zeroing of S moved past the fence, and ptxas serialized every wgmma of the kernel (C7515).
+template <int N>
+CF_DEVICE void fence_operands(float (&d)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+// D (64 x 64, fp32) += A · B over k16, A in registers (mma.m16n8k16 A fragments, one 16-row slice per warp).
+#define CF_WGMMA_RS_64(TY, TRANS_B)                                                                        \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                          \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                   \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "\
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
+
+// D (64 x 128, fp32) += A · B over k16, A and B in shared memory (descriptors).
+#define CF_WGMMA_SS_128(TY, TRANS_B)                                                                        \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                          \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                   \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "\
+                 "%64, %65, p, 1, 1, 0, %67;\n}\n"                                            \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
+// D (64 x 128, fp32) += A · B over k16, A in registers (mma.m16n8k16 A fragments, one 16-row slice per warp).
+#define CF_WGMMA_RS_128(TY, TRANS_B)                                                                        \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                          \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                   \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "\
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
+
+// D (64 x N fp32 accumulators, per warp its 16-row slice in the m16n8 layout: d[n8 tile][4]) += A · B for one
+// k16 step. TransB = 1: B is MN-major. scale_d = 0: D = A · B.
+template <typename T, int N>
+struct Wgmma;
+
+template <typename T>
+struct Wgmma<T, 64> {
+    template <int TransB>
+    static CF_DEVICE void rs(float (&d)[8][4], const u32 (&a)[4], u64 desc_b, int scale_d) {
+        if constexpr (T::kBf16)
+            CF_WGMMA_RS_64("bf16", TransB);
+        else
+            CF_WGMMA_RS_64("f16", TransB);
+    }
+};
+
+template <typename T>
+struct Wgmma<T, 128> {
+    template <int TransB>
+    static CF_DEVICE void ss(float (&d)[16][4], u64 desc_a, u64 desc_b, int scale_d) {
+        if constexpr (T::kBf16)
+            CF_WGMMA_SS_128("bf16", TransB);
+        else
+            CF_WGMMA_SS_128("f16", TransB);
+    }
+    template <int TransB>
+    static CF_DEVICE void rs(float (&d)[16][4], const u32 (&a)[4], u64 desc_b, int scale_d) {
+        if constexpr (T::kBf16)
+            CF_WGMMA_RS_128("bf16", TransB);
+        else
+            CF_WGMMA_RS_128("f16", TransB);
+    }
+};
+
+}  // namespace cupyflash
+
+namespace cupyflash {
+// mbarrier (PTX ISA, "Parallel Synchronization and Communication Instructions: mbarrier"): a 64-bit shared-memory
+// object whose phase completes after `count` arrivals; waiters test the parity of the phase they expect.
+CF_DEVICE void mbar_init(u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+CF_DEVICE void mbar_arrive(u32 bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+CF_DEVICE void mbar_wait(u32 bar, int parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// Expect `bytes` more of transaction on `bar` (TMA copies complete them) and arrive once.
+CF_DEVICE void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A TMA tensor map (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned), encoded on the host by
+// cuTensorMapEncodeTiled (cupyflash/tma.py) and passed as a __grid_constant__ kernel parameter.
+struct alignas(64) TmaDesc {
+    u64 opaque[16];
+};
+// TMA copy of one box of a 4-d tensor at coordinates (c0 innermost .. c3) into shared memory at `dst`; completes
+// its bytes on `bar`. Boxes past the tensor's end are zero-filled (and still count their full bytes).
+CF_DEVICE void tma_load_4d(u32 dst, const TmaDesc& desc, int c0, int c1, int c2, int c3, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(&desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+// Named barriers 1.. (0 is __syncthreads): sync waits for `threads` arrivals including its own warps', arrive
+// adds this warp's without waiting.
+CF_DEVICE void named_sync(int id, int threads) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }
+CF_DEVICE void named_arrive(int id, int threads) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }
+// Warpgroup register reallocation (sm_90a): the producer gives registers back, the consumers take them.
+template <int N>
+CF_DEVICE void regs_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+CF_DEVICE void regs_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+}  // namespace cupyflash

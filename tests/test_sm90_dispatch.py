@@ -1,0 +1,82 @@
+"""Which calls the Hopper forward (kernels_cu/flash_fwd_sm90.cuh) takes, decided on the host with no GPU: every call
+it declines runs on the mma.sync forward, so a wrong "yes" here would be a wrong answer or a failed launch there."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cupyflash import jit, launch, tma
+
+B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
+ALIGNED = 1 << 20  # a 16-byte aligned address
+
+
+def _buf(shape, layout="contiguous", ptr=ALIGNED):
+    """A (B, H, N, D) Buf: contiguous, or a transposed view of (B, N, H, D) as models produce."""
+    b, h, n, d = shape
+    strides = (h * n * d, n * d, d, 1) if layout == "contiguous" else (n * h * d, d, h * d, 1)
+    return launch.Buf(ptr, strides)
+
+
+def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None, v=None):
+    q = q or _buf((B, H, NQ, d))
+    k = k or _buf((B, HKV, NK, d))
+    v = v or _buf((B, HKV, NK, d), "transposed")
+    return launch.sm90_forward_unsupported(dtype=dtype, shape=(B, H, NQ, d), n_k=NK, kv_heads=HKV, q=q, k=k, v=v,
+                                           mods=mods, compute_capability=cc)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_takes_plain_16bit_calls_on_sm90(d, dtype):
+    assert _why(d=d, dtype=dtype) is None
+    assert _why(d=d, q=_buf((B, H, NQ, d), "transposed")) is None
+
+
+def test_size_one_dims_may_have_any_stride():
+    q = launch.Buf(ALIGNED, (3, NQ * 128, 128, 1))  # B = 1: torch allows any batch stride
+    assert launch.sm90_forward_unsupported(dtype="bfloat16", shape=(1, H, NQ, 128), n_k=NK, kv_heads=HKV, q=q,
+                                           k=_buf((1, HKV, NK, 128)), v=_buf((1, HKV, NK, 128)),
+                                           mods=launch.ScoreMods(), compute_capability=90) is None
+
+
+@pytest.mark.parametrize("case,pattern", [
+    (dict(cc=80), "sm_80"),
+    (dict(cc=100), "sm_100"),
+    (dict(dtype="float32"), "dtype float32"),
+    (dict(d=96), "head_dim 96"),
+    (dict(d=32), "head_dim 32"),
+    (dict(mods=launch.ScoreMods(window=(16, 0))), "window"),
+    (dict(mods=launch.ScoreMods(softcap=30.0)), "soft-cap"),
+    (dict(q=launch.Buf(ALIGNED + 8, (H * NQ * 128, NQ * 128, 128, 1))), "q: its data pointer"),
+    (dict(k=launch.Buf(ALIGNED, (HKV * NK * 132, NK * 132, 132, 1))), "k: strides"),
+    (dict(v=launch.Buf(ALIGNED, (HKV * NK * 128, NK * 128, 1, NK))), "v: its last dimension"),
+    (dict(k=launch.Buf(ALIGNED, (NK * 128, 0, 128, 1))), "k: .*stride 0"),
+])
+def test_declines_what_it_cannot_run(case, pattern):
+    why = _why(**case)
+    assert why is not None
+    assert re.search(pattern, why), why
+
+
+def test_environment_switch_declines_everything(monkeypatch):
+    monkeypatch.setenv(launch.SM90_FORWARD_ENV, "0")
+    assert _why() == f"{launch.SM90_FORWARD_ENV}=0"
+
+
+def test_unsupported_reason_names_the_problem():
+    assert tma.unsupported_reason((2, 3, 10, 128), (3840, 1280, 128, 1), 2, ALIGNED) is None
+    assert "multiple of 64" in tma.unsupported_reason((2, 3, 10, 96), (2880, 960, 96, 1), 2, ALIGNED)
+
+
+def test_hopper_variants_build_for_sm90a_only():
+    hopper = [v for v in jit.all_variants() if v.kernel == "fwd_sm90"]
+    assert {(v.dtype, v.head_dim, v.causal) for v in hopper} == {
+        (dt, d, c) for dt in ("float16", "bfloat16") for d in (64, 128) for c in (False, True)}
+    key = hopper[0].module_key
+    assert jit.arch_options(key, "sm_90") == jit.arch_options(key, None) == ("-arch=sm_90a",)
+    with pytest.raises(ValueError, match="sm_90 only"):
+        jit.arch_options(key, "sm_80")
+    assert key in jit.module_keys("sm_90") and key not in jit.module_keys("sm_80")
+    assert "flash_fwd_sm90_kernel" in jit.source_for(hopper[0]) and "flash_fwd_sm90_kernel" not in jit.source_for()
