@@ -30,11 +30,11 @@ NVRTC_OPTIONS = ("-std=c++17",)
 # CuPy's element-type name → the tag struct in common.cuh (fp32 runs on TF32 tensor cores).
 DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float32": "cupyflash::tf32"}
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_preprocess", "bwd_convert_dq", "tile_minmax", "tile_classify")
+KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_sm90", "bwd_preprocess", "bwd_convert_dq", "tile_minmax", "tile_classify")
 TILE_CLASS_KERNELS = ("tile_minmax", "tile_classify")  # per dtype, no head dim (kernels_cu/tile_classes.cuh)
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
-SM90_KERNELS = ("fwd_sm90",)  # wgmma / TMA: sm_90a only
+SM90_KERNELS = ("fwd_sm90", "bwd_sm90")  # wgmma / TMA: sm_90a only
 SM90_DTYPES = ("float16", "bfloat16")
 
 
@@ -61,6 +61,8 @@ class Variant:
     def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
         if self.kernel == "fwd_sm90":
             return tiles.FORWARD_SM90[self.head_dim]
+        if self.kernel == "bwd_sm90":
+            return tiles.BACKWARD_SM90[self.head_dim]
         if self.kernel not in ("fwd", "bwd"):
             return None
         return tiles.for_pass(self.kernel, self.dtype, self.head_dim, plain=not (self.causal or self.mods))
@@ -87,6 +89,8 @@ class Variant:
             return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {fresh}, {flags}>"
         if self.kernel == "fwd_sm90":
             return f"cupyflash::flash_fwd_sm90_kernel<{tag}, {d}, {t.Bc}, {str(self.causal).lower()}, {t.stages}>"
+        if self.kernel == "bwd_sm90":
+            return f"cupyflash::flash_bwd_sm90_kernel<{tag}, {d}, {str(self.causal).lower()}>"
         if self.kernel == "bwd":
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {str(t.fuse_sdp).lower()}, {flags}>"
         if self.kernel == "bwd_preprocess":
@@ -104,17 +108,22 @@ class Variant:
             return tiles.forward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
         if self.kernel == "fwd_sm90":
             return tiles.sm90_forward_smem_bytes(self.head_dim, self.tiles)
+        if self.kernel == "bwd_sm90":
+            return tiles.sm90_backward_smem_bytes(self.head_dim, self.tiles)
         if self.kernel == "bwd":
             return tiles.backward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
         return 0
 
     @property
     def module_key(self) -> tuple:
-        """Variants compiled together into one RawModule: one pass (forward / Hopper forward / backward) of one dtype
-        and head dim, or the bias tile classification of one dtype."""
+        """Variants compiled together into one RawModule: one pass (forward / backward) of one dtype and head dim,
+        the Hopper kernels (both passes, flash_attn_sm90.cu) of one dtype and head dim, or the bias tile
+        classification of one dtype."""
         if self.kernel in TILE_CLASS_KERNELS:
             return ("tiles", self.dtype, 0)
-        return (self.kernel if self.kernel in ("fwd", "fwd_sm90") else "bwd", self.dtype, self.head_dim)
+        if self.kernel in SM90_KERNELS:
+            return ("sm90", self.dtype, self.head_dim)
+        return ("fwd" if self.kernel == "fwd" else "bwd", self.dtype, self.head_dim)
 
 
 def all_variants() -> list[Variant]:
@@ -125,6 +134,7 @@ def all_variants() -> list[Variant]:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         if dtype in SM90_DTYPES:
             out += [Variant("fwd_sm90", dtype, d, c) for d in tiles.FORWARD_SM90 for c in (False, True)]
+            out += [Variant("bwd_sm90", dtype, d, c) for d in tiles.BACKWARD_SM90 for c in (False, True)]
         for d in tiles.BACKWARD:
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]
@@ -152,7 +162,7 @@ def _inline(path: Path, seen: set) -> str:
 
 def entry_file(key: tuple) -> str:
     """The translation unit of module `key`."""
-    return SM90_ENTRY_FILE if key[0] in SM90_KERNELS else ENTRY_FILE
+    return SM90_ENTRY_FILE if key[0] == "sm90" else ENTRY_FILE
 
 
 def source_for(variant: Variant | None = None) -> str:
@@ -163,7 +173,7 @@ def source_for(variant: Variant | None = None) -> str:
 def arch_options(key: tuple, arch: str | None) -> tuple:
     """NVRTC's -arch for module `key`: the Hopper module needs sm_90a (the "a" features: wgmma, setmaxnreg), on
     sm_90 only; `arch` None (run time, the others): CuPy picks the device's own."""
-    if key[0] in SM90_KERNELS:
+    if key[0] == "sm90":
         if arch not in (None, "sm_90"):
             raise ValueError(f"module {key} is for sm_90 only, not {arch}")
         return ("-arch=sm_90a",)

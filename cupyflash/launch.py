@@ -13,7 +13,7 @@ import numpy as np
 
 from . import jit, tma
 from .errors import require_gpu
-from .tiles import BACKWARD, FORWARD_SM90
+from .tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
 
 log = logging.getLogger(__name__)
 
@@ -112,32 +112,40 @@ class ScoreMods:
         return np.float32(scale / self.softcap), np.float32(self.softcap * LOG2E)
 
 
-SM90_FORWARD_ENV = "CUPYFLASH_SM90_FORWARD"  # "0": the mma.sync forward on Hopper too (A/B runs, bisecting)
+SM90_ENV = "CUPYFLASH_SM90"  # "0": the mma.sync kernels on Hopper too (A/B runs, bisecting)
 
 
-def sm90_forward_unsupported(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf,
-                             mods: ScoreMods, compute_capability: int) -> str | None:
-    """Why the Hopper forward (kernels_cu/flash_fwd_sm90.cuh) does not take this call; None when it does. Every
-    call it declines runs on the mma.sync forward, which takes all."""
+def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_heads: int, q_like: dict, kv: dict,
+                     mods: ScoreMods, compute_capability: int) -> str | None:
+    """Why the Hopper kernel of pass `kernel` ("fwd": kernels_cu/flash_fwd_sm90.cuh, "bwd": flash_bwd_sm90.cuh)
+    does not take this call; None when it does. `q_like` / `kv`: the Bufs it reads through TMA, by name, shaped as
+    q / as k. Every call it declines runs on the mma.sync kernel of that pass, which takes all."""
     batch, heads, n_q, d = shape
-    if os.environ.get(SM90_FORWARD_ENV, "1") == "0":
-        return f"{SM90_FORWARD_ENV}=0"
+    table = FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90
+    if os.environ.get(SM90_ENV, "1") == "0":
+        return f"{SM90_ENV}=0"
     if compute_capability != 90:
         return f"sm_{compute_capability}: wgmma and TMA are sm_90a instructions"
     if dtype not in jit.SM90_DTYPES:
         return f"dtype {dtype}: it takes {' and '.join(jit.SM90_DTYPES)}"
-    if d not in FORWARD_SM90:
-        return f"head_dim {d}: it takes {tuple(FORWARD_SM90)}"
+    if d not in table:
+        return f"head_dim {d}: it takes {tuple(table)}"
     if mods.any:
         return "a bias, window, dropout or soft-cap: it has the plain and causal paths only"
     if 0 in shape:
         return f"an empty tensor {shape}"
     kv_shape = (batch, kv_heads, n_k, d)
-    for name, buf, buf_shape in (("q", q, shape), ("k", k, kv_shape), ("v", v, kv_shape)):
-        reason = tma.unsupported_reason(buf_shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr)
-        if reason is not None:
-            return f"{name}: {reason}"
+    for names, buf_shape in ((q_like, shape), (kv, kv_shape)):
+        for name, buf in names.items():
+            reason = tma.unsupported_reason(buf_shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr)
+            if reason is not None:
+                return f"{name}: {reason}"
     return None
+
+
+def _tma_maps(dtype: str, bufs) -> list:
+    """The tensor maps of (Buf, (B, H, N, D) shape, box rows) triples."""
+    return [tma.encode(dtype, shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr, rows) for buf, shape, rows in bufs]
 
 
 def _forward_sm90(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf,
@@ -146,8 +154,7 @@ def _forward_sm90(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads:
     variant = jit.Variant("fwd_sm90", dtype, d, causal)
     t = variant.tiles
     kv_shape = (batch, kv_heads, n_k, d)
-    maps = [tma.encode(dtype, buf_shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr, rows)
-            for buf, buf_shape, rows in ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc))]
+    maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc)))
     grid = (math.ceil(n_q / t.Br), heads, batch)
     args = (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
             np.float32(scale * LOG2E))
@@ -157,10 +164,11 @@ def _forward_sm90(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads:
 def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
             lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
     """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32. On Hopper the warp-specialized forward
-    takes what it supports (sm90_forward_unsupported); the mma.sync forward takes the rest."""
+    takes what it supports (sm90_unsupported); the mma.sync forward takes the rest."""
     batch, heads, n_q, d = shape
-    why_not = sm90_forward_unsupported(dtype=dtype, shape=shape, n_k=n_k, kv_heads=kv_heads, q=q, k=k, v=v, mods=mods,
-                                       compute_capability=require_gpu(device_id).compute_capability)
+    why_not = sm90_unsupported("fwd", dtype=dtype, shape=shape, n_k=n_k, kv_heads=kv_heads, q_like={"q": q},
+                               kv={"k": k, "v": v}, mods=mods,
+                               compute_capability=require_gpu(device_id).compute_capability)
     if why_not is None:
         _forward_sm90(dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads, q=q, k=k, v=v, out=out,
                       lse=lse, scale=scale, stream_ptr=stream_ptr, device_id=device_id)
@@ -241,15 +249,28 @@ def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int,
     _run(pre, row_grid, row_block, (_ptr(dout), _ptr(out), _ptr(d_vec), *dout.bhn(), *out.bhn(), np.int32(heads),
                                     np.int32(n_q), np.int64(n_rows)), stream_ptr, device_id)
 
-    main = jit.Variant("bwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
-    t = main.tiles
+    why_not = sm90_unsupported("bwd", dtype=dtype, shape=shape, n_k=n_k, kv_heads=kv_heads,
+                               q_like={"q": q, "dout": dout}, kv={"k": k, "v": v}, mods=mods,
+                               compute_capability=require_gpu(device_id).compute_capability)
+    if why_not is None:
+        main = jit.Variant("bwd_sm90", dtype, d, causal)
+        t = main.tiles
+        kv_shape = (batch, kv_heads, n_k, d)
+        maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc), (dout, shape, t.Br)))
+        args = (*maps, _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv), *dk.bhn(), *dv.bhn(),
+                np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
+                np.float32(scale))
+    else:
+        log.debug("backward on mma.sync: %s", why_not)
+        main = jit.Variant("bwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
+        t = main.tiles
+        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
+                *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
+                np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
+                *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+                *mods.bias_args(mods.dbias),
+                *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
     grid = (math.ceil(n_k / t.Bc), kv_heads, batch)  # K/V blocks × K/V heads × batch
-    args = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
-            *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
-            np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
-            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-            *mods.bias_args(mods.dbias),
-            *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
     _run(main, grid, (t.threads,), args, stream_ptr, device_id)
 
     conv = jit.Variant("bwd_convert_dq", dtype, d)

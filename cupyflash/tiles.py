@@ -48,8 +48,8 @@ FORWARD_PLAIN = {
 
 @dataclass(frozen=True)
 class Sm90Tiles:
-    """The warp-specialized Hopper forward (kernels_cu/flash_fwd_sm90.cuh): one producer warpgroup and two consumer
-    warpgroups of 64 query rows each, so Br = 128 and 384 threads always; K/V stream through `stages` slots."""
+    """The warp-specialized Hopper kernels: one producer warpgroup and two consumer warpgroups, 384 threads. Forward
+    (kernels_cu/flash_fwd_sm90.cuh): 64 query rows per consumer, so Br = 128; K/V stream through `stages` slots."""
 
     Bc: int
     stages: int
@@ -63,6 +63,13 @@ class Sm90Tiles:
 FORWARD_SM90 = {
     64: Sm90Tiles(Bc=128, stages=2),
     128: Sm90Tiles(Bc=128, stages=2),
+}
+
+# The Hopper backward (kernels_cu/flash_bwd_sm90.cuh): Bc = 128 keys (two consumer warpgroups of 64), Q/dO blocks of
+# Br = 64 rows through `stages` slots; its dSᵀ tile (Bc x Br) is double-buffered.
+BACKWARD_SM90 = {
+    64: Sm90Tiles(Bc=128, stages=2, Br=64),
+    128: Sm90Tiles(Bc=128, stages=2, Br=64),
 }
 
 BACKWARD = {  # fuse_sdp, A/B on an H100: d64 +4-9%, d128 +9-17%; d96 -2-4% (it spills there: 32 B on sm_90)
@@ -103,6 +110,13 @@ def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
     """Q, the K and V ring (16-bit, unpadded: the 128-byte swizzle), the mbarriers (q_full, then full and empty of K
     and V per stage, 8 bytes each), and 1 KiB of slack to align the tiles to the swizzle's 1024-byte atoms."""
     return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (1 + 4 * t.stages) + 1024
+
+
+def sm90_backward_smem_bytes(d: int, t: Sm90Tiles) -> int:
+    """K and V, the Q and dO slots, two dSᵀ tiles (16-bit, swizzled), LSE and D per slot (fp32), the mbarriers
+    (kv_full, then full and empty per stage) and 1 KiB of alignment slack."""
+    return ((2 * t.Bc + 2 * t.stages * t.Br) * d * 2 + 2 * t.Bc * t.Br * 2 + t.stages * 2 * t.Br * 4
+            + 8 * (1 + 2 * t.stages) + 1024)
 
 
 def backward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:

@@ -10,14 +10,6 @@
 
 namespace cupyflash {
 
-// TMA copy of rows [row0, row0 + Rows) of head (h, b) of a (B, H, N, D) tensor into a SwTile: one box of 64 columns
-// (the 128-byte swizzle's widest) per panel.
-template <int Rows, int D>
-CF_DEVICE void tma_tile(u32 dst, const TmaDesc& desc, int row0, int h, int b, u32 bar) {
-#pragma unroll
-    for (int p = 0; p < D / 64; ++p) tma_load_4d(dst + p * Rows * 128, desc, p * 64, row0, h, b, bar);
-}
-
 // Tile sizes: cupyflash/tiles.py FORWARD_SM90 (Br = 128 is the two consumer warpgroups' 64 rows each).
 template <typename T, int D, int Bc, bool Causal, int kStages>
 __global__ void __launch_bounds__(384, 1)
@@ -112,7 +104,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-            Wgmma<T, Bc>::template ss<0>(s, desc_q(kk), TileKV::desc_k(sK(j), 0, kk), kk > 0);
+            Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(j), 0, kk), kk > 0);
         wgmma_commit();
         if (j > 0) issue_pv(j - 1);
         if (j > 0)

@@ -19,6 +19,10 @@ template <int Rows, int Cols>
 struct SwTile {
     static_assert(Rows % 8 == 0 && Cols % 64 == 0, "whole 8-row, 128-byte atoms");
     __host__ __device__ static constexpr int bytes() { return Rows * Cols * 2; }
+    // The shared-memory address of 16-byte chunk `chunk` (columns 8·chunk ..) of row `row`, for stores from registers.
+    static CF_DEVICE u32 chunk_at(u32 base, u32 row, u32 chunk) {
+        return base + (chunk / 8) * Rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+    }
     static CF_DEVICE u64 desc_k(u32 base, int row0, int kk);
     static CF_DEVICE u64 desc_mn(u32 base, int kk);
 };
@@ -59,63 +63,72 @@ CF_DEVICE void fence_operands(float (&d)[N][4]) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
-// D (64 x 64, fp32) += A · B over k16, A in registers (mma.m16n8k16 A fragments, one 16-row slice per warp).
-#define CF_WGMMA_RS_64(TY, TRANS_B)                                                                        \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                          \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                   \
+// Shared memory written through the generic proxy (st.shared) becomes visible to wgmma, which reads through the
+// async proxy, only after this fence in each writing thread and then a barrier.
+CF_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// wgmma.mma_async m64nNk16, fp32 accumulators d[N/8][4] (per warp its 16-row slice in the m16n8 layout),
+// one macro per N because the operand list is spelled out: SS reads A and B through descriptors, RS reads A
+// from registers (mma.m16n8k16 A fragments). TRANS_A / TRANS_B = 1: the operand is MN-major.
+#define CF_WGMMA_SS_32(TY, TRANS_A, TRANS_B)                                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "                                    \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "\
+                 "%16, %17, p, 1, 1, %19, %20;\n}\n"                                                      \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]) \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B))
+#define CF_WGMMA_RS_32(TY, TRANS_B)                                                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "                                    \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "\
+                 "{%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"                                    \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
+
+#define CF_WGMMA_SS_64(TY, TRANS_A, TRANS_B)                                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                    \
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "\
-                 "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                \
+                 "%32, %33, p, 1, 1, %35, %36;\n}\n"                                                      \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B))
+#define CF_WGMMA_RS_64(TY, TRANS_B)                                                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                    \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "\
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                    \
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
 
-// D (64 x 128, fp32) += A · B over k16, A and B in shared memory (descriptors).
-#define CF_WGMMA_SS_128(TY, TRANS_B)                                                                        \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                          \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                   \
+#define CF_WGMMA_SS_128(TY, TRANS_A, TRANS_B)                                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                    \
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "\
-                 "%64, %65, p, 1, 1, 0, %67;\n}\n"                                            \
+                 "%64, %65, p, 1, 1, %67, %68;\n}\n"                                                      \
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
-// D (64 x 128, fp32) += A · B over k16, A in registers (mma.m16n8k16 A fragments, one 16-row slice per warp).
-#define CF_WGMMA_RS_128(TY, TRANS_B)                                                                        \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                          \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                   \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B))
+#define CF_WGMMA_RS_128(TY, TRANS_B)                                                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                    \
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "\
-                 "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                \
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                    \
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
 
-// D (64 x N fp32 accumulators, per warp its 16-row slice in the m16n8 layout: d[n8 tile][4]) += A · B for one
-// k16 step. TransB = 1: B is MN-major. scale_d = 0: D = A · B.
+// D (64 x N, fp32) += A · B for one k16 step; scale_d = 0: D = A · B.
 template <typename T, int N>
-struct Wgmma;
-
-template <typename T>
-struct Wgmma<T, 64> {
-    template <int TransB>
-    static CF_DEVICE void rs(float (&d)[8][4], const u32 (&a)[4], u64 desc_b, int scale_d) {
-        if constexpr (T::kBf16)
-            CF_WGMMA_RS_64("bf16", TransB);
-        else
-            CF_WGMMA_RS_64("f16", TransB);
-    }
-};
-
-template <typename T>
-struct Wgmma<T, 128> {
-    template <int TransB>
-    static CF_DEVICE void ss(float (&d)[16][4], u64 desc_a, u64 desc_b, int scale_d) {
-        if constexpr (T::kBf16)
-            CF_WGMMA_SS_128("bf16", TransB);
-        else
-            CF_WGMMA_SS_128("f16", TransB);
+struct Wgmma {
+    static_assert(N == 32 || N == 64 || N == 128, "a CF_WGMMA_*_N macro per N");
+    template <int TransA, int TransB>
+    static CF_DEVICE void ss(float (&d)[N / 8][4], u64 desc_a, u64 desc_b, int scale_d) {
+#define CF_SS(n) if constexpr (N == n) { if constexpr (T::kBf16) CF_WGMMA_SS_##n("bf16", TransA, TransB); else CF_WGMMA_SS_##n("f16", TransA, TransB); }
+        CF_SS(32) CF_SS(64) CF_SS(128)
+#undef CF_SS
     }
     template <int TransB>
-    static CF_DEVICE void rs(float (&d)[16][4], const u32 (&a)[4], u64 desc_b, int scale_d) {
-        if constexpr (T::kBf16)
-            CF_WGMMA_RS_128("bf16", TransB);
-        else
-            CF_WGMMA_RS_128("f16", TransB);
+    static CF_DEVICE void rs(float (&d)[N / 8][4], const u32 (&a)[4], u64 desc_b, int scale_d) {
+#define CF_RS(n) if constexpr (N == n) { if constexpr (T::kBf16) CF_WGMMA_RS_##n("bf16", TransB); else CF_WGMMA_RS_##n("f16", TransB); }
+        CF_RS(32) CF_RS(64) CF_RS(128)
+#undef CF_RS
     }
 };
 
@@ -152,6 +165,15 @@ CF_DEVICE void tma_load_4d(u32 dst, const TmaDesc& desc, int c0, int c1, int c2,
         "l"(reinterpret_cast<u64>(&desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
+// TMA copy of rows [row0, row0 + Rows) of head (h, b) of a (B, H, N, D) tensor into a SwTile: one box of 64 columns
+// (the 128-byte swizzle's widest) per panel.
+template <int Rows, int D>
+CF_DEVICE void tma_tile(u32 dst, const TmaDesc& desc, int row0, int h, int b, u32 bar) {
+#pragma unroll
+    for (int p = 0; p < D / 64; ++p) tma_load_4d(dst + p * Rows * 128, desc, p * 64, row0, h, b, bar);
+}
+
+CF_DEVICE void st_shared_f32(u32 addr, float x) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x) : "memory"); }
 // Named barriers 1.. (0 is __syncthreads): sync waits for `threads` arrivals including its own warps', arrive
 // adds this warp's without waiting.
 CF_DEVICE void named_sync(int id, int threads) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }

@@ -20,11 +20,12 @@ def main():
                 if d != 256:
                     torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, None, out, lse, d ** -0.5,
                                                        causal)
-    # Grouped-query heads and a transposed (B, N, H, D) view, bf16: on sm_90 the Hopper forward's TMA maps.
+    # Grouped-query heads and a transposed (B, N, H, D) view, bf16: on sm_90 the Hopper kernels' TMA maps.
     for d in (64, 128):
         q = torch.randn(2, 130, 4, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
         k, v = (torch.randn(2, 2, 77, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, d ** -0.5, True)
+        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, d ** -0.5, True)
+        torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, None, out, lse, d ** -0.5, True)
     # The feature variants: bias (with its gradient and skipped tiles), grouped-query heads, window, dropout,
     # soft-capping; fp16/bf16 and fp32 on TF32 (tile shapes of their own).
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -123,23 +123,27 @@ def _is_hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Hopper forward runs on sm_90 only; elsewhere the "
-                                                            "mma.sync forward takes every call the sweep makes")
+needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Hopper kernels run on sm_90 only; elsewhere the "
+                                                            "mma.sync kernels take every call the sweep makes")
 
 
 @needs_hopper
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_hopper_forward_takes_plain_calls(layout, caplog, monkeypatch):
-    """On sm_90 the sweep's 16-bit d64/d128 plain and causal calls run on the Hopper forward (no fallback line in
-    the log); with CUPYFLASH_SM90_FORWARD=0 they run on mma.sync and the log says why."""
-    q, k, v, _ = make_inputs(BATCH, HEADS, 97, 203, 128, BF16, layout, seed_from("hopper", layout))
-    with caplog.at_level("DEBUG", logger="cupyflash.launch"):
-        fwd_op(q, k, v, 0.1, True)
-    assert not [r for r in caplog.records if "forward on mma.sync" in r.getMessage()]
-    monkeypatch.setenv(launch.SM90_FORWARD_ENV, "0")
-    with caplog.at_level("DEBUG", logger="cupyflash.launch"):
-        fwd_op(q, k, v, 0.1, True)
-    assert [r for r in caplog.records if f"forward on mma.sync: {launch.SM90_FORWARD_ENV}=0" in r.getMessage()]
+def test_hopper_kernels_take_plain_calls(layout, caplog, monkeypatch):
+    """On sm_90 the sweep's 16-bit d64/d128 plain and causal calls run on the Hopper kernels (no fallback line in
+    the log); with CUPYFLASH_SM90=0 they run on mma.sync and the log says why, for each pass."""
+    q, k, v, dout = make_inputs(BATCH, HEADS, 97, 203, 128, BF16, layout, seed_from("hopper", layout))
+
+    def fallbacks():
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="cupyflash.launch"):
+            out, lse = fwd_op(q, k, v, 0.1, True)
+            bwd_op(dout, q, k, v, out, lse, 0.1, True)
+        return [r.getMessage() for r in caplog.records if "on mma.sync" in r.getMessage()]
+
+    assert fallbacks() == []
+    monkeypatch.setenv(launch.SM90_ENV, "0")
+    assert fallbacks() == [f"forward on mma.sync: {launch.SM90_ENV}=0", f"backward on mma.sync: {launch.SM90_ENV}=0"]
 
 
 @needs_hopper
@@ -147,13 +151,13 @@ def test_hopper_forward_takes_plain_calls(layout, caplog, monkeypatch):
     _case(dt, layout, nq, nk, d, c) for dt, layout, (nq, nk), d, c in itertools.product(
         (FP16, BF16), ("contiguous", "transposed"), ((1, 1), (113, 203), (203, 113), (1023, 1024)), (64, 128),
         (False, True))])
-def test_mma_sync_forward_on_hopper(dtype, layout, n_q, n_k, head_dim, causal, monkeypatch):
-    """The calls the Hopper forward takes in the main sweep, run on the mma.sync forward instead
-    (CUPYFLASH_SM90_FORWARD=0): it serves them on every other GPU."""
-    monkeypatch.setenv(launch.SM90_FORWARD_ENV, "0")
+def test_mma_sync_kernels_on_hopper(dtype, layout, n_q, n_k, head_dim, causal, monkeypatch):
+    """The calls the Hopper kernels take in the main sweep, run on the mma.sync kernels instead (CUPYFLASH_SM90=0):
+    they serve them on every other GPU."""
+    monkeypatch.setenv(launch.SM90_ENV, "0")
     q, k, v, dout = make_inputs(BATCH, HEADS, n_q, n_k, head_dim, dtype, layout,
                                 seed_from("mma", dtype, layout, n_q, n_k, head_dim, causal))
-    check_against_reference(q, k, v, dout, causal=causal, backward=False)
+    check_against_reference(q, k, v, dout, causal=causal)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

@@ -1,5 +1,6 @@
-"""Which calls the Hopper forward (kernels_cu/flash_fwd_sm90.cuh) takes, decided on the host with no GPU: every call
-it declines runs on the mma.sync forward, so a wrong "yes" here would be a wrong answer or a failed launch there."""
+"""Which calls the Hopper kernels (kernels_cu/flash_fwd_sm90.cuh, flash_bwd_sm90.cuh) take, decided on the host with
+no GPU: every call they decline runs on the mma.sync kernels, so a wrong "yes" here would be a wrong answer or a
+failed launch there."""
 from __future__ import annotations
 
 import re
@@ -19,12 +20,19 @@ def _buf(shape, layout="contiguous", ptr=ALIGNED):
     return launch.Buf(ptr, strides)
 
 
-def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None, v=None):
+def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None, v=None, dout=None, kernel="bwd"):
+    """The backward's answer (it reads dout too); the forward's is checked to agree where dout plays no part."""
     q = q or _buf((B, H, NQ, d))
     k = k or _buf((B, HKV, NK, d))
     v = v or _buf((B, HKV, NK, d), "transposed")
-    return launch.sm90_forward_unsupported(dtype=dtype, shape=(B, H, NQ, d), n_k=NK, kv_heads=HKV, q=q, k=k, v=v,
-                                           mods=mods, compute_capability=cc)
+    dout = dout or _buf((B, H, NQ, d))
+    common = dict(dtype=dtype, shape=(B, H, NQ, d), n_k=NK, kv_heads=HKV, kv={"k": k, "v": v}, mods=mods,
+                  compute_capability=cc)
+    fwd = launch.sm90_unsupported("fwd", q_like={"q": q}, **common)
+    bwd = launch.sm90_unsupported("bwd", q_like={"q": q, "dout": dout}, **common)
+    if not (fwd is None and bwd is not None and bwd.startswith("dout")):
+        assert fwd == bwd, (fwd, bwd)
+    return bwd
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -36,9 +44,10 @@ def test_takes_plain_16bit_calls_on_sm90(d, dtype):
 
 def test_size_one_dims_may_have_any_stride():
     q = launch.Buf(ALIGNED, (3, NQ * 128, 128, 1))  # B = 1: torch allows any batch stride
-    assert launch.sm90_forward_unsupported(dtype="bfloat16", shape=(1, H, NQ, 128), n_k=NK, kv_heads=HKV, q=q,
-                                           k=_buf((1, HKV, NK, 128)), v=_buf((1, HKV, NK, 128)),
-                                           mods=launch.ScoreMods(), compute_capability=90) is None
+    assert launch.sm90_unsupported("bwd", dtype="bfloat16", shape=(1, H, NQ, 128), n_k=NK, kv_heads=HKV,
+                                   q_like={"q": q, "dout": _buf((1, H, NQ, 128))},
+                                   kv={"k": _buf((1, HKV, NK, 128)), "v": _buf((1, HKV, NK, 128))},
+                                   mods=launch.ScoreMods(), compute_capability=90) is None
 
 
 @pytest.mark.parametrize("case,pattern", [
@@ -53,6 +62,7 @@ def test_size_one_dims_may_have_any_stride():
     (dict(k=launch.Buf(ALIGNED, (HKV * NK * 132, NK * 132, 132, 1))), "k: strides"),
     (dict(v=launch.Buf(ALIGNED, (HKV * NK * 128, NK * 128, 1, NK))), "v: its last dimension"),
     (dict(k=launch.Buf(ALIGNED, (NK * 128, 0, 128, 1))), "k: .*stride 0"),
+    (dict(dout=launch.Buf(ALIGNED + 2, (H * NQ * 128, NQ * 128, 128, 1))), "dout: its data pointer"),
 ])
 def test_declines_what_it_cannot_run(case, pattern):
     why = _why(**case)
@@ -61,8 +71,8 @@ def test_declines_what_it_cannot_run(case, pattern):
 
 
 def test_environment_switch_declines_everything(monkeypatch):
-    monkeypatch.setenv(launch.SM90_FORWARD_ENV, "0")
-    assert _why() == f"{launch.SM90_FORWARD_ENV}=0"
+    monkeypatch.setenv(launch.SM90_ENV, "0")
+    assert _why() == f"{launch.SM90_ENV}=0"
 
 
 def test_unsupported_reason_names_the_problem():
@@ -71,12 +81,14 @@ def test_unsupported_reason_names_the_problem():
 
 
 def test_hopper_variants_build_for_sm90a_only():
-    hopper = [v for v in jit.all_variants() if v.kernel == "fwd_sm90"]
-    assert {(v.dtype, v.head_dim, v.causal) for v in hopper} == {
-        (dt, d, c) for dt in ("float16", "bfloat16") for d in (64, 128) for c in (False, True)}
+    hopper = [v for v in jit.all_variants() if v.kernel in ("fwd_sm90", "bwd_sm90")]
+    assert {(v.kernel, v.dtype, v.head_dim, v.causal) for v in hopper} == {
+        (kernel, dt, d, c) for kernel in ("fwd_sm90", "bwd_sm90") for dt in ("float16", "bfloat16") for d in (64, 128)
+        for c in (False, True)}
     key = hopper[0].module_key
     assert jit.arch_options(key, "sm_90") == jit.arch_options(key, None) == ("-arch=sm_90a",)
     with pytest.raises(ValueError, match="sm_90 only"):
         jit.arch_options(key, "sm_80")
     assert key in jit.module_keys("sm_90") and key not in jit.module_keys("sm_80")
-    assert "flash_fwd_sm90_kernel" in jit.source_for(hopper[0]) and "flash_fwd_sm90_kernel" not in jit.source_for()
+    assert all(v.module_key == key for v in hopper if (v.dtype, v.head_dim) == (hopper[0].dtype, hopper[0].head_dim))
+    assert "flash_bwd_sm90_kernel" in jit.source_for(hopper[0]) and "flash_fwd_sm90_kernel" not in jit.source_for()
