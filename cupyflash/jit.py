@@ -283,8 +283,10 @@ def _raw_module(key: tuple, device_id: int):
     return module
 
 
+@functools.lru_cache(maxsize=None)
 def get_kernel(variant: Variant, device_id: int):
-    """The cupy.RawKernel of `variant` on `device_id`, with its dynamic shared memory limit raised."""
+    """The cupy.RawKernel of `variant` on `device_id`, with its dynamic shared memory limit raised (once: the
+    launches reuse it)."""
     kernel = _raw_module(variant.module_key, device_id).get_function(variant.expression)
     if variant.shared_bytes > 48 * 1024:
         # Blocks may use more than 48 KiB of dynamic shared memory only after opting in per kernel.

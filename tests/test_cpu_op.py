@@ -70,3 +70,35 @@ def test_compiled_dropout_draws_a_fresh_seed_per_call():
     assert not torch.equal(first, second)
     torch.manual_seed(5)
     assert torch.equal(fn(q, k, v), first)
+
+
+@pytest.mark.parametrize("features", [
+    dict(causal=True),
+    dict(causal=False, window=(5, 2), softcap=20.0),
+    dict(causal=True, bias=True),
+])
+def test_eager_path_matches_the_op(features, monkeypatch):
+    """flash_attention outside torch.compile skips the custom-op dispatcher (torch_op._EagerAttention) and must
+    give exactly the op's outputs and gradients, bias gradient included; it must not call the op."""
+    from cupyflash import torch_op
+
+    torch.manual_seed(len(features))
+    q = torch.randn(2, 4, 37, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 29, 16, dtype=torch.float64) for _ in range(2))  # grouped-query heads
+    bias = torch.randn(2, 1, 37, 29, dtype=torch.float64) if features.get("bias") else None
+    dout = torch.randn(2, 4, 37, 16, dtype=torch.float64)
+    causal, window, softcap = features["causal"], features.get("window", (-1, -1)), features.get("softcap", 0.0)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias) if t is not None]
+        out = fn(*leaves[:3], leaves[3] if bias is not None else None)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    op = run(lambda q_, k_, v_, b_: torch.ops.cupyflash.flash_attn_fwd(q_, k_, v_, b_, 0.25, causal, *window, 0.0,
+                                                                         None, softcap)[0])
+    monkeypatch.setattr(torch_op, "flash_attn_fwd", lambda *a: pytest.fail("the eager path called the op"))
+    eager = run(lambda q_, k_, v_, b_: cupyflash.flash_attention(q_, k_, v_, b_, scale=0.25, causal=causal,
+                                                                 window=window, softcap=softcap))
+    assert len(eager) == len(op) == (5 if bias is not None else 4)
+    for got, want in zip(eager, op):
+        assert torch.equal(got, want)
