@@ -116,32 +116,36 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         named_arrive(2 - wg, 256);
         mbar_arrive(k_empty(j));
 
-        const bool need_mask = k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + diag);
+        // Masked scores (keys past Nk; causal: keys after row + diag) as one compare per score against a per-row
+        // limit, on the blocks that have any.
+        if (k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
+            int lim[2];
 #pragma unroll
-        for (int nt = 0; nt < Bc / 8; ++nt)
+            for (int r = 0; r < 2; ++r)
+                lim[r] = (Causal ? min(Nk, q0 + warp_row0 + lane / 4 + 8 * r + diag + 1) : Nk) - k0;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] *= scale_log2;
-                if (need_mask) {
-                    const int row = q0 + warp_row0 + lane / 4 + (e >> 1) * 8, col = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-                    if (col >= Nk || (Causal && col > row + diag)) s[nt][e] = -inf_f();
-                }
-            }
+            for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (nt * 8 + 2 * (lane % 4) + (e & 1) >= lim[e >> 1]) s[nt][e] = -inf_f();
+        }
+        // m_i is in log2 units of the scaled scores; the row max is taken on the raw ones (scale_log2 > 0), and
+        // exp2(s · scale_log2 - m) is one FFMA per score.
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float mx = m_i[r];
+            float mx = -inf_f();
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = warp_max4(mx);
+            mx = fmaxf(m_i[r], warp_max4(mx) * scale_log2);
             const float m_use = mx == -inf_f() ? 0.f : mx;
             alpha[r] = fast_exp2(m_i[r] - m_use);
             m_i[r] = mx;
             float row_sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt) {
-                s[nt][2 * r] = fast_exp2(s[nt][2 * r] - m_use);
-                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] - m_use);
+                s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], scale_log2, -m_use));
+                s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], scale_log2, -m_use));
                 row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
             }
             l_i[r] = l_i[r] * alpha[r] + row_sum;
