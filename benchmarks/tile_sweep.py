@@ -47,6 +47,9 @@ BWD_CANDIDATES = [
     ("bwd", 96, (32, 96, 6, 1)),    # 219 regs, 0 spills (all variants, both archs), 60 KB
     ("bwd", 96, (64, 64, 4, 1)),    # 254 regs, 0 spills plain sm_90; mods+dropout spills 40 B sm_90, sm_80 spills
     ("bwd", 96, (16, 32, 2, 1)),    # 211 regs, 0 spills, 21 KB
+    ("bwd", 32, None),              # the table: (64, 64, 4, fused) 195 regs
+    ("bwd", 32, (64, 128, 8, 1)),   # the table until session 6: 0.77-0.86x of SDPA flash on an H100
+    ("bwd", 32, (64, 128, 8, 1, 1)),  # 182 regs, 0 spills
     ("bwd", 64, None),              # the table: (64, 128, 8, fused) 228 regs
     ("bwd", 64, (32, 128, 8, 1)),   # 162 regs, 0 spills
     ("bwd", 64, (64, 64, 4, 1)),    # 222 regs, 0 spills
@@ -208,7 +211,7 @@ def _label(kind, d, shape):
 
 
 def _child_cmd(kind, d, shape, extra):
-    spec = "none" if shape is None else ",".join(map(str, shape))
+    spec = "none" if shape is None else ",".join(str(int(x)) for x in shape)  # fuse_sdp as 0/1
     return [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(d), spec, *extra]
 
 
@@ -234,6 +237,7 @@ def main():
     if args.child:
         kind, d, spec = args.child[0], int(args.child[1]), args.child[2]
         shape = None if spec == "none" else tuple(int(x) for x in spec.split(","))
+        shape = shape if shape is None or len(shape) < 5 else shape[:4] + (bool(shape[4]),)
         if args.compile_only:
             print("RESULT " + json.dumps(child_compile(kind, d, shape, args.both)), flush=True)
         else:

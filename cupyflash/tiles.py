@@ -75,7 +75,9 @@ BACKWARD_SM90 = {
 }
 
 BACKWARD = {  # fuse_sdp, A/B on an H100: d64 +4-9%, d128 +9-17%; d96 -2-4% (it spills there: 32 B on sm_90)
-    32: Tiles(Br=64, Bc=128, warps=8),
+    # d32, H100 sweep (benchmarks/results/tile-sweep-NVIDIA_H100_80GB_HBM3.log, session 6): 0.80-0.93x of SDPA flash,
+    # (64, 128, 8) 0.77-0.86x
+    32: Tiles(Br=64, Bc=64, warps=4, fuse_sdp=True),
     64: Tiles(Br=64, Bc=128, warps=8, fuse_sdp=True),
     96: Tiles(Br=64, Bc=128, warps=8),  # H200, beside (32, 64, 4): 0.54x -> 0.77x of SDPA flash (geomean, bf16)
     128: Tiles(Br=32, Bc=128, warps=8, fuse_sdp=True),
