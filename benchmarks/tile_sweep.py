@@ -117,6 +117,10 @@ def child_compile(kind: str, d: int, shape, both: bool) -> dict:
 
 def child_run(kind: str, d: int, shape, seqlens: list[int]) -> None:
     t = _patch(kind, d, shape)
+    from cupyflash import launch
+
+    # The candidates are mma.sync tiles: on Hopper the d64/d128 16-bit calls would otherwise run the sm_90a kernels.
+    os.environ[launch.SM90_ENV] = "0"
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel

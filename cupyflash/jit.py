@@ -88,9 +88,11 @@ class Variant:
             fresh = str(t.fresh_offsets).lower()
             return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {fresh}, {flags}>"
         if self.kernel == "fwd_sm90":
-            return f"cupyflash::flash_fwd_sm90_kernel<{tag}, {d}, {t.Bc}, {str(self.causal).lower()}, {t.stages}>"
+            return (f"cupyflash::flash_fwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {t.Br}, {t.Bc}, "
+                    f"{str(self.causal).lower()}, {t.stages}>")
         if self.kernel == "bwd_sm90":
-            return f"cupyflash::flash_bwd_sm90_kernel<{tag}, {d}, {str(self.causal).lower()}>"
+            return (f"cupyflash::flash_bwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
+                    f"{t.Br}, {t.Bc}, {t.stages}>")
         if self.kernel == "bwd":
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {str(t.fuse_sdp).lower()}, {flags}>"
         if self.kernel == "bwd_preprocess":

@@ -55,6 +55,12 @@ class Sm90Tiles:
     stages: int
     Br: int = 128
     threads: int = 384
+    # The tiles' head dim where it exceeds the tensors' (a multiple of 64, the 128-byte swizzle's panel): TMA fills
+    # the extra columns with zeros and the kernels store only the tensors' (0: the tensors' own).
+    pad_to: int = 0
+
+    def tile_head_dim(self, d: int) -> int:
+        return self.pad_to or d
 
 
 # H100, same run (benchmarks/results/sm90-tma-forward-NVIDIA_H100_80GB_HBM3.log): bf16 d128 439-559 TFLOP/s plain and
@@ -62,6 +68,7 @@ class Sm90Tiles:
 # changed nothing (benchmarks/results/sm90-ws-forward-NVIDIA_H100_80GB_HBM3.log).
 FORWARD_SM90 = {
     64: Sm90Tiles(Bc=128, stages=2),
+    96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
 }
 
@@ -71,6 +78,7 @@ FORWARD_SM90 = {
 # 263-356 / 188-351, against SDPA flash's 224-309 / 161-313 and 213-285 / 149-277.
 BACKWARD_SM90 = {
     64: Sm90Tiles(Bc=128, stages=2, Br=64),
+    96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
 }
 
@@ -113,12 +121,14 @@ def forward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:
 def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
     """Q, the K and V ring (16-bit, unpadded: the 128-byte swizzle), the mbarriers (q_full, then full and empty of K
     and V per stage, 8 bytes each), and 1 KiB of slack to align the tiles to the swizzle's 1024-byte atoms."""
+    d = t.tile_head_dim(d)
     return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (1 + 4 * t.stages) + 1024
 
 
 def sm90_backward_smem_bytes(d: int, t: Sm90Tiles) -> int:
     """K and V, the Q and dO slots, two dSᵀ tiles (16-bit, swizzled), LSE and D per slot (fp32), the mbarriers
     (kv_full, then full and empty per stage) and 1 KiB of alignment slack."""
+    d = t.tile_head_dim(d)
     return ((2 * t.Bc + 2 * t.stages * t.Br) * d * 2 + 2 * t.Bc * t.Br * 2 + t.stages * 2 * t.Br * 4
             + 8 * (1 + 2 * t.stages) + 1024)
 

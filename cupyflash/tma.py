@@ -41,8 +41,8 @@ def unsupported_reason(shape, strides, element_size: int, data_ptr: int) -> str 
     strides = _strides(shape, strides)
     if strides[-1] != 1:
         return f"its last dimension must be contiguous (stride {strides[-1]}, expected 1)"
-    if d % _BOX_COLS:
-        return f"head dim {d} is not a multiple of {_BOX_COLS}"
+    if d % 8:
+        return f"head dim {d} is not a multiple of 8 (16-byte rows)"
     if data_ptr % 16:
         return "its data pointer is not 16-byte aligned"
     if any((s * element_size) % 16 for s in strides[:3]):

@@ -248,6 +248,27 @@ CF_DEVICE void store2(typename T::elem* p, float lo, float hi) {
         *reinterpret_cast<u32*>(p) = T::pack(lo, hi);
     }
 }
+// The backward's epilogue (flash_bwd.cuh, flash_bwd_sm90.cuh): dK = scale · acc_dk and dV = acc_dv for this lane's
+// two keys, key0 and key0 + 8, of a 16-row accumulator slice (m16n8 layout), its first D columns; keys at or past Nk
+// are not written. dk, dv point at the head's row 0.
+template <typename T, int D>
+CF_DEVICE void store_dk_dv(typename T::elem* dk, typename T::elem* dv, i64 dk_sn, i64 dv_sn, int key0, int Nk,
+                           const float (*acc_dk)[4], const float (*acc_dv)[4], float scale, int lane) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = key0 + r * 8;
+        if (key < Nk) {
+            typename T::elem* dk_row = dk + key * dk_sn;
+            typename T::elem* dv_row = dv + key * dv_sn;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                const int col = dt * 8 + 2 * (lane % 4);
+                store2<T>(dk_row + col, acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
+                store2<T>(dv_row + col, acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
+            }
+        }
+    }
+}
 template <typename T>
 CF_DEVICE void store2_shared(u32 addr, float lo, float hi) {
     if constexpr (T::kTF32)
@@ -339,7 +360,8 @@ CF_DEVICE void mma_ab(float (*c)[N / 8][4], AFrag a_frag, u32 sB, int b_col0, in
 // ---- fp32 reductions into global memory ----
 // dst[row, col] += c for a warp's m16n8 accumulator tiles c[NT] (fp32, 16 rows x 8·NT columns): dst is the tile's
 // (0, 0), rows `stride` floats apart, 16-byte aligned; rows 0-7 are added iff ok0, rows 8-15 iff ok1 (the lane's
-// rows lane/4 and lane/4 + 8).
+// rows lane/4 and lane/4 + 8), and only the tiles before nt_end (a run-time bound: the Hopper backward's second
+// half of a padded head dim).
 //
 // sm_90: lanes 2i and 2i+1 hold columns 4·(i%2) .. +3 of an n8 tile, two each, in both rows; one exchange gives
 // the even lane four consecutive columns of the first row and the odd lane of the second, and each lane adds them
@@ -348,7 +370,8 @@ CF_DEVICE void mma_ab(float (*c)[N / 8][4], AFrag a_frag, u32 sB, int b_col0, in
 // +9-19% on an H100, L2 throughput 65% -> 42% (ncu). Before sm_90 there is no vector reduction, and four scalar
 // ones after the exchange would spread a warp's reduction over twice the sectors: one per element, as before.
 template <int NT>
-CF_DEVICE void red_add_tile(float* dst, i64 stride, const float (*c)[4], bool ok0, bool ok1, int lane) {
+CF_DEVICE void red_add_tile(float* dst, i64 stride, const float (*c)[4], bool ok0, bool ok1, int lane,
+                            int nt_end = NT) {
 #if __CUDA_ARCH__ >= 900
     const int r = lane & 1;  // the row this lane adds: lane/4 + 8r
     float* p = dst + (lane / 4 + 8 * r) * stride + 2 * (lane % 4 & ~1);
@@ -359,7 +382,7 @@ CF_DEVICE void red_add_tile(float* dst, i64 stride, const float (*c)[4], bool ok
         const float own0 = r ? c[nt][2] : c[nt][0], own1 = r ? c[nt][3] : c[nt][1];
         const float got0 = __shfl_xor_sync(0xffffffffu, r ? c[nt][0] : c[nt][2], 1);  // the partner's pair of row r
         const float got1 = __shfl_xor_sync(0xffffffffu, r ? c[nt][1] : c[nt][3], 1);
-        if (ok)
+        if (ok && nt < nt_end)
             asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + nt * 8), "f"(r ? got0 : own0),
                          "f"(r ? got1 : own1), "f"(r ? own0 : got0), "f"(r ? own1 : got1)
                          : "memory");
@@ -371,8 +394,10 @@ CF_DEVICE void red_add_tile(float* dst, i64 stride, const float (*c)[4], bool ok
             float* p = dst + (lane / 4 + 8 * r) * stride + 2 * (lane % 4);
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                atomicAdd(p + nt * 8, c[nt][2 * r]);
-                atomicAdd(p + nt * 8 + 1, c[nt][2 * r + 1]);
+                if (nt < nt_end) {
+                    atomicAdd(p + nt * 8, c[nt][2 * r]);
+                    atomicAdd(p + nt * 8 + 1, c[nt][2 * r + 1]);
+                }
             }
         }
     }

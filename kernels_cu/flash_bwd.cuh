@@ -284,20 +284,8 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = k0 + key_in_block + r * 8;
-        if (key < Nk) {
-            typename T::elem* dk_row = dk + b * dk_sb + h_kv * dk_sh + key * dk_sn;
-            typename T::elem* dv_row = dv + b * dv_sb + h_kv * dv_sh + key * dv_sn;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                const int col = dt * 8 + 2 * (lane % 4);
-                store2<T>(dk_row + col, acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
-                store2<T>(dv_row + col, acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
-            }
-        }
-    }
+    store_dk_dv<T, D>(dk + b * dk_sb + h_kv * dk_sh, dv + b * dv_sb + h_kv * dv_sh, dk_sn, dv_sn, k0 + key_in_block, Nk,
+                      acc_dk, acc_dv, scale, lane);
 }
 
 }  // namespace cupyflash

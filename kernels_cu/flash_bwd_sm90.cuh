@@ -6,6 +6,7 @@
 //   dV += Pᵀ dO_i and dK += dSᵀ Q_i with Pᵀ, dSᵀ as register A operands,
 //   dQ_i += dS K_j: both halves of dSᵀ go through shared memory, and each warpgroup adds D/2 of dQ_i's columns into
 //   the fp32 accumulator (red.global.add.v4).
+// A second producer warp stages LSE_i · log2 e and D_i in shared memory beside each Q/dO slot.
 // The plain path only: 16-bit types, at most a causal mask (cupyflash/launch.py sends everything else to
 // flash_bwd.cuh). flash_bwd.cuh's flash_bwd_preprocess (D) and flash_bwd_convert_dq run before and after.
 #pragma once
@@ -14,8 +15,9 @@
 
 namespace cupyflash {
 
-// Tile sizes: cupyflash/tiles.py BACKWARD_SM90 (Bc = 128 is the two consumer warpgroups' 64 keys each).
-template <typename T, int D, bool Causal>
+// Tile sizes: cupyflash/tiles.py BACKWARD_SM90. D and DHead as in flash_fwd_sm90.cuh: tiles of D columns, tensors of
+// DHead (dQ_accum too), the columns past DHead zero and never stored.
+template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                       const __grid_constant__ TmaDesc tm_v, const __grid_constant__ TmaDesc tm_do,
@@ -23,7 +25,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                       typename T::elem* __restrict__ dk, typename T::elem* __restrict__ dv, i64 dk_sb, i64 dk_sh,
                       i64 dk_sn, i64 dv_sb, i64 dv_sh, i64 dv_sn, int Nq, int Nk, int group, float scale_log2,
                       float scale) {
-    constexpr int Bc = 128, Br = 64, kStages = 2;
+    static_assert(DHead > D / 2 && DHead <= D && DHead % 8 == 0, "the second half of the columns holds some of DHead");
+    static_assert(Bc == 128 && Br == 64, "two consumer warpgroups of 64 keys; the LSE / D warp's two rows per lane");
     using TileKV = SwTile<Bc, D>;
     using TileQ = SwTile<Br, D>;
     using TileDS = SwTile<Bc, Br>;  // dSᵀ: rows = keys, columns = queries
@@ -214,25 +217,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_operands(dq);
         mbar_arrive(q_empty(it));  // Q_i and dO_i are read
         const int q_row = q0 + (warp % 4) * 16 + lane / 4;
-        red_add_tile<D / 16>(dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * D + wg * (D / 2), D, dq, q_row < Nq,
-                             q_row + 8 < Nq, lane);
+        float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + wg * (D / 2);
+        red_add_tile<D / 16>(dq_rows, DHead, dq, q_row < Nq, q_row + 8 < Nq, lane,
+                             wg == 0 ? D / 16 : (DHead - D / 2) / 8);  // the second half: its columns below DHead
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = key0 + 8 * r;
-        if (key < Nk) {
-            typename T::elem* dk_row = dk + b * dk_sb + h_kv * dk_sh + key * dk_sn;
-            typename T::elem* dv_row = dv + b * dv_sb + h_kv * dv_sh + key * dv_sn;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                const int col = dt * 8 + 2 * (lane % 4);
-                store2<T>(dk_row + col, acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
-                store2<T>(dv_row + col, acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
-            }
-        }
-    }
+    store_dk_dv<T, DHead>(dk + b * dk_sb + h_kv * dk_sh, dv + b * dv_sb + h_kv * dv_sh, dk_sn, dv_sn, key0, Nk, acc_dk,
+                      acc_dv, scale, lane);
 }
 
 }  // namespace cupyflash

@@ -10,13 +10,15 @@
 
 namespace cupyflash {
 
-// Tile sizes: cupyflash/tiles.py FORWARD_SM90 (Br = 128 is the two consumer warpgroups' 64 rows each).
-template <typename T, int D, int Bc, bool Causal, int kStages>
+// Tile sizes: cupyflash/tiles.py FORWARD_SM90. D: the tiles' head dim, a multiple of 64 (the swizzle's panels);
+// DHead <= D: the tensors' own, whose columns DHead .. D - 1 TMA fills with zeros (they add nothing to S = Q Kᵀ, and
+// O's are not stored).
+template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                       const __grid_constant__ TmaDesc tm_v, typename T::elem* __restrict__ o, float* __restrict__ lse,
                       i64 o_sb, i64 o_sh, i64 o_sn, int Nq, int Nk, int group, float scale_log2) {
-    constexpr int Br = 128;
+    static_assert(Br == 128, "two consumer warpgroups of 64 rows");
     using TileQ = SwTile<Br, D>;
     using TileKV = SwTile<Bc, D>;
 
@@ -182,7 +184,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         if (q0 + row < Nq) {
             typename T::elem* o_row = o + row * o_sn;
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt)
+            for (int dt = 0; dt < DHead / 8; ++dt)
                 store2<T>(o_row + dt * 8 + 2 * (lane % 4), acc_o[dt][2 * r] * inv_l, acc_o[dt][2 * r + 1] * inv_l);
             if (lane % 4 == 0) lse[((i64)b * H + h) * Nq + q0 + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : inf_f();
         }

@@ -130,7 +130,7 @@ needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Hopper kernels r
 @needs_hopper
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_hopper_kernels_take_plain_calls(layout, caplog, monkeypatch):
-    """On sm_90 the sweep's 16-bit d64/d128 plain and causal calls run on the Hopper kernels (no fallback line in
+    """On sm_90 the sweep's 16-bit d64/d96/d128 plain and causal calls run on the Hopper kernels (no fallback line in
     the log); with CUPYFLASH_SM90=0 they run on mma.sync and the log says why, for each pass."""
     q, k, v, dout = make_inputs(BATCH, HEADS, 97, 203, 128, BF16, layout, seed_from("hopper", layout))
 
@@ -149,7 +149,7 @@ def test_hopper_kernels_take_plain_calls(layout, caplog, monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("dtype,layout,n_q,n_k,head_dim,causal", [
     _case(dt, layout, nq, nk, d, c) for dt, layout, (nq, nk), d, c in itertools.product(
-        (FP16, BF16), ("contiguous", "transposed"), ((1, 1), (113, 203), (203, 113), (1023, 1024)), (64, 128),
+        (FP16, BF16), ("contiguous", "transposed"), ((1, 1), (113, 203), (203, 113), (1023, 1024)), (64, 96, 128),
         (False, True))])
 def test_mma_sync_kernels_on_hopper(dtype, layout, n_q, n_k, head_dim, causal, monkeypatch):
     """The calls the Hopper kernels take in the main sweep, run on the mma.sync kernels instead (CUPYFLASH_SM90=0):

@@ -35,7 +35,7 @@ def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None
     return bwd
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_takes_plain_16bit_calls_on_sm90(d, dtype):
     assert _why(d=d, dtype=dtype) is None
@@ -54,7 +54,7 @@ def test_size_one_dims_may_have_any_stride():
     (dict(cc=80), "sm_80"),
     (dict(cc=100), "sm_100"),
     (dict(dtype="float32"), "dtype float32"),
-    (dict(d=96), "head_dim 96"),
+    (dict(d=256), "head_dim 256"),
     (dict(d=32), "head_dim 32"),
     (dict(mods=launch.ScoreMods(window=(16, 0))), "window"),
     (dict(mods=launch.ScoreMods(softcap=30.0)), "soft-cap"),
@@ -77,14 +77,14 @@ def test_environment_switch_declines_everything(monkeypatch):
 
 def test_unsupported_reason_names_the_problem():
     assert tma.unsupported_reason((2, 3, 10, 128), (3840, 1280, 128, 1), 2, ALIGNED) is None
-    assert "multiple of 64" in tma.unsupported_reason((2, 3, 10, 96), (2880, 960, 96, 1), 2, ALIGNED)
+    assert "multiple of 8" in tma.unsupported_reason((2, 3, 10, 100), (3000, 1000, 100, 1), 2, ALIGNED)
 
 
 def test_hopper_variants_build_for_sm90a_only():
     hopper = [v for v in jit.all_variants() if v.kernel in ("fwd_sm90", "bwd_sm90")]
     assert {(v.kernel, v.dtype, v.head_dim, v.causal) for v in hopper} == {
-        (kernel, dt, d, c) for kernel in ("fwd_sm90", "bwd_sm90") for dt in ("float16", "bfloat16") for d in (64, 128)
-        for c in (False, True)}
+        (kernel, dt, d, c) for kernel in ("fwd_sm90", "bwd_sm90") for dt in ("float16", "bfloat16")
+        for d in (64, 96, 128) for c in (False, True)}
     key = hopper[0].module_key
     assert jit.arch_options(key, "sm_90") == jit.arch_options(key, None) == ("-arch=sm_90a",)
     with pytest.raises(ValueError, match="sm_90 only"):
