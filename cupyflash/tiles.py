@@ -68,6 +68,8 @@ class Sm90Tiles:
 # changed nothing (benchmarks/results/sm90-ws-forward-NVIDIA_H100_80GB_HBM3.log).
 FORWARD_SM90 = {
     64: Sm90Tiles(Bc=128, stages=2),
+    # d96 on 128-column tiles (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log): fwd 298-465 TFLOP/s and bwd
+    # 189-350 against mma.sync's 199-287 / 148-243 and SDPA flash's 249-340 / 144-301 in the same run
     96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
 }
