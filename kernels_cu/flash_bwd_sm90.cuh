@@ -155,9 +155,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                     x = nt * 8 + 2 * (lane % 4) + c < lim[r] ? 0.f : fast_exp2(x * scale_log2 - lse2[c]);
                 }
         }
-        // Pᵀ is pinned here, before the wait: without it ptxas sank the causal variant's exp2 past the wait, so the
-        // softmax no longer ran under dPᵀ's GEMM.
-        fence_operands(st);
         wgmma_wait<0>();  // dPᵀ
         fence_operands(dpt);
 #pragma unroll
