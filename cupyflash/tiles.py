@@ -54,13 +54,16 @@ class Sm90Tiles:
     Bc: int
     stages: int
     Br: int = 128
-    threads: int = 384
     # The tiles' head dim where it exceeds the tensors' (a multiple of 64, the 128-byte swizzle's panel): TMA fills
     # the extra columns with zeros and the kernels store only the tensors' (0: the tensors' own).
     pad_to: int = 0
 
     def tile_head_dim(self, d: int) -> int:
         return self.pad_to or d
+
+    @property
+    def threads(self) -> int:
+        return 384  # the producer warpgroup and the two consumer warpgroups (the kernels' __launch_bounds__)
 
 
 # H100, same run (benchmarks/results/sm90-tma-forward-NVIDIA_H100_80GB_HBM3.log): bf16 d128 439-559 TFLOP/s plain and

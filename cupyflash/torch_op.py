@@ -85,6 +85,11 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias:
     """Returns (out (B, H, Nq, D), lse (B, H, Nq) fp32), both contiguous whatever the strides of q, k, v (as
     a matmul's output would be). ``dropout_seed``: one int64 element on q's device, read by the kernels on the
     device (never synchronised to the host). Semantics: cupyflash/cpu_attention.py."""
+    return _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap)
+
+
+def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
+    """flash_attn_fwd's body, which _EagerAttention runs too."""
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap)
     return _impl(q).forward(q, k, v, attn_bias, scale, causal, (window_left, window_right), dropout_p, dropout_seed,
                             softcap=softcap)
@@ -112,6 +117,13 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns contiguous (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias is empty unless
     bias_grad)."""
+    return _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
+                          dropout_seed, bias_grad, softcap)
+
+
+def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
+                   dropout_seed, bias_grad, softcap):
+    """flash_attn_bwd's body, which _EagerAttention runs too."""
     dq, dk, dv, dbias = _impl(q).backward(dout, q, k, v, attn_bias, out, lse, scale, causal,
                                           (window_left, window_right), dropout_p, dropout_seed, bias_grad,
                                           softcap=softcap)
@@ -133,13 +145,19 @@ def _setup_context(ctx, inputs, output):
     ctx.softcap = softcap
 
 
-def _backward(ctx, dout, dlse):
+def _gradients(ctx, dout, backward_pass):
+    """The input gradients from the saved context, the backward run by `backward_pass` (flash_attn_bwd's
+    signature): the op's own under autograd, or its body in _EagerAttention."""
     q, k, v, attn_bias, out, lse, dropout_seed = ctx.saved_tensors
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = flash_attn_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, attn_bias,
-                                       out, lse, ctx.scale, ctx.causal, *ctx.window, ctx.dropout_p, dropout_seed,
-                                       bias_grad, ctx.softcap)
+    dq, dk, dv, dbias = backward_pass(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, attn_bias,
+                                      out, lse, ctx.scale, ctx.causal, *ctx.window, ctx.dropout_p, dropout_seed,
+                                      bias_grad, ctx.softcap)
     return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None
+
+
+def _backward(ctx, dout, dlse):
+    return _gradients(ctx, dout, flash_attn_bwd)
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -151,23 +169,15 @@ class _EagerAttention(torch.autograd.Function):
     as long as a whole N = 1024 forward. Same checks, same implementations, same saved tensors as the op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
-        _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap)
-        out, lse = _impl(q).forward(q, k, v, attn_bias, scale, causal, (window_left, window_right), dropout_p,
-                                    dropout_seed, softcap=softcap)
-        _setup_context(ctx, (q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
-                             softcap), (out, lse))
+    def forward(ctx, *inputs):
+        out, lse = _forward(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, attn_bias, out, lse, dropout_seed = ctx.saved_tensors
-        bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _impl(q).backward(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v,
-                                              attn_bias, out, lse, ctx.scale, ctx.causal, ctx.window, ctx.dropout_p,
-                                              dropout_seed, bias_grad, softcap=ctx.softcap)
-        return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None
+        return _gradients(ctx, dout, _backward_pass)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
