@@ -55,7 +55,8 @@ class Sm90Tiles:
     stages: int
     Br: int = 128
     # The tiles' head dim where it exceeds the tensors' (a multiple of 64, the 128-byte swizzle's panel): TMA fills
-    # the extra columns with zeros and the kernels store only the tensors' (0: the tensors' own).
+    # the extra columns with zeros, the GEMMs skip what they can of them and the kernels store only the tensors'
+    # (0: the tensors' own).
     pad_to: int = 0
 
     def tile_head_dim(self, d: int) -> int:
@@ -70,9 +71,15 @@ class Sm90Tiles:
 # 267-508 causal (N 1024-16384) against SDPA flash's 325-352 / 243-323. With the cp.async producer, 3 or 4 stages
 # changed nothing (benchmarks/results/sm90-ws-forward-NVIDIA_H100_80GB_HBM3.log).
 FORWARD_SM90 = {
+    # d32 on 64-column tiles, whose zero half S = Q Kᵀ skips and O = P V does not compute (wgmma.cuh head_k_steps,
+    # head_cols). H100, same run (benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log, session 7): fwd 180-291 TFLOP/s,
+    # causal 112-282, bwd 120-207, causal 79-201, against mma.sync's 159-208 / 105-200 / 113-179 / 79-175 and SDPA
+    # flash's 183-228 / 107-219 / 134-223 / 83-204 (N 512-16384)
+    32: Sm90Tiles(Bc=128, stages=2, pad_to=64),
     64: Sm90Tiles(Bc=128, stages=2),
-    # d96 on 128-column tiles (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log): fwd 298-465 TFLOP/s and bwd
-    # 189-350 against mma.sync's 199-287 / 148-243 and SDPA flash's 249-340 / 144-301 in the same run
+    # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
+    # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
+    # 145-301 in the same run
     96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
 }
@@ -82,6 +89,7 @@ FORWARD_SM90 = {
 # (benchmarks/results/sm90-backward-NVIDIA_H100_80GB_HBM3.log): bf16 d128 306-406 TFLOP/s, causal 218-393, d64
 # 263-356 / 188-351, against SDPA flash's 224-309 / 161-313 and 213-285 / 149-277.
 BACKWARD_SM90 = {
+    32: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=64),
     64: Sm90Tiles(Bc=128, stages=2, Br=64),
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),

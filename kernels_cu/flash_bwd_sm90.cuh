@@ -5,7 +5,8 @@
 //   Sᵀ = K Q_iᵀ and dPᵀ = V dO_iᵀ (64 keys x Br), Pᵀ = exp2(Sᵀ·scale·log2 e − LSE·log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − D_i),
 //   dV += Pᵀ dO_i and dK += dSᵀ Q_i with Pᵀ, dSᵀ as register A operands,
 //   dQ_i += dS K_j: both halves of dSᵀ go through shared memory, and each warpgroup adds D/2 of dQ_i's columns into
-//   the fp32 accumulator (red.global.add.v4).
+//   the fp32 accumulator (red.global.add.v4), or, where the tensors' columns fit in D/2, the sum over its 64 keys of
+//   all of them.
 // A second producer warp stages LSE_i · log2 e and D_i in shared memory beside each Q/dO slot.
 // The plain path only: 16-bit types, at most a causal mask (cupyflash/launch.py sends everything else to
 // flash_bwd.cuh). flash_bwd.cuh's flash_bwd_preprocess (D) and flash_bwd_convert_dq run before and after.
@@ -16,7 +17,7 @@
 namespace cupyflash {
 
 // Tile sizes: cupyflash/tiles.py BACKWARD_SM90. D and DHead as in flash_fwd_sm90.cuh: tiles of D columns, tensors of
-// DHead (dQ_accum too), the columns past DHead zero and never stored.
+// DHead (dQ_accum too), the columns past DHead zero, skipped by Sᵀ and dPᵀ (head_k_steps) and never stored.
 template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
@@ -25,7 +26,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                       typename T::elem* __restrict__ dk, typename T::elem* __restrict__ dv, i64 dk_sb, i64 dk_sh,
                       i64 dk_sn, i64 dv_sb, i64 dv_sh, i64 dv_sn, int Nq, int Nk, int group, float scale_log2,
                       float scale) {
-    static_assert(DHead > D / 2 && DHead <= D && DHead % 8 == 0, "the second half of the columns holds some of DHead");
+    static_assert(DHead <= D && DHead % 8 == 0, "16-byte rows within the tiles");
+    constexpr int DKV = head_cols(D, DHead);  // dK's and dV's columns
+    // dQ_i's split between the warpgroups: by columns (D/2 each, over all Bc keys), or where DHead fits in D/2 (d32 on
+    // 64-column tiles, whose second half is zeros) by keys (64 each, over all DHead columns, both adding into them).
+    constexpr bool kDqByKeys = DHead <= D / 2;
     static_assert(Bc == 128 && Br == 64, "two consumer warpgroups of 64 keys; the LSE / D warp's two rows per lane");
     using TileKV = SwTile<Bc, D>;
     using TileQ = SwTile<Br, D>;
@@ -107,9 +112,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     regs_alloc<232>();
     const int key_row0 = wg * 64;  // this warpgroup's keys in the block
     const int key0 = k0 + key_row0 + (warp % 4) * 16 + lane / 4;  // this lane's keys: key0 and key0 + 8
-    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+    float acc_dk[DKV / 8][4], acc_dv[DKV / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+    for (int i = 0; i < DKV / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
@@ -128,11 +133,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_operands(dpt);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
+        for (int kk = 0; kk < head_k_steps(DHead); ++kk)
             Wgmma<T, Br>::template ss<0, 0>(st, TileKV::desc_k(k_base, key_row0, kk), TileQ::desc_k(sQ(it), 0, kk), kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
+        for (int kk = 0; kk < head_k_steps(DHead); ++kk)
             Wgmma<T, Br>::template ss<0, 0>(dpt, TileKV::desc_k(v_base, key_row0, kk), TileQ::desc_k(sdO(it), 0, kk), kk > 0);
         wgmma_commit();
 
@@ -186,9 +191,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_operands(acc_dk);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, D>::template rs<1>(acc_dv, pa[kk], TileQ::desc_mn(sdO(it), kk), 1);
+        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dv, pa[kk], TileQ::desc_mn(sdO(it), kk), 1);
 #pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, D>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(it), kk), 1);
+        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(it), kk), 1);
         wgmma_commit();
 
         // dS's stores reach wgmma (the async proxy) after this fence and the barrier that both warpgroups pass.
@@ -199,24 +204,27 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_wait<0>();
         fence_operands(acc_dv);
         fence_operands(acc_dk);
-        // dQ_i[:, half] = dS K_j[:, half]: A = dS (queries x keys) is dSᵀ in shared memory read MN-major; B = K_j's
-        // columns of this warpgroup's half, MN-major.
+        // dQ_i[:, cols] = dS[:, keys] K_j[keys, cols], this warpgroup's share (kDqByKeys): A = dS (queries x keys) is
+        // dSᵀ in shared memory read MN-major; B = K_j, MN-major.
+        constexpr int kk_per_wg = kDqByKeys ? Bc / 32 : Bc / 16;
+        const int kk0 = kDqByKeys ? wg * kk_per_wg : 0;
+        const u32 k_cols = kDqByKeys ? k_base : k_base + wg * (D / 2 / 64) * Bc * 128 + (D == 64 ? wg * 64 : 0);
         float dq[D / 16][4];
         fence_operands(dq);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk)
-            Wgmma<T, D / 2>::template ss<1, 1>(dq, TileDS::desc_mn(sdS(it), kk),
-                                               TileKV::desc_mn(k_base + wg * (D / 2 / 64) * Bc * 128 + (D == 64 ? wg * 64 : 0), kk),
+        for (int kk = 0; kk < kk_per_wg; ++kk)
+            Wgmma<T, D / 2>::template ss<1, 1>(dq, TileDS::desc_mn(sdS(it), kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
                                                kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_operands(dq);
         mbar_arrive(q_empty(it));  // Q_i and dO_i are read
         const int q_row = q0 + (warp % 4) * 16 + lane / 4;
-        float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + wg * (D / 2);
+        float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + (kDqByKeys ? 0 : wg * (D / 2));
+        // by columns, the second half adds its columns below DHead
         red_add_tile<D / 16>(dq_rows, DHead, dq, q_row < Nq, q_row + 8 < Nq, lane,
-                             wg == 0 ? D / 16 : (DHead - D / 2) / 8);  // the second half: its columns below DHead
+                             kDqByKeys ? DHead / 8 : wg == 0 ? D / 16 : (DHead - D / 2) / 8);
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.

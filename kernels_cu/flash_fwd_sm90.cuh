@@ -11,14 +11,15 @@
 namespace cupyflash {
 
 // Tile sizes: cupyflash/tiles.py FORWARD_SM90. D: the tiles' head dim, a multiple of 64 (the swizzle's panels);
-// DHead <= D: the tensors' own, whose columns DHead .. D - 1 TMA fills with zeros (they add nothing to S = Q Kᵀ, and
-// O's are not stored).
+// DHead <= D: the tensors' own, whose columns DHead .. D - 1 TMA fills with zeros (S = Q Kᵀ skips them, O computes
+// head_cols(D, DHead) columns and stores DHead).
 template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                       const __grid_constant__ TmaDesc tm_v, typename T::elem* __restrict__ o, float* __restrict__ lse,
                       i64 o_sb, i64 o_sh, i64 o_sn, int Nq, int Nk, int group, float scale_log2) {
     static_assert(Br == 128, "two consumer warpgroups of 64 rows");
+    constexpr int DO = head_cols(D, DHead);  // O's columns
     using TileQ = SwTile<Br, D>;
     using TileKV = SwTile<Bc, D>;
 
@@ -79,16 +80,16 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     if (wg == 1) named_arrive(1, 256);
 
     auto desc_q = [&](int kk) { return TileQ::desc_k(sQ, wg_row0, kk); };
-    float acc_o[D / 8][4];
+    float acc_o[DO / 8][4];
     float m_i[2] = {-inf_f(), -inf_f()};
     float l_i[2] = {0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+    for (int i = 0; i < DO / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
     u32 p[Bc / 16][4];  // P_{j-1} as A fragments
     auto issue_pv = [&](int j) {
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk)
-            Wgmma<T, D>::template rs<1>(acc_o, p[kk], TileKV::desc_mn(sV(j), kk), 1);
+            Wgmma<T, DO>::template rs<1>(acc_o, p[kk], TileKV::desc_mn(sV(j), kk), 1);
         wgmma_commit();
     };
 
@@ -105,7 +106,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_operands(acc_o);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
+        for (int kk = 0; kk < head_k_steps(DHead); ++kk)
             Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(j), 0, kk), kk > 0);
         wgmma_commit();
         if (j > 0) issue_pv(j - 1);
@@ -156,7 +157,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_operands(acc_o);
         if (j > 0) mbar_arrive(v_empty(j - 1));
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
+        for (int dt = 0; dt < DO / 8; ++dt) {
             acc_o[dt][0] *= alpha[0];
             acc_o[dt][1] *= alpha[0];
             acc_o[dt][2] *= alpha[1];

@@ -114,6 +114,13 @@ CF_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
 
+// Head-dim extents of the kernels' GEMMs when tiles of D columns hold tensors of DHead <= D (the rest zero-filled by
+// TMA): a GEMM over the head dim stops at its last k16 step holding any of DHead (S = Q Kᵀ: d96 on 128-column tiles
+// runs 6 of 8), and one producing head-dim columns computes DHead of them where a CF_WGMMA_*_N macro has that N (d32 on
+// 64-column tiles: 32; d96: all 128, the zero columns never stored).
+__host__ __device__ constexpr int head_k_steps(int DHead) { return (DHead + 15) / 16; }
+__host__ __device__ constexpr int head_cols(int D, int DHead) { return DHead == 32 || DHead == 64 || DHead == 128 ? DHead : D; }
+
 // D (64 x N, fp32) += A · B for one k16 step; scale_d = 0: D = A · B.
 template <typename T, int N>
 struct Wgmma {

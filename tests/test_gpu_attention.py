@@ -16,6 +16,7 @@ import torch
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
 from cupyflash import launch
+from cupyflash.tiles import FORWARD_SM90
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, causal_keep_mask,
                        nbytes, poison_cuda_allocator, rounding_floor, seed_from)
 
@@ -128,11 +129,12 @@ needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Hopper kernels r
 
 
 @needs_hopper
+@pytest.mark.parametrize("head_dim", sorted(FORWARD_SM90))
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_hopper_kernels_take_plain_calls(layout, caplog, monkeypatch):
-    """On sm_90 the sweep's 16-bit d64/d96/d128 plain and causal calls run on the Hopper kernels (no fallback line in
-    the log); with CUPYFLASH_SM90=0 they run on mma.sync and the log says why, for each pass."""
-    q, k, v, dout = make_inputs(BATCH, HEADS, 97, 203, 128, BF16, layout, seed_from("hopper", layout))
+def test_hopper_kernels_take_plain_calls(layout, head_dim, caplog, monkeypatch):
+    """On sm_90 the sweep's 16-bit plain and causal calls of the Hopper tables' head dims run on the Hopper kernels
+    (no fallback line in the log); with CUPYFLASH_SM90=0 they run on mma.sync and the log says why, for each pass."""
+    q, k, v, dout = make_inputs(BATCH, HEADS, 97, 203, head_dim, BF16, layout, seed_from("hopper", layout, head_dim))
 
     def fallbacks():
         caplog.clear()
@@ -149,7 +151,7 @@ def test_hopper_kernels_take_plain_calls(layout, caplog, monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("dtype,layout,n_q,n_k,head_dim,causal", [
     _case(dt, layout, nq, nk, d, c) for dt, layout, (nq, nk), d, c in itertools.product(
-        (FP16, BF16), ("contiguous", "transposed"), ((1, 1), (113, 203), (203, 113), (1023, 1024)), (64, 96, 128),
+        (FP16, BF16), ("contiguous", "transposed"), ((1, 1), (113, 203), (203, 113), (1023, 1024)), sorted(FORWARD_SM90),
         (False, True))])
 def test_mma_sync_kernels_on_hopper(dtype, layout, n_q, n_k, head_dim, causal, monkeypatch):
     """The calls the Hopper kernels take in the main sweep, run on the mma.sync kernels instead (CUPYFLASH_SM90=0):

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from cupyflash import jit, launch, tma
+from cupyflash.tiles import BACKWARD_SM90, FORWARD_SM90
 
 B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
 ALIGNED = 1 << 20  # a 16-byte aligned address
@@ -35,11 +36,15 @@ def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None
     return bwd
 
 
-@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("d", sorted(FORWARD_SM90))
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_takes_plain_16bit_calls_on_sm90(d, dtype):
     assert _why(d=d, dtype=dtype) is None
     assert _why(d=d, q=_buf((B, H, NQ, d), "transposed")) is None
+
+
+def test_both_passes_take_the_same_head_dims():
+    assert sorted(FORWARD_SM90) == sorted(BACKWARD_SM90)
 
 
 def test_size_one_dims_may_have_any_stride():
@@ -55,7 +60,7 @@ def test_size_one_dims_may_have_any_stride():
     (dict(cc=100), "sm_100"),
     (dict(dtype="float32"), "dtype float32"),
     (dict(d=256), "head_dim 256"),
-    (dict(d=32), "head_dim 32"),
+    (dict(d=80), "head_dim 80"),
     (dict(mods=launch.ScoreMods(window=(16, 0))), "window"),
     (dict(mods=launch.ScoreMods(softcap=30.0)), "soft-cap"),
     (dict(q=launch.Buf(ALIGNED + 8, (H * NQ * 128, NQ * 128, 128, 1))), "q: its data pointer"),
@@ -84,7 +89,7 @@ def test_hopper_variants_build_for_sm90a_only():
     hopper = [v for v in jit.all_variants() if v.kernel in ("fwd_sm90", "bwd_sm90")]
     assert {(v.kernel, v.dtype, v.head_dim, v.causal) for v in hopper} == {
         (kernel, dt, d, c) for kernel in ("fwd_sm90", "bwd_sm90") for dt in ("float16", "bfloat16")
-        for d in (64, 96, 128) for c in (False, True)}
+        for d in FORWARD_SM90 for c in (False, True)}
     key = hopper[0].module_key
     assert jit.arch_options(key, "sm_90") == jit.arch_options(key, None) == ("-arch=sm_90a",)
     with pytest.raises(ValueError, match="sm_90 only"):
