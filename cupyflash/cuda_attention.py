@@ -58,11 +58,19 @@ def _mods(bias, tiles, causal, window, dropout_p, seed, softcap, ctx, dbias=None
                             dropout_p=dropout_p, seed_ptr=0 if seed is None else seed.data_ptr(), softcap=softcap)
 
 
+def _stream_ptr(device_index: int) -> int:
+    """torch's current stream on the device, as the raw cudaStream_t. torch._C._cuda_getCurrentRawStream is what
+    Inductor's generated code calls before each launch (`from torch._C import _cuda_getCurrentRawStream as
+    get_raw_stream`): 0.2 µs, where torch.cuda.current_stream(device) builds a Stream object first (6 µs on an H100's
+    host, benchmarks/results/host-overhead-NVIDIA_H100_80GB_HBM3.log)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device_index) if raw is not None else torch.cuda.current_stream(device_index).cuda_stream
+
+
 def _launch_context(q: torch.Tensor, k: torch.Tensor) -> dict:
     require_gpu(q.device.index)
     dtype = str(q.dtype).removeprefix("torch.")
-    return dict(dtype=dtype, kv_heads=k.shape[1], stream_ptr=torch.cuda.current_stream(q.device).cuda_stream,
-                device_id=q.device.index)
+    return dict(dtype=dtype, kv_heads=k.shape[1], stream_ptr=_stream_ptr(q.device.index), device_id=q.device.index)
 
 
 def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
@@ -92,7 +100,7 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
         return dq.zero_(), dk.zero_(), dv.zero_(), None if dbias is None else dbias.to(attn_bias.dtype)
     q, k, v, out, dout = (_kernel_ready(t) for t in (q, k, v, out, dout))
     batch, heads, n_q, d = q.shape
-    dq_accum = torch.zeros((batch, heads, n_q, d), dtype=torch.float32, device=q.device)  # atomically summed
+    dq_accum = torch.empty((batch, heads, n_q, d), dtype=torch.float32, device=q.device)  # zeroed, then summed
     d_vec = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)  # D = rowsum(dO ∘ O)
     bias = _kernel_bias(attn_bias, q)
     ctx = _launch_context(q, k)

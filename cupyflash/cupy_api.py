@@ -329,7 +329,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
             return _grads(dq, dk, dv, dbias, attn_bias)
         q, k, v, out, dout = (_kernel_ready(a) for a in (q, k, v, out, dout))
         lse = cupy.ascontiguousarray(lse)
-        dq_accum = cupy.zeros((batch, heads, n_q, d), dtype=cupy.float32)  # atomically summed
+        dq_accum = cupy.empty((batch, heads, n_q, d), dtype=cupy.float32)  # zeroed, then summed
         d_vec = cupy.empty((batch, heads, n_q), dtype=cupy.float32)  # D = rowsum(dO ∘ O)
         bias = _kernel_bias(attn_bias, q)
         seed = _seed_on_device(dropout_seed, dropout_p)

@@ -64,8 +64,14 @@ def _cupy_stream(stream_ptr: int, device_id: int):
 def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: int):
     import cupy
 
-    with cupy.cuda.Device(device_id), _cupy_stream(stream_ptr, device_id):
-        jit.get_kernel(variant, device_id)(grid, block, args, shared_mem=variant.shared_bytes)
+    kernel, stream = jit.get_kernel(variant, device_id), _cupy_stream(stream_ptr, device_id)
+    # The stream as an argument, and the device switched only when it is not current: entering both as context
+    # managers took 14 µs per launch on an H100's host, against 9 (benchmarks/results/host-overhead-…log).
+    if cupy.cuda.runtime.getDevice() == device_id:
+        kernel(grid, block, args, shared_mem=variant.shared_bytes, stream=stream)
+    else:
+        with cupy.cuda.Device(device_id):
+            kernel(grid, block, args, shared_mem=variant.shared_bytes, stream=stream)
 
 
 NO_WINDOW = 1 << 30  # a window edge farther than any sequence: unbounded
@@ -120,24 +126,34 @@ def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_head
     """Why the Hopper kernel of pass `kernel` ("fwd": kernels_cu/flash_fwd_sm90.cuh, "bwd": flash_bwd_sm90.cuh)
     does not take this call; None when it does. `q_like` / `kv`: the Bufs it reads through TMA, by name, shaped as
     q / as k. Every call it declines runs on the mma.sync kernel of that pass, which takes all."""
-    batch, heads, n_q, d = shape
-    table = FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90
     if os.environ.get(SM90_ENV, "1") == "0":
         return f"{SM90_ENV}=0"
+    # A buffer's address matters only modulo 16 (TMA's alignment), so the answer is cached by layout: it was 7.6 µs
+    # of an H100 host's ~125 per forward.
+    layouts = tuple(tuple((name, buf.strides, buf.ptr % 16) for name, buf in names.items()) for names in (q_like, kv))
+    return _sm90_reason(kernel, dtype, tuple(shape), n_k, kv_heads, layouts, mods.any, compute_capability)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int, layouts: tuple, mods_any: bool,
+                 compute_capability: int) -> str | None:
+    """sm90_unsupported's answer; `layouts`: ((name, strides, address % 16) of each q-like buffer, then of k, v)."""
+    batch, heads, n_q, d = shape
+    table = FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90
     if compute_capability != 90:
         return f"sm_{compute_capability}: wgmma and TMA are sm_90a instructions"
     if dtype not in jit.SM90_DTYPES:
         return f"dtype {dtype}: it takes {' and '.join(jit.SM90_DTYPES)}"
     if d not in table:
         return f"head_dim {d}: it takes {tuple(table)}"
-    if mods.any:
+    if mods_any:
         return "a bias, window, dropout or soft-cap: it has the plain and causal paths only"
     if 0 in shape:
         return f"an empty tensor {shape}"
     kv_shape = (batch, kv_heads, n_k, d)
-    for names, buf_shape in ((q_like, shape), (kv, kv_shape)):
-        for name, buf in names.items():
-            reason = tma.unsupported_reason(buf_shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr)
+    for named, buf_shape in zip(layouts, (shape, kv_shape)):
+        for name, strides, address in named:
+            reason = tma.unsupported_reason(buf_shape, strides, jit.ELEM_BYTES[dtype], address)
             if reason is not None:
                 return f"{name}: {reason}"
     return None
@@ -238,16 +254,16 @@ ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
 def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
              dout: Buf, lse: Buf, d_vec: Buf, dq_accum: Buf, dq: Buf, dk: Buf, dv: Buf, scale: float,
              mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
-    """dq, dk, dv (and mods.dbias, zeroed fp32) ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 and
-    zeroed, `d_vec` (B, H, Nq) fp32."""
+    """dq, dk, dv (and mods.dbias, zeroed fp32) ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 (the
+    first launch zeroes it), `d_vec` (B, H, Nq) fp32."""
     batch, heads, n_q, d = shape
     require_backward(d)
     n_rows = batch * heads * n_q
     row_grid = (math.ceil(n_rows / ROWS_PER_BLOCK),)
     row_block = (32 * ROWS_PER_BLOCK,)
     pre = jit.Variant("bwd_preprocess", dtype, d)
-    _run(pre, row_grid, row_block, (_ptr(dout), _ptr(out), _ptr(d_vec), *dout.bhn(), *out.bhn(), np.int32(heads),
-                                    np.int32(n_q), np.int64(n_rows)), stream_ptr, device_id)
+    _run(pre, row_grid, row_block, (_ptr(dout), _ptr(out), _ptr(d_vec), _ptr(dq_accum), *dout.bhn(), *out.bhn(),
+                                    np.int32(heads), np.int32(n_q), np.int64(n_rows)), stream_ptr, device_id)
 
     why_not = sm90_unsupported("bwd", dtype=dtype, shape=shape, n_k=n_k, kv_heads=kv_heads,
                                q_like={"q": q, "dout": dout}, kv={"k": k, "v": v}, mods=mods,
