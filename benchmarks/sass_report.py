@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cupyflash import jit
+from cupyflash import jit, tiles
 
 MODULES = [("fwd", "bfloat16", 64), ("fwd", "bfloat16", 128), ("bwd", "bfloat16", 64), ("bwd", "bfloat16", 128),
            ("fwd", "float32", 64), ("bwd", "float32", 64)]
@@ -27,6 +27,12 @@ MODULES = [("fwd", "bfloat16", 64), ("fwd", "bfloat16", 128), ("bwd", "bfloat16"
 COLUMNS = [("HMMA", "HMMA"), ("LDSM", "LDSM"), ("LDGSTS (cp.async)", "LDGSTS"), ("of them 16-byte", "LDGSTS.E.BYPASS.128"), ("LDS", "LDS"),
            ("LDG.E.128", "LDG.E.128"), ("MUFU.EX2", "MUFU.EX2"), ("STL/LDL (spills)", "STL|LDL"),
            ("RED/ATOM (atomics)", "RED|ATOM"), ("all", "")]
+# The Hopper kernels (sm_90a only): wgmma (HGMMA), TMA copies (UTMALDG), mbarrier waits and arrivals (SYNCS), exp2,
+# shared-memory traffic outside the GEMMs (LDS/STS: LSE/D and dSᵀ in the backward), dQ's red.global.add.
+SM90_MODULES = [("sm90", "bfloat16", d) for d in tiles.FORWARD_SM90]
+SM90_COLUMNS = [("HGMMA", "HGMMA"), ("UTMALDG (TMA)", "UTMALDG"), ("SYNCS (mbarrier)", "SYNCS"), ("MUFU.EX2", "MUFU.EX2"),
+                ("LDS", "LDS"), ("STS", "STS"), ("STL/LDL (spills)", "STL|LDL"), ("RED/ATOM (atomics)", "RED|ATOM"),
+                ("all", "")]
 _FUNC = re.compile(r"Function : (\S+)|^\s*\.text\.(\S+):")
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
@@ -57,6 +63,24 @@ def column(counter: collections.Counter, prefix: str) -> int:
     return sum(n for op, n in counter.items() if any(op.startswith(p) for p in prefix.split("|")))
 
 
+def table_rows(modules, kernels, columns, arch: str) -> list[str]:
+    """The markdown rows (header first) of `columns` for the variants of `kernels` in `modules`, compiled for `arch`."""
+    rows = ["| variant | registers | spill B | " + " | ".join(c for c, _ in columns) + " |",
+            "|---|---|---|" + "---|" * len(columns)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in modules:
+            cubin = Path(tmp) / ("_".join(map(str, key)) + ".cubin")
+            reports = jit.compile_module_reports(key, arch, cubin_path=cubin)
+            counts = sass_counts(cubin)
+            for r in reports:
+                if r.variant.kernel not in kernels:
+                    continue
+                c = counts.get(r.symbol, collections.Counter())
+                rows.append(f"| {r.variant.name} | {r.registers} | {r.spill_stores + r.spill_loads} | "
+                            + " | ".join(str(column(c, p)) for _, p in columns) + " |")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
@@ -65,19 +89,11 @@ def main():
     if not shutil.which("cuobjdump"):
         raise SystemExit("cuobjdump not found: it ships with the CUDA toolkit (nvcc)")
     rows = [f"SASS instruction counts per kernel ({args.arch}, NVRTC, `python benchmarks/sass_report.py`)", "",
-            "| variant | registers | spill B | " + " | ".join(c for c, _ in COLUMNS) + " |",
-            "|---|---|---|" + "---|" * len(COLUMNS)]
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in MODULES:
-            cubin = Path(tmp) / ("_".join(map(str, key)) + ".cubin")
-            reports = jit.compile_module_reports(key, args.arch, cubin_path=cubin)
-            counts = sass_counts(cubin)
-            for r in reports:
-                if r.variant.kernel not in ("fwd", "bwd"):
-                    continue
-                c = counts.get(r.symbol, collections.Counter())
-                rows.append(f"| {r.variant.name} | {r.registers} | {r.spill_stores + r.spill_loads} | "
-                            + " | ".join(str(column(c, p)) for _, p in COLUMNS) + " |")
+            *table_rows(MODULES, ("fwd", "bwd"), COLUMNS, args.arch)]
+    if args.arch == "sm_90":
+        rows += ["", "The Hopper kernels (sm_90a). Registers: ptxas's count at the 384-thread launch bound; setmaxnreg then "
+                 "gives the consumer warpgroups 240 (forward) or 232 (backward) and the producer 24 or 40.", "",
+                 *table_rows(SM90_MODULES, ("fwd_sm90", "bwd_sm90"), SM90_COLUMNS, args.arch)]
     table = "\n".join(rows)
     print(table)
     if args.out:
