@@ -102,3 +102,15 @@ def test_eager_path_matches_the_op(features, monkeypatch):
     assert len(eager) == len(op) == (5 if bias is not None else 4)
     for got, want in zip(eager, op):
         assert torch.equal(got, want)
+
+
+def test_input_checks_cached_by_layout_still_refuse_every_bad_call():
+    """The op's input checks are cached per (shape, strides, dtype, device) of q, k, v: a layout that passed is not
+    checked again, and one that fails raises each time (only passing checks are cached)."""
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    for _ in range(2):
+        assert cupyflash.flash_attention(q, k, v).shape == q.shape
+        with pytest.raises(ValueError, match="same head_dim"):
+            cupyflash.flash_attention(q, k[..., :4], v)
+        with pytest.raises(TypeError, match="dtype"):
+            cupyflash.flash_attention(q, k.float(), v)
