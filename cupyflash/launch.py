@@ -3,6 +3,7 @@ grids and argument lists. Both faces (torch op, CuPy arrays) call these after al
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -67,11 +68,9 @@ def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: in
     kernel, stream = jit.get_kernel(variant, device_id), _cupy_stream(stream_ptr, device_id)
     # The stream as an argument, and the device switched only when it is not current: entering both as context
     # managers took 14 µs per launch on an H100's host, against 9 (benchmarks/results/host-overhead-…log).
-    if cupy.cuda.runtime.getDevice() == device_id:
+    on_device = contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device_id else cupy.cuda.Device(device_id)
+    with on_device:
         kernel(grid, block, args, shared_mem=variant.shared_bytes, stream=stream)
-    else:
-        with cupy.cuda.Device(device_id):
-            kernel(grid, block, args, shared_mem=variant.shared_bytes, stream=stream)
 
 
 NO_WINDOW = 1 << 30  # a window edge farther than any sequence: unbounded
@@ -164,19 +163,6 @@ def _tma_maps(dtype: str, bufs) -> list:
     return [tma.encode(dtype, shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr, rows) for buf, shape, rows in bufs]
 
 
-def _forward_sm90(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf,
-                  out: Buf, lse: Buf, scale: float, stream_ptr: int, device_id: int) -> None:
-    batch, heads, n_q, d = shape
-    variant = jit.Variant("fwd_sm90", dtype, d, causal)
-    t = variant.tiles
-    kv_shape = (batch, kv_heads, n_k, d)
-    maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc)))
-    grid = (math.ceil(n_q / t.Br), heads, batch)
-    args = (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
-            np.float32(scale * LOG2E))
-    _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
-
-
 def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
             lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
     """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32. On Hopper the warp-specialized forward
@@ -186,17 +172,21 @@ def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, 
                                kv={"k": k, "v": v}, mods=mods,
                                compute_capability=require_gpu(device_id).compute_capability)
     if why_not is None:
-        _forward_sm90(dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads, q=q, k=k, v=v, out=out,
-                      lse=lse, scale=scale, stream_ptr=stream_ptr, device_id=device_id)
-        return
-    log.debug("forward on mma.sync: %s", why_not)
-    variant = jit.Variant("fwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
-    t = variant.tiles
+        variant = jit.Variant("fwd_sm90", dtype, d, causal)
+        t = variant.tiles
+        kv_shape = (batch, kv_heads, n_k, d)
+        maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc)))
+        args = (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
+                np.float32(scale * LOG2E))
+    else:
+        log.debug("forward on mma.sync: %s", why_not)
+        variant = jit.Variant("fwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
+        t = variant.tiles
+        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
+                np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
+                *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+                *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
     grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
-    args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
-            np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
-            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-            *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
     _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
 
 

@@ -208,7 +208,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // dSᵀ in shared memory read MN-major; B = K_j, MN-major.
         constexpr int kk_per_wg = kDqByKeys ? Bc / 32 : Bc / 16;
         const int kk0 = kDqByKeys ? wg * kk_per_wg : 0;
-        const u32 k_cols = kDqByKeys ? k_base : k_base + wg * (D / 2 / 64) * Bc * 128 + (D == 64 ? wg * 64 : 0);
+        const u32 k_cols = kDqByKeys ? k_base : k_base + wg * TileKV::col_offset(D / 2);
         float dq[D / 16][4];
         fence_operands(dq);
         wgmma_fence();

@@ -23,6 +23,9 @@ struct SwTile {
     static CF_DEVICE u32 chunk_at(u32 base, u32 row, u32 chunk) {
         return base + (chunk / 8) * Rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
     }
+    // The byte offset of column `col` in row 0: its panel, then 2 bytes a column. An operand that starts there (dQ's
+    // B, a warpgroup's half of K's columns) takes it on its base; the hardware applies the XOR on the address bits.
+    __host__ __device__ static constexpr u32 col_offset(int col) { return (col / 64) * Rows * 128 + (col % 64) * 2; }
     static CF_DEVICE u64 desc_k(u32 base, int row0, int kk);
     static CF_DEVICE u64 desc_mn(u32 base, int kk);
 };
