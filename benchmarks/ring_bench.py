@@ -8,7 +8,8 @@
 B = 1, head dim 128, bf16, zigzag sharding, NCCL. For each total length N, every GPU times forward and backward
 (CUDA events, warm-up, median; the slowest rank counts) of
 
-- ring_attention on its N / P tokens: per-GPU TFLOP/s = FLOPs(N) / P / time, and
+- context_parallel_attention (``--method``, ring by default) on its N / P tokens: per-GPU TFLOP/s =
+  FLOPs(N) / P / time, and
 - the single-GPU kernel (cupyflash.flash_attention) on N / P tokens alone: FLOPs(N / P) / time,
 
 with FLOPs(n) = 4 · B · H · n² · D (half if causal) forward, 2.5 × that backward. Efficiency = ring / single.
@@ -31,7 +32,7 @@ import torch.distributed as dist
 
 import cupyflash
 from cupyflash import cpu_attention
-from cupyflash.distributed import gather_sequence, ring_attention, shard_sequence
+from cupyflash.distributed import context_parallel_attention, gather_sequence, shard_sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECK_TOKENS = 16384
@@ -90,7 +91,7 @@ def _check(args, rank, world, device, dtype) -> str:
     n = min(CHECK_TOKENS, max(args.tokens)) // (2 * world) * (2 * world)
     q, k, v = _inputs(n, args, device, dtype, seed=1)  # the same on every rank
     local = [shard_sequence(t, rank, world) for t in (q, k, v)]
-    ring_out = gather_sequence(ring_attention(*local, causal=args.causal))
+    ring_out = gather_sequence(context_parallel_attention(*local, causal=args.causal, method=args.method))
     plain_out = cupyflash.flash_attention(q, k, v, causal=args.causal)
     ref, _ = cpu_attention.forward(q.float(), k.float(), v.float(), None, args.head_dim ** -0.5, args.causal)
     ring_err, plain_err = ((t.float() - ref).abs().max().item() for t in (ring_out, plain_out))
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-causal", dest="causal", action="store_false")
+    parser.add_argument("--method", choices=("ring", "all_to_all"), default="ring")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -126,11 +128,13 @@ def main(argv=None) -> int:
                                              if device == "cuda" else "")
              + f", {datetime.date.today()}; `torchrun --nproc-per-node {world} benchmarks/ring_bench.py "
              + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
-             f"B = 1, H = {args.heads}, D = {args.head_dim}, {str(dtype)[6:]}, {'causal' if args.causal else 'full'}, "
-             f"zigzag sharding; median of {args.iters} after {args.warmup} warm-up, slowest rank.", "",
+             f"{args.method}, B = 1, H = {args.heads}, D = {args.head_dim}, {str(dtype)[6:]}, "
+             f"{'causal' if args.causal else 'full'}, zigzag sharding; median of {args.iters} after {args.warmup} "
+             f"warm-up, slowest rank.", "",
              _check(args, rank, world, device, dtype), "",
-             "| N total | N per GPU | ring fwd / bwd (ms) | ring TFLOP/s per GPU fwd+bwd | single GPU at N/P fwd / bwd "
-             "(ms) | single GPU TFLOP/s fwd+bwd | efficiency | peak GiB per GPU ring / single |",
+             "| N total | N per GPU | context parallel fwd / bwd (ms) | its TFLOP/s per GPU fwd+bwd | single GPU at "
+             "N/P fwd / bwd (ms) | single GPU TFLOP/s fwd+bwd | efficiency | peak GiB per GPU context parallel / "
+             "single |",
              "|---|---|---|---|---|---|---|---|"]
     for n in args.tokens:
         if n % (2 * world):
@@ -138,8 +142,10 @@ def main(argv=None) -> int:
             continue
         n_local = n // world
         q, k, v = (t.requires_grad_() for t in _inputs(n_local, args, device, dtype, seed=rank))  # this rank's shards
-        ring = _passes(lambda q, k, v: ring_attention(q, k, v, causal=args.causal), q, k, v, device, args.warmup,
-                       args.iters)
+        def attend(q, k, v):
+            return context_parallel_attention(q, k, v, causal=args.causal, method=args.method)
+
+        ring = _passes(attend, q, k, v, device, args.warmup, args.iters)
         single = _passes(lambda q, k, v: cupyflash.flash_attention(q, k, v, causal=args.causal), q, k, v, device,
                          args.warmup, args.iters)
         del q, k, v

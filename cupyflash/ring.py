@@ -114,3 +114,8 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool, softcap: float
     dkv = dkv_incoming.wait()
     # Copies: the op's outputs may not alias one another.
     return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
+
+
+def lse_shape(q_shape, world_size: int) -> tuple:
+    """The forward's lse: (B, H, Nq_local), this rank's queries."""
+    return tuple(q_shape[:-1])

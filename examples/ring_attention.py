@@ -1,11 +1,12 @@
 """Causal self-attention over one long sequence split across processes (context parallelism, ring attention).
 
-    torchrun --nproc-per-node 2 examples/ring_attention.py                 # GPUs with NCCL if any, else CPUs with gloo
-    torchrun --nproc-per-node 8 examples/ring_attention.py --seqlen 262144
+    torchrun --nproc-per-node 2 examples/ring_attention.py          # GPUs with NCCL if any, else CPUs with gloo
+    torchrun --nproc-per-node 8 examples/ring_attention.py --seqlen 262144 --method all_to_all
 
 Each rank holds its zigzag shard of the token embeddings (and their positions, for rotary embeddings), projects it
-to q, k, v and calls the RingAttention layer; the loss's backward runs the ring backwards. Rank 0 then checks the
-gathered output and the projection's gradient against one process attending to the whole sequence.
+to q, k, v and calls the ContextParallelAttention layer (ring attention by default); the loss's backward runs the
+ring backwards. Rank 0 then checks the gathered output and the projection's gradient against one process attending
+to the whole sequence.
 """
 import argparse
 import os
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import cupyflash
-from cupyflash.distributed import RingAttention, gather_sequence, shard_sequence
+from cupyflash.distributed import ContextParallelAttention, gather_sequence, shard_sequence
 
 
 def main():
@@ -23,6 +24,8 @@ def main():
     parser.add_argument("--seqlen", type=int, default=None, help="total tokens (default: 16384 on GPUs, 1024 on CPUs)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--method", choices=("ring", "all_to_all"), default="ring",
+                        help="all_to_all needs the heads to be a multiple of the ranks")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -37,7 +40,7 @@ def main():
     torch.manual_seed(0)  # the same weights and inputs on every rank
     proj = torch.nn.Linear(d_model, 3 * d_model, device=device, dtype=dtype)
     x = torch.randn(1, n, d_model, device=device, dtype=dtype)  # (B, N, d_model): the full sequence
-    attention = RingAttention(causal=True)  # the default group: every rank
+    attention = ContextParallelAttention(causal=True, method=args.method)  # the default group: every rank
 
     x_local = shard_sequence(x, rank, world, dim=1)  # (B, N / P, d_model): chunks r and 2P-1-r
     # Rotary embeddings take the local tokens' positions: shard_sequence(torch.arange(n), rank, world, dim=0).
@@ -58,9 +61,10 @@ def main():
         ref = cupyflash.flash_attention(q, k, v, causal=True)
         # The loss is a mean over each rank's shard: P equal shards, so the sum of P shard means is P × the mean.
         (ref.square().mean() * world).backward()
-        print(f"{world} ranks, {n} tokens ({n // world} per rank, {str(dtype)[6:]} on {device}): forward+backward "
-              f"{elapsed * 1e3:.1f} ms; max |out - single process| = {(full_out - ref).abs().max().item():.2e}, "
-              f"max |dW - single process| = {(grad - proj.weight.grad).abs().max().item():.2e} "
+        out_err, grad_err = (full_out - ref).abs().max().item(), (grad - proj.weight.grad).abs().max().item()
+        print(f"{args.method}: {world} ranks, {n} tokens ({n // world} per rank, {str(dtype)[6:]} on {device}): "
+              f"forward+backward {elapsed * 1e3:.1f} ms; max |out - single process| = {out_err:.2e}, "
+              f"max |dW - single process| = {grad_err:.2e} "
               f"(max |dW| {proj.weight.grad.abs().max().item():.2e})")
     dist.destroy_process_group()
 

@@ -24,9 +24,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cupyflash
-from cupyflash.distributed import RingAttention, gather_sequence, group_name, ring_attention
+from cupyflash.distributed import ContextParallelAttention, context_parallel_attention, gather_sequence, group_name
 from cupyflash.sequence_shards import chunks_of, shard_sequence, step_blocks, unshard_sequence
-from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, rounding_floor, seed_from
+from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, rounding_floor,
+                       seed_from)
 
 JOIN_TIMEOUT_S = 240  # a deadlocked ring fails the test instead of hanging CI
 
@@ -41,7 +42,9 @@ class Case:
     softcap: float = 0.0
     chunk: int = 5  # sequence positions per chunk; the sequence is 2 · world · chunk long
     kv_chunk: int = 5  # k/v positions per chunk (non-causal cross-attention may differ)
-    compiled: bool = False  # through RingAttention under torch.compile(fullgraph=True)
+    method: str = "ring"
+    compiled: bool = False  # through ContextParallelAttention under torch.compile(fullgraph=True)
+    worlds: tuple = (2, 4)  # group sizes it runs on
 
 
 CASES = (
@@ -52,7 +55,12 @@ CASES = (
     Case("fp32-causal-contiguous-gqa", layout="contiguous", kv_heads=2),
     Case("fp32-causal-softcap", softcap=2.0),
     Case("fp32-full-cross-lengths", causal=False, chunk=3, kv_chunk=7),
-    Case("bf16-causal-zigzag-gqa-compiled", dtype=torch.bfloat16, kv_heads=2, compiled=True),
+    Case("bf16-causal-zigzag-gqa-compiled", dtype=torch.bfloat16, kv_heads=2, compiled=True, worlds=(2,)),
+    Case("a2a-fp32-causal-zigzag", method="all_to_all"),
+    Case("a2a-bf16-causal-contiguous-gqa", dtype=torch.bfloat16, layout="contiguous", kv_heads=2,
+         method="all_to_all", worlds=(2,)),  # 2 K/V heads split over 2 ranks, not 4
+    Case("a2a-bf16-full", dtype=torch.bfloat16, causal=False, method="all_to_all"),
+    Case("a2a-fp32-full-cross-lengths", causal=False, chunk=3, kv_chunk=7, method="all_to_all"),
 )
 FP64_CASE = Case("fp64-causal-zigzag-gqa", dtype=torch.float64, kv_heads=2)
 # fp64 inputs: everything is fp64 but the lse, which the op keeps in fp32 (so the merge weights are fp32-exact).
@@ -77,14 +85,14 @@ def _plain(q, k, v, dout, case: Case):
 
 
 def _ring(q, k, v, dout, case: Case, rank: int, world: int):
-    """out, dq, dk, dv of this rank's shards through the ring."""
+    """out, dq, dk, dv of this rank's shards through the case's method."""
     q, k, v, dout = (shard_sequence(t, rank, world, layout=case.layout) for t in (q, k, v, dout))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
+    options = dict(causal=case.causal, layout=case.layout, method=case.method, softcap=case.softcap)
     if case.compiled:
-        layer = RingAttention(causal=True, layout=case.layout, softcap=case.softcap)
-        out = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, k, v)
+        out = torch.compile(ContextParallelAttention(**options), fullgraph=True, backend="aot_eager")(q, k, v)
     else:
-        out = ring_attention(q, k, v, causal=case.causal, layout=case.layout, softcap=case.softcap)
+        out = context_parallel_attention(q, k, v, **options)
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
 
@@ -107,14 +115,17 @@ def _check_case(case: Case, rank: int, world: int) -> None:
 
 
 def _check_refusals(rank: int, world: int) -> None:
-    """Refused on every rank before any message is sent (the ring stays in step)."""
-    q, k, v = (torch.randn(1, 2, 4 * world + 1, 16) for _ in range(3))
-    with pytest.raises(ValueError, match=r"q dim 2 \(local seqlen\) is \d+: the zigzag layout holds 2 equal chunks"):
-        ring_attention(q, k, v, causal=True)
-    with pytest.raises(ValueError, match=r"q dim 2 \(local seqlen\) is 4 but k's is 6"):
-        ring_attention(q[:, :, :4], k[:, :, :6], v[:, :, :6], causal=True)
-    with pytest.raises(ValueError, match="takes no attn_bias"):
-        ring_attention(q, k, v, torch.zeros(1, 1, q.shape[2], q.shape[2] * world))
+    """Refused on every rank before any message is sent (the group stays in step)."""
+    q, k, v = (torch.randn(1, 4, 4 * world + 1, 16) for _ in range(3))
+    for method in ("ring", "all_to_all"):
+        with pytest.raises(ValueError, match=r"q dim 2 \(local seqlen\) is \d+: the zigzag layout holds 2 equal"):
+            context_parallel_attention(q, k, v, causal=True, method=method)
+        with pytest.raises(ValueError, match=r"q dim 2 \(local seqlen\) is 4 but k's is 6"):
+            context_parallel_attention(q[:, :, :4], k[:, :, :6], v[:, :, :6], causal=True, method=method)
+        with pytest.raises(ValueError, match="takes no attn_bias"):
+            context_parallel_attention(q, k, v, torch.zeros(1, 1, q.shape[2], q.shape[2] * world), method=method)
+    with pytest.raises(ValueError, match=rf"k dim 1 \(heads\) is 1: method='all_to_all' splits the heads over {world}"):
+        context_parallel_attention(q, k[:, :1], v[:, :1], method="all_to_all")
     with pytest.raises(ValueError, match=r"x dim 2 \(sequence\) has 30 entries: zigzag sharding over"):
         shard_sequence(torch.randn(1, 2, 30, 16), rank, world)
     full = torch.randn(1, 2, 8 * world, 16)
@@ -129,7 +140,7 @@ def _run_group(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    checks = {c.name: (lambda c=c: _check_case(c, rank, world)) for c in CASES + (FP64_CASE,)}
+    checks = {c.name: (lambda c=c: _check_case(c, rank, world)) for c in CASES + (FP64_CASE,) if world in c.worlds}
     checks["refusals-and-gather"] = lambda: _check_refusals(rank, world)
     outcomes = {}
     for name, check in checks.items():
@@ -154,7 +165,9 @@ def group_outcomes(request, tmp_path_factory):
     """{rank: {case: "ok" or traceback}} from one group of `world` processes."""
     world = request.param
     out_dir = str(tmp_path_factory.mktemp(f"ring{world}"))
-    mp.set_forkserver_preload(["torch", "cupyflash.distributed", __name__])
+    # torch._dynamo: the custom ops' first call imports it (~800 modules, seconds), as does torch.compile.
+    mp.set_forkserver_preload(["torch", "torch._dynamo", "torch._functorch.aot_autograd", "cupyflash.distributed",
+                               __name__])
     context = mp.start_processes(_run_group, args=(world, _free_port(), out_dir), nprocs=world, join=False,
                                  start_method="forkserver")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -174,7 +187,9 @@ def group_outcomes(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES + (FP64_CASE,)] + ["refusals-and-gather"])
-def test_ring_matches_full_sequence(group_outcomes, name):
+def test_matches_full_sequence(group_outcomes, name):
+    if name not in group_outcomes[0]:
+        pytest.skip(f"{name} runs on groups of {next(c.worlds for c in CASES if c.name == name)} ranks")
     failures = {rank: got[name] for rank, got in group_outcomes.items() if got[name] != "ok"}
     assert not failures, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failures.items())
 
@@ -190,29 +205,30 @@ def single_rank():
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("method", ["ring", "all_to_all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kv_heads,n_q,n_k", [(4, 13, 13), (2, 9, 21)])
-def test_single_rank_is_the_plain_op(single_rank, dtype, causal, kv_heads, n_q, n_k):
+def test_single_rank_is_the_plain_op(single_rank, method, dtype, causal, kv_heads, n_q, n_k):
     """Bit for bit, any lengths (seqlen_q ≠ seqlen_k with causal aligned bottom-right, as the op)."""
     gen = torch.Generator().manual_seed(seed_from(dtype, causal, kv_heads, n_q, n_k))
     q = torch.randn(2, 4, n_q, 16, generator=gen).to(dtype).requires_grad_()
     k, v = (torch.randn(2, kv_heads, n_k, 16, generator=gen).to(dtype).requires_grad_() for _ in range(2))
     dout = torch.randn(2, 4, n_q, 16, generator=gen).to(dtype)
-    ring_out = ring_attention(q, k, v, causal=causal)
-    plain_out = cupyflash.flash_attention(q, k, v, causal=causal)
-    assert torch.equal(ring_out, plain_out)
-    for name, a, b in zip("qkv", torch.autograd.grad(ring_out, (q, k, v), dout),
-                          torch.autograd.grad(plain_out, (q, k, v), dout)):
+    ours = context_parallel_attention(q, k, v, causal=causal, method=method)
+    plain = cupyflash.flash_attention(q, k, v, causal=causal)
+    assert torch.equal(ours, plain)
+    grads = zip(torch.autograd.grad(ours, (q, k, v), dout), torch.autograd.grad(plain, (q, k, v), dout))
+    for name, (a, b) in zip("qkv", grads):
         assert torch.equal(a, b), f"d{name}: max difference {(a - b).abs().max().item():.3e}"
 
 
 def test_compiled_without_graph_break(single_rank):
     """fullgraph=True: Dynamo traces through the layer (one custom op) and the function with the default group."""
-    layer = RingAttention(causal=True)
+    layer = ContextParallelAttention(causal=True)
 
     def block(q, k, v):
-        return (layer(q * 2, k, v) + ring_attention(q, k, v)).sin()
+        return (layer(q * 2, k, v) + context_parallel_attention(q, k, v, method="all_to_all")).sin()
 
     q = torch.randn(1, 4, 12, 16, requires_grad=True)
     k, v = (torch.randn(1, 2, 12, 16, requires_grad=True) for _ in range(2))
@@ -224,10 +240,11 @@ def test_compiled_without_graph_break(single_rank):
         assert torch.equal(a, b)
 
 
-def test_opcheck(single_rank):
+@pytest.mark.parametrize("op", ["ring_attn_fwd", "all_to_all_attn_fwd"])
+def test_opcheck(single_rank, op):
     q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.cupyflash.ring_attn_fwd.default, (q, k, v, 0.25, True, 0.0, "zigzag",
-                                                                       group_name(None)),
+    torch.library.opcheck(getattr(torch.ops.cupyflash, op).default, (q, k, v, 0.25, True, 0.0, "zigzag",
+                                                                      group_name(None)),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -235,11 +252,12 @@ def test_opcheck(single_rank):
     (dict(dropout_p=0.1), "takes no dropout"),
     (dict(window=(4, 0)), "takes no sliding window"),
     (dict(layout="striped"), "layout is 'striped'; expected one of 'zigzag', 'contiguous'"),
+    (dict(method="ulysses"), "method is 'ulysses'; expected one of 'ring', 'all_to_all'"),
 ])
 def test_refused_options(single_rank, kwargs, message):
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match=message):
-        ring_attention(q, q, q, causal=True, **kwargs)
+        context_parallel_attention(q, q, q, causal=True, **kwargs)
 
 
 # Layouts and block plans (no process group).
@@ -286,20 +304,20 @@ def test_zigzag_chunks():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ring", "all_to_all"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_single_rank_is_the_plain_op_on_cuda(single_rank, causal):
-    """On one GPU, the ring of one rank (no messages) gives the plain op's bits, forward and backward."""
+def test_single_rank_is_the_plain_op_on_cuda(single_rank, method, causal):
+    """On one GPU, a group of one rank (no messages) gives the plain op's bits, forward and backward."""
     gen = torch.Generator(device="cuda").manual_seed(seed_from("cuda", causal))
     q = torch.randn(1, 8, 1000, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     k, v = (torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
             for _ in range(2))
     dout = torch.randn_like(q)
-    ring_out = ring_attention(q, k, v, causal=causal)
-    plain_out = cupyflash.flash_attention(q, k, v, causal=causal)
-    assert torch.equal(ring_out, plain_out)
-    ring_grads = torch.autograd.grad(ring_out, (q, k, v), dout)
-    plain_grads = torch.autograd.grad(plain_out, (q, k, v), dout)
-    for name, a, b in zip("qkv", ring_grads, plain_grads):
+    ours = context_parallel_attention(q, k, v, causal=causal, method=method)
+    plain = cupyflash.flash_attention(q, k, v, causal=causal)
+    assert torch.equal(ours, plain)
+    grads = zip(torch.autograd.grad(ours, (q, k, v), dout), torch.autograd.grad(plain, (q, k, v), dout))
+    for name, (a, b) in zip("qkv", grads):
         # dQ sums fp32 atomics in a varying order: a last-bit difference is the op's own run-to-run noise.
         if name == "q":
             assert_close_ulps(a, b, "dq")
