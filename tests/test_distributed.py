@@ -1,4 +1,5 @@
-"""Context-parallel (ring) attention, cupyflash.distributed, against single-process attention on the full sequence.
+"""Context-parallel attention (cupyflash.distributed: ring and all-to-all) against single-process attention on the
+full sequence (the plain op, CPU path): outputs and q/k/v gradients within the tolerance rule, fp64 reference.
 
 Multi-rank cases run in groups of 2 and 4 processes on gloo over loopback. Starting a process and importing torch
 takes seconds on a busy 2-core machine, so each group starts once (module-scoped fixture) and runs every case;
