@@ -64,7 +64,9 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
     lse starts at -inf (no key yet: weight exp(-inf) = 0); a block's lse is finite, as every block row sees a key
     (its own in a diagonal block, all of them in a full one), so no -inf - -inf arises."""
     lse_new = torch.logaddexp(lse, lse_b)
-    out.mul_(torch.exp(lse - lse_new).unsqueeze(-1)).add_(torch.exp(lse_b - lse_new).unsqueeze(-1) * out_b)
+    # Two passes over out (addcmul reads out_b in its own dtype, no fp32 copy of it): the merge is memory-bound,
+    # and at short shards per GPU its time is no longer small beside the block's.
+    out.mul_(torch.exp(lse - lse_new).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - lse_new).unsqueeze(-1))
     lse.copy_(lse_new)
 
 
