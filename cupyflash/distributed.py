@@ -11,7 +11,7 @@ process group (NCCL on GPUs, gloo on CPUs), attended to with the fused op.
 - ``shard_sequence`` / ``unshard_sequence`` / ``gather_sequence``: the layouts (``cupyflash.sequence_shards``).
 
 Every rank must pass shards of the same shapes, as ``shard_sequence`` makes them (receives are sized from the
-local shard). Refused: a bias or mask tensor, dropout, sliding windows.
+local shard; ``check_shards`` verifies it once). Refused: a bias or mask tensor, dropout, sliding windows.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 
 from . import all_to_all, ring
-from .sequence_shards import LAYOUTS, check_layout, gather_sequence, shard_sequence, unshard_sequence
+from .sequence_shards import LAYOUTS, check_layout, check_shards, gather_sequence, shard_sequence, unshard_sequence
 from .torch_op import why_unsupported
 
 __all__ = ["context_parallel_attention", "ContextParallelAttention", "shard_sequence", "unshard_sequence",
-           "gather_sequence"]
+           "gather_sequence", "check_shards"]
 
 Group = Union[dist.ProcessGroup, str, None]
 

@@ -74,6 +74,30 @@ def gather_sequence(local: torch.Tensor, group: Optional["torch.distributed.Proc
     return unshard_sequence(shards, layout=layout, dim=dim)
 
 
+def check_shards(group: Optional["torch.distributed.ProcessGroup"] = None, **tensors: torch.Tensor) -> None:
+    """Raises ValueError on every rank unless each named tensor has the same shape on every rank of `group`.
+
+    Context-parallel attention sizes what it receives from the local shards and cannot see another rank's; a
+    mismatch makes gloo abort and NCCL's behaviour undefined. One all-gather of the shapes, and a host sync: call
+    it once where the shards are made, not at every layer."""
+    import torch.distributed as dist
+
+    max_dims = 8
+    mine = torch.full((len(tensors), max_dims), -1, dtype=torch.int64)  # shapes padded: every rank sends as much
+    for i, t in enumerate(tensors.values()):
+        mine[i, :t.dim()] = torch.tensor(t.shape)
+    device = next(iter(tensors.values())).device  # NCCL gathers on the GPU
+    gathered = [torch.empty_like(mine, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine.to(device), group=group)
+    for rank, theirs in enumerate(t.cpu() for t in gathered):
+        for i, name in enumerate(tensors):
+            if not torch.equal(theirs[i], mine[i]):
+                shape = tuple(d for d in theirs[i].tolist() if d >= 0)
+                raise ValueError(f"{name} has shape {tuple(tensors[name].shape)} on rank "
+                                 f"{dist.get_rank(group)} but {shape} on rank {rank}: context-parallel attention "
+                                 f"needs every rank's shards to have the same shape (shard_sequence makes them so)")
+
+
 @dataclass(frozen=True)
 class Block:
     """Local query rows against local keys of the K/V block in hand; `causal`: a diagonal block (query chunk i

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import cupyflash
-from cupyflash.distributed import ContextParallelAttention, gather_sequence, shard_sequence
+from cupyflash.distributed import ContextParallelAttention, check_shards, gather_sequence, shard_sequence
 
 
 def main():
@@ -45,6 +45,7 @@ def main():
     x_local = shard_sequence(x, rank, world, dim=1)  # (B, N / P, d_model): chunks r and 2P-1-r
     # Rotary embeddings take the local tokens' positions: shard_sequence(torch.arange(n), rank, world, dim=0).
     q, k, v = proj(x_local).unflatten(-1, (3, args.heads, args.head_dim)).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N/P, D)
+    check_shards(q=q, k=k, v=v)  # once: every rank's shards must have the same shapes
     start = time.perf_counter()
     out = attention(q, k, v)  # (B, H, N / P, D): this rank's queries over all N keys
     out.square().mean().backward()

@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cupyflash
-from cupyflash.distributed import ContextParallelAttention, context_parallel_attention, gather_sequence, group_name
+from cupyflash.distributed import (ContextParallelAttention, check_shards, context_parallel_attention, gather_sequence,
+                                   group_name)
 from cupyflash.sequence_shards import chunks_of, shard_sequence, step_blocks, unshard_sequence
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, rounding_floor,
                        seed_from)
@@ -127,6 +128,10 @@ def _check_refusals(rank: int, world: int) -> None:
             context_parallel_attention(q, k, v, torch.zeros(1, 1, q.shape[2], q.shape[2] * world), method=method)
     with pytest.raises(ValueError, match=rf"k dim 1 \(heads\) is 1: method='all_to_all' splits the heads over {world}"):
         context_parallel_attention(q, k[:, :1], v[:, :1], method="all_to_all")
+    check_shards(q=q, k=k)
+    with pytest.raises(ValueError, match=r"q has shape \(1, 4, \d, 16\) on rank \d but \(1, 4, \d, 16\) on rank \d: "
+                                         r"context-parallel attention needs every rank's shards to have the same shape"):
+        check_shards(k=k, q=q[:, :, :4 + rank])
     with pytest.raises(ValueError, match=r"x dim 2 \(sequence\) has 30 entries: zigzag sharding over"):
         shard_sequence(torch.randn(1, 2, 30, 16), rank, world)
     full = torch.randn(1, 2, 8 * world, 16)
@@ -142,7 +147,7 @@ def _run_group(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     checks = {c.name: (lambda c=c: _check_case(c, rank, world)) for c in CASES + (FP64_CASE,) if world in c.worlds}
-    checks["refusals-and-gather"] = lambda: _check_refusals(rank, world)
+    checks["refusals-gather-check-shards"] = lambda: _check_refusals(rank, world)
     outcomes = {}
     for name, check in checks.items():
         try:
@@ -187,7 +192,7 @@ def group_outcomes(request, tmp_path_factory):
     return outcomes
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES + (FP64_CASE,)] + ["refusals-and-gather"])
+@pytest.mark.parametrize("name", [c.name for c in CASES + (FP64_CASE,)] + ["refusals-gather-check-shards"])
 def test_matches_full_sequence(group_outcomes, name):
     if name not in group_outcomes[0]:
         pytest.skip(f"{name} runs on groups of {next(c.worlds for c in CASES if c.name == name)} ranks")
