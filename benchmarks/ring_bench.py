@@ -15,7 +15,7 @@ B = 1, head dim 128, bf16, zigzag sharding, NCCL. For each total length N, every
 with FLOPs(n) = 4 · B · H · n² · D (half if causal) forward, 2.5 × that backward. Efficiency = ring / single.
 Peak memory per GPU is torch.cuda.max_memory_allocated (max over ranks); it should grow linearly with N / P.
 Before timing, the ring's output at a small N is checked against the single-GPU op on the whole sequence.
-Rank 0 writes benchmarks/results/ring-<GPU>-x<P>.md.
+Rank 0 writes benchmarks/results/<method>[-full]-<GPU>-x<P>.md (e.g. ring-NVIDIA_H200-x8.md).
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def _inputs(n: int, args, device, dtype, seed: int):
 
 
 def _check(args, rank, world, device, dtype) -> str:
-    """Ring output against the single-GPU op on the whole sequence, both against fp32 exact attention."""
+    """The context-parallel output against the single-GPU op on the whole sequence, both against fp32 exact
+    attention."""
     n = min(CHECK_TOKENS, max(args.tokens)) // (2 * world) * (2 * world)
     q, k, v = _inputs(n, args, device, dtype, seed=1)  # the same on every rank
     local = [shard_sequence(t, rank, world) for t in (q, k, v)]
@@ -97,7 +98,7 @@ def _check(args, rank, world, device, dtype) -> str:
     ring_err, plain_err = ((t.float() - ref).abs().max().item() for t in (ring_out, plain_out))
     bound = 2 * plain_err + torch.finfo(dtype).eps * ref.abs().max().item() + 1e-5  # tests/reference.py's rule
     verdict = "ok" if ring_err <= bound else "FAILED"
-    return (f"check at N = {n}: max |ring - fp32| = {ring_err:.2e}, max |single GPU - fp32| = {plain_err:.2e} "
+    return (f"check at N = {n}: max |context parallel - fp32| = {ring_err:.2e}, max |single GPU - fp32| = {plain_err:.2e} "
             f"(bound {bound:.2e}): {verdict}")
 
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
-    lines = [f"# Ring attention: {world} x {gpu}", "",
+    lines = [f"# Context-parallel attention ({args.method}): {world} x {gpu}", "",
              f"torch {torch.__version__}" + (f", NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
                                              if device == "cuda" else "")
              + f", {datetime.date.today()}; `torchrun --nproc-per-node {world} benchmarks/ring_bench.py "
@@ -136,18 +137,20 @@ def main(argv=None) -> int:
              "N/P fwd / bwd (ms) | single GPU TFLOP/s fwd+bwd | efficiency | peak GiB per GPU context parallel / "
              "single |",
              "|---|---|---|---|---|---|---|---|"]
+    def context_parallel(q, k, v):
+        return context_parallel_attention(q, k, v, causal=args.causal, method=args.method)
+
+    def single_gpu(q, k, v):
+        return cupyflash.flash_attention(q, k, v, causal=args.causal)
+
     for n in args.tokens:
         if n % (2 * world):
             lines.append(f"| {n} | – | skipped: not a multiple of 2 x {world} ranks | | | | | |")
             continue
         n_local = n // world
         q, k, v = (t.requires_grad_() for t in _inputs(n_local, args, device, dtype, seed=rank))  # this rank's shards
-        def attend(q, k, v):
-            return context_parallel_attention(q, k, v, causal=args.causal, method=args.method)
-
-        ring = _passes(attend, q, k, v, device, args.warmup, args.iters)
-        single = _passes(lambda q, k, v: cupyflash.flash_attention(q, k, v, causal=args.causal), q, k, v, device,
-                         args.warmup, args.iters)
+        ring = _passes(context_parallel, q, k, v, device, args.warmup, args.iters)
+        single = _passes(single_gpu, q, k, v, device, args.warmup, args.iters)
         del q, k, v
         (r_fwd, r_bwd, r_peak), (s_fwd, s_bwd, s_peak) = ([_slowest(x, device) for x in m] for m in (ring, single))
         ring_tflops = 3.5 * _flops(n, args.heads, args.head_dim, args.causal) / world / (r_fwd + r_bwd) / 1e9
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
         print(table)
         if args.write:
             RESULTS.mkdir(exist_ok=True)
-            name = f"ring-{gpu.replace(' ', '_')}-x{world}.md"
+            name = f"{args.method}{'' if args.causal else '-full'}-{gpu.replace(' ', '_')}-x{world}.md"
             (RESULTS / name).write_text(table)
             print(f"wrote {RESULTS / name}")
     dist.destroy_process_group()
