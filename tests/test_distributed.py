@@ -86,7 +86,7 @@ def _plain(q, k, v, dout, case: Case):
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
 
-def _ring(q, k, v, dout, case: Case, rank: int, world: int):
+def _sharded(q, k, v, dout, case: Case, rank: int, world: int):
     """out, dq, dk, dv of this rank's shards through the case's method."""
     q, k, v, dout = (shard_sequence(t, rank, world, layout=case.layout) for t in (q, k, v, dout))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -100,7 +100,7 @@ def _ring(q, k, v, dout, case: Case, rank: int, world: int):
 
 def _check_case(case: Case, rank: int, world: int) -> None:
     q, k, v, dout = _full_inputs(case, world)
-    ours = _ring(q, k, v, dout, case, rank, world)
+    ours = _sharded(q, k, v, dout, case, rank, world)
     names = ("out", "dq", "dk", "dv")
     if case.dtype == torch.float64:
         for name, got, want in zip(names, ours, _plain(q, k, v, dout, case)):
