@@ -103,8 +103,9 @@ def build_models(vocab: int, T: int, layers: int, d_model: int, heads: int, dtyp
     return models
 
 
-def make_batch(vocab: int, T: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
+def make_batch(vocab: int, T: int, batch: int, device, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets), both (batch, T)."""
+    gen = torch.Generator().manual_seed(seed)
     idx, tgt = (torch.randint(0, vocab, (batch, T), generator=gen) for _ in range(2))
     return idx.to(device), tgt.to(device)
 

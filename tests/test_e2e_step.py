@@ -3,41 +3,29 @@ computes the naive model's loss, gradients and AdamW step, so the hand-rewritten
 the script runs end to end, writes its table and JSON, and merges a later run's rows.
 The CUDA-graph variants need a GPU (tests/test_gpu_cudagraphs.py covers that loop)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from e2e_models import e2e_step
 TINY = dict(vocab=64, d_model=32, heads=2, dtype=torch.float32)
 TINY_FLAGS = ["--device", "cpu", "--compiler", "aot_eager", "--d-model", "32", "--heads", "2", "--vocab", "64",
               "--dtype", "float32", "--quick"]
 
 
-@pytest.fixture(scope="module")
-def e2e():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import e2e_step
-        yield e2e_step
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_every_variant_trains_as_the_naive_model(e2e):
+def test_every_variant_trains_as_the_naive_model():
     T, batch_size, layers = 16, 2, 2
-    models = e2e.build_models(T=T, layers=layers, **TINY)
+    models = e2e_step.build_models(T=T, layers=layers, **TINY)
     assert not any(name.endswith("attn.bias") for name, _ in models["sdpa"].named_buffers())
-    batch = e2e.make_batch(TINY["vocab"], T, batch_size, torch.device("cpu"))
+    batch = e2e_step.make_batch(TINY["vocab"], T, batch_size, torch.device("cpu"))
     results = {}
-    for name, variant in e2e.VARIANTS.items():
+    for name, variant in e2e_step.VARIANTS.items():
         if variant.graphs:
             continue
         torch._dynamo.reset()
         counters.clear()
-        model, step = e2e.train_step(variant, models[variant.attention], batch, torch.device("cpu"), "aot_eager")
+        model, step = e2e_step.train_step(variant, models[variant.attention], batch, torch.device("cpu"), "aot_eager")
         loss = step().item()
         results[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()},
                          {n: p.detach().clone() for n, p in model.named_parameters()})
@@ -52,15 +40,15 @@ def test_every_variant_trains_as_the_naive_model(e2e):
             torch.testing.assert_close(params[key], ref_params[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
 
 
-def test_graph_variants_refuse_a_compiler_other_than_inductor(e2e):
+def test_graph_variants_refuse_a_compiler_other_than_inductor():
     with pytest.raises(ValueError, match="CUDA graphs need Inductor"):
-        e2e.VARIANTS["cupyflash-graphs"].compile(torch.nn.Linear(2, 2), "aot_eager")
+        e2e_step.VARIANTS["cupyflash-graphs"].compile(torch.nn.Linear(2, 2), "aot_eager")
 
 
-def test_script_writes_and_merges_its_table(e2e, tmp_path):
-    out = tmp_path / "e2e.md"
-    assert e2e.main([*TINY_FLAGS, "--shapes", "16x2x2", "--variants", "eager-naive,cupyflash", "--out", str(out)]) == 0
-    assert e2e.main([*TINY_FLAGS, "--shapes", "8x2x1", "--variants", "eager-sdpa", "--out", str(out), "--merge"]) == 0
+def test_script_writes_and_merges_its_table(tmp_path):
+    out = tmp_path / "e2e_step.md"
+    assert e2e_step.main([*TINY_FLAGS, "--shapes", "16x2x2", "--variants", "eager-naive,cupyflash", "--out", str(out)]) == 0
+    assert e2e_step.main([*TINY_FLAGS, "--shapes", "8x2x1", "--variants", "eager-sdpa", "--out", str(out), "--merge"]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["T"], r["variant"]) for r in rows] == [(8, "eager-sdpa"), (16, "eager-naive"), (16, "cupyflash")]
     assert [r["fused"] for r in rows] == [None, None, 2]
@@ -69,10 +57,10 @@ def test_script_writes_and_merges_its_table(e2e, tmp_path):
     assert "| 16, 2, 2 | eager-naive |" in text and "| 8, 2, 1 | eager-sdpa |" in text
 
 
-def test_bad_arguments_are_named(e2e, capsys):
+def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
-        e2e.parse_args(["--variants", "eager-naive,flash"])
+        e2e_step.parse_args(["--variants", "eager-naive,flash"])
     assert "unknown variant(s) ['flash']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        e2e.parse_args(["--shapes", "512x8"])
+        e2e_step.parse_args(["--shapes", "512x8"])
     assert "TxBATCHxLAYERS" in capsys.readouterr().err
