@@ -17,6 +17,7 @@ sites. Writes a markdown table and JSON to benchmarks/results/e2e-<GPU>.{md,json
 
     python benchmarks/e2e_step.py                                   # all four shapes, ~10+ min of compiling
     python benchmarks/e2e_step.py --shapes 512x8x12 --merge         # one shape; --merge keeps the other rows
+    python benchmarks/e2e_step.py --variants inductor-sdpa-graphs cupyflash-graphs --merge
     python benchmarks/e2e_step.py --quick                           # smoke run: T=1024 only, 2 + 3 steps
 """
 from __future__ import annotations
@@ -243,21 +244,13 @@ def _shape(text: str) -> tuple[int, int, int]:
     return T, batch, layers
 
 
-def _variants(text: str) -> tuple[str, ...]:
-    names = tuple(text.split(","))
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    return names
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")],
-                   help="TxBATCHxLAYERS,... (default: " + ",".join("x".join(map(str, s)) for s in SHAPES)
+    p.add_argument("--shapes", type=_shape, nargs="+",
+                   help="TxBATCHxLAYERS ... (default: " + " ".join("x".join(map(str, s)) for s in SHAPES)
                    + "; with --quick: " + "x".join(map(str, QUICK_SHAPE)) + ")")
-    p.add_argument("--variants", type=_variants, default=DEFAULT_VARIANTS,
-                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS,
+                   help=f"(default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 warm-up and 3 timed steps, one shape")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first, compilation included")
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
@@ -271,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path,
                    help="markdown file (default: benchmarks/results/e2e-<GPU>[-quick].md); JSON beside it")
     p.add_argument("--merge", action="store_true",
-                   help="keep the rows of the existing JSON (same GPU, torch and settings) that this run does not measure")
+                   help="keep the existing JSON's rows (same GPU, torch and settings) that this run does not measure")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 2, 3

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from e2e_models import e2e_step
+from benchmark_scripts import e2e_step
 
 pytestmark = pytest.mark.gpu
 
