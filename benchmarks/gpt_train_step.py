@@ -39,18 +39,22 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = self.attend(q, k, v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+    def attend(self, q, k, v):
+        T = q.size(-2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
         att = self.attn_dropout(F.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.c_proj(y)
+        return att @ v  # (B, nh, T, hs)
 
 
 class Block(nn.Module):
-    def __init__(self, d_model, n_head, block_size, dropout):
+    def __init__(self, d_model, n_head, block_size, dropout, attention=CausalSelfAttention):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head, block_size, dropout)
+        self.attn = attention(d_model, n_head, block_size, dropout)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
 
     def forward(self, x):
@@ -59,10 +63,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab, block_size, layers, d_model, n_head, dropout=0.0):
+    def __init__(self, vocab, block_size, layers, d_model, n_head, dropout=0.0, attention=CausalSelfAttention):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, d_model), nn.Embedding(block_size, d_model)
-        self.h = nn.ModuleList([Block(d_model, n_head, block_size, dropout) for _ in range(layers)])
+        self.h = nn.ModuleList([Block(d_model, n_head, block_size, dropout, attention) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab, bias=False)
 
@@ -75,7 +79,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
 
 
-def _timer(device):
+def step_timer(device):
     """A function returning milliseconds spent in a callable: CUDA events on the GPU, perf_counter else."""
     if device.type == "cuda":
         def timed(fn):
@@ -114,7 +118,7 @@ def run_variant(name, base, args, batch, device):
         step_model(idx, tgt).backward()
         opt.step()
 
-    timed = _timer(device)
+    timed = step_timer(device)
     try:
         for _ in range(args.warmup):
             step()

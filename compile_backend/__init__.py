@@ -14,8 +14,8 @@ torch.compile passes ``mode`` only when it is not "default" and ``options`` only
 refuses both together; so ``options`` may also carry ``"mode"``. Other option keys are Inductor config
 settings, as for ``backend="inductor"``.
 
-Every fused site bumps ``torch._dynamo.utils.counters["cupyflash"]["attention_fused"]``; every site is
-logged under ``cupyflash.compile``; ``explain(model, *args)`` returns a report of all sites.
+Every fused site of a graph that compiled bumps ``torch._dynamo.utils.counters["cupyflash"]["attention_fused"]``;
+every site is logged under ``cupyflash.compile``; ``explain(model, *args)`` returns a report of all sites.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import itertools
 from typing import Any, Optional
 
 import torch
+from torch._dynamo.utils import counters
 
 from .report import Report, SiteRecord
 from .rewrite import rewrite_graph
@@ -59,7 +60,17 @@ def cupyflash_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optiona
     if inner != "inductor" and (options or (mode and mode != "default")):
         raise ValueError(f"backend='cupyflash': mode/options {sorted(options) or [mode]} apply to Inductor, "
                          f"not to inner={inner!r}")
-    rewrite_graph(gm, example_inputs, graph_index=next(_graph_index))
+    records = rewrite_graph(gm, example_inputs, graph_index=next(_graph_index), count=False)
+    compiled = _inner_compile(gm, example_inputs, inner, mode, options)
+    # Counted only once the inner compiler has returned: Dynamo runs a graph it rejects some other way, without
+    # these sites fused (split at a graph break and traced again, or eagerly under suppress_errors). AOTAutograd
+    # compiles the backward at the first backward call; a failure there raises to the caller, nothing runs unfused.
+    counters["cupyflash"]["attention_fused"] += sum(r.fused for r in records)
+    return compiled
+
+
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs, inner: str, mode: Optional[str],
+                   options: dict[str, Any]):
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
