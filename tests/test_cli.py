@@ -149,24 +149,14 @@ def test_a_cupy_cache_dir_that_cannot_be_made_is_one_sentence(tmp_path, where):
     assert _one_line_error(proc) == f"cupyflash: {words}"
 
 
-# `None` in sys.modules makes `import torch` raise ImportError, as on a machine without torch.
-_NO_TORCH = "import sys; sys.modules['torch'] = None; from cupyflash.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
 @pytest.mark.parametrize("command", ["demo", "bench"])
 def test_demo_and_bench_without_torch_say_to_install_it(command):
-    proc = _run([sys.executable, "-c", _NO_TORCH, command], env={"PYTHONPATH": str(ROOT)})
+    # `None` in sys.modules makes `import torch` raise ImportError, as on a machine without torch.
+    shim = "import sys; sys.modules['torch'] = None; from cupyflash.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = _run([sys.executable, "-c", shim, command], env={"PYTHONPATH": str(ROOT)})
     message = _one_line_error(proc)
     assert message.startswith(f"cupyflash: cupyflash {command} needs torch, which is not installed (")
     assert message.endswith("; pip install torch (the CuPy API and `cupyflash doctor` work without it).")
-
-
-def test_doctor_runs_without_torch(tmp_path):
-    proc = _run([sys.executable, "-c", _NO_TORCH, "doctor", "--arch", "sm_80", "--only", "tile_minmax_f16"],
-                env={"PYTHONPATH": str(ROOT), "CUPY_CACHE_DIR": str(tmp_path)})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"^torch: +not found: pip install torch", proc.stdout, re.M)
-    assert "kernels: 1 of 1 compiled" in proc.stdout
 
 
 def _supported_arches() -> list[str]:
