@@ -19,7 +19,8 @@ _TORCH_NAMES = ("flash_attention", "flash_attn_fwd", "flash_attn_bwd", "why_unsu
 
 import sys as _sys
 
-if _sys.modules.get("torch") is not None:  # torch is loaded already: register torch.ops.cupyflash.* now, at no import cost
+# torch is loaded already (None there means an import was blocked): register torch.ops.cupyflash.* now, at no cost.
+if _sys.modules.get("torch") is not None:
     from . import torch_op as _torch_op
 
 

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
 
 
-def _run(args: list[str], env: dict | None = None, timeout: int = 300, unset: tuple = ()) -> subprocess.CompletedProcess:
+def _run(args: list[str], env: dict | None = None, timeout: int = 300,
+         unset: tuple = ()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
