@@ -1,8 +1,9 @@
 """cupyflash: exact, IO-aware attention (FlashAttention) as CUDA kernels JIT-compiled through CuPy.
 
-Faces:
-- torch: ``cupyflash.flash_attention(q, k, v, attn_bias=None, *, scale=None, causal=False)`` and the custom
-  ops ``torch.ops.cupyflash.flash_attn_fwd`` / ``flash_attn_bwd`` (``cupyflash.torch_op``);
+Faces (reference: docs/API.md):
+- torch: ``cupyflash.flash_attention(q, k, v, attn_bias=None, *, scale=None, causal=False, window=(-1, -1),
+  dropout_p=0.0, softcap=0.0)`` and the custom ops ``torch.ops.cupyflash.flash_attn_fwd`` / ``flash_attn_bwd``
+  (``cupyflash.torch_op``);
 - CuPy: ``cupyflash.cupy_api.flash_attn_forward`` / ``flash_attn_backward`` on CuPy arrays;
 - ``torch.compile(model, backend="cupyflash")`` (the ``compile_backend`` package).
 
@@ -18,7 +19,8 @@ _TORCH_NAMES = ("flash_attention", "flash_attn_fwd", "flash_attn_bwd", "why_unsu
 
 import sys as _sys
 
-if "torch" in _sys.modules:  # torch is loaded already: register torch.ops.cupyflash.* now, at no import cost
+# torch is loaded already (None there means an import was blocked): register torch.ops.cupyflash.* now, at no cost.
+if _sys.modules.get("torch") is not None:
     from . import torch_op as _torch_op
 
 
@@ -28,3 +30,7 @@ def __getattr__(name):
 
         return getattr(torch_op, name)
     raise AttributeError(f"module 'cupyflash' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_TORCH_NAMES})  # the lazy names too, without importing torch

@@ -34,10 +34,24 @@ DEFAULT_SEQLENS = tuple(2**i for i in range(9, 15))  # 512 .. 16384
 
 # ---- arguments --------------------------------------------------------------------------------------------
 
-def _positive(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number, at least 1 (the CLI's counts and sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, got {text}")
     return value
 
 
@@ -56,22 +70,22 @@ def _list_of(convert, choices=None):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``cupyflash bench``; values arrive parsed (tuples of ints, dtype names, bools, impl names)."""
-    parser.add_argument("--head-dims", type=_list_of(_positive), default=(64, 128), metavar="64,128")
+    parser.add_argument("--head-dims", type=_list_of(positive_int), default=(64, 128), metavar="64,128")
     parser.add_argument("--dtypes", type=_list_of(str, DTYPES), default=("bf16", "fp16"), metavar="bf16,fp16")
     parser.add_argument("--causal", type=_list_of(CAUSAL.get, CAUSAL), default=(False, True), metavar="yes,no")
-    parser.add_argument("--seqlens", type=_list_of(_positive), default=DEFAULT_SEQLENS, metavar="512,...,16384",
+    parser.add_argument("--seqlens", type=_list_of(positive_int), default=DEFAULT_SEQLENS, metavar="512,...,16384",
                         help="sequence lengths N (default: powers of two from 512 to 16384)")
-    parser.add_argument("--tokens", type=_positive, default=TOKENS,
+    parser.add_argument("--tokens", type=positive_int, default=TOKENS,
                         help=f"batch x N (batch at least 1; default {TOKENS})")
-    parser.add_argument("--hidden", type=_positive, default=HIDDEN, help=f"heads x head_dim (default {HIDDEN})")
+    parser.add_argument("--hidden", type=positive_int, default=HIDDEN, help=f"heads x head_dim (default {HIDDEN})")
     parser.add_argument("--passes", type=_list_of(str, MODES), default=MODES, metavar=",".join(MODES))
     parser.add_argument("--peers", type=_list_of(PEERS.get, PEERS), default=("sdpa-flash", "sdpa-cudnn"),
                         metavar="flash,cudnn", help=f"torch implementations to compare with, of {','.join(PEERS)} "
                         "(math and naive hold N x N scores: up to N = 4096)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the meta data and records as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG plot (needs matplotlib)")
-    parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per timing (default 25)")
-    parser.add_argument("--rep-ms", type=float, default=100.0, help="timed repeats per timing (default 100)")
+    parser.add_argument("--warmup-ms", type=_positive_ms, default=25.0, help="warm-up per timing (default 25)")
+    parser.add_argument("--rep-ms", type=_positive_ms, default=100.0, help="timed repeats per timing (default 100)")
 
 
 # ---- measuring (GPU) --------------------------------------------------------------------------------------

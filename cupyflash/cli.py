@@ -1,8 +1,8 @@
 """The ``cupyflash`` command: ``demo`` (the main job), ``doctor`` (what is installed, do kernels compile) and
 ``bench`` (attention TFLOP/s and memory against torch's).
 
-Errors a user can fix (``CupyflashError``) print one sentence and exit with code 2; anything else is a bug
-and keeps its traceback.
+Errors a user can fix (``CupyflashError``, and a file the system refuses to read or write) print one sentence and
+exit with code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ import argparse
 import sys
 
 from . import __version__, bench, log
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from .errors import CupyflashError, require_torch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fuse the naive attention of a small GPT, check it against eager, time it")
     demo.add_argument("--cpu", action="store_true", help="run the small CPU version even when a GPU is present")
-    demo.add_argument("--steps", type=_positive_int, default=20,
+    demo.add_argument("--steps", type=bench.positive_int, default=20,
                       help="timed training steps per variant (GPU; default 20)")
     demo.add_argument("--plot", metavar="PATH", help="also write the timings as a PNG (needs matplotlib)")
 
@@ -47,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         log.setup("debug")
     try:
         if args.command == "demo":
+            require_torch("cupyflash demo")
             from . import demo
 
             return demo.run(force_cpu=args.cpu, steps=args.steps, plot_path=args.plot)
         if args.command == "bench":
+            require_torch("cupyflash bench")
             return bench.run(args)
         from . import doctor
 
@@ -58,22 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:
-        cause = _user_error(err)
-        if cause is None:
+        message = _user_error(err)
+        if message is None:
             raise
-        print(f"cupyflash: {cause}", file=sys.stderr)
+        log.logger.debug("user error", exc_info=True)
+        print(f"cupyflash: {message}", file=sys.stderr)
         return 2
 
 
-def _user_error(err: BaseException):
-    """The CupyflashError behind ``err``, if any: torch.compile wraps errors raised while compiling
-    (BackendCompilerFailed keeps the original as ``inner_exception``), Python chains others as causes."""
-    from .errors import CupyflashError
-
+def _user_error(err: BaseException) -> str | None:
+    """The one-sentence message of the user error behind ``err``, if any: a CupyflashError, or an OSError naming a
+    file (a path given that is not writable, a directory that is missing). torch.compile wraps errors raised while
+    compiling (BackendCompilerFailed keeps the original as ``inner_exception``), Python chains others as causes."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, CupyflashError):
-            return err
+            return str(err)
+        if isinstance(err, OSError) and err.filename is not None and err.strerror:
+            return f"{err.filename}: {err.strerror}."
         seen.add(id(err))
         err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
     return None

@@ -6,18 +6,23 @@ import importlib.metadata
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import INSTALL_CUPY, CupyflashError, UnsupportedGPUError, require_gpu, require_nvrtc
+from . import jit, report_cache
+from .errors import (INSTALL_CUPY, CupyflashError, CupyNotFoundError, UnsupportedGPUError, check_arch,
+                     cupy_cache_dir, nvrtc_archs, require_cupy, require_gpu, require_nvrtc)
 from .progress import Progress
 
 log = logging.getLogger(__name__)
 
 # Without a GPU, check the two architectures the kernels target: Ampere (mma.sync) and Hopper.
 NO_GPU_ARCHES = ("sm_80", "sm_90")
-DEFAULT_CACHE_DIR = "~/.cupy/kernel_cache"  # CuPy's default when CUPY_CACHE_DIR is unset
+# A module's compile time per variant where none was measured yet on this machine (the estimate before a cold run):
+# issue 17 timed all 416 variants for sm_80 and sm_90 at 3 min 15 s on 2 cores, about 0.9 core-seconds each.
+SECONDS_PER_VARIANT = 0.9
 
 
 def _not_found(what_to_do: str) -> str:
@@ -101,8 +106,9 @@ def nvrtc_line() -> str:
 
 
 def cache_lines() -> list[str]:
-    path = Path(os.path.expanduser(os.environ.get("CUPY_CACHE_DIR", DEFAULT_CACHE_DIR)))
-    source = "CUPY_CACHE_DIR" if "CUPY_CACHE_DIR" in os.environ else "default; set CUPY_CACHE_DIR to move it"
+    path, from_env = cupy_cache_dir()
+    path = Path(path)
+    source = "CUPY_CACHE_DIR" if from_env else "default; set CUPY_CACHE_DIR to move it"
     if not path.is_dir():
         return [f"{path} ({source})", "empty (created on the first compile)"]
     files = [f for f in path.rglob("*") if f.is_file()]
@@ -126,43 +132,98 @@ class CompileResult:
                 f"{r.spill_loads} B st/ld  smem {r.shared_bytes / 1024:.1f} KiB" for r in self.reports]
 
 
-def compile_variants(arches: list[str], only: str | None = None) -> list[CompileResult]:
-    """Compiles every kernel variant (whose name contains ``only``) for each arch, with a progress bar.
+@dataclass(frozen=True)
+class _Job:
+    key: tuple  # jit module key
+    arch: str
+    names: tuple  # the variants asked for (by --only)
 
-    NVRTC builds a module (one pass, dtype and head dim) at a time, so work is per module; NVRTC releases
-    the GIL, so modules compile in parallel threads.
-    """
-    from . import jit
 
+def _plan(arches: list[str], only: str | None) -> list[_Job]:
     jobs = []
     for arch in arches:
         for key in jit.module_keys(arch):
-            names = [v.name for v in jit.module_variants(key) if only is None or only in v.name]
+            names = tuple(v.name for v in jit.module_variants(key) if only is None or only in v.name)
             if names:
-                jobs.append((key, arch, names))
+                jobs.append(_Job(key, arch, names))
+    return jobs
 
-    def compile_one(job) -> CompileResult:
-        key, arch, names = job
+
+def _estimate_seconds(jobs: list[_Job], workers: int) -> float:
+    """Wall time to compile `jobs` on `workers` threads: each module's last compile time here, or a per-variant
+    guess; no less than the slowest module."""
+    costs = [report_cache.last_seconds(j.key, j.arch) or SECONDS_PER_VARIANT * len(jit.module_variants(j.key))
+             for j in jobs]
+    return max(sum(costs) / workers, max(costs))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def compile_variants(arches: list[str], only: str | None = None) -> list[CompileResult]:
+    """Every kernel variant (whose name contains ``only``) for each arch.
+
+    NVRTC builds a module (one pass, dtype and head dim) at a time, so work is per module; a module's reports come
+    from ``report_cache`` when it holds them, else NVRTC compiles it (releasing the GIL, so modules compile in
+    parallel threads) and the reports are stored. Prints what is cached and how long the rest should take.
+    """
+    jobs = _plan(arches, only)
+    cached = {j: report_cache.load(j.key, j.arch) for j in jobs}
+    misses = [j for j in jobs if cached[j] is None]
+    workers = os.cpu_count() or 1
+    where = f"compile reports: {len(jobs) - len(misses)} of {len(jobs)} modules cached ({report_cache.cache_dir()})"
+    if misses:
+        where += (f"; compiling {len(misses)}, about {_duration(_estimate_seconds(misses, workers))} on "
+                  f"{workers} cores")
+    print("  " + where, flush=True)
+
+    def result(job: _Job, reports: list) -> CompileResult:
+        return CompileResult(job.arch, job.names, [r for r in reports if r.variant.name in job.names])
+
+    def compile_one(job: _Job) -> CompileResult:
+        t0 = time.perf_counter()
         try:
-            reports = [r for r in jit.compile_module_reports(key, arch) if r.variant.name in names]
+            reports = jit.compile_module_reports(job.key, job.arch)
         except CupyflashError as err:  # jit.KernelCompileError, or NVRTC missing
-            log.debug("compile of %s for %s failed", key, arch, exc_info=True)
-            return CompileResult(arch, names, [], str(err))
-        return CompileResult(arch, names, reports)
+            log.debug("compile of %s for %s failed", job.key, job.arch, exc_info=True)
+            return CompileResult(job.arch, job.names, [], str(err))
+        report_cache.store(job.key, job.arch, reports, time.perf_counter() - t0)
+        return result(job, reports)
 
-    if not jobs:
-        return []
-    results = []
-    with Progress(sum(len(j[2]) for j in jobs), "compiling kernels") as bar, \
-            ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for result in pool.map(compile_one, jobs):
-            results.append(result)
-            bar.advance(len(result.variants), note=f"{result.arch} {result.variants[0]}")
-    return results
+    compiled = {}
+    if misses:
+        with Progress(sum(len(j.names) for j in misses), "compiling kernels") as bar, \
+                ThreadPoolExecutor(max_workers=workers) as pool:
+            for job, r in zip(misses, pool.map(compile_one, misses)):
+                compiled[job] = r
+                bar.advance(len(r.variants), note=f"{r.arch} {r.variants[0]}")
+    return [compiled[j] if cached[j] is None else result(j, cached[j]) for j in jobs]
+
+
+def _no_match(only: str, arches: list[str]) -> CupyflashError:
+    elsewhere = sorted({a for a in NO_GPU_ARCHES if a not in arches
+                        for v in jit.all_variants() if only in v.name and v.compiles_for(a)})
+    hint = (f"those variants are built for {', '.join(elsewhere)} only (--arch {elsewhere[0]})" if elsewhere else
+            "names read kernel_dtype_dHEADDIM[_causal][_mods][_dropout], e.g. fwd_bf16_d64_causal, with kernels "
+            f"{', '.join(jit.KERNELS)} and dtypes f16, bf16, tf32: try --only _d64 or --only bwd_f16")
+    return CupyflashError(f"no kernel variant for {', '.join(arches)} has {only!r} in its name; {hint}.")
+
+
+def _checked_arches(arches: list[str]) -> list[str]:
+    """--arch values, each once and each one the kernels compile for (UnsupportedArchError otherwise)."""
+    supported = nvrtc_archs()
+    return [check_arch(a, supported) for a in dict.fromkeys(arches)]
 
 
 def run(*, arches: list[str] | None = None, only: str | None = None) -> int:
     """Prints the report; returns 0 when every kernel variant compiled, 1 otherwise."""
+    try:
+        require_cupy()  # CuPy failing to start (CupyCacheDirError) is the user's to fix: exit 2
+    except CupyNotFoundError:
+        pass  # reported on its lines below
+    if arches:
+        arches = _checked_arches(arches)
     gpu, gpu_arch = gpu_line()
     rows = [("GPU", gpu), ("driver", driver_line()), ("CUDA runtime", cuda_runtime_line()),
             ("CuPy", cupy_line()), ("torch", torch_line()), ("NVRTC", nvrtc_line())]
@@ -171,17 +232,16 @@ def run(*, arches: list[str] | None = None, only: str | None = None) -> int:
     for label, value in rows:
         print(f"{label + ':':<14}{value}")
 
+    why = "--arch" if arches else "this GPU" if gpu_arch else "no usable GPU"
     arches = arches or ([gpu_arch] if gpu_arch else list(NO_GPU_ARCHES))
-    why = "this GPU" if gpu_arch and arches == [gpu_arch] else "no usable GPU" if not gpu_arch else "--arch"
-    print(f"\nkernel variants for {', '.join(arches)} ({why}):")
+    if only is not None and not _plan(arches, only):
+        raise _no_match(only, arches)
+    print(f"\nkernel variants for {', '.join(arches)} ({why}):", flush=True)
     try:
         require_nvrtc()
         results = compile_variants(arches, only)
     except CupyflashError as err:
         print(f"  not checked: {err}")
-        return 1
-    if not results:
-        print(f"  no kernel variant matches --only {only!r}")
         return 1
     for r in results:
         print("\n".join(r.lines()))

@@ -12,6 +12,7 @@ shipped variant and to report registers and spills.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -224,13 +225,28 @@ def _whole_elf(cubin: bytes) -> bytes:
     return cubin + bytes(max(0, end - len(cubin)))
 
 
+def _report_build(key: tuple, arch: str) -> tuple[str, list[str], list[Variant]]:
+    """(source, NVRTC options, variants): everything compile_module_reports hands NVRTC for module `key`."""
+    variants = module_variants(key)
+    return source_for(variants[0]), [*NVRTC_OPTIONS, *arch_options(key, arch), "-Xptxas=-v"], variants
+
+
+def report_fingerprint(key: tuple, arch: str) -> str:
+    """A hash of what decides module `key`'s compile reports for `arch`, as CuPy keys its kernel cache: the source
+    (headers inlined), the options with the arch, the name expressions (template arguments, tiles) and NVRTC's
+    version. Loads NVRTC (NVRTCNotFoundError without it)."""
+    source, options, variants = _report_build(key, arch)
+    text = "\0".join([source, entry_file(key), *options, *(v.expression for v in variants),
+                      ".".join(map(str, _nvrtc().getVersion()))])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def compile_module_reports(key: tuple, arch: str, cubin_path: Path | None = None) -> list[CompileReport]:
     """Compiles one module's variants for `arch` ("sm_80", "sm_90") with NVRTC; no GPU needed. With
     `cubin_path`, the module's cubin is written there too (for cuobjdump -sass: benchmarks/sass_report.py)."""
     nvrtc = _nvrtc()
-    variants = module_variants(key)
-    options = [*NVRTC_OPTIONS, *arch_options(key, arch), "-Xptxas=-v"]
-    prog = nvrtc.createProgram(source_for(variants[0]), entry_file(key), [], [])
+    source, options, variants = _report_build(key, arch)
+    prog = nvrtc.createProgram(source, entry_file(key), [], [])
     try:
         for v in variants:
             nvrtc.addNameExpression(prog, v.expression)

@@ -52,6 +52,11 @@ def test_flags_are_parsed_into_values():
     ("--peers", "xformers", "xformers not in flash,cudnn,math,naive"),
     ("--seqlens", "1024,0", "must be at least 1, got 0"),
     ("--head-dims", "", "expected a comma-separated list"),
+    ("--head-dims", "64,x", "expected a whole number, got 'x'"),
+    ("--tokens", "16k", "expected a whole number, got '16k'"),
+    ("--warmup-ms", "nan", "must be a positive number of milliseconds, got nan"),
+    ("--rep-ms", "-5", "must be a positive number of milliseconds, got -5"),
+    ("--rep-ms", "fast", "expected milliseconds, got 'fast'"),
 ])
 def test_bad_flags_are_refused_with_the_reason(capsys, flag, value, words):
     with pytest.raises(SystemExit) as info:

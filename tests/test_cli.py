@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
 
 
-def _run(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+def _run(args: list[str], env: dict | None = None, timeout: int = 300,
+         unset: tuple = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _variant_names(containing: str, arch: str) -> list[str]:
@@ -73,10 +74,10 @@ def test_demo_on_gpu_times_three_variants_side_by_side():
     assert "\nPASS\n" in out
 
 
-def test_doctor_reports_versions_and_compiles_every_variant():
+def test_doctor_reports_versions_and_compiles_every_variant(tmp_path):
     # Every variant of one head dim (all kernels, dtypes, causal or not) keeps this quick on 2 cores;
-    # test_kernel_compile.py compiles the full set.
-    proc = _run([sys.executable, "-m", "cupyflash", "doctor", "--only", "_d64"])
+    # test_kernel_compile.py compiles the full set. An empty cache: the reports come from NVRTC.
+    proc = _run([sys.executable, "-m", "cupyflash", "doctor", "--only", "_d64"], env={"CUPY_CACHE_DIR": str(tmp_path)})
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     for label in ("GPU", "driver", "CUDA runtime", "CuPy", "torch", "NVRTC", "kernel cache", "cache size"):
@@ -92,6 +93,8 @@ def test_doctor_reports_versions_and_compiles_every_variant():
     assert expected, "no head_dim 64 variant to check"
     compiled = set(re.findall(r"^  ok +(sm_\d+)  (\S+) +\d+ regs", out, re.M))
     assert compiled == expected
+    assert re.search(r"^  compile reports: 0 of (\d+) modules cached \(.+\); compiling \1, about \d+ (s|min) on "
+                     r"\d+ cores$", out, re.M), out
     assert f"kernels: {len(expected)} of {len(expected)} compiled" in out
 
 
@@ -119,6 +122,89 @@ def test_user_error_is_one_sentence_with_exit_code_2(tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == ["cupyflash: --plot needs matplotlib, which is not installed; "
                                         "pip install 'cupyflash[plot]' or drop --plot."]
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The message of a user error: exit code 2, one line on stderr, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cupyflash: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["CUPY_CACHE_DIR", "default"])
+def test_a_cupy_cache_dir_that_cannot_be_made_is_one_sentence(tmp_path, where):
+    # CuPy makes its kernel cache directory when imported; a file in the way fails `import cupy` itself.
+    if where == "CUPY_CACHE_DIR":
+        (tmp_path / "a_file").write_text("")
+        env, unset, words = {"CUPY_CACHE_DIR": str(tmp_path / "a_file")}, (), (
+            f"CuPy cannot start: CUPY_CACHE_DIR={tmp_path / 'a_file'} is a file, not a directory; point "
+            "CUPY_CACHE_DIR at a directory you can write, or unset it.")
+    else:  # the default, ~/.cupy/kernel_cache, under a ~/.cupy that is a file
+        (tmp_path / ".cupy").write_text("")
+        env, unset, words = {"HOME": str(tmp_path)}, ("CUPY_CACHE_DIR",), (
+            f"CuPy cannot start: CuPy's default kernel cache {tmp_path / '.cupy' / 'kernel_cache'} cannot be "
+            f"created (Not a directory: {tmp_path / '.cupy' / 'kernel_cache'}); set CUPY_CACHE_DIR to a directory "
+            "you can write.")
+    proc = _run([sys.executable, "-m", "cupyflash", "doctor"], env=env, unset=unset)
+    assert _one_line_error(proc) == f"cupyflash: {words}"
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_demo_and_bench_without_torch_say_to_install_it(command):
+    # `None` in sys.modules makes `import torch` raise ImportError, as on a machine without torch.
+    shim = "import sys; sys.modules['torch'] = None; from cupyflash.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = _run([sys.executable, "-c", shim, command], env={"PYTHONPATH": str(ROOT)})
+    message = _one_line_error(proc)
+    assert message.startswith(f"cupyflash: cupyflash {command} needs torch, which is not installed (")
+    assert message.endswith("; pip install torch (the CuPy API and `cupyflash doctor` work without it).")
+
+
+def _supported_arches() -> list[str]:
+    return [f"sm_{n}" for n in errors.nvrtc_archs() if n >= 80]
+
+
+@pytest.mark.parametrize("arch,why", [
+    ("sm_70", "is older than sm_80 (Ampere), the oldest the cupyflash kernels support"),
+    ("foo", "is not an architecture name of the form sm_XX"),
+    ("sm_90a", "is not an architecture name of the form sm_XX"),
+    ("sm_85", "is not one this NVRTC can compile for"),
+])
+def test_doctor_refuses_an_arch_it_cannot_build_and_lists_those_it_can(capsys, arch, why):
+    from cupyflash import cli
+
+    if errors.nvrtc_archs() is None:
+        pytest.skip("NVRTC cannot be loaded")
+    assert cli.main(["doctor", "--arch", "sm_80", "--arch", arch]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before anything is printed or compiled
+    assert err == f"cupyflash: --arch {arch} {why}; pass one of {', '.join(_supported_arches())}.\n"
+    assert "sm_80, sm_86" in err and "sm_90" in err
+
+
+@pytest.mark.parametrize("only,arch,hint", [
+    ("nothing", "sm_80", "names read kernel_dtype_dHEADDIM[_causal][_mods][_dropout], e.g. fwd_bf16_d64_causal"),
+    ("fwd_sm90", "sm_80", "those variants are built for sm_90 only (--arch sm_90)"),
+])
+def test_doctor_only_that_matches_nothing_says_what_names_look_like(capsys, tmp_path, monkeypatch, only, arch, hint):
+    from cupyflash import cli
+
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    assert cli.main(["doctor", "--arch", arch, "--only", only]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cupyflash: no kernel variant for {arch} has {only!r} in its name; ")
+    assert hint in err and err.count("\n") == 1
+
+
+def test_a_file_the_system_refuses_is_one_sentence(monkeypatch, capsys):
+    from cupyflash import cli
+
+    def cannot_write(**kwargs):
+        raise PermissionError(13, "Permission denied", "/read-only/timings.png")
+
+    monkeypatch.setattr(demo, "run", cannot_write)
+    assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err == "cupyflash: /read-only/timings.png: Permission denied.\n"
 
 
 # ---- the parts --------------------------------------------------------------------------------------
@@ -170,7 +256,7 @@ def _fake_cupy(*, count=1, major=9, minor=0, runtime_error=None, nvrtc_error=Non
 def fake_cupy(monkeypatch):
     def install(**kwargs):
         errors._checked_device.cache_clear()
-        monkeypatch.setattr(errors, "_cupy", lambda: _fake_cupy(**kwargs))
+        monkeypatch.setattr(errors, "require_cupy", lambda: _fake_cupy(**kwargs))
     yield install
     errors._checked_device.cache_clear()
 
