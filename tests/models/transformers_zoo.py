@@ -131,9 +131,19 @@ def _clip() -> Spec:
     return Spec(build, inputs, sites=4)  # text and vision towers, 2 layers each
 
 
+_GPT = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+
+
+def upcast_qk_specs() -> dict[str, Spec]:
+    """Families that cast q and k to fp32 while v keeps the model's 16-bit dtype (issue 14, item 4): GPT-J always,
+    GPT-2 with ``reorder_and_upcast_attn``."""
+    return {"gptj": _lm("GPTJConfig", "GPTJForCausalLM", **_GPT, rotary_dim=4),
+            "gpt2_upcast": _lm("GPT2Config", "GPT2LMHeadModel", **_GPT, reorder_and_upcast_attn=True)}
+
+
 def specs() -> dict[str, Spec]:
     """Every family of issue 14's list, by name."""
-    gpt = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    gpt = _GPT
     stack = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     return {
         "llama": _llama_like("LlamaConfig", "LlamaForCausalLM"),
