@@ -1,11 +1,11 @@
 """Attention as real model families write it is fused: counter, op in the graph, outputs and gradients
-equal to eager (CPU, fp32: the op's CPU implementation is exact)."""
+equal to eager (CPU, fp32: the op's CPU implementation is exact). Whole transformers models (Llama, GPT-2, BERT
+and the rest, with padding and the KV cache) are in test_transformers_models.py."""
 import pytest
 import torch
 
 from models.harness import compile_and_compare
-from models.hf import (BertSelfAttention, Gemma2Attention, GPT2Attention, LlamaAttention, bert_extended_mask,
-                       llama_causal_mask, sliding_window_mask)
+from models.hf import Gemma2Attention, LlamaAttention, bert_extended_mask, llama_causal_mask, sliding_window_mask
 from models.nanogpt import GPT, CausalSelfAttention
 from models.others import BmmAttention, EinsumCrossAttention, TimmAttention, sdpa_reference
 
@@ -30,17 +30,6 @@ def test_nanogpt_whole_model_loss():
     m = GPT(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
     idx = torch.randint(0, 64, (2, 12))
     compile_and_compare(m, idx, torch.randint(0, 64, (2, 12)), expect=2)
-
-
-@pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_llama_eager_attention(kv_heads, padded):
-    m = LlamaAttention(hidden_size=64, num_heads=4, num_key_value_heads=kv_heads)
-    x = torch.randn(2, 7, 64)
-    pad = torch.ones(2, 7)
-    if padded:
-        pad[1, -2:] = 0  # right padding of the second sequence
-    compile_and_compare(m, x, llama_causal_mask(pad, torch.float32), expect=1, frozen=(1,))
 
 
 def test_llama_left_padding_fully_masked_rows_gradient():
@@ -69,34 +58,6 @@ def test_gemma2_soft_capped_attention(cap, mask):
     graphs = compile_and_compare(m, torch.randn(2, 9, 64), attn_mask, expect=1, frozen=(1,))
     (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
     assert op.kwargs["softcap"] == cap and op.args[4] == pytest.approx(24 ** -0.5)
-
-
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_gpt2_eager_attention(with_mask):
-    m = GPT2Attention(embed_dim=64, num_heads=4, max_positions=16)
-    x = torch.randn(2, 9, 64)
-    if with_mask:
-        pad = torch.ones(2, 9)
-        pad[0, -3:] = 0
-        compile_and_compare(m, x, None, bert_extended_mask(pad, torch.float32), expect=1, frozen=(2,))
-    else:
-        compile_and_compare(m, x, expect=1)
-
-
-def test_gpt2_with_past_key_values():
-    m = GPT2Attention(embed_dim=64, num_heads=4, max_positions=32)
-    past = (torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16))
-    compile_and_compare(m, torch.randn(2, 3, 64), past, expect=1)
-
-
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_bert_self_attention(with_mask):
-    m = BertSelfAttention(hidden_size=64, num_attention_heads=4)
-    x = torch.randn(3, 10, 64)
-    pad = torch.ones(3, 10)
-    pad[2, 6:] = 0
-    args = (x, bert_extended_mask(pad, torch.float32)) if with_mask else (x,)
-    compile_and_compare(m, *args, expect=1, frozen=(1,))
 
 
 def test_timm_vit_attention():

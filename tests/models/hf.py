@@ -1,9 +1,10 @@
-"""Hugging Face transformers eager attention, written as their sources write it (Llama, Gemma 2, GPT-2, BERT)."""
-import math
+"""Hugging Face transformers eager attention modules in isolation, written as their sources write it (Llama,
+Gemma 2), and the masks transformers builds for them. Whole real models from the installed transformers are
+tested in test_transformers_models.py; these stay for checks on one attention module (soft-cap spellings, rows
+with every key masked)."""
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 
 # ---- Llama (modeling_llama.py: eager_attention_forward, repeat_kv, rotary embedding) -------------
@@ -43,14 +44,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, hidden_size=64, num_heads=4, num_key_value_heads=2, attention_dropout=0.0,
-                 return_weights=False):
+    def __init__(self, hidden_size=64, num_heads=4, num_key_value_heads=2, attention_dropout=0.0):
         super().__init__()
         self.head_dim = hidden_size // num_heads
         self.num_key_value_groups = num_heads // num_key_value_heads
         self.scaling = self.head_dim ** -0.5
         self.attention_dropout = attention_dropout
-        self.return_weights = return_weights
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_key_value_heads * self.head_dim, bias=False)
@@ -74,12 +73,11 @@ class LlamaAttention(nn.Module):
         position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
         cos, sin = self.rotary(hidden_states, position_ids)
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        attn_output, attn_weights = eager_attention_forward(
+        attn_output, _ = eager_attention_forward(
             self, query_states, key_states, value_states, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = self.o_proj(attn_output)
-        return (attn_output, attn_weights) if self.return_weights else attn_output
+        return self.o_proj(attn_output)
 
 
 def llama_causal_mask(padding_mask, dtype):
@@ -150,88 +148,7 @@ def sliding_window_mask(padding_mask, window, dtype):
     return mask.masked_fill(too_far, torch.finfo(dtype).min)
 
 
-# ---- GPT-2 (modeling_gpt2.py, eager _attn with the `bias` causal buffer) ---------------------------
-
-class GPT2Attention(nn.Module):
-    def __init__(self, embed_dim=64, num_heads=4, max_positions=32, attn_pdrop=0.0, scale_attn_weights=True):
-        super().__init__()
-        self.register_buffer("bias", torch.tril(torch.ones((max_positions, max_positions), dtype=torch.bool))
-                             .view(1, 1, max_positions, max_positions), persistent=False)
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
-        self.split_size = embed_dim
-        self.scale_attn_weights = scale_attn_weights
-        self.c_attn = nn.Linear(embed_dim, 3 * embed_dim)
-        self.c_proj = nn.Linear(embed_dim, embed_dim)
-        self.attn_dropout = nn.Dropout(attn_pdrop)
-
-    def _attn(self, query, key, value, attention_mask=None):
-        attn_weights = torch.matmul(query, key.transpose(-1, -2))
-        if self.scale_attn_weights:
-            attn_weights = attn_weights / torch.full(
-                [], value.size(-1) ** 0.5, dtype=attn_weights.dtype, device=attn_weights.device)
-        query_length, key_length = query.size(-2), key.size(-2)
-        causal_mask = self.bias[:, :, key_length - query_length: key_length, :key_length]
-        mask_value = torch.finfo(attn_weights.dtype).min
-        mask_value = torch.full([], mask_value, dtype=attn_weights.dtype, device=attn_weights.device)
-        attn_weights = torch.where(causal_mask, attn_weights.to(attn_weights.dtype), mask_value)
-        if attention_mask is not None:
-            attn_weights = attn_weights + attention_mask
-        attn_weights = nn.functional.softmax(attn_weights, dim=-1)
-        attn_weights = attn_weights.type(value.dtype)
-        attn_weights = self.attn_dropout(attn_weights)
-        attn_output = torch.matmul(attn_weights, value)
-        return attn_output, attn_weights
-
-    def _split_heads(self, tensor):
-        new_shape = tensor.size()[:-1] + (self.num_heads, self.head_dim)
-        return tensor.view(new_shape).permute(0, 2, 1, 3)  # (batch, head, seq_length, head_features)
-
-    def forward(self, hidden_states, layer_past=None, attention_mask=None):
-        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
-        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
-        if layer_past is not None:
-            past_key, past_value = layer_past
-            key = torch.cat((past_key, key), dim=-2)
-            value = torch.cat((past_value, value), dim=-2)
-        attn_output, _ = self._attn(query, key, value, attention_mask)
-        attn_output = attn_output.permute(0, 2, 1, 3).contiguous()
-        attn_output = attn_output.view(attn_output.size()[:-2] + (self.embed_dim,))
-        return self.c_proj(attn_output)
-
-
-# ---- BERT (modeling_bert.py, BertSelfAttention eager) ---------------------------------------------
-
-class BertSelfAttention(nn.Module):
-    def __init__(self, hidden_size=64, num_attention_heads=4, attention_probs_dropout_prob=0.0):
-        super().__init__()
-        self.num_attention_heads = num_attention_heads
-        self.attention_head_size = hidden_size // num_attention_heads
-        self.all_head_size = self.num_attention_heads * self.attention_head_size
-        self.query = nn.Linear(hidden_size, self.all_head_size)
-        self.key = nn.Linear(hidden_size, self.all_head_size)
-        self.value = nn.Linear(hidden_size, self.all_head_size)
-        self.dropout = nn.Dropout(attention_probs_dropout_prob)
-
-    def transpose_for_scores(self, x):
-        new_x_shape = x.size()[:-1] + (self.num_attention_heads, self.attention_head_size)
-        return x.view(new_x_shape).permute(0, 2, 1, 3)
-
-    def forward(self, hidden_states, attention_mask=None):
-        query_layer = self.transpose_for_scores(self.query(hidden_states))
-        key_layer = self.transpose_for_scores(self.key(hidden_states))
-        value_layer = self.transpose_for_scores(self.value(hidden_states))
-        attention_scores = torch.matmul(query_layer, key_layer.transpose(-1, -2))
-        attention_scores = attention_scores / math.sqrt(self.attention_head_size)
-        if attention_mask is not None:
-            attention_scores = attention_scores + attention_mask
-        attention_probs = nn.functional.softmax(attention_scores, dim=-1)
-        attention_probs = self.dropout(attention_probs)
-        context_layer = torch.matmul(attention_probs, value_layer)
-        context_layer = context_layer.permute(0, 2, 1, 3).contiguous()
-        new_context_layer_shape = context_layer.size()[:-2] + (self.all_head_size,)
-        return context_layer.view(new_context_layer_shape)
-
+# ---- BERT (modeling_bert.py) ----------------------------------------------------------------------
 
 def bert_extended_mask(attention_mask, dtype):
     """get_extended_attention_mask: (B, T) 1/0 -> (B, 1, 1, T) additive with finfo.min."""
