@@ -15,8 +15,9 @@ import numbers
 from . import launch
 from .errors import require_gpu
 from .tiles import for_pass
-from .validate import (GPU_HEAD_DIMS, TensorInfo, check_attention_inputs, check_causal, check_real, check_scale,
-                       check_softcap, check_window, default_scale, effective_window, is_empty)
+from .validate import (GPU_HEAD_DIMS, TensorInfo, check_attention_inputs, check_backward_inputs, check_bias_grad,
+                       check_causal, check_real, check_scale, check_softcap, check_window, default_scale,
+                       effective_window, is_empty)
 
 BIAS_DTYPES = ("bool", "float16", "float32")
 # The seed's 64 bits are the Philox key (kernels_cu/scores.cuh), so int64 and uint64 values are both taken.
@@ -53,16 +54,6 @@ def _check_options(scale, causal, window, dropout_p, dropout_seed, softcap) -> t
 def _scale(scale, q) -> float:
     """The scale as a float (checked by _check_options), by default 1/sqrt(head_dim) of the checked array q."""
     return default_scale(q.shape[-1]) if scale is None else float(scale)
-
-
-def _check_bias_grad(attn_bias, bias_grad: bool) -> None:
-    if not bias_grad:
-        return
-    if attn_bias is None:
-        raise ValueError("bias_grad=True needs attn_bias; without a bias there is no gradient to return")
-    if _dtype_name(attn_bias) == "bool":
-        raise ValueError("bias_grad=True but attn_bias is a boolean mask, which has no gradient; pass an additive "
-                         "float bias or bias_grad=False")
 
 
 def _check_backward_seed(dropout_p: float, dropout_seed) -> None:
@@ -297,7 +288,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
     """
     window = _check_options(scale, causal, window, dropout_p, dropout_seed, softcap)
     _check_backward_seed(dropout_p, dropout_seed)
-    _check_bias_grad(attn_bias, bias_grad)
+    check_bias_grad(None if attn_bias is None else _dtype_name(attn_bias), bias_grad)
     if _is_torch(q):
         from .torch_op import flash_attn_bwd
 
@@ -314,16 +305,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
     dout, out, lse = _as_cupy("dout", dout), _as_cupy("out", out), _as_cupy("lse", lse)
     attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
     _check_arrays(q, k, v, attn_bias, allow_tf32)
-    for name, a in (("dout", dout), ("out", out)):
-        if a.shape != q.shape or a.dtype != q.dtype:
-            raise ValueError(f"{name} must match q: expected shape {q.shape} {q.dtype}, got {a.shape} {a.dtype}")
-    if lse.shape != q.shape[:-1] or lse.dtype != cupy.float32:
-        raise ValueError(f"lse must be float32 of shape (batch, heads, seqlen_q) = {q.shape[:-1]}, "
-                         f"got {lse.dtype} {lse.shape}")
-    for name, a in (("dout", dout), ("out", out), ("lse", lse)):
-        if a.device != q.device:
-            raise ValueError(f"{name} is on cuda:{a.device.id} but q is on cuda:{q.device.id}; all inputs must be "
-                             f"on one device")
+    check_backward_inputs(_info("q", q), _info("dout", dout), _info("out", out), _info("lse", lse))
     batch, heads, n_q, d = q.shape
     scale, window = _scale(scale, q), effective_window(window, n_q, k.shape[2])
     launch.require_backward(d)  # before any work on the bias

@@ -14,8 +14,9 @@ import torch
 
 from . import cpu_attention
 from .tiles import BACKWARD
-from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs, check_causal,
-                       check_real, check_scale, check_softcap, check_window, default_scale, effective_window, is_empty)
+from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
+                       check_backward_inputs, check_bias_grad, check_causal, check_real, check_scale, check_softcap,
+                       check_window, default_scale, effective_window, is_empty)
 
 
 def tf32_allowed() -> bool:
@@ -36,14 +37,16 @@ def _layout(t: Optional[torch.Tensor]) -> Optional[tuple]:
     return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+def _info(name: str, layout: tuple) -> TensorInfo:
+    shape, strides, dtype, device = layout
+    return TensorInfo(name, shape, strides, str(dtype).removeprefix("torch."), str(device))
+
+
 def _check_layouts(q, k, v, bias, tf32: bool) -> None:
     """check_attention_inputs on _layout()s of q, k, v and the bias (or None)."""
-    def info(name, layout):
-        shape, strides, dtype, device = layout
-        return TensorInfo(name, shape, strides, str(dtype).removeprefix("torch."), str(device))
-
-    check_attention_inputs(info("q", q), info("k", k), info("v", v), None if bias is None else info("attn_bias", bias),
-                           on_gpu=q[3].type == "cuda", tf32_allowed=tf32)
+    check_attention_inputs(_info("q", q), _info("k", k), _info("v", v),
+                           None if bias is None else _info("attn_bias", bias), on_gpu=q[3].type == "cuda",
+                           tf32_allowed=tf32)
 
 
 # Every call checks its inputs, and a model calls with the same few layouts again and again: 16 µs of an H100 host's
@@ -51,12 +54,17 @@ def _check_layouts(q, k, v, bias, tf32: bool) -> None:
 _check_layouts_cached = functools.lru_cache(maxsize=1024)(_check_layouts)
 
 
-def _check(q, k, v, attn_bias, window=(-1, -1), dropout_p=0.0, dropout_seed=None, softcap=0.0, scale=1.0):
+def _check_tensors(q, k, v, attn_bias) -> None:
     layouts = [_layout(t) for t in (q, k, v, attn_bias)]
     tf32 = q.device.type == "cuda" and q.dtype == torch.float32 and tf32_allowed()
-    # Plain tensors only: fake tensors' sizes may be symbolic, which do not hash.
+    # Plain tensors only: fake tensors' sizes may be symbolic, which do not hash; and not in code Dynamo traces
+    # (flash_attention's dropout_p = 1 path), which would trace through the cache.
     plain = all(type(t) is torch.Tensor for t in (q, k, v, attn_bias) if t is not None)
-    (_check_layouts_cached if plain else _check_layouts)(*layouts, tf32)
+    (_check_layouts_cached if plain and not torch.compiler.is_compiling() else _check_layouts)(*layouts, tf32)
+
+
+def _check(q, k, v, attn_bias, window=(-1, -1), dropout_p=0.0, dropout_seed=None, softcap=0.0, scale=1.0):
+    _check_tensors(q, k, v, attn_bias)
     check_scale(scale)
     for name, w in zip(("window_left", "window_right"), window):
         if w < -1:
@@ -143,6 +151,8 @@ def _impl(q: torch.Tensor):
 @flash_attn_fwd.register_fake
 def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0, dropout_seed=None,
       softcap=0.0):
+    # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
+    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -154,6 +164,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns contiguous (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias is empty unless
     bias_grad)."""
+    _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
+                    bias_grad, softcap)
     return _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
                           dropout_seed, bias_grad, softcap)
 
@@ -172,9 +184,22 @@ def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_lef
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
 
 
+def _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
+                    bias_grad, softcap):
+    """The forward's checks and the backward's own (autograd's backward, which passes the forward's inputs, skips
+    them through _EagerAttention)."""
+    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
+    check_backward_inputs(*(_info(name, _layout(t)) for name, t in (("q", q), ("dout", dout), ("out", out),
+                                                                       ("lse", lse))))
+    check_bias_grad(None if attn_bias is None else str(attn_bias.dtype).removeprefix("torch."), bias_grad)
+
+
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0,
       dropout_seed=None, bias_grad=False, softcap=0.0):
+    # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
+    _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
+                    bias_grad, softcap)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
@@ -300,7 +325,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
                                                                                      "1/sqrt(head_dim)")
     q, k, v, attn_bias = _sdpa_shapes(q, k, v, attn_bias)
     if dropout_p == 1.0:
-        _check(q, k, v, attn_bias, window, 0.0, None, softcap, scale)
+        # The scalars were checked above, and scale and softcap leave the zeros as they are (the op's value checks
+        # call math.isfinite, which Dynamo does not trace).
+        _check_tensors(q, k, v, attn_bias)
         return _Dropped.apply(q, k, v, attn_bias)
     # Drawn on q's device and never read back on the host: a CUDA RNG op in a captured CUDA graph draws a
     # fresh value at each replay, where a Python int would be baked into the graph.

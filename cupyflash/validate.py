@@ -118,6 +118,31 @@ def _check_bias(bias: TensorInfo, q: TensorInfo, k: TensorInfo) -> None:
         raise ValueError(f"attn_bias is on {bias.device} but q is on {q.device}; all inputs must be on one device")
 
 
+def check_backward_inputs(q: TensorInfo, dout: TensorInfo, out: TensorInfo, lse: TensorInfo) -> None:
+    """The backward's own inputs, beside q, k, v and the bias (check_attention_inputs): the forward's out and lse
+    and the gradient of out."""
+    for t in (dout, out):
+        if t.shape != q.shape or t.dtype != q.dtype:
+            raise ValueError(f"{t.name} must match q: expected shape {q.shape} {q.dtype}, got {t.shape} {t.dtype}")
+    if lse.shape != q.shape[:-1] or lse.dtype != "float32":
+        raise ValueError(f"lse must be float32 of shape (batch, heads, seqlen_q) = {q.shape[:-1]}, "
+                         f"got {lse.dtype} {lse.shape}")
+    for t in (dout, out, lse):
+        if t.device != q.device:
+            raise ValueError(f"{t.name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+
+
+def check_bias_grad(bias_dtype: str | None, bias_grad: bool) -> None:
+    """``bias_dtype``: the bias's dtype name, None without a bias."""
+    if not bias_grad:
+        return
+    if bias_dtype is None:
+        raise ValueError("bias_grad=True needs attn_bias; without a bias there is no gradient to return")
+    if bias_dtype == "bool":
+        raise ValueError("bias_grad=True but attn_bias is a boolean mask, which has no gradient; pass an additive "
+                         "float bias or bias_grad=False")
+
+
 def check_softcap(softcap: float) -> None:
     """softcap = 0 is off; otherwise logits become softcap · tanh(logits / softcap)."""
     if not (math.isfinite(softcap) and softcap >= 0.0):

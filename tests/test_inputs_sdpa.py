@@ -359,3 +359,56 @@ def test_dropout_1_gives_zeros_and_zero_gradients_without_launching(monkeypatch)
         assert got.shape == want.shape and torch.equal(got, want) and not got.any()
     with pytest.raises(TypeError, match="q has dtype int64"):  # still checked
         _fa(q.long(), k.long(), v.long(), dropout_p=1.0)
+
+
+def test_broadcasts_and_dropout_1_trace_under_torch_compile():
+    """The front end's views and the dropout_p = 1 path compile in one graph with dynamic shapes."""
+    def attend(q, k, v, bias, dropout_p):
+        return cupyflash.flash_attention(q, k, v, bias, window=(4, 0), dropout_p=dropout_p)
+
+    q, k, v = _qkv("compiled", (B, H, NQ, D), (1, H, NK, D))
+    bias = _randn(NQ, NK, seed=seed_from("compiled", "bias"))
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(q, k, v, bias, 0.0), attend(q, k, v, bias, 0.0))
+    zeros = compiled(q, k, v, bias, 1.0)
+    assert zeros.shape == q.shape and not zeros.any()
+
+
+def _bwd_args(**changes):
+    q, k, v = _qkv("op backward")
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.25, False)
+    args = dict(dout=torch.randn_like(out), q=q, k=k, v=v, attn_bias=None, out=out, lse=lse, scale=0.25,
+                causal=False)
+    args.update(changes)
+    return args
+
+
+BACKWARD_ERRORS = [  # (changes to the backward's arguments, exception, message pattern)
+    (dict(dout=torch.zeros(B, H, NQ, 8)), ValueError,
+     r"dout must match q: expected shape \(2, 3, 9, 16\) float32, got \(2, 3, 9, 8\) float32"),
+    (dict(out=torch.zeros(B, H, NQ, D, dtype=torch.float64)), ValueError, r"out must match q: .*got .* float64"),
+    (dict(lse=torch.zeros(B, H, NQ, dtype=torch.float16)), ValueError,
+     r"lse must be float32 of shape \(batch, heads, seqlen_q\) = \(2, 3, 9\), got float16"),
+    (dict(lse=torch.zeros(B, H, NQ, device="meta")), ValueError,
+     r"lse is on meta but q is on cpu; all inputs must be on one device"),
+    (dict(bias_grad=True), ValueError, r"bias_grad=True needs attn_bias"),
+    (dict(attn_bias=torch.ones(1, 1, NQ, NK, dtype=torch.bool), bias_grad=True), ValueError,
+     r"bias_grad=True but attn_bias is a boolean mask, which has no gradient"),
+    (dict(k=torch.zeros(B, H, NK, D, dtype=torch.int64)), TypeError, r"k has dtype int64 but q has float32"),
+    (dict(window_left=-5), ValueError, r"window_left is -5; expected a number of keys >= 0, or -1 for unbounded"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,pattern", BACKWARD_ERRORS, ids=[",".join(c) for c, _, _ in BACKWARD_ERRORS])
+def test_op_backward_checks_its_inputs(changes, exc, pattern):
+    """The backward op called directly gets the forward's checks and its own (autograd passes the forward's)."""
+    with pytest.raises(exc, match=pattern):
+        torch.ops.cupyflash.flash_attn_bwd(**_bwd_args(**changes))
+
+
+def test_op_with_a_meta_tensor_among_cpu_ones_is_refused():
+    """The dispatcher sends such a call to the fake implementation, which would return uninitialised tensors."""
+    q, k, v = _qkv("meta")
+    with pytest.raises(ValueError, match=r"attn_bias is on meta but q is on cpu; all inputs must be on one device"):
+        _op(q, k, v, torch.zeros(1, 1, NQ, NK, device="meta"))
