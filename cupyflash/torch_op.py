@@ -290,11 +290,10 @@ def _require_tensors(**tensors) -> None:
 
 
 def _scalar(name: str, x, expected: str) -> float:
-    """A Python float from a real number or a one-element real tensor (SDPA takes both); symbolic values of
-    torch.compile's dynamic shapes pass as they are."""
-    if isinstance(x, (torch.SymInt, torch.SymFloat)):
-        return x
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and not (x.is_complex() or x.dtype == torch.bool):
+    """A Python float from a real number, a one-element real tensor (SDPA takes both) or a symbolic number of
+    torch.compile's dynamic shapes."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat)) or (
+            isinstance(x, torch.Tensor) and x.numel() == 1 and not (x.is_complex() or x.dtype == torch.bool)):
         return float(x)
     return check_real(name, x, expected)
 
@@ -321,8 +320,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p is {dropout_p}; expected 0 <= dropout_p <= 1")
     softcap = _scalar("softcap", softcap, "a float (0 for none)")
-    scale = default_scale(q.shape[-1]) if scale is None else _scalar("scale", scale, "a float, or None for "
-                                                                                     "1/sqrt(head_dim)")
+    scale = _scalar("scale", default_scale(q.shape[-1]) if scale is None else scale,
+                    "a float, or None for 1/sqrt(head_dim)")
     q, k, v, attn_bias = _sdpa_shapes(q, k, v, attn_bias)
     if dropout_p == 1.0:
         # The scalars were checked above, and scale and softcap leave the zeros as they are (the op's value checks

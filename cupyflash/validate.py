@@ -109,7 +109,8 @@ def _check_bias(bias: TensorInfo, q: TensorInfo, k: TensorInfo) -> None:
     names = ("batch", "heads", "seqlen_q", "seqlen_k")
     for dim, (got, want) in enumerate(zip(bias.shape, expected)):
         if got not in (1, want):
-            raise ValueError(f"attn_bias dim {dim} ({names[dim]}) is {got}; expected {want} or 1 to broadcast")
+            raise ValueError(f"attn_bias dim {dim} ({names[dim]}) is {got}; expected {want}"
+                             + (" or 1 to broadcast" if want != 1 else ""))
     if bias.dtype != "bool" and bias.dtype not in FLOAT_DTYPES:
         raise TypeError(f"attn_bias has dtype {bias.dtype}; expected bool (a mask, True = keep) or a floating "
                         f"dtype (an additive bias), as SDPA: convert a 0/1 keep-mask to bool, an additive integer "

@@ -228,12 +228,14 @@ BIAS_ERRORS = [  # (bias, exception, message pattern)
     (torch.zeros(1, B, H, NQ, NK), ValueError, r"attn_bias must be 4-D, .*got shape \(1, 2, 3, 9, 13\)"),
     (torch.zeros(NQ, 5), ValueError, r"attn_bias dim 3 \(seqlen_k\) is 5; expected 13 or 1 to broadcast"),
     (torch.zeros(2, NQ, NK), ValueError, r"attn_bias dim 1 \(heads\) is 2; expected 3 or 1 to broadcast"),
+    (torch.zeros(B, 1, NQ, NK)[:1].expand(4, 1, NQ, NK), ValueError, r"attn_bias dim 0 \(batch\) is 4; expected 2 "
+                                                                     r"or 1 to broadcast"),
     (torch.zeros(NQ, NK, device="meta"), ValueError,
      r"attn_bias is on meta but q is on cpu; all inputs must be on one device"),
 ]
 
 
-@pytest.mark.parametrize("bias,exc,pattern", BIAS_ERRORS, ids=["1-D", "0-D", "5-D", "seqlen_k", "heads", "device"])
+@pytest.mark.parametrize("bias,exc,pattern", BIAS_ERRORS, ids=["1-D", "0-D", "5-D", "seqlen_k", "heads", "batch", "device"])
 def test_bias_errors_name_the_dim_and_expectation(bias, exc, pattern):
     q, k, v = _qkv("bias errors")
     with pytest.raises(exc, match=pattern):
