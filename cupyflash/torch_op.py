@@ -270,14 +270,16 @@ def _sdpa_shapes(q, k, v, attn_bias):
     is expanded to the others', and q with one head to k and v's heads. Anything else is left to the checks."""
     if attn_bias is not None and attn_bias.dim() in (2, 3):
         attn_bias = attn_bias[(None,) * (4 - attn_bias.dim())]  # (1, [1,] ..., Nq, Nk)
-    if any(t.dim() != 4 for t in (q, k, v)):
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         return q, k, v, attn_bias
-    batch = {t.shape[0] for t in (q, k, v)} - {1}
-    if len(batch) == 1:
-        n = batch.pop()
-        q, k, v = (t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t for t in (q, k, v))
-    if q.shape[1] == 1 and k.shape[1] == v.shape[1] > 1:
-        q = q.expand(-1, k.shape[1], -1, -1)
+    if not qs[0] == ks[0] == vs[0]:
+        batch = {qs[0], ks[0], vs[0]} - {1}
+        if len(batch) == 1:
+            n = batch.pop()
+            q, k, v = (t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t for t in (q, k, v))
+    if qs[1] == 1 and ks[1] == vs[1] > 1:
+        q = q.expand(-1, ks[1], -1, -1)
     return q, k, v, attn_bias
 
 
@@ -292,6 +294,8 @@ def _require_tensors(**tensors) -> None:
 def _scalar(name: str, x, expected: str) -> float:
     """A Python float from a real number, a one-element real tensor (SDPA takes both) or a symbolic number of
     torch.compile's dynamic shapes."""
+    if type(x) is float:
+        return x
     if isinstance(x, (torch.SymInt, torch.SymFloat)) or (
             isinstance(x, torch.Tensor) and x.numel() == 1 and not (x.is_complex() or x.dtype == torch.bool)):
         return float(x)

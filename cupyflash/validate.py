@@ -152,6 +152,8 @@ def check_softcap(softcap: float) -> None:
 
 def check_real(name: str, x, expected: str) -> float:
     """float(x) for a real number (bools and strings refused, which float() would take); names `name` otherwise."""
+    if type(x) is float or type(x) is int:  # the common case, without the slower ABC check
+        return float(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} is a {type(x).__name__}; expected {expected}")
     return float(x)
@@ -178,13 +180,10 @@ def check_window(window) -> tuple:
     no window; anything else is refused naming ``window`` and what was expected."""
     if window is None:
         return -1, -1
-    try:
-        if isinstance(window, (str, bytes)) or any(isinstance(w, bool) for w in window):
-            raise TypeError
-        left, right = (operator.index(w) for w in window)
-    except (TypeError, ValueError):
-        raise TypeError(f"window is {window!r}; expected (left, right): two ints, keys around the diagonal, "
-                        f"-1 for unbounded (or None for no window)") from None
+    if type(window) is tuple and len(window) == 2 and type(window[0]) is int and type(window[1]) is int:
+        left, right = window  # the common case, without the generic path below
+    else:
+        left, right = _window_pair(window)
     for name, w in (("window[0] (left)", left), ("window[1] (right)", right)):
         if w < -1:
             raise ValueError(f"{name} is {w}; expected a number of keys >= 0, or -1 for unbounded")
@@ -193,8 +192,21 @@ def check_window(window) -> tuple:
     return left, right
 
 
+def _window_pair(window) -> tuple:
+    try:
+        if isinstance(window, (str, bytes)) or any(isinstance(w, bool) for w in window):
+            raise TypeError
+        left, right = (operator.index(w) for w in window)
+    except (TypeError, ValueError):
+        raise TypeError(f"window is {window!r}; expected (left, right): two ints, keys around the diagonal, "
+                        f"-1 for unbounded (or None for no window)") from None
+    return left, right
+
+
 def effective_window(window: tuple, n_q: int, n_k: int) -> tuple:
     """The window with edges that reach past every key written -1 (unbounded): the same visible keys, and within
     the kernels' int32 arguments. Key j is visible to query i iff i + Nk - Nq - left <= j <= i + Nk - Nq + right,
     so left >= Nk - 1 or right >= Nq - 1 bounds nothing."""
+    if window == (-1, -1):
+        return window
     return tuple(-1 if w >= max(n_q, n_k) else w for w in window)
