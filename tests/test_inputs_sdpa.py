@@ -53,19 +53,24 @@ def _out_and_grads(fn, inputs, dout):
     return [out.detach(), *torch.autograd.grad(out, wanted, dout, materialize_grads=True)]
 
 
-def _assert_matches_sdpa(inputs, name, **kwargs):
-    """Ours (fp32) within the rule of SDPA in fp64, measured against SDPA in fp32, for out and every gradient."""
-    ref_out = _sdpa(*(None if t is None else t.double() if t.is_floating_point() else t for t in inputs), **kwargs)
-    dout = _randn(*ref_out.shape, seed=seed_from(name, "dout"))
-    ours = _out_and_grads(lambda *t: _fa(*t, **kwargs), inputs, dout)
-    same_dtype = _out_and_grads(lambda *t: _sdpa(*t, **kwargs), inputs, dout)
-    ref = _out_and_grads(lambda *t: _sdpa(*t, **kwargs),
-                         [None if t is None else t.double() if t.is_floating_point() else t for t in inputs],
-                         dout.double())
+def _assert_matches_sdpa(inputs, name, device="cpu", dtype=torch.float32, **kwargs):
+    """Ours within the rule of SDPA in fp64, measured against SDPA in ``dtype``, for out and every gradient; the
+    fp32 CPU ``inputs`` are moved to ``device`` and floating ones (but a float32 bias) cast to ``dtype``."""
+    def cast(t, to):
+        if t is None or not t.is_floating_point():
+            return None if t is None else t.to(device)
+        return t.to(device, torch.float32 if t is inputs[3] and to != torch.float64 else to)
+
+    inputs_in_dtype = [cast(t, dtype) for t in inputs]
+    ref_inputs = [cast(t, torch.float64) for t in inputs]
+    dout = _randn(*_sdpa(*ref_inputs, **kwargs).shape, seed=seed_from(name, "dout"))
+    ours = _out_and_grads(lambda *t: _fa(*t, **kwargs), inputs_in_dtype, dout.to(device, dtype))
+    same_dtype = _out_and_grads(lambda *t: _sdpa(*t, **kwargs), inputs_in_dtype, dout.to(device, dtype))
+    ref = _out_and_grads(lambda *t: _sdpa(*t, **kwargs), ref_inputs, dout.to(device, torch.float64))
     assert len(ours) == len(same_dtype) == len(ref)
     for i, (got, pt, want) in enumerate(zip(ours, same_dtype, ref)):
         factor = OUT_FACTOR if i == 0 else GRAD_FACTOR
-        assert_within_rule(got, want, pt, factor, rounding_floor(want, torch.float32), f"{name} result {i}")
+        assert_within_rule(got, want, pt, factor, rounding_floor(want, dtype), f"{name} result {i}")
 
 
 # ---- what SDPA refuses ------------------------------------------------------------------------------------------
@@ -285,6 +290,50 @@ def test_empty_dims_give_sdpas_result(q_shape, k_shape, with_bias):
         assert got.shape == want.shape and torch.equal(got, want)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_shape,k_shape", [pytest.param(q, k, id=i) for i, q, k in EMPTY])
+def test_empty_dims_on_cuda_give_sdpas_result(q_shape, k_shape):
+    """Nothing reaches the kernels (head_dim 0 is not one of theirs): the results of the CPU SDPA, on the GPU."""
+    inputs = [*_qkv("empty cuda", q_shape, k_shape), _randn(1, 1, q_shape[2], k_shape[2], seed=seed_from("bias"))]
+    dout = _randn(*q_shape, seed=seed_from("empty cuda", "dout"))
+    want = _out_and_grads(_sdpa, inputs, dout)
+    got = _out_and_grads(_fa, [t.to("cuda", torch.float16) for t in inputs], dout.to("cuda", torch.float16))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.is_cuda and torch.equal(g.cpu().float(), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_shape,k_shape", [pytest.param(q, k, id=i) for i, q, k in EMPTY if q[3]])
+def test_empty_dims_on_the_cupy_face(q_shape, k_shape):
+    """No element, or no key: out 0 and lse +inf, gradients 0, without a launch."""
+    import cupy
+
+    q, k = cupy.ones((*q_shape[:3], 64), cupy.float16), cupy.ones((*k_shape[:3], 64), cupy.float16)
+    out, lse = cupy_api.flash_attn_forward(q, k, k)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    assert not out.any() and bool((lse == math.inf).all())
+    grads = cupy_api.flash_attn_backward(cupy.ones_like(out), q, k, k, out, lse)
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape] and not any(g.any() for g in grads)
+
+
+class _HostArray:
+    """What the CuPy face's array checks read of an array (shape, strides, itemsize, dtype, device id), so they run
+    without a GPU."""
+
+    def __init__(self, shape):
+        self.shape, self.itemsize, self.dtype = shape, 2, "float16"
+        self.strides = tuple(2 * math.prod(shape[i + 1:]) for i in range(len(shape)))
+        self.device = type("Device", (), {"id": 0})()
+
+
+def test_cupy_face_refuses_head_dim_0():
+    """The torch op computes the LSE of head_dim 0 with its CPU implementation on the device; the CuPy face has
+    none, so it says so."""
+    with pytest.raises(ValueError, match=r"head_dim \(dim 3 of q\) is 0; the CUDA kernels support \(32, 64, 96, 128, "
+                                         r"256\), and the CuPy face has no other path"):
+        cupy_api._check_arrays(*(_HostArray((1, 2, n, 0)) for n in (5, 7, 7)), None, False)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_dim_0_lse_is_that_of_the_bias_alone(causal):
     """With no feature every logit is the bias (masked by causal): the op's lse is its logsumexp."""
@@ -331,6 +380,23 @@ def test_sdpa_broadcast_shapes_match_sdpa(q_shape, kv_shape, bias_shape, bias_dt
 def test_k_batch_1_beside_v_batch_2_matches_sdpa():
     q, k, v = _qkv("k batch 1", (B, H, NQ, D), (B, H, NK, D))
     _assert_matches_sdpa([q, k[:1], v, None], "k batch 1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_shape,kv_shape,bias_shape,bias_dtype",
+                         [pytest.param(*case[1:], id=case[0]) for case in BROADCASTS])
+def test_sdpa_broadcast_shapes_match_sdpa_on_cuda(q_shape, kv_shape, bias_shape, bias_dtype):
+    """The stride-0 views reach the CUDA kernels (fp16, head_dim 64; a float bias stays fp32)."""
+    q_shape, kv_shape = (*q_shape[:3], 64), (*kv_shape[:3], 64)
+    name = f"cuda broadcast {q_shape} {kv_shape} {bias_shape}"
+    q, k, v = _qkv(name, q_shape, kv_shape)
+    bias = None
+    if bias_dtype == torch.bool:
+        bias = _randn(*bias_shape, seed=seed_from(name, "mask")) > -0.5
+        bias[..., -1] = True
+    elif bias_dtype is not None:
+        bias = _randn(*bias_shape, seed=seed_from(name, "bias"))
+    _assert_matches_sdpa([q, k, v, bias], name, device="cuda", dtype=torch.float16)
 
 
 def test_broadcast_is_views_not_copies(monkeypatch):
