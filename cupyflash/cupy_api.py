@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 
 from . import launch
 from .errors import require_gpu
 from .tiles import for_pass
-from .validate import TensorInfo, check_attention_inputs, check_softcap
+from .validate import (GPU_HEAD_DIMS, TensorInfo, check_attention_inputs, check_backward_inputs, check_bias_grad,
+                       check_causal, check_real, check_scale, check_softcap, check_window, default_scale,
+                       effective_window, is_empty)
 
 BIAS_DTYPES = ("bool", "float16", "float32")
 # The seed's 64 bits are the Philox key (kernels_cu/scores.cuh), so int64 and uint64 values are both taken.
@@ -31,18 +32,13 @@ def _dtype_name(x) -> str:
     return str(x.dtype).removeprefix("torch.")
 
 
-def _check_options(window, dropout_p, dropout_seed, softcap) -> tuple:
+def _check_options(scale, causal, window, dropout_p, dropout_seed, softcap) -> tuple:
     """Checks the scalar arguments before any array is touched; returns the window as (left, right) ints."""
-    try:
-        left, right = (operator.index(w) for w in window)
-    except (TypeError, ValueError):
-        raise TypeError(f"window is {window!r}; expected (left, right): two ints, keys around the diagonal, "
-                        f"-1 for unbounded") from None
-    for name, w in (("window[0] (left)", left), ("window[1] (right)", right)):
-        if w < -1:
-            raise ValueError(f"{name} is {w}; expected a number of keys >= 0, or -1 for unbounded")
-    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
-        raise TypeError(f"dropout_p is a {type(dropout_p).__name__}; expected a float, 0 <= dropout_p < 1")
+    if scale is not None:
+        check_scale(check_real("scale", scale, "a float, or None for 1/sqrt(head_dim)"))
+    check_causal(causal)
+    window = check_window(window)
+    dropout_p = check_real("dropout_p", dropout_p, "a float, 0 <= dropout_p < 1")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p is {dropout_p!r}; expected 0 <= dropout_p < 1")
     if dropout_seed is not None:
@@ -51,20 +47,13 @@ def _check_options(window, dropout_p, dropout_seed, softcap) -> tuple:
                             f"same in the forward and the backward), or None to draw one from cupy.random")
         if not SEED_MIN <= dropout_seed < SEED_END:
             raise ValueError(f"dropout_seed is {dropout_seed}; expected a 64-bit int, in [-2**63, 2**64)")
-    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
-        raise TypeError(f"softcap is a {type(softcap).__name__}; expected a float (0 for none)")
-    check_softcap(float(softcap))
-    return left, right
+    check_softcap(check_real("softcap", softcap, "a float (0 for none)"))
+    return window
 
 
-def _check_bias_grad(attn_bias, bias_grad: bool) -> None:
-    if not bias_grad:
-        return
-    if attn_bias is None:
-        raise ValueError("bias_grad=True needs attn_bias; without a bias there is no gradient to return")
-    if _dtype_name(attn_bias) == "bool":
-        raise ValueError("bias_grad=True but attn_bias is a boolean mask, which has no gradient; pass an additive "
-                         "float bias or bias_grad=False")
+def _scale(scale, q) -> float:
+    """The scale as a float (checked by _check_options), by default 1/sqrt(head_dim) of the checked array q."""
+    return default_scale(q.shape[-1]) if scale is None else float(scale)
 
 
 def _check_backward_seed(dropout_p: float, dropout_seed) -> None:
@@ -136,6 +125,10 @@ def _check_arrays(q, k, v, bias, allow_tf32: bool) -> None:
     bias_info = None if bias is None else _info("attn_bias", bias)
     check_attention_inputs(_info("q", q), _info("k", k), _info("v", v), bias_info, on_gpu=True,
                            tf32_allowed=bool(allow_tf32))
+    # The shared checks let empty problems through (nothing to launch), but head_dim 0 still has an LSE to compute.
+    if q.shape[3] == 0:
+        raise ValueError(f"head_dim (dim 3 of q) is 0; the CUDA kernels support {GPU_HEAD_DIMS}, and the CuPy face has "
+                         f"no other path (cupyflash.flash_attention returns SDPA's empty result)")
     if bias is not None and str(bias.dtype) not in BIAS_DTYPES:
         raise TypeError(f"attn_bias has dtype {bias.dtype}; expected bool (a mask, True = keep), float16 or "
                         f"float32")
@@ -242,38 +235,41 @@ def flash_attn_forward(q, k, v, attn_bias=None, *, scale: float | None = None, c
     ``attn_bias``: additive (float16, float32) or boolean (True = keep), 4-D, broadcastable to (B, H, Nq, Nk) by
     size-1 dims (read in place, never expanded). k and v may have fewer heads than q (grouped-query attention).
     ``scale`` defaults to 1/sqrt(head_dim); ``causal`` and ``window`` = (left, right) keys around the diagonal
-    (-1: unbounded) are aligned to the bottom-right corner. ``softcap`` > 0 caps the logits before the bias:
-    softcap · tanh(scale · q kᵀ / softcap). ``dropout_p`` drops attention probabilities with the Philox key
-    ``dropout_seed``, an int (pass the same to the backward); None draws one from cupy.random (torch tensors:
+    (-1: unbounded; None: no window) are aligned to the bottom-right corner. ``softcap`` > 0 caps the logits before
+    the bias: softcap · tanh(scale · q kᵀ / softcap). ``dropout_p`` drops attention probabilities with the Philox
+    key ``dropout_seed``, an int (pass the same to the backward); None draws one from cupy.random (torch tensors:
     torch's generator), so cupy.random.seed reproduces a run. float32 inputs need ``allow_tf32=True``: the
-    kernels run them on TF32 tensor cores.
+    kernels run them on TF32 tensor cores. A dim of 0 other than head_dim gives empty results, or with no key out
+    = 0 and lse = +inf, as the torch op.
     """
-    window = _check_options(window, dropout_p, dropout_seed, softcap)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    window = _check_options(scale, causal, window, dropout_p, dropout_seed, softcap)
     if _is_torch(q):
         from .torch_op import flash_attn_fwd
 
         _require_cuda_tensors(q=q, k=k, v=v, attn_bias=attn_bias)
         _require_tf32(q, allow_tf32)
-        return flash_attn_fwd(q, k, v, attn_bias, scale, bool(causal), *window, float(dropout_p),
+        return flash_attn_fwd(q, k, v, attn_bias, _scale(scale, q), causal, *window, float(dropout_p),
                               _torch_seed(dropout_seed, dropout_p, q), float(softcap))
     import cupy
 
     q, k, v = _as_cupy("q", q), _as_cupy("k", k), _as_cupy("v", v)
     attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
     _check_arrays(q, k, v, attn_bias, allow_tf32)
+    scale, window = _scale(scale, q), effective_window(window, q.shape[2], k.shape[2])
     with q.device:
         out = cupy.empty(q.shape, dtype=q.dtype)  # contiguous, as the torch op's
         lse = cupy.empty(q.shape[:-1], dtype=cupy.float32)  # (B, H, Nq)
-        if out.size == 0:
+        if is_empty(q.shape, k.shape):  # nothing to launch: no element, or rows that see no key (out 0, lse +inf)
+            out.fill(0)
+            lse.fill(math.inf)
             return out, lse
         q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
         bias = _kernel_bias(attn_bias, q)
         seed = _seed_on_device(dropout_seed, dropout_p)
         ctx = _context(q, k)
         held = []  # the classification's arrays, alive until the forward is enqueued
-        classes = _classify(bias, "fwd", ctx, q.shape[-1], bool(causal), window, held)
-        launch.forward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
+        classes = _classify(bias, "fwd", ctx, q.shape[-1], causal, window, held)
+        launch.forward(causal=causal, shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                        out=_buf(out), lse=_buf(lse), scale=scale,
                        mods=_mods(bias, classes, window, dropout_p, seed, softcap), **ctx)
     return out, lse
@@ -290,17 +286,17 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
     dbias is shaped like ``attn_bias`` (summed over its broadcast dims) in its dtype. Dropout regenerates the
     forward's mask from ``dropout_seed``, which is required here: pass the int the forward used.
     """
-    window = _check_options(window, dropout_p, dropout_seed, softcap)
+    window = _check_options(scale, causal, window, dropout_p, dropout_seed, softcap)
     _check_backward_seed(dropout_p, dropout_seed)
-    _check_bias_grad(attn_bias, bias_grad)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    check_bias_grad(None if attn_bias is None else _dtype_name(attn_bias), bias_grad)
     if _is_torch(q):
         from .torch_op import flash_attn_bwd
 
         _require_cuda_tensors(dout=dout, q=q, k=k, v=v, out=out, lse=lse, attn_bias=attn_bias)
         _require_tf32(q, allow_tf32)
         dout, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, out))  # as the op's autograd does
-        grads = flash_attn_bwd(dout, q, k, v, attn_bias, out, lse, scale, bool(causal), *window, float(dropout_p),
+        grads = flash_attn_bwd(dout, q, k, v, attn_bias, out, lse, _scale(scale, q), causal, *window,
+                               float(dropout_p),
                                _torch_seed(dropout_seed, dropout_p, q), bool(bias_grad), float(softcap))
         return grads if bias_grad else grads[:3]
     import cupy
@@ -309,24 +305,16 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
     dout, out, lse = _as_cupy("dout", dout), _as_cupy("out", out), _as_cupy("lse", lse)
     attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
     _check_arrays(q, k, v, attn_bias, allow_tf32)
-    for name, a in (("dout", dout), ("out", out)):
-        if a.shape != q.shape or a.dtype != q.dtype:
-            raise ValueError(f"{name} must match q: expected shape {q.shape} {q.dtype}, got {a.shape} {a.dtype}")
-    if lse.shape != q.shape[:-1] or lse.dtype != cupy.float32:
-        raise ValueError(f"lse must be float32 of shape (batch, heads, seqlen_q) = {q.shape[:-1]}, "
-                         f"got {lse.dtype} {lse.shape}")
-    for name, a in (("dout", dout), ("out", out), ("lse", lse)):
-        if a.device != q.device:
-            raise ValueError(f"{name} is on cuda:{a.device.id} but q is on cuda:{q.device.id}; all inputs must be "
-                             f"on one device")
+    check_backward_inputs(_info("q", q), _info("dout", dout), _info("out", out), _info("lse", lse))
     batch, heads, n_q, d = q.shape
+    scale, window = _scale(scale, q), effective_window(window, n_q, k.shape[2])
     launch.require_backward(d)  # before any work on the bias
     with q.device:
-        dq, dk, dv = (cupy.empty(a.shape, dtype=a.dtype) for a in (q, k, v))  # contiguous, as the torch op's
         # dBias is summed atomically over the bias's broadcast dims, in fp32.
         dbias = cupy.zeros(attn_bias.shape, dtype=cupy.float32) if bias_grad else None
-        if dq.size == 0:  # batch 0: nothing to launch
-            return _grads(dq, dk, dv, dbias, attn_bias)
+        if is_empty(q.shape, k.shape):  # no query or no key: every gradient is 0 (or has no element)
+            return _grads(*(cupy.zeros(a.shape, dtype=a.dtype) for a in (q, k, v)), dbias, attn_bias)
+        dq, dk, dv = (cupy.empty(a.shape, dtype=a.dtype) for a in (q, k, v))  # contiguous, as the torch op's
         q, k, v, out, dout = (_kernel_ready(a) for a in (q, k, v, out, dout))
         lse = cupy.ascontiguousarray(lse)
         dq_accum = cupy.empty((batch, heads, n_q, d), dtype=cupy.float32)  # zeroed, then summed
@@ -335,8 +323,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
         seed = _seed_on_device(dropout_seed, dropout_p)
         ctx = _context(q, k)
         held = []  # the classification's arrays, alive until the backward is enqueued
-        classes = _classify(bias, "bwd", ctx, d, bool(causal), window, held)
-        launch.backward(causal=bool(causal), shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
+        classes = _classify(bias, "bwd", ctx, d, causal, window, held)
+        launch.backward(causal=causal, shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
                         out=_buf(out), dout=_buf(dout), lse=_buf(lse), d_vec=_buf(d_vec), dq_accum=_buf(dq_accum),
                         dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
                         mods=_mods(bias, classes, window, dropout_p, seed, softcap, dbias), **ctx)

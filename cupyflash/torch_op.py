@@ -14,7 +14,9 @@ import torch
 
 from . import cpu_attention
 from .tiles import BACKWARD
-from .validate import GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs, check_softcap
+from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
+                       check_backward_inputs, check_bias_grad, check_causal, check_real, check_scale, check_softcap,
+                       check_window, default_scale, effective_window, is_empty)
 
 
 def tf32_allowed() -> bool:
@@ -35,14 +37,16 @@ def _layout(t: Optional[torch.Tensor]) -> Optional[tuple]:
     return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+def _info(name: str, layout: tuple) -> TensorInfo:
+    shape, strides, dtype, device = layout
+    return TensorInfo(name, shape, strides, str(dtype).removeprefix("torch."), str(device))
+
+
 def _check_layouts(q, k, v, bias, tf32: bool) -> None:
     """check_attention_inputs on _layout()s of q, k, v and the bias (or None)."""
-    def info(name, layout):
-        shape, strides, dtype, device = layout
-        return TensorInfo(name, shape, strides, str(dtype).removeprefix("torch."), str(device))
-
-    check_attention_inputs(info("q", q), info("k", k), info("v", v), None if bias is None else info("attn_bias", bias),
-                           on_gpu=q[3].type == "cuda", tf32_allowed=tf32)
+    check_attention_inputs(_info("q", q), _info("k", k), _info("v", v),
+                           None if bias is None else _info("attn_bias", bias), on_gpu=q[3].type == "cuda",
+                           tf32_allowed=tf32)
 
 
 # Every call checks its inputs, and a model calls with the same few layouts again and again: 16 µs of an H100 host's
@@ -50,17 +54,24 @@ def _check_layouts(q, k, v, bias, tf32: bool) -> None:
 _check_layouts_cached = functools.lru_cache(maxsize=1024)(_check_layouts)
 
 
-def _check(q, k, v, attn_bias, window=(-1, -1), dropout_p=0.0, dropout_seed=None, softcap=0.0):
+def _check_tensors(q, k, v, attn_bias) -> None:
     layouts = [_layout(t) for t in (q, k, v, attn_bias)]
     tf32 = q.device.type == "cuda" and q.dtype == torch.float32 and tf32_allowed()
-    # Plain tensors only: fake tensors' sizes may be symbolic, which do not hash.
+    # Plain tensors only: fake tensors' sizes may be symbolic, which do not hash; and not in code Dynamo traces
+    # (flash_attention's dropout_p = 1 path), which would trace through the cache.
     plain = all(type(t) is torch.Tensor for t in (q, k, v, attn_bias) if t is not None)
-    (_check_layouts_cached if plain else _check_layouts)(*layouts, tf32)
+    (_check_layouts_cached if plain and not torch.compiler.is_compiling() else _check_layouts)(*layouts, tf32)
+
+
+def _check(q, k, v, attn_bias, window=(-1, -1), dropout_p=0.0, dropout_seed=None, softcap=0.0, scale=1.0):
+    _check_tensors(q, k, v, attn_bias)
+    check_scale(scale)
     for name, w in zip(("window_left", "window_right"), window):
         if w < -1:
             raise ValueError(f"{name} is {w}; expected a number of keys >= 0, or -1 for unbounded")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p is {dropout_p}; expected 0 <= dropout_p < 1")
+        raise ValueError(f"dropout_p is {dropout_p}; expected 0 <= dropout_p < 1 (cupyflash.flash_attention takes "
+                         f"1, which drops every probability, and returns zeros, as SDPA)")
     if dropout_p > 0 and dropout_seed is None:
         raise ValueError(f"dropout_seed is None but dropout_p is {dropout_p}; expected a one-element int64 tensor")
     # The kernels read the seed from device memory (so a CUDA graph replays a fresh draw), hence q's device.
@@ -108,9 +119,25 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias:
 
 def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
     """flash_attn_fwd's body, which _EagerAttention runs too."""
-    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap)
-    return _impl(q).forward(q, k, v, attn_bias, scale, causal, (window_left, window_right), dropout_p, dropout_seed,
-                            softcap=softcap)
+    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
+    window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
+    if is_empty(q.shape, k.shape):
+        return _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap)
+    return _impl(q).forward(q, k, v, attn_bias, scale, causal, window, dropout_p, dropout_seed, softcap=softcap)
+
+
+def _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap):
+    """SDPA's result where a dim is 0, with nothing launched: out and lse are empty, or with no key (Nk = 0) out is
+    0 and lse +inf (the op's convention for a row that sees no key). With head_dim 0 and keys, out is empty and the
+    logits are the bias and masks alone, as with one zero column in q and k: lse is computed so (exact whatever
+    the device, by the device-agnostic CPU implementation; dropout acts after the LSE, so it is left out)."""
+    out, lse = q.new_empty(q.shape), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if lse.numel() == 0:
+        return out, lse
+    if k.shape[2] == 0:
+        return out.zero_(), lse.fill_(math.inf)
+    q1, k1, v1 = (torch.nn.functional.pad(t, (0, 1)) for t in (q, k, v))  # (B, H, N, 1) zeros
+    return out, cpu_attention.forward(q1, k1, v1, attn_bias, scale, causal, window, softcap=softcap)[1]
 
 
 def _impl(q: torch.Tensor):
@@ -124,6 +151,8 @@ def _impl(q: torch.Tensor):
 @flash_attn_fwd.register_fake
 def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0, dropout_seed=None,
       softcap=0.0):
+    # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
+    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -135,6 +164,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns contiguous (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias is empty unless
     bias_grad)."""
+    _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
+                    bias_grad, softcap)
     return _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
                           dropout_seed, bias_grad, softcap)
 
@@ -142,15 +173,33 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
                    dropout_seed, bias_grad, softcap):
     """flash_attn_bwd's body, which _EagerAttention runs too."""
-    dq, dk, dv, dbias = _impl(q).backward(dout, q, k, v, attn_bias, out, lse, scale, causal,
-                                          (window_left, window_right), dropout_p, dropout_seed, bias_grad,
-                                          softcap=softcap)
+    if is_empty(q.shape, k.shape):
+        # No query, key or feature: dq, dk, dv have no element or nothing to sum, and dBias = P ∘ (dO Vᵀ - D) is
+        # 0 since head_dim 0 makes dO Vᵀ and D = rowsum(dO ∘ O) sums of nothing.
+        dbias = attn_bias.new_zeros(attn_bias.shape) if bias_grad else q.new_empty(0)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dbias
+    window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
+    dq, dk, dv, dbias = _impl(q).backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p,
+                                          dropout_seed, bias_grad, softcap=softcap)
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
+
+
+def _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
+                    bias_grad, softcap):
+    """The forward's checks and the backward's own (autograd's backward, which passes the forward's inputs, skips
+    them through _EagerAttention)."""
+    _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
+    check_backward_inputs(*(_info(name, _layout(t)) for name, t in (("q", q), ("dout", dout), ("out", out),
+                                                                       ("lse", lse))))
+    check_bias_grad(None if attn_bias is None else str(attn_bias.dtype).removeprefix("torch."), bias_grad)
 
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0,
       dropout_seed=None, bias_grad=False, softcap=0.0):
+    # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
+    _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
+                    bias_grad, softcap)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
@@ -201,26 +250,92 @@ class _EagerAttention(torch.autograd.Function):
         return _gradients(ctx, dout, _backward_pass)
 
 
+class _Dropped(torch.autograd.Function):
+    """dropout_p = 1 drops every probability: out and every gradient are 0, as SDPA's, with nothing launched."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_bias):
+        ctx.save_for_backward(q, k, v, attn_bias)
+        return q.new_zeros(q.shape)  # (B, H, Nq, D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return tuple(t.new_zeros(t.shape) if needed else None
+                     for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad))
+
+
+def _sdpa_shapes(q, k, v, attn_bias):
+    """SDPA's broadcasting as views of the op's 4-D shapes (never copies; autograd sums the gradients of expanded
+    dims back): a 2-D (Nq, Nk) or 3-D (H, Nq, Nk) attn_bias gains leading dims of 1, a batch of 1 among q, k, v
+    is expanded to the others', and q with one head to k and v's heads. Anything else is left to the checks."""
+    if attn_bias is not None and attn_bias.dim() in (2, 3):
+        attn_bias = attn_bias[(None,) * (4 - attn_bias.dim())]  # (1, [1,] ..., Nq, Nk)
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return q, k, v, attn_bias
+    if not qs[0] == ks[0] == vs[0]:
+        batch = {qs[0], ks[0], vs[0]} - {1}
+        if len(batch) == 1:
+            n = batch.pop()
+            q, k, v = (t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t for t in (q, k, v))
+    if qs[1] == 1 and ks[1] == vs[1] > 1:
+        q = q.expand(-1, ks[1], -1, -1)
+    return q, k, v, attn_bias
+
+
+def _require_tensors(**tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) and not (name == "attn_bias" and t is None):
+            kind = type(t).__name__ if type(t).__module__ == "builtins" else f"{type(t).__module__}.{type(t).__name__}"
+            raise TypeError(f"{name} is a {kind}; expected a torch.Tensor"
+                            + (" or None" if name == "attn_bias" else " (batch, heads, seqlen, head_dim)"))
+
+
+def _scalar(name: str, x, expected: str) -> float:
+    """A Python float from a real number, a one-element real tensor (SDPA takes both) or a symbolic number of
+    torch.compile's dynamic shapes."""
+    if type(x) is float:
+        return x
+    if isinstance(x, (torch.SymInt, torch.SymFloat)) or (
+            isinstance(x, torch.Tensor) and x.numel() == 1 and not (x.is_complex() or x.dtype == torch.bool)):
+        return float(x)
+    return check_real(name, x, expected)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
-                    *, scale: Optional[float] = None, causal: bool = False, window: tuple = (-1, -1),
+                    *, scale: Optional[float] = None, causal: bool = False, window: Optional[tuple] = (-1, -1),
                     dropout_p: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """dropout(softmax(scale · q kᵀ + attn_bias)) v for (B, H, N, D) tensors, differentiable in q, k, v and a
-    floating attn_bias.
+    floating attn_bias. Accepts what SDPA accepts where the kernels can (docs/inputs.md).
 
-    ``attn_bias``: additive (fp16/bf16/fp32) or boolean (True = keep, as SDPA), 4-D, broadcastable to
-    (B, H, Nq, Nk) by size-1 dims. k and v may have fewer heads than q (grouped-query attention).
-    ``scale`` defaults to 1/sqrt(head_dim); ``causal`` and ``window`` = (left, right) keys around the diagonal
-    (-1: unbounded) are aligned to the bottom-right corner. ``softcap`` > 0 caps the logits before the bias is
-    added: softcap · tanh(scale · q kᵀ / softcap) (Gemma 2; FlashAttention-2's ``softcap``). ``dropout_p``
-    draws its seed from torch's generator of q's device, so ``torch.manual_seed`` reproduces a run.
+    ``attn_bias``: additive (floating) or boolean (True = keep, as SDPA), 2-D (Nq, Nk), 3-D (H, Nq, Nk) or 4-D,
+    broadcastable to (B, H, Nq, Nk) by size-1 dims. k and v may have fewer heads than q (grouped-query attention);
+    a batch of 1 in q, k or v broadcasts against the others. ``scale`` defaults to 1/sqrt(head_dim); ``causal``
+    and ``window`` = (left, right) keys around the diagonal (-1: unbounded; None: no window) are aligned to the
+    bottom-right corner. ``softcap`` > 0 caps the logits before the bias is added: softcap · tanh(scale · q kᵀ /
+    softcap) (Gemma 2; FlashAttention-2's ``softcap``). ``dropout_p`` in [0, 1] draws its seed from torch's
+    generator of q's device, so ``torch.manual_seed`` reproduces a run; 1 gives zeros, as SDPA.
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    _require_tensors(q=q, k=k, v=v, attn_bias=attn_bias)
+    if not isinstance(causal, torch.SymBool):
+        check_causal(causal)
+    window = check_window(window)
+    dropout_p = _scalar("dropout_p", dropout_p, "a float, 0 <= dropout_p <= 1")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p is {dropout_p}; expected 0 <= dropout_p <= 1")
+    softcap = _scalar("softcap", softcap, "a float (0 for none)")
+    scale = _scalar("scale", default_scale(q.shape[-1]) if scale is None else scale,
+                    "a float, or None for 1/sqrt(head_dim)")
+    q, k, v, attn_bias = _sdpa_shapes(q, k, v, attn_bias)
+    if dropout_p == 1.0:
+        # The scalars were checked above, and scale and softcap leave the zeros as they are (the op's value checks
+        # call math.isfinite, which Dynamo does not trace).
+        _check_tensors(q, k, v, attn_bias)
+        return _Dropped.apply(q, k, v, attn_bias)
     # Drawn on q's device and never read back on the host: a CUDA RNG op in a captured CUDA graph draws a
     # fresh value at each replay, where a Python int would be baked into the graph.
     seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64, device=q.device) if dropout_p > 0 else None
-    args = (q, k, v, attn_bias, float(scale), bool(causal), int(window[0]), int(window[1]), float(dropout_p), seed,
-            float(softcap))
+    args = (q, k, v, attn_bias, scale, causal, *window, dropout_p, seed, softcap)
     # The op itself where graphs are captured (torch.compile) or tensors are not plain (fake, subclasses).
     if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (q, k, v)):
         return flash_attn_fwd(*args)[0]

@@ -57,7 +57,7 @@ def _check_infos(overrides, on_gpu, tf32_allowed=False):
 
 def _call_torch_op_on_cpu(overrides):
     specs = _specs(overrides)
-    t = {name: torch.randn(spec["shape"], dtype=getattr(torch, spec["dtype"])) for name, spec in specs.items()}
+    t = {name: torch.randn(spec["shape"]).to(getattr(torch, spec["dtype"])) for name, spec in specs.items()}
     torch.ops.cupyflash.flash_attn_fwd(t["q"], t["k"], t["v"], t.get("attn_bias"), 0.125, False)
 
 
@@ -75,11 +75,21 @@ STRUCTURAL = [
     ("qk-head-dim", {"k": {"shape": (2, 3, NK, 32)}, "v": {"shape": (2, 3, NK, 32)}}, ValueError,
      r"q and k must have the same head_dim \(dim 3\): q has 64, k has 32"),
     ("v-head-dim", {"v": {"shape": (2, 3, NK, 32)}}, ValueError,
-     r"v must have the head_dim of q \(dim 3\): expected 64, got 32"),
+     r"v must have the head_dim of q \(dim 3\): expected 64, got 32; the kernels share one head_dim for q, k and v "
+     r"\(SDPA lets v's differ"),
     ("dtype", {"v": {"dtype": "float32"}}, TypeError, r"v has dtype float32 but q has float16"),
-    ("empty-seqlen", {"q": {"shape": (2, 3, 0, D)}}, ValueError, r"seqlen \(dim 2\) must be at least 1: q has 0"),
+    ("q-dtype", {n: {"dtype": "int64"} for n in "qkv"}, TypeError,
+     r"q has dtype int64; expected a floating dtype \(float16, bfloat16, float32, float64\), as SDPA"),
+    ("q-dtype-bool", {n: {"dtype": "bool"} for n in "qkv"}, TypeError, r"q has dtype bool; expected a floating dtype"),
+    ("kv-heads-0", {"k": {"shape": (2, 0, NK, D)}, "v": {"shape": (2, 0, NK, D)}}, ValueError,
+     r"heads \(dim 1\) of q must be a multiple of those of k and v \(grouped-query attention\): q has 3, k and v "
+     r"have 0"),
+    ("bias-int", {"attn_bias": {"shape": (1, 1, NQ, NK), "dtype": "int64"}}, TypeError,
+     r"attn_bias has dtype int64; expected bool \(a mask, True = keep\) or a floating dtype \(an additive bias\), "
+     r"as SDPA: convert a 0/1 keep-mask to bool"),
     ("bias-rank", {"attn_bias": {"shape": (NQ, NK)}}, ValueError,
-     r"attn_bias must be 4-D, broadcastable to \(batch, heads, seqlen_q, seqlen_k\) = \(2, 3, 17, 29\)"),
+     r"attn_bias must be 4-D, broadcastable to \(batch, heads, seqlen_q, seqlen_k\) = \(2, 3, 17, 29\); got shape "
+     r"\(17, 29\) \(cupyflash\.flash_attention also takes a 2-D \(seqlen_q, seqlen_k\) or 3-D"),
     ("bias-dim", {"attn_bias": {"shape": (2, 1, NQ, 7)}}, ValueError,
      r"attn_bias dim 3 \(seqlen_k\) is 7; expected 29 or 1"),
 ]
