@@ -208,6 +208,9 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_bias, out, lse, dropout_seed)
+    # The backward kernels take no gradient of the LSE (D = rowsum(dO ∘ O) has no term for it): a loss reading the
+    # LSE would get silently wrong gradients, so it carries none and autograd says so.
+    ctx.mark_non_differentiable(lse)
     ctx.scale, ctx.causal, ctx.window, ctx.dropout_p = scale, causal, (window_left, window_right), dropout_p
     ctx.softcap = softcap
 
@@ -239,7 +242,6 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, *inputs):
         out, lse = _forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
-        ctx.mark_non_differentiable(lse)
         # lse's gradient is never read: without this, autograd fills a zero tensor for it before each backward
         # (an allocation and a memset launch, ~20 µs of the engine thread's time on an H100's host).
         ctx.set_materialize_grads(False)

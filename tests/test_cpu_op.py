@@ -114,3 +114,13 @@ def test_input_checks_cached_by_layout_still_refuse_every_bad_call():
             cupyflash.flash_attention(q, k[..., :4], v)
         with pytest.raises(TypeError, match="dtype"):
             cupyflash.flash_attention(q, k.float(), v)
+
+
+def test_lse_carries_no_gradient():
+    """The backward has no term for the LSE's gradient, so the op marks it non-differentiable: a loss on it raises
+    instead of silently getting the gradient of the output alone."""
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.25, True)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
