@@ -42,9 +42,7 @@ def plan_for(n_q: int, n_k: int, causal: bool, window) -> Optional[Plan]:
     if right < 0:
         return Plan(0, ((0, n_k, False),))
     offset = n_k - n_q + right  # query i sees keys j <= i + offset
-    row0, j_causal, j_end = max(0, -offset), max(0, offset), min(n_k, offset + n_q)
-    if row0 >= n_q:  # no row sees a key
-        return None
+    row0, j_causal, j_end = max(0, -offset), max(0, offset), min(n_k, offset + n_q)  # row0 < Nq as Nk > 0
     pieces = ((0, min(j_causal, n_k), False),) if j_causal > 0 else ()
     if j_end > j_causal:
         pieces += ((j_causal, j_end, True),)
