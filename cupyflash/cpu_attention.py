@@ -176,23 +176,29 @@ def _rows_seeing(x: _Inputs, j0: int, j1: int) -> tuple[int, int]:
     return r0, r1
 
 
-def _visible(x: _Inputs, rows, j0: int, j1: int) -> Optional[torch.Tensor]:
-    """(R, j1-j0) bool: key j visible to query row rows[r] (a slice or an index tensor); None when all are."""
-    if isinstance(rows, slice):
-        lo, hi = rows.start, rows.stop - 1
-        rows = torch.arange(rows.start, rows.stop, device=x.q.device)
+def _hide_invisible(x: _Inputs, s: torch.Tensor, rows, j0: int, j1: int) -> None:
+    """Sets the logits s (B, H, R, j1-j0) of query rows ``rows`` (a slice or an index tensor) to -inf where the key
+    is not visible. Of a slice, only the rows that miss some key of the chunk are touched (when causal, the
+    chunk's diagonal block), not the ones that see it whole."""
+    if isinstance(rows, torch.Tensor):
+        spans = [(rows, s)]
     else:
-        lo, hi = int(rows.min()), int(rows.max())
-    if (x.right < 0 or j1 - 1 <= lo + x.diag + x.right) and (x.left < 0 or j0 >= hi + x.diag - x.left):
-        return None
-    r = rows.unsqueeze(1)  # (R, 1)
-    cols = torch.arange(j0, j1, device=rows.device).unsqueeze(0)  # (1, j1-j0)
-    keep = torch.ones(len(rows), j1 - j0, dtype=torch.bool, device=rows.device)
-    if x.right >= 0:
-        keep &= cols <= r + x.diag + x.right
-    if x.left >= 0:
-        keep &= cols >= r + x.diag - x.left
-    return keep
+        r0, r1 = rows.start, rows.stop
+        bounds = []
+        if x.right >= 0:  # rows before i = j1 - 1 - diag - right miss the chunk's last keys
+            bounds.append((r0, min(r1, j1 - 1 - x.diag - x.right)))
+        if x.left >= 0:  # rows after i = j0 + left - diag miss its first keys
+            bounds.append((max(r0, j0 + x.left - x.diag + 1), r1))
+        spans = [(torch.arange(a, b, device=s.device), s[..., a - r0:b - r0, :]) for a, b in bounds if a < b]
+    cols = torch.arange(j0, j1, device=s.device)  # (j1-j0,)
+    for ids, part in spans:
+        first = ids.unsqueeze(1) + x.diag  # (R', 1): the key on each row's diagonal
+        hidden = torch.zeros(len(ids), j1 - j0, dtype=torch.bool, device=s.device)
+        if x.right >= 0:
+            hidden |= cols > first + x.right
+        if x.left >= 0:
+            hidden |= cols < first - x.left
+        part.masked_fill_(hidden, NEG_INF)
 
 
 def _logits(x: _Inputs, rows, j0: int, j1: int):
@@ -209,9 +215,7 @@ def _logits(x: _Inputs, rows, j0: int, j1: int):
         s.add_(bias_block(x.bias, rows, j0, j1))
         if x.masked is not None:
             s = torch.where(bias_block(x.masked, rows, j0, j1), bias_block(x.masked_logit, rows, j0, j1), s)
-    keep = _visible(x, rows, j0, j1)
-    if keep is not None:
-        s.masked_fill_(~keep, NEG_INF)
+    _hide_invisible(x, s, rows, j0, j1)
     return s, tanh
 
 
