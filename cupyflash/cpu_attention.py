@@ -285,7 +285,7 @@ def _softmax_shift(x: _Inputs, lse: torch.Tensor):
         j1 = min(j0 + KEY_CHUNK, x.k.shape[-2])
         p, alpha, m = _online_step(m, _logits(x, rows, j0, j1)[0])
         l = l * alpha + p.sum(dim=-1)
-    inv_l = torch.ones_like(shift)
+    shift, inv_l = shift.clone(), torch.ones_like(shift)  # shift may be the caller's lse itself
     sel = rebuild[..., rows].unsqueeze(-1)  # (B, H, R, 1)
     shift[..., rows, :] = torch.where(sel, m.unsqueeze(-1), shift[..., rows, :])
     inv_l[..., rows, :] = torch.where(sel, 1.0 / l.unsqueeze(-1), 1.0)

@@ -52,13 +52,15 @@ def test_left_padding_gradients_within_rule_fp32(n, lengths, h_kv):
 
 
 def test_rebuilt_rows_are_uniform_exactly():
-    """P of a row masked only by finfo.min is 1/n to fp32 rounding in the backward: dV of such a row's keys is
-    dO / n, with n the row's visible keys (here every key: the causal part is finfo.min too)."""
+    """P of a row masked only by finfo.min is 1/n to fp32 rounding in the backward: with every row so masked,
+    dV of each key is the sum of dO over the rows / n (n = Nk), and the saved lse is left as it was."""
     n, d = 40, 16
     gen = torch.Generator().manual_seed(seed_from("uniform rows"))
     q, k, v, dout = (torch.randn(1, 1, n, d, generator=gen) for _ in range(4))
     bias = torch.full((1, 1, n, n), torch.finfo(torch.float32).min)  # every row masked only by finfo.min
     out, lse = cpu_attention.forward(q, k, v, bias, 0.125, False)
+    saved = lse.clone()
     _, _, dv, _ = cpu_attention.backward(dout, q, k, v, bias, out, lse, 0.125, False)
+    assert torch.equal(lse, saved), "the backward must not write into the saved lse"
     want = dout.double().sum(dim=-2, keepdim=True).expand(1, 1, n, d) / n
     assert (dv.double() - want).abs().max() <= 4 * torch.finfo(torch.float32).eps * want.abs().max()
