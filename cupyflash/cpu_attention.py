@@ -106,11 +106,15 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
     - soft cap: torch's kernels have none;
     - the bias gradient (backward): torch's backward gives none;
     - an empty dimension: the chunked path gives the empty/zero results without special cases;
-    - an additive bias with values <= MASKED_BIAS other than -inf: ours sets the logit to MASKED_LOGIT (a row
-      masked only so attends uniformly, its lse ~ MASKED_LOGIT + log n), torch's adds it to the score (rows
-      masked by different huge values would weigh them unevenly, and the lse would be ~ -3e38);
-    - the backward of rows under the rebuild rule (lse < LSE_REBUILD, see the module docstring): torch's
-      backward takes P from the lse; they only come from such biases, so this is a check, not a path;
+    - rows under the rebuild rule (saved lse < LSE_REBUILD, see the module docstring): torch's backward takes P
+      from the lse; the forward checks its result the same way (a row whose real logits are all below
+      MASKED_LOGIT + ~40 would give its masked keys weight in ours, none in torch's: see the next case);
+    - an additive bias with values <= MASKED_BIAS other than -inf, where some row sees no key above
+      MASKED_BIAS but some above -inf: ours sets those logits to MASKED_LOGIT, so such a row attends uniformly
+      (left padding with a causal mask in finfo.min, as transformers builds it), where torch's kernel would
+      add the bias to the score (rows masked by different huge values weigh them unevenly, lse ~ -3e38).
+      Without such rows, those keys get weight 0 beside the row's others in ours, as -inf gives in torch's
+      (_prepare turns them into -inf): key padding, right padding, causal masks written in finfo.min;
     - windows: bottom-right causal and right windows become slices of top-left causal calls
       (cpu_torch_kernels.plan_for); a left window that bounds some row cannot be expressed;
     - everything else goes to torch's kernels: boolean masks (as 0/-inf), additive biases (rows whose keys are
@@ -121,12 +125,15 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
         return None
     if min(q.shape) == 0 or min(k.shape) == 0:
         return None
-    if attn_bias is not None and attn_bias.dtype != torch.bool and bool(
-            ((attn_bias <= MASKED_BIAS) & (attn_bias != NEG_INF)).any()):
-        return None
     if lse is not None and bool((lse < LSE_REBUILD).any()):
         return None
-    return cpu_torch_kernels.plan_for(q.shape[-2], k.shape[-2], causal, window)
+    plan = cpu_torch_kernels.plan_for(q.shape[-2], k.shape[-2], causal, window)
+    if plan is not None and attn_bias is not None and attn_bias.dtype != torch.bool and bool(
+            ((attn_bias <= MASKED_BIAS) & (attn_bias != NEG_INF)).any()):
+        masked_only = cpu_torch_kernels.rows_without_key(attn_bias, plan, q.shape[-2], above=MASKED_BIAS)
+        if not torch.equal(masked_only, cpu_torch_kernels.rows_without_key(attn_bias, plan, q.shape[-2])):
+            return None
+    return plan
 
 
 @dataclass
@@ -156,12 +163,14 @@ def _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked: bool) 
     bias = _as_additive(attn_bias, cdt)
     bias = None if bias is None else bias.to(cdt)
     masked = masked_logit = None
-    if bias is not None and chunked:
+    if bias is not None:
         masked = bias <= MASKED_BIAS
-        if bool(masked.any()):
-            masked_logit = torch.full_like(bias, MASKED_LOGIT).masked_fill_(bias == NEG_INF, NEG_INF)
-        else:
+        if not bool(masked.any()):
             masked = None
+        elif not chunked:  # route checked that -inf masks these keys alike in torch's kernels
+            bias, masked = bias.masked_fill(masked, NEG_INF), None
+        else:
+            masked_logit = torch.full_like(bias, MASKED_LOGIT).masked_fill_(bias == NEG_INF, NEG_INF)
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -245,10 +254,12 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32. ``seed``: the dropout seed, a
     one-element int64 tensor (None without dropout)."""
     plan = route(q, k, attn_bias, causal, window, dropout_p, softcap)
-    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=plan is None)
     if plan is not None:
+        x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=False)
         out, lse = cpu_torch_kernels.forward(x.q, x.k, x.v, x.bias, scale, plan)
-        return out.to(q.dtype), lse
+        if route(q, k, attn_bias, causal, window, dropout_p, softcap, lse=lse) is not None:
+            return out.to(q.dtype), lse
+    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=True)
     shape = x.q.shape[:-1]  # (B, H, Nq)
     m_i = torch.full(shape, NEG_INF, dtype=x.q.dtype, device=q.device)  # running max
     l_i = torch.zeros(shape, dtype=x.q.dtype, device=q.device)  # running sum (before dropout)

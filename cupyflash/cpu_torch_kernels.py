@@ -57,20 +57,27 @@ def bias_block(t: Optional[torch.Tensor], rows, j0: int, j1: int) -> Optional[to
     return t[..., rows if t.shape[-2] != 1 else slice(None), slice(j0, j1) if t.shape[-1] != 1 else slice(None)]
 
 
-def _rows_without_key(bias: torch.Tensor, causal: bool, n_rows: int) -> torch.Tensor:
-    """(.., n_rows or 1) bool: rows where every key the piece shows them has bias -inf."""
-    finite = bias > NEG_INF  # (.., n_rows or 1, Nk or 1)
-    none = ~finite.any(dim=-1)
+def _rows_without_key(bias: torch.Tensor, causal: bool, n_rows: int, above: float = NEG_INF) -> torch.Tensor:
+    """(.., n_rows or 1) bool: rows where no key the piece shows them has a bias above ``above``."""
+    seen = bias > above  # (.., n_rows or 1, Nk or 1)
+    none = ~seen.any(dim=-1)
     if not causal:
         return none
-    # Top-left causal: row i sees keys j <= i, so it has a key iff its first finite key is at most i.
-    first = finite.to(torch.uint8).argmax(dim=-1)  # (.., n_rows or 1): the first True, 0 when none
+    # Top-left causal: row i sees keys j <= i, so it has a key iff its first such key is at most i.
+    first = seen.to(torch.uint8).argmax(dim=-1)  # (.., n_rows or 1): the first True, 0 when none
     return none | (first > torch.arange(n_rows, device=bias.device))
+
+
+def rows_without_key(bias: torch.Tensor, plan: Plan, n_q: int, above: float = NEG_INF) -> torch.Tensor:
+    """(.., Nq - row0 or 1) bool: the plan's rows where no key of any piece has a bias above ``above``."""
+    rows, n_rows = slice(plan.row0, None), n_q - plan.row0
+    none = [_rows_without_key(bias_block(bias, rows, j0, j1), causal, n_rows, above) for j0, j1, causal in plan.pieces]
+    return none[0] if len(none) == 1 else none[0] & none[1]
 
 
 def forward(q, k, v, bias: Optional[torch.Tensor], scale: float, plan: Plan):
     """(out, lse) in the op's contract. q, k, v: (B, H, N, D) in the compute dtype (fp32/fp64), k and v with q's
-    heads; bias: additive in the compute dtype, without values that mask to MASKED_LOGIT (route checks)."""
+    heads; bias: additive in the compute dtype, where -inf masks a key (route checks that ours masks the same)."""
     rows = slice(plan.row0, None)
     q_rows = q[..., rows, :]  # (B, H, Nq - row0, D)
     outs, lses = [], []

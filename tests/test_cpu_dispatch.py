@@ -9,6 +9,7 @@ import torch
 from cupyflash import cpu_attention, cpu_torch_kernels
 from cupyflash.cpu_torch_kernels import Plan
 from reference import seed_from
+from test_cpu_masked_rows import padded_causal_bias
 
 B, HQ, D = 2, 4, 16
 
@@ -34,9 +35,15 @@ def _bias(kind: str, n_q: int, n_k: int, gen, dtype=torch.float64):
         return bias
     if kind == "rows":  # (1, HQ, Nq, 1)
         return torch.randn(1, HQ, n_q, 1, generator=gen, dtype=dtype)
-    if kind == "finfo.min":  # masks to MASKED_LOGIT: not torch's semantics
+    if kind == "finfo.min":  # key 0 masked to MASKED_LOGIT: under causal, row 0 sees only it (uniform)
         bias = torch.randn(B, 1, n_q, n_k, generator=gen, dtype=dtype)
         bias[..., 0] = torch.finfo(dtype).min
+        return bias
+    if kind == "left-padding":  # transformers' causal mask with left padding: rows that see only finfo.min
+        return padded_causal_bias((n_k - 3, n_k), n_k, dtype)[..., -n_q:, :]
+    if kind == "right-padding":  # (B, 1, 1, Nk) finfo.min on batch 1's last keys
+        bias = torch.zeros(B, 1, 1, n_k, dtype=dtype)
+        bias[1, ..., n_k - 5:] = torch.finfo(dtype).min
         return bias
     raise ValueError(kind)
 
@@ -60,6 +67,10 @@ CASES = [
     ("keys-causal-nq>nk", dict(bias="keys", causal=True, n_q=23, n_k=9, h_kv=1), Plan(14, ((0, 9, True),))),
     ("rows-bias", dict(bias="rows", causal=True), Plan(0, ((0, 17, True),))),
     ("fp32", dict(dtype=torch.float32, causal=True, bias="keys"), Plan(0, ((0, 17, True),))),
+    ("finfo.min-key", dict(bias="finfo.min"), Plan(0, ((0, 17, False),))),
+    ("right-padding-causal", dict(bias="right-padding", causal=True), Plan(0, ((0, 17, True),))),
+    ("right-padding-decode-fp32", dict(bias="right-padding", causal=True, n_q=3, n_k=23, dtype=torch.float32),
+     Plan(0, ((0, 20, False), (20, 23, True)))),
     ("bf16", dict(dtype=torch.bfloat16, causal=True), Plan(0, ((0, 17, True),))),
     ("fp16", dict(dtype=torch.float16), Plan(0, ((0, 17, False),))),
     # to the chunked path
@@ -68,8 +79,9 @@ CASES = [
     ("dropout", dict(dropout_p=0.1), None),
     ("softcap", dict(softcap=5.0), None),
     ("bias-grad", dict(bias="additive", bias_grad=True), None),
-    ("finfo.min-bias", dict(bias="finfo.min", causal=True), None),
-    ("bf16-finfo.min-bias", dict(bias="finfo.min", bias_dtype=torch.bfloat16), None),
+    ("finfo.min-rows-see-only-it", dict(bias="finfo.min", causal=True), None),
+    ("bf16-finfo.min-rows-see-only-it", dict(bias="finfo.min", causal=True, bias_dtype=torch.bfloat16), None),
+    ("left-padding", dict(bias="left-padding"), None),
     ("empty-keys", dict(n_k=0), None),
     ("empty-queries", dict(n_q=0), None),
     ("not-cpu", dict(device="meta"), None),
@@ -106,6 +118,24 @@ def test_route_backward_of_rebuilt_rows_is_chunked():
     assert cpu_attention.route(q, k, bias, lse=lse, **kw) is not None
     lse[1, 2, 3] = cpu_attention.MASKED_LOGIT + 2.0
     assert cpu_attention.route(q, k, bias, lse=lse, **kw) is None
+
+
+def test_forward_falls_back_when_torch_lse_is_under_the_rebuild_rule(monkeypatch):
+    """Rows whose real logits are all below MASKED_LOGIT: ours gives the finfo.min key the weight (its logit,
+    MASKED_LOGIT, is the row's largest), torch's kernel none. The forward sees the lse under the rebuild rule and
+    recomputes on the chunked path."""
+    n = 9
+    q = torch.full((1, 1, n, 1), -3000.0, dtype=torch.float64)
+    k, v = torch.ones(1, 1, n, 1, dtype=torch.float64), torch.arange(n, dtype=torch.float64).view(1, 1, n, 1)
+    bias = torch.zeros(1, 1, 1, n, dtype=torch.float64)
+    bias[..., 0] = torch.finfo(torch.float32).min
+    assert cpu_attention.route(q, k, bias, False, (-1, -1), 0.0, 0.0) is not None
+    out, lse = cpu_attention.forward(q, k, v, bias, 1.0, False)
+    with monkeypatch.context() as m:
+        _chunked(m)
+        want = cpu_attention.forward(q, k, v, bias, 1.0, False)
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert (out < 1e-6).all(), "key 0 (v = 0) takes all the weight"
 
 
 def _chunked(monkeypatch):
