@@ -4,10 +4,12 @@ memory in a fresh child process (resident memory sampled every millisecond, abov
 
     python benchmarks/cpu_path.py                                  # B=1, H=4, N=8192, d64, causal, fp32
     python benchmarks/cpu_path.py --n 2048 --repeats 3 --out benchmarks/results/cpu-path.md
+    python benchmarks/cpu_path.py --mask right-padding   # causal + right padding as one finfo.min (B, 1, N, N) bias
 
 Implementations: ``sdpa`` (torch.nn.functional.scaled_dot_product_attention, is_causal), ``cupyflash``
 (cupyflash.flash_attention, causal: cpu_attention.route sends it to torch's CPU flash kernels) and ``chunked``
-(the same call with route forced to the exact chunked path, as for dropout, soft cap or bias gradients).
+(the same call with route forced to the exact chunked path, as for dropout, soft cap or bias gradients). The
+peak memory includes the mask's own copies when there is one (an N x N tensor is 2^28 bytes at N = 8192).
 """
 from __future__ import annotations
 
@@ -40,24 +42,33 @@ def _chunked_only():
         cpu_attention.route = saved
 
 
-def _call(impl: str, q, k, v):
+def _call(impl: str, q, k, v, mask):
+    """Causal attention: by the flag, or through ``mask`` (an additive bias) when given."""
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     with _chunked_only() if impl == "chunked" else contextlib.nullcontext():
-        return cupyflash.flash_attention(q, k, v, causal=True)
+        return cupyflash.flash_attention(q, k, v, mask, causal=mask is None)
 
 
 def _inputs(args):
+    """q, k, v, dout and the mask (None unless --mask)."""
     gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
     shape = (args.batch, args.heads, args.n, args.head_dim)
-    return [torch.randn(*shape, generator=gen, dtype=getattr(torch, args.dtype)) for _ in range(4)]
+    mask = None
+    if args.mask == "right-padding":  # transformers' eager mask: causal, the last tenth of the keys padding
+        keep = torch.ones(args.n, args.n, dtype=torch.bool).tril()  # (N, N)
+        keep[:, args.n - args.n // 10:] = False
+        keep[:, 0] = True
+        mask = torch.zeros(args.batch, 1, args.n, args.n, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    return [torch.randn(*shape, generator=gen, dtype=dtype) for _ in range(4)] + [mask]
 
 
-def _time(impl: str, q, k, v, dout, backward: bool) -> float:
+def _time(impl: str, q, k, v, dout, mask, backward: bool) -> float:
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     start = time.perf_counter()
     with _chunked_only() if impl == "chunked" else contextlib.nullcontext():
-        out = _call(impl, *leaves)
+        out = _call(impl, *leaves, mask)
         if backward:
             out.backward(dout)
     return time.perf_counter() - start
@@ -101,30 +112,33 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--mask", choices=("right-padding",), help="causal through an additive mask instead")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of sdpa and cupyflash (after a warm-up)")
     parser.add_argument("--chunked-repeats", type=int, default=2, help="rounds of the (slow) chunked path")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--peak-of", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    q, k, v, dout = _inputs(args)
+    q, k, v, dout, mask = _inputs(args)
     if args.peak_of:
-        print(_sampled_peak(lambda: _time(args.peak_of, q, k, v, dout, backward=True)) / 2 ** 20)
+        print(_sampled_peak(lambda: _time(args.peak_of, q, k, v, dout, mask, backward=True)) / 2 ** 20)
         return 0
 
     times = {(impl, bwd): [] for impl in IMPLS for bwd in (False, True)}
     for impl in IMPLS:  # warm-up (thread pools, first allocations)
-        _time(impl, q[..., :256, :], k[..., :256, :], v[..., :256, :], dout[..., :256, :], backward=True)
+        _time(impl, q[..., :256, :], k[..., :256, :], v[..., :256, :], dout[..., :256, :],
+              None if mask is None else mask[..., :256, :256], backward=True)
     for r in range(args.repeats):
         for impl in IMPLS:
             if impl == "chunked" and r >= args.chunked_repeats:
                 continue
             for bwd in (False, True):
-                times[impl, bwd].append(_time(impl, q, k, v, dout, bwd))
+                times[impl, bwd].append(_time(impl, q, k, v, dout, mask, bwd))
     cli_args = [a for a in (argv if argv is not None else sys.argv[1:])]
     peaks = {impl: _peak_mib(impl, cli_args) for impl in IMPLS}
 
     med = {key: statistics.median(ts) for key, ts in times.items()}
-    title = (f"B={args.batch}, H={args.heads}, N={args.n}, d={args.head_dim}, causal, {args.dtype}, "
+    causal = "causal" if mask is None else f"causal + {args.mask} as a finfo.min mask"
+    title = (f"B={args.batch}, H={args.heads}, N={args.n}, d={args.head_dim}, {causal}, {args.dtype}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     lines = [f"### CPU path: {title}", "",
              "| impl | fwd s (median) | fwd spread | fwd vs sdpa | fwd+bwd s (median) | fwd+bwd spread "

@@ -36,6 +36,8 @@ above LSE_REBUILD, and even if not, exp(S - m) / l is that row's P too.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -107,16 +109,16 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
     - the bias gradient (backward): torch's backward gives none;
     - an empty dimension: the chunked path gives the empty/zero results without special cases;
     - rows under the rebuild rule (saved lse < LSE_REBUILD, see the module docstring): torch's backward takes P
-      from the lse; the forward checks its result the same way (a row whose real logits are all below
-      MASKED_LOGIT + ~40 would give its masked keys weight in ours, none in torch's: see the next case);
+      from the lse. The forward checks its result the same way: a row whose real logits are all below
+      LSE_REBUILD would give keys masked to MASKED_LOGIT (next case) some weight in ours, none in torch's;
+    - windows: bottom-right causal and right windows become slices of top-left causal calls
+      (cpu_torch_kernels.plan_for); a left window that bounds some row cannot be expressed;
     - an additive bias with values <= MASKED_BIAS other than -inf, where some row sees no key above
       MASKED_BIAS but some above -inf: ours sets those logits to MASKED_LOGIT, so such a row attends uniformly
       (left padding with a causal mask in finfo.min, as transformers builds it), where torch's kernel would
       add the bias to the score (rows masked by different huge values weigh them unevenly, lse ~ -3e38).
-      Without such rows, those keys get weight 0 beside the row's others in ours, as -inf gives in torch's
-      (_prepare turns them into -inf): key padding, right padding, causal masks written in finfo.min;
-    - windows: bottom-right causal and right windows become slices of top-left causal calls
-      (cpu_torch_kernels.plan_for); a left window that bounds some row cannot be expressed;
+      Without such rows, those keys get weight 0 beside the row's others in both (exp(-1e30 - m) = 0): key
+      padding, right padding, causal masks written in finfo.min go to torch's kernels;
     - everything else goes to torch's kernels: boolean masks (as 0/-inf), additive biases (rows whose keys are
       all -inf get out 0, lse +inf as ours), grouped-query K/V (widened to q's heads), fp16/bf16 (computed
       in fp32 as here), fp32 and fp64.
@@ -125,15 +127,23 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
         return None
     if min(q.shape) == 0 or min(k.shape) == 0:
         return None
-    if lse is not None and bool((lse < LSE_REBUILD).any()):
+    if lse is not None and under_rebuild_rule(lse):
         return None
     plan = cpu_torch_kernels.plan_for(q.shape[-2], k.shape[-2], causal, window)
-    if plan is not None and attn_bias is not None and attn_bias.dtype != torch.bool and bool(
-            ((attn_bias <= MASKED_BIAS) & (attn_bias != NEG_INF)).any()):
-        masked_only = cpu_torch_kernels.rows_without_key(attn_bias, plan, q.shape[-2], above=MASKED_BIAS)
-        if not torch.equal(masked_only, cpu_torch_kernels.rows_without_key(attn_bias, plan, q.shape[-2])):
-            return None
-    return plan
+    if plan is None or attn_bias is None:
+        return plan
+    tops = cpu_torch_kernels.row_max(attn_bias, plan, q.shape[-2])  # per piece, (.., rows)
+    if attn_bias.dtype == torch.bool:
+        return dataclasses.replace(plan, no_key=tuple(~t for t in tops))
+    top = functools.reduce(torch.maximum, tops)
+    if not torch.equal(top == NEG_INF, top <= MASKED_BIAS):  # a row sees keys masked to MASKED_LOGIT only
+        return None
+    return dataclasses.replace(plan, no_key=tuple(t == NEG_INF for t in tops))
+
+
+def under_rebuild_rule(lse: torch.Tensor) -> bool:
+    """Whether some row's P is rebuilt from its recomputed max and sum (module docstring): route's case."""
+    return bool((lse < LSE_REBUILD).any())
 
 
 @dataclass
@@ -163,14 +173,13 @@ def _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked: bool) 
     bias = _as_additive(attn_bias, cdt)
     bias = None if bias is None else bias.to(cdt)
     masked = masked_logit = None
-    if bias is not None:
+    # Only the chunked path replaces logits: in torch's kernels, route checked that keys masked so get weight 0.
+    if bias is not None and chunked:
         masked = bias <= MASKED_BIAS
-        if not bool(masked.any()):
-            masked = None
-        elif not chunked:  # route checked that -inf masks these keys alike in torch's kernels
-            bias, masked = bias.masked_fill(masked, NEG_INF), None
-        else:
+        if bool(masked.any()):
             masked_logit = torch.full_like(bias, MASKED_LOGIT).masked_fill_(bias == NEG_INF, NEG_INF)
+        else:
+            masked = None
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -257,7 +266,7 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     if plan is not None:
         x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=False)
         out, lse = cpu_torch_kernels.forward(x.q, x.k, x.v, x.bias, scale, plan)
-        if route(q, k, attn_bias, causal, window, dropout_p, softcap, lse=lse) is not None:
+        if not under_rebuild_rule(lse):  # route's case, which only the result can tell
             return out.to(q.dtype), lse
     x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=True)
     shape = x.q.shape[:-1]  # (B, H, Nq)

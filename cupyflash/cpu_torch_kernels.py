@@ -13,7 +13,7 @@ and lse, is exactly its share of the gradients (P = exp(S - lse) and D = rowsum(
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,6 +29,9 @@ class Plan:
     [j0, j1), with torch's top-left causal mask over them when causal."""
     row0: int
     pieces: tuple
+    # with a bias, per piece: (.., Nq - row0 or 1) bool, the rows whose keys there are all masked (torch's kernel
+    # gives them lse 0, which must not enter the merge)
+    no_key: Optional[tuple] = field(default=None, compare=False, repr=False)
 
 
 def plan_for(n_q: int, n_k: int, causal: bool, window) -> Optional[Plan]:
@@ -57,35 +60,31 @@ def bias_block(t: Optional[torch.Tensor], rows, j0: int, j1: int) -> Optional[to
     return t[..., rows if t.shape[-2] != 1 else slice(None), slice(j0, j1) if t.shape[-1] != 1 else slice(None)]
 
 
-def _rows_without_key(bias: torch.Tensor, causal: bool, n_rows: int, above: float = NEG_INF) -> torch.Tensor:
-    """(.., n_rows or 1) bool: rows where no key the piece shows them has a bias above ``above``."""
-    seen = bias > above  # (.., n_rows or 1, Nk or 1)
-    none = ~seen.any(dim=-1)
-    if not causal:
-        return none
-    # Top-left causal: row i sees keys j <= i, so it has a key iff its first such key is at most i.
-    first = seen.to(torch.uint8).argmax(dim=-1)  # (.., n_rows or 1): the first True, 0 when none
-    return none | (first > torch.arange(n_rows, device=bias.device))
-
-
-def rows_without_key(bias: torch.Tensor, plan: Plan, n_q: int, above: float = NEG_INF) -> torch.Tensor:
-    """(.., Nq - row0 or 1) bool: the plan's rows where no key of any piece has a bias above ``above``."""
+def row_max(bias: torch.Tensor, plan: Plan, n_q: int) -> list:
+    """Per piece, (.., Nq - row0 or 1): the largest bias among the keys each of the plan's rows sees there (for a
+    boolean mask, whether it sees a True). One pass over the bias per piece (three when causal)."""
     rows, n_rows = slice(plan.row0, None), n_q - plan.row0
-    none = [_rows_without_key(bias_block(bias, rows, j0, j1), causal, n_rows, above) for j0, j1, causal in plan.pieces]
-    return none[0] if len(none) == 1 else none[0] & none[1]
+    tops = []
+    for j0, j1, causal in plan.pieces:
+        b = bias_block(bias, rows, j0, j1)  # (.., n_rows or 1, j1-j0 or 1)
+        if causal and b.shape[-1] != 1:  # top-left: row i sees keys j <= i
+            later = torch.ones(n_rows, b.shape[-1], dtype=torch.bool, device=b.device).triu_(1)
+            b = b.masked_fill(later, False if b.dtype == torch.bool else NEG_INF)
+        tops.append(b.amax(dim=-1))
+    return tops
 
 
 def forward(q, k, v, bias: Optional[torch.Tensor], scale: float, plan: Plan):
     """(out, lse) in the op's contract. q, k, v: (B, H, N, D) in the compute dtype (fp32/fp64), k and v with q's
-    heads; bias: additive in the compute dtype, where -inf masks a key (route checks that ours masks the same)."""
+    heads; bias: additive in the compute dtype (route checked that it masks as ours, and found plan.no_key)."""
     rows = slice(plan.row0, None)
     q_rows = q[..., rows, :]  # (B, H, Nq - row0, D)
     outs, lses = [], []
-    for j0, j1, causal in plan.pieces:
+    for i, (j0, j1, causal) in enumerate(plan.pieces):
         b = bias_block(bias, rows, j0, j1)
         o, l = _fwd(q_rows, k[..., j0:j1, :], v[..., j0:j1, :], 0.0, causal, attn_mask=b, scale=scale)
-        if b is not None:  # torch's kernel gives rows without a key lse 0
-            l = l.masked_fill(_rows_without_key(b, causal, q_rows.shape[-2]), NEG_INF)
+        if plan.no_key is not None:
+            l = l.masked_fill(plan.no_key[i], NEG_INF)
         outs.append(o)
         lses.append(l)
     lse = lses[0] if len(lses) == 1 else torch.logaddexp(*lses)  # (B, H, Nq - row0)
@@ -95,10 +94,13 @@ def forward(q, k, v, bias: Optional[torch.Tensor], scale: float, plan: Plan):
     else:  # each piece's out is normalised by its own sum: weight it by its share exp(lse_piece - lse)
         lse_safe = torch.where(seen, lse, 0.0)
         out_rows = sum(o * torch.exp(l - lse_safe).unsqueeze(-1) for o, l in zip(outs, lses))
+    lse_rows = torch.where(seen, lse, float("inf"))
+    if plan.row0 == 0:
+        return out_rows.contiguous(), lse_rows.to(torch.float32).contiguous()
     out = q.new_zeros(q.shape)
     out[..., rows, :] = out_rows
     lse_all = q.new_full(q.shape[:-1], float("inf"), dtype=torch.float32)
-    lse_all[..., rows] = torch.where(seen, lse, float("inf"))
+    lse_all[..., rows] = lse_rows
     return out, lse_all
 
 
@@ -106,12 +108,14 @@ def backward(dout, q, k, v, bias: Optional[torch.Tensor], out, lse, scale: float
     """(dq, dk, dv) contiguous, in the compute dtype, for q, k, v as forward takes them; lse: the op's (B, H, Nq)
     fp32 (+inf rows give P = 0 in torch's backward as in ours)."""
     rows = slice(plan.row0, None)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype) for t in (q, k, v))
     args = (dout[..., rows, :], q[..., rows, :])
     saved = (out[..., rows, :], lse[..., rows].to(q.dtype))
-    for j0, j1, causal in plan.pieces:
-        g_q, g_k, g_v = _bwd(*args, k[..., j0:j1, :], v[..., j0:j1, :], *saved, 0.0, causal,
-                             attn_mask=bias_block(bias, rows, j0, j1), scale=scale)
+    grads = [_bwd(*args, k[..., j0:j1, :], v[..., j0:j1, :], *saved, 0.0, causal,
+                  attn_mask=bias_block(bias, rows, j0, j1), scale=scale) for j0, j1, causal in plan.pieces]
+    if plan.row0 == 0 and len(plan.pieces) == 1 and plan.pieces[0][1] - plan.pieces[0][0] == k.shape[-2]:
+        return tuple(g.contiguous() for g in grads[0])  # torch's come in its (B, N, H, D) layout
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype) for t in (q, k, v))  # keys no row sees get 0
+    for (j0, j1, _), (g_q, g_k, g_v) in zip(plan.pieces, grads):
         dq[..., rows, :] += g_q
         dk[..., j0:j1, :] = g_k
         dv[..., j0:j1, :] = g_v
