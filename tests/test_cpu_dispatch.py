@@ -41,6 +41,10 @@ def _bias(kind: str, n_q: int, n_k: int, gen, dtype=torch.float64):
         return bias
     if kind == "left-padding":  # transformers' causal mask with left padding: rows that see only finfo.min
         return padded_causal_bias((n_k - 3, n_k), n_k, dtype)[..., -n_q:, :]
+    if kind == "old-keys":  # (B, 1, 1, Nk) finfo.min on every key before the queries' own (decode)
+        bias = torch.zeros(B, 1, 1, n_k, dtype=dtype)
+        bias[..., : n_k - n_q] = torch.finfo(dtype).min
+        return bias
     if kind == "right-padding":  # (B, 1, 1, Nk) finfo.min on batch 1's last keys
         bias = torch.zeros(B, 1, 1, n_k, dtype=dtype)
         bias[1, ..., n_k - 5:] = torch.finfo(dtype).min
@@ -69,6 +73,8 @@ CASES = [
     ("fp32", dict(dtype=torch.float32, causal=True, bias="keys"), Plan(0, ((0, 17, True),))),
     ("finfo.min-key", dict(bias="finfo.min"), Plan(0, ((0, 17, False),))),
     ("right-padding-causal", dict(bias="right-padding", causal=True), Plan(0, ((0, 17, True),))),
+    ("finfo.min-whole-first-piece", dict(bias="old-keys", causal=True, n_q=5, n_k=23),
+     Plan(0, ((0, 18, False), (18, 23, True)))),
     ("right-padding-decode-fp32", dict(bias="right-padding", causal=True, n_q=3, n_k=23, dtype=torch.float32),
      Plan(0, ((0, 20, False), (20, 23, True)))),
     ("bf16", dict(dtype=torch.bfloat16, causal=True), Plan(0, ((0, 17, True),))),
