@@ -108,17 +108,19 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
     - soft cap: torch's kernels have none;
     - the bias gradient (backward): torch's backward gives none;
     - an empty dimension: the chunked path gives the empty/zero results without special cases;
-    - rows under the rebuild rule (saved lse < LSE_REBUILD, see the module docstring): torch's backward takes P
-      from the lse. The forward checks its result the same way: a row whose real logits are all below
-      LSE_REBUILD would give keys masked to MASKED_LOGIT (next case) some weight in ours, none in torch's;
     - windows: bottom-right causal and right windows become slices of top-left causal calls
       (cpu_torch_kernels.plan_for); a left window that bounds some row cannot be expressed;
-    - an additive bias with values <= MASKED_BIAS other than -inf, where some row sees no key above
-      MASKED_BIAS but some above -inf: ours sets those logits to MASKED_LOGIT, so such a row attends uniformly
-      (left padding with a causal mask in finfo.min, as transformers builds it), where torch's kernel would
-      add the bias to the score (rows masked by different huge values weigh them unevenly, lse ~ -3e38).
-      Without such rows, those keys get weight 0 beside the row's others in both (exp(-1e30 - m) = 0): key
-      padding, right padding, causal masks written in finfo.min go to torch's kernels;
+    - an additive bias with values <= MASKED_BIAS other than -inf: ours sets those logits to MASKED_LOGIT, where
+      torch's kernel adds the bias to the score. Beside a key above MASKED_BIAS both give them weight 0
+      (exp(-1e30 - m) = 0): key padding, right padding, causal masks written in finfo.min. A row that sees
+      keys above -inf but none above MASKED_BIAS attends uniformly in ours (left padding with a causal mask
+      in finfo.min, as transformers builds it), unevenly or with lse ~ -3e38 in torch's: those rows
+      (plan.chunked_rows) are computed here, the rest by torch's kernels, unless they are over half the rows
+      (then all here: cheaper);
+    - rows under the rebuild rule (saved lse < LSE_REBUILD, see the module docstring) other than chunked_rows:
+      torch's backward takes P from the lse. The forward checks its result the same way: a row whose real
+      logits are all below LSE_REBUILD would give keys masked to MASKED_LOGIT some weight in ours, none in
+      torch's;
     - everything else goes to torch's kernels: boolean masks (as 0/-inf), additive biases (rows whose keys are
       all -inf get out 0, lse +inf as ours), grouped-query K/V (widened to q's heads), fp16/bf16 (computed
       in fp32 as here), fp32 and fp64.
@@ -127,23 +129,36 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
         return None
     if min(q.shape) == 0 or min(k.shape) == 0:
         return None
-    if lse is not None and under_rebuild_rule(lse):
+    n_q = q.shape[-2]
+    plan = cpu_torch_kernels.plan_for(n_q, k.shape[-2], causal, window)
+    if plan is not None and attn_bias is not None:
+        tops = cpu_torch_kernels.row_max(attn_bias, plan, n_q)  # per piece, (.., Nq - row0 or 1)
+        is_bool = attn_bias.dtype == torch.bool
+        plan = dataclasses.replace(plan, no_key=tuple(~t if is_bool else t == NEG_INF for t in tops))
+        top = functools.reduce(torch.maximum, tops)
+        uniform = None if is_bool else (top <= MASKED_BIAS) & (top > NEG_INF)
+        if uniform is not None and bool(uniform.any()):
+            uniform = torch.nn.functional.pad(uniform.expand(*uniform.shape[:-1], n_q - plan.row0), (plan.row0, 0))
+            if 2 * len(_union_rows(uniform)) > n_q:
+                return None
+            plan = dataclasses.replace(plan, chunked_rows=uniform)
+    if plan is not None and lse is not None and under_rebuild_rule(lse, plan):
         return None
-    plan = cpu_torch_kernels.plan_for(q.shape[-2], k.shape[-2], causal, window)
-    if plan is None or attn_bias is None:
-        return plan
-    tops = cpu_torch_kernels.row_max(attn_bias, plan, q.shape[-2])  # per piece, (.., rows)
-    if attn_bias.dtype == torch.bool:
-        return dataclasses.replace(plan, no_key=tuple(~t for t in tops))
-    top = functools.reduce(torch.maximum, tops)
-    if not torch.equal(top == NEG_INF, top <= MASKED_BIAS):  # a row sees keys masked to MASKED_LOGIT only
-        return None
-    return dataclasses.replace(plan, no_key=tuple(t == NEG_INF for t in tops))
+    return plan
 
 
-def under_rebuild_rule(lse: torch.Tensor) -> bool:
-    """Whether some row's P is rebuilt from its recomputed max and sum (module docstring): route's case."""
-    return bool((lse < LSE_REBUILD).any())
+def under_rebuild_rule(lse: torch.Tensor, plan: cpu_torch_kernels.Plan) -> bool:
+    """Whether a row outside plan.chunked_rows has its P rebuilt from its recomputed max and sum (module
+    docstring): route's case."""
+    rebuild = lse < LSE_REBUILD
+    if plan.chunked_rows is not None:
+        rebuild &= ~plan.chunked_rows
+    return bool(rebuild.any())
+
+
+def _union_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(R,): the row indices set in some batch or head of a (.., Nq) bool."""
+    return rows.reshape(-1, rows.shape[-1]).any(dim=0).nonzero().squeeze(1)
 
 
 @dataclass
@@ -263,12 +278,19 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32. ``seed``: the dropout seed, a
     one-element int64 tensor (None without dropout)."""
     plan = route(q, k, attn_bias, causal, window, dropout_p, softcap)
+    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=plan is None or
+                 plan.chunked_rows is not None)
     if plan is not None:
-        x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=False)
         out, lse = cpu_torch_kernels.forward(x.q, x.k, x.v, x.bias, scale, plan)
-        if not under_rebuild_rule(lse):  # route's case, which only the result can tell
+        if plan.chunked_rows is not None:
+            rows = _union_rows(plan.chunked_rows)
+            m, l, acc = _row_softmax(x, rows, with_v=True)  # (B, H, R), (B, H, R), (B, H, R, D)
+            sel = plan.chunked_rows[..., rows]  # (.., R)
+            out[..., rows, :] = torch.where(sel.unsqueeze(-1), acc / l.clamp_min(1.0).unsqueeze(-1), out[..., rows, :])
+            lse[..., rows] = torch.where(sel, (m + torch.log(l)).float(), lse[..., rows])
+        if not under_rebuild_rule(lse, plan):  # route's case, which only the result can tell
             return out.to(q.dtype), lse
-    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=True)
+        x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=True)
     shape = x.q.shape[:-1]  # (B, H, Nq)
     m_i = torch.full(shape, NEG_INF, dtype=x.q.dtype, device=q.device)  # running max
     l_i = torch.zeros(shape, dtype=x.q.dtype, device=q.device)  # running sum (before dropout)
@@ -290,6 +312,26 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     return out.to(q.dtype), lse.to(torch.float32)
 
 
+def _all_key_chunks(x: _Inputs, rows: torch.Tensor):
+    """(j0, j1, rows) for every key chunk, with the same index rows (which the chunks do not restrict)."""
+    for j0 in range(0, x.k.shape[-2], KEY_CHUNK):
+        yield j0, min(j0 + KEY_CHUNK, x.k.shape[-2]), rows
+
+
+def _row_softmax(x: _Inputs, rows: torch.Tensor, with_v: bool):
+    """(m, l, acc) of query rows ``rows`` (R,) over all keys: their max logit and sum of exp(S - m), each
+    (B, H, R), and with_v the sum of exp(S - m) V, (B, H, R, D) (None without)."""
+    m = torch.full((*x.q.shape[:2], len(rows)), NEG_INF, dtype=x.q.dtype, device=x.q.device)  # (B, H, R)
+    l = torch.zeros_like(m)
+    acc = x.q.new_zeros((*m.shape, x.v.shape[-1])) if with_v else None
+    for j0, j1, _ in _all_key_chunks(x, rows):
+        p, alpha, m = _online_step(m, _logits(x, rows, j0, j1)[0])
+        l = l * alpha + p.sum(dim=-1)
+        if with_v:
+            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, x.v[..., j0:j1, :])
+    return m, l, acc
+
+
 def _softmax_shift(x: _Inputs, lse: torch.Tensor):
     """(shift, inv_l), each (B, H, Nq, 1) in the compute dtype, with P = exp(S - shift) · inv_l: shift = lse
     and no inv_l (None) for every row, except the rows of the rebuild rule (module docstring) when some are
@@ -298,13 +340,8 @@ def _softmax_shift(x: _Inputs, lse: torch.Tensor):
     rebuild = lse < LSE_REBUILD  # (B, H, Nq)
     if not bool(rebuild.any()):
         return shift, None
-    rows = rebuild.flatten(0, 1).any(dim=0).nonzero().squeeze(1)  # (R,): rows to rebuild in some batch or head
-    m = torch.full((*lse.shape[:2], len(rows)), NEG_INF, dtype=x.q.dtype, device=lse.device)  # (B, H, R)
-    l = torch.zeros_like(m)
-    for j0 in range(0, x.k.shape[-2], KEY_CHUNK):
-        j1 = min(j0 + KEY_CHUNK, x.k.shape[-2])
-        p, alpha, m = _online_step(m, _logits(x, rows, j0, j1)[0])
-        l = l * alpha + p.sum(dim=-1)
+    rows = _union_rows(rebuild)  # (R,)
+    m, l, _ = _row_softmax(x, rows, with_v=False)  # (B, H, R) each
     shift, inv_l = shift.clone(), torch.ones_like(shift)  # shift may be the caller's lse itself
     sel = rebuild[..., rows].unsqueeze(-1)  # (B, H, R, 1)
     shift[..., rows, :] = torch.where(sel, m.unsqueeze(-1), shift[..., rows, :])
@@ -324,10 +361,16 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
     """Returns (dq, dk, dv, dbias) recomputing P chunk by chunk from the saved lse (nothing N×N kept); dbias is
     shaped like attn_bias when bias_grad, else None. (out, lse) may come from either forward path."""
     plan = route(q, k, attn_bias, causal, window, dropout_p, softcap, bias_grad, lse)
-    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=plan is None)
+    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=plan is None or
+                 plan.chunked_rows is not None)
     do, o = dout.to(x.q.dtype), out.to(x.q.dtype)
     if plan is not None:
+        # plan.chunked_rows get P = 0 in torch's backward (S ~ -1e30 or below, lse ~ MASKED_LOGIT): add theirs
         dq, dk, dv = cpu_torch_kernels.backward(do, x.q, x.k, x.v, x.bias, o, lse, scale, plan)
+        if plan.chunked_rows is not None:
+            rows = _union_rows(plan.chunked_rows)
+            parts = _chunked_backward(x, do, o, lse, None, 0.0, None, False, rows=(rows, plan.chunked_rows))
+            dq, dk, dv = (a + b for a, b in zip((dq, dk, dv), parts))
         dbias = None
     else:
         dq, dk, dv, dbias = _chunked_backward(x, do, o, lse, attn_bias, dropout_p, seed, bias_grad)
@@ -339,16 +382,22 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
             None if dbias is None else dbias.to(attn_bias.dtype))
 
 
-def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_grad):
-    """(dq, dk, dv, dbias) in the compute dtype with dk, dv for q's heads."""
+def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_grad, rows=None):
+    """(dq, dk, dv, dbias) in the compute dtype with dk, dv for q's heads. ``rows``: (index (R,), selected
+    (.., Nq) bool) to take only the selected rows' share (no dropout, no bias gradient), or None for all."""
     d_i = (do * o).sum(dim=-1, keepdim=True)  # D = rowsum(dO ∘ O), (B, H, Nq, 1)
     shift, inv_l = _softmax_shift(x, lse)
+    chunks = _key_chunks(x)
+    if rows is not None:
+        index, selected = rows
+        inv_l = torch.where(selected.unsqueeze(-1), 1.0 if inv_l is None else inv_l, 0.0)  # P = 0 elsewhere
+        chunks = _all_key_chunks(x, index)
     # Contiguous whatever the inputs' strides, as the op promises.
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (x.q, x.k, x.v))
     dbias = torch.zeros(attn_bias.shape, dtype=x.q.dtype, device=x.q.device) if bias_grad else None
     philox_key = int(seed) if dropout_p > 0 else 0  # read from the seed tensor once
     batch, heads = x.q.shape[:2]
-    for j0, j1, rows in _key_chunks(x):
+    for j0, j1, rows in chunks:
         s, tanh = _logits(x, rows, j0, j1)
         p = s.sub_(shift[..., rows, :]).exp_()  # rows with lse = +inf give exactly 0
         if inv_l is not None:
@@ -358,15 +407,15 @@ def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_g
         if dropout_p > 0:
             keep = dropout_keep(philox_key, dropout_p, batch, heads, range(rows.start, rows.stop), range(j0, j1))
             keep = keep.to(p.device) / (1.0 - dropout_p)
-            dv[..., j0:j1, :] = torch.matmul((p * keep).transpose(-1, -2), do_r)
+            dv[..., j0:j1, :] += torch.matmul((p * keep).transpose(-1, -2), do_r)
             dp.mul_(keep)
         else:
-            dv[..., j0:j1, :] = torch.matmul(p.transpose(-1, -2), do_r)
+            dv[..., j0:j1, :] += torch.matmul(p.transpose(-1, -2), do_r)
         ds = p.mul_(dp.sub_(d_i[..., rows, :]))  # dL/dlogits, which is also dL/dbias: the bias is added after the cap
         # d(softcap · tanh(x / softcap))/dx = 1 - tanh²
         ds_raw = ds if tanh is None else ds * (1.0 - tanh * tanh)
         dq[..., rows, :] += torch.matmul(ds_raw, x.k[..., j0:j1, :]).mul_(x.scale)
-        dk[..., j0:j1, :] = torch.matmul(ds_raw.transpose(-1, -2), x.q[..., rows, :]).mul_(x.scale)
+        dk[..., j0:j1, :] += torch.matmul(ds_raw.transpose(-1, -2), x.q[..., rows, :]).mul_(x.scale)
         if dbias is not None:
             ds_b = _sum_to_shape(ds, attn_bias.shape)
             if attn_bias.shape[-1] == 1:

@@ -32,6 +32,9 @@ class Plan:
     # with a bias, per piece: (.., Nq - row0 or 1) bool, the rows whose keys there are all masked (torch's kernel
     # gives them lse 0, which must not enter the merge)
     no_key: Optional[tuple] = field(default=None, compare=False, repr=False)
+    # (.., Nq) bool: rows masked only by biases <= MASKED_BIAS, which attend uniformly (cpu_attention computes
+    # them; torch's kernel gives them P = 0 in the backward from our lse, their S being ~ -1e30 or below)
+    chunked_rows: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
 
 def plan_for(n_q: int, n_k: int, causal: bool, window) -> Optional[Plan]:

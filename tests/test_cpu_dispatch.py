@@ -41,6 +41,10 @@ def _bias(kind: str, n_q: int, n_k: int, gen, dtype=torch.float64):
         return bias
     if kind == "left-padding":  # transformers' causal mask with left padding: rows that see only finfo.min
         return padded_causal_bias((n_k - 3, n_k), n_k, dtype)[..., -n_q:, :]
+    if kind == "long-left-padding":  # batch 0 has 6 real keys: its rows before those see only finfo.min
+        return padded_causal_bias((6, n_k), n_k, dtype)[..., -n_q:, :]
+    if kind == "all-finfo.min":  # every row sees only finfo.min keys: uniform attention everywhere
+        return torch.full((1, 1, n_q, n_k), torch.finfo(dtype).min, dtype=dtype)
     if kind == "old-keys":  # (B, 1, 1, Nk) finfo.min on every key before the queries' own (decode)
         bias = torch.zeros(B, 1, 1, n_k, dtype=dtype)
         bias[..., : n_k - n_q] = torch.finfo(dtype).min
@@ -72,6 +76,13 @@ CASES = [
     ("rows-bias", dict(bias="rows", causal=True), Plan(0, ((0, 17, True),))),
     ("fp32", dict(dtype=torch.float32, causal=True, bias="keys"), Plan(0, ((0, 17, True),))),
     ("finfo.min-key", dict(bias="finfo.min"), Plan(0, ((0, 17, False),))),
+    ("finfo.min-row-sees-only-it", dict(bias="finfo.min", causal=True), Plan(0, ((0, 17, True),))),
+    ("bf16-finfo.min-row-sees-only-it", dict(bias="finfo.min", causal=True, bias_dtype=torch.bfloat16),
+     Plan(0, ((0, 17, True),))),
+    ("left-padding", dict(bias="left-padding"), Plan(0, ((0, 17, False),))),
+    ("left-padding-fp32-gqa", dict(bias="left-padding", dtype=torch.float32, h_kv=2), Plan(0, ((0, 17, False),))),
+    ("left-padding-causal-decode", dict(bias="long-left-padding", causal=True, n_q=9, n_k=23),
+     Plan(0, ((0, 14, False), (14, 23, True)))),
     ("right-padding-causal", dict(bias="right-padding", causal=True), Plan(0, ((0, 17, True),))),
     ("finfo.min-whole-first-piece", dict(bias="old-keys", causal=True, n_q=5, n_k=23),
      Plan(0, ((0, 18, False), (18, 23, True)))),
@@ -85,9 +96,7 @@ CASES = [
     ("dropout", dict(dropout_p=0.1), None),
     ("softcap", dict(softcap=5.0), None),
     ("bias-grad", dict(bias="additive", bias_grad=True), None),
-    ("finfo.min-rows-see-only-it", dict(bias="finfo.min", causal=True), None),
-    ("bf16-finfo.min-rows-see-only-it", dict(bias="finfo.min", causal=True, bias_dtype=torch.bfloat16), None),
-    ("left-padding", dict(bias="left-padding"), None),
+    ("all-finfo.min", dict(bias="all-finfo.min"), None),
     ("empty-keys", dict(n_k=0), None),
     ("empty-queries", dict(n_q=0), None),
     ("not-cpu", dict(device="meta"), None),
@@ -111,10 +120,17 @@ def _call(case: dict):
     return to(q), to(k), to(v), to(dout), to(bias), kwargs
 
 
-@pytest.mark.parametrize("case,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_route_table(case, expected):
+# rows masked only by finfo.min (uniform attention) that route leaves to the chunked path beside torch's kernels
+HYBRID = {"finfo.min-row-sees-only-it", "bf16-finfo.min-row-sees-only-it", "left-padding", "left-padding-fp32-gqa",
+          "left-padding-causal-decode"}
+
+
+@pytest.mark.parametrize("name,case,expected", CASES, ids=[c[0] for c in CASES])
+def test_route_table(name, case, expected):
     q, k, _, _, bias, kw = _call(case)
-    assert cpu_attention.route(q, k, bias, bias_grad=case.get("bias_grad", False), **kw) == expected
+    plan = cpu_attention.route(q, k, bias, bias_grad=case.get("bias_grad", False), **kw)
+    assert plan == expected
+    assert (plan is not None and plan.chunked_rows is not None) == (name in HYBRID)
 
 
 def test_route_backward_of_rebuilt_rows_is_chunked():

@@ -26,15 +26,22 @@ def eager(q, k, v, bias, scale):
     return torch.softmax(s, dim=-1) @ v.repeat_interleave(group, dim=1)
 
 
+@pytest.mark.parametrize("path", ["routed", "chunked"])
 @pytest.mark.parametrize("n,lengths,h_kv", [(48, (41, 48), 2), (113, (60, 100, 113), 4)])
-def test_left_padding_gradients_within_rule_fp32(n, lengths, h_kv):
+def test_left_padding_gradients_within_rule_fp32(n, lengths, h_kv, path, monkeypatch):
     """out, dq, dk, dv of fp32 inputs against fp64 eager math: within 2x (3x for gradients) fp32 eager's error
-    plus the rounding floor. Before the rebuild rule, P of the padded rows was off by up to 2.4e-4 relative."""
+    plus the rounding floor. Before the rebuild rule, P of the padded rows was off by up to 2.4e-4 relative.
+    ``routed``: as route sends it (torch's kernels, the padded rows on the chunked path); ``chunked``: all on
+    the chunked path."""
     gen = torch.Generator().manual_seed(seed_from("left padding", n, lengths, h_kv))
     b, h, d, scale = len(lengths), 4, 32, 32 ** -0.5
     q, dout = (torch.randn(b, h, n, d, generator=gen) for _ in range(2))
     k, v = (torch.randn(b, h_kv, n, d, generator=gen) for _ in range(2))
     bias = padded_causal_bias(lengths, n, torch.float32)
+    plan = cpu_attention.route(q, k, bias, False, (-1, -1), 0.0, 0.0)
+    assert plan is not None and plan.chunked_rows is not None
+    if path == "chunked":
+        monkeypatch.setattr(cpu_attention, "route", lambda *args, **kwargs: None)
     _, lse = cpu_attention.forward(q, k, v, bias, scale, False)
     assert (lse < cpu_attention.LSE_REBUILD).any(), "the padded rows must fall under the rebuild rule"
 
