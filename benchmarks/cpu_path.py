@@ -5,6 +5,7 @@ memory in a fresh child process (resident memory sampled every millisecond, abov
     python benchmarks/cpu_path.py                                  # B=1, H=4, N=8192, d64, causal, fp32
     python benchmarks/cpu_path.py --n 2048 --repeats 3 --out benchmarks/results/cpu-path.md
     python benchmarks/cpu_path.py --mask right-padding   # causal + right padding as one finfo.min (B, 1, N, N) bias
+    python benchmarks/cpu_path.py --mask left-padding    # the same with left padding: rows that see only finfo.min
 
 Implementations: ``sdpa`` (torch.nn.functional.scaled_dot_product_attention, is_causal), ``cupyflash``
 (cupyflash.flash_attention, causal: cpu_attention.route sends it to torch's CPU flash kernels) and ``chunked``
@@ -56,10 +57,12 @@ def _inputs(args):
     dtype = getattr(torch, args.dtype)
     shape = (args.batch, args.heads, args.n, args.head_dim)
     mask = None
-    if args.mask == "right-padding":  # transformers' eager mask: causal, the last tenth of the keys padding
+    if args.mask:  # transformers' eager mask: causal, a tenth of the keys padding, on the right or the left
         keep = torch.ones(args.n, args.n, dtype=torch.bool).tril()  # (N, N)
-        keep[:, args.n - args.n // 10:] = False
-        keep[:, 0] = True
+        if args.mask == "right-padding":
+            keep[:, args.n - args.n // 10:] = False
+        else:
+            keep[:, :args.n // 10] = False
         mask = torch.zeros(args.batch, 1, args.n, args.n, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
     return [torch.randn(*shape, generator=gen, dtype=dtype) for _ in range(4)] + [mask]
 
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--mask", choices=("right-padding",), help="causal through an additive mask instead")
+    parser.add_argument("--mask", choices=("right-padding", "left-padding"),
+                        help="causal through an additive finfo.min mask instead")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of sdpa and cupyflash (after a warm-up)")
     parser.add_argument("--chunked-repeats", type=int, default=2, help="rounds of the (slow) chunked path")
     parser.add_argument("--out", type=Path, help="write the markdown table here")

@@ -139,7 +139,7 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
         uniform = None if is_bool else (top <= MASKED_BIAS) & (top > NEG_INF)
         if uniform is not None and bool(uniform.any()):
             uniform = torch.nn.functional.pad(uniform.expand(*uniform.shape[:-1], n_q - plan.row0), (plan.row0, 0))
-            if 2 * len(_union_rows(uniform)) > n_q:
+            if 2 * _count(_union_rows(uniform)) > n_q:
                 return None
             plan = dataclasses.replace(plan, chunked_rows=uniform)
     if plan is not None and lse is not None and under_rebuild_rule(lse, plan):
@@ -156,9 +156,16 @@ def under_rebuild_rule(lse: torch.Tensor, plan: cpu_torch_kernels.Plan) -> bool:
     return bool(rebuild.any())
 
 
-def _union_rows(rows: torch.Tensor) -> torch.Tensor:
-    """(R,): the row indices set in some batch or head of a (.., Nq) bool."""
-    return rows.reshape(-1, rows.shape[-1]).any(dim=0).nonzero().squeeze(1)
+def _union_rows(rows: torch.Tensor):
+    """The rows set in some batch or head of a (.., Nq) bool: a slice when they are consecutive (left padding:
+    indexing by a slice is a view, by an index tensor a gather), else an index tensor (R,)."""
+    index = rows.reshape(-1, rows.shape[-1]).any(dim=0).nonzero().squeeze(1)
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == len(index) else index
+
+
+def _count(rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
 
 
 @dataclass
@@ -312,16 +319,16 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     return out.to(q.dtype), lse.to(torch.float32)
 
 
-def _all_key_chunks(x: _Inputs, rows: torch.Tensor):
-    """(j0, j1, rows) for every key chunk, with the same index rows (which the chunks do not restrict)."""
+def _all_key_chunks(x: _Inputs, rows):
+    """(j0, j1, rows) for every key chunk, with the same rows (a slice or an index tensor; not restricted)."""
     for j0 in range(0, x.k.shape[-2], KEY_CHUNK):
         yield j0, min(j0 + KEY_CHUNK, x.k.shape[-2]), rows
 
 
-def _row_softmax(x: _Inputs, rows: torch.Tensor, with_v: bool):
-    """(m, l, acc) of query rows ``rows`` (R,) over all keys: their max logit and sum of exp(S - m), each
-    (B, H, R), and with_v the sum of exp(S - m) V, (B, H, R, D) (None without)."""
-    m = torch.full((*x.q.shape[:2], len(rows)), NEG_INF, dtype=x.q.dtype, device=x.q.device)  # (B, H, R)
+def _row_softmax(x: _Inputs, rows, with_v: bool):
+    """(m, l, acc) of query rows ``rows`` (a slice or an index tensor) over all keys: their max logit and sum of
+    exp(S - m), each (B, H, R), and with_v the sum of exp(S - m) V, (B, H, R, D) (None without)."""
+    m = torch.full((*x.q.shape[:2], _count(rows)), NEG_INF, dtype=x.q.dtype, device=x.q.device)  # (B, H, R)
     l = torch.zeros_like(m)
     acc = x.q.new_zeros((*m.shape, x.v.shape[-1])) if with_v else None
     for j0, j1, _ in _all_key_chunks(x, rows):
@@ -340,7 +347,7 @@ def _softmax_shift(x: _Inputs, lse: torch.Tensor):
     rebuild = lse < LSE_REBUILD  # (B, H, Nq)
     if not bool(rebuild.any()):
         return shift, None
-    rows = _union_rows(rebuild)  # (R,)
+    rows = _union_rows(rebuild)
     m, l, _ = _row_softmax(x, rows, with_v=False)  # (B, H, R) each
     shift, inv_l = shift.clone(), torch.ones_like(shift)  # shift may be the caller's lse itself
     sel = rebuild[..., rows].unsqueeze(-1)  # (B, H, R, 1)
@@ -383,15 +390,16 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
 
 
 def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_grad, rows=None):
-    """(dq, dk, dv, dbias) in the compute dtype with dk, dv for q's heads. ``rows``: (index (R,), selected
-    (.., Nq) bool) to take only the selected rows' share (no dropout, no bias gradient), or None for all."""
+    """(dq, dk, dv, dbias) in the compute dtype with dk, dv for q's heads. ``rows``: (rows as _union_rows gives
+    them, selected (.., Nq) bool) to take only the selected rows' share (no dropout, no bias gradient), or None
+    for all."""
     d_i = (do * o).sum(dim=-1, keepdim=True)  # D = rowsum(dO ∘ O), (B, H, Nq, 1)
     shift, inv_l = _softmax_shift(x, lse)
     chunks = _key_chunks(x)
     if rows is not None:
-        index, selected = rows
+        some, selected = rows
         inv_l = torch.where(selected.unsqueeze(-1), 1.0 if inv_l is None else inv_l, 0.0)  # P = 0 elsewhere
-        chunks = _all_key_chunks(x, index)
+        chunks = _all_key_chunks(x, some)
     # Contiguous whatever the inputs' strides, as the op promises.
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (x.q, x.k, x.v))
     dbias = torch.zeros(attn_bias.shape, dtype=x.q.dtype, device=x.q.device) if bias_grad else None
