@@ -79,6 +79,7 @@ CASES = [
     ("finfo.min-row-sees-only-it", dict(bias="finfo.min", causal=True), Plan(0, ((0, 17, True),))),
     ("bf16-finfo.min-row-sees-only-it", dict(bias="finfo.min", causal=True, bias_dtype=torch.bfloat16),
      Plan(0, ((0, 17, True),))),
+    ("finfo.min-causal-nq>nk", dict(bias="finfo.min", causal=True, n_q=23, n_k=9), Plan(14, ((0, 9, True),))),
     ("left-padding", dict(bias="left-padding"), Plan(0, ((0, 17, False),))),
     ("left-padding-fp32-gqa", dict(bias="left-padding", dtype=torch.float32, h_kv=2), Plan(0, ((0, 17, False),))),
     ("left-padding-causal-decode", dict(bias="long-left-padding", causal=True, n_q=9, n_k=23),
@@ -121,8 +122,8 @@ def _call(case: dict):
 
 
 # rows masked only by finfo.min (uniform attention) that route leaves to the chunked path beside torch's kernels
-HYBRID = {"finfo.min-row-sees-only-it", "bf16-finfo.min-row-sees-only-it", "left-padding", "left-padding-fp32-gqa",
-          "left-padding-causal-decode"}
+HYBRID = {"finfo.min-row-sees-only-it", "bf16-finfo.min-row-sees-only-it", "finfo.min-causal-nq>nk", "left-padding",
+          "left-padding-fp32-gqa", "left-padding-causal-decode"}
 
 
 @pytest.mark.parametrize("name,case,expected", CASES, ids=[c[0] for c in CASES])
