@@ -2,7 +2,8 @@
 (meta) implementations and autograd, usable in eager, under ``torch.compile`` and in CUDA graphs.
 
 CUDA tensors run the CuPy-launched kernels on ``torch.cuda.current_stream()`` with outputs allocated by
-torch; CPU tensors run the exact chunked implementation in ``cpu_attention`` (same semantics).
+torch; CPU tensors run the exact CPU path in ``cpu_attention`` (same semantics: torch's CPU attention kernels where
+their results are ours, a chunked online softmax otherwise).
 """
 from __future__ import annotations
 
