@@ -263,6 +263,7 @@ class Matcher:
         vc = pv_c.right_t
         v = Operand(vc[0], _identity_to_none(sp.compose(vc[1] or tuple(range(sp.meta(vc[0]).dim())),
                                                           _swap_last(sp.meta(vc[0]).dim()))))
+        q, k = _without_upcasts(q, k, sp.meta(v.node).dtype, erase)
         site = Site(softmax, qk, pv, q, k, v, scale, False, [], qk_frame, _frame(pv_c.left[0]), pv_c.out_perm,
                     erase)
         site.steps = self._masks(site, steps, qk)
@@ -397,6 +398,36 @@ def _rows_see_a_key(keep: Keep, nq, nk) -> bool:
     if keep.lo is not None and keep.hi is not None:
         ok.append(keep.lo <= keep.hi)
     return all(bool(statically_known_true(c)) if not isinstance(c, bool) else c for c in ok)
+
+
+def _upcast_source(operand: Operand, low: torch.dtype, walked: list) -> Optional[Operand]:
+    """The 16-bit tensor under ``operand`` when it is ``x.float()`` / ``x.to(float32)`` of an x of dtype ``low``,
+    used only here (through transposes, which move the same elements); else None. ``walked`` gets the nodes
+    passed, which die with the site."""
+    node, perm = operand.node, operand.perm or tuple(range(sp.meta(operand.node).dim()))
+    while len(node.users) == 1 and (permuted := sp.perm_of(node)) is not None:
+        walked.append(node)
+        node, inner = permuted
+        perm = sp.compose(inner, perm)
+    src = sp.cast_input(node) if len(node.users) == 1 else None
+    if (src is None or sp.meta(node).dtype != torch.float32 or not isinstance(sp.meta(src), torch.Tensor)
+            or sp.meta(src).dtype != low or sp.is_call(node, (torch.clone,), ("contiguous", "clone"))):
+        return None
+    walked.append(node)
+    return Operand(src, _identity_to_none(perm))
+
+
+def _without_upcasts(q: Operand, k: Operand, v_dtype: torch.dtype, erase: list) -> tuple[Operand, Operand]:
+    """GPT-2's ``reorder_and_upcast_attn`` and GPT-J cast q and k from 16 bits to fp32 while v stays 16-bit: the
+    cast is exact and the kernels accumulate Q·Kᵀ in fp32, so the op takes q and k before the casts."""
+    if v_dtype not in (torch.float16, torch.bfloat16):
+        return q, k
+    walked: list = []
+    q16, k16 = _upcast_source(q, v_dtype, walked), _upcast_source(k, v_dtype, walked)
+    if q16 is None or k16 is None:
+        return q, k
+    erase.extend(walked)
+    return q16, k16
 
 
 def _frame(node: fx.Node) -> tuple:
