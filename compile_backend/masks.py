@@ -365,6 +365,9 @@ class StructureAnalysis:
         return self._normalised(x, self._index(x))
 
     def _index(self, node: fx.Node) -> Affine:
+        if node.op == "placeholder":
+            raise Unproven(f"the index tensor {node.name} is a graph input (runtime data, such as generate()'s "
+                           f"cache_position)")
         if is_call(node, (torch.arange,)):
             args = [a for a in node.args]
             step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
