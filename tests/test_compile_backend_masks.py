@@ -18,26 +18,27 @@ from reference import assert_within_rule, rounding_floor  # noqa: E402
 OP = torch.ops.cupyflash.flash_attn_fwd.default
 B, T, VOCAB = 2, 9, 64
 WINDOW = 4
-_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, head_dim=8)
 
 
-def _config(name):
+def _config(name, layers):
     if name == "llama":
-        return transformers.LlamaConfig(**_SMALL), transformers.LlamaForCausalLM
+        return transformers.LlamaConfig(**_SMALL, num_hidden_layers=layers), transformers.LlamaForCausalLM
     if name == "qwen2":
-        return transformers.Qwen2Config(**_SMALL), transformers.Qwen2ForCausalLM
+        return transformers.Qwen2Config(**_SMALL, num_hidden_layers=layers), transformers.Qwen2ForCausalLM
     if name == "mistral":
-        return transformers.MistralConfig(**_SMALL, sliding_window=WINDOW), transformers.MistralForCausalLM
+        return transformers.MistralConfig(**_SMALL, num_hidden_layers=layers, sliding_window=WINDOW), transformers.MistralForCausalLM
     if name == "gemma2":
-        return (transformers.Gemma2Config(**_SMALL, sliding_window=WINDOW, query_pre_attn_scalar=8),
+        return (transformers.Gemma2Config(**_SMALL, num_hidden_layers=layers, sliding_window=WINDOW,
+                                         query_pre_attn_scalar=8),
                 transformers.Gemma2ForCausalLM)
     if name == "gpt2":
-        return (transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        return (transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
                                         reorder_and_upcast_attn=True, attn_pdrop=0.0, resid_pdrop=0.0,
                                         embd_pdrop=0.0), transformers.GPT2LMHeadModel)
     if name == "gptj":
-        return (transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        return (transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
                                         rotary_dim=4, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
                 transformers.GPTJForCausalLM)
     raise ValueError(name)
@@ -54,9 +55,9 @@ class Logits(torch.nn.Module):
         return self.model(ids, attention_mask=attention_mask).logits
 
 
-def _model(name, dtype=torch.float32):
+def _model(name, dtype=torch.float32, layers=1):
     torch.manual_seed(0)
-    config, cls = _config(name)
+    config, cls = _config(name, layers)
     config._attn_implementation = "eager"
     return Logits(cls(config).to(dtype))
 
@@ -89,37 +90,35 @@ def _dense_mask_ops(graphs):
 
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 def test_llama_causal_and_key_padding(padding):
-    model = _model("llama")
+    """Two layers share one mask: its dense construction dies once the last site stops reading it."""
+    model = _model("llama", layers=2)
     ids, mask = _inputs(padding)
     report = _report(model, ids, mask)
     want = "causal" if padding == "none" else "causal + key padding"
     assert [s.mask_form for s in report.sites] == [want, want], str(report)
     assert all(s.causal and s.window == (-1, -1) for s in report.sites)
+    if padding != "left":
+        return  # the numbers: left padding has rows with no key, the hardest case
     graphs = compile_and_compare(model, ids, mask, expect=2, atol=1e-5, rtol=1e-5)
     assert not _dense_mask_ops(graphs), "the dense mask's construction should be dead and erased"
     (bias,) = {op.args[3] for gm in graphs for op in gm.graph.nodes if op.target is OP}
-    if padding == "none":
-        assert bias is None
-    else:
-        shape = tuple(bias.meta["example_value"].shape)
-        assert bias.meta["example_value"].dtype == torch.bool and shape == (B, 1, 1, T), shape
+    value = bias.meta["example_value"]
+    assert value.dtype == torch.bool and tuple(value.shape) == (B, 1, 1, T), value
 
 
-@pytest.mark.parametrize("padding", ["none", "left"])
-def test_mistral_sliding_window(padding):
+def test_mistral_sliding_window_with_left_padding():
     """masking_utils keeps kv_idx > q_idx - sliding_window: W keys up to the diagonal, the op's window_left W - 1."""
     model = _model("mistral")
-    ids, mask = _inputs(padding)
+    ids, mask = _inputs("left")
     report = _report(model, ids, mask)
-    want = "causal + window" + ("" if padding == "none" else " + key padding")
-    assert [(s.mask_form, s.window) for s in report.sites] == [(want, (WINDOW - 1, -1))] * 2, str(report)
-    compile_and_compare(model, ids, mask, expect=2, atol=1e-5, rtol=1e-5)
+    assert [(s.mask_form, s.window) for s in report.sites] == [("causal + window + key padding", (WINDOW - 1, -1))]
+    compile_and_compare(model, ids, mask, expect=1, atol=1e-5, rtol=1e-5)
 
 
 def test_gemma2_soft_cap_and_window():
     """Gemma 2 alternates sliding and full layers; with a soft-cap the flags hold without padding. With padding,
     a row that sees no key would need eager's gradient through tanh' of every score: dense, with the reason."""
-    model = _model("gemma2")
+    model = _model("gemma2", layers=2)
     ids, _ = _inputs("none")
     report = _report(model, ids, None)
     assert sorted((s.mask_form, s.window) for s in report.sites) == [("causal", (-1, -1)),
@@ -138,7 +137,7 @@ def _loss_and_grads(model, ids, mask, seed):
     return [logits.detach()] + [p.grad.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "gptj"])
+@pytest.mark.parametrize("name", ["qwen2", "gpt2", "gptj"])
 def test_bf16_left_padding_within_the_rule(name):
     """bf16, left padding (rows with no key): logits and every parameter gradient against an fp32 copy, within
     2x (3x for gradients) eager bf16's own error plus a rounding floor. GPT-2 (reorder_and_upcast_attn) and
