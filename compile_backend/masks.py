@@ -244,6 +244,13 @@ def _bound(a, b, pick):
 _AND = ((operator.and_, torch.logical_and, torch.bitwise_and), ("logical_and", "bitwise_and", "__and__"))
 _OR = ((operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwise_or", "__or__"))
 _NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
+# What each comparison says of a - b (for comparisons of index tensors that differ by a constant).
+_TRUTH = {operator.eq: operator.eq, torch.eq: operator.eq, "eq": operator.eq, "__eq__": operator.eq,
+          operator.ne: operator.ne, torch.ne: operator.ne, "ne": operator.ne, "__ne__": operator.ne,
+          operator.le: operator.le, torch.le: operator.le, "le": operator.le, "__le__": operator.le,
+          operator.lt: operator.lt, torch.lt: operator.lt, "lt": operator.lt, "__lt__": operator.lt,
+          operator.ge: operator.ge, torch.ge: operator.ge, "ge": operator.ge, "__ge__": operator.ge,
+          operator.gt: operator.gt, torch.gt: operator.gt, "gt": operator.gt, "__gt__": operator.gt}
 # e <= 0 for each comparison a OP b, written as e = sign · (a - b) + shift.
 _COMPARE = {operator.le: (1, 0), torch.le: (1, 0), "le": (1, 0), "__le__": (1, 0),
             operator.lt: (1, 1), torch.lt: (1, 1), "lt": (1, 1), "__lt__": (1, 1),
@@ -286,6 +293,12 @@ class StructureAnalysis:
         src = self._same_bool(node)
         if src is not None:
             return self.keep(src, negated)
+        if is_call(node, tuple(k for k in _TRUTH if not isinstance(k, str)),
+                   tuple(k for k in _TRUTH if isinstance(k, str))):
+            # e.g. the packed-sequence term seq[b, q_idx] == seq[b, kv_idx] of position ids that are an arange
+            if (self.index(node).const != 0) != negated:
+                return Keep()
+            raise Unproven(f"a mask that hides every key ({node.name})")
         raise Unproven(f"{describe(node)} ({node.name}) in the mask is not a band or per-key term")
 
     # ---- terms ---------------------------------------------------------------------------------
@@ -359,8 +372,7 @@ class StructureAnalysis:
         value = meta(x)
         if isinstance(x, fx.Node) and isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
             return Affine((), value)
-        if not isinstance(x, fx.Node) or not isinstance(value, torch.Tensor) or value.dtype.is_floating_point \
-                or value.dtype == torch.bool:
+        if not isinstance(x, fx.Node) or not isinstance(value, torch.Tensor) or value.dtype.is_floating_point:
             raise Unproven(f"{x!r} is not an integer index tensor")
         return self._normalised(x, self._index(x))
 
@@ -383,6 +395,21 @@ class StructureAnalysis:
             return -self.index(node.args[0])
         if is_call(node, (), ("to", "long", "int", "cpu", "cuda")) and not meta(node.args[0]).dtype.is_floating_point:
             return self.index(node.args[0])
+        if is_call(node, (torch.broadcast_to,), ("expand", "expand_as", "broadcast_to")):
+            return self.index(node.args[0])
+        if is_call(node, tuple(k for k in _TRUTH if not isinstance(k, str)),
+                   tuple(k for k in _TRUTH if isinstance(k, str))):
+            d = self.index(node.args[0]) + -self.index(node.args[1])
+            if d.coef or not isinstance(d.const, int):
+                raise Unproven(f"the comparison {node.name} is used as a number but is not constant")
+            return Affine((), int(_TRUTH[node.target](d.const, 0)))
+        if is_call(node, (torch.cumsum,), ("cumsum",)):
+            a = self.index(node.args[0])
+            if a.coef or a.const != 0:
+                raise Unproven(f"cumsum of a non-zero index tensor ({node.name})")
+            return a
+        if is_call(node, (torch.diff,)):
+            return self._diff(node)
         if is_call(node, (operator.getitem,)):
             return self._reindexed(node)
         if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
@@ -391,9 +418,29 @@ class StructureAnalysis:
             return self._moved(node.args[0], [k if k < d else k + 1 for k in range(n_out - 1)], n_out)
         raise Unproven(f"{describe(node)} ({node.name}) builds an index tensor the backend does not follow")
 
+    def _diff(self, node: fx.Node) -> Affine:
+        """``torch.diff(x, prepend=x[..., :1] - c, dim=-1)`` of x with slope c along the last dim: c everywhere
+        (find_packed_sequence_indices on position ids that are an arange)."""
+        x, prepend, dim = node.args[0], node.kwargs.get("prepend"), arg(node, 2, "dim", node.kwargs.get("dim", -1))
+        n = meta(x).dim()
+        slope = dict(self.index(x).coef).get(-1, 0)
+        first = None
+        if dim % n == n - 1 and len(node.args) == 1 and set(node.kwargs) <= {"prepend", "dim"} \
+                and is_call(prepend, (operator.sub,), ("sub", "__sub__")):
+            head, c = prepend.args
+            if is_call(head, (operator.getitem,)) and head.args[0] is x and isinstance(head.args[1], tuple) \
+                    and head.args[1][-1] == slice(None, 1, None) \
+                    and all(i == slice(None) or i is Ellipsis for i in head.args[1][:-1]):
+                first = const_value(c)
+        if first is None or first != slope:
+            raise Unproven(f"torch.diff ({node.name}) of an index tensor that is not an arange along the last dim")
+        return Affine((), slope)
+
     def _reindexed(self, node: fx.Node) -> Affine:
-        """``x[None, :, ...]``: only new axes and full slices move positions."""
+        """``x[None, :, ...]``: only new axes and full slices move positions. Any index of a constant is it."""
         src, index = node.args
+        if not self.index(src).coef:
+            return self.index(src)
         n_in = meta(src).dim()
         index = index if isinstance(index, tuple) else (index,)
         if sum(i is Ellipsis for i in index) > 1:

@@ -47,19 +47,21 @@ def _config(name, layers):
 class Logits(torch.nn.Module):
     """The model's logits only (the harness compares tensors, not ModelOutput)."""
 
-    def __init__(self, model):
+    def __init__(self, model, use_cache):
         super().__init__()
-        self.model = model
+        self.model, self.use_cache = model, use_cache
 
     def forward(self, ids, attention_mask=None):
-        return self.model(ids, attention_mask=attention_mask).logits
+        return self.model(ids, attention_mask=attention_mask, use_cache=self.use_cache).logits
 
 
-def _model(name, dtype=torch.float32, layers=1):
+def _model(name, dtype=torch.float32, layers=1, use_cache=True):
+    """use_cache=False without an attention mask makes masking_utils add its packed-sequence term, built from
+    position ids (an arange in the graph when none are given)."""
     torch.manual_seed(0)
     config, cls = _config(name, layers)
     config._attn_implementation = "eager"
-    return Logits(cls(config).to(dtype))
+    return Logits(cls(config).to(dtype), use_cache)
 
 
 def _inputs(padding):
@@ -91,7 +93,7 @@ def _dense_mask_ops(graphs):
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 def test_llama_causal_and_key_padding(padding):
     """Two layers share one mask: its dense construction dies once the last site stops reading it."""
-    model = _model("llama", layers=2)
+    model = _model("llama", layers=2, use_cache=padding != "none")
     ids, mask = _inputs(padding)
     report = _report(model, ids, mask)
     want = "causal" if padding == "none" else "causal + key padding"
