@@ -136,15 +136,9 @@ class MaskAnalysis:
         x = meta(src)
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or not all(equal(d, 1) for d in x.shape[:-2]):
             return None
-        index = index if isinstance(index, tuple) else (index,)
-        if sum(i is Ellipsis for i in index) > 1:
+        index = explicit_index(index, x.dim())
+        if index is None:
             return None
-        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
-        if Ellipsis in index:
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (x.dim() - consumed) + index[at + 1:]
-        else:
-            index = index + (slice(None),) * (x.dim() - consumed)
         dims = [i for i in index if i is not None]
         if len(dims) != x.dim() or index[-1] is None or index[-2] is None:
             return None  # a new axis after the matrix dims would move them
@@ -251,11 +245,14 @@ _TRUTH = {operator.eq: operator.eq, torch.eq: operator.eq, "eq": operator.eq, "_
           operator.lt: operator.lt, torch.lt: operator.lt, "lt": operator.lt, "__lt__": operator.lt,
           operator.ge: operator.ge, torch.ge: operator.ge, "ge": operator.ge, "__ge__": operator.ge,
           operator.gt: operator.gt, torch.gt: operator.gt, "gt": operator.gt, "__gt__": operator.gt}
-# e <= 0 for each comparison a OP b, written as e = sign · (a - b) + shift.
-_COMPARE = {operator.le: (1, 0), torch.le: (1, 0), "le": (1, 0), "__le__": (1, 0),
-            operator.lt: (1, 1), torch.lt: (1, 1), "lt": (1, 1), "__lt__": (1, 1),
-            operator.ge: (-1, 0), torch.ge: (-1, 0), "ge": (-1, 0), "__ge__": (-1, 0),
-            operator.gt: (-1, 1), torch.gt: (-1, 1), "gt": (-1, 1), "__gt__": (-1, 1)}
+# e <= 0 for each order comparison a OP b, written as e = sign · (a - b) + shift.
+_ORDER = {operator.le: (1, 0), operator.lt: (1, 1), operator.ge: (-1, 0), operator.gt: (-1, 1)}
+_COMPARE = {spelling: _ORDER[meaning] for spelling, meaning in _TRUTH.items() if meaning in _ORDER}
+
+
+def _spelled(table: dict) -> tuple[tuple, tuple]:
+    """(functions, methods) of a table keyed by spellings, for ``is_call``."""
+    return tuple(k for k in table if not isinstance(k, str)), tuple(k for k in table if isinstance(k, str))
 
 
 class StructureAnalysis:
@@ -287,14 +284,12 @@ class StructureAnalysis:
             return self.keep(node.args[0], negated) & self.keep(node.args[1], negated)
         if is_call(node, *(_AND if negated else _OR)):
             raise Unproven(f"a union of masks ({node.name}): the op takes one band and per-key terms")
-        if is_call(node, tuple(k for k in _COMPARE if not isinstance(k, str)),
-                   tuple(k for k in _COMPARE if isinstance(k, str))):
+        if is_call(node, *_spelled(_COMPARE)):
             return self._compare(node, negated)
         src = self._same_bool(node)
         if src is not None:
             return self.keep(src, negated)
-        if is_call(node, tuple(k for k in _TRUTH if not isinstance(k, str)),
-                   tuple(k for k in _TRUTH if isinstance(k, str))):
+        if is_call(node, *_spelled(_TRUTH)):
             # e.g. the packed-sequence term seq[b, q_idx] == seq[b, kv_idx] of position ids that are an arange
             if (self.index(node).const != 0) != negated:
                 return Keep()
@@ -397,8 +392,7 @@ class StructureAnalysis:
             return self.index(node.args[0])
         if is_call(node, (torch.broadcast_to,), ("expand", "expand_as", "broadcast_to")):
             return self.index(node.args[0])
-        if is_call(node, tuple(k for k in _TRUTH if not isinstance(k, str)),
-                   tuple(k for k in _TRUTH if isinstance(k, str))):
+        if is_call(node, *_spelled(_TRUTH)):
             d = self.index(node.args[0]) + -self.index(node.args[1])
             if d.coef or not isinstance(d.const, int):
                 raise Unproven(f"the comparison {node.name} is used as a number but is not constant")
@@ -441,16 +435,9 @@ class StructureAnalysis:
         src, index = node.args
         if not self.index(src).coef:
             return self.index(src)
-        n_in = meta(src).dim()
-        index = index if isinstance(index, tuple) else (index,)
-        if sum(i is Ellipsis for i in index) > 1:
+        index = explicit_index(index, meta(src).dim())
+        if index is None:
             raise Unproven(f"an index with two ellipses ({node.name})")
-        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
-        if Ellipsis in index:
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (n_in - consumed) + index[at + 1:]
-        else:
-            index = index + (slice(None),) * (n_in - consumed)
         out_of_in, out = [], 0
         for i in index:
             if i is None:
@@ -479,6 +466,17 @@ class Not:
 
     def __init__(self, node: fx.Node):
         self.node = node
+
+
+def explicit_index(index: Any, n: int) -> Optional[tuple]:
+    """A getitem index on an n-dim tensor as a tuple with the ellipsis spelled out as full slices (None for
+    two ellipses)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    at = index.index(Ellipsis) if Ellipsis in index else len(index)
+    return index[:at] + (slice(None),) * (n - consumed) + index[at + 1:]
 
 
 def _before(a: fx.Node, b: fx.Node) -> bool:
