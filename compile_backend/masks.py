@@ -348,6 +348,11 @@ class StructureAnalysis:
         if set(c) - {-1, -2}:
             raise Unproven(f"the comparison {node.name} involves batch or head indices")
         alpha, beta = c.get(-2, 0), c.get(-1, 0)
+        # A bound on one index alone holds everywhere if it holds at that index's extreme (BERT's q_idx >= 0).
+        if alpha == 0 or beta == 0:
+            slope, n = (beta, self.nk) if alpha == 0 else (alpha, self.nq)
+            if statically_known_true(e.const + max(slope, 0) * (n - 1) <= 0):
+                return Keep()
         # On an axis of size 1 the position is always 0: its coefficient may be anything.
         if alpha == 0 and equal(self.nq, 1):
             alpha = -beta

@@ -132,6 +132,29 @@ def test_gemma2_soft_cap_and_window():
     assert all(s.mask_form == "dense bias" and any("soft-capped" in n for n in s.notes) for s in report.sites)
 
 
+class Hidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask):
+        return self.model(ids, attention_mask=attention_mask).last_hidden_state
+
+
+def test_bert_key_padding_without_band():
+    """The bidirectional mask (q_idx >= 0 and the padding term) is key padding alone; a fully padded row cannot
+    occur here but the backend cannot know, so the exact uniform-row selection is in the graph too."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    model = Hidden(transformers.BertModel(config))
+    ids, mask = _inputs("right")
+    (site,) = _report(model, ids, mask).sites
+    assert site.mask_form == "key padding" and not site.causal and site.window == (-1, -1), str(site)
+    compile_and_compare(model, ids, mask, expect=1, atol=1e-5, rtol=1e-5)
+
+
 def _loss_and_grads(model, ids, mask, seed):
     model.zero_grad(set_to_none=True)
     logits = model(ids, mask)
