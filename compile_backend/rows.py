@@ -52,7 +52,8 @@ def uniform_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     v_bar = v.mean(-2, keepdim=True)  # (B, H, 1, D)
     corr = v_bar
-    if through_scores:
+    # B_i - sg(B_i) is 0: only its gradient matters, so inference (and traced inference graphs) skip it.
+    if through_scores and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         v_sg, v_bar_sg = v.detach(), v_bar.detach()
         kv = k.transpose(-1, -2) @ v_sg  # (B, H, D, D)
         k_sum = k.sum(-2, keepdim=True)  # (B, H, 1, D)

@@ -204,6 +204,26 @@ def test_unseen_rows_match_eager_in_fp64():
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)  # the op keeps its LSE in fp32
 
 
+def filled_causal_padding(q, k, v, pad):
+    """masked_fill replaces the scores of masked keys: a row with no key is uniform and passes no gradient to q
+    or k (eager's rows of the first, left-padded, queries)."""
+    i = torch.arange(q.shape[-2])[None, None, :, None]
+    j = torch.arange(k.shape[-2])[None, None, None, :]
+    keep = (j <= i + (k.shape[-2] - q.shape[-2])) & pad[:, None, None, :]
+    return _scores(q, k).masked_fill(~keep, torch.finfo(torch.float32).min).softmax(-1) @ v
+
+
+def test_masked_fill_rows_with_no_key():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1, :5] = False  # rows 0-2 of sequence 1 see no key
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(filled_causal_padding, q, k, v, pad).sites
+    assert site.fused and site.mask_form == "causal + key padding", str(site)
+    compile_and_compare(filled_causal_padding, q, k, v, pad, expect=1, frozen=(3,))
+
+
 def _scores(q, k):
     return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
 
