@@ -11,7 +11,11 @@ holds for every length when the sequence axis is dynamic.
 graph (``arange(n) + offset``, indexed with ``None`` to a broadcast axis) compared with each other give a band
 lo <= j - i <= hi (causal, sliding windows); ``&`` joins terms; a boolean term broadcast over heads and
 queries, (B or 1, 1, 1, Nk) such as ``attention_mask[batch_idx, kv_idx]``, is a per-key term passed to the op
-as it is (its values are runtime data, never read here). Anything else leaves the mask unproven, with a reason.
+as it is (its values are runtime data, never read here). Terms that are constant by the same index arithmetic
+are dropped: a bound on one index that holds at its extreme (BERT's ``q_idx >= 0``), and the packed-sequence
+term of position ids that are an arange (``diff`` / ``cumsum`` / ``==``). Index tensors that are graph inputs
+(``cache_position``, user ``position_ids``) are runtime data: the proof fails there, as for anything else the
+walk does not know, and the reason names the node. vmap-built masks (``use_vmap=True``) are not followed yet.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 New nodes get fake values (``example_value``) as they are made, so the op's own check
 (``why_unsupported``) runs on exactly the tensors it would receive, shapes symbolic or not; if it refuses,
-the new nodes are removed again and the site stays as written.
+the new nodes are removed again and the site stays as written. A mask proven a band and per-key terms becomes
+the op's causal/window flags and a (B, 1, 1, Nk) boolean attn_bias, with ``rows.uniform_rows`` selecting
+eager's values for rows that may see no key; the dense mask's construction is erased once nothing reads it.
 """
 from __future__ import annotations
 
