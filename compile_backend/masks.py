@@ -1,4 +1,4 @@
-"""What a mask means: proving a boolean/0-1 mask is the causal triangle, and seeing a bias as a fill.
+"""What a mask means: proving a mask is a band around the diagonal and per-key terms, and seeing a bias as a fill.
 
 A triangle is described as ``Tri(off, inverted)``: the set {(i, j): j <= i + off} over the last two dims
 (its complement when inverted), the same for every leading index. The cupyflash op's causal mask is
@@ -6,6 +6,16 @@ bottom-right aligned, i.e. keep = Tri(Nk - Nq). We follow the triangle through t
 to build and cut it (``ones().tril()``, ``triu``, a registered ``tril`` buffer, slicing ``[:, :, a:b, :c]``,
 ``== 0``, ``~``, ``.bool()``, views that add leading 1s) and compare the offset symbolically, so the proof
 holds for every length when the sequence axis is dynamic.
+
+``Keep`` generalises the triangle to what ``transformers.masking_utils`` builds: index tensors made in the
+graph (``arange(n) + offset``, indexed with ``None`` to a broadcast axis) compared with each other give a band
+lo <= j - i <= hi (causal, sliding windows); ``&`` joins terms; a boolean term broadcast over heads and
+queries, (B or 1, 1, 1, Nk) such as ``attention_mask[batch_idx, kv_idx]``, is a per-key term passed to the op
+as it is (its values are runtime data, never read here). Terms that are constant by the same index arithmetic
+are dropped: a bound on one index that holds at its extreme (BERT's ``q_idx >= 0``), and the packed-sequence
+term of position ids that are an arange (``diff`` / ``cumsum`` / ``==``). Index tensors that are graph inputs
+(``cache_position``, user ``position_ids``) are runtime data: the proof fails there, as for anything else the
+walk does not know, and the reason names the node. vmap-built masks (``use_vmap=True``) are not followed yet.
 """
 from __future__ import annotations
 
@@ -17,7 +27,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .spellings import arg, cast_input, const_value, is_call, meta
+from .spellings import arg, cast_input, const_value, describe, is_call, meta
 
 
 @dataclass(frozen=True)
@@ -130,15 +140,9 @@ class MaskAnalysis:
         x = meta(src)
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or not all(equal(d, 1) for d in x.shape[:-2]):
             return None
-        index = index if isinstance(index, tuple) else (index,)
-        if sum(i is Ellipsis for i in index) > 1:
+        index = explicit_index(index, x.dim())
+        if index is None:
             return None
-        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
-        if Ellipsis in index:
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (x.dim() - consumed) + index[at + 1:]
-        else:
-            index = index + (slice(None),) * (x.dim() - consumed)
         dims = [i for i in index if i is not None]
         if len(dims) != x.dim() or index[-1] is None or index[-2] is None:
             return None  # a new axis after the matrix dims would move them
@@ -188,11 +192,300 @@ class MaskAnalysis:
         return is_call(node, (torch.full,), ("new_full",)) and const_value(arg(node, 1, "fill_value")) == 0.0
 
 
+# ---- band and per-key structure --------------------------------------------------------------------
+
+class Unproven(Exception):
+    """The mask is not a band and per-key terms (the message says which node stopped the proof)."""
+
+
+@dataclass(frozen=True)
+class Affine:
+    """An integer index tensor: ``const`` + Σ c · (position along dim d), dims d counted from the right (-1:
+    the key axis of the scores, -2: the query axis). Dims of size 1 carry no coefficient (their position is 0)."""
+
+    coef: tuple  # ((d, c), ...), sorted by d, c != 0
+    const: Any
+
+    def __add__(self, other: "Affine") -> "Affine":
+        c = dict(self.coef)
+        for d, x in other.coef:
+            c[d] = c.get(d, 0) + x
+        return Affine(tuple(sorted((d, x) for d, x in c.items() if x != 0)), self.const + other.const)
+
+    def __neg__(self) -> "Affine":
+        return Affine(tuple((d, -x) for d, x in self.coef), -self.const)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Keep (query i, key j) iff lo <= j - i <= hi (None: unbounded) and every per-key term is true (a boolean
+    node, or ``Not`` of one, broadcast over heads and queries)."""
+
+    lo: Any = None
+    hi: Any = None
+    keys: tuple = ()
+
+    def __and__(self, other: "Keep") -> "Keep":
+        return Keep(_bound(self.lo, other.lo, max), _bound(self.hi, other.hi, min), self.keys + other.keys)
+
+
+def _bound(a, b, pick):
+    if a is None or b is None:
+        return b if a is None else a
+    if statically_known_true(a <= b):
+        return b if pick is max else a
+    if statically_known_true(b <= a):
+        return a if pick is max else b
+    raise Unproven(f"two band limits {a} and {b} that cannot be ordered for every length")
+
+
+_AND = ((operator.and_, torch.logical_and, torch.bitwise_and), ("logical_and", "bitwise_and", "__and__"))
+_OR = ((operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwise_or", "__or__"))
+_NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
+# What each comparison says of a - b (for comparisons of index tensors that differ by a constant).
+_TRUTH = {operator.eq: operator.eq, torch.eq: operator.eq, "eq": operator.eq, "__eq__": operator.eq,
+          operator.ne: operator.ne, torch.ne: operator.ne, "ne": operator.ne, "__ne__": operator.ne,
+          operator.le: operator.le, torch.le: operator.le, "le": operator.le, "__le__": operator.le,
+          operator.lt: operator.lt, torch.lt: operator.lt, "lt": operator.lt, "__lt__": operator.lt,
+          operator.ge: operator.ge, torch.ge: operator.ge, "ge": operator.ge, "__ge__": operator.ge,
+          operator.gt: operator.gt, torch.gt: operator.gt, "gt": operator.gt, "__gt__": operator.gt}
+# e <= 0 for each order comparison a OP b, written as e = sign · (a - b) + shift.
+_ORDER = {operator.le: (1, 0), operator.lt: (1, 1), operator.ge: (-1, 0), operator.gt: (-1, 1)}
+_COMPARE = {spelling: _ORDER[meaning] for spelling, meaning in _TRUTH.items() if meaning in _ORDER}
+
+
+def _spelled(table: dict) -> tuple[tuple, tuple]:
+    """(functions, methods) of a table keyed by spellings, for ``is_call``."""
+    return tuple(k for k in table if not isinstance(k, str)), tuple(k for k in table if isinstance(k, str))
+
+
+class StructureAnalysis:
+    """Proves a keep-mask node equal to a ``Keep`` for scores of (Nq, Nk) with batch dims ``frame``."""
+
+    def __init__(self, masks: "MaskAnalysis", nq, nk, frame: tuple):
+        self.masks, self.nq, self.nk, self.frame = masks, nq, nk, frame
+
+    def keep(self, node: Any, negated: bool = False) -> Keep:
+        if isinstance(node, Not):
+            return self.keep(node.node, not negated)
+        if not isinstance(node, fx.Node) or not isinstance(meta(node), torch.Tensor):
+            raise Unproven(f"a mask that is not a tensor ({node!r})")
+        if self._all_true(node):
+            if negated:
+                raise Unproven(f"a mask that hides every key ({node.name})")
+            return Keep()
+        value = meta(node)
+        if value.dtype == torch.bool and self._per_key(value):
+            return Keep(keys=(Not(node) if negated else node,))
+        tri = self._triangle(node)
+        if tri is not None:
+            # Tri(off): keep j - i <= off; inverted: keep j - i >= off + 1.
+            kept_below = tri.inverted == negated
+            return Keep(hi=tri.off) if kept_below else Keep(lo=tri.off + 1)
+        if is_call(node, *_NOT):
+            return self.keep(node.args[0], not negated)
+        if is_call(node, *(_OR if negated else _AND)):
+            return self.keep(node.args[0], negated) & self.keep(node.args[1], negated)
+        if is_call(node, *(_AND if negated else _OR)):
+            raise Unproven(f"a union of masks ({node.name}): the op takes one band and per-key terms")
+        if is_call(node, *_spelled(_COMPARE)):
+            return self._compare(node, negated)
+        src = self._same_bool(node)
+        if src is not None:
+            return self.keep(src, negated)
+        if is_call(node, *_spelled(_TRUTH)):
+            # e.g. the packed-sequence term seq[b, q_idx] == seq[b, kv_idx] of position ids that are an arange
+            if (self.index(node).const != 0) != negated:
+                return Keep()
+            raise Unproven(f"a mask that hides every key ({node.name})")
+        raise Unproven(f"{describe(node)} ({node.name}) in the mask is not a band or per-key term")
+
+    # ---- terms ---------------------------------------------------------------------------------
+
+    def _per_key(self, value: torch.Tensor) -> bool:
+        """Broadcast over heads and queries: (B or 1, 1, 1, Nk) in the scores' frame (B, H, Nq, Nk)."""
+        shape = tuple(value.shape)
+        n = len(self.frame) + 2
+        if len(shape) > n:
+            return False
+        shape = (1,) * (n - len(shape)) + shape
+        batch_ok = [equal(d, 1) or (i == 0 and len(self.frame) == 2) for i, d in enumerate(shape[:-2])]
+        return all(batch_ok) and equal(shape[-2], 1)
+
+    def _triangle(self, node: fx.Node) -> Optional[Tri]:
+        """A triangle proven by ``MaskAnalysis.tri`` (tril/triu, a tril buffer), on a full (Nq, Nk) matrix."""
+        shape = meta(node).shape
+        if len(shape) < 2 or not (equal(shape[-2], self.nq) and equal(shape[-1], self.nk)):
+            return None
+        return self.masks.tri(node)
+
+    @staticmethod
+    def _all_true(node: fx.Node) -> bool:
+        if meta(node).dtype != torch.bool:
+            return False
+        if is_call(node, (torch.ones, torch.ones_like), ("new_ones",)):
+            return True
+        return is_call(node, (torch.full,), ("new_full",)) and arg(node, 1, "fill_value") is True
+
+    def _same_bool(self, node: fx.Node) -> Optional[fx.Node]:
+        """The input of an op that keeps a boolean tensor's values and broadcast positions: a device move,
+        ``.bool()`` / ``.to(bool)`` of a boolean, ``expand`` / ``expand_as`` / ``broadcast_to``."""
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or not isinstance(meta(src), torch.Tensor) or meta(src).dtype != torch.bool:
+            return None
+        if meta(node).dtype != torch.bool:
+            return None
+        if is_call(node, (), ("to", "bool", "cpu", "cuda")):
+            return src
+        if is_call(node, (torch.broadcast_to,), ("expand", "expand_as", "broadcast_to")):
+            return src
+        return None
+
+    def _compare(self, node: fx.Node, negated: bool) -> Keep:
+        sign, shift = _COMPARE[node.target]
+        a, b = (self.index(x) for x in (node.args[0], node.args[1]))
+        e = (a + -b) if sign > 0 else (b + -a)
+        e = Affine(e.coef, e.const + shift)  # the comparison is e <= 0
+        if negated:  # not (e <= 0)  <=>  e >= 1  <=>  -e + 1 <= 0
+            e = Affine((-e).coef, -e.const + 1)
+        c = dict(e.coef)
+        if set(c) - {-1, -2}:
+            raise Unproven(f"the comparison {node.name} involves batch or head indices")
+        alpha, beta = c.get(-2, 0), c.get(-1, 0)
+        # A bound on one index alone holds everywhere if it holds at that index's extreme (BERT's q_idx >= 0).
+        if alpha == 0 or beta == 0:
+            slope, n = (beta, self.nk) if alpha == 0 else (alpha, self.nq)
+            if statically_known_true(e.const + max(slope, 0) * (n - 1) <= 0):
+                return Keep()
+        # On an axis of size 1 the position is always 0: its coefficient may be anything.
+        if alpha == 0 and equal(self.nq, 1):
+            alpha = -beta
+        if beta == 0 and equal(self.nk, 1):
+            beta = -alpha
+        if (alpha, beta) == (-1, 1):  # j - i + const <= 0
+            return Keep(hi=-e.const)
+        if (alpha, beta) == (1, -1):  # i - j + const <= 0
+            return Keep(lo=e.const)
+        raise Unproven(f"the comparison {node.name} is not of the form j - i <= c (i: query, j: key index)")
+
+    # ---- index tensors -------------------------------------------------------------------------
+
+    def index(self, x: Any) -> Affine:
+        if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool):
+            return Affine((), x)
+        value = meta(x)
+        if isinstance(x, fx.Node) and isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+            return Affine((), value)
+        if not isinstance(x, fx.Node) or not isinstance(value, torch.Tensor) or value.dtype.is_floating_point:
+            raise Unproven(f"{x!r} is not an integer index tensor")
+        return self._normalised(x, self._index(x))
+
+    def _index(self, node: fx.Node) -> Affine:
+        if node.op == "placeholder":
+            raise Unproven(f"the index tensor {node.name} is a graph input (runtime data, such as generate()'s "
+                           f"cache_position)")
+        if is_call(node, (torch.arange,)):
+            args = [a for a in node.args]
+            step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+            start = args[0] if len(args) > 1 else node.kwargs.get("start", 0)
+            if step != 1:
+                raise Unproven(f"arange with step {step} ({node.name})")
+            return Affine(((-1, 1),), meta(start))
+        if is_call(node, (operator.add, torch.add), ("add", "__add__", "__radd__")) and not node.kwargs:
+            return self.index(node.args[0]) + self.index(node.args[1])
+        if is_call(node, (operator.sub, torch.sub), ("sub", "__sub__")) and not node.kwargs:
+            return self.index(node.args[0]) + -self.index(node.args[1])
+        if is_call(node, (operator.neg, torch.neg), ("neg", "__neg__")):
+            return -self.index(node.args[0])
+        if is_call(node, (), ("to", "long", "int", "cpu", "cuda")) and not meta(node.args[0]).dtype.is_floating_point:
+            return self.index(node.args[0])
+        if is_call(node, (torch.broadcast_to,), ("expand", "expand_as", "broadcast_to")):
+            return self.index(node.args[0])
+        if is_call(node, *_spelled(_TRUTH)):
+            d = self.index(node.args[0]) + -self.index(node.args[1])
+            if d.coef or not isinstance(d.const, int):
+                raise Unproven(f"the comparison {node.name} is used as a number but is not constant")
+            return Affine((), int(_TRUTH[node.target](d.const, 0)))
+        if is_call(node, (torch.cumsum,), ("cumsum",)):
+            a = self.index(node.args[0])
+            if a.coef or a.const != 0:
+                raise Unproven(f"cumsum of a non-zero index tensor ({node.name})")
+            return a
+        if is_call(node, (torch.diff,)):
+            return self._diff(node)
+        if is_call(node, (operator.getitem,)):
+            return self._reindexed(node)
+        if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
+            n_out = meta(node).dim()
+            d = arg(node, 1, "dim") % n_out
+            return self._moved(node.args[0], [k if k < d else k + 1 for k in range(n_out - 1)], n_out)
+        raise Unproven(f"{describe(node)} ({node.name}) builds an index tensor the backend does not follow")
+
+    def _diff(self, node: fx.Node) -> Affine:
+        """``torch.diff(x, prepend=x[..., :1] - c, dim=-1)`` of x with slope c along the last dim: c everywhere
+        (find_packed_sequence_indices on position ids that are an arange)."""
+        x, prepend, dim = node.args[0], node.kwargs.get("prepend"), arg(node, 2, "dim", node.kwargs.get("dim", -1))
+        n = meta(x).dim()
+        slope = dict(self.index(x).coef).get(-1, 0)
+        first = None
+        if dim % n == n - 1 and len(node.args) == 1 and set(node.kwargs) <= {"prepend", "dim"} \
+                and is_call(prepend, (operator.sub,), ("sub", "__sub__")):
+            head, c = prepend.args
+            if is_call(head, (operator.getitem,)) and head.args[0] is x and isinstance(head.args[1], tuple) \
+                    and head.args[1][-1] == slice(None, 1, None) \
+                    and all(i == slice(None) or i is Ellipsis for i in head.args[1][:-1]):
+                first = const_value(c)
+        if first is None or first != slope:
+            raise Unproven(f"torch.diff ({node.name}) of an index tensor that is not an arange along the last dim")
+        return Affine((), slope)
+
+    def _reindexed(self, node: fx.Node) -> Affine:
+        """``x[None, :, ...]``: only new axes and full slices move positions. Any index of a constant is it."""
+        src, index = node.args
+        if not self.index(src).coef:
+            return self.index(src)
+        index = explicit_index(index, meta(src).dim())
+        if index is None:
+            raise Unproven(f"an index with two ellipses ({node.name})")
+        out_of_in, out = [], 0
+        for i in index:
+            if i is None:
+                out += 1
+            elif i == slice(None):
+                out_of_in.append(out)
+                out += 1
+            else:
+                raise Unproven(f"indexing an index tensor with {i!r} ({node.name})")
+        return self._moved(src, out_of_in, out)
+
+    def _moved(self, src: fx.Node, out_of_in: list, n_out: int) -> Affine:
+        """The index of ``src`` after its dim k moved to position out_of_in[k] of n_out dims."""
+        a = self.index(src)
+        n_in = len(out_of_in)
+        return Affine(tuple(sorted((out_of_in[d + n_in] - n_out, c) for d, c in a.coef)), a.const)
+
+    @staticmethod
+    def _normalised(node: fx.Node, a: Affine) -> Affine:
+        shape = meta(node).shape
+        return Affine(tuple((d, c) for d, c in a.coef if -d <= len(shape) and not equal(shape[d], 1)), a.const)
+
+
 class Not:
     """A mask that is the negation of a graph node (made in the graph only if the site is fused)."""
 
     def __init__(self, node: fx.Node):
         self.node = node
+
+
+def explicit_index(index: Any, n: int) -> Optional[tuple]:
+    """A getitem index on an n-dim tensor as a tuple with the ellipsis spelled out as full slices (None for
+    two ellipses)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    at = index.index(Ellipsis) if Ellipsis in index else len(index)
+    return index[:at] + (slice(None),) * (n - consumed) + index[at + 1:]
 
 
 def _before(a: fx.Node, b: fx.Node) -> bool:

@@ -20,7 +20,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import spellings as sp
-from .masks import MaskAnalysis, Not, equal
+from .masks import Keep, MaskAnalysis, Not, StructureAnalysis, Unproven, equal
 
 # A fill value at or below this is exact as a bias: scale·S + v rounds to v in fp32 for any score below
 # 1e22, so the op's "add" equals eager's "replace", even on rows where every key is masked.
@@ -82,6 +82,12 @@ class Site:
     pv_out_perm: Optional[tuple[int, ...]]
     erase: list[fx.Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    window: tuple = (-1, -1)  # (left, right) keys around the bottom-right diagonal, -1: unbounded
+    key_terms: list = field(default_factory=list)  # (node or Not, frame): per-key boolean terms, True = keep
+    # Rows that may see no key after the key terms: None, or how eager's scores reach its mask ("add": the
+    # mask is added, so gradients flow through the scores of such rows; "fill": the scores are replaced).
+    unseen: Optional[str] = None
+    dense_masks: list = field(default_factory=list)  # mask nodes the op no longer reads (dead if unused)
 
 
 def where(node: fx.Node) -> str:
@@ -257,6 +263,7 @@ class Matcher:
         vc = pv_c.right_t
         v = Operand(vc[0], _identity_to_none(sp.compose(vc[1] or tuple(range(sp.meta(vc[0]).dim())),
                                                           _swap_last(sp.meta(vc[0]).dim()))))
+        q, k = _without_upcasts(q, k, sp.meta(v.node).dtype, erase)
         site = Site(softmax, qk, pv, q, k, v, scale, False, [], qk_frame, _frame(pv_c.left[0]), pv_c.out_perm,
                     erase)
         site.steps = self._masks(site, steps, qk)
@@ -281,10 +288,11 @@ class Matcher:
         return Operand(node, _identity_to_none(perm)), factor
 
     def _masks(self, site: Site, steps: list[Step], qk: fx.Node) -> list[Step]:
-        """Decide causal / bias for every mask; the steps that stay are emitted into attn_bias."""
+        """Decide causal / window / key padding / bias for every mask; the steps that stay go into attn_bias."""
         kept: list[Step] = []
         masked = added = capped = False
         nq, nk = sp.meta(qk).shape[-2:]
+        alone = sum(1 for step in steps if step.kind in ("add", "fill")) == 1
         for step in steps:
             if step.kind == "softcap":
                 if capped:
@@ -313,9 +321,7 @@ class Matcher:
                 if value is None or math.isnan(value) or value > 0:
                     raise Skip("a mask fill value that is not a constant negative number")
             masked = True
-            if value <= NEGLIGIBLE_FILL and self._is_causal(mask, nq, nk):
-                site.causal = True
-                site.notes.append(f"causal mask proven (masked with {value:g})")
+            if value <= NEGLIGIBLE_FILL and self._structured(site, step, mask, value, (nq, nk), capped, alone):
                 continue
             if value == -math.inf:
                 raise Skip("a -inf mask the backend cannot prove causal: a row with every key masked gives "
@@ -326,16 +332,102 @@ class Matcher:
             kept.append(step)
         return kept
 
-    def _is_causal(self, mask: Any, nq, nk) -> bool:
-        """The mask (true = masked out) is exactly the bottom-right causal complement for (Nq, Nk)."""
-        tri = self.masks.tri(mask)
-        shape = sp.meta(mask.node if isinstance(mask, Not) else mask)
-        if tri is None or not isinstance(shape, torch.Tensor) or shape.dim() < 2:
+    def _structured(self, site: Site, step: Step, mask: Any, value: float, shape: tuple, capped: bool,
+                    alone: bool) -> bool:
+        """Prove the mask (true = masked) a band and per-key terms and put it on the site as flags; False (with
+        the reason in the notes) when it cannot be, and the mask stays a dense bias."""
+        nq, nk = shape
+        try:
+            if site.causal or site.window != (-1, -1) or site.key_terms:
+                raise Unproven("a second mask on the scores: the op takes one band and one key mask")
+            keep = StructureAnalysis(self.masks, nq, nk, step.frame).keep(mask, negated=True)
+            causal, window = _flags(keep, nq, nk)
+            unseen = bool(keep.keys) or not _rows_see_a_key(keep, nq, nk)
+            if unseen:
+                # Eager gives such a row softmax over equal scores: uniform over all Nk keys (finite fill),
+                # or NaN (-inf). The op gives 0; the rewrite selects eager's row instead (uniform_rows).
+                if value == -math.inf:
+                    raise Unproven("a -inf mask where a row may see no key (eager gives NaN there)")
+                if value > EXACT_FILL:
+                    raise Unproven(f"a fill of {value:g} where a row may see no key: eager's softmax there "
+                                   f"depends on the scores")
+                if capped:
+                    raise Unproven("a soft-capped site where a row may see no key: eager's gradient there goes "
+                                   "through tanh' of every score, which has no small exact form")
+                if not alone:
+                    raise Unproven("another bias or mask on the scores beside a key mask")
+        except Unproven as err:
+            site.notes.append(f"dense mask: {err}")
             return False
-        rows, cols = shape.shape[-2:]
-        # masked = complement of keep = Tri(Nk - Nq): so the mask itself is Tri(...) inverted.
-        return (tri.inverted and equal(tri.off, nk - nq) and equal(rows, nq) and equal(cols, nk)
-                and bool(statically_known_true(nq <= nk)))
+        site.causal, site.window = causal, window
+        site.key_terms = [(term, step.frame) for term in keep.keys]
+        site.unseen = ("add" if step.kind == "add" else "fill") if unseen else None
+        site.dense_masks.append(step.tensor.node if isinstance(step.tensor, Not) else step.tensor)
+        site.notes.append(f"mask proven (masked with {value:g})")
+        return True
+
+
+def _static_int(x: Any) -> int:
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt) and x.node.expr.is_number:
+        return int(x.node.expr)
+    raise Unproven(f"a band edge {x} that depends on the sequence lengths (the op takes a fixed window)")
+
+
+def _flags(keep: Keep, nq, nk) -> tuple[bool, tuple[int, int]]:
+    """(causal, (window_left, window_right)) of the op for keep's band lo <= j - i <= hi: the op keeps
+    i + d - left <= j <= i + d + right with d = Nk - Nq (bottom-right aligned)."""
+    diag = nk - nq
+    right = None if keep.hi is None else _static_int(keep.hi - diag)
+    left = None if keep.lo is None else _static_int(diag - keep.lo)
+    for name, edge in (("right", right), ("left", left)):
+        if edge is not None and edge < 0:
+            raise Unproven(f"a band whose {name} edge is {-edge} key(s) beyond the bottom-right diagonal "
+                           f"(the op's window keeps the diagonal)")
+    return right == 0, (-1 if left is None else left, -1 if right in (None, 0) else right)
+
+
+def _rows_see_a_key(keep: Keep, nq, nk) -> bool:
+    """Every query row keeps a key under the band alone (row i keeps j in [i + lo, i + hi] ∩ [0, Nk))."""
+    ok = [nq >= 1, nk >= 1]
+    if keep.hi is not None:
+        ok.append(keep.hi >= 0)  # row 0 reaches key 0
+    if keep.lo is not None:
+        ok.append(keep.lo <= nk - nq)  # the last row starts at or before the last key
+    if keep.lo is not None and keep.hi is not None:
+        ok.append(keep.lo <= keep.hi)
+    return all(bool(statically_known_true(c)) if not isinstance(c, bool) else c for c in ok)
+
+
+def _upcast_source(operand: Operand, low: torch.dtype, walked: list) -> Optional[Operand]:
+    """The 16-bit tensor under ``operand`` when it is ``x.float()`` / ``x.to(float32)`` of an x of dtype ``low``,
+    used only here (through transposes, which move the same elements); else None. ``walked`` gets the nodes
+    passed, which die with the site."""
+    node, perm = operand.node, operand.perm or tuple(range(sp.meta(operand.node).dim()))
+    while len(node.users) == 1 and (permuted := sp.perm_of(node)) is not None:
+        walked.append(node)
+        node, inner = permuted
+        perm = sp.compose(inner, perm)
+    src = sp.cast_input(node) if len(node.users) == 1 else None
+    if (src is None or sp.meta(node).dtype != torch.float32 or not isinstance(sp.meta(src), torch.Tensor)
+            or sp.meta(src).dtype != low or sp.is_call(node, (torch.clone,), ("contiguous", "clone"))):
+        return None
+    walked.append(node)
+    return Operand(src, _identity_to_none(perm))
+
+
+def _without_upcasts(q: Operand, k: Operand, v_dtype: torch.dtype, erase: list) -> tuple[Operand, Operand]:
+    """GPT-2's ``reorder_and_upcast_attn`` and GPT-J cast q and k from 16 bits to fp32 while v stays 16-bit: the
+    cast is exact and the kernels accumulate Q·Kᵀ in fp32, so the op takes q and k before the casts."""
+    if v_dtype not in (torch.float16, torch.bfloat16):
+        return q, k
+    walked: list = []
+    q16, k16 = _upcast_source(q, v_dtype, walked), _upcast_source(k, v_dtype, walked)
+    if q16 is None or k16 is None:
+        return q, k
+    erase.extend(walked)
+    return q16, k16
 
 
 def _frame(node: fx.Node) -> tuple:

@@ -18,11 +18,17 @@ class SiteRecord:
     scale: Optional[float] = None
     has_bias: Optional[bool] = None
     softcap: Optional[float] = None  # 0.0: none
+    window: Optional[tuple[int, int]] = None  # (left, right) keys around the diagonal; -1: unbounded
+    # How the mask reached the op: "causal", "window", "key padding" (a small boolean (B, 1, 1, Nk) mask),
+    # joined by " + "; "dense bias" when a (B, H, Nq, Nk) bias is passed; "none" without any.
+    mask_form: Optional[str] = None
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         if self.fused:
-            parts = [f"scale={self.scale:.6g}", f"causal={self.causal}", f"bias={'yes' if self.has_bias else 'no'}",
+            parts = [f"scale={self.scale:.6g}", f"causal={self.causal}", f"mask={self.mask_form}",
+                     *([f"window={self.window}"] if self.window not in (None, (-1, -1)) else []),
+                     f"bias={'yes' if self.has_bias else 'no'}",
                      *([f"softcap={self.softcap:.6g}"] if self.softcap else []), *self.notes]
             return f"[graph {self.graph}] {self.node}: FUSED ({', '.join(parts)})  @ {self.where}"
         return f"[graph {self.graph}] {self.node}: skipped: {self.reason}  @ {self.where}"

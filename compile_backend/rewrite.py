@@ -2,7 +2,9 @@
 
 New nodes get fake values (``example_value``) as they are made, so the op's own check
 (``why_unsupported``) runs on exactly the tensors it would receive, shapes symbolic or not; if it refuses,
-the new nodes are removed again and the site stays as written.
+the new nodes are removed again and the site stays as written. A mask proven a band and per-key terms becomes
+the op's causal/window flags and a (B, 1, 1, Nk) boolean attn_bias, with ``rows.uniform_rows`` selecting
+eager's values for rows that may see no key; the dense mask's construction is erased once nothing reads it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from . import spellings as sp
 from .masks import Not, equal
 from .matcher import Matcher, Site, Skip, where
 from .report import SiteRecord
+from .rows import uniform_rows, unseen_rows
 
 log = logging.getLogger("cupyflash.compile")
 
@@ -116,8 +119,21 @@ def _operand(emit: _Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
     return to_layout(emit, t, src, dst, full=True)
 
 
+def _key_mask(emit: _Emitter, site: Site, dst: tuple) -> Optional[fx.Node]:
+    """The per-key terms as one boolean (B or 1, 1, 1, Nk) mask, True = keep; None without terms."""
+    keep = None
+    for term, frame in site.key_terms:
+        if isinstance(term, Not):
+            term = emit("call_function", torch.logical_not, term.node)
+        term = to_layout(emit, term, frame, dst, full=False)
+        keep = term if keep is None else emit("call_function", torch.logical_and, keep, term)
+    return keep
+
+
 def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], float, float]:
-    """Emit attn_bias from the kept mask/bias steps, in program order; returns (bias, final scale, softcap)."""
+    """Emit attn_bias from the kept mask/bias steps, in program order; returns (bias, final scale, softcap).
+    A key mask comes alone (matcher: no other bias beside it), as the op's boolean attn_bias, which a positive
+    scale leaves as it is."""
     bias, scale, softcap = None, site.scale, 0.0
     for step in site.steps:
         if step.kind == "scale":
@@ -141,6 +157,8 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
             # fp32: a value like finfo(float32).min would round to -inf in bf16.
             rest = 0.0 if bias is None else emit.method("float", bias)
             bias = emit("call_function", torch.where, mask, step.value, rest)
+    if site.key_terms:
+        bias = _key_mask(emit, site, dst)
     return bias, scale, softcap
 
 
@@ -160,8 +178,14 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
             raise Skip(reason)
         if not math.isfinite(scale):
             raise Skip(f"scale {scale} is not finite")
-        res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal), softcap=float(softcap))
+        left, right = site.window
+        res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal), window_left=left,
+                   window_right=right, softcap=float(softcap))
         out = emit("call_function", operator.getitem, res, 0)
+        if site.unseen is not None:
+            keys = bias if site.key_terms else None
+            rows = emit("call_function", unseen_rows, keys, q, k, bool(site.causal), left, right)
+            out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), site.unseen == "add")
         out = to_layout(emit, out, dst, site.pv_frame, full=False)
         if site.pv_out_perm is not None:
             out = emit.method("permute", out, *site.pv_out_perm)
@@ -176,8 +200,33 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
     for node in sorted(set(site.erase), key=order.__getitem__, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
+    _erase_dead(gm.graph, site.dense_masks)
     return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None,
-            "softcap": float(softcap)}
+            "softcap": float(softcap), "window": tuple(site.window), "mask_form": _mask_form(site, bias)}
+
+
+def _mask_form(site: Site, bias: Optional[fx.Node]) -> str:
+    parts = (["causal"] if site.causal else []) + (["window"] if site.window != (-1, -1) else [])
+    if site.key_terms:
+        parts.append("key padding")
+    elif bias is not None:
+        parts.append("dense bias")
+    return " + ".join(parts) or "none"
+
+
+def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
+    """Erase the dense masks the op no longer reads, and what built only them: nodes without users, never
+    placeholders, impure calls or in-place methods. Sites sharing a mask keep it until the last is fused."""
+    stack, erased = list(roots), set()
+    while stack:
+        node = stack.pop()
+        if (node in erased or node.users or node.op not in ("call_function", "call_method") or node.is_impure()
+                or (node.op == "call_method" and node.target.endswith("_"))):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
+        stack.extend(inputs)
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, graph_index: int = 0, count: bool = True) -> list[SiteRecord]:

@@ -97,16 +97,19 @@ def not_quite_causal(q, k, v, diagonal):
     return torch.where(keep, q @ k.transpose(-2, -1) / math.sqrt(D), torch.finfo(q.dtype).min).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("diagonal,n_q,n_k,causal", [(0, 6, 6, True), (1, 6, 6, False), (1, 4, 6, False),
-                                                     (0, 4, 6, False), (2, 4, 6, True), (0, 6, 4, False)])
-def test_causal_only_when_proven(diagonal, n_q, n_k, causal):
-    """tril(diagonal) is the op's bottom-right causal mask iff diagonal == Nk - Nq (and Nq <= Nk);
-    every other triangle is passed as a bias, so the result is eager's either way."""
+@pytest.mark.parametrize("diagonal,n_q,n_k,causal,right", [(0, 6, 6, True, -1), (1, 6, 6, False, 1),
+                                                           (1, 4, 6, False, None), (0, 4, 6, False, None),
+                                                           (2, 4, 6, True, -1), (0, 6, 4, False, 2)])
+def test_causal_only_when_proven(diagonal, n_q, n_k, causal, right):
+    """tril(diagonal) keeps j <= i + diagonal: the op's bottom-right causal mask iff diagonal == Nk - Nq, a
+    window reaching ``right`` keys past that diagonal when diagonal > Nk - Nq; a triangle that hides the
+    bottom-right diagonal itself (right None) is passed as a bias. The result is eager's either way."""
     torch.manual_seed(0)
     graphs = compile_and_compare(lambda q, k, v: not_quite_causal(q, k, v, diagonal), *_qkv(n_q, n_k), expect=1)
     (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
     assert op.args[5] is causal
-    assert (op.args[3] is None) is causal
+    assert (op.args[3] is None) is (right is not None)
+    assert op.kwargs["window_right"] == (-1 if right is None else right) and op.kwargs["window_left"] == -1
 
 
 def test_upper_triangle_masked_with_triu_is_causal():

@@ -1,0 +1,62 @@
+"""Rows that see no key: eager's exact output and gradients for them, beside the op's, with no host sync.
+
+A site fused with causal/window flags and a per-key boolean mask can have query rows with no visible key (left
+padding under a causal mask). Eager masks with a finite fill (``finfo.min``): such a row's scores are all
+equal, so its softmax is uniform over all Nk keys and out_i = mean_j v_j = ō. The op returns 0 there. Autograd
+of eager still reaches q and k through ``scores + mask`` (the fill absorbs the score's value, not its
+derivative): with P_ij = 1/Nk,
+
+    dS_ij = (dO_i·v_j − dO_i·ō) / Nk,   dq_i = scale · Σ_j dS_ij k_j,   dk_j += scale · Σ_i dS_ij q_i,
+    dv_j += dO_i / Nk.
+
+``uniform_rows`` gives these in O(N·D²): B_i = (scale / Nk) · [q_iᵀ (Kᵀ sg(V)) − (q_i · Σ_j k_j) sg(ō)] (sg:
+detach) has exactly those derivatives in q and k, and corr_i = ō + B_i − sg(B_i) has the value ō. When eager
+replaces the scores instead (``masked_fill`` / ``where``), no gradient reaches q or k from such a row: corr = ō.
+The graph computes both and selects per row (``torch.where``); both functions are traced by AOT autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def unseen_rows(key_keep: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, causal: bool, window_left: int,
+                window_right: int) -> torch.Tensor:
+    """Bool (B', 1, Nq, 1): row i of batch b keeps no key under the op's band (bottom-right aligned, as the op)
+    and ``key_keep`` (B', 1, 1, Nk), True = keep, B' = B or 1 (None: every key)."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    diag = n_k - n_q
+    right = 0 if causal else window_right
+    # keep_count[..., t] = number of kept keys j < t, so the keys of [a, e) are keep_count[e] - keep_count[a].
+    if key_keep is None:
+        keep_count = torch.arange(n_k + 1, device=q.device).view(1, 1, 1, -1)  # (1, 1, 1, Nk + 1)
+    else:
+        keep_count = F.pad(key_keep.to(torch.int32).cumsum(-1), (1, 0))  # (B', 1, 1, Nk + 1)
+    rows = torch.arange(n_q, device=q.device)  # (Nq,)
+    first = (rows + diag - window_left).clamp(0, n_k) if window_left >= 0 else torch.zeros_like(rows)
+    end = (rows + diag + right + 1).clamp(0, n_k) if right >= 0 else torch.full_like(rows, n_k)
+    end = torch.maximum(end, first)
+    seen = keep_count[..., end] - keep_count[..., first]  # (B', 1, 1, Nq)
+    return (seen == 0).transpose(-1, -2)  # (B', 1, Nq, 1)
+
+
+def uniform_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unseen: torch.Tensor,
+                 scale: float, through_scores: bool) -> torch.Tensor:
+    """``out`` (B, H, Nq, D) with eager's uniform rows where ``unseen`` (broadcast to (B, H, Nq, 1)); q (B, H, Nq,
+    D), k and v (B, Hkv, Nk, D) with Hkv dividing H (grouped-query attention)."""
+    heads = q.shape[1]
+    k, v = (t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    v_bar = v.mean(-2, keepdim=True)  # (B, H, 1, D)
+    corr = v_bar
+    # B_i - sg(B_i) is 0: only its gradient matters, so inference (and traced inference graphs) skip it.
+    if through_scores and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        v_sg, v_bar_sg = v.detach(), v_bar.detach()
+        kv = k.transpose(-1, -2) @ v_sg  # (B, H, D, D)
+        k_sum = k.sum(-2, keepdim=True)  # (B, H, 1, D)
+        b_i = (scale / k.shape[-2]) * (q @ kv - (q * k_sum).sum(-1, keepdim=True) * v_bar_sg)  # (B, H, Nq, D)
+        corr = v_bar + (b_i - b_i.detach())
+    return torch.where(unseen, corr.to(out.dtype), out)

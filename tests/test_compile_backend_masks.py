@@ -1,0 +1,257 @@
+"""Masks proven from the graph: real transformers 5.17 model code (tiny random configs, eager attention) is fused
+with causal / window flags and a small (B, 1, 1, Nk) key-padding mask instead of the dense (B, 1, Nq, Nk) bias;
+rows that see no key (left padding) get eager's values and gradients; q/k up-casts (GPT-2, GPT-J) are fused on
+the 16-bit tensors; masks that are no band are left as a dense bias, with the reason."""
+import copy
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import compile_backend  # noqa: E402
+from compile_backend.rows import uniform_rows, unseen_rows  # noqa: E402
+from models.harness import compile_and_compare  # noqa: E402
+from reference import assert_within_rule, rounding_floor  # noqa: E402
+
+OP = torch.ops.cupyflash.flash_attn_fwd.default
+B, T, VOCAB = 2, 9, 64
+WINDOW = 4
+_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, head_dim=8)
+
+
+def _config(name, layers):
+    if name == "llama":
+        return transformers.LlamaConfig(**_SMALL, num_hidden_layers=layers), transformers.LlamaForCausalLM
+    if name == "qwen2":
+        return transformers.Qwen2Config(**_SMALL, num_hidden_layers=layers), transformers.Qwen2ForCausalLM
+    if name == "mistral":
+        return transformers.MistralConfig(**_SMALL, num_hidden_layers=layers, sliding_window=WINDOW), transformers.MistralForCausalLM
+    if name == "gemma2":
+        return (transformers.Gemma2Config(**_SMALL, num_hidden_layers=layers, sliding_window=WINDOW,
+                                         query_pre_attn_scalar=8),
+                transformers.Gemma2ForCausalLM)
+    if name == "gpt2":
+        return (transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+                                        reorder_and_upcast_attn=True, attn_pdrop=0.0, resid_pdrop=0.0,
+                                        embd_pdrop=0.0), transformers.GPT2LMHeadModel)
+    if name == "gptj":
+        return (transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+                                        rotary_dim=4, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+                transformers.GPTJForCausalLM)
+    raise ValueError(name)
+
+
+class Logits(torch.nn.Module):
+    """The model's logits only (the harness compares tensors, not ModelOutput)."""
+
+    def __init__(self, model, use_cache):
+        super().__init__()
+        self.model, self.use_cache = model, use_cache
+
+    def forward(self, ids, attention_mask=None):
+        return self.model(ids, attention_mask=attention_mask, use_cache=self.use_cache).logits
+
+
+def _model(name, dtype=torch.float32, layers=1, use_cache=True):
+    """use_cache=False without an attention mask makes masking_utils add its packed-sequence term, built from
+    position ids (an arange in the graph when none are given)."""
+    torch.manual_seed(0)
+    config, cls = _config(name, layers)
+    config._attn_implementation = "eager"
+    return Logits(cls(config).to(dtype), use_cache)
+
+
+def _inputs(padding):
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (B, T))
+    if padding == "none":
+        return ids, None
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padding == "left":
+        mask[1, :3] = 0  # the first three queries of sequence 1 see no key under the causal mask
+    else:
+        mask[1, -3:] = 0
+    return ids, mask
+
+
+def _report(model, ids, mask):
+    torch._dynamo.reset()
+    report = compile_backend.explain(model, ids, mask)
+    assert report.sites and not report.skipped, str(report)
+    return report
+
+
+def _dense_mask_ops(graphs):
+    """torch.where nodes filling with a finite minimum: transformers' eager mask (B, 1, Nq, Nk)."""
+    return [n for gm in graphs for n in gm.graph.nodes
+            if n.target is torch.where and any(isinstance(a, float) and a < -1e30 for a in n.args)]
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_llama_causal_and_key_padding(padding):
+    """Two layers share one mask: its dense construction dies once the last site stops reading it."""
+    model = _model("llama", layers=2, use_cache=padding != "none")
+    ids, mask = _inputs(padding)
+    report = _report(model, ids, mask)
+    want = "causal" if padding == "none" else "causal + key padding"
+    assert [s.mask_form for s in report.sites] == [want, want], str(report)
+    assert all(s.causal and s.window == (-1, -1) for s in report.sites)
+    if padding != "left":
+        return  # the numbers: left padding has rows with no key, the hardest case
+    graphs = compile_and_compare(model, ids, mask, expect=2, atol=1e-5, rtol=1e-5)
+    assert not _dense_mask_ops(graphs), "the dense mask's construction should be dead and erased"
+    (bias,) = {op.args[3] for gm in graphs for op in gm.graph.nodes if op.target is OP}
+    value = bias.meta["example_value"]
+    assert value.dtype == torch.bool and tuple(value.shape) == (B, 1, 1, T), value
+
+
+def test_mistral_sliding_window_with_left_padding():
+    """masking_utils keeps kv_idx > q_idx - sliding_window: W keys up to the diagonal, the op's window_left W - 1."""
+    model = _model("mistral")
+    ids, mask = _inputs("left")
+    report = _report(model, ids, mask)
+    assert [(s.mask_form, s.window) for s in report.sites] == [("causal + window + key padding", (WINDOW - 1, -1))]
+    compile_and_compare(model, ids, mask, expect=1, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma2_soft_cap_and_window():
+    """Gemma 2 alternates sliding and full layers; with a soft-cap the flags hold without padding. With padding,
+    a row that sees no key would need eager's gradient through tanh' of every score: dense, with the reason."""
+    model = _model("gemma2", layers=2)
+    ids, _ = _inputs("none")
+    report = _report(model, ids, None)
+    assert sorted((s.mask_form, s.window) for s in report.sites) == [("causal", (-1, -1)),
+                                                                      ("causal + window", (WINDOW - 1, -1))]
+    assert all(s.softcap for s in report.sites)
+    compile_and_compare(model, ids, None, expect=2, atol=1e-5, rtol=1e-5)
+    ids, mask = _inputs("left")
+    report = _report(model, ids, mask)
+    assert all(s.mask_form == "dense bias" and any("soft-capped" in n for n in s.notes) for s in report.sites)
+
+
+class Hidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask):
+        return self.model(ids, attention_mask=attention_mask).last_hidden_state
+
+
+def test_bert_key_padding_without_band():
+    """The bidirectional mask (q_idx >= 0 and the padding term) is key padding alone; a fully padded row cannot
+    occur here but the backend cannot know, so the exact uniform-row selection is in the graph too."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    model = Hidden(transformers.BertModel(config))
+    ids, mask = _inputs("right")
+    (site,) = _report(model, ids, mask).sites
+    assert site.mask_form == "key padding" and not site.causal and site.window == (-1, -1), str(site)
+    compile_and_compare(model, ids, mask, expect=1, atol=1e-5, rtol=1e-5)
+
+
+def _loss_and_grads(model, ids, mask, seed):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, mask)
+    (logits.float() * seed).sum().backward()
+    return [logits.detach()] + [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2", "gptj"])
+def test_bf16_left_padding_within_the_rule(name):
+    """bf16, left padding (rows with no key): logits and every parameter gradient against an fp32 copy, within
+    2x (3x for gradients) eager bf16's own error plus a rounding floor. GPT-2 (reorder_and_upcast_attn) and
+    GPT-J cast q and k to fp32 with v in bf16: fused on the bf16 tensors."""
+    model = _model(name, torch.bfloat16)
+    ids, mask = _inputs("left")
+    report = _report(model, ids, mask)
+    assert all(s.mask_form == "causal + key padding" for s in report.sites), str(report)
+    reference = copy.deepcopy(model).float()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="cupyflash", options={"inner": "aot_eager"})
+    seed = torch.randn(B, T, VOCAB)
+    ref = _loss_and_grads(reference, ids, mask, seed)
+    eager = _loss_and_grads(model, ids, mask, seed)
+    ours = _loss_and_grads(compiled, ids, mask, seed)
+    names = ["logits"] + [n for n, _ in model.named_parameters()]
+    for i, (o, r, e, what) in enumerate(zip(ours, ref, eager, names)):
+        assert_within_rule(o, r, e, 2.0 if i == 0 else 3.0, rounding_floor(r, torch.bfloat16), what)
+
+
+def test_unseen_rows_match_eager_in_fp64():
+    """The claim behind uniform_rows: with eager's finite fill, a row with no key is uniform over all Nk keys and
+    its q/k/v gradients are exactly those of corr_i = ō + B_i − sg(B_i)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[1, :4] = False
+    keep = torch.ones(6, 6, dtype=torch.bool).tril() & pad[:, None, None, :]
+    scale = 0.37
+    bias = torch.where(keep, torch.tensor(0.0, dtype=torch.float64), torch.finfo(torch.float64).min)
+    want = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, -1) @ v
+    out = OP(q, k, v, pad[:, None, None, :], scale, True)[0]
+    rows = unseen_rows(pad[:, None, None, :], q, k, True, -1, -1)
+    assert rows.squeeze(-1).squeeze(1).tolist() == [[False] * 6, [True] * 4 + [False] * 2]
+    got = uniform_rows(out, q, k, v, rows, scale, True)
+    dout = torch.randn_like(want)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=0)  # the op keeps its LSE in fp32
+
+
+def filled_causal_padding(q, k, v, pad):
+    """masked_fill replaces the scores of masked keys: a row with no key is uniform and passes no gradient to q
+    or k (eager's rows of the first, left-padded, queries)."""
+    i = torch.arange(q.shape[-2])[None, None, :, None]
+    j = torch.arange(k.shape[-2])[None, None, None, :]
+    keep = (j <= i + (k.shape[-2] - q.shape[-2])) & pad[:, None, None, :]
+    return _scores(q, k).masked_fill(~keep, torch.finfo(torch.float32).min).softmax(-1) @ v
+
+
+def test_masked_fill_rows_with_no_key():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1, :5] = False  # rows 0-2 of sequence 1 see no key
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(filled_causal_padding, q, k, v, pad).sites
+    assert site.fused and site.mask_form == "causal + key padding", str(site)
+    compile_and_compare(filled_causal_padding, q, k, v, pad, expect=1, frozen=(3,))
+
+
+def _scores(q, k):
+    return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+
+
+def strided_mask(q, k, v):
+    """kv <= 2·q, built with aranges as masking_utils builds its masks: not a band."""
+    i = torch.arange(q.shape[-2])[None, None, :, None]
+    j = torch.arange(k.shape[-2])[None, None, None, :]
+    bias = torch.where(j <= 2 * i, torch.tensor(0.0), torch.finfo(torch.float32).min)
+    return (_scores(q, k) + bias).softmax(-1) @ v
+
+
+def runtime_offset(q, k, v, cache_position):
+    """The query positions come from a graph input (generate()'s cache_position): runtime data, no proof."""
+    j = torch.arange(k.shape[-2])[None, None, None, :]
+    bias = torch.where(j <= cache_position[None, None, :, None], torch.tensor(0.0), torch.finfo(torch.float32).min)
+    return (_scores(q, k) + bias).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn,extra,reason", [
+    (strided_mask, (), "builds an index tensor the backend does not follow"),
+    (runtime_offset, (torch.arange(3, 9),), "is a graph input"),
+])
+def test_lookalike_masks_stay_dense(fn, extra, reason):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(fn, q, k, v, *extra).sites
+    assert site.fused and site.mask_form == "dense bias" and not site.causal, str(site)
+    assert any(reason in n for n in site.notes), site.notes
+    compile_and_compare(fn, q, k, v, *extra, expect=1)
