@@ -60,7 +60,7 @@ def cupyflash_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optiona
     if inner != "inductor" and (options or (mode and mode != "default")):
         raise ValueError(f"backend='cupyflash': mode/options {sorted(options) or [mode]} apply to Inductor, "
                          f"not to inner={inner!r}")
-    records = rewrite_graph(gm, example_inputs, graph_index=next(_graph_index), count=False)
+    records = rewrite_graph(gm, example_inputs, graph_index=next(_graph_index))
     compiled = _inner_compile(gm, example_inputs, inner, mode, options)
     # Counted only once the inner compiler has returned: Dynamo runs a graph it rejects some other way, without
     # these sites fused (split at a graph break and traced again, or eagerly under suppress_errors). AOTAutograd
@@ -89,7 +89,7 @@ def explain(model, *args, **kwargs) -> Report:
     index = itertools.count()
 
     def recorder(gm, example_inputs):
-        report.sites.extend(rewrite_graph(gm, example_inputs, graph_index=next(index), count=False))
+        report.sites.extend(rewrite_graph(gm, example_inputs, graph_index=next(index)))
         return gm.forward
 
     torch.compile(model, backend=recorder)(*args, **kwargs)

@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import torch
 from torch import fx
-from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensor
 
 from cupyflash.torch_op import why_unsupported
@@ -146,6 +145,10 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
             softcap = step.value
         elif step.kind == "add":
             b = to_layout(emit, step.tensor, step.frame, dst, full=False)
+            if not sp.meta(b).is_floating_point():
+                # Eager adds a boolean/integer tensor as numbers (True = 1); the op would read a boolean one as a
+                # keep-mask and refuses integers.
+                b = emit.method("float", b)
             if step.sign < 0:
                 b = emit("call_function", torch.neg, b)
             bias = b if bias is None else emit("call_function", torch.add, bias, b)
@@ -229,7 +232,7 @@ def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
         stack.extend(inputs)
 
 
-def rewrite_graph(gm: fx.GraphModule, example_inputs, graph_index: int = 0, count: bool = True) -> list[SiteRecord]:
+def rewrite_graph(gm: fx.GraphModule, example_inputs, graph_index: int = 0) -> list[SiteRecord]:
     """Fuse every attention site of a Dynamo graph in place; one record per site found."""
     matcher = Matcher(gm, example_inputs)
     records = []
@@ -246,8 +249,6 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, graph_index: int = 0, coun
             log.info("cupyflash: left attention at %s alone: %s", loc, err)
             continue
         records.append(SiteRecord(graph_index, name, loc, True, notes=tuple(site.notes), **details))
-        if count:
-            counters["cupyflash"]["attention_fused"] += 1
         log.info("cupyflash: fused attention at %s (%s)", loc, details)
     if any(r.fused for r in records):
         gm.graph.lint()

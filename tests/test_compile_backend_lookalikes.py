@@ -120,3 +120,13 @@ def test_upper_triangle_masked_with_triu_is_causal():
     graphs = compile_and_compare(fn, *_qkv(), expect=1)
     (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
     assert op.args[5] is True and op.args[3] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64])
+def test_boolean_or_integer_tensor_added_to_scores_is_a_number(dtype):
+    """Eager adds a boolean or integer tensor to the scores as numbers (True = 1): the op gets it as a float bias,
+    never as a keep-mask (a boolean attn_bias means True = keep)."""
+    torch.manual_seed(0)
+    added = (torch.rand(B, 1, N, N) > 0.5).to(dtype)
+    compile_and_compare(lambda q, k, v, m: (q @ k.transpose(-2, -1) * 0.25 + m).softmax(-1) @ v, *_qkv(), added,
+                        expect=1, frozen=(3,))

@@ -135,7 +135,7 @@ def test_float_cap_made_symbolic_left_alone_with_the_reason():
     records = []
 
     def recorder(gm, example_inputs):
-        records.extend(rewrite_graph(gm, example_inputs, count=False))
+        records.extend(rewrite_graph(gm, example_inputs))
         return gm.forward
 
     torch.compile(m, backend=recorder, dynamic=True)(x, mask)
