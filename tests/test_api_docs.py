@@ -1,6 +1,6 @@
 """docs/API.md against the code: the names it promises exist, the conventions it states hold (bottom-right windows,
-the log-sum-exp), and its lists (ops' signatures, SiteRecord fields, environment variables, CLI flags) are the
-code's own. On the CPU, in fp64."""
+the log-sum-exp, rows with every key masked, an lse without gradient), and its lists (ops' signatures, SiteRecord
+fields, environment variables, CLI flags) are the code's own. On the CPU, in fp64."""
 from __future__ import annotations
 
 import dataclasses
