@@ -1,9 +1,10 @@
 """docs/API.md against the code: the names it promises exist, the conventions it states hold (bottom-right windows,
-the log-sum-exp), and its lists (ops' signatures, SiteRecord fields, environment variables, CLI flags) are the
-code's own. On the CPU, in fp64."""
+the log-sum-exp, rows with every key masked, an lse without gradient), and its lists (ops' signatures, SiteRecord
+fields, environment variables, CLI flags) are the code's own. On the CPU, in fp64."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 import cupyflash
 from compile_backend import SiteRecord
-from cupyflash import cli
+from cupyflash import cli, cpu_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "API.md").read_text()
@@ -77,6 +78,44 @@ def test_lse_includes_the_softcap_and_is_float32_for_bfloat16():
     logits = 2.0 * torch.tanh(0.25 * q.double() @ k.double().transpose(-1, -2) / 2.0)
     assert lse.dtype == torch.float32
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["routed", "chunked"])
+def test_rows_with_every_key_masked(path, monkeypatch):
+    """Rows that see no key (causal with Nq > Nk, a mask with no True, -inf everywhere): out 0, lse +inf, zero
+    gradients. Rows masked only by finite biases <= -1e30: uniform over those keys, lse = -4096 ln 2 + ln n."""
+    if path == "chunked":
+        monkeypatch.setattr(cpu_attention, "route", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    n_q, n_k = 6, 4  # causal: row i sees keys j <= i - 2, so rows 0 and 1 see none
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64, requires_grad=True) for n in (n_q, n_k, n_k))
+    finfo_min = torch.finfo(torch.float32).min
+    bias = torch.randn(1, 2, n_q, n_k, dtype=torch.float64)
+    bias[..., 2, :] = float("-inf")  # sees key 0 only, masked by -inf
+    bias[..., 3, :] = finfo_min  # sees keys 0..1, both masked by finfo.min
+    bias[..., 4, :2], bias[..., 4, 2:] = finfo_min, float("-inf")  # sees 0..2: two finfo.min, one -inf
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, 0.3, True)
+    no_key = [0, 1, 2]
+    assert bool((out[..., no_key, :] == 0).all()) and bool((lse[..., no_key] == math.inf).all())
+    masked_logit = -4096 * math.log(2)
+    for row, n in ((3, 2), (4, 2)):
+        torch.testing.assert_close(out[..., row, :], v[..., :n, :].mean(-2))
+        torch.testing.assert_close(lse[..., row], torch.full((1, 2), masked_logit + math.log(n), dtype=torch.float32))
+    q_grad, = torch.autograd.grad(out, q, torch.randn_like(out))
+    assert bool((q_grad[..., no_key, :] == 0).all())
+    bool_mask = torch.ones(n_q, n_k, dtype=torch.bool)
+    bool_mask[5] = False
+    assert bool((cupyflash.flash_attention(q, k, v, bool_mask)[..., 5, :] == 0).all())
+
+
+def test_lse_is_not_differentiable():
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.3, False)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
+    both = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v), retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(both, torch.autograd.grad(out.sum(), (q, k, v))))
 
 
 def _code_blocks(text: str) -> list[str]:
