@@ -309,7 +309,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
                     *, scale: Optional[float] = None, causal: bool = False, window: Optional[tuple] = (-1, -1),
                     dropout_p: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """dropout(softmax(scale · q kᵀ + attn_bias)) v for (B, H, N, D) tensors, differentiable in q, k, v and a
-    floating attn_bias. Accepts what SDPA accepts where the kernels can (docs/inputs.md).
+    floating attn_bias. Accepts what SDPA accepts where the kernels can (docs/API.md).
 
     ``attn_bias``: additive (floating) or boolean (True = keep, as SDPA), 2-D (Nq, Nk), 3-D (H, Nq, Nk) or 4-D,
     broadcastable to (B, H, Nq, Nk) by size-1 dims. k and v may have fewer heads than q (grouped-query attention);
