@@ -102,8 +102,9 @@ def test_integer_or_complex_bias_refused_as_sdpa(face, dtype):
         face(q, k, v, mask)
 
 
-def test_compile_path_leaves_an_integer_bias_alone_with_the_reason():
-    """Scores plus an int64 mask: why_unsupported refuses the bias, so the backend leaves the site as eager."""
+def test_integer_bias_refused_by_the_op_and_added_as_numbers_by_the_backend():
+    """The op refuses an int64 bias (why_unsupported says so); scores plus an int64 tensor in model code are eager's
+    addition of numbers, so the backend passes that tensor as a float bias and fuses the site with eager's result."""
     def scores_plus_int_mask(q, k, v, mask):
         return (q @ k.transpose(-2, -1) * 0.25 + mask).softmax(-1) @ v
 
@@ -114,10 +115,10 @@ def test_compile_path_leaves_an_integer_bias_alone_with_the_reason():
     assert why_unsupported(q.long(), k.long(), v.long()).startswith("q has dtype int64; expected a floating dtype")
     torch._dynamo.reset()
     report = compile_backend.explain(scores_plus_int_mask, q, k, v, mask)
-    assert [s.fused for s in report.sites] == [False] and report.skipped[0].reason == reason
+    assert [s.fused for s in report.sites] == [True] and report.fused[0].mask_form == "dense bias"
     torch._dynamo.reset()
     compiled = torch.compile(scores_plus_int_mask, backend="cupyflash", options={"inner": "eager"})
-    assert torch.equal(compiled(q, k, v, mask), scores_plus_int_mask(q, k, v, mask))
+    torch.testing.assert_close(compiled(q, k, v, mask), scores_plus_int_mask(q, k, v, mask))
 
 
 @pytest.mark.parametrize("face", [_fa, _op], ids=["function", "op"])
