@@ -25,8 +25,10 @@ from .masks import Keep, MaskAnalysis, Not, StructureAnalysis, Unproven, equal
 # A fill value at or below this is exact as a bias: scale·S + v rounds to v in fp32 for any score below
 # 1e22, so the op's "add" equals eager's "replace", even on rows where every key is masked.
 EXACT_FILL = -1e30
-# A fill value at or below this gives masked keys exactly zero weight (exp underflows in fp32 below -104)
-# whenever the row keeps at least one key, which a proven causal mask with Nq <= Nk guarantees.
+# A fill value c at or below this gives masked keys exactly zero weight in a row that keeps a key: softmax
+# computes exp(c - m) in fp32 (bf16 scores too), m the row's largest score, and that rounds to 0 once c - m < -104
+# (the smallest subnormal is e^-103.3), i.e. whenever some visible score exceeds c + 104 (-9896 for c = -1e4; the
+# scores of real models are far above). A row that keeps no key has every score c: eager's softmax is uniform there.
 NEGLIGIBLE_FILL = -1e4
 
 
@@ -87,6 +89,11 @@ class Site:
     # Rows that may see no key after the key terms: None, or how eager's scores reach its mask ("add": the
     # mask is added, so gradients flow through the scores of such rows; "fill": the scores are replaced).
     unseen: Optional[str] = None
+    # (mask or Not, frame) of a mask (True = masked) that is no band: the op takes its negation as a boolean
+    # keep-mask, and the rows that see no key (lse = +inf) get eager's values: NaN for a -inf mask (nan_rows),
+    # else uniform over all keys.
+    keep_mask: Optional[tuple] = None
+    nan_rows: bool = False
     dense_masks: list = field(default_factory=list)  # mask nodes the op no longer reads (dead if unused)
 
 
@@ -293,7 +300,7 @@ class Matcher:
         masked = added = capped = False
         nq, nk = sp.meta(qk).shape[-2:]
         alone = sum(1 for step in steps if step.kind in ("add", "fill")) == 1
-        for step in steps:
+        for at, step in enumerate(steps):
             if step.kind == "softcap":
                 if capped:
                     raise Skip("two soft-caps on the scores: the kernel applies one")
@@ -323,14 +330,35 @@ class Matcher:
             masked = True
             if value <= NEGLIGIBLE_FILL and self._structured(site, step, mask, value, (nq, nk), capped, alone):
                 continue
-            if value == -math.inf:
-                raise Skip("a -inf mask the backend cannot prove causal: a row with every key masked gives "
-                           "NaN in eager and 0 in the op")
+            # A positive scale after the mask scales the fill too (a non-positive one is refused when reached).
+            later = math.prod(s.factor for s in steps[at + 1:] if s.kind == "scale")
+            if self._keep_mask(site, step, mask, value * later, alone):
+                continue
             if step.kind == "fill" and value > EXACT_FILL:
-                raise Skip(f"masked_fill/where with {value:g} replaces scores while the op adds a bias: equal "
-                           f"only if no row is fully masked, which cannot be proven here")
+                raise Skip(f"masked_fill/where with {value:g} replaces scores and leaves masked keys a weight "
+                           f"exp({value:g} - max score), exactly 0 in fp32 only for fills at or below "
+                           f"{NEGLIGIBLE_FILL:g}")
             kept.append(step)
         return kept
+
+    def _keep_mask(self, site: Site, step: Step, mask: Any, value: float, alone: bool) -> bool:
+        """Put a mask that is no band on the site as the op's boolean keep-mask when eager's numbers follow from
+        it: a -inf mask (added or filled), or a fill at or below NEGLIGIBLE_FILL (``value``: after later scales).
+        In a row that keeps a key, eager's masked keys then weigh exactly 0, as in the op; a row that keeps none is
+        NaN (-inf) or uniform over all keys (a fill replaced every score) in eager, and the rewrite selects that
+        row where the op's lse is +inf. False when another form applies (a finite additive mask, kept as a bias)."""
+        if not (value == -math.inf or (step.kind == "fill" and value <= NEGLIGIBLE_FILL)):
+            return False
+        if not alone:
+            if value <= EXACT_FILL and value != -math.inf:
+                return False  # exact as a dense bias (EXACT_FILL)
+            raise Skip(f"a mask filled with {value:g} beside another bias or mask: the op takes one mask, and "
+                       f"eager's rows with no visible key would depend on both")
+        site.keep_mask = (mask, step.frame)
+        site.unseen = step.kind
+        site.nan_rows = value == -math.inf
+        site.notes.append(f"mask passed as a keep-mask (masked with {value:g})")
+        return True
 
     def _structured(self, site: Site, step: Step, mask: Any, value: float, shape: tuple, capped: bool,
                     alone: bool) -> bool:
@@ -357,7 +385,7 @@ class Matcher:
                 if not alone:
                     raise Unproven("another bias or mask on the scores beside a key mask")
         except Unproven as err:
-            site.notes.append(f"dense mask: {err}")
+            site.notes.append(f"no band or key padding: {err}")
             return False
         site.causal, site.window = causal, window
         site.key_terms = [(term, step.frame) for term in keep.keys]

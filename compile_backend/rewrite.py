@@ -5,6 +5,8 @@ New nodes get fake values (``example_value``) as they are made, so the op's own 
 the new nodes are removed again and the site stays as written. A mask proven a band and per-key terms becomes
 the op's causal/window flags and a (B, 1, 1, Nk) boolean attn_bias, with ``rows.uniform_rows`` selecting
 eager's values for rows that may see no key; the dense mask's construction is erased once nothing reads it.
+Any other mask that eager fills with -inf or a large negative value becomes a boolean keep-mask, with eager's
+rows (NaN, or uniform) selected where the op's lse says the row saw no key (``rows.nan_rows``, ``uniform_rows``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from . import spellings as sp
 from .masks import Not, equal
 from .matcher import Matcher, Site, Skip, where
 from .report import SiteRecord
-from .rows import uniform_rows, unseen_rows
+from .rows import lse_unseen, nan_rows, uniform_rows, unseen_rows
 
 log = logging.getLogger("cupyflash.compile")
 
@@ -162,6 +164,10 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
             bias = emit("call_function", torch.where, mask, step.value, rest)
     if site.key_terms:
         bias = _key_mask(emit, site, dst)
+    elif site.keep_mask is not None:  # alone too (matcher)
+        mask, frame = site.keep_mask
+        keep = mask.node if isinstance(mask, Not) else emit("call_function", torch.logical_not, mask)
+        bias = to_layout(emit, keep, frame, dst, full=False)
     return bias, scale, softcap
 
 
@@ -185,7 +191,13 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
         res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal), window_left=left,
                    window_right=right, softcap=float(softcap))
         out = emit("call_function", operator.getitem, res, 0)
-        if site.unseen is not None:
+        if site.keep_mask is not None:
+            rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
+            if site.nan_rows:
+                out = emit("call_function", nan_rows, out, q, k, v, rows, site.unseen == "add")
+            else:
+                out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), False)
+        elif site.unseen is not None:
             keys = bias if site.key_terms else None
             rows = emit("call_function", unseen_rows, keys, q, k, bool(site.causal), left, right)
             out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), site.unseen == "add")
@@ -212,6 +224,8 @@ def _mask_form(site: Site, bias: Optional[fx.Node]) -> str:
     parts = (["causal"] if site.causal else []) + (["window"] if site.window != (-1, -1) else [])
     if site.key_terms:
         parts.append("key padding")
+    elif site.keep_mask is not None:
+        parts.append(f"mask ({'NaN' if site.nan_rows else 'uniform'} rows as eager)")
     elif bias is not None:
         parts.append("dense bias")
     return " + ".join(parts) or "none"
