@@ -22,8 +22,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import spellings as sp
 from .masks import Keep, MaskAnalysis, Not, StructureAnalysis, Unproven, equal
 
-# A fill value at or below this is exact as a bias: scale·S + v rounds to v in fp32 for any score below
-# 1e22, so the op's "add" equals eager's "replace", even on rows where every key is masked.
+# An added mask value at or below this is exact as the op's bias: scale·S + v rounds to v in fp32 for any score
+# below 1e22, so a row with every key masked is uniform in eager, as the op makes it (MASKED_LOGIT), gradients too.
 EXACT_FILL = -1e30
 # A fill value c at or below this gives masked keys exactly zero weight in a row that keeps a key: softmax
 # computes exp(c - m) in fp32 (bf16 scores too), m the row's largest score, and that rounds to 0 once c - m < -104
@@ -328,15 +328,15 @@ class Matcher:
                 if value is None or math.isnan(value) or value > 0:
                     raise Skip("a mask fill value that is not a constant negative number")
             masked = True
+            # A positive scale after the mask scales the fill too.
+            value *= math.prod(s.factor for s in steps[at + 1:] if s.kind == "scale" and s.factor > 0)
             if value <= NEGLIGIBLE_FILL and self._structured(site, step, mask, value, (nq, nk), capped, alone):
                 continue
-            # A positive scale after the mask scales the fill too (a non-positive one is refused when reached).
-            later = math.prod(s.factor for s in steps[at + 1:] if s.kind == "scale")
-            if self._keep_mask(site, step, mask, value * later, alone):
+            if self._keep_mask(site, step, mask, value, alone):
                 continue
-            if step.kind == "fill" and value > EXACT_FILL:
-                raise Skip(f"masked_fill/where with {value:g} replaces scores and leaves masked keys a weight "
-                           f"exp({value:g} - max score), exactly 0 in fp32 only for fills at or below "
+            if step.kind == "fill":
+                raise Skip(f"masked_fill/where replaces scores with {value:g} (after later scales), leaving masked "
+                           f"keys a weight exp({value:g} - max score), exactly 0 in fp32 only for fills at or below "
                            f"{NEGLIGIBLE_FILL:g}")
             kept.append(step)
         return kept
@@ -346,14 +346,14 @@ class Matcher:
         it: a -inf mask (added or filled), or a fill at or below NEGLIGIBLE_FILL (``value``: after later scales).
         In a row that keeps a key, eager's masked keys then weigh exactly 0, as in the op; a row that keeps none is
         NaN (-inf) or uniform over all keys (a fill replaced every score) in eager, and the rewrite selects that
-        row where the op's lse is +inf. False when another form applies (a finite additive mask, kept as a bias)."""
+        row where the op's lse is +inf. False for a finite additive mask (kept as a bias, exact for EXACT_FILL)."""
         if not (value == -math.inf or (step.kind == "fill" and value <= NEGLIGIBLE_FILL)):
             return False
         if not alone:
-            if value <= EXACT_FILL and value != -math.inf:
-                return False  # exact as a dense bias (EXACT_FILL)
-            raise Skip(f"a mask filled with {value:g} beside another bias or mask: the op takes one mask, and "
-                       f"eager's rows with no visible key would depend on both")
+            # Even finfo.min, exact as a bias, is not here: eager's fill takes the scores' gradient away in a row
+            # with no visible key, while the op's bias would pass it on.
+            raise Skip(f"a mask filled with {value:g} beside another bias or mask: the op takes one mask, and in "
+                       f"rows with no visible key eager's values and gradients would depend on both")
         site.keep_mask = (mask, step.frame)
         site.unseen = step.kind
         site.nan_rows = value == -math.inf
@@ -376,10 +376,10 @@ class Matcher:
                 # or NaN (-inf). The op gives 0; the rewrite selects eager's row instead (uniform_rows).
                 if value == -math.inf:
                     raise Unproven("a -inf mask where a row may see no key (eager gives NaN there)")
-                if value > EXACT_FILL:
-                    raise Unproven(f"a fill of {value:g} where a row may see no key: eager's softmax there "
-                                   f"depends on the scores")
-                if capped:
+                if step.kind == "add" and value > EXACT_FILL:
+                    raise Unproven(f"an added mask of {value:g} where a row may see no key: eager's softmax "
+                                   f"there depends on the scores")
+                if capped and step.kind == "add":
                     raise Unproven("a soft-capped site where a row may see no key: eager's gradient there goes "
                                    "through tanh' of every score, which has no small exact form")
                 if not alone:

@@ -145,7 +145,7 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
                 bias = emit("call_function", torch.mul, bias, step.factor)
         elif step.kind == "softcap":  # the matcher lets no bias or mask before it
             softcap = step.value
-        elif step.kind == "add":
+        else:  # "add" (a fill is a band, a key mask or a keep-mask: matcher)
             b = to_layout(emit, step.tensor, step.frame, dst, full=False)
             if not sp.meta(b).is_floating_point():
                 # Eager adds a boolean/integer tensor as numbers (True = 1); the op would read a boolean one as a
@@ -154,14 +154,6 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
             if step.sign < 0:
                 b = emit("call_function", torch.neg, b)
             bias = b if bias is None else emit("call_function", torch.add, bias, b)
-        else:  # fill: only values that stay exact as a bias get here (matcher.EXACT_FILL)
-            mask = step.tensor
-            if isinstance(mask, Not):
-                mask = emit("call_function", torch.logical_not, mask.node)
-            mask = to_layout(emit, mask, step.frame, dst, full=False)
-            # fp32: a value like finfo(float32).min would round to -inf in bf16.
-            rest = 0.0 if bias is None else emit.method("float", bias)
-            bias = emit("call_function", torch.where, mask, step.value, rest)
     if site.key_terms:
         bias = _key_mask(emit, site, dst)
     elif site.keep_mask is not None:  # alone too (matcher)

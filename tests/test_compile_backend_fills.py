@@ -124,6 +124,22 @@ def test_proven_causal_inf_mask_stays_flags():
     assert (site.mask_form, site.has_bias, site.causal) == ("causal", False, True)
 
 
+def causal_padded_1e9(q, k, v, pad):
+    keep = torch.ones(N, N, dtype=torch.bool).tril() & pad[:, None, None, :]  # (B, 1, N, N)
+    return _scores(q, k).masked_fill(~keep, -1e9).softmax(dim=-1) @ v
+
+
+def test_proven_causal_padding_fill_keeps_flags_with_uniform_rows():
+    """Causal + key padding filled with -1e9: flags and the key mask; left-padded rows see no key and are eager's
+    uniform rows, with no gradient to q and k (the fill replaced their scores)."""
+    pad = torch.ones(B, N, dtype=torch.bool)
+    pad[0, :2] = pad[1, :4] = False
+    compare_with_eager(causal_padded_1e9, pad, torch.float32)
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(causal_padded_1e9, *(torch.randn(B, H, N, D) for _ in range(3)), pad).fused
+    assert site.mask_form == "causal + key padding"
+
+
 def fill_positive(q, k, v, keep):
     return _scores(q, k).masked_fill(~keep, 5.0).softmax(dim=-1) @ v
 
@@ -140,8 +156,13 @@ def inf_beside_bias(q, k, v, keep):
     return (_scores(q, k) + torch.ones(N, N).triu()).masked_fill(~keep, INF).softmax(dim=-1) @ v
 
 
+def finfo_min_beside_bias(q, k, v, keep):  # eager's fill takes the gradient of rows without a key away
+    return (_scores(q, k) + torch.ones(N, N).triu()).masked_fill(~keep, torch.finfo(q.dtype).min).softmax(-1) @ v
+
+
 LEFT_ALONE = [(fill_positive, "not a constant negative number"), (fill_above_threshold, "exactly 0 in fp32 only for fills at or below -10000"),
-              (inf_beside_bias, "beside another bias or mask")]
+              (inf_beside_bias, "beside another bias or mask"),
+              (finfo_min_beside_bias, "beside another bias or mask")]
 
 
 @pytest.mark.parametrize("fn,reason", LEFT_ALONE, ids=[f.__name__ for f, _ in LEFT_ALONE])
