@@ -6,7 +6,8 @@ the new nodes are removed again and the site stays as written. A mask proven a b
 the op's causal/window flags and a (B, 1, 1, Nk) boolean attn_bias, with ``rows.uniform_rows`` selecting
 eager's values for rows that may see no key; the dense mask's construction is erased once nothing reads it.
 Any other mask that eager fills with -inf or a large negative value becomes a boolean keep-mask, with eager's
-rows (NaN, or uniform) selected where the op's lse says the row saw no key (``rows.nan_rows``, ``uniform_rows``).
+rows (NaN, or uniform) selected where the op's lse says the row saw no key (``rows.nan_rows``, ``uniform_rows``);
+an added float bias gets eager's NaN rows the same way where it holds -inf at every key of a row.
 """
 from __future__ import annotations
 
@@ -193,6 +194,10 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
             keys = bias if site.key_terms else None
             rows = emit("call_function", unseen_rows, keys, q, k, bool(site.causal), left, right)
             out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), site.unseen == "add")
+        elif bias is not None and sp.meta(bias).is_floating_point():
+            # An added bias may hold -inf at every key of a row: NaN in eager, lse = +inf in the op.
+            rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
+            out = emit("call_function", nan_rows, out, q, k, v, rows, True, bias)
         out = to_layout(emit, out, dst, site.pv_frame, full=False)
         if site.pv_out_perm is not None:
             out = emit.method("permute", out, *site.pv_out_perm)

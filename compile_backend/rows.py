@@ -75,10 +75,11 @@ def lse_unseen(lse: torch.Tensor) -> torch.Tensor:
 
 
 def nan_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unseen: torch.Tensor,
-             through_scores: bool) -> torch.Tensor:
+             through_scores: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out`` (B, H, Nq, D) with NaN in the rows where ``unseen`` (B, H, Nq, 1), whose gradient is NaN for every
-    element of v (and with ``through_scores``, of k and of q's unseen rows) of the heads with such a row, as eager's
-    -inf mask gives; q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with Hkv dividing H."""
+    element of v (and with ``through_scores``, of k, of q's unseen rows and of those rows of an added ``bias`` that
+    requires grad) of the heads with such a row, as eager's -inf mask gives; q (B, H, Nq, D), k and v (B, Hkv, Nk,
+    D) with Hkv dividing H, bias broadcastable to (B, H, Nq, Nk)."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     total = v.to(cdt).sum((-2, -1), keepdim=True)  # (B, Hkv, 1, 1)
     if through_scores:
@@ -86,6 +87,8 @@ def nan_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     total = total.repeat_interleave(q.shape[1] // total.shape[1], dim=1)  # (B, H, 1, 1)
     if through_scores:
         total = total + q.to(cdt).sum(-1, keepdim=True)  # (B, H, Nq, 1)
+        if bias is not None and bias.requires_grad:
+            total = total + bias.to(cdt).sum(-1, keepdim=True)
     # NaN only in unseen rows: elsewhere the factor is 0, so no NaN reaches the gradient of heads without one.
     nan = torch.zeros(unseen.shape, dtype=cdt, device=q.device).masked_fill(unseen, float("nan"))  # (B, H, Nq, 1)
     return torch.where(unseen, (nan * total).to(out.dtype), out)

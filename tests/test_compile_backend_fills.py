@@ -175,3 +175,33 @@ def test_nan_fill_left_alone():  # eager's output is NaN wherever a key is maske
     torch.manual_seed(0)
     reasons = skipped_reasons(fill_nan, *(torch.randn(B, H, N, D) for _ in range(3)), _keep(False))
     assert reasons == ["a mask fill value that is not a constant negative number"]
+
+
+def added_bias(q, k, v, bias):
+    return (_scores(q, k) + bias).softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["input bias", "learned bias"])
+def test_opaque_bias_with_inf_rows_gives_eager_nan(learned):
+    """A float bias from outside the graph holding -inf at every key of some rows: eager's NaN there (dq of those
+    rows, dk, dv and the bias's gradient NaN), the op's lse +inf; the rows are selected as for a -inf mask."""
+    torch.manual_seed(2)
+    qkv = [torch.randn(B, H, N, D) for _ in range(3)]
+    bias = torch.randn(1, H, N, N).masked_fill(~_keep(True)[:1], INF)  # rows 1 and 4 all -inf
+    ours, eager = ([t.clone().requires_grad_() for t in (*qkv, bias)] for _ in range(2))
+    for run in (ours, eager):
+        run[3].requires_grad_(learned)
+    torch._dynamo.reset()
+    counters.clear()
+    out_c = torch.compile(added_bias, backend="cupyflash", options={"inner": "aot_eager"})(*ours)
+    out_e = added_bias(*eager)
+    assert counters["cupyflash"]["attention_fused"] == 1
+    dout = torch.randn_like(out_e)
+    out_c.backward(dout)
+    out_e.backward(dout)
+    pairs = [("out", out_c.detach(), out_e.detach())] + [
+        (name, c.grad, e.grad) for name, c, e in zip(("dq", "dk", "dv", "dbias"), ours, eager) if e.requires_grad]
+    assert len(pairs) == (5 if learned else 4) and out_e.isnan().any()
+    for name, c, e in pairs:
+        assert torch.equal(c.isnan(), e.isnan()), name
+        torch.testing.assert_close(c.nan_to_num(), e.nan_to_num(), atol=2e-5, rtol=2e-5)
