@@ -22,11 +22,13 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import spellings as sp
 from .masks import Keep, MaskAnalysis, Not, StructureAnalysis, Unproven, equal
 
-# A fill value at or below this is exact as a bias: scale·S + v rounds to v in fp32 for any score below
-# 1e22, so the op's "add" equals eager's "replace", even on rows where every key is masked.
+# An added mask value at or below this is exact as the op's bias: scale·S + v rounds to v in fp32 for any score
+# below 1e22, so a row with every key masked is uniform in eager, as the op makes it (MASKED_LOGIT), gradients too.
 EXACT_FILL = -1e30
-# A fill value at or below this gives masked keys exactly zero weight (exp underflows in fp32 below -104)
-# whenever the row keeps at least one key, which a proven causal mask with Nq <= Nk guarantees.
+# A fill value c at or below this gives masked keys exactly zero weight in a row that keeps a key: softmax
+# computes exp(c - m) in fp32 (bf16 scores too), m the row's largest score, and that rounds to 0 once c - m < -104
+# (the smallest subnormal is e^-103.3), i.e. whenever some visible score exceeds c + 104 (-9896 for c = -1e4; the
+# scores of real models are far above). A row that keeps no key has every score c: eager's softmax is uniform there.
 NEGLIGIBLE_FILL = -1e4
 
 
@@ -87,6 +89,11 @@ class Site:
     # Rows that may see no key after the key terms: None, or how eager's scores reach its mask ("add": the
     # mask is added, so gradients flow through the scores of such rows; "fill": the scores are replaced).
     unseen: Optional[str] = None
+    # (mask or Not, frame) of a mask (True = masked) that is no band: the op takes its negation as a boolean
+    # keep-mask, and the rows that see no key (lse = +inf) get eager's values: NaN for a -inf mask (nan_rows),
+    # else uniform over all keys.
+    keep_mask: Optional[tuple] = None
+    nan_rows: bool = False
     dense_masks: list = field(default_factory=list)  # mask nodes the op no longer reads (dead if unused)
 
 
@@ -293,7 +300,7 @@ class Matcher:
         masked = added = capped = False
         nq, nk = sp.meta(qk).shape[-2:]
         alone = sum(1 for step in steps if step.kind in ("add", "fill")) == 1
-        for step in steps:
+        for at, step in enumerate(steps):
             if step.kind == "softcap":
                 if capped:
                     raise Skip("two soft-caps on the scores: the kernel applies one")
@@ -321,16 +328,37 @@ class Matcher:
                 if value is None or math.isnan(value) or value > 0:
                     raise Skip("a mask fill value that is not a constant negative number")
             masked = True
+            # A positive scale after the mask scales the fill too.
+            value *= math.prod(s.factor for s in steps[at + 1:] if s.kind == "scale" and s.factor > 0)
             if value <= NEGLIGIBLE_FILL and self._structured(site, step, mask, value, (nq, nk), capped, alone):
                 continue
-            if value == -math.inf:
-                raise Skip("a -inf mask the backend cannot prove causal: a row with every key masked gives "
-                           "NaN in eager and 0 in the op")
-            if step.kind == "fill" and value > EXACT_FILL:
-                raise Skip(f"masked_fill/where with {value:g} replaces scores while the op adds a bias: equal "
-                           f"only if no row is fully masked, which cannot be proven here")
+            if self._keep_mask(site, step, mask, value, alone):
+                continue
+            if step.kind == "fill":
+                raise Skip(f"masked_fill/where replaces scores with {value:g} (after later scales), leaving masked "
+                           f"keys a weight exp({value:g} - max score), exactly 0 in fp32 only for fills at or below "
+                           f"{NEGLIGIBLE_FILL:g}")
             kept.append(step)
         return kept
+
+    def _keep_mask(self, site: Site, step: Step, mask: Any, value: float, alone: bool) -> bool:
+        """Put a mask that is no band on the site as the op's boolean keep-mask when eager's numbers follow from
+        it: a -inf mask (added or filled), or a fill at or below NEGLIGIBLE_FILL (``value``: after later scales).
+        In a row that keeps a key, eager's masked keys then weigh exactly 0, as in the op; a row that keeps none is
+        NaN (-inf) or uniform over all keys (a fill replaced every score) in eager, and the rewrite selects that
+        row where the op's lse is +inf. False for a finite additive mask (kept as a bias, exact for EXACT_FILL)."""
+        if not (value == -math.inf or (step.kind == "fill" and value <= NEGLIGIBLE_FILL)):
+            return False
+        if not alone:
+            # Even finfo.min, exact as a bias, is not here: eager's fill takes the scores' gradient away in a row
+            # with no visible key, while the op's bias would pass it on.
+            raise Skip(f"a mask filled with {value:g} beside another bias or mask: the op takes one mask, and in "
+                       f"rows with no visible key eager's values and gradients would depend on both")
+        site.keep_mask = (mask, step.frame)
+        site.unseen = step.kind
+        site.nan_rows = value == -math.inf
+        site.notes.append(f"mask passed as a keep-mask (masked with {value:g})")
+        return True
 
     def _structured(self, site: Site, step: Step, mask: Any, value: float, shape: tuple, capped: bool,
                     alone: bool) -> bool:
@@ -348,16 +376,16 @@ class Matcher:
                 # or NaN (-inf). The op gives 0; the rewrite selects eager's row instead (uniform_rows).
                 if value == -math.inf:
                     raise Unproven("a -inf mask where a row may see no key (eager gives NaN there)")
-                if value > EXACT_FILL:
-                    raise Unproven(f"a fill of {value:g} where a row may see no key: eager's softmax there "
-                                   f"depends on the scores")
-                if capped:
+                if step.kind == "add" and value > EXACT_FILL:
+                    raise Unproven(f"an added mask of {value:g} where a row may see no key: eager's softmax "
+                                   f"there depends on the scores")
+                if capped and step.kind == "add":
                     raise Unproven("a soft-capped site where a row may see no key: eager's gradient there goes "
                                    "through tanh' of every score, which has no small exact form")
                 if not alone:
                     raise Unproven("another bias or mask on the scores beside a key mask")
         except Unproven as err:
-            site.notes.append(f"dense mask: {err}")
+            site.notes.append(f"no band or key padding: {err}")
             return False
         site.causal, site.window = causal, window
         site.key_terms = [(term, step.frame) for term in keep.keys]

@@ -20,7 +20,9 @@ class SiteRecord:
     softcap: Optional[float] = None  # 0.0: none
     window: Optional[tuple[int, int]] = None  # (left, right) keys around the diagonal; -1: unbounded
     # How the mask reached the op: "causal", "window", "key padding" (a small boolean (B, 1, 1, Nk) mask),
-    # joined by " + "; "dense bias" when a (B, H, Nq, Nk) bias is passed; "none" without any.
+    # joined by " + "; "mask (NaN rows as eager)" / "mask (uniform rows as eager)" for any other mask filled with
+    # -inf / a value <= -1e4, passed as a boolean keep-mask, with eager's rows where no key is seen; "dense bias"
+    # when a (B, H, Nq, Nk) bias is passed; "none" without any.
     mask_form: Optional[str] = None
     notes: tuple[str, ...] = ()
 

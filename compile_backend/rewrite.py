@@ -5,6 +5,9 @@ New nodes get fake values (``example_value``) as they are made, so the op's own 
 the new nodes are removed again and the site stays as written. A mask proven a band and per-key terms becomes
 the op's causal/window flags and a (B, 1, 1, Nk) boolean attn_bias, with ``rows.uniform_rows`` selecting
 eager's values for rows that may see no key; the dense mask's construction is erased once nothing reads it.
+Any other mask that eager fills with -inf or a large negative value becomes a boolean keep-mask, with eager's
+rows (NaN, or uniform) selected where the op's lse says the row saw no key (``rows.nan_rows``, ``uniform_rows``);
+an added float bias gets eager's NaN rows the same way where it holds -inf at every key of a row.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from . import spellings as sp
 from .masks import Not, equal
 from .matcher import Matcher, Site, Skip, where
 from .report import SiteRecord
-from .rows import uniform_rows, unseen_rows
+from .rows import lse_unseen, nan_rows, uniform_rows, unseen_rows
 
 log = logging.getLogger("cupyflash.compile")
 
@@ -143,7 +146,7 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
                 bias = emit("call_function", torch.mul, bias, step.factor)
         elif step.kind == "softcap":  # the matcher lets no bias or mask before it
             softcap = step.value
-        elif step.kind == "add":
+        else:  # "add" (a fill is a band, a key mask or a keep-mask: matcher)
             b = to_layout(emit, step.tensor, step.frame, dst, full=False)
             if not sp.meta(b).is_floating_point():
                 # Eager adds a boolean/integer tensor as numbers (True = 1); the op would read a boolean one as a
@@ -152,16 +155,12 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
             if step.sign < 0:
                 b = emit("call_function", torch.neg, b)
             bias = b if bias is None else emit("call_function", torch.add, bias, b)
-        else:  # fill: only values that stay exact as a bias get here (matcher.EXACT_FILL)
-            mask = step.tensor
-            if isinstance(mask, Not):
-                mask = emit("call_function", torch.logical_not, mask.node)
-            mask = to_layout(emit, mask, step.frame, dst, full=False)
-            # fp32: a value like finfo(float32).min would round to -inf in bf16.
-            rest = 0.0 if bias is None else emit.method("float", bias)
-            bias = emit("call_function", torch.where, mask, step.value, rest)
     if site.key_terms:
         bias = _key_mask(emit, site, dst)
+    elif site.keep_mask is not None:  # alone too (matcher)
+        mask, frame = site.keep_mask
+        keep = mask.node if isinstance(mask, Not) else emit("call_function", torch.logical_not, mask)
+        bias = to_layout(emit, keep, frame, dst, full=False)
     return bias, scale, softcap
 
 
@@ -185,10 +184,20 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
         res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal), window_left=left,
                    window_right=right, softcap=float(softcap))
         out = emit("call_function", operator.getitem, res, 0)
-        if site.unseen is not None:
+        if site.keep_mask is not None:
+            rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
+            if site.nan_rows:
+                out = emit("call_function", nan_rows, out, q, k, v, rows, site.unseen == "add")
+            else:
+                out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), False)
+        elif site.unseen is not None:
             keys = bias if site.key_terms else None
             rows = emit("call_function", unseen_rows, keys, q, k, bool(site.causal), left, right)
             out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), site.unseen == "add")
+        elif bias is not None and sp.meta(bias).is_floating_point():
+            # An added bias may hold -inf at every key of a row: NaN in eager, lse = +inf in the op.
+            rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
+            out = emit("call_function", nan_rows, out, q, k, v, rows, True, bias)
         out = to_layout(emit, out, dst, site.pv_frame, full=False)
         if site.pv_out_perm is not None:
             out = emit.method("permute", out, *site.pv_out_perm)
@@ -212,6 +221,8 @@ def _mask_form(site: Site, bias: Optional[fx.Node]) -> str:
     parts = (["causal"] if site.causal else []) + (["window"] if site.window != (-1, -1) else [])
     if site.key_terms:
         parts.append("key padding")
+    elif site.keep_mask is not None:
+        parts.append(f"mask ({'NaN' if site.nan_rows else 'uniform'} rows as eager)")
     elif bias is not None:
         parts.append("dense bias")
     return " + ".join(parts) or "none"

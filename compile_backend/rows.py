@@ -13,6 +13,13 @@ derivative): with P_ij = 1/Nk,
 detach) has exactly those derivatives in q and k, and corr_i = ō + B_i − sg(B_i) has the value ō. When eager
 replaces the scores instead (``masked_fill`` / ``where``), no gradient reaches q or k from such a row: corr = ō.
 The graph computes both and selects per row (``torch.where``); both functions are traced by AOT autograd.
+
+A mask that is no band reaches the op as a boolean keep-mask; its rows without a key are those where the op
+returns lse = +inf (``lse_unseen``; the op's convention, CPU path and kernels alike). Filled with a finite value
+they are uniform as above; filled with -inf, eager's softmax gives NaN there and autograd spreads it: P's NaN row
+reaches dv_j = Σ_i P_ij dO_i for every key (NaN · 0 is NaN, so whatever dO is) and, when the mask is added
+rather than filled (whose backward zeroes the masked scores' gradient), dq_i and every dk_j through dS.
+``nan_rows`` gives that row NaN with exactly those NaN gradients.
 """
 from __future__ import annotations
 
@@ -60,3 +67,28 @@ def uniform_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         b_i = (scale / k.shape[-2]) * (q @ kv - (q * k_sum).sum(-1, keepdim=True) * v_bar_sg)  # (B, H, Nq, D)
         corr = v_bar + (b_i - b_i.detach())
     return torch.where(unseen, corr.to(out.dtype), out)
+
+
+def lse_unseen(lse: torch.Tensor) -> torch.Tensor:
+    """Bool (B, H, Nq, 1): the rows where the op saw no key, from its lse (B, H, Nq)."""
+    return torch.isposinf(lse).unsqueeze(-1)
+
+
+def nan_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unseen: torch.Tensor,
+             through_scores: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out`` (B, H, Nq, D) with NaN in the rows where ``unseen`` (B, H, Nq, 1), whose gradient is NaN for every
+    element of v (and with ``through_scores``, of k, of q's unseen rows and of those rows of an added ``bias`` that
+    requires grad) of the heads with such a row, as eager's -inf mask gives; q (B, H, Nq, D), k and v (B, Hkv, Nk,
+    D) with Hkv dividing H, bias broadcastable to (B, H, Nq, Nk)."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    total = v.to(cdt).sum((-2, -1), keepdim=True)  # (B, Hkv, 1, 1)
+    if through_scores:
+        total = total + k.to(cdt).sum((-2, -1), keepdim=True)
+    total = total.repeat_interleave(q.shape[1] // total.shape[1], dim=1)  # (B, H, 1, 1)
+    if through_scores:
+        total = total + q.to(cdt).sum(-1, keepdim=True)  # (B, H, Nq, 1)
+        if bias is not None and bias.requires_grad:
+            total = total + bias.to(cdt).sum(-1, keepdim=True)
+    # NaN only in unseen rows: elsewhere the factor is 0, so no NaN reaches the gradient of heads without one.
+    nan = torch.zeros(unseen.shape, dtype=cdt, device=q.device).masked_fill(unseen, float("nan"))  # (B, H, Nq, 1)
+    return torch.where(unseen, (nan * total).to(out.dtype), out)

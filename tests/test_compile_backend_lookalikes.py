@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import compile_backend
 from models.harness import assert_left_alone, compile_and_compare, skipped_reasons
 from models.nanogpt import CausalSelfAttention
 
@@ -70,12 +71,18 @@ def test_lookalike_left_alone(fn, reason):
     assert_left_alone(fn, *_qkv(), reason=reason)
 
 
-@pytest.mark.parametrize("fn,reason", [(inf_arbitrary_mask, "-inf mask the backend cannot prove"),
-                                       (finite_fill_arbitrary_mask, "replaces scores")])
-def test_fill_of_unprovable_mask_left_alone(fn, reason):
+@pytest.mark.parametrize("fn,form", [(inf_arbitrary_mask, "mask (NaN rows as eager)"),
+                                     (finite_fill_arbitrary_mask, "mask (uniform rows as eager)")])
+def test_fill_of_unprovable_mask_fused_as_keep_mask(fn, form):
+    """Not a band, so not causal: the op takes the mask itself (rows without a key: test_compile_backend_fills)."""
     torch.manual_seed(0)
     keep = torch.rand(B, 1, N, N) > 0.3
-    assert_left_alone(fn, *_qkv(), keep, reason=reason)
+    keep[..., 0] |= ~keep.any(-1)  # eager's NaN rows would defeat the comparison here
+    graphs = compile_and_compare(fn, *_qkv(), keep, expect=1)
+    (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
+    assert op.args[5] is False and op.args[3] is not None
+    torch._dynamo.reset()
+    assert [s.mask_form for s in compile_backend.explain(fn, *_qkv(), keep).fused] == [form]
 
 
 def test_bias_that_requires_grad_fused_with_its_gradient():
