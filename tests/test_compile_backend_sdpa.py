@@ -4,6 +4,7 @@ look-alikes left alone with their reason; the default ("keep") leaves every call
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers loads: nothing here may reach the hub
 
@@ -196,3 +197,34 @@ def test_bert_sdpa_routed():
     run_and_compare(forward, ids, mask, options=ROUTE, expect=2, params=list(model.parameters()))
     report = compile_backend.explain(forward, ids, mask, options={"sdpa": "route"})
     assert [s.fused and ROUTED_NOTE in s.notes for s in report.sites] == [True, True], str(report)
+
+
+# ---- benchmarks/sdpa_routing.py (GPU only; its CLI and its rule are checked here) ------------------------------
+
+def _routing_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sdpa_routing.py"
+    spec = importlib.util.spec_from_file_location("sdpa_routing", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_routing_benchmark_rule_and_cli(capsys):
+    script = _routing_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "--seqlens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.parse_args(["--features", "alibi"])
+    if not torch.cuda.is_available():
+        assert script.main(["--quick"]) == 2
+    rows = [script.Row(128, n, "key padding", "fwd", "efficient", 1.0, ours, 0.0) for n, ours in ((1024, 0.7),
+                                                                                                   (8192, 0.9))]
+    rows += [script.Row(128, n, "none", "fwd", "flash", 1.0, ours, 0.0) for n, ours in ((1024, 0.9), (8192, 1.2))]
+    rule = "\n".join(script.suggested_rule(rows, margin=0.05))
+    assert "| key padding | 128 | fwd | 0.70-0.90 | route |" in rule
+    assert "| none | 128 | fwd | 0.90-1.20 | keep |" in rule
