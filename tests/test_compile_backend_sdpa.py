@@ -102,6 +102,19 @@ def sdpa_dropout(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
 
 
+def sdpa_then_view(x):
+    """x (B, N, H, D) seen as (B, H, N, D): SDPA returns the (B, N, H, D) layout, which the .view() relies on."""
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.transpose(1, 2).view(x.shape[0], x.shape[1], -1)  # (B, N, H·D)
+
+
+def sdpa_then_contiguous_view(x):
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.transpose(1, 2).contiguous().view(x.shape[0], x.shape[1], -1)  # (B, N, H·D), as nanoGPT
+
+
 def _float_mask(n_q, n_k, shape_prefix=(2, 4)):
     bias = torch.randn(*shape_prefix, n_q, n_k, generator=torch.Generator().manual_seed(3))
     bias[..., 0, :] = -torch.inf  # a row that sees no key: SDPA's math path and the op both give 0
@@ -115,6 +128,8 @@ CASES = {
     "2-D additive mask": (sdpa_mask, lambda: (*_qkv(n_q=7), _float_mask(7, 9, ())), "dense bias"),
     "is_causal, Nq == Nk": (sdpa_causal, lambda: _qkv(), "causal"),
     "is_causal + enable_gqa": (sdpa_gqa, lambda: _qkv(h_kv=2), "causal"),
+    "transposed inputs, .contiguous().view()": (sdpa_then_contiguous_view, lambda: (torch.randn(2, 9, 4, 16),),
+                                                "none"),
 }
 
 
@@ -138,6 +153,8 @@ LOOKALIKES = {
     "is_causal with Nq != Nk": (sdpa_causal, lambda: _qkv(n_q=4, n_k=9), "top-left aligned"),
     "active dropout": (sdpa_dropout, lambda: _qkv(), "active dropout (dropout_p=0.1)"),
     "v's head dim is not q's": (sdpa_mask, lambda: (*_qkv(d_v=8), None), "v's head dim 8 is not q's 16"),
+    "a .view() reads SDPA's output layout": (sdpa_then_view, lambda: (torch.randn(2, 9, 4, 16),),
+                                             "a .view() reads the layout"),
 }
 
 
