@@ -46,7 +46,8 @@ def _inductor_patches(mode: Optional[str], options: dict[str, Any]) -> dict[str,
         name = key.replace("-", "_")
         if name not in known:
             raise ValueError(f"backend='cupyflash': unknown option {key!r}; options are 'inner' "
-                             f"({', '.join(INNER_COMPILERS)}), 'mode', or an Inductor config name")
+                             f"({', '.join(INNER_COMPILERS)}), 'mode', 'sdpa' ({', '.join(SDPA_MODES)}), or an "
+                             f"Inductor config name")
         patches[name] = value
     return patches
 
