@@ -35,7 +35,7 @@ def _leaves(args, grad):
             for a in args]
 
 
-def run_and_compare(fn, *args, options: dict, expect: int, grad: bool = True, params=()) -> list:
+def run_and_compare(fn, *args, options: dict, expect: int, grad: bool = True, params=(), dynamic=None) -> list:
     """``fn(*args)`` eagerly and through the backend with ``options``: outputs and the gradients of the floating
     inputs (and of ``params``) equal; ``expect`` calls routed (counter and op nodes). Returns the graphs."""
     torch._dynamo.reset()
@@ -48,7 +48,7 @@ def run_and_compare(fn, *args, options: dict, expect: int, grad: bool = True, pa
         return compiled
 
     results = []
-    for run in (fn, torch.compile(fn, backend=spy)):
+    for run in (fn, torch.compile(fn, backend=spy, dynamic=dynamic)):
         inputs = _leaves(args, grad)
         for p in params:
             p.grad = None
@@ -140,6 +140,13 @@ def test_routed_calls_equal_sdpa(case):
     report = compile_backend.explain(fn, *make(), options={"sdpa": "route"})
     (site,) = report.sites
     assert site.fused and site.mask_form == form and ROUTED_NOTE in site.notes, str(report)
+
+
+def test_causal_with_dynamic_lengths_proven_equal():
+    """Nq and Nk of one symbol (duck sizing): Nq == Nk is proven, so is_causal is routed for every length."""
+    graphs = run_and_compare(sdpa_causal, *_qkv(n_q=11, n_k=11), options=ROUTE, expect=1, dynamic=True)
+    (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is OP]
+    assert isinstance(op.meta["example_value"][0].shape[2], torch.SymInt)  # (out, lse): out's Nq is symbolic
 
 
 def test_default_keeps_sdpa():
