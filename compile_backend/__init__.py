@@ -11,8 +11,9 @@ The backend rewrites each Dynamo FX graph (``matcher`` finds sites by meaning, `
                                                        "epilogue_fusion": False})
 
 torch.compile passes ``mode`` only when it is not "default" and ``options`` only when non-empty, and it
-refuses both together; so ``options`` may also carry ``"mode"``. Other option keys are Inductor config
-settings, as for ``backend="inductor"``.
+refuses both together; so ``options`` may also carry ``"mode"``. ``options={"sdpa": "route"}`` also routes
+``F.scaled_dot_product_attention`` calls to the op where it computes the same (``sdpa_sites``; "keep", the
+default, leaves them to SDPA). Other option keys are Inductor config settings, as for ``backend="inductor"``.
 
 Every fused site of a graph that compiled bumps ``torch._dynamo.utils.counters["cupyflash"]["attention_fused"]``;
 every site is logged under ``cupyflash.compile``; ``explain(model, *args)`` returns a report of all sites.
@@ -27,6 +28,7 @@ from torch._dynamo.utils import counters
 
 from .report import Report, SiteRecord
 from .rewrite import rewrite_graph
+from .sdpa_sites import MODES as SDPA_MODES, route_sdpa
 
 __all__ = ["cupyflash_backend", "explain", "Report", "SiteRecord"]
 
@@ -44,15 +46,30 @@ def _inductor_patches(mode: Optional[str], options: dict[str, Any]) -> dict[str,
         name = key.replace("-", "_")
         if name not in known:
             raise ValueError(f"backend='cupyflash': unknown option {key!r}; options are 'inner' "
-                             f"({', '.join(INNER_COMPILERS)}), 'mode', or an Inductor config name")
+                             f"({', '.join(INNER_COMPILERS)}), 'mode', 'sdpa' ({', '.join(SDPA_MODES)}), or an "
+                             f"Inductor config name")
         patches[name] = value
     return patches
+
+
+def _sdpa_mode(options: dict[str, Any]) -> str:
+    """Pops the "sdpa" option: "keep" (default) or "route"."""
+    sdpa = options.pop("sdpa", "keep")
+    if sdpa not in SDPA_MODES:
+        raise ValueError(f"backend='cupyflash': options['sdpa'] is {sdpa!r}; expected one of {SDPA_MODES}")
+    return sdpa
+
+
+def _rewrite(gm: torch.fx.GraphModule, example_inputs, graph_index: int, sdpa: str) -> list[SiteRecord]:
+    records = rewrite_graph(gm, example_inputs, graph_index=graph_index)
+    return records + (route_sdpa(gm, graph_index) if sdpa == "route" else [])
 
 
 def cupyflash_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                       options: Optional[dict[str, Any]] = None):
     """The Dynamo backend: fuse attention sites, then compile with the inner compiler."""
     options = dict(options or {})
+    sdpa = _sdpa_mode(options)
     inner = options.pop("inner", "inductor")
     mode = options.pop("mode", mode)
     if inner not in INNER_COMPILERS:
@@ -60,7 +77,7 @@ def cupyflash_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optiona
     if inner != "inductor" and (options or (mode and mode != "default")):
         raise ValueError(f"backend='cupyflash': mode/options {sorted(options) or [mode]} apply to Inductor, "
                          f"not to inner={inner!r}")
-    records = rewrite_graph(gm, example_inputs, graph_index=next(_graph_index))
+    records = _rewrite(gm, example_inputs, next(_graph_index), sdpa)
     compiled = _inner_compile(gm, example_inputs, inner, mode, options)
     # Counted only once the inner compiler has returned: Dynamo runs a graph it rejects some other way, without
     # these sites fused (split at a graph break and traced again, or eagerly under suppress_errors). AOTAutograd
@@ -82,14 +99,19 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs, inner: str, mode: O
     return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, options))
 
 
-def explain(model, *args, **kwargs) -> Report:
+def explain(model, *args, options: Optional[dict[str, Any]] = None, **kwargs) -> Report:
     """Run ``model(*args, **kwargs)`` once through Dynamo and report every softmax-attention site:
-    fused (with scale, causal, bias) or left alone (with the reason). Counters are not touched."""
+    fused (with scale, causal, bias) or left alone (with the reason). Counters are not touched.
+    ``options``: the backend's own rewrite options, i.e. ``{"sdpa": "route"}`` to report SDPA calls too."""
+    options = dict(options or {})
+    sdpa = _sdpa_mode(options)
+    if options:
+        raise ValueError(f"explain: unknown option(s) {sorted(options)}; explain takes only 'sdpa'")
     report = Report()
     index = itertools.count()
 
     def recorder(gm, example_inputs):
-        report.sites.extend(rewrite_graph(gm, example_inputs, graph_index=next(index)))
+        report.sites.extend(_rewrite(gm, example_inputs, next(index), sdpa))
         return gm.forward
 
     torch.compile(model, backend=recorder)(*args, **kwargs)

@@ -1,0 +1,163 @@
+"""Routing ``F.scaled_dot_product_attention`` calls to ``torch.ops.cupyflash.flash_attn_fwd`` (option ``sdpa="route"``).
+
+Code that already calls SDPA (transformers' ``attn_implementation="sdpa"``, timm, nanoGPT's flash path) has no
+softmax for the matcher to find. A call is routed only where the op computes exactly what SDPA's reference (math)
+semantics say; anything else is left alone with the reason:
+
+- ``attn_mask``: a boolean mask (True = keep) or an additive float tensor, both as the op reads ``attn_bias``. A row
+  whose every key is masked gives 0 and zero gradients in both (SDPA's math/CPU path since torch 2.5, the op always).
+- ``is_causal``: SDPA's causal triangle is aligned to the top-left corner, the op's to the bottom-right; they are
+  the same mask only when Nq == Nk, which must be proven from the (possibly symbolic) shapes.
+- ``scale``: a constant, or None for 1/sqrt(E) with E = q's head dim (a static size).
+- ``dropout_p``: only a constant 0 (the op's Philox stream is not torch's, so active dropout would draw other masks).
+- ``enable_gqa``: the op takes fewer K/V heads when they divide q's; without it the heads must be equal.
+- v's head dim equal to q's, and whatever else the op refuses (``why_unsupported`` on the fake values).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from cupyflash.torch_op import why_unsupported
+from cupyflash.validate import default_scale
+
+from . import spellings as sp
+from .matcher import Skip, where
+from .report import SiteRecord
+from .rewrite import _Emitter
+
+log = logging.getLogger("cupyflash.compile")
+
+_OP = torch.ops.cupyflash.flash_attn_fwd.default
+SDPA = torch.nn.functional.scaled_dot_product_attention  # the builtin torch._C._nn.scaled_dot_product_attention
+_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+ROUTED_NOTE = "routed from SDPA"
+MODES = ("keep", "route")
+# Ops that pass the output's memory layout on unchanged to a later .view().
+_LAYOUT_VIEWS = ("transpose", "permute", "t", "unsqueeze", "squeeze")
+
+
+def _arguments(node: fx.Node) -> dict[str, Any]:
+    bound = {**_DEFAULTS, **dict(zip(_PARAMS, node.args)), **node.kwargs}
+    unknown = set(bound) - set(_PARAMS)
+    if unknown:
+        raise Skip(f"SDPA called with unknown argument(s) {sorted(unknown)}")
+    return bound
+
+
+def _constant(args: dict, name: str, kinds: tuple) -> Any:
+    value = args[name]
+    if isinstance(value, fx.Node) or not isinstance(value, kinds):
+        raise Skip(f"SDPA's {name} is known only at run time ({value}); the op needs a constant")
+    return value
+
+
+def _scale(args: dict, q: torch.Tensor) -> float:
+    scale = args["scale"]
+    if scale is None:
+        head_dim = q.shape[-1]
+        if not isinstance(head_dim, int):
+            raise Skip("SDPA's default scale 1/sqrt(E) with a dynamic head dim E")
+        return default_scale(head_dim)
+    scale = float(_constant(args, "scale", (int, float)))
+    if not math.isfinite(scale):
+        raise Skip(f"scale {scale} is not finite")
+    return scale
+
+
+def _causal(args: dict, q: torch.Tensor, k: torch.Tensor) -> bool:
+    if not _constant(args, "is_causal", (bool,)):
+        return False
+    if args["attn_mask"] is not None:
+        raise Skip("is_causal=True beside an attn_mask (SDPA refuses the pair)")
+    if not statically_known_true(q.shape[-2] == k.shape[-2]):
+        raise Skip(f"is_causal=True with Nq={q.shape[-2]}, Nk={k.shape[-2]} not proven equal: SDPA's causal mask is "
+                   f"top-left aligned, the op's bottom-right; they agree only when Nq == Nk")
+    return True
+
+
+def _check_features(args: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    dropout_p = _constant(args, "dropout_p", (int, float))
+    if dropout_p != 0:
+        raise Skip(f"active dropout (dropout_p={dropout_p}): the op's dropout stream is not torch's")
+    if q.dim() == 4 and v.dim() == 4 and not statically_known_true(v.shape[-1] == q.shape[-1]):
+        raise Skip(f"v's head dim {v.shape[-1]} is not q's {q.shape[-1]}: the op shares one head dim")
+    if (not _constant(args, "enable_gqa", (bool,)) and q.dim() == 4 and k.dim() == 4
+            and not statically_known_true(q.shape[1] == k.shape[1])):
+        raise Skip(f"k has {k.shape[1]} heads against q's {q.shape[1]} without enable_gqa (SDPA broadcasts them)")
+
+
+def _view_reads_layout(node: fx.Node) -> bool:
+    """Whether a .view() reads the output's strides, directly or through transposes (which keep the layout)."""
+    for user in node.users:
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        if name == "view":
+            return True
+        if name in _LAYOUT_VIEWS and _view_reads_layout(user):
+            return True
+    return False
+
+
+def _mask_form(causal: bool, mask: Optional[torch.Tensor]) -> str:
+    if mask is None:
+        return "causal" if causal else "none"
+    key_padding = (mask.dtype == torch.bool and mask.dim() == 4
+                   and all(statically_known_true(d == 1) for d in mask.shape[1:3]))
+    return "key padding" if key_padding else "dense bias"
+
+
+def route(gm: fx.GraphModule, node: fx.Node) -> dict:
+    """Replace one SDPA call by the op; returns the report's details or raises Skip (graph left as it was)."""
+    args = _arguments(node)
+    q, k, v = (sp.meta(args[name]) for name in ("query", "key", "value"))
+    scale = _scale(args, q)
+    causal = _causal(args, q, k)
+    _check_features(args, q, k, v)
+    want = sp.meta(node)
+    if not statically_known_true(want.is_contiguous()) and _view_reads_layout(node):
+        raise Skip(f"a .view() reads the layout of SDPA's output (strides {tuple(want.stride())}); the op's output "
+                   f"is contiguous")
+    emit = _Emitter(gm.graph, node)
+    try:
+        mask = args["attn_mask"]
+        while mask is not None and sp.meta(mask).dim() < 4:  # SDPA broadcasts a 2-D/3-D mask; the op takes 4-D
+            mask = emit.method("unsqueeze", mask, 0)
+        fmask = None if mask is None else sp.meta(mask)
+        reason = why_unsupported(q, k, v, fmask)
+        if reason is not None:
+            raise Skip(reason)
+        res = emit("call_function", _OP, args["query"], args["key"], args["value"], mask, scale, causal)
+        out = emit("call_function", operator.getitem, res, 0)
+    except Skip:
+        emit.discard()
+        raise
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return {"scale": scale, "causal": causal, "has_bias": mask is not None, "softcap": 0.0, "window": (-1, -1),
+            "mask_form": _mask_form(causal, fmask)}
+
+
+def route_sdpa(gm: fx.GraphModule, graph_index: int = 0) -> list[SiteRecord]:
+    """Route every SDPA call of a Dynamo graph that the op computes exactly; one record per call."""
+    records = []
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]:
+        name, loc = node.name, where(node)
+        try:
+            details = route(gm, node)
+        except Skip as err:
+            records.append(SiteRecord(graph_index, name, loc, False, reason=f"SDPA call: {err}"))
+            log.info("cupyflash: left SDPA at %s alone: %s", loc, err)
+            continue
+        records.append(SiteRecord(graph_index, name, loc, True, notes=(ROUTED_NOTE,), **details))
+        log.info("cupyflash: routed SDPA at %s (%s)", loc, details)
+    if any(r.fused for r in records):
+        gm.graph.lint()
+        gm.recompile()
+    return records

@@ -1,0 +1,254 @@
+"""options={"sdpa": "route"}: F.scaled_dot_product_attention calls routed to the op where it computes the same
+(compile_backend/sdpa_sites.py), on functions and on real transformers models with attn_implementation="sdpa";
+look-alikes left alone with their reason; the default ("keep") leaves every call to SDPA."""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers loads: nothing here may reach the hub
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import compile_backend
+from compile_backend.sdpa_sites import ROUTED_NOTE, SDPA
+from models.harness import OP
+from reference import seed_from
+
+ROUTE = {"sdpa": "route", "inner": "aot_eager"}
+ATOL = RTOL = 2e-5  # fp32 on the CPU, as models.harness.compile_and_compare; gradients 10x
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _leaves(args, grad):
+    return [a.detach().clone().requires_grad_(grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args]
+
+
+def run_and_compare(fn, *args, options: dict, expect: int, grad: bool = True, params=(), dynamic=None) -> list:
+    """``fn(*args)`` eagerly and through the backend with ``options``: outputs and the gradients of the floating
+    inputs (and of ``params``) equal; ``expect`` calls routed (counter and op nodes). Returns the graphs."""
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def spy(gm, example_inputs):
+        compiled = compile_backend.cupyflash_backend(gm, example_inputs, options=dict(options))
+        graphs.append(gm)
+        return compiled
+
+    results = []
+    for run in (fn, torch.compile(fn, backend=spy, dynamic=dynamic)):
+        inputs = _leaves(args, grad)
+        for p in params:
+            p.grad = None
+        out = run(*inputs)
+        out = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+        grads = []
+        if grad:
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+            grads = [a.grad for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
+            # Unused parameters (BERT's pooler): None eagerly, zeros through AOTAutograd.
+            grads += [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        results.append((out.detach(), grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=ATOL * 10, rtol=RTOL * 10)
+    assert counters["cupyflash"]["attention_fused"] == expect, dict(counters["cupyflash"])
+    assert sum(n.target is OP for gm in graphs for n in gm.graph.nodes) == expect
+    return graphs
+
+
+def _qkv(b=2, h=4, n_q=9, n_k=9, d=16, h_kv=None, d_v=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h_kv = h_kv or h
+    return (torch.randn(b, h, n_q, d, generator=gen), torch.randn(b, h_kv, n_k, d, generator=gen),
+            torch.randn(b, h_kv, n_k, d_v or d, generator=gen))
+
+
+def _key_padding(b=2, n_k=9, fully_masked_row=True):
+    """(B, 1, 1, Nk) bool keep-mask: row 1 drops its last 3 keys; row 0 keeps none (rows that see no key)."""
+    keep = torch.ones(b, 1, 1, n_k, dtype=torch.bool)
+    keep[1, ..., -3:] = False
+    if fully_masked_row:
+        keep[0] = False
+    return keep
+
+
+def sdpa_mask(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale=0.3)
+
+
+def sdpa_gqa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def sdpa_dropout(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+
+def sdpa_then_view(x):
+    """x (B, N, H, D) seen as (B, H, N, D): SDPA returns the (B, N, H, D) layout, which the .view() relies on."""
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.transpose(1, 2).view(x.shape[0], x.shape[1], -1)  # (B, N, H·D)
+
+
+def sdpa_then_contiguous_view(x):
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.transpose(1, 2).contiguous().view(x.shape[0], x.shape[1], -1)  # (B, N, H·D), as nanoGPT
+
+
+def _float_mask(n_q, n_k, shape_prefix=(2, 4)):
+    bias = torch.randn(*shape_prefix, n_q, n_k, generator=torch.Generator().manual_seed(3))
+    bias[..., 0, :] = -torch.inf  # a row that sees no key: SDPA's math path and the op both give 0
+    return bias
+
+
+CASES = {
+    "key padding (bool, a row with every key masked)": (sdpa_mask, lambda: (*_qkv(), _key_padding()), "key padding"),
+    "dense bool mask": (sdpa_mask, lambda: (*_qkv(n_q=5), torch.rand(2, 4, 5, 9) > 0.4), "dense bias"),
+    "additive float mask": (sdpa_mask, lambda: (*_qkv(n_q=7), _float_mask(7, 9)), "dense bias"),
+    "2-D additive mask": (sdpa_mask, lambda: (*_qkv(n_q=7), _float_mask(7, 9, ())), "dense bias"),
+    "is_causal, Nq == Nk": (sdpa_causal, lambda: _qkv(), "causal"),
+    "is_causal + enable_gqa": (sdpa_gqa, lambda: _qkv(h_kv=2), "causal"),
+    "transposed inputs, .contiguous().view()": (sdpa_then_contiguous_view, lambda: (torch.randn(2, 9, 4, 16),),
+                                                "none"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_routed_calls_equal_sdpa(case):
+    fn, make, form = CASES[case]
+    run_and_compare(fn, *make(), options=ROUTE, expect=1)
+    report = compile_backend.explain(fn, *make(), options={"sdpa": "route"})
+    (site,) = report.sites
+    assert site.fused and site.mask_form == form and ROUTED_NOTE in site.notes, str(report)
+
+
+def test_causal_with_dynamic_lengths_proven_equal():
+    """Nq and Nk of one symbol (duck sizing): Nq == Nk is proven, so is_causal is routed for every length."""
+    graphs = run_and_compare(sdpa_causal, *_qkv(n_q=11, n_k=11), options=ROUTE, expect=1, dynamic=True)
+    (op,) = [n for gm in graphs for n in gm.graph.nodes if n.target is OP]
+    assert isinstance(op.meta["example_value"][0].shape[2], torch.SymInt)  # (out, lse): out's Nq is symbolic
+
+
+def test_default_keeps_sdpa():
+    """Without the option no call is touched: counter 0, the SDPA node still in the graph, explain lists nothing."""
+    graphs = run_and_compare(sdpa_mask, *_qkv(), _key_padding(), options={"inner": "aot_eager"}, expect=0)
+    assert [n.target for gm in graphs for n in gm.graph.nodes].count(SDPA) == 1
+    assert compile_backend.explain(sdpa_causal, *_qkv()).sites == []
+
+
+LOOKALIKES = {
+    "is_causal with Nq != Nk": (sdpa_causal, lambda: _qkv(n_q=4, n_k=9), "top-left aligned"),
+    "active dropout": (sdpa_dropout, lambda: _qkv(), "active dropout (dropout_p=0.1)"),
+    "v's head dim is not q's": (sdpa_mask, lambda: (*_qkv(d_v=8), None), "v's head dim 8 is not q's 16"),
+    "a .view() reads SDPA's output layout": (sdpa_then_view, lambda: (torch.randn(2, 9, 4, 16),),
+                                             "a .view() reads the layout"),
+}
+
+
+@pytest.mark.parametrize("case", LOOKALIKES)
+def test_lookalikes_left_alone(case):
+    fn, make, reason = LOOKALIKES[case]
+    if fn is not sdpa_dropout:  # the dropout draws differ between two calls
+        run_and_compare(fn, *make(), options=ROUTE, expect=0)
+    report = compile_backend.explain(fn, *make(), options={"sdpa": "route"})
+    (site,) = report.sites
+    assert not site.fused and reason in site.reason, str(report)
+
+
+def test_bad_sdpa_option_is_named():
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"options\['sdpa'\] is 'always'"):
+        torch.compile(sdpa_causal, backend="cupyflash", options={"sdpa": "always"})(*_qkv())
+    with pytest.raises(ValueError, match="explain takes only 'sdpa'"):
+        compile_backend.explain(sdpa_causal, *_qkv(), options={"inner": "eager"})
+
+
+# ---- real transformers models, attn_implementation="sdpa" ------------------------------------------------------
+
+def _sdpa_model(config: str, model: str, **fields):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed_from(config))
+    made = getattr(transformers, config)(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                                         **fields, attn_implementation="sdpa")
+    return getattr(transformers, model)(made).eval()
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_llama_sdpa_routed(padding):
+    from models.transformers_zoo import specs
+
+    model = _sdpa_model("LlamaConfig", "LlamaModel", num_key_value_heads=2)
+    inputs = specs()["llama"].inputs(torch.Generator().manual_seed(seed_from("llama", padding)), padding)
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask)
+
+    run_and_compare(forward, inputs["input_ids"], inputs["attention_mask"], options=ROUTE, expect=2,
+                    params=list(model.parameters()))
+
+
+def test_bert_sdpa_routed():
+    from models.transformers_zoo import padding_mask
+
+    model = _sdpa_model("BertConfig", "BertModel")
+    ids = torch.randint(4, 96, (2, 12), generator=torch.Generator().manual_seed(seed_from("bert")))
+    mask = padding_mask("right")
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask)
+
+    run_and_compare(forward, ids, mask, options=ROUTE, expect=2, params=list(model.parameters()))
+    report = compile_backend.explain(forward, ids, mask, options={"sdpa": "route"})
+    assert [s.fused and ROUTED_NOTE in s.notes for s in report.sites] == [True, True], str(report)
+
+
+# ---- benchmarks/sdpa_routing.py (GPU only; its CLI and its rule are checked here) ------------------------------
+
+def _routing_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sdpa_routing.py"
+    spec = importlib.util.spec_from_file_location("sdpa_routing", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_routing_benchmark_rule_and_cli(capsys):
+    script = _routing_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "--seqlens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.parse_args(["--features", "alibi"])
+    if not torch.cuda.is_available():
+        assert script.main(["--quick"]) == 2
+    rows = [script.Row(128, n, "key padding", "fwd", "efficient", 1.0, ours, 0.0) for n, ours in ((1024, 0.7),
+                                                                                                   (8192, 0.9))]
+    rows += [script.Row(128, n, "none", "fwd", "flash", 1.0, ours, 0.0) for n, ours in ((1024, 0.9), (8192, 1.2))]
+    rule = "\n".join(script.suggested_rule(rows, margin=0.05))
+    assert "| key padding | 128 | fwd | 0.70-0.90 | route |" in rule
+    assert "| none | 128 | fwd | 0.90-1.20 | keep |" in rule
