@@ -24,7 +24,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,30 +31,21 @@ import torch.distributed as dist
 
 import cupyflash
 from cupyflash import cpu_attention
+from cupyflash.bench_shapes import attention_flops
 from cupyflash.distributed import context_parallel_attention, gather_sequence, shard_sequence
+
+from gpt_train_step import step_timer  # noqa: E402 (benchmarks/ is the script's folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECK_TOKENS = 16384
 
 
 def _timed_ms(fn, device: str, warmup: int, iters: int) -> float:
-    """Median wall time of fn() in ms: CUDA events on the GPU."""
+    """Median time of fn() in ms (gpt_train_step's timer: CUDA events on the GPU)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    timed = step_timer(torch.device(device))
+    return statistics.median(timed(fn) for _ in range(iters))
 
 
 def _slowest(value: float, device: str) -> float:
@@ -64,8 +54,9 @@ def _slowest(value: float, device: str) -> float:
     return t.item()
 
 
-def _flops(n: int, heads: int, head_dim: int, causal: bool) -> float:
-    return 4.0 * heads * n * n * head_dim / (2 if causal else 1)
+def _flops(n: int, args) -> float:
+    """Forward and backward FLOPs of attention over n tokens (B = 1)."""
+    return attention_flops(1, args.heads, n, n, args.head_dim, args.causal, "fwd+bwd")
 
 
 def _passes(attend, q, k, v, device, warmup, iters):
@@ -153,8 +144,8 @@ def main(argv=None) -> int:
         single = _passes(single_gpu, q, k, v, device, args.warmup, args.iters)
         del q, k, v
         (r_fwd, r_bwd, r_peak), (s_fwd, s_bwd, s_peak) = ([_slowest(x, device) for x in m] for m in (ring, single))
-        ring_tflops = 3.5 * _flops(n, args.heads, args.head_dim, args.causal) / world / (r_fwd + r_bwd) / 1e9
-        single_tflops = 3.5 * _flops(n_local, args.heads, args.head_dim, args.causal) / (s_fwd + s_bwd) / 1e9
+        ring_tflops = _flops(n, args) / world / (r_fwd + r_bwd) / 1e9
+        single_tflops = _flops(n_local, args) / (s_fwd + s_bwd) / 1e9
         lines.append(f"| {n} | {n_local} | {r_fwd:.1f} / {r_bwd:.1f} | {ring_tflops:.0f} | {s_fwd:.1f} / {s_bwd:.1f} "
                      f"| {single_tflops:.0f} | {ring_tflops / single_tflops:.0%} | {r_peak / 2**30:.2f} / "
                      f"{s_peak / 2**30:.2f} |")

@@ -114,11 +114,10 @@ def step_blocks(rank: int, kv_rank: int, world_size: int, layout: str, causal: b
     """The blocks rank `rank` computes with the K/V shard of rank `kv_rank` (lengths n_q, n_k local; causal needs
     n_q == n_k): empty (query chunk, key chunk) pairs are skipped and neighbouring ones share one call."""
     everything = Block(slice(0, n_q), slice(0, n_k), causal)
-    if not causal or world_size == 1:
-        return (everything,)
-    if kv_rank == rank:
-        # Both hold the same chunks in ascending order: local causal order is global causal order (key chunk j is
-        # full for query chunk i > j, diagonal for i = j, empty for i < j).
+    if not causal or kv_rank == rank:
+        # Causal with its own shard (always so on one rank): both hold the same chunks in ascending order, so local
+        # causal order is global causal order (key chunk j is full for query chunk i > j, diagonal for i = j, empty
+        # for i < j).
         return (everything,)
     c = n_q // LAYOUTS[layout]
     q_chunks, k_chunks = chunks_of(rank, world_size, layout), chunks_of(kv_rank, world_size, layout)
