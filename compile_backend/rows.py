@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
 def unseen_rows(key_keep: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, causal: bool, window_left: int,
@@ -40,7 +39,9 @@ def unseen_rows(key_keep: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tens
     if key_keep is None:
         keep_count = torch.arange(n_k + 1, device=q.device).view(1, 1, 1, -1)  # (1, 1, 1, Nk + 1)
     else:
-        keep_count = F.pad(key_keep.to(torch.int32).cumsum(-1), (1, 0))  # (B', 1, 1, Nk + 1)
+        counts = key_keep.to(torch.int32).cumsum(-1)  # (B', 1, 1, Nk)
+        # cat, not F.pad: F.pad's trace specialized a dynamic Nk to its first value (one recompile per length).
+        keep_count = torch.cat([torch.zeros_like(counts[..., :1]), counts], -1)  # (B', 1, 1, Nk + 1)
     rows = torch.arange(n_q, device=q.device)  # (Nq,)
     first = (rows + diag - window_left).clamp(0, n_k) if window_left >= 0 else torch.zeros_like(rows)
     end = (rows + diag + right + 1).clamp(0, n_k) if right >= 0 else torch.full_like(rows, n_k)
