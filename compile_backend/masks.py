@@ -51,6 +51,33 @@ def equal(a: Any, b: Any) -> bool:
     return bool(statically_known_true(a == b))
 
 
+@dataclass(frozen=True)
+class Not:
+    """A mask that is the negation of a graph node (made in the graph only if the site is fused)."""
+
+    node: fx.Node
+
+
+def node_of(mask: "fx.Node | Not") -> tuple[fx.Node, bool]:
+    """(graph node, negated) of a mask that is a node or ``Not`` of one."""
+    return (mask.node, True) if isinstance(mask, Not) else (mask, False)
+
+
+_NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
+
+
+def negated_input(node: Any) -> Optional[fx.Node]:
+    """x of a node that is the logical negation of x: ``logical_not(x)``, or ``~x`` / ``bitwise_not(x)`` of a
+    boolean x (None otherwise: of an integer 0/1 tensor they give -1 and -2, both true)."""
+    if not is_call(node, *_NOT):
+        return None
+    x = node.args[0]
+    if node.target in (torch.logical_not, "logical_not"):
+        return x
+    value = meta(x)
+    return x if isinstance(value, torch.Tensor) and value.dtype == torch.bool else None
+
+
 class MaskAnalysis:
     """Knows the real values of the module buffers of one graph (Dynamo lifts them to graph inputs)."""
 
@@ -83,7 +110,7 @@ class MaskAnalysis:
         if is_call(node, (torch.tril, torch.triu), ("tril", "triu")):
             if not self._all_ones(node.args[0]):
                 return None
-            diag = arg(node, 1, "diagonal", 0)
+            diag = meta(arg(node, 1, "diagonal", 0))  # a SymInt when computed from dynamic lengths (Nk - Nq)
             lower = node.target in (torch.tril, "tril")
             # triu(d) keeps j >= i + d, the complement of j <= i + d - 1.
             return Tri(diag) if lower else Tri(diag - 1, inverted=True)
@@ -107,8 +134,9 @@ class MaskAnalysis:
     def _same_truth(self, node: fx.Node) -> Optional[tuple[fx.Node, bool]]:
         """(input, flipped) when the node keeps (or exactly flips) a 0/1 mask's truth and its triangle:
         comparisons with 0/1, negation, bool/float casts, leading-dim views."""
-        if is_call(node, (torch.logical_not, operator.invert, torch.bitwise_not), ("logical_not", "bitwise_not")):
-            return node.args[0], True
+        src = negated_input(node)
+        if src is not None:
+            return src, True
         comparisons = {operator.eq: True, torch.eq: True, "eq": True, "__eq__": True,
                        operator.ne: False, torch.ne: False, "ne": False, "__ne__": False}
         if is_call(node, tuple(k for k in comparisons if not isinstance(k, str)),
@@ -241,7 +269,6 @@ def _bound(a, b, pick):
 
 _AND = ((operator.and_, torch.logical_and, torch.bitwise_and), ("logical_and", "bitwise_and", "__and__"))
 _OR = ((operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwise_or", "__or__"))
-_NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
 # What each comparison says of a - b (for comparisons of index tensors that differ by a constant).
 _TRUTH = {operator.eq: operator.eq, torch.eq: operator.eq, "eq": operator.eq, "__eq__": operator.eq,
           operator.ne: operator.ne, torch.ne: operator.ne, "ne": operator.ne, "__ne__": operator.ne,
@@ -282,8 +309,9 @@ class StructureAnalysis:
             # Tri(off): keep j - i <= off; inverted: keep j - i >= off + 1.
             kept_below = tri.inverted == negated
             return Keep(hi=tri.off) if kept_below else Keep(lo=tri.off + 1)
-        if is_call(node, *_NOT):
-            return self.keep(node.args[0], not negated)
+        src = negated_input(node)
+        if src is not None:
+            return self.keep(src, not negated)
         if is_call(node, *(_OR if negated else _AND)):
             return self.keep(node.args[0], negated) & self.keep(node.args[1], negated)
         if is_call(node, *(_AND if negated else _OR)):
@@ -468,13 +496,6 @@ class StructureAnalysis:
     def _normalised(node: fx.Node, a: Affine) -> Affine:
         shape = meta(node).shape
         return Affine(tuple((d, c) for d, c in a.coef if -d <= len(shape) and not equal(shape[d], 1)), a.const)
-
-
-class Not:
-    """A mask that is the negation of a graph node (made in the graph only if the site is fused)."""
-
-    def __init__(self, node: fx.Node):
-        self.node = node
 
 
 def explicit_index(index: Any, n: int) -> Optional[tuple]:

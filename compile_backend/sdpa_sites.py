@@ -40,7 +40,9 @@ _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scal
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 ROUTED_NOTE = "routed from SDPA"
 MODES = ("keep", "route")
-# Ops that pass the output's memory layout on unchanged to a later .view().
+# Ops that fail on strides that cannot be viewed in the new shape, and ops that pass the output's memory layout on
+# unchanged to such an op.
+_LAYOUT_READERS = ("view", "view_as")
 _LAYOUT_VIEWS = ("transpose", "permute", "t", "unsqueeze", "squeeze")
 
 
@@ -95,10 +97,11 @@ def _check_features(args: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def _view_reads_layout(node: fx.Node) -> bool:
-    """Whether a .view() reads the output's strides, directly or through transposes (which keep the layout)."""
+    """Whether a .view() / .view_as() reads the output's strides, directly or through transposes (which keep the
+    layout)."""
     for user in node.users:
         name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
-        if name == "view":
+        if name in _LAYOUT_READERS:
             return True
         if name in _LAYOUT_VIEWS and _view_reads_layout(user):
             return True
