@@ -413,7 +413,7 @@ class StructureAnalysis:
             raise Unproven(f"the index tensor {node.name} is a graph input (runtime data, such as generate()'s "
                            f"cache_position)")
         if is_call(node, (torch.arange,)):
-            args = [a for a in node.args]
+            args = node.args
             step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
             start = args[0] if len(args) > 1 else node.kwargs.get("start", 0)
             if step != 1:
@@ -446,7 +446,7 @@ class StructureAnalysis:
         if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
             n_out = meta(node).dim()
             d = arg(node, 1, "dim") % n_out
-            return self._moved(node.args[0], [k if k < d else k + 1 for k in range(n_out - 1)], n_out)
+            return _moved(self.index(node.args[0]), [k if k < d else k + 1 for k in range(n_out - 1)], n_out)
         raise Unproven(f"{describe(node)} ({node.name}) builds an index tensor the backend does not follow")
 
     def _diff(self, node: fx.Node) -> Affine:
@@ -470,8 +470,9 @@ class StructureAnalysis:
     def _reindexed(self, node: fx.Node) -> Affine:
         """``x[None, :, ...]``: only new axes and full slices move positions. Any index of a constant is it."""
         src, index = node.args
-        if not self.index(src).coef:
-            return self.index(src)
+        a = self.index(src)
+        if not a.coef:
+            return a
         index = explicit_index(index, meta(src).dim())
         if index is None:
             raise Unproven(f"an index with two ellipses ({node.name})")
@@ -484,18 +485,18 @@ class StructureAnalysis:
                 out += 1
             else:
                 raise Unproven(f"indexing an index tensor with {i!r} ({node.name})")
-        return self._moved(src, out_of_in, out)
-
-    def _moved(self, src: fx.Node, out_of_in: list, n_out: int) -> Affine:
-        """The index of ``src`` after its dim k moved to position out_of_in[k] of n_out dims."""
-        a = self.index(src)
-        n_in = len(out_of_in)
-        return Affine(tuple(sorted((out_of_in[d + n_in] - n_out, c) for d, c in a.coef)), a.const)
+        return _moved(a, out_of_in, out)
 
     @staticmethod
     def _normalised(node: fx.Node, a: Affine) -> Affine:
         shape = meta(node).shape
         return Affine(tuple((d, c) for d, c in a.coef if -d <= len(shape) and not equal(shape[d], 1)), a.const)
+
+
+def _moved(a: Affine, out_of_in: list, n_out: int) -> Affine:
+    """Index ``a`` after its tensor's dim k moved to position out_of_in[k] of n_out dims."""
+    n_in = len(out_of_in)
+    return Affine(tuple(sorted((out_of_in[d + n_in] - n_out, c) for d, c in a.coef)), a.const)
 
 
 def explicit_index(index: Any, n: int) -> Optional[tuple]:

@@ -55,7 +55,8 @@ LSE_REBUILD = MASKED_LOGIT / 2  # rows with a saved lse below it get P from thei
 NEG_INF = float("-inf")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs, else fp32 (what the kernels accumulate in)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -199,7 +200,7 @@ def _prepare(q, k, v, attn_bias, scale, causal, window, softcap, plan) -> _Input
     """``plan``: route's, None when everything runs on the chunked path (torch's kernels need no masked keys found,
     only the rows the chunked path computes beside them)."""
     chunked = plan is None or plan.chunked_rows is not None
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     heads = q.shape[1]
     bias = _as_additive(attn_bias, cdt)
     bias = None if bias is None else bias.to(cdt)
