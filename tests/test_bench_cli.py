@@ -292,8 +292,8 @@ def test_fa4_not_importable_is_one_line_and_no_column(no_fa4):
     assert bench_impls.not_importable("sdpa-flash") is None
 
 
-def _run_floor(monkeypatch, capsys, tmp_path):
-    """benchmarks/floor.py --quick end to end on fake GPU parts: every pass of ours takes 2 ms, FA4's 1 ms and
+def _run_floor(monkeypatch, capsys, tmp_path, *flags):
+    """benchmarks/floor.py --quick `flags` end to end on fake GPU parts: every pass of ours takes 2 ms, FA4's 1 ms and
     the others' 4 ms; (stdout, stderr, JSON)."""
     monkeypatch.setattr(bench, "_require_cuda", lambda: types.SimpleNamespace(name="NVIDIA H200", arch="sm_90"))
     monkeypatch.setattr(gpu_timing, "median_timer",
@@ -306,7 +306,7 @@ def _run_floor(monkeypatch, capsys, tmp_path):
     spec = importlib.util.spec_from_file_location("floor", ROOT / "benchmarks" / "floor.py")
     floor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(floor)
-    assert floor.main(["--quick", "--json", str(tmp_path / "floor.json")]) == 0
+    assert floor.main(["--quick", *flags, "--json", str(tmp_path / "floor.json")]) == 0
     out, err = capsys.readouterr()
     return out, err, bench.read_json(tmp_path / "floor.json")
 
@@ -329,7 +329,8 @@ def test_floor_has_fa4_columns_and_ratio_where_it_ran(fake_fa4, monkeypatch, cap
 
 
 def test_floor_without_fa4_says_so_once(no_fa4, monkeypatch, capsys, tmp_path):
-    out, err, results = _run_floor(monkeypatch, capsys, tmp_path)
+    out, err, results = _run_floor(monkeypatch, capsys, tmp_path, "--head-dims", "128")
+    assert {r["head_dim"] for r in results["records"]} == {128}
     (why,) = results["meta"]["skipped"]
     assert why.startswith("FA4 skipped: flash_attn.cute is not importable")
     assert [line for line in err.splitlines() if "FA4" in line] == [f"cupyflash bench: {why}"]
