@@ -40,10 +40,11 @@ _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scal
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 ROUTED_NOTE = "routed from SDPA"
 MODES = ("keep", "route")
-# Ops that fail on strides that cannot be viewed in the new shape, and ops that pass the output's memory layout on
-# unchanged to such an op.
+# Ops that fail on strides that cannot be viewed in the new shape.
 _LAYOUT_READERS = ("view", "view_as")
-_LAYOUT_VIEWS = ("transpose", "permute", "t", "unsqueeze", "squeeze")
+# Ops that copy when the strides need it: eager may make them views of SDPA's output, but what follows them does not
+# depend on its layout.
+_LAYOUT_FREE = ("contiguous", "reshape", "flatten")
 
 
 def _arguments(node: fx.Node) -> dict[str, Any]:
@@ -97,13 +98,16 @@ def _check_features(args: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def _view_reads_layout(node: fx.Node) -> bool:
-    """Whether a .view() / .view_as() reads the output's strides, directly or through transposes (which keep the
-    layout)."""
+    """Whether a .view() / .view_as() reads the output's strides, directly or through views of it (transpose,
+    swapaxes, movedim, indexing, ...: whatever Dynamo's fake value says is a view keeps the output's layout)."""
     for user in node.users:
         name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
         if name in _LAYOUT_READERS:
             return True
-        if name in _LAYOUT_VIEWS and _view_reads_layout(user):
+        if name in _LAYOUT_FREE:
+            continue
+        out = sp.meta(user)
+        if isinstance(out, torch.Tensor) and out._is_view() and _view_reads_layout(user):
             return True
     return False
 

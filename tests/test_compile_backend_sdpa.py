@@ -115,6 +115,12 @@ def sdpa_then_view_as(x):
     return out.transpose(1, 2).view_as(x.flatten(2))  # (B, N, H·D), valid only in SDPA's output layout
 
 
+def sdpa_then_movedim_view(x):
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.movedim(1, 2)[:, 1:].view(x.shape[0], x.shape[1] - 1, -1)  # through two views of the output
+
+
 def sdpa_then_contiguous_view(x):
     q = x.transpose(1, 2)  # (B, H, N, D)
     out = F.scaled_dot_product_attention(q, q, q)
@@ -170,6 +176,8 @@ LOOKALIKES = {
                                              "a .view() reads the layout"),
     "a .view_as() reads SDPA's output layout": (sdpa_then_view_as, lambda: (torch.randn(2, 9, 4, 16),),
                                                 "a .view() reads the layout"),
+    "a .view() after movedim and slicing": (sdpa_then_movedim_view, lambda: (torch.randn(2, 9, 4, 16),),
+                                            "a .view() reads the layout"),
 }
 
 
