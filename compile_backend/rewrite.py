@@ -33,6 +33,17 @@ log = logging.getLogger("cupyflash.compile")
 _OP = torch.ops.cupyflash.flash_attn_fwd.default
 
 
+def run_fake(op: str, target: Any, fargs: tuple, fkwargs: dict) -> Any:
+    """A call_function / call_method on fake values, in the mode they were recorded in (detect_fake_mode would
+    prefer the backend's own, newer one)."""
+    flat = torch.utils._pytree.tree_leaves((fargs, fkwargs))
+    fake_mode = next(a.fake_mode for a in flat if isinstance(a, FakeTensor))
+    with fake_mode:
+        if op == "call_method":
+            return getattr(fargs[0], target)(*fargs[1:], **fkwargs)
+        return target(*fargs, **fkwargs)
+
+
 class _Emitter:
     """Makes nodes before ``anchor``, each with its fake value, and can take them all back."""
 
@@ -45,16 +56,7 @@ class _Emitter:
             node = self.graph.create_node(op, target, args, kwargs)
         self.made.append(node)
         node.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
-        fargs, fkwargs = fx.node.map_arg((args, kwargs), sp.meta)
-        # The mode of the recorded fake values (detect_fake_mode would prefer the backend's own, newer one).
-        flat = torch.utils._pytree.tree_leaves((fargs, fkwargs))
-        fake_mode = next(a.fake_mode for a in flat if isinstance(a, FakeTensor))
-        with fake_mode:
-            if op == "call_method":
-                value = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
-            else:
-                value = target(*fargs, **fkwargs)
-        node.meta["example_value"] = value
+        node.meta["example_value"] = run_fake(op, target, *fx.node.map_arg((args, kwargs), sp.meta))
         return node
 
     def method(self, name: str, *args, **kwargs) -> fx.Node:
