@@ -1,5 +1,6 @@
-"""Attention forward, backward and forward+backward: cupyflash against torch SDPA (flash, cuDNN, math
-backends) and naive eager attention, in one session on one GPU.
+"""Attention forward, backward and forward+backward: cupyflash against every implementation in
+``bench_impls.IMPLS`` (torch SDPA's flash, cuDNN and math backends, FlashAttention-4 where ``flash_attn.cute`` is
+importable, naive eager attention), in one session on one GPU; a peer that cannot run is skipped with the reason.
 
 Shapes: batch x N = 16k tokens, heads x head_dim = 2048 hidden, N = 1024 .. 16384. Times are GPU time by CUDA
 events (``CudaEventClock``, see cupyflash/gpu_timing.py), median over rounds; ``extra_info`` holds TFLOP/s

@@ -51,6 +51,33 @@ def equal(a: Any, b: Any) -> bool:
     return bool(statically_known_true(a == b))
 
 
+@dataclass(frozen=True)
+class Not:
+    """A mask that is the negation of a graph node (made in the graph only if the site is fused)."""
+
+    node: fx.Node
+
+
+def node_of(mask: "fx.Node | Not") -> tuple[fx.Node, bool]:
+    """(graph node, negated) of a mask that is a node or ``Not`` of one."""
+    return (mask.node, True) if isinstance(mask, Not) else (mask, False)
+
+
+_NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
+
+
+def negated_input(node: Any) -> Optional[fx.Node]:
+    """x of a node that is the logical negation of x: ``logical_not(x)``, or ``~x`` / ``bitwise_not(x)`` of a
+    boolean x (None otherwise: of an integer 0/1 tensor they give -1 and -2, both true)."""
+    if not is_call(node, *_NOT):
+        return None
+    x = node.args[0]
+    if node.target in (torch.logical_not, "logical_not"):
+        return x
+    value = meta(x)
+    return x if isinstance(value, torch.Tensor) and value.dtype == torch.bool else None
+
+
 class MaskAnalysis:
     """Knows the real values of the module buffers of one graph (Dynamo lifts them to graph inputs)."""
 
@@ -83,7 +110,7 @@ class MaskAnalysis:
         if is_call(node, (torch.tril, torch.triu), ("tril", "triu")):
             if not self._all_ones(node.args[0]):
                 return None
-            diag = arg(node, 1, "diagonal", 0)
+            diag = meta(arg(node, 1, "diagonal", 0))  # a SymInt when computed from dynamic lengths (Nk - Nq)
             lower = node.target in (torch.tril, "tril")
             # triu(d) keeps j >= i + d, the complement of j <= i + d - 1.
             return Tri(diag) if lower else Tri(diag - 1, inverted=True)
@@ -107,8 +134,9 @@ class MaskAnalysis:
     def _same_truth(self, node: fx.Node) -> Optional[tuple[fx.Node, bool]]:
         """(input, flipped) when the node keeps (or exactly flips) a 0/1 mask's truth and its triangle:
         comparisons with 0/1, negation, bool/float casts, leading-dim views."""
-        if is_call(node, (torch.logical_not, operator.invert, torch.bitwise_not), ("logical_not", "bitwise_not")):
-            return node.args[0], True
+        src = negated_input(node)
+        if src is not None:
+            return src, True
         comparisons = {operator.eq: True, torch.eq: True, "eq": True, "__eq__": True,
                        operator.ne: False, torch.ne: False, "ne": False, "__ne__": False}
         if is_call(node, tuple(k for k in comparisons if not isinstance(k, str)),
@@ -241,7 +269,6 @@ def _bound(a, b, pick):
 
 _AND = ((operator.and_, torch.logical_and, torch.bitwise_and), ("logical_and", "bitwise_and", "__and__"))
 _OR = ((operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwise_or", "__or__"))
-_NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
 # What each comparison says of a - b (for comparisons of index tensors that differ by a constant).
 _TRUTH = {operator.eq: operator.eq, torch.eq: operator.eq, "eq": operator.eq, "__eq__": operator.eq,
           operator.ne: operator.ne, torch.ne: operator.ne, "ne": operator.ne, "__ne__": operator.ne,
@@ -282,8 +309,9 @@ class StructureAnalysis:
             # Tri(off): keep j - i <= off; inverted: keep j - i >= off + 1.
             kept_below = tri.inverted == negated
             return Keep(hi=tri.off) if kept_below else Keep(lo=tri.off + 1)
-        if is_call(node, *_NOT):
-            return self.keep(node.args[0], not negated)
+        src = negated_input(node)
+        if src is not None:
+            return self.keep(src, not negated)
         if is_call(node, *(_OR if negated else _AND)):
             return self.keep(node.args[0], negated) & self.keep(node.args[1], negated)
         if is_call(node, *(_AND if negated else _OR)):
@@ -385,7 +413,7 @@ class StructureAnalysis:
             raise Unproven(f"the index tensor {node.name} is a graph input (runtime data, such as generate()'s "
                            f"cache_position)")
         if is_call(node, (torch.arange,)):
-            args = [a for a in node.args]
+            args = node.args
             step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
             start = args[0] if len(args) > 1 else node.kwargs.get("start", 0)
             if step != 1:
@@ -418,7 +446,7 @@ class StructureAnalysis:
         if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
             n_out = meta(node).dim()
             d = arg(node, 1, "dim") % n_out
-            return self._moved(node.args[0], [k if k < d else k + 1 for k in range(n_out - 1)], n_out)
+            return _moved(self.index(node.args[0]), [k if k < d else k + 1 for k in range(n_out - 1)], n_out)
         raise Unproven(f"{describe(node)} ({node.name}) builds an index tensor the backend does not follow")
 
     def _diff(self, node: fx.Node) -> Affine:
@@ -442,8 +470,9 @@ class StructureAnalysis:
     def _reindexed(self, node: fx.Node) -> Affine:
         """``x[None, :, ...]``: only new axes and full slices move positions. Any index of a constant is it."""
         src, index = node.args
-        if not self.index(src).coef:
-            return self.index(src)
+        a = self.index(src)
+        if not a.coef:
+            return a
         index = explicit_index(index, meta(src).dim())
         if index is None:
             raise Unproven(f"an index with two ellipses ({node.name})")
@@ -456,13 +485,7 @@ class StructureAnalysis:
                 out += 1
             else:
                 raise Unproven(f"indexing an index tensor with {i!r} ({node.name})")
-        return self._moved(src, out_of_in, out)
-
-    def _moved(self, src: fx.Node, out_of_in: list, n_out: int) -> Affine:
-        """The index of ``src`` after its dim k moved to position out_of_in[k] of n_out dims."""
-        a = self.index(src)
-        n_in = len(out_of_in)
-        return Affine(tuple(sorted((out_of_in[d + n_in] - n_out, c) for d, c in a.coef)), a.const)
+        return _moved(a, out_of_in, out)
 
     @staticmethod
     def _normalised(node: fx.Node, a: Affine) -> Affine:
@@ -470,11 +493,10 @@ class StructureAnalysis:
         return Affine(tuple((d, c) for d, c in a.coef if -d <= len(shape) and not equal(shape[d], 1)), a.const)
 
 
-class Not:
-    """A mask that is the negation of a graph node (made in the graph only if the site is fused)."""
-
-    def __init__(self, node: fx.Node):
-        self.node = node
+def _moved(a: Affine, out_of_in: list, n_out: int) -> Affine:
+    """Index ``a`` after its tensor's dim k moved to position out_of_in[k] of n_out dims."""
+    n_in = len(out_of_in)
+    return Affine(tuple(sorted((out_of_in[d + n_in] - n_out, c) for d, c in a.coef)), a.const)
 
 
 def explicit_index(index: Any, n: int) -> Optional[tuple]:

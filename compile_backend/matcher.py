@@ -20,7 +20,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import spellings as sp
-from .masks import Keep, MaskAnalysis, Not, StructureAnalysis, Unproven, equal
+from .masks import Keep, MaskAnalysis, Not, StructureAnalysis, Unproven, equal, node_of
 
 # An added mask value at or below this is exact as the op's bias: scale·S + v rounds to v in fp32 for any score
 # below 1e22, so a row with every key masked is uniform in eager, as the op makes it (MASKED_LOGIT), gradients too.
@@ -389,8 +389,8 @@ class Matcher:
             return False
         site.causal, site.window = causal, window
         site.key_terms = [(term, step.frame) for term in keep.keys]
-        site.unseen = ("add" if step.kind == "add" else "fill") if unseen else None
-        site.dense_masks.append(step.tensor.node if isinstance(step.tensor, Not) else step.tensor)
+        site.unseen = step.kind if unseen else None  # "add" or "fill"
+        site.dense_masks.append(node_of(step.tensor)[0])
         site.notes.append(f"mask proven (masked with {value:g})")
         return True
 

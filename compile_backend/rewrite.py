@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from cupyflash.torch_op import why_unsupported
 
 from . import spellings as sp
-from .masks import Not, equal
+from .masks import equal, node_of
 from .matcher import Matcher, Site, Skip, where
 from .report import SiteRecord
 from .rows import lse_unseen, nan_rows, uniform_rows, unseen_rows
@@ -31,6 +31,17 @@ from .rows import lse_unseen, nan_rows, uniform_rows, unseen_rows
 log = logging.getLogger("cupyflash.compile")
 
 _OP = torch.ops.cupyflash.flash_attn_fwd.default
+
+
+def run_fake(op: str, target: Any, fargs: tuple, fkwargs: dict) -> Any:
+    """A call_function / call_method on fake values, in the mode they were recorded in (detect_fake_mode would
+    prefer the backend's own, newer one)."""
+    flat = torch.utils._pytree.tree_leaves((fargs, fkwargs))
+    fake_mode = next(a.fake_mode for a in flat if isinstance(a, FakeTensor))
+    with fake_mode:
+        if op == "call_method":
+            return getattr(fargs[0], target)(*fargs[1:], **fkwargs)
+        return target(*fargs, **fkwargs)
 
 
 class _Emitter:
@@ -45,16 +56,7 @@ class _Emitter:
             node = self.graph.create_node(op, target, args, kwargs)
         self.made.append(node)
         node.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
-        fargs, fkwargs = fx.node.map_arg((args, kwargs), sp.meta)
-        # The mode of the recorded fake values (detect_fake_mode would prefer the backend's own, newer one).
-        flat = torch.utils._pytree.tree_leaves((fargs, fkwargs))
-        fake_mode = next(a.fake_mode for a in flat if isinstance(a, FakeTensor))
-        with fake_mode:
-            if op == "call_method":
-                value = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
-            else:
-                value = target(*fargs, **fkwargs)
-        node.meta["example_value"] = value
+        node.meta["example_value"] = run_fake(op, target, *fx.node.map_arg((args, kwargs), sp.meta))
         return node
 
     def method(self, name: str, *args, **kwargs) -> fx.Node:
@@ -121,13 +123,17 @@ def _operand(emit: _Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
     return to_layout(emit, t, src, dst, full=True)
 
 
+def _mask_node(emit: _Emitter, mask, negate: bool) -> fx.Node:
+    """`mask` (a node or ``Not`` of one) as a graph node, negated when `negate`; logical_not only where needed."""
+    node, negated = node_of(mask)
+    return emit("call_function", torch.logical_not, node) if negated != negate else node
+
+
 def _key_mask(emit: _Emitter, site: Site, dst: tuple) -> Optional[fx.Node]:
     """The per-key terms as one boolean (B or 1, 1, 1, Nk) mask, True = keep; None without terms."""
     keep = None
     for term, frame in site.key_terms:
-        if isinstance(term, Not):
-            term = emit("call_function", torch.logical_not, term.node)
-        term = to_layout(emit, term, frame, dst, full=False)
+        term = to_layout(emit, _mask_node(emit, term, negate=False), frame, dst, full=False)
         keep = term if keep is None else emit("call_function", torch.logical_and, keep, term)
     return keep
 
@@ -159,8 +165,7 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
         bias = _key_mask(emit, site, dst)
     elif site.keep_mask is not None:  # alone too (matcher)
         mask, frame = site.keep_mask
-        keep = mask.node if isinstance(mask, Not) else emit("call_function", torch.logical_not, mask)
-        bias = to_layout(emit, keep, frame, dst, full=False)
+        bias = to_layout(emit, _mask_node(emit, mask, negate=True), frame, dst, full=False)
     return bias, scale, softcap
 
 

@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from cupyflash.cpu_attention import compute_dtype
+
 
 def unseen_rows(key_keep: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, causal: bool, window_left: int,
                 window_right: int) -> torch.Tensor:
@@ -56,7 +58,7 @@ def uniform_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     D), k and v (B, Hkv, Nk, D) with Hkv dividing H (grouped-query attention)."""
     heads = q.shape[1]
     k, v = (t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(q.dtype)
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     v_bar = v.mean(-2, keepdim=True)  # (B, H, 1, D)
     corr = v_bar
@@ -81,7 +83,7 @@ def nan_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     element of v (and with ``through_scores``, of k, of q's unseen rows and of those rows of an added ``bias`` that
     requires grad) of the heads with such a row, as eager's -inf mask gives; q (B, H, Nq, D), k and v (B, Hkv, Nk,
     D) with Hkv dividing H, bias broadcastable to (B, H, Nq, Nk)."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(q.dtype)
     total = v.to(cdt).sum((-2, -1), keepdim=True)  # (B, Hkv, 1, 1)
     if through_scores:
         total = total + k.to(cdt).sum((-2, -1), keepdim=True)

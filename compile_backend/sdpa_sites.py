@@ -12,6 +12,8 @@ semantics say; anything else is left alone with the reason:
 - ``dropout_p``: only a constant 0 (the op's Philox stream is not torch's, so active dropout would draw other masks).
 - ``enable_gqa``: the op takes fewer K/V heads when they divide q's; without it the heads must be equal.
 - v's head dim equal to q's, and whatever else the op refuses (``why_unsupported`` on the fake values).
+- what follows the call runs on the op's contiguous output (replayed on fake values where SDPA's output is not
+  contiguous: a ``.view()`` may need SDPA's layout).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from cupyflash.validate import default_scale
 from . import spellings as sp
 from .matcher import Skip, where
 from .report import SiteRecord
-from .rewrite import _Emitter
+from .rewrite import _Emitter, run_fake
 
 log = logging.getLogger("cupyflash.compile")
 
@@ -40,8 +42,6 @@ _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scal
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 ROUTED_NOTE = "routed from SDPA"
 MODES = ("keep", "route")
-# Ops that pass the output's memory layout on unchanged to a later .view().
-_LAYOUT_VIEWS = ("transpose", "permute", "t", "unsqueeze", "squeeze")
 
 
 def _arguments(node: fx.Node) -> dict[str, Any]:
@@ -94,15 +94,34 @@ def _check_features(args: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise Skip(f"k has {k.shape[1]} heads against q's {q.shape[1]} without enable_gqa (SDPA broadcasts them)")
 
 
-def _view_reads_layout(node: fx.Node) -> bool:
-    """Whether a .view() reads the output's strides, directly or through transposes (which keep the layout)."""
-    for user in node.users:
+def _layout_failure(node: fx.Node, want: torch.Tensor) -> Optional[str]:
+    """Replays, on fake values, the ops after SDPA's output with the op's contiguous output in its place, as far as
+    their strides differ from eager's (a transpose, movedim, clone or pointwise op passes SDPA's layout on); why
+    the first that fails fails (a .view() that needs SDPA's layout), or None."""
+    with want.fake_mode:
+        replaced = {node: torch.empty(want.shape, dtype=want.dtype, device=want.device)}
+    nodes = list(node.graph.nodes)
+    for user in nodes[nodes.index(node) + 1:]:
+        if user.op == "output" or not any(n in replaced for n in user.all_input_nodes):
+            continue
+        if user.op not in ("call_function", "call_method"):
+            return f"{user.name} ({user.op}) takes it"
         name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
-        if name == "view":
-            return True
-        if name in _LAYOUT_VIEWS and _view_reads_layout(user):
-            return True
-    return False
+        if name.endswith("_") and not name.startswith("__") and user.args[0] not in replaced:
+            continue  # writes into another tensor (copy_, ...): not replayed, which would change its recorded value
+        fargs, fkwargs = fx.node.map_arg((user.args, user.kwargs), lambda n: replaced.get(n, sp.meta(n)))
+        try:
+            value = run_fake(user.op, user.target, fargs, fkwargs)
+        except Exception as err:  # what eager did not raise; whatever it is, the call stays SDPA's
+            return f"{sp.describe(user)} ({user.name}) fails on it: {(str(err).splitlines() or [''])[0]}"
+        if not _same_strides(value, sp.meta(user)):
+            replaced[user] = value
+    return None
+
+
+def _same_strides(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()
+            and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride())))
 
 
 def _mask_form(causal: bool, mask: Optional[torch.Tensor]) -> str:
@@ -121,9 +140,10 @@ def route(gm: fx.GraphModule, node: fx.Node) -> dict:
     causal = _causal(args, q, k)
     _check_features(args, q, k, v)
     want = sp.meta(node)
-    if not statically_known_true(want.is_contiguous()) and _view_reads_layout(node):
-        raise Skip(f"a .view() reads the layout of SDPA's output (strides {tuple(want.stride())}); the op's output "
-                   f"is contiguous")
+    failure = None if statically_known_true(want.is_contiguous()) else _layout_failure(node, want)
+    if failure is not None:
+        raise Skip(f"the code after it needs the layout of SDPA's output (strides {tuple(want.stride())}), not the "
+                   f"op's contiguous one: {failure}")
     emit = _Emitter(gm.graph, node)
     try:
         mask = args["attn_mask"]

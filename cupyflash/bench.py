@@ -1,10 +1,12 @@
-"""``cupyflash bench``: attention TFLOP/s and peak memory against N, ours and torch's, in one run on this GPU.
+"""``cupyflash bench``: attention TFLOP/s and peak memory against N, ours and its peers', in one run on this GPU.
 
 For each dtype, head dim and mask it sweeps N with B·N = ``--tokens`` and H·D = ``--hidden``, and times each
-pass (fwd, bwd, fwd+bwd) of cupyflash and the chosen peers: median GPU time by CUDA events after warm-up
+pass (fwd, bwd, fwd+bwd) of cupyflash and the chosen peers (``bench_impls.IMPLS``; an optional peer not importable
+here, FlashAttention-4, is skipped with one line saying so): median GPU time by CUDA events after warm-up
 (``gpu_timing.median_timer``), peak memory above the inputs during one call. TFLOP/s counts 4·B·H·N²·D for the
-forward (half if causal), 2.5x that for the backward and 3.5x for fwd+bwd. It prints a markdown table,
-writes the records as JSON (``--json``) and plots them (``--plot``, through ``plot_results``).
+forward (half if causal), 2.5x that for the backward and 3.5x for fwd+bwd. It prints a markdown table, writes
+the records and our TFLOP/s over each ratio peer's as JSON (``--json``) and plots them (``--plot``, through
+``plot_results``).
 
 Importing this module needs neither torch nor a GPU: parsing, the table, the JSON and the plot work on the
 records alone, so they are tested on the CPU.
@@ -15,18 +17,17 @@ import argparse
 import datetime
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
+from .bench_impls import IMPLS, OURS
 from .bench_shapes import HIDDEN, MODES, TOKENS, attention_flops, bench_shape
 from .errors import CupyflashError, NoGPUError, require_gpu
 from .progress import Progress
 
-OURS = "cupyflash"
-PEERS = {"flash": "sdpa-flash", "cudnn": "sdpa-cudnn", "math": "sdpa-math", "naive": "naive"}  # flag -> impl
-LABELS = {"cupyflash": "cupyflash", "sdpa-flash": "SDPA flash", "sdpa-cudnn": "SDPA cuDNN",
-          "sdpa-math": "SDPA math", "naive": "naive eager"}
-RATIO_TO = ("sdpa-flash", "sdpa-cudnn")  # the peers our TFLOP/s is divided by in the table
+PEERS = {spec.flag: impl for impl, spec in IMPLS.items() if spec.flag}  # --peers flag -> impl
+RATIO_TO = tuple(impl for impl, spec in IMPLS.items() if spec.ratio)  # default peers; the table divides by them
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # flag -> torch attribute
 CAUSAL = {"yes": True, "no": False}
 DEFAULT_SEQLENS = tuple(2**i for i in range(9, 15))  # 512 .. 16384
@@ -79,10 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"batch x N (batch at least 1; default {TOKENS})")
     parser.add_argument("--hidden", type=positive_int, default=HIDDEN, help=f"heads x head_dim (default {HIDDEN})")
     parser.add_argument("--passes", type=_list_of(str, MODES), default=MODES, metavar=",".join(MODES))
-    parser.add_argument("--peers", type=_list_of(PEERS.get, PEERS), default=("sdpa-flash", "sdpa-cudnn"),
-                        metavar="flash,cudnn", help=f"torch implementations to compare with, of {','.join(PEERS)} "
-                        "(math and naive hold N x N scores: up to N = 4096)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the meta data and records as JSON")
+    parser.add_argument("--peers", type=_list_of(PEERS.get, PEERS), default=RATIO_TO,
+                        metavar=",".join(IMPLS[p].flag for p in RATIO_TO),
+                        help=f"implementations to compare with, of {','.join(PEERS)} (math and naive hold N x N "
+                        "scores: up to N = 4096; fa4, FlashAttention-4, runs where flash_attn.cute is importable)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the meta data, records and ratios as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG plot (needs matplotlib)")
     parser.add_argument("--warmup-ms", type=_positive_ms, default=25.0, help="warm-up per timing (default 25)")
     parser.add_argument("--rep-ms", type=_positive_ms, default=100.0, help="timed repeats per timing (default 100)")
@@ -137,13 +139,22 @@ def _measure_impl(impl: str, base: dict, passes, inputs, timer) -> list[dict]:
     return records
 
 
-def measure(args: argparse.Namespace, timer) -> list[dict]:
-    """Every (dtype, head dim, mask, N) x implementation x pass of `args`, as flat records."""
+def importable_peers(peers) -> tuple[tuple, list[str]]:
+    """(`peers` without repeats, minus those not importable here; one line per peer left out saying why)."""
+    from . import bench_impls
+
+    peers = tuple(dict.fromkeys(peers))
+    skipped = {p: bench_impls.not_importable(p) for p in peers}
+    return tuple(p for p in peers if not skipped[p]), [why for why in skipped.values() if why]
+
+
+def measure(args: argparse.Namespace, timer, peers) -> list[dict]:
+    """Every (dtype, head dim, mask, N) x (ours and `peers`) x pass of `args`, as flat records."""
     import torch
 
     from .bench_impls import make_inputs
 
-    impls = (OURS,) + tuple(dict.fromkeys(args.peers))
+    impls = (OURS,) + tuple(peers)
     configs = list(itertools.product(args.dtypes, args.head_dims, args.causal, args.seqlens))
     records = []
     with Progress(len(configs) * len(impls), "cupyflash bench") as bar:
@@ -159,7 +170,7 @@ def measure(args: argparse.Namespace, timer) -> list[dict]:
     return records
 
 
-def _meta(gpu, timer_name: str, args: argparse.Namespace, seconds: float) -> dict:
+def _meta(gpu, timer_name: str, args: argparse.Namespace, seconds: float, skipped: list[str]) -> dict:
     import torch
 
     try:
@@ -171,7 +182,7 @@ def _meta(gpu, timer_name: str, args: argparse.Namespace, seconds: float) -> dic
     return dict(gpu=gpu.name, sm=gpu.arch, torch=torch.__version__, cuda=torch.version.cuda, cupy=cupy_version,
                 timer=f"{timer_name}, warm-up {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms",
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                tokens=args.tokens, hidden=args.hidden, seconds=round(seconds, 1))
+                tokens=args.tokens, hidden=args.hidden, seconds=round(seconds, 1), skipped=skipped)
 
 
 # ---- reporting (records only) -----------------------------------------------------------------------------
@@ -180,25 +191,53 @@ def _config_name(r: dict) -> str:
     return f"{r['dtype']} d{r['head_dim']} {'causal' if r['causal'] else 'full'}"
 
 
+def _label(impl: str) -> str:
+    return IMPLS[impl].label if impl in IMPLS else impl
+
+
 def _fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
-def format_table(records: list[dict]) -> str:
-    """Markdown: one row per (dtype, D, mask, N, pass); TFLOP/s and peak MiB per implementation, our TFLOP/s over
-    SDPA flash's and cuDNN's; a missing number is "—[i]", footnote i saying why."""
-    impls = list(dict.fromkeys(r["impl"] for r in records))
-    ratio_to = [p for p in RATIO_TO if p in impls]
+ROW_KEYS = ("dtype", "head_dim", "causal", "n", "batch", "heads", "pass")
+
+
+def _rows(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """The records by table row (the values of ROW_KEYS), then by implementation."""
     rows: dict[tuple, dict] = {}
     for r in records:
-        rows.setdefault((r["dtype"], r["head_dim"], r["causal"], r["n"], r["batch"], r["heads"], r["pass"]),
-                        {})[r["impl"]] = r
+        rows.setdefault(tuple(r[key] for key in ROW_KEYS), {})[r["impl"]] = r
+    return rows
+
+
+def _ratio(by_impl: dict[str, dict], peer: str) -> float | None:
+    """Our TFLOP/s over `peer`'s in one row; None unless both ran."""
+    ours, theirs = (by_impl.get(impl, {}).get("tflops") for impl in (OURS, peer))
+    return ours / theirs if ours is not None and theirs else None
+
+
+def ratio_records(records: list[dict]) -> list[dict]:
+    """The table's "ours / peer" cells as records (ROW_KEYS, ``peer``, ``ours_over``), where both ran."""
+    out = []
+    for row, by_impl in _rows(records).items():
+        for peer in RATIO_TO:
+            ratio = _ratio(by_impl, peer)
+            if ratio is not None:
+                out.append(dict(zip(ROW_KEYS, row), peer=peer, ours_over=round(ratio, 3)))
+    return out
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown: one row per (dtype, D, mask, N, pass); TFLOP/s and peak MiB per implementation, our TFLOP/s over
+    each of RATIO_TO's that ran (SDPA flash, cuDNN, FA4); a missing number is "—[i]", footnote i saying why."""
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    ratio_to = [p for p in RATIO_TO if p in impls]
     notes: dict[str, int] = {}
     head = ["dtype", "D", "causal", "N", "B x H", "pass"]
-    head += [f"{LABELS[i]} {unit}" for i in impls for unit in ("TFLOP/s", "MiB")]
-    head += [f"ours / {LABELS[p].removeprefix('SDPA ')}" for p in ratio_to]
+    head += [f"{_label(i)} {unit}" for i in impls for unit in ("TFLOP/s", "MiB")]
+    head += [f"ours / {_label(p).removeprefix('SDPA ')}" for p in ratio_to]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (dtype, d, causal, n, batch, heads, mode), by_impl in rows.items():
+    for (dtype, d, causal, n, batch, heads, mode), by_impl in _rows(records).items():
         cells = [dtype, str(d), "yes" if causal else "no", str(n), f"{batch} x {heads}", mode]
         for impl in impls:
             r = by_impl.get(impl)
@@ -207,10 +246,7 @@ def format_table(records: list[dict]) -> str:
                 cells += [f"—[{notes.setdefault(note, len(notes) + 1)}]", "—"]
             else:
                 cells += [f"{r['tflops']:.1f}", f"{r['peak_mib']:,.0f}"]
-        ours = by_impl.get(OURS, {}).get("tflops")
-        for p in ratio_to:
-            theirs = by_impl.get(p, {}).get("tflops")
-            cells.append(_fmt(ours / theirs if ours is not None and theirs else None, ".2f"))
+        cells += [_fmt(_ratio(by_impl, p), ".2f") for p in ratio_to]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += [""] + [f"[{i}] {note}" for note, i in notes.items()]
@@ -221,11 +257,12 @@ def format_report(results: dict) -> str:
     """The table under a header naming the GPU, the versions, the timing method and the shapes."""
     m = results["meta"]
     return "\n".join([
-        "# Attention: cupyflash vs torch",
+        "# Attention: cupyflash vs its peers",
         "",
         f"GPU: **{m['gpu']}** ({m['sm']}) · torch {m['torch']} (CUDA {m['cuda']}) · cupy {m['cupy']} · {m['date']}",
         f"Timing: {m['timer']}. Shapes: batch·N = {m['tokens']} tokens, heads·head_dim = {m['hidden']}. "
         "TFLOP/s = 4·B·H·N²·D (÷2 causal), backward ×2.5, fwd+bwd ×3.5. MiB: peak memory above the inputs.",
+        *(f"{why}." for why in m.get("skipped", [])),  # older JSON files have no "skipped"
         "",
         format_table(results["records"]),
         "",
@@ -263,7 +300,7 @@ def plot_results(results: dict, path) -> None:
                 continue
             ns, tflops, mib = zip(*points)
             style = dict(color=f"C{i}", linestyle=("-", "--", ":", "-.")[j % 4], marker="o", markersize=3,
-                         label=LABELS.get(impl, impl) + (f" {config}" if len(configs) > 1 else ""))
+                         label=_label(impl) + (f" {config}" if len(configs) > 1 else ""))
             ax_tf.plot(ns, tflops, **style)
             ax_mem.plot(ns, mib, **style)
         ax_tf.set_ylabel(f"{mode} TFLOP/s")
@@ -298,9 +335,13 @@ def run(args: argparse.Namespace) -> int:
     from .gpu_timing import median_timer
 
     timer_name, timer = median_timer(args.warmup_ms, args.rep_ms)
+    peers, skipped = importable_peers(args.peers)
+    for why in skipped:
+        print(f"cupyflash bench: {why}", file=sys.stderr)
     t0 = time.time()
-    records = measure(args, timer)
-    results = dict(meta=_meta(gpu, timer_name, args, time.time() - t0), records=records)
+    records = measure(args, timer, peers)
+    results = dict(meta=_meta(gpu, timer_name, args, time.time() - t0, skipped), records=records,
+                   ratios=ratio_records(records))
     print(format_report(results))
     if args.json:
         write_json(results, args.json)

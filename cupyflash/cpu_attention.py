@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from . import cpu_torch_kernels
-from .cpu_torch_kernels import bias_block
+from .cpu_torch_kernels import bias_block, block_index
 
 KEY_CHUNK = 1024
 MASKED_BIAS = -1e30
@@ -55,7 +55,8 @@ LSE_REBUILD = MASKED_LOGIT / 2  # rows with a saved lse below it get P from thei
 NEG_INF = float("-inf")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs, else fp32 (what the kernels accumulate in)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -96,6 +97,13 @@ def _as_additive(attn_bias, dtype):
     return torch.where(attn_bias, zero, neg_inf)
 
 
+def band(causal: bool, window) -> tuple[int, int]:
+    """(left, right) of the keys each query sees around its diagonal, -1 unbounded: causal is a right edge of 0
+    (tighter than any right window)."""
+    left, right = window
+    return left, 0 if causal else right
+
+
 def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], causal: bool, window,
           dropout_p: float, softcap: float, bias_grad: bool = False,
           lse: Optional[torch.Tensor] = None) -> Optional[cpu_torch_kernels.Plan]:
@@ -130,7 +138,7 @@ def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], c
     if min(q.shape) == 0 or min(k.shape) == 0:
         return None
     n_q = q.shape[-2]
-    plan = cpu_torch_kernels.plan_for(n_q, k.shape[-2], causal, window)
+    plan = cpu_torch_kernels.plan_for(n_q, k.shape[-2], band(causal, window))
     if plan is not None and attn_bias is not None:
         tops = cpu_torch_kernels.row_max(attn_bias, plan, n_q)  # per piece, (.., Nq - row0 or 1)
         is_bool = attn_bias.dtype == torch.bool
@@ -188,9 +196,11 @@ class _Inputs:
         return self.k.shape[-2] - self.q.shape[-2]
 
 
-def _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked: bool) -> _Inputs:
-    """``chunked``: for the chunked path (torch's kernels need no masked keys found)."""
-    cdt = _compute_dtype(q.dtype)
+def _prepare(q, k, v, attn_bias, scale, causal, window, softcap, plan) -> _Inputs:
+    """``plan``: route's, None when everything runs on the chunked path (torch's kernels need no masked keys found,
+    only the rows the chunked path computes beside them)."""
+    chunked = plan is None or plan.chunked_rows is not None
+    cdt = compute_dtype(q.dtype)
     heads = q.shape[1]
     bias = _as_additive(attn_bias, cdt)
     bias = None if bias is None else bias.to(cdt)
@@ -202,9 +212,7 @@ def _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked: bool) 
             masked_logit = torch.full_like(bias, MASKED_LOGIT).masked_fill_(bias == NEG_INF, NEG_INF)
         else:
             masked = None
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = band(causal, window)
     return _Inputs(q.to(cdt), _widen_kv(k, heads).to(cdt), _widen_kv(v, heads).to(cdt), bias, masked, masked_logit,
                    scale, softcap, left, right)
 
@@ -285,8 +293,7 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32. ``seed``: the dropout seed, a
     one-element int64 tensor (None without dropout)."""
     plan = route(q, k, attn_bias, causal, window, dropout_p, softcap)
-    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=plan is None or
-                 plan.chunked_rows is not None)
+    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, plan)
     if plan is not None:
         out, lse = cpu_torch_kernels.forward(x.q, x.k, x.v, x.bias, scale, plan)
         if plan.chunked_rows is not None:
@@ -297,7 +304,7 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
             lse[..., rows] = torch.where(sel, (m + torch.log(l)).float(), lse[..., rows])
         if not under_rebuild_rule(lse, plan):  # route's case, which only the result can tell
             return out.to(q.dtype), lse
-        x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=True)
+        x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, None)
     shape = x.q.shape[:-1]  # (B, H, Nq)
     m_i = torch.full(shape, NEG_INF, dtype=x.q.dtype, device=q.device)  # running max
     l_i = torch.zeros(shape, dtype=x.q.dtype, device=q.device)  # running sum (before dropout)
@@ -368,8 +375,7 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
     """Returns (dq, dk, dv, dbias) recomputing P chunk by chunk from the saved lse (nothing N×N kept); dbias is
     shaped like attn_bias when bias_grad, else None. (out, lse) may come from either forward path."""
     plan = route(q, k, attn_bias, causal, window, dropout_p, softcap, bias_grad, lse)
-    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, chunked=plan is None or
-                 plan.chunked_rows is not None)
+    x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, plan)
     do, o = dout.to(x.q.dtype), out.to(x.q.dtype)
     if plan is not None:
         # plan.chunked_rows get P = 0 in torch's backward (S ~ -1e30 or below, lse ~ MASKED_LOGIT): add theirs
@@ -424,10 +430,6 @@ def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_g
         ds_raw = ds if tanh is None else ds * (1.0 - tanh * tanh)
         dq[..., rows, :] += torch.matmul(ds_raw, x.k[..., j0:j1, :]).mul_(x.scale)
         dk[..., j0:j1, :] += torch.matmul(ds_raw.transpose(-1, -2), x.q[..., rows, :]).mul_(x.scale)
-        if dbias is not None:
-            ds_b = _sum_to_shape(ds, attn_bias.shape)
-            if attn_bias.shape[-1] == 1:
-                dbias[..., rows if attn_bias.shape[-2] != 1 else slice(None), :] += ds_b.sum(dim=-1, keepdim=True)
-            else:
-                dbias[..., rows if attn_bias.shape[-2] != 1 else slice(None), j0:j1] += ds_b
+        if dbias is not None:  # _sum_to_shape sums over the bias's broadcast dims, keys and rows included
+            dbias[block_index(dbias.shape, rows, j0, j1)] += _sum_to_shape(ds, attn_bias.shape)
     return dq, dk, dv, dbias

@@ -37,12 +37,11 @@ class Plan:
     chunked_rows: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
 
-def plan_for(n_q: int, n_k: int, causal: bool, window) -> Optional[Plan]:
-    """The Plan for our visibility rule (bottom-right aligned causal/window), or None where torch's kernels
-    cannot express it (a left window that bounds some row)."""
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+def plan_for(n_q: int, n_k: int, band: tuple[int, int]) -> Optional[Plan]:
+    """The Plan for our visibility rule, the (left, right) band around the bottom-right aligned diagonal
+    (``cpu_attention.band``: causal applied), or None where torch's kernels cannot express it (a left window that
+    bounds some row)."""
+    left, right = band
     if 0 <= left < n_k - 1:  # left >= Nk - 1 lets the last row (and so every row) reach key 0: no bound
         return None
     if right < 0:
@@ -55,12 +54,14 @@ def plan_for(n_q: int, n_k: int, causal: bool, window) -> Optional[Plan]:
     return Plan(row0, pieces)
 
 
+def block_index(shape, rows, j0: int, j1: int) -> tuple:
+    """The index of a bias-shaped tensor's rows (a slice or an index tensor) and keys [j0, j1), leaving its
+    broadcast (size-1) dims whole."""
+    return ..., rows if shape[-2] != 1 else slice(None), slice(j0, j1) if shape[-1] != 1 else slice(None)
+
+
 def bias_block(t: Optional[torch.Tensor], rows, j0: int, j1: int) -> Optional[torch.Tensor]:
-    """A bias-shaped tensor's rows (a slice or an index tensor) and keys [j0, j1), leaving its broadcast (size-1)
-    dims whole."""
-    if t is None:
-        return None
-    return t[..., rows if t.shape[-2] != 1 else slice(None), slice(j0, j1) if t.shape[-1] != 1 else slice(None)]
+    return None if t is None else t[block_index(t.shape, rows, j0, j1)]
 
 
 def row_max(bias: torch.Tensor, plan: Plan, n_q: int) -> list:

@@ -2,14 +2,17 @@
 recorded, and the one-sentence refusal without a GPU. The measuring itself runs on the GPU only."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cupyflash import bench, bench_impls, cli, gpu_timing
 from cupyflash.bench_shapes import attention_flops, bench_shape
@@ -31,7 +34,7 @@ def test_defaults():
     assert args.seqlens == (512, 1024, 2048, 4096, 8192, 16384)
     assert (args.tokens, args.hidden) == (16384, 2048)
     assert args.passes == ("fwd", "bwd", "fwd+bwd")
-    assert args.peers == ("sdpa-flash", "sdpa-cudnn")
+    assert args.peers == ("sdpa-flash", "sdpa-cudnn", "fa4")
     assert args.json is None and args.plot is None
 
 
@@ -49,7 +52,7 @@ def test_flags_are_parsed_into_values():
     ("--dtypes", "bf16,fp8", "fp8 not in bf16,fp16"),
     ("--causal", "maybe", "maybe not in yes,no"),
     ("--passes", "fwd,back", "back not in fwd,bwd,fwd+bwd"),
-    ("--peers", "xformers", "xformers not in flash,cudnn,math,naive"),
+    ("--peers", "xformers", "xformers not in flash,cudnn,fa4,math,naive"),
     ("--seqlens", "1024,0", "must be at least 1, got 0"),
     ("--head-dims", "", "expected a comma-separated list"),
     ("--head-dims", "64,x", "expected a whole number, got 'x'"),
@@ -200,13 +203,140 @@ def test_sweep_covers_every_config_impl_and_pass(fake_gpu, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     args = _parse("--head-dims", "64", "--causal", "no,yes", "--seqlens", "512,32768", "--passes", "fwd,bwd",
                   "--peers", "cudnn,flash,cudnn")
-    records = bench.measure(args, fake_gpu)
+    records = bench.measure(args, fake_gpu, bench.importable_peers(args.peers)[0])
     keys = [(r["dtype"], r["causal"], r["n"], r["batch"], r["impl"], r["pass"]) for r in records]
     assert len(keys) == 2 * 2 * 2 * 3 * 2 and len(set(keys)) == len(keys)  # dtypes x masks x N x impls x passes
     assert keys[:3] == [("bf16", False, 512, 32, "cupyflash", "fwd"), ("bf16", False, 512, 32, "cupyflash", "bwd"),
                         ("bf16", False, 512, 32, "sdpa-cudnn", "fwd")]
     assert {r["batch"] for r in records if r["n"] == 32768} == {1}
     assert "cupyflash bench: 24/24 in" in capsys.readouterr().err
+
+
+# ---- FlashAttention-4: a peer where importable, never a dependency -----------------------------------------
+
+@pytest.fixture
+def no_fa4(monkeypatch):
+    # `None` in sys.modules makes `import flash_attn.cute` raise ImportError, as where FA4 is not installed.
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
+    bench_impls.not_importable.cache_clear()
+    yield
+    bench_impls.not_importable.cache_clear()
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """A stand-in ``flash_attn.cute``: FA4's signature and (B, N, H, D) layout around torch's SDPA; its calls."""
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+        calls.append(dict(shapes=[tuple(t.shape) for t in (q, k, v)], softmax_scale=softmax_scale, causal=causal))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
+        return out.transpose(1, 2), torch.zeros(q.shape[:3], dtype=torch.float32)  # (B, N, H, D), (B, H, N)
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    bench_impls.not_importable.cache_clear()
+    yield calls
+    bench_impls.not_importable.cache_clear()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fa4_gets_its_layout_and_matches_sdpa_forward_and_backward(fake_fa4, causal):
+    batch, heads, n, d = 2, 3, 5, 8  # all different, so a wrong transpose changes the shapes FA4 sees
+    q, k, v, dout = (torch.randn(batch, heads, n, d, dtype=torch.float64, requires_grad=i < 3) for i in range(4))
+    assert bench_impls.unavailable_reason("fa4", q, k, v, dout, causal) is None
+    fake_fa4.clear()
+    out = bench_impls.IMPLS["fa4"].run(q, k, v, causal)
+    (call,) = fake_fa4
+    assert call == dict(shapes=[(batch, n, heads, d)] * 3, softmax_scale=pytest.approx(d ** -0.5), causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, D)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(got, want)
+    fwd_bwd = bench_impls.pass_fn("fa4", "fwd+bwd", q, k, v, dout, causal)()
+    for got, want in zip(fwd_bwd, grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_fa4_refusing_inputs_is_a_reason_and_other_errors_propagate(fake_fa4, monkeypatch):
+    q, k, v, dout = (torch.randn(1, 2, 4, 8, requires_grad=i < 3) for i in range(4))
+
+    def refuse(*args, **kwargs):  # how FA4 says no: an assert, e.g. on a head dim or GPU it does not support
+        raise AssertionError("(head_dim, head_dim_v)=(8, 8) is not supported on SM90.")
+
+    monkeypatch.setattr(sys.modules["flash_attn.cute"], "flash_attn_func", refuse)
+    assert (bench_impls.unavailable_reason("fa4", q, k, v, dout, False)
+            == "fa4 unavailable: (head_dim, head_dim_v)=(8, 8) is not supported on SM90.")
+
+    def crash(*args, **kwargs):
+        raise ValueError("a bug, not a limit")
+
+    monkeypatch.setattr(sys.modules["flash_attn.cute"], "flash_attn_func", crash)
+    with pytest.raises(ValueError, match="a bug, not a limit"):
+        bench_impls.unavailable_reason("fa4", q, k, v, dout, False)
+
+
+def test_fa4_not_importable_is_one_line_and_no_column(no_fa4):
+    why = bench_impls.not_importable("fa4")
+    assert re.fullmatch(r"FA4 skipped: flash_attn\.cute is not importable \(ModuleNotFoundError: [^\n]+\)", why)
+    assert bench.importable_peers(("sdpa-flash", "fa4", "sdpa-flash")) == (("sdpa-flash",), [why])
+    assert bench_impls.unavailable_reason("fa4", None, None, None, None, False) == why  # the suite's skip
+    assert bench_impls.not_importable("sdpa-flash") is None
+
+
+def _run_floor(monkeypatch, capsys, tmp_path, *flags):
+    """benchmarks/floor.py --quick `flags` end to end on fake GPU parts: every pass of ours takes 2 ms, FA4's 1 ms and
+    the others' 4 ms; (stdout, stderr, JSON)."""
+    monkeypatch.setattr(bench, "_require_cuda", lambda: types.SimpleNamespace(name="NVIDIA H200", arch="sm_90"))
+    monkeypatch.setattr(gpu_timing, "median_timer",
+                        lambda *a: ("fake", lambda fn: {"cupyflash": 2.0, "fa4": 1.0}.get(fn(), 4.0)))
+    monkeypatch.setattr(bench_impls, "make_inputs", lambda shape, dtype: (None,) * 4)
+    monkeypatch.setattr(bench_impls, "unavailable_reason", lambda *a: None)
+    monkeypatch.setattr(bench_impls, "pass_fn", lambda impl, *a: (lambda: impl))
+    monkeypatch.setattr(gpu_timing, "peak_memory_bytes", lambda fn: 2**20)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    spec = importlib.util.spec_from_file_location("floor", ROOT / "benchmarks" / "floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    assert floor.main(["--quick", *flags, "--json", str(tmp_path / "floor.json")]) == 0
+    out, err = capsys.readouterr()
+    return out, err, bench.read_json(tmp_path / "floor.json")
+
+
+def test_floor_has_fa4_columns_and_ratio_where_it_ran(fake_fa4, monkeypatch, capsys, tmp_path):
+    out, err, results = _run_floor(monkeypatch, capsys, tmp_path)
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| dtype"))
+    assert header.endswith("| FA4 TFLOP/s | FA4 MiB | ours / flash | ours / cuDNN | ours / FA4 |")
+    rows = [line for line in lines if line.startswith("| bf16")]
+    assert len(rows) == 2 * 2 * 3 * 2  # head dims x masks x N x passes
+    assert all(row.endswith("| 2.00 | 2.00 | 0.50 |") for row in rows)
+    assert "skipped" not in out + err
+    by_peer = {}
+    for r in results["ratios"]:
+        by_peer.setdefault(r["peer"], set()).add(r["ours_over"])
+    assert by_peer == {"sdpa-flash": {2.0}, "sdpa-cudnn": {2.0}, "fa4": {0.5}}
+    assert len(results["ratios"]) == 3 * len(rows)
+    assert results["meta"]["skipped"] == []
+
+
+def test_floor_without_fa4_says_so_once(no_fa4, monkeypatch, capsys, tmp_path):
+    out, err, results = _run_floor(monkeypatch, capsys, tmp_path, "--head-dims", "128")
+    assert {r["head_dim"] for r in results["records"]} == {128}
+    (why,) = results["meta"]["skipped"]
+    assert why.startswith("FA4 skipped: flash_attn.cute is not importable")
+    assert [line for line in err.splitlines() if "FA4" in line] == [f"cupyflash bench: {why}"]
+    assert f"{why}." in out.splitlines()  # the report says it once, under the header
+    assert "FA4 TFLOP/s" not in out and "ours / FA4" not in out
+    assert {r["peer"] for r in results["ratios"]} == {"sdpa-flash", "sdpa-cudnn"}
 
 
 # ---- the command without a GPU ------------------------------------------------------------------------------

@@ -255,3 +255,42 @@ def test_lookalike_masks_stay_dense(fn, extra, reason):
     assert site.fused and site.mask_form == "dense bias" and not site.causal, str(site)
     assert any(reason in n for n in site.notes), site.notes
     compile_and_compare(fn, q, k, v, *extra, expect=1)
+
+
+def inverted_integer_mask(q, k, v):
+    """~ of an integer 0/1 triangle is -1 / -2, both true: every key is masked (not the upper triangle)."""
+    keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.long).tril()
+    return _scores(q, k).masked_fill((~keep).bool(), torch.finfo(torch.float32).min).softmax(-1) @ v
+
+
+def test_invert_of_an_integer_mask_is_not_a_negation():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(inverted_integer_mask, q, k, v).sites
+    assert not site.causal and site.mask_form != "causal", str(site)
+    compile_and_compare(inverted_integer_mask, q, k, v, expect=1)
+
+
+def causal_tril_of_lengths(q, k, v):
+    """tril(Nk - Nq): once the lengths are dynamic, the diagonal is a graph node holding a SymInt."""
+    keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(k.shape[-2] - q.shape[-2])
+    return _scores(q, k).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def causal_triu_of_lengths(q, k, v):
+    masked = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(k.shape[-2] - q.shape[-2] + 1)
+    return _scores(q, k).masked_fill(masked, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [causal_tril_of_lengths, causal_triu_of_lengths])
+def test_triangle_with_a_diagonal_from_dynamic_lengths(fn):
+    """The static graph proves the causal band; the dynamic one (second call) must not crash the backend, and with
+    Nq > Nk possible for some lengths it keeps the -inf mask as a keep-mask (eager's NaN rows) instead."""
+    def qkv(n_q, n_k):
+        return torch.randn(2, 2, n_q, 8), torch.randn(2, 2, n_k, 8), torch.randn(2, 2, n_k, 8)
+
+    torch.manual_seed(0)
+    graphs = compile_and_compare(fn, *qkv(5, 7), expect=2, calls=[qkv(6, 9), qkv(3, 11)])
+    causal = [n.args[5] for gm in graphs for n in gm.graph.nodes if n.target is OP]
+    assert causal == [True, False]

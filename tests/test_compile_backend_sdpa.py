@@ -109,6 +109,24 @@ def sdpa_then_view(x):
     return out.transpose(1, 2).view(x.shape[0], x.shape[1], -1)  # (B, N, H·D)
 
 
+def sdpa_then_view_as(x):
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.transpose(1, 2).view_as(x.flatten(2))  # (B, N, H·D), valid only in SDPA's output layout
+
+
+def sdpa_then_movedim_view(x):
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.movedim(1, 2)[:, 1:].view(x.shape[0], x.shape[1] - 1, -1)  # through two views of the output
+
+
+def sdpa_then_scaled_view(x):
+    q = x.transpose(1, 2)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return (out.transpose(1, 2) * 2).view(x.shape[0], x.shape[1], -1)  # the product keeps SDPA's layout
+
+
 def sdpa_then_contiguous_view(x):
     q = x.transpose(1, 2)  # (B, H, N, D)
     out = F.scaled_dot_product_attention(q, q, q)
@@ -161,7 +179,13 @@ LOOKALIKES = {
     "active dropout": (sdpa_dropout, lambda: _qkv(), "active dropout (dropout_p=0.1)"),
     "v's head dim is not q's": (sdpa_mask, lambda: (*_qkv(d_v=8), None), "v's head dim 8 is not q's 16"),
     "a .view() reads SDPA's output layout": (sdpa_then_view, lambda: (torch.randn(2, 9, 4, 16),),
-                                             "a .view() reads the layout"),
+                                             "needs the layout of SDPA's output"),
+    "a .view_as() reads SDPA's output layout": (sdpa_then_view_as, lambda: (torch.randn(2, 9, 4, 16),),
+                                                "needs the layout of SDPA's output"),
+    "a .view() after movedim and slicing": (sdpa_then_movedim_view, lambda: (torch.randn(2, 9, 4, 16),),
+                                            "needs the layout of SDPA's output"),
+    "a .view() after a pointwise op": (sdpa_then_scaled_view, lambda: (torch.randn(2, 9, 4, 16),),
+                                       "needs the layout of SDPA's output"),
 }
 
 
