@@ -1,10 +1,16 @@
 """Host time per call of the forward (and fwd+bwd) with the GPU idle (B = H = 1, N = 128), through the public API
 and the launch layer, beside torch SDPA's: what a short sequence pays on top of its kernels.
 
-    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py              # on a GPU
+    python benchmarks/host_overhead.py --cpu-stub   # anywhere: the CUDA path's front end on CPU tensors
+
+``--cpu-stub`` runs the CUDA path (checks, plan, allocations, argument filling) on CPU tensors with only the device
+stubbed out: no GPU query (an sm_90 is pretended), stream 0, TMA maps of zeros, and kernel calls that do nothing. It
+times the Python the host runs per call, not a GPU's launch latency; its numbers are "CPU stub, not GPU".
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -16,22 +22,74 @@ from cupyflash import cuda_attention, launch
 from cupyflash.errors import gpu_unavailable_reason
 
 
-def per_call_us(fn, n: int = 400) -> float:
+def per_call_us(fn, n: int = 400, sync=None) -> float:
     """Best of 3 batches of `n` calls: host wall time per call (the GPU work is tiny and asynchronous)."""
+    sync = sync or torch.cuda.synchronize
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    sync()
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(n):
             fn()
         best = min(best, (time.perf_counter() - start) / n * 1e6)
-    torch.cuda.synchronize()
+    sync()
     return best
 
 
-def main() -> int:
+def install_cpu_stub() -> None:
+    """Sends CPU tensors down the CUDA path with the device stubbed (see the module's docstring)."""
+    from cupyflash import errors, tma, torch_op
+    import cupyflash.cuda_attention as cuda_path
+
+    gpu = errors.GPUInfo(0, "CPU stub", 90)
+    for module in (launch, cuda_path):
+        if hasattr(module, "require_gpu"):
+            module.require_gpu = lambda device_id=None: gpu
+    cuda_path._stream_ptr = lambda device_index: 0
+    launch._run = lambda *args, **kwargs: None
+    tma._encode_fn = lambda: (lambda *args: 0)
+    torch_op._impl = lambda q: cuda_path
+
+
+def stub_rows(causal: bool = True) -> dict:
+    """The calls --cpu-stub times: B = H = 1, N = 128, d64, bf16, causal (issue 15's shape), as the user calls the
+    eager function and as Inductor's code calls the ops."""
+    q, k, v, g = (torch.randn(1, 1, 128, 64, dtype=torch.bfloat16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    fwd_op, bwd_op = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
+    scale = 0.125
+
+    def op_fwd_bwd():
+        out, lse = fwd_op(q, k, v, None, scale, causal)
+        return bwd_op(g, q, k, v, None, out, lse, scale, causal)
+
+    return {
+        "flash_attention fwd (no grad)": lambda: cupyflash.flash_attention(q, k, v, causal=causal),
+        "flash_attention fwd (requires_grad)": lambda: cupyflash.flash_attention(*leaves, causal=causal),
+        "flash_attention fwd + bwd": lambda: torch.autograd.grad(
+            cupyflash.flash_attention(*leaves, causal=causal), leaves, g),
+        "op fwd (Inductor's call)": lambda: fwd_op(q, k, v, None, scale, causal),
+        "op fwd + bwd (Inductor's calls)": op_fwd_bwd,
+    }
+
+
+def main_cpu_stub() -> int:
+    install_cpu_stub()
+    print("# CPU stub, not GPU: host time per call of the CUDA path's front end on CPU tensors, device stubbed; "
+          "B = H = 1, N = 128, d64, bf16, causal")
+    for name, fn in stub_rows().items():
+        print(f"{name:40s} {per_call_us(fn, 1000, sync=lambda: None):7.1f} us", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-stub", action="store_true", help="the CUDA path's host code on CPU tensors, device "
+                                                                "stubbed (no GPU needed)")
+    if parser.parse_args(argv).cpu_stub:
+        return main_cpu_stub()
     reason = gpu_unavailable_reason()
     if reason:
         print(f"no GPU: {reason}", file=sys.stderr)
