@@ -40,17 +40,25 @@ def per_call_us(fn, n: int = 400, sync=None) -> float:
 
 def install_cpu_stub() -> None:
     """Sends CPU tensors down the CUDA path with the device stubbed (see the module's docstring)."""
-    from cupyflash import errors, tma, torch_op
-    import cupyflash.cuda_attention as cuda_path
+    import importlib
+
+    from cupyflash import array_ops, errors, tma, torch_op
 
     gpu = errors.GPUInfo(0, "CPU stub", 90)
-    for module in (launch, cuda_path):
+    for name in ("launch", "cuda_attention", "cuda_path"):
+        try:
+            module = importlib.import_module(f"cupyflash.{name}")
+        except ImportError:  # a tree from before cuda_path.py
+            continue
         if hasattr(module, "require_gpu"):
             module.require_gpu = lambda device_id=None: gpu
-    cuda_path._stream_ptr = lambda device_index: 0
+        if hasattr(module, "_stream_ptr"):
+            module._stream_ptr = lambda device_index: 0
+    if hasattr(array_ops.TorchOps, "stream_ptr"):
+        array_ops.TorchOps.stream_ptr = lambda self, device_id: 0
     launch._run = lambda *args, **kwargs: None
     tma._encode_fn = lambda: (lambda *args: 0)
-    torch_op._impl = lambda q: cuda_path
+    torch_op._impl = lambda q: cuda_attention
 
 
 def stub_rows(causal: bool = True) -> dict:
