@@ -83,11 +83,37 @@ def stub_rows(causal: bool = True) -> dict:
     }
 
 
+def piece_rows(q, k, v) -> dict:
+    """The forward's pieces alone, on q, k, v: checks, plan lookup (layout key built from the tensors, cache hit),
+    output allocation, and launching (filling the plan's template; the kernel call itself is the device's)."""
+    from cupyflash import cuda_path, plan, torch_op
+    from cupyflash.array_ops import ops_for
+
+    xp = ops_for(q)
+    out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    bufs = dict(q=q, k=k, v=v, out=out, lse=lse)
+
+    def layout():
+        return plan.CallLayout("fwd", "bfloat16", tuple(q.shape), k.shape[2], k.shape[1],
+                               tuple(cuda_path._entry(xp, n, a) for n, a in bufs.items()), True, 0.125,
+                               compute_capability=90, device_id=q.device.index, sm90_enabled=plan.sm90_enabled())
+
+    p = plan.plan_for(layout())
+    ptrs = {n: xp.address(a) for n, a in bufs.items()}
+    return {
+        "  checks (layout key, cache hit)": lambda: torch_op._check_tensors(q, k, v, None),
+        "  plan lookup (layout key, cache hit)": lambda: plan.plan_for(layout()),
+        "  allocation (out, lse)": lambda: (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)),
+        "  launch (fill the template, run)": lambda: launch.execute(p, ptrs, 0, q.device.index or 0),
+    }
+
+
 def main_cpu_stub() -> int:
     install_cpu_stub()
     print("# CPU stub, not GPU: host time per call of the CUDA path's front end on CPU tensors, device stubbed; "
           "B = H = 1, N = 128, d64, bf16, causal")
-    for name, fn in stub_rows().items():
+    q, k, v = (torch.randn(1, 1, 128, 64, dtype=torch.bfloat16) for _ in range(3))
+    for name, fn in {**stub_rows(), **piece_rows(q, k, v)}.items():
         print(f"{name:40s} {per_call_us(fn, 1000, sync=lambda: None):7.1f} us", flush=True)
     return 0
 
@@ -104,8 +130,6 @@ def main(argv=None) -> int:
         return 2
     q, k, v, g = (torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = cuda_attention.forward(q, k, v, None, 0.088, False)
-    buf, ctx = cuda_attention._buf, cuda_attention._launch_context(q, k)
 
     def fwd_bwd():
         torch.autograd.grad(cupyflash.flash_attention(*leaves), leaves, g)
@@ -114,13 +138,11 @@ def main(argv=None) -> int:
         "flash_attention fwd (requires_grad)": lambda: cupyflash.flash_attention(*leaves),
         "flash_attention fwd (no grad)": lambda: cupyflash.flash_attention(q, k, v),
         "flash_attention fwd + bwd": fwd_bwd,
-        "launch.forward (Bufs made)": lambda: launch.forward(
-            causal=False, shape=(1, 1, 128, 128), n_k=128, q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=buf(lse),
-            scale=0.088, mods=launch.ScoreMods(), **ctx),
         "SDPA flash fwd (no grad)": lambda: F.scaled_dot_product_attention(q, k, v),
         "SDPA flash fwd (requires_grad)": lambda: F.scaled_dot_product_attention(*leaves),
     }
     print(f"# {torch.cuda.get_device_name()}: host time per call, B = H = 1, N = 128, D = 128, bf16")
+    rows.update(piece_rows(q, k, v))
     for name, fn in rows.items():
         print(f"{name:40s} {per_call_us(fn):7.1f} us", flush=True)
     return 0
