@@ -169,7 +169,8 @@ class CupyOps(NumpyLikeOps):
         return x.astype(dtype, copy=False)
 
     def mask_as_bias(self, mask, like):
-        return self._xp.where(mask, self._xp.zeros((), dtype=like.dtype), self._xp.full((), -math.inf, dtype=like.dtype))
+        xp = self._xp
+        return xp.where(mask, xp.zeros((), dtype=like.dtype), xp.full((), -math.inf, dtype=like.dtype))
 
     def stream_ptr(self, device_id: int) -> int:
         return self._xp.cuda.get_current_stream().ptr

@@ -411,8 +411,8 @@ def test_tile_classes_of_cupy_arrays(cupy_api, dtype, shape, br, bc, layout, win
     xp, held = ops_for(bias), []
     got = launch.classify_tiles(dtype=dtype, bias=cuda_path.broadcast_buf(xp, bias), bias_shape=bias.shape,
                                 bias_f32=dtype == "float32", br=br, bc=bc, window=window,
-                                alloc=cuda_path.holding_alloc(xp, bias, held), stream_ptr=cupy.cuda.get_current_stream().ptr,
-                                device_id=bias.device.id)
+                                alloc=cuda_path.holding_alloc(xp, bias, held),
+                                stream_ptr=cupy.cuda.get_current_stream().ptr, device_id=bias.device.id)
     assert isinstance(got, cupy.ndarray) and got.dtype == cupy.int8
     np.testing.assert_array_equal(cupy.asnumpy(got), want, err_msg="launch.classify_tiles")
 
