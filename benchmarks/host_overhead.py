@@ -1,10 +1,16 @@
 """Host time per call of the forward (and fwd+bwd) with the GPU idle (B = H = 1, N = 128), through the public API
 and the launch layer, beside torch SDPA's: what a short sequence pays on top of its kernels.
 
-    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py              # on a GPU
+    python benchmarks/host_overhead.py --cpu-stub   # anywhere: the CUDA path's front end on CPU tensors
+
+``--cpu-stub`` runs the CUDA path (checks, plan, allocations, argument filling) on CPU tensors with only the device
+stubbed out: no GPU query (an sm_90 is pretended), stream 0, TMA maps of zeros, and kernel calls that do nothing. It
+times the Python the host runs per call, not a GPU's launch latency; its numbers are "CPU stub, not GPU".
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -16,30 +22,114 @@ from cupyflash import cuda_attention, launch
 from cupyflash.errors import gpu_unavailable_reason
 
 
-def per_call_us(fn, n: int = 400) -> float:
+def per_call_us(fn, n: int = 400, sync=None) -> float:
     """Best of 3 batches of `n` calls: host wall time per call (the GPU work is tiny and asynchronous)."""
+    sync = sync or torch.cuda.synchronize
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    sync()
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(n):
             fn()
         best = min(best, (time.perf_counter() - start) / n * 1e6)
-    torch.cuda.synchronize()
+    sync()
     return best
 
 
-def main() -> int:
+def install_cpu_stub() -> None:
+    """Sends CPU tensors down the CUDA path with the device stubbed (see the module's docstring)."""
+    import importlib
+
+    from cupyflash import array_ops, errors, tma, torch_op
+
+    gpu = errors.GPUInfo(0, "CPU stub", 90)
+    for name in ("launch", "cuda_attention", "cuda_path"):
+        try:
+            module = importlib.import_module(f"cupyflash.{name}")
+        except ImportError:  # a tree from before cuda_path.py
+            continue
+        if hasattr(module, "require_gpu"):
+            module.require_gpu = lambda device_id=None: gpu
+        if hasattr(module, "_stream_ptr"):
+            module._stream_ptr = lambda device_index: 0
+    if hasattr(array_ops.TorchOps, "stream_ptr"):
+        array_ops.TorchOps.stream_ptr = lambda self, device_id: 0
+    launch._run = lambda *args, **kwargs: None
+    tma._encode_fn = lambda: (lambda *args: 0)
+    torch_op._impl = lambda q: cuda_attention
+
+
+def stub_rows(causal: bool = True) -> dict:
+    """The calls --cpu-stub times: B = H = 1, N = 128, d64, bf16, causal (issue 15's shape), as the user calls the
+    eager function and as Inductor's code calls the ops."""
+    q, k, v, g = (torch.randn(1, 1, 128, 64, dtype=torch.bfloat16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    fwd_op, bwd_op = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
+    scale = 0.125
+
+    def op_fwd_bwd():
+        out, lse = fwd_op(q, k, v, None, scale, causal)
+        return bwd_op(g, q, k, v, None, out, lse, scale, causal)
+
+    return {
+        "flash_attention fwd (no grad)": lambda: cupyflash.flash_attention(q, k, v, causal=causal),
+        "flash_attention fwd (requires_grad)": lambda: cupyflash.flash_attention(*leaves, causal=causal),
+        "flash_attention fwd + bwd": lambda: torch.autograd.grad(
+            cupyflash.flash_attention(*leaves, causal=causal), leaves, g),
+        "op fwd (Inductor's call)": lambda: fwd_op(q, k, v, None, scale, causal),
+        "op fwd + bwd (Inductor's calls)": op_fwd_bwd,
+    }
+
+
+def piece_rows(q, k, v) -> dict:
+    """The forward's pieces alone, on q, k, v: checks, plan lookup (layout key built from the tensors, cache hit),
+    output allocation, and launching (filling the plan's template; the kernel call itself is the device's)."""
+    from cupyflash import cuda_path, plan, torch_op
+    from cupyflash.array_ops import ops_for
+
+    xp = ops_for(q)
+    out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    bufs = dict(q=q, k=k, v=v, out=out, lse=lse)
+
+    def layout():
+        return plan.CallLayout("fwd", "bfloat16", tuple(q.shape), k.shape[2], k.shape[1],
+                               tuple(cuda_path._entry(xp, n, a) for n, a in bufs.items()), True, 0.125,
+                               compute_capability=90, device_id=q.device.index, sm90_enabled=plan.sm90_enabled())
+
+    p = plan.plan_for(layout())
+    ptrs = {n: xp.address(a) for n, a in bufs.items()}
+    return {
+        "  checks (layout key, cache hit)": lambda: torch_op._check_tensors(q, k, v, None),
+        "  plan lookup (layout key, cache hit)": lambda: plan.plan_for(layout()),
+        "  allocation (out, lse)": lambda: (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)),
+        "  launch (fill the template, run)": lambda: launch.execute(p, ptrs, 0, q.device.index or 0),
+    }
+
+
+def main_cpu_stub() -> int:
+    install_cpu_stub()
+    print("# CPU stub, not GPU: host time per call of the CUDA path's front end on CPU tensors, device stubbed; "
+          "B = H = 1, N = 128, d64, bf16, causal")
+    q, k, v = (torch.randn(1, 1, 128, 64, dtype=torch.bfloat16) for _ in range(3))
+    for name, fn in {**stub_rows(), **piece_rows(q, k, v)}.items():
+        print(f"{name:40s} {per_call_us(fn, 1000, sync=lambda: None):7.1f} us", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-stub", action="store_true", help="the CUDA path's host code on CPU tensors, device "
+                                                                "stubbed (no GPU needed)")
+    if parser.parse_args(argv).cpu_stub:
+        return main_cpu_stub()
     reason = gpu_unavailable_reason()
     if reason:
         print(f"no GPU: {reason}", file=sys.stderr)
         return 2
     q, k, v, g = (torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = cuda_attention.forward(q, k, v, None, 0.088, False)
-    buf, ctx = cuda_attention._buf, cuda_attention._launch_context(q, k)
 
     def fwd_bwd():
         torch.autograd.grad(cupyflash.flash_attention(*leaves), leaves, g)
@@ -48,13 +138,11 @@ def main() -> int:
         "flash_attention fwd (requires_grad)": lambda: cupyflash.flash_attention(*leaves),
         "flash_attention fwd (no grad)": lambda: cupyflash.flash_attention(q, k, v),
         "flash_attention fwd + bwd": fwd_bwd,
-        "launch.forward (Bufs made)": lambda: launch.forward(
-            causal=False, shape=(1, 1, 128, 128), n_k=128, q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=buf(lse),
-            scale=0.088, mods=launch.ScoreMods(), **ctx),
         "SDPA flash fwd (no grad)": lambda: F.scaled_dot_product_attention(q, k, v),
         "SDPA flash fwd (requires_grad)": lambda: F.scaled_dot_product_attention(*leaves),
     }
     print(f"# {torch.cuda.get_device_name()}: host time per call, B = H = 1, N = 128, D = 128, bf16")
+    rows.update(piece_rows(q, k, v))
     for name, fn in rows.items():
         print(f"{name:40s} {per_call_us(fn):7.1f} us", flush=True)
     return 0

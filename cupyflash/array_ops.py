@@ -1,13 +1,17 @@
 """The few array operations code shared by both faces needs, for torch tensors and NumPy-like arrays (CuPy on the
 GPU; NumPy, whose API CuPy mirrors, for host checks) alike: such code is written once over `ops_for(x)`, and
-neither library is imported unless an array of it is passed (the CuPy face runs without torch).
+neither library is imported unless an array of it is passed (the CuPy face runs without torch). The CUDA path of both
+faces (cupyflash/cuda_path.py) reads arrays through the adapter methods of TorchOps and CupyOps: address, strides in
+elements, dtype name, device, allocation on the array's device and the library's current stream.
 
 Everything else such code uses (reshape, indexing, comparisons, & | ~) is spelled the same in both libraries.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import math
 
 
 class TorchOps:
@@ -43,6 +47,53 @@ class TorchOps:
     def int8(self, x):
         return x.to(self._torch.int8)
 
+    # ---- the CUDA path's adapter
+    def address(self, x) -> int:
+        return x.data_ptr()
+
+    def strides(self, x) -> tuple:
+        return x.stride()
+
+    def dtype_name(self, x) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+    def device_id(self, x) -> int:
+        return x.device.index
+
+    def on_device(self, x):
+        return contextlib.nullcontext()  # torch allocates on `like`'s device, launches name theirs
+
+    def empty(self, shape, dtype: str, like):
+        return self._torch.empty(shape, dtype=getattr(self._torch, dtype), device=like.device)
+
+    def zeros(self, shape, dtype: str, like):
+        return self._torch.zeros(shape, dtype=getattr(self._torch, dtype), device=like.device)
+
+    def contiguous(self, x):
+        return x.contiguous()
+
+    def fresh_copy(self, x):
+        """A contiguous copy in a new allocation (aligned as the allocator aligns), even of a contiguous `x`."""
+        return x.clone(memory_format=self._torch.contiguous_format)
+
+    def is_bool(self, x) -> bool:
+        return x.dtype == self._torch.bool
+
+    def astype(self, x, dtype: str):
+        return x.to(getattr(self._torch, dtype))
+
+    def mask_as_bias(self, mask, like):
+        """A keep-mask (True = keep) as the additive 0 / -inf bias in `like`'s dtype."""
+        return self._torch.where(mask, self._torch.zeros((), dtype=like.dtype, device=like.device),
+                                 self._torch.full((), float("-inf"), dtype=like.dtype, device=like.device))
+
+    def stream_ptr(self, device_id: int) -> int:
+        """torch's current stream on the device, as the raw cudaStream_t. torch._C._cuda_getCurrentRawStream is what
+        Inductor's generated code calls before each launch: 0.2 µs, where torch.cuda.current_stream(device) builds a
+        Stream object first (6 µs on an H100's host, benchmarks/results/host-overhead-NVIDIA_H100_80GB_HBM3.log)."""
+        raw = getattr(self._torch._C, "_cuda_getCurrentRawStream", None)
+        return raw(device_id) if raw is not None else self._torch.cuda.current_stream(device_id).cuda_stream
+
 
 class NumpyLikeOps:
     """`xp`: the cupy or numpy module."""
@@ -77,10 +128,60 @@ class NumpyLikeOps:
         return x.astype(self._xp.int8)
 
 
+class CupyOps(NumpyLikeOps):
+    """CuPy arrays, with the CUDA path's adapter: allocations on the current device (on_device enters the array's),
+    kernels on CuPy's current stream."""
+
+    def __init__(self):
+        super().__init__(importlib.import_module("cupy"))
+
+    def address(self, x) -> int:
+        return x.data.ptr
+
+    def strides(self, x) -> tuple:
+        return tuple(s // x.itemsize for s in x.strides)
+
+    def dtype_name(self, x) -> str:
+        return str(x.dtype)
+
+    def device_id(self, x) -> int:
+        return x.device.id
+
+    def on_device(self, x):
+        return x.device
+
+    def empty(self, shape, dtype: str, like):
+        return self._xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype: str, like):
+        return self._xp.zeros(shape, dtype=dtype)
+
+    def contiguous(self, x):
+        return self._xp.ascontiguousarray(x)
+
+    def fresh_copy(self, x):
+        return x.copy(order="C")
+
+    def is_bool(self, x) -> bool:
+        return x.dtype == self._xp.bool_
+
+    def astype(self, x, dtype: str):
+        return x.astype(dtype, copy=False)
+
+    def mask_as_bias(self, mask, like):
+        xp = self._xp
+        return xp.where(mask, xp.zeros((), dtype=like.dtype), xp.full((), -math.inf, dtype=like.dtype))
+
+    def stream_ptr(self, device_id: int) -> int:
+        return self._xp.cuda.get_current_stream().ptr
+
+
 @functools.lru_cache(maxsize=None)
 def _ops_for_library(library: str):
     if library == "torch":
         return TorchOps()
+    if library == "cupy":
+        return CupyOps()
     return NumpyLikeOps(importlib.import_module(library))
 
 

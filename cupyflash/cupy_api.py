@@ -4,17 +4,16 @@ CuPy has no bfloat16 dtype, so CuPy arrays run in fp16, or in fp32 on TF32 tenso
 (``allow_tf32=True``); bf16 callers pass CUDA torch tensors (or anything torch can take through DLPack), which go
 through the torch op's CUDA path and come back as torch tensors. Kernels run on CuPy's current stream of q's device.
 
-Semantics (bias and masks, windows, dropout, soft cap): cupyflash/cpu_attention.py. The CuPy path mirrors the torch
-op's CUDA path (cupyflash/cuda_attention.py) step for step, on arrays CuPy allocates.
+Semantics (bias and masks, windows, dropout, soft cap): cupyflash/cpu_attention.py. CuPy arrays and the torch op's
+CUDA tensors share one CUDA path (cupyflash/cuda_path.py) over the array adapter of cupyflash/array_ops.py.
 """
 from __future__ import annotations
 
 import math
 import numbers
 
-from . import launch
-from .errors import require_gpu
-from .tiles import for_pass
+from . import cuda_path
+from .array_ops import ops_for
 from .validate import (GPU_HEAD_DIMS, TensorInfo, check_attention_inputs, check_backward_inputs, check_bias_grad,
                        check_causal, check_real, check_scale, check_softcap, check_window, default_scale,
                        effective_window, is_empty)
@@ -134,35 +133,6 @@ def _check_arrays(q, k, v, bias, allow_tf32: bool) -> None:
                         f"float32")
 
 
-def _kernel_ready(a):
-    """`a` itself if its last dim is contiguous and every row starts 16-byte aligned (cp.async copies 16 bytes),
-    else a contiguous copy (q, k, v are checked for a contiguous last dim; dout and out are copied)."""
-    import cupy
-
-    ready = a.strides[3] == a.itemsize and launch.rows_aligned(a.data.ptr, a.strides[:3])
-    return a if ready else cupy.ascontiguousarray(a)
-
-
-def _buf(a) -> launch.Buf:
-    return launch.Buf(a.data.ptr, tuple(s // a.itemsize for s in a.strides))
-
-
-def _broadcast_buf(a) -> launch.Buf:
-    """A (B, H, Nq, Nk)-broadcastable buffer: stride 0 along its size-1 dims, so it is never expanded."""
-    return launch.Buf(a.data.ptr, tuple(0 if n == 1 else s // a.itemsize for n, s in zip(a.shape, a.strides)))
-
-
-def _kernel_bias(attn_bias, q):
-    """The bias as the kernels read it: q's dtype or fp32; boolean masks become additive 0 / -inf in q's dtype."""
-    import cupy
-
-    if attn_bias is None:
-        return None
-    if attn_bias.dtype == cupy.bool_:
-        return cupy.where(attn_bias, cupy.zeros((), dtype=q.dtype), cupy.full((), -math.inf, dtype=q.dtype))
-    return attn_bias if attn_bias.dtype in (q.dtype, cupy.float32) else attn_bias.astype(cupy.float32)
-
-
 def _seed_on_device(dropout_seed, dropout_p: float):
     """The seed as one int64 on the current device (the kernels read the Philox key there), or None without
     dropout; None draws it from cupy.random on the device, so cupy.random.seed reproduces it."""
@@ -173,56 +143,6 @@ def _seed_on_device(dropout_seed, dropout_p: float):
     if dropout_seed is None:
         return cupy.random.randint(0, 2 ** 62, size=(), dtype=cupy.int64)
     return cupy.asarray(_as_int64(dropout_seed), dtype=cupy.int64)
-
-
-def _holding_alloc(held: list):
-    """launch.classify_tiles's allocator: CuPy arrays on the current device, each appended to `held`. The launch
-    keeps only their addresses, and CuPy's pool hands a dropped array's memory to the next allocation on the stream,
-    so the caller holds them until the kernels that use them are enqueued."""
-    import cupy
-
-    def alloc(shape, dtype: str, zeroed: bool):
-        a = (cupy.zeros if zeroed else cupy.empty)(shape, dtype=dtype)
-        held.append(a)
-        return a, _buf(a)
-
-    return alloc
-
-
-def _classify(bias, kernel: str, ctx: dict, head_dim: int, causal: bool, window: tuple, held: list):
-    """The bias's tile classes (definition: cupyflash/tile_classes.py) for the tiles of pass `kernel`, computed on
-    the GPU as the torch op's CUDA path does, or None without a bias; arrays it allocates go to `held`."""
-    import cupy
-
-    if bias is None:
-        return None
-    tiles = for_pass(kernel, ctx["dtype"], head_dim)
-    return launch.classify_tiles(dtype=ctx["dtype"], bias=_broadcast_buf(bias), bias_shape=tuple(bias.shape),
-                                 bias_f32=bias.dtype == cupy.float32, br=tiles.Br, bc=tiles.Bc,
-                                 window=causal or window != (-1, -1), alloc=_holding_alloc(held),
-                                 stream_ptr=ctx["stream_ptr"], device_id=ctx["device_id"])
-
-
-def _mods(bias, classes, window, dropout_p, seed, softcap, dbias=None) -> launch.ScoreMods:
-    """The launch's ScoreMods: raw addresses, so the caller keeps bias, classes, seed and dbias alive until the
-    launch is enqueued (as in _holding_alloc)."""
-    import cupy
-
-    return launch.ScoreMods(bias=None if bias is None else _broadcast_buf(bias),
-                            bias_f32=bias is not None and bias.dtype == cupy.float32,
-                            tile_classes=None if classes is None else _broadcast_buf(classes),
-                            dbias=None if dbias is None else _broadcast_buf(dbias), window=window,
-                            dropout_p=float(dropout_p), seed_ptr=0 if seed is None else seed.data.ptr,
-                            softcap=float(softcap))
-
-
-def _context(q, k) -> dict:
-    """Launch arguments; call with q's device current (its current stream is the one the kernels run on)."""
-    import cupy
-
-    require_gpu(q.device.id)
-    return dict(dtype=str(q.dtype), kv_heads=k.shape[1], stream_ptr=cupy.cuda.get_current_stream().ptr,
-                device_id=q.device.id)
 
 
 # ---- the face --------------------------------------------------------------------------------------------------
@@ -257,22 +177,11 @@ def flash_attn_forward(q, k, v, attn_bias=None, *, scale: float | None = None, c
     _check_arrays(q, k, v, attn_bias, allow_tf32)
     scale, window = _scale(scale, q), effective_window(window, q.shape[2], k.shape[2])
     with q.device:
-        out = cupy.empty(q.shape, dtype=q.dtype)  # contiguous, as the torch op's
-        lse = cupy.empty(q.shape[:-1], dtype=cupy.float32)  # (B, H, Nq)
         if is_empty(q.shape, k.shape):  # nothing to launch: no element, or rows that see no key (out 0, lse +inf)
-            out.fill(0)
-            lse.fill(math.inf)
-            return out, lse
-        q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
-        bias = _kernel_bias(attn_bias, q)
+            return cupy.zeros(q.shape, dtype=q.dtype), cupy.full(q.shape[:-1], math.inf, dtype=cupy.float32)
         seed = _seed_on_device(dropout_seed, dropout_p)
-        ctx = _context(q, k)
-        held = []  # the classification's arrays, alive until the forward is enqueued
-        classes = _classify(bias, "fwd", ctx, q.shape[-1], causal, window, held)
-        launch.forward(causal=causal, shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
-                       out=_buf(out), lse=_buf(lse), scale=scale,
-                       mods=_mods(bias, classes, window, dropout_p, seed, softcap), **ctx)
-    return out, lse
+        return cuda_path.forward(ops_for(q), q, k, v, attn_bias, scale, causal, window, float(dropout_p), seed,
+                                 float(softcap))
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float | None = None,
@@ -306,31 +215,9 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
     attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
     _check_arrays(q, k, v, attn_bias, allow_tf32)
     check_backward_inputs(_info("q", q), _info("dout", dout), _info("out", out), _info("lse", lse))
-    batch, heads, n_q, d = q.shape
-    scale, window = _scale(scale, q), effective_window(window, n_q, k.shape[2])
-    launch.require_backward(d)  # before any work on the bias
+    scale, window = _scale(scale, q), effective_window(window, q.shape[2], k.shape[2])
     with q.device:
-        # dBias is summed atomically over the bias's broadcast dims, in fp32.
-        dbias = cupy.zeros(attn_bias.shape, dtype=cupy.float32) if bias_grad else None
-        if is_empty(q.shape, k.shape):  # no query or no key: every gradient is 0 (or has no element)
-            return _grads(*(cupy.zeros(a.shape, dtype=a.dtype) for a in (q, k, v)), dbias, attn_bias)
-        dq, dk, dv = (cupy.empty(a.shape, dtype=a.dtype) for a in (q, k, v))  # contiguous, as the torch op's
-        q, k, v, out, dout = (_kernel_ready(a) for a in (q, k, v, out, dout))
-        lse = cupy.ascontiguousarray(lse)
-        dq_accum = cupy.empty((batch, heads, n_q, d), dtype=cupy.float32)  # zeroed, then summed
-        d_vec = cupy.empty((batch, heads, n_q), dtype=cupy.float32)  # D = rowsum(dO ∘ O)
-        bias = _kernel_bias(attn_bias, q)
         seed = _seed_on_device(dropout_seed, dropout_p)
-        ctx = _context(q, k)
-        held = []  # the classification's arrays, alive until the backward is enqueued
-        classes = _classify(bias, "bwd", ctx, d, causal, window, held)
-        launch.backward(causal=causal, shape=q.shape, n_k=k.shape[2], q=_buf(q), k=_buf(k), v=_buf(v),
-                        out=_buf(out), dout=_buf(dout), lse=_buf(lse), d_vec=_buf(d_vec), dq_accum=_buf(dq_accum),
-                        dq=_buf(dq), dk=_buf(dk), dv=_buf(dv), scale=scale,
-                        mods=_mods(bias, classes, window, dropout_p, seed, softcap, dbias), **ctx)
-        return _grads(dq, dk, dv, dbias, attn_bias)
-
-
-def _grads(dq, dk, dv, dbias, attn_bias) -> tuple:
-    """(dq, dk, dv), and dbias in the bias's dtype where it was asked for."""
-    return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.astype(attn_bias.dtype, copy=False))
+        dq, dk, dv, dbias = cuda_path.backward(ops_for(q), dout, q, k, v, attn_bias, out, lse, scale, causal, window,
+                                               float(dropout_p), seed, bool(bias_grad), float(softcap))
+    return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias)

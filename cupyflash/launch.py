@@ -1,5 +1,6 @@
-"""Kernel launches on raw device pointers: the one place that turns (shapes, strides, pointers, stream) into
-grids and argument lists. Both faces (torch op, CuPy arrays) call these after allocating outputs themselves.
+"""Kernel launches on raw device pointers: the kernels' argument lists (built once per call layout by
+cupyflash/plan.py, with placeholders for the addresses) and ``execute``, which fills in a call's addresses and
+launches a plan's kernels. Both faces (torch op, CuPy arrays) reach it through cupyflash/cuda_path.py.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,8 +40,37 @@ def rows_aligned(ptr: int, row_strides_bytes) -> bool:
     return ptr % 16 == 0 and all(s % 16 == 0 for s in row_strides_bytes)
 
 
+class Slot(NamedTuple):
+    """A placeholder in a plan's argument template for the device address of buffer `name`, filled at each call."""
+
+    name: str
+
+    def fill(self, ptrs: dict):
+        return np.uint64(ptrs[self.name])
+
+
+class TmaSlot(NamedTuple):
+    """A placeholder for the TMA map of buffer `name` (a (B, H, N, D) view with boxes of `rows` rows): the map holds
+    the address, so it is encoded at the call (tma.encode caches it per address)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    strides: tuple
+    rows: int
+
+    def fill(self, ptrs: dict):
+        return tma.encode(self.dtype, self.shape, self.strides, jit.ELEM_BYTES[self.dtype], ptrs[self.name],
+                          self.rows)
+
+
+def _address(ptr):
+    """A kernel's pointer argument: the address, or the plan's Slot standing for it."""
+    return ptr if isinstance(ptr, Slot) else np.uint64(ptr)
+
+
 def _ptr(b: Buf):
-    return np.uint64(b.ptr)
+    return _address(b.ptr)
 
 
 class _StreamHandle:
@@ -62,7 +93,8 @@ def _cupy_stream(stream_ptr: int, device_id: int):
         return cupy.cuda.ExternalStream(stream_ptr, device_id)
 
 
-def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: int):
+def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: int, shared_bytes: int | None = None):
+    """`shared_bytes`: the variant's dynamic shared memory where the caller has it (a plan's step), else computed."""
     import cupy
 
     kernel, stream = jit.get_kernel(variant, device_id), _cupy_stream(stream_ptr, device_id)
@@ -70,7 +102,8 @@ def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: in
     # managers took 14 µs per launch on an H100's host, against 9 (benchmarks/results/host-overhead-…log).
     on_device = contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device_id else cupy.cuda.Device(device_id)
     with on_device:
-        kernel(grid, block, args, shared_mem=variant.shared_bytes, stream=stream)
+        kernel(grid, block, args, shared_mem=variant.shared_bytes if shared_bytes is None else shared_bytes,
+               stream=stream)
 
 
 NO_WINDOW = 1 << 30  # a window edge farther than any sequence: unbounded
@@ -108,7 +141,7 @@ class ScoreMods:
         threshold = 0xFFFFFFFF if self.dropout_p == 0 else min(0xFFFFFFFF, int(keep * 2.0 ** 32))
         if self.dropout_p > 0 and not self.seed_ptr:
             raise ValueError("dropout needs the device address of its seed (seed_ptr)")
-        return np.uint32(threshold), np.float32(1.0 / keep), np.uint64(self.seed_ptr)
+        return np.uint32(threshold), np.float32(1.0 / keep), _address(self.seed_ptr)
 
     def softcap_args(self, scale: float) -> tuple:
         """(scale / softcap, softcap · log2 e): the kernels' tanh argument and log2-unit logit scale (0: off)."""
@@ -159,35 +192,110 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
 
 
 def _tma_maps(dtype: str, bufs) -> list:
-    """The tensor maps of (Buf, (B, H, N, D) shape, box rows) triples."""
-    return [tma.encode(dtype, shape, buf.strides, jit.ELEM_BYTES[dtype], buf.ptr, rows) for buf, shape, rows in bufs]
+    """The tensor maps of (Buf, (B, H, N, D) shape, box rows) triples, as TmaSlots of the plan's template."""
+    return [TmaSlot(buf.ptr.name, dtype, tuple(shape), tuple(buf.strides), rows) for buf, shape, rows in bufs]
+
+
+# ---- argument lists (kernels_cu: the kernels' parameters, in order); Bufs' addresses are the plan's Slots
+
+def sm90_forward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
+                      lse: Buf, scale: float, mods: ScoreMods, tiles) -> tuple:
+    """kernels_cu/flash_fwd_sm90.cuh flash_fwd_sm90_kernel's arguments."""
+    batch, heads, n_q, d = shape
+    kv_shape = (batch, kv_heads, n_k, d)
+    maps = _tma_maps(dtype, ((q, shape, tiles.Br), (k, kv_shape, tiles.Bc), (v, kv_shape, tiles.Bc)))
+    return (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
+            np.float32(scale * LOG2E))
+
+
+def mma_forward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
+                     lse: Buf, scale: float, mods: ScoreMods, tiles) -> tuple:
+    """kernels_cu/flash_fwd.cuh flash_fwd_kernel's arguments."""
+    batch, heads, n_q, d = shape
+    return (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
+            np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
+            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+            *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
+
+
+def sm90_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf,
+                       lse: Buf, d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods: ScoreMods,
+                       tiles) -> tuple:
+    """kernels_cu/flash_bwd_sm90.cuh flash_bwd_sm90_kernel's arguments."""
+    batch, heads, n_q, d = shape
+    kv_shape = (batch, kv_heads, n_k, d)
+    maps = _tma_maps(dtype, ((q, shape, tiles.Br), (k, kv_shape, tiles.Bc), (v, kv_shape, tiles.Bc),
+                             (dout, shape, tiles.Br)))
+    return (*maps, _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv), *dk.bhn(), *dv.bhn(),
+            np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale))
+
+
+def mma_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf,
+                      lse: Buf, d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods: ScoreMods,
+                      tiles) -> tuple:
+    """kernels_cu/flash_bwd.cuh flash_bwd_kernel's arguments."""
+    batch, heads, n_q, d = shape
+    return (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
+            *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
+            np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
+            *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+            *mods.bias_args(mods.dbias), *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
+
+
+def preprocess_args(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_rows: int) -> tuple:
+    """kernels_cu/flash_bwd.cuh flash_bwd_preprocess's arguments: D = rowsum(dO ∘ O), dQ_accum zeroed."""
+    return (_ptr(dout), _ptr(out), _ptr(d_vec), _ptr(dq_accum), *dout.bhn(), *out.bhn(), np.int32(heads),
+            np.int32(n_q), np.int64(n_rows))
+
+
+def convert_dq_args(*, dq_accum: Buf, dq: Buf, heads: int, n_q: int, n_rows: int, scale: float) -> tuple:
+    """kernels_cu/flash_bwd.cuh flash_bwd_convert_dq's arguments."""
+    return (_ptr(dq_accum), _ptr(dq), *dq.bhn(), np.int32(heads), np.int32(n_q), np.int64(n_rows),
+            np.float32(scale))
+
+
+# ---- launching
+
+def execute(plan, ptrs: dict, stream_ptr: int, device_id: int) -> None:
+    """Launches `plan`'s kernels (cupyflash/plan.py) on the stream with the call's addresses (`ptrs`: buffer name →
+    device address, for each name in plan.needs)."""
+    if plan.family != "hopper":
+        log.debug("%s on mma.sync: %s", "forward" if plan.layout.kernel == "fwd" else "backward", plan.why)
+    for step in plan.steps:
+        _run(step.variant, step.grid, step.block, step.filled(ptrs), stream_ptr, device_id, step.shared_bytes)
+
+
+def _layout(kernel: str, *, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, bufs: dict,
+            scale: float, mods: ScoreMods, bias_shape: tuple | None, device_id: int):
+    """The plan key of forward()/backward()'s keyword form, and the addresses to fill in."""
+    from . import plan
+
+    bias = None
+    if mods.bias is not None:
+        if bias_shape is None:
+            raise ValueError("mods.bias needs bias_shape, the bias's 4-D shape (its tile classes follow from it)")
+        bias = plan.BiasLayout(tuple(bias_shape), tuple(mods.bias.strides), mods.bias_f32, mods.dbias is not None)
+    layout = plan.CallLayout(kernel, dtype, tuple(shape), n_k, kv_heads,
+                             tuple((name, tuple(b.strides), b.ptr % 16) for name, b in bufs.items()), causal,
+                             float(scale), bias, tuple(mods.window), mods.dropout_p, mods.softcap,
+                             require_gpu(device_id).compute_capability, device_id, plan.sm90_enabled())
+    ptrs = {name: b.ptr for name, b in bufs.items()}
+    for name, buf in (("bias", mods.bias), ("tile_classes", mods.tile_classes), ("dbias", mods.dbias)):
+        if buf is not None:
+            ptrs[name] = buf.ptr
+    ptrs["seed"] = mods.seed_ptr
+    return plan.plan_for(layout), ptrs
 
 
 def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
-            lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
-    """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32. On Hopper the warp-specialized forward
-    takes what it supports (sm90_unsupported); the mma.sync forward takes the rest."""
-    batch, heads, n_q, d = shape
-    why_not = sm90_unsupported("fwd", dtype=dtype, shape=shape, n_k=n_k, kv_heads=kv_heads, q_like={"q": q},
-                               kv={"k": k, "v": v}, mods=mods,
-                               compute_capability=require_gpu(device_id).compute_capability)
-    if why_not is None:
-        variant = jit.Variant("fwd_sm90", dtype, d, causal)
-        t = variant.tiles
-        kv_shape = (batch, kv_heads, n_k, d)
-        maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc)))
-        args = (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
-                np.float32(scale * LOG2E))
-    else:
-        log.debug("forward on mma.sync: %s", why_not)
-        variant = jit.Variant("fwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
-        t = variant.tiles
-        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
-                np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
-                *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-                *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
-    grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
-    _run(variant, grid, (t.threads,), args, stream_ptr, device_id)
+            lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int,
+            bias_shape: tuple | None = None) -> None:
+    """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32; `bias_shape` with mods.bias, whose tile
+    classes (mods.tile_classes) are those of the plan's tiles. The plan (cupyflash/plan.py) picks the kernel."""
+    plan, ptrs = _layout("fwd", dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads,
+                         bufs=dict(q=q, k=k, v=v, out=out, lse=lse), scale=scale, mods=mods, bias_shape=bias_shape,
+                         device_id=device_id)
+    execute(plan, ptrs, stream_ptr, device_id)
 
 
 def tile_grid(bias_shape: tuple, br: int, bc: int) -> tuple:
@@ -238,47 +346,14 @@ def require_backward(head_dim: int) -> None:
                                   f"in {tuple(BACKWARD)}")
 
 
-ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
-
-
 def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
              dout: Buf, lse: Buf, d_vec: Buf, dq_accum: Buf, dq: Buf, dk: Buf, dv: Buf, scale: float,
-             mods: ScoreMods, stream_ptr: int, device_id: int) -> None:
+             mods: ScoreMods, stream_ptr: int, device_id: int, bias_shape: tuple | None = None) -> None:
     """dq, dk, dv (and mods.dbias, zeroed fp32) ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 (the
     first launch zeroes it), `d_vec` (B, H, Nq) fp32."""
-    batch, heads, n_q, d = shape
-    require_backward(d)
-    n_rows = batch * heads * n_q
-    row_grid = (math.ceil(n_rows / ROWS_PER_BLOCK),)
-    row_block = (32 * ROWS_PER_BLOCK,)
-    pre = jit.Variant("bwd_preprocess", dtype, d)
-    _run(pre, row_grid, row_block, (_ptr(dout), _ptr(out), _ptr(d_vec), _ptr(dq_accum), *dout.bhn(), *out.bhn(),
-                                    np.int32(heads), np.int32(n_q), np.int64(n_rows)), stream_ptr, device_id)
-
-    why_not = sm90_unsupported("bwd", dtype=dtype, shape=shape, n_k=n_k, kv_heads=kv_heads,
-                               q_like={"q": q, "dout": dout}, kv={"k": k, "v": v}, mods=mods,
-                               compute_capability=require_gpu(device_id).compute_capability)
-    if why_not is None:
-        main = jit.Variant("bwd_sm90", dtype, d, causal)
-        t = main.tiles
-        kv_shape = (batch, kv_heads, n_k, d)
-        maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc), (dout, shape, t.Br)))
-        args = (*maps, _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv), *dk.bhn(), *dv.bhn(),
-                np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
-                np.float32(scale))
-    else:
-        log.debug("backward on mma.sync: %s", why_not)
-        main = jit.Variant("bwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
-        t = main.tiles
-        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
-                *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
-                np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
-                *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-                *mods.bias_args(mods.dbias),
-                *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
-    grid = (math.ceil(n_k / t.Bc), kv_heads, batch)  # K/V blocks × K/V heads × batch
-    _run(main, grid, (t.threads,), args, stream_ptr, device_id)
-
-    conv = jit.Variant("bwd_convert_dq", dtype, d)
-    _run(conv, row_grid, row_block, (_ptr(dq_accum), _ptr(dq), *dq.bhn(), np.int32(heads), np.int32(n_q),
-                                     np.int64(n_rows), np.float32(scale)), stream_ptr, device_id)
+    require_backward(shape[3])
+    plan, ptrs = _layout("bwd", dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads,
+                         bufs=dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq,
+                                   dk=dk, dv=dv),
+                         scale=scale, mods=mods, bias_shape=bias_shape, device_id=device_id)
+    execute(plan, ptrs, stream_ptr, device_id)

@@ -119,8 +119,15 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias:
 
 
 def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
-    """flash_attn_fwd's body, which _EagerAttention runs too."""
+    """flash_attn_fwd's body."""
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
+    return _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
+                            softcap)
+
+
+def _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
+    """The forward on inputs already checked: the op's body after _check, and _EagerAttention's after
+    flash_attention's checks (each call is checked once)."""
     window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
     if is_empty(q.shape, k.shape):
         return _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap)
@@ -187,8 +194,30 @@ def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_lef
 
 def _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
                     bias_grad, softcap):
-    """The forward's checks and the backward's own (autograd's backward, which passes the forward's inputs, skips
-    them through _EagerAttention)."""
+    """The forward's checks and the backward's own. The op's backward under autograd or Inductor gets what its
+    forward checked: a call whose layouts and arguments passed before is a dict lookup (only passing checks are
+    cached), while a user's direct call with anything new runs every check, with the same messages."""
+    tensors = (dout, q, k, v, attn_bias, out, lse, dropout_seed)
+    if all(type(t) is torch.Tensor for t in tensors if t is not None) and not torch.compiler.is_compiling():
+        key = (*(_layout(t) for t in tensors), scale, window_left, window_right, dropout_p, bias_grad, softcap,
+               q.device.type == "cuda" and q.dtype == torch.float32 and tf32_allowed())
+        if key in _BACKWARD_CHECKED:
+            return
+        _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p,
+                                 dropout_seed, bias_grad, softcap)
+        if len(_BACKWARD_CHECKED) >= 1024:
+            _BACKWARD_CHECKED.clear()
+        _BACKWARD_CHECKED.add(key)
+        return
+    _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p,
+                             dropout_seed, bias_grad, softcap)
+
+
+_BACKWARD_CHECKED = set()  # _check_backward's keys that passed
+
+
+def _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p,
+                             dropout_seed, bias_grad, softcap):
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
     check_backward_inputs(*(_info(name, _layout(t)) for name, t in (("q", q), ("dout", dout), ("out", out),
                                                                        ("lse", lse))))
@@ -241,7 +270,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _forward(*inputs)
+        out, lse = _checked_forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
         # lse's gradient is never read: without this, autograd fills a zero tensor for it before each backward
         # (an allocation and a memset launch, ~20 µs of the engine thread's time on an H100's host).
@@ -342,4 +371,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
     # The op itself where graphs are captured (torch.compile) or tensors are not plain (fake, subclasses).
     if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (q, k, v)):
         return flash_attn_fwd(*args)[0]
+    # What the op's _check adds to the checks above; _EagerAttention then runs the checked forward.
+    _check_tensors(q, k, v, attn_bias)
+    check_scale(scale)
+    check_softcap(softcap)
     return _EagerAttention.apply(*args)[0]

@@ -396,7 +396,8 @@ def test_tile_classes_of_cupy_arrays(cupy_api, dtype, shape, br, bc, layout, win
     (keys not innermost) and broadcast (stride 0 along batch) biases."""
     import cupy
 
-    from cupyflash import launch
+    from cupyflash import cuda_path, launch
+    from cupyflash.array_ops import ops_for
 
     bias = cupy.asarray(_patchy_bias(shape, np.dtype(dtype), (br, bc), seed_from("gpu tiles", dtype, shape, br, bc)))
     if layout == "strided":
@@ -407,11 +408,11 @@ def test_tile_classes_of_cupy_arrays(cupy_api, dtype, shape, br, bc, layout, win
     reference = tile_classes(bias, br, bc, window=window)
     assert isinstance(reference, cupy.ndarray) and reference.dtype == cupy.int8
     np.testing.assert_array_equal(cupy.asnumpy(reference), want, err_msg="tile_classes on the CuPy array")
-    held = []
-    got = launch.classify_tiles(dtype=dtype, bias=cupy_api._broadcast_buf(bias), bias_shape=bias.shape,
+    xp, held = ops_for(bias), []
+    got = launch.classify_tiles(dtype=dtype, bias=cuda_path.broadcast_buf(xp, bias), bias_shape=bias.shape,
                                 bias_f32=dtype == "float32", br=br, bc=bc, window=window,
-                                alloc=cupy_api._holding_alloc(held), stream_ptr=cupy.cuda.get_current_stream().ptr,
-                                device_id=bias.device.id)
+                                alloc=cuda_path.holding_alloc(xp, bias, held),
+                                stream_ptr=cupy.cuda.get_current_stream().ptr, device_id=bias.device.id)
     assert isinstance(got, cupy.ndarray) and got.dtype == cupy.int8
     np.testing.assert_array_equal(cupy.asnumpy(got), want, err_msg="launch.classify_tiles")
 

@@ -654,7 +654,8 @@ def test_tile_classes_kernel_matches_definition(dtype, shape, br, bc, strided, w
     """launch.classify_tiles (two CUDA kernels) against cupyflash/tile_classes.py (the definition, in torch) on
     biases mixing all-zero, all -inf, all finfo.min, fully masked rows and random tiles, ragged edges included,
     through both the element-wise and the 16-byte load paths."""
-    from cupyflash import cuda_attention, launch
+    from cupyflash import cuda_path, launch
+    from cupyflash.array_ops import ops_for
     from cupyflash.tile_classes import tile_classes
 
     gen = torch.Generator(device="cuda").manual_seed(seed_from("classes", dtype, shape, br, bc, strided))
@@ -675,8 +676,9 @@ def test_tile_classes_kernel_matches_definition(dtype, shape, br, bc, strided, w
         bias = bias.transpose(-1, -2)
     want = tile_classes(bias, br, bc, window=window)
     ctx = dict(stream_ptr=torch.cuda.current_stream().cuda_stream, device_id=torch.cuda.current_device())
-    got = launch.classify_tiles(dtype=str(dtype).removeprefix("torch."), bias=cuda_attention._broadcast_buf(bias),
+    xp, held = ops_for(bias), []
+    got = launch.classify_tiles(dtype=str(dtype).removeprefix("torch."), bias=cuda_path.broadcast_buf(xp, bias),
                                 bias_shape=tuple(bias.shape), bias_f32=dtype == FP32, br=br, bc=bc, window=window,
-                                alloc=cuda_attention._alloc(bias.device), **ctx)
+                                alloc=cuda_path.holding_alloc(xp, bias, held), **ctx)
     assert got.dtype == torch.int8 and got.shape == want.shape
     assert torch.equal(got.cpu(), want.cpu()), f"{int((got != want).sum())} of {got.numel()} tiles differ"

@@ -411,8 +411,8 @@ def test_broadcast_is_views_not_copies(monkeypatch):
         seen.update(zip(("q", "k", "v", "attn_bias"), args[:4]))
         return forward(*args)
 
-    forward = torch_op._forward
-    monkeypatch.setattr(torch_op, "_forward", spy)
+    forward = torch_op._checked_forward
+    monkeypatch.setattr(torch_op, "_checked_forward", spy)
     q, k, v = _qkv("views", (B, H, NQ, D), (1, H, NK, D))
     bias = _randn(NQ, NK, seed=seed_from("views", "bias"))
     _fa(q, k, v, bias)
@@ -421,7 +421,7 @@ def test_broadcast_is_views_not_copies(monkeypatch):
 
 
 def test_dropout_1_gives_zeros_and_zero_gradients_without_launching(monkeypatch):
-    monkeypatch.setattr(torch_op, "_forward", lambda *a: pytest.fail("dropout_p = 1 launched the forward"))
+    monkeypatch.setattr(torch_op, "_checked_forward", lambda *a: pytest.fail("dropout_p = 1 launched the forward"))
     q, k, v = _qkv("dropout 1")
     bias = _randn(NQ, NK, seed=seed_from("dropout 1", "bias"))
     dout = _randn(B, H, NQ, D, seed=seed_from("dropout 1", "dout"))

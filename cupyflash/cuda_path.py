@@ -1,0 +1,133 @@
+"""The CUDA path of both faces (the torch op, cupyflash/cuda_attention.py; CuPy arrays, cupyflash/cupy_api.py),
+written once over the array adapter of cupyflash/array_ops.py: outputs allocated by the caller's library on q's
+device, inputs made kernel-ready, the call's layout looked up in the plan cache (cupyflash/plan.py), the bias's tile
+classes computed in the plan's tiles, and the plan launched on the library's current stream.
+
+Inputs are checked before (cupyflash/validate.py, by the faces); `window` is the effective one
+(validate.effective_window), `seed` one int64 element on q's device or None.
+"""
+from __future__ import annotations
+
+from . import launch, plan
+from .errors import require_gpu
+
+
+def _ready(xp, a):
+    """`a` itself if its last dim is contiguous and every (b, h, n) row starts 16-byte aligned (cp.async and TMA copy
+    16 bytes), else a contiguous copy in a new allocation (a contiguous view at an odd offset stays unaligned
+    through .contiguous() / ascontiguousarray, which return it as it is)."""
+    strides = xp.strides(a)
+    if strides[3] == 1 and launch.rows_aligned(xp.address(a), [s * a.itemsize for s in strides[:3]]):
+        return a
+    return xp.fresh_copy(a)
+
+
+def broadcast_strides(xp, a) -> tuple:
+    """A (B, H, Nq, Nk)-broadcastable array's strides, 0 along its size-1 dims, so it is never expanded."""
+    return tuple(0 if n == 1 else s for n, s in zip(a.shape, xp.strides(a)))
+
+
+def broadcast_buf(xp, a) -> launch.Buf:
+    return launch.Buf(xp.address(a), broadcast_strides(xp, a))
+
+
+def holding_alloc(xp, like, held: list):
+    """launch.classify_tiles's allocator: arrays on `like`'s device, each appended to `held`. The launches keep only
+    their addresses, and torch's and CuPy's pools hand a dropped array's memory to the next allocation on the
+    stream, aliasing two buffers: the caller holds them until the kernels that use them are enqueued."""
+    def alloc(shape, dtype: str, zeroed: bool):
+        a = (xp.zeros if zeroed else xp.empty)(shape, dtype, like)
+        held.append(a)
+        return a, launch.Buf(xp.address(a), tuple(xp.strides(a)))
+
+    return alloc
+
+
+def _kernel_bias(xp, attn_bias, q, dtype: str):
+    """The bias as the kernels read it: q's dtype or fp32; boolean masks become additive 0 / -inf in q's dtype."""
+    if attn_bias is None:
+        return None
+    if xp.is_bool(attn_bias):
+        return xp.mask_as_bias(attn_bias, q)
+    return attn_bias if xp.dtype_name(attn_bias) in (dtype, "float32") else xp.astype(attn_bias, "float32")
+
+
+def _entry(xp, name: str, a) -> tuple:
+    return name, tuple(xp.strides(a)), xp.address(a) % 16
+
+
+def _classify(xp, bias, p: plan.Plan, window: bool, stream_ptr: int, device_id: int, held: list):
+    """The bias's int8 tile classes in the plan's tiles (cupyflash/tile_classes.py), computed on the GPU; the
+    workspaces go to `held`, alive until the attention is enqueued."""
+    return launch.classify_tiles(dtype=p.layout.dtype, bias=launch.Buf(xp.address(bias), p.layout.bias.strides),
+                                 bias_shape=tuple(bias.shape), bias_f32=p.layout.bias.f32, br=p.tiles.Br,
+                                 bc=p.tiles.Bc, window=window, alloc=holding_alloc(xp, bias, held),
+                                 stream_ptr=stream_ptr, device_id=device_id)
+
+
+def _launch(xp, kernel: str, q, k, bias, bufs: dict, scale: float, causal: bool, window: tuple, dropout_p: float,
+            seed, softcap: float, dbias=None) -> None:
+    """Looks up the plan of the call (bufs: name → array, in plan.FORWARD_BUFS / BACKWARD_BUFS order) and launches
+    it; with q's device current."""
+    device_id = xp.device_id(q)
+    dtype = xp.dtype_name(q)
+    bias_layout = None
+    if bias is not None:
+        bias_layout = plan.BiasLayout(tuple(bias.shape), broadcast_strides(xp, bias), xp.dtype_name(bias) == "float32",
+                                      dbias is not None)
+    layout = plan.CallLayout(kernel, dtype, tuple(q.shape), k.shape[2], k.shape[1],
+                             tuple(_entry(xp, name, a) for name, a in bufs.items()), causal, scale, bias_layout,
+                             window, dropout_p, softcap, require_gpu(device_id).compute_capability, device_id,
+                             plan.sm90_enabled())
+    p = plan.plan_for(layout)
+    stream_ptr = xp.stream_ptr(device_id)
+    ptrs = {name: xp.address(a) for name, a in bufs.items()}
+    held = []
+    if bias is not None:
+        classes = _classify(xp, bias, p, causal or window != (-1, -1), stream_ptr, device_id, held)
+        held.append(classes)
+        ptrs["bias"], ptrs["tile_classes"] = xp.address(bias), xp.address(classes)
+    if dbias is not None:
+        ptrs["dbias"] = xp.address(dbias)
+    if seed is not None:
+        ptrs["seed"] = xp.address(seed)
+    launch.execute(p, ptrs, stream_ptr, device_id)
+
+
+def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
+            softcap: float = 0.0):
+    """(out, lse): out contiguous like q, lse (B, H, Nq) fp32."""
+    with xp.on_device(q):
+        out = xp.empty(q.shape, xp.dtype_name(q), q)
+        lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
+        if 0 in q.shape or 0 in k.shape:
+            return out, lse
+        q, k, v = _ready(xp, q), _ready(xp, k), _ready(xp, v)
+        bias = _kernel_bias(xp, attn_bias, q, xp.dtype_name(q))
+        _launch(xp, "fwd", q, k, bias, dict(q=q, k=k, v=v, out=out, lse=lse), scale, causal, tuple(window),
+                dropout_p, seed, softcap)
+    return out, lse
+
+
+def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
+             dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
+    """(dq, dk, dv, dbias): contiguous, shaped like q, k, v; dbias shaped like attn_bias in its dtype, or None."""
+    with xp.on_device(q):
+        dtype = xp.dtype_name(q)
+        dq, dk, dv = (xp.empty(a.shape, dtype, q) for a in (q, k, v))  # contiguous, as the op's fake
+        # dBias is summed atomically over the bias's broadcast dims, in fp32.
+        dbias = xp.zeros(attn_bias.shape, "float32", q) if bias_grad else None
+        if 0 in q.shape or 0 in k.shape:
+            zeros = tuple(xp.zeros(a.shape, dtype, q) for a in (q, k, v))
+            return (*zeros, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias)))
+        launch.require_backward(q.shape[3])  # before any work on the bias
+        q, k, v, out, dout = (_ready(xp, a) for a in (q, k, v, out, dout))
+        lse = xp.contiguous(lse)
+        batch, heads, n_q, d = q.shape
+        dq_accum = xp.empty((batch, heads, n_q, d), "float32", q)  # zeroed by the preprocess kernel, then summed
+        d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
+        bias = _kernel_bias(xp, attn_bias, q, dtype)
+        _launch(xp, "bwd", q, k, bias, dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec,
+                                            dq_accum=dq_accum, dq=dq, dk=dk, dv=dv),
+                scale, causal, tuple(window), dropout_p, seed, softcap, dbias)
+    return dq, dk, dv, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias))

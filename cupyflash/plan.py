@@ -1,0 +1,194 @@
+"""The launch plan: the one place that decides which kernels a call runs and with what.
+
+``plan_for(layout)`` takes a call's layout (pass, dtype, shapes, strides, addresses modulo 16, score modifications,
+the device's compute capability) and returns a frozen ``Plan``: the kernel family (the Hopper kernels or the
+mma.sync ones) and why, the variant, its tiles, and per launch the grid, block, shared memory and argument template.
+It is cached per layout, so a model calling with the same few layouts pays a dict lookup; launching
+(``launch.execute``) only writes the call's addresses into the template's slots.
+
+Needs no GPU: every plan, with its argument tuples, is built on the CPU in tests/test_plan.py.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from . import jit, launch
+from .launch import Buf, ScoreMods, Slot, TmaSlot
+
+HOPPER, MMA_SYNC = "hopper", "mma.sync"
+ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
+FORWARD_BUFS = ("q", "k", "v", "out", "lse")
+BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
+
+
+class BiasLayout(NamedTuple):
+    """The bias as the kernels read it: 4-D, broadcastable to (B, H, Nq, Nk), strides 0 along size-1 dims."""
+
+    shape: tuple
+    strides: tuple  # in elements
+    f32: bool  # else q's dtype
+    grad: bool = False  # the backward also sums dBias into an fp32 buffer shaped like the bias (contiguous)
+
+
+class CallLayout(NamedTuple):
+    """What decides a call's kernels and arguments, apart from its buffers' addresses: the plan cache's key."""
+
+    kernel: str  # the pass: "fwd" or "bwd"
+    dtype: str  # "float16", "bfloat16", "float32"
+    shape: tuple  # q's (B, H, Nq, D)
+    n_k: int
+    kv_heads: int
+    bufs: tuple  # ((name, strides in elements, address % 16), ...): FORWARD_BUFS or BACKWARD_BUFS, in that order
+    causal: bool
+    scale: float
+    bias: BiasLayout | None = None
+    window: tuple = (-1, -1)  # effective (left, right); -1: unbounded
+    dropout_p: float = 0.0
+    softcap: float = 0.0
+    compute_capability: int = 90
+    device_id: int = 0
+    sm90_enabled: bool = True  # launch.SM90_ENV is not "0"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel launch: `args` holds launch.Slot / launch.TmaSlot placeholders at `slots`' indices."""
+
+    variant: jit.Variant
+    grid: tuple
+    block: tuple
+    shared_bytes: int
+    args: tuple
+    slots: tuple  # indices into args of the placeholders
+
+    def filled(self, ptrs: dict) -> tuple:
+        """The arguments with the call's addresses (`ptrs`: buffer name → device address)."""
+        if not self.slots:
+            return self.args
+        args = list(self.args)
+        for i in self.slots:
+            args[i] = args[i].fill(ptrs)
+        return tuple(args)
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: CallLayout
+    family: str  # HOPPER or MMA_SYNC
+    why: str  # why this family: what the Hopper kernel declined, or that it takes the call
+    variant: jit.Variant  # the attention kernel (the pass's main launch)
+    tiles: object  # tiles.Tiles or tiles.Sm90Tiles of `variant`: the bias's tile classes use them
+    steps: tuple  # the launches, in order
+    tile_classes_shape: tuple | None  # (Bb, Hb, QB, KB) int8 classes of the bias for `tiles`, or None
+
+    @property
+    def needs(self) -> frozenset:
+        """The buffer names whose addresses launch.execute needs."""
+        return frozenset(s.args[i].name for s in self.steps for i in s.slots)
+
+
+def sm90_enabled() -> bool:
+    return os.environ.get(launch.SM90_ENV, "1") != "0"
+
+
+def tile_classes_strides(classes_shape: tuple) -> tuple:
+    """Strides of the contiguous int8 classes, 0 along size-1 dims (as the kernels read a broadcast buffer)."""
+    bb, hb, n_qb, n_kb = classes_shape
+    contiguous = (hb * n_qb * n_kb, n_qb * n_kb, n_kb, 1)
+    return tuple(0 if n == 1 else s for n, s in zip(classes_shape, contiguous))
+
+
+def dbias_strides(bias_shape: tuple) -> tuple:
+    """Strides of the contiguous fp32 dBias accumulator, 0 along size-1 dims."""
+    b, h, n_q, n_k = bias_shape
+    contiguous = (h * n_q * n_k, n_q * n_k, n_k, 1)
+    return tuple(0 if n == 1 else s for n, s in zip(bias_shape, contiguous))
+
+
+def _score_mods(layout: CallLayout, classes_shape: tuple | None) -> ScoreMods:
+    bias = layout.bias
+    return ScoreMods(
+        bias=None if bias is None else Buf(Slot("bias"), bias.strides),
+        bias_f32=bias is not None and bias.f32,
+        tile_classes=None if bias is None else Buf(Slot("tile_classes"), tile_classes_strides(classes_shape)),
+        dbias=Buf(Slot("dbias"), dbias_strides(bias.shape)) if bias is not None and bias.grad else None,
+        window=tuple(layout.window), dropout_p=layout.dropout_p,
+        seed_ptr=Slot("seed") if layout.dropout_p > 0 else 0, softcap=layout.softcap)
+
+
+def _step(variant: jit.Variant, grid: tuple, block: tuple, args: tuple) -> Step:
+    slots = tuple(i for i, a in enumerate(args) if isinstance(a, (Slot, TmaSlot)))
+    return Step(variant, grid, block, variant.shared_bytes, tuple(args), slots)
+
+
+def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
+    """(family, why) of the pass's attention kernel: the one place where the Hopper kernel is taken or declined
+    (launch.sm90_unsupported says what it can run); every call it declines runs on mma.sync, which takes all."""
+    if not layout.sm90_enabled:
+        return MMA_SYNC, f"{launch.SM90_ENV}=0"
+    bufs = {name: Buf(address, strides) for name, strides, address in layout.bufs}  # addresses modulo 16 suffice
+    q_like = {"q": bufs["q"]} if layout.kernel == "fwd" else {"q": bufs["q"], "dout": bufs["dout"]}
+    why_not = launch.sm90_unsupported(layout.kernel, dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k,
+                                      kv_heads=layout.kv_heads, q_like=q_like, kv={"k": bufs["k"], "v": bufs["v"]},
+                                      mods=mods, compute_capability=layout.compute_capability)
+    if why_not is None:
+        return HOPPER, "the Hopper kernel takes this call"
+    return MMA_SYNC, why_not
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_for(layout: CallLayout) -> Plan:
+    """The call's Plan (see the module's docstring); raises NotImplementedError for a head dim with no backward."""
+    if layout.kernel == "bwd":
+        launch.require_backward(layout.shape[3])
+    batch, heads, n_q, d = layout.shape
+    mma = jit.Variant(layout.kernel, layout.dtype, d, layout.causal, _mods_any(layout), layout.dropout_p > 0)
+    # The bias is classified in the tiles of the kernel that reads it; the Hopper kernels take no bias today, so a
+    # plan with a bias is decided on the mma.sync tiles first and checked below.
+    classes_shape = None if layout.bias is None else _classes_shape(layout.bias.shape, mma.tiles)
+    mods = _score_mods(layout, classes_shape)
+    family, why = choose_family(layout, mods)
+    variant = jit.Variant(f"{layout.kernel}_sm90", layout.dtype, d, layout.causal) if family == HOPPER else mma
+    t = variant.tiles
+    if layout.bias is not None and _classes_shape(layout.bias.shape, t) != classes_shape:
+        classes_shape = _classes_shape(layout.bias.shape, t)
+        mods = _score_mods(layout, classes_shape)
+    bufs = {name: Buf(Slot(name), strides) for name, strides, _ in layout.bufs}
+    common = dict(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
+                  scale=layout.scale, mods=mods, tiles=t)
+    if layout.kernel == "fwd":
+        build = launch.sm90_forward_args if family == HOPPER else launch.mma_forward_args
+        args = build(**common, **{name: bufs[name] for name in FORWARD_BUFS})
+        grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
+        steps = (_step(variant, grid, (t.threads,), args),)
+    else:
+        build = launch.sm90_backward_args if family == HOPPER else launch.mma_backward_args
+        args = build(**common, **{name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")})
+        grid = (math.ceil(layout.n_k / t.Bc), layout.kv_heads, batch)  # K/V blocks × K/V heads × batch
+        n_rows = batch * heads * n_q
+        row_grid, row_block = (math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,)
+        pre = launch.preprocess_args(dout=bufs["dout"], out=bufs["out"], d_vec=bufs["d_vec"],
+                                     dq_accum=bufs["dq_accum"], heads=heads, n_q=n_q, n_rows=n_rows)
+        conv = launch.convert_dq_args(dq_accum=bufs["dq_accum"], dq=bufs["dq"], heads=heads, n_q=n_q, n_rows=n_rows,
+                                      scale=layout.scale)
+        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), row_grid, row_block, pre),
+                 _step(variant, grid, (t.threads,), args),
+                 _step(jit.Variant("bwd_convert_dq", layout.dtype, d), row_grid, row_block, conv))
+    return Plan(layout, family, why, variant, t, steps, classes_shape)
+
+
+def _mods_any(layout: CallLayout) -> bool:
+    """Whether the variant with score modifications compiled in is needed (launch.ScoreMods.any)."""
+    return (layout.bias is not None or tuple(layout.window) != (-1, -1) or layout.dropout_p > 0
+            or layout.softcap > 0)
+
+
+def _classes_shape(bias_shape: tuple, t) -> tuple:
+    bb, hb, _, _ = bias_shape
+    _, _, n_qb, n_kb = launch.tile_grid(bias_shape, t.Br, t.Bc)
+    return bb, hb, n_qb, n_kb
+

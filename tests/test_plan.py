@@ -1,0 +1,247 @@
+"""The launch plan (cupyflash/plan.py) on the CPU: which kernel family, variant and tiles each call layout gets and
+why, the plan cache, and every kernel's argument tuple against its parameter list in kernels_cu; then the CUDA path
+of the faces (cupyflash/cuda_path.py) on CPU tensors with only the device stubbed, down to the kernel calls."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from cupyflash import cuda_attention, errors, jit, launch, plan, tiles, tma
+
+B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
+ALIGNED = 1 << 20
+
+
+def _contiguous(shape) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None, window=(-1, -1), dropout_p=0.0,
+            softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True):
+    """A CallLayout of contiguous buffers (overrides by name in `strides` / `addresses`, modulo 16)."""
+    q_shape, kv_shape = (B, H, NQ, d), (B, HKV, NK, d)
+    shapes = dict(q=q_shape, k=kv_shape, v=kv_shape, out=q_shape, dout=q_shape, lse=q_shape[:3], d_vec=q_shape[:3],
+                  dq_accum=q_shape, dq=q_shape, dk=kv_shape, dv=kv_shape)
+    names = plan.FORWARD_BUFS if kernel == "fwd" else plan.BACKWARD_BUFS
+    strides, addresses = strides or {}, addresses or {}
+    bufs = tuple((n, strides.get(n, _contiguous(shapes[n])), addresses.get(n, 0)) for n in names)
+    return plan.CallLayout(kernel, dtype, q_shape, NK, HKV, bufs, causal, 0.125, bias, window, dropout_p, softcap,
+                           cc, device_id, sm90)
+
+
+BIAS = plan.BiasLayout((B, 1, NQ, NK), (NQ * NK, 0, NK, 1), False)
+
+
+# ---- which family, variant and tiles, and why ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("d", sorted(tiles.FORWARD_SM90))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
+    p = plan.plan_for(_layout(kernel, dtype, d, causal=causal))
+    assert (p.family, p.why) == (plan.HOPPER, "the Hopper kernel takes this call")
+    assert p.variant == jit.Variant(f"{kernel}_sm90", dtype, d, causal)
+    assert p.tiles == (tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90)[d]
+
+
+TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as models produce: TMA takes it
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("change,pattern", [
+    (dict(cc=80), r"^sm_80: wgmma and TMA are sm_90a instructions$"),
+    (dict(cc=89), r"^sm_89"),
+    (dict(cc=100), r"^sm_100"),
+    (dict(dtype="float32"), r"^dtype float32: it takes float16 and bfloat16$"),
+    (dict(d=256), r"^head_dim 256"),
+    (dict(bias=BIAS), r"bias, window, dropout or soft-cap"),
+    (dict(window=(16, 0)), r"bias, window, dropout or soft-cap"),
+    (dict(dropout_p=0.1), r"bias, window, dropout or soft-cap"),
+    (dict(softcap=30.0), r"bias, window, dropout or soft-cap"),
+    (dict(addresses=dict(q=8)), r"^q: its data pointer is not 16-byte aligned$"),
+    (dict(addresses=dict(v=2)), r"^v: its data pointer"),
+    (dict(strides=dict(k=(HKV * NK * 68, NK * 68, 68, 1))), r"^k: strides"),
+    (dict(strides=dict(k=(NK * 64, 0, 64, 1))), r"^k: .*stride 0"),
+    (dict(strides=dict(v=(HKV * NK * 64, NK * 64, 1, NK))), r"^v: its last dimension"),
+    (dict(sm90=False), rf"^{launch.SM90_ENV}=0$"),
+])
+def test_hopper_declined_says_why_and_mma_sync_runs(kernel, change, pattern):
+    if kernel == "bwd" and change.get("d") == 256:
+        pytest.skip("head_dim 256 has no backward (test_no_backward_head_dim)")
+    p = plan.plan_for(_layout(kernel, **change))
+    assert p.family == plan.MMA_SYNC and re.search(pattern, p.why), p.why
+    layout = p.layout
+    mods = layout.bias is not None or layout.window != (-1, -1) or layout.dropout_p > 0 or layout.softcap > 0
+    assert p.variant == jit.Variant(kernel, layout.dtype, layout.shape[3], False, mods, layout.dropout_p > 0)
+    assert p.tiles == p.variant.tiles
+
+
+def test_hopper_backward_reads_dout_through_tma_too():
+    assert plan.plan_for(_layout("fwd", addresses=dict(dout=8))).family == plan.HOPPER  # no dout in the forward
+    p = plan.plan_for(_layout("bwd", addresses=dict(dout=8)))
+    assert p.family == plan.MMA_SYNC and p.why.startswith("dout: its data pointer")
+
+
+def test_transposed_views_stay_on_hopper():
+    assert plan.plan_for(_layout("fwd", strides=TRANSPOSED_Q)).family == plan.HOPPER
+
+
+@pytest.mark.parametrize("kernel,dtype,d,causal,want", [
+    ("fwd", "float16", 128, False, tiles.FORWARD_PLAIN[128]),  # the plain forward's own shape
+    ("fwd", "float16", 128, True, tiles.FORWARD[128]),
+    ("fwd", "bfloat16", 64, False, tiles.FORWARD[64]),
+    ("fwd", "float32", 64, False, tiles.TF32[("fwd", 64)]),
+    ("fwd", "float16", 256, True, tiles.FORWARD[256]),
+    ("bwd", "bfloat16", 64, True, tiles.BACKWARD[64]),
+    ("bwd", "float32", 128, False, tiles.TF32[("bwd", 128)]),
+    ("bwd", "float16", 96, False, tiles.BACKWARD[96]),
+])
+def test_mma_sync_tiles_grid_block_and_shared_memory(kernel, dtype, d, causal, want):
+    p = plan.plan_for(_layout(kernel, dtype, d, cc=80, causal=causal))
+    assert p.family == plan.MMA_SYNC and p.tiles == want
+    main = p.steps[0 if kernel == "fwd" else 1]
+    assert main.variant == p.variant and main.block == (want.threads,)
+    assert main.shared_bytes == p.variant.shared_bytes > 0
+    if kernel == "fwd":
+        assert len(p.steps) == 1 and main.grid == (math.ceil(NQ / want.Br), H, B)
+    else:
+        rows = (math.ceil(B * H * NQ / plan.ROWS_PER_BLOCK),)
+        assert [s.variant.kernel for s in p.steps] == ["bwd_preprocess", "bwd", "bwd_convert_dq"]
+        assert main.grid == (math.ceil(NK / want.Bc), HKV, B)
+        assert p.steps[0].grid == p.steps[2].grid == rows and p.steps[0].shared_bytes == 0
+
+
+def test_bias_tile_classes_follow_the_plans_tiles():
+    p = plan.plan_for(_layout("bwd", "float16", 64, cc=80, bias=BIAS._replace(grad=True)))
+    t = p.tiles
+    assert p.tile_classes_shape == (B, 1, math.ceil(NQ / t.Br), math.ceil(NK / t.Bc))
+    main = p.steps[1]
+    names = [main.args[i].name for i in main.slots]
+    assert names == ["q", "k", "v", "dout", "lse", "d_vec", "dq_accum", "dk", "dv", "bias", "tile_classes", "dbias"]
+
+
+def test_no_backward_head_dim():
+    with pytest.raises(NotImplementedError, match="head_dim 256 has a forward kernel only"):
+        plan.plan_for(_layout("bwd", d=256, cc=80))
+
+
+# ---- the cache -------------------------------------------------------------------------------------------------
+
+def test_same_layout_hits_the_cache_and_any_change_misses():
+    plan.plan_for.cache_clear()
+    base = _layout("fwd", causal=True)
+    p = plan.plan_for(base)
+    assert plan.plan_for(_layout("fwd", causal=True)) is p
+    info = plan.plan_for.cache_info()
+    assert plan.plan_for(_layout("fwd", causal=True)) is p and plan.plan_for.cache_info().hits == info.hits + 1
+    for other in (_layout("fwd", causal=True, strides=TRANSPOSED_Q), _layout("fwd", causal=True, addresses=dict(k=8)),
+                  _layout("fwd", causal=True, device_id=1), _layout("fwd", causal=True, cc=80),
+                  _layout("fwd", causal=False), _layout("bwd", causal=True)):
+        misses = plan.plan_for.cache_info().misses
+        assert plan.plan_for(other) is not p and plan.plan_for.cache_info().misses == misses + 1
+
+
+# ---- argument tuples against the kernels' parameter lists ------------------------------------------------------
+
+_TYPES = {"i64": np.int64, "int": np.int32, "float": np.float32, "u32": np.uint32}
+
+
+def _kernel_params(name: str) -> list:
+    """The numpy type of each parameter of __global__ `name` in kernels_cu (a pointer: uint64, a TmaDesc: TMA_DESC)."""
+    text = "\n".join(p.read_text() for p in jit.kernel_dir().glob("*.cuh"))
+    signature = re.search(rf"\b{name}\(([^)]*)\)\s*{{", text).group(1)
+    types = []
+    for param in (p.strip() for p in signature.split(",")):
+        if "*" in param:
+            types.append(np.uint64)
+        elif "TmaDesc" in param:
+            types.append(tma.TMA_DESC)
+        else:
+            types.append(_TYPES[param.rsplit(None, 1)[0].split()[-1]])
+    return types
+
+
+KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_sm90": "flash_fwd_sm90_kernel", "bwd": "flash_bwd_kernel",
+                "bwd_sm90": "flash_bwd_sm90_kernel", "bwd_preprocess": "flash_bwd_preprocess",
+                "bwd_convert_dq": "flash_bwd_convert_dq"}
+
+EVERY_VARIANT = [  # (kernel, layout changes): each family, plain and with every score modification
+    *[(k, dict(causal=c)) for k in ("fwd", "bwd") for c in (False, True)],
+    *[(k, dict(cc=80, causal=c, bias=BIAS._replace(grad=k == "bwd"), window=(8, 3), softcap=20.0))
+      for k in ("fwd", "bwd") for c in (False, True)],
+    *[(k, dict(cc=80, dropout_p=0.25, bias=BIAS._replace(f32=True))) for k in ("fwd", "bwd")],
+]
+
+
+@pytest.mark.parametrize("kernel,change", EVERY_VARIANT)
+def test_every_launch_fills_its_kernels_parameters(kernel, change, monkeypatch):
+    monkeypatch.setattr(tma, "_encode_fn", lambda: (lambda *args: 0))  # no driver here: maps of zeros
+    p = plan.plan_for(_layout(kernel, **change))
+    ptrs = {name: ALIGNED + 4096 * i for i, name in enumerate(sorted(p.needs))}
+    assert p.needs <= set(plan.BACKWARD_BUFS) | {"bias", "tile_classes", "dbias", "seed"}
+    for step in p.steps:
+        args = step.filled(ptrs)
+        want = _kernel_params(KERNEL_NAMES[step.variant.kernel])
+        got = [a.dtype if isinstance(a, np.void) else type(a) for a in args]
+        assert got == want, step.variant.name
+        for i in step.slots:
+            slot = step.args[i]
+            if isinstance(slot, launch.Slot):
+                assert args[i] == ptrs[slot.name]
+    if change.get("dropout_p"):
+        assert "seed" in p.needs
+
+
+# ---- the faces' CUDA path on CPU tensors, device stubbed --------------------------------------------------------
+
+@pytest.fixture
+def stubbed_device(monkeypatch):
+    """CPU tensors down the CUDA path: an sm_80 pretended, stream 0, kernel calls recorded instead of launched."""
+    from cupyflash import array_ops, cuda_path
+
+    launched = []
+    gpu = errors.GPUInfo(0, "stub", 80)
+    monkeypatch.setattr(cuda_path, "require_gpu", lambda device_id=None: gpu)
+    monkeypatch.setattr(array_ops.TorchOps, "stream_ptr", lambda self, device_id: 0)
+    monkeypatch.setattr(launch, "_run", lambda variant, grid, block, args, *rest: launched.append((variant, args)))
+    return launched
+
+
+def test_forward_and_backward_launch_with_the_tensors_addresses(stubbed_device):
+    q = torch.randn(2, 4, 33, 64, dtype=torch.float16).transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, N, D)
+    k, v = (torch.randn(2, 2, 40, 64, dtype=torch.float16) for _ in range(2))
+    bias = torch.randn(2, 1, 33, 40, dtype=torch.float16)
+    out, lse = cuda_attention.forward(q, k, v, bias, 0.125, True)
+    names = [variant.kernel for variant, _ in stubbed_device]
+    assert names == ["tile_minmax", "tile_classify", "fwd"]
+    args = stubbed_device[-1][1]
+    assert [int(a) for a in args[:5]] == [t.data_ptr() for t in (q, k, v, out, lse)]
+    assert [int(a) for a in args[5:8]] == list(q.stride()[:3])
+    assert int(args[21]) == bias.data_ptr() and list(map(int, args[22:26])) == [bias.stride(0), 0, *bias.stride()[2:]]
+    stubbed_device.clear()
+    dout = torch.randn_like(q)
+    dq, dk, dv, dbias = cuda_attention.backward(dout, q, k, v, bias, out, lse, 0.125, True, bias_grad=True)
+    assert [variant.kernel for variant, _ in stubbed_device] == ["tile_minmax", "tile_classify", "bwd_preprocess",
+                                                                  "bwd", "bwd_convert_dq"]
+    main = stubbed_device[3][1]
+    assert [int(a) for a in (main[0], main[1], main[2], main[3], main[4], main[7], main[8])] == [
+        t.data_ptr() for t in (q, k, v, dout, lse, dk, dv)]
+    assert dq.shape == q.shape and dbias.shape == bias.shape and dbias.dtype == bias.dtype
+
+
+def test_unaligned_inputs_are_copied_before_planning(stubbed_device):
+    storage = torch.randn(2 * 4 * 33 * 64 + 1, dtype=torch.float16)
+    q = storage[1:].view(2, 4, 33, 64)  # every row 2 bytes off 16
+    k, v = (torch.randn(2, 4, 40, 64, dtype=torch.float16) for _ in range(2))
+    cuda_attention.forward(q, k, v, None, 0.125, False)
+    (variant, args), = stubbed_device
+    assert variant.kernel == "fwd" and int(args[0]) != q.data_ptr() and int(args[0]) % 16 == 0
