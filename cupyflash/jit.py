@@ -90,7 +90,7 @@ class Variant:
             return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {fresh}, {flags}>"
         if self.kernel == "fwd_sm90":
             return (f"cupyflash::flash_fwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {t.Br}, {t.Bc}, "
-                    f"{str(self.causal).lower()}, {t.stages}>")
+                    f"{str(self.causal).lower()}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
         if self.kernel == "bwd_sm90":
             return (f"cupyflash::flash_bwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
                     f"{t.Br}, {t.Bc}, {t.stages}>")
@@ -136,7 +136,8 @@ def all_variants() -> list[Variant]:
         for d in tiles.FORWARD:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         if dtype in SM90_DTYPES:
-            out += [Variant("fwd_sm90", dtype, d, c) for d in tiles.FORWARD_SM90 for c in (False, True)]
+            out += [Variant("fwd_sm90", dtype, d, c, m, p) for d in tiles.FORWARD_SM90 for c in (False, True)
+                    for m, p in FEATURE_SETS]
             out += [Variant("bwd_sm90", dtype, d, c) for d in tiles.BACKWARD_SM90 for c in (False, True)]
         for d in tiles.BACKWARD:
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import jit, tma
 from .errors import require_gpu
-from .tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
+from .tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90, for_pass
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class ScoreMods:
 
     bias: Buf | None = None  # (B, H, Nq, Nk) strides, 0 along broadcast dims
     bias_f32: bool = False  # else the bias has q's dtype
-    tile_classes: Buf | None = None  # int8 TileClass per bias tile of this pass (cupyflash/tile_classes.py)
+    # int8 TileClass per bias tile of this pass's mma.sync tiles, tiles.for_pass(pass, dtype, head_dim)
+    # (cupyflash/tile_classes.py); the Hopper kernels combine them over their larger tiles (sm90_class_grid)
+    tile_classes: Buf | None = None
     dbias: Buf | None = None  # fp32 accumulator shaped like the bias (backward only)
     window: tuple = (-1, -1)  # (left, right) keys around the diagonal; -1: unbounded
     dropout_p: float = 0.0
@@ -146,7 +148,9 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
     if d not in table:
         return f"head_dim {d}: it takes {tuple(table)}"
     if mods_any:
-        return "a bias, window, dropout or soft-cap: it has the plain and causal paths only"
+        reason = _sm90_mods_reason(kernel, dtype, d)
+        if reason is not None:
+            return reason
     if 0 in shape:
         return f"an empty tensor {shape}"
     kv_shape = (batch, kv_heads, n_k, d)
@@ -156,6 +160,37 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
             if reason is not None:
                 return f"{name}: {reason}"
     return None
+
+
+def _sm90_mods_reason(kernel: str, dtype: str, head_dim: int) -> str | None:
+    """Why the Hopper kernel of pass `kernel` cannot apply a bias, window, dropout or soft-cap; None when it can."""
+    if kernel == "bwd":
+        return ("a bias, window, dropout or soft-cap: the Hopper backward has the plain and causal paths only "
+                "(the Hopper forward takes them; its LSE and dropout mask are the mma.sync forward's)")
+    try:
+        sm90_class_grid(dtype, head_dim)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def sm90_class_grid(dtype: str, head_dim: int) -> tuple:
+    """(tq, tk): the tiles ScoreMods.tile_classes classify (the mma.sync forward's), which the Hopper forward's
+    Br x Bc tiles must be whole multiples of (kernels_cu/scores.cuh tile_class_span); ValueError if not."""
+    cls, t = for_pass("fwd", dtype, head_dim), FORWARD_SM90[head_dim]
+    if t.Br % cls.Br or t.Bc % cls.Bc:
+        raise ValueError(f"a bias: its tile classes are for {cls.Br}x{cls.Bc} tiles, which do not divide the Hopper "
+                         f"forward's {t.Br}x{t.Bc}")
+    return cls.Br, cls.Bc
+
+
+def sm90_forward_mods_args(mods: ScoreMods, dtype: str, head_dim: int, scale: float) -> tuple:
+    """The score-mod arguments of flash_fwd_sm90_kernel (after scale_log2): flash_fwd_kernel's, with the tile
+    classes' grid after their strides. Zeros and no-ops for the plain variants, whose code ignores them."""
+    cls_tq, cls_tk = sm90_class_grid(dtype, head_dim) if mods.tile_classes is not None else (1, 1)
+    return (*mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+            np.int32(cls_tq), np.int32(cls_tk), *mods.window_args(), *mods.dropout_args(),
+            *mods.softcap_args(scale))
 
 
 def _tma_maps(dtype: str, bufs) -> list:
@@ -172,12 +207,12 @@ def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, 
                                kv={"k": k, "v": v}, mods=mods,
                                compute_capability=require_gpu(device_id).compute_capability)
     if why_not is None:
-        variant = jit.Variant("fwd_sm90", dtype, d, causal)
+        variant = jit.Variant("fwd_sm90", dtype, d, causal, mods.any, mods.dropout_p > 0)
         t = variant.tiles
         kv_shape = (batch, kv_heads, n_k, d)
         maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc)))
         args = (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
-                np.float32(scale * LOG2E))
+                np.float32(scale * LOG2E), *sm90_forward_mods_args(mods, dtype, d, scale))
     else:
         log.debug("forward on mma.sync: %s", why_not)
         variant = jit.Variant("fwd", dtype, d, causal, mods.any, mods.dropout_p > 0)

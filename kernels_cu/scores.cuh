@@ -90,6 +90,22 @@ struct ScoreMods {
         if (!Enabled || tile_cls == nullptr) return kTileRead;
         return tile_cls[b * cls_sb + h * cls_sh + q_block * cls_sm + k_block * cls_sn];
     }
+    // The class of the calling kernel's tile of Rows x Cols (rows q0.., keys k0..), made of whole tiles of the
+    // classes' own grid, tq x tk (the faces classify for the mma.sync pass's tiles, which divide the Hopper
+    // kernels'): kTileSkip if every class tile in it is, kTileZero if every one is, else kTileRead. Class tiles
+    // starting at or past Nq / Nk are not read (a broadcast dim has stride 0: any index reads its one tile).
+    template <int Rows, int Cols>
+    CF_DEVICE int tile_class_span(int b, int h, int q0, int k0, int tq, int tk) const {
+        if (!Enabled || tile_cls == nullptr) return kTileRead;
+        bool all_skip = true, all_zero = true;
+        for (int r = q0; r < min(q0 + Rows, Nq); r += tq)
+            for (int c = k0; c < min(k0 + Cols, Nk); c += tk) {
+                const int cls = tile_class(b, h, r / tq, c / tk);
+                all_skip &= cls == kTileSkip;
+                all_zero &= cls == kTileZero;
+            }
+        return all_skip ? kTileSkip : all_zero ? kTileZero : kTileRead;
+    }
     CF_DEVICE bool dropout() const { return Dropout && keep_threshold != 0xffffffffu; }
     CF_DEVICE bool softcap() const { return Enabled && cap_out != 0.f; }
 

@@ -61,8 +61,6 @@ def test_size_one_dims_may_have_any_stride():
     (dict(dtype="float32"), "dtype float32"),
     (dict(d=256), "head_dim 256"),
     (dict(d=80), "head_dim 80"),
-    (dict(mods=launch.ScoreMods(window=(16, 0))), "window"),
-    (dict(mods=launch.ScoreMods(softcap=30.0)), "soft-cap"),
     (dict(q=launch.Buf(ALIGNED + 8, (H * NQ * 128, NQ * 128, 128, 1))), "q: its data pointer"),
     (dict(k=launch.Buf(ALIGNED, (HKV * NK * 132, NK * 132, 132, 1))), "k: strides"),
     (dict(v=launch.Buf(ALIGNED, (HKV * NK * 128, NK * 128, 1, NK))), "v: its last dimension"),
@@ -97,3 +95,51 @@ def test_hopper_variants_build_for_sm90a_only():
     assert key in jit.module_keys("sm_90") and key not in jit.module_keys("sm_80")
     assert all(v.module_key == key for v in hopper if (v.dtype, v.head_dim) == (hopper[0].dtype, hopper[0].head_dim))
     assert "flash_bwd_sm90_kernel" in jit.source_for(hopper[0]) and "flash_fwd_sm90_kernel" not in jit.source_for()
+
+
+SCORE_MODS = {
+    "bias": launch.ScoreMods(bias=launch.Buf(ALIGNED, (0, 0, 0, 1)), tile_classes=launch.Buf(ALIGNED, (0, 0, 0, 1))),
+    "window": launch.ScoreMods(window=(16, 0)),
+    "softcap": launch.ScoreMods(softcap=30.0),
+    "dropout": launch.ScoreMods(dropout_p=0.1, seed_ptr=ALIGNED),
+}
+
+
+@pytest.mark.parametrize("mod", sorted(SCORE_MODS))
+@pytest.mark.parametrize("d", sorted(FORWARD_SM90))
+def test_forward_takes_score_mods_backward_declines_them(mod, d):
+    common = dict(dtype="bfloat16", shape=(B, H, NQ, d), n_k=NK, kv_heads=HKV, mods=SCORE_MODS[mod],
+                  kv={"k": _buf((B, HKV, NK, d)), "v": _buf((B, HKV, NK, d))}, compute_capability=90)
+    q = _buf((B, H, NQ, d))
+    assert launch.sm90_unsupported("fwd", q_like={"q": q}, **common) is None
+    why = launch.sm90_unsupported("bwd", q_like={"q": q, "dout": q}, **common)
+    assert why is not None and "Hopper backward has the plain and causal paths only" in why, why
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", sorted(FORWARD_SM90))
+def test_bias_classes_tile_the_hopper_forward(dtype, d):
+    """The faces classify bias tiles for the mma.sync forward's tiles; the Hopper forward reads them as whole
+    blocks of its own (scores.cuh tile_class_span)."""
+    tq, tk = launch.sm90_class_grid(dtype, d)
+    assert FORWARD_SM90[d].Br % tq == 0 and FORWARD_SM90[d].Bc % tk == 0
+
+
+def _forward_params_after_scale() -> list:
+    """The declarations of flash_fwd_sm90_kernel's parameters after scale_log2, e.g. ["int cls_tq", ...]."""
+    src = jit.source_for(next(v for v in jit.all_variants() if v.kernel == "fwd_sm90"))
+    decls = [p.strip() for p in re.search(r"flash_fwd_sm90_kernel\((.*?)\)\s*\{", src, re.S).group(1).split(",")]
+    return decls[next(i for i, p in enumerate(decls) if p.endswith("scale_log2")) + 1:]
+
+
+@pytest.mark.parametrize("mods", [launch.ScoreMods(), *SCORE_MODS.values()], ids=["plain", *SCORE_MODS])
+def test_forward_mods_arguments_match_the_kernel(mods):
+    """CuPy passes arguments by position without checking their count or sizes: the launch's score-mod arguments
+    are the kernel's parameters after scale_log2, one for one, of the same widths."""
+    decls = _forward_params_after_scale()
+    args = launch.sm90_forward_mods_args(mods, "bfloat16", 128, 0.125)
+    assert len(args) == len(decls), (len(args), decls)
+    widths = {"i64": 8, "int": 4, "u32": 4, "float": 4}
+    for arg, decl in zip(args, decls):
+        size = 8 if "*" in decl else widths[decl.split()[-2]]
+        assert arg.nbytes == size, (decl, arg.dtype)
