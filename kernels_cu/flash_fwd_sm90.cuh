@@ -87,14 +87,14 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         if (tid == 256) {  // one thread issues every copy
             mbar_arrive_expect_tx(q_full, TileQ::bytes());
             tma_tile<Br, D>(sQ, tm_q, q0, h, b, q_full);
-            // it counts the blocks loaded (ring slots and phases), j is the block
             for (int it = 0, j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
-                mbar_wait(k_empty(it), phase(it) ^ 1);
-                mbar_arrive_expect_tx(k_full(it), TileKV::bytes());
-                tma_tile<Bc, D>(sK(it), tm_k, j * Bc, h / group, b, k_full(it));
-                mbar_wait(v_empty(it), phase(it) ^ 1);
-                mbar_arrive_expect_tx(v_full(it), TileKV::bytes());
-                tma_tile<Bc, D>(sV(it), tm_v, j * Bc, h / group, b, v_full(it));
+                const int n = Mods ? it : j;  // blocks loaded before this one: its ring slot and phase
+                mbar_wait(k_empty(n), phase(n) ^ 1);
+                mbar_arrive_expect_tx(k_full(n), TileKV::bytes());
+                tma_tile<Bc, D>(sK(n), tm_k, j * Bc, h / group, b, k_full(n));
+                mbar_wait(v_empty(n), phase(n) ^ 1);
+                mbar_arrive_expect_tx(v_full(n), TileKV::bytes());
+                tma_tile<Bc, D>(sV(n), tm_v, j * Bc, h / group, b, v_full(n));
             }
         }
         return;
@@ -121,11 +121,14 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     };
 
     mbar_wait(q_full, 0);
-    int it = 0;  // blocks done (ring slots and phases, as the producer's); j is the block
+    int it = 0;
     for (int j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
+        // Blocks done before this one: its ring slot and phase, as the producer's. The plain path, which visits
+        // every block from 0, uses j: two counters in step moved its loop out of uniform registers (SASS).
+        const int n = Mods ? it : j;
         const int k0 = j * Bc;
-        mbar_wait(k_full(it), phase(it));
-        if (it > 0) mbar_wait(v_full(it - 1), phase(it - 1));
+        mbar_wait(k_full(n), phase(n));
+        if (n > 0) mbar_wait(v_full(n - 1), phase(n - 1));
         float s[Bc / 8][4];
 #pragma unroll
         for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -135,17 +138,17 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < head_k_steps(DHead); ++kk)
-            Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(it), 0, kk), kk > 0);
+            Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(n), 0, kk), kk > 0);
         wgmma_commit();
-        if (it > 0) issue_pv(it - 1);
-        if (it > 0)
+        if (n > 0) issue_pv(n - 1);
+        if (n > 0)
             wgmma_wait<1>();
         else
             wgmma_wait<0>();
         fence_operands(s);
         // Arriving between the commit and the wait made ptxas serialize every wgmma (C7514).
         named_arrive(2 - wg, 256);
-        mbar_arrive(k_empty(it));
+        mbar_arrive(k_empty(n));
 
         // Accumulator element (nt, e) of this lane: row lane/4 + 8·(e/2), key nt·8 + 2·(lane%4) + e%2 of the tile.
         auto row_of = [&](int e) { return q0 + warp_row0 + lane / 4 + (e >> 1) * 8; };
@@ -213,7 +216,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         }
         wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
         fence_operands(acc_o);
-        if (it > 0) mbar_arrive(v_empty(it - 1));
+        if (n > 0) mbar_arrive(v_empty(n - 1));
 #pragma unroll
         for (int dt = 0; dt < DO / 8; ++dt) {
             acc_o[dt][0] *= alpha[0];
@@ -224,11 +227,12 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
     }
-    if (it > 0) {
-        mbar_wait(v_full(it - 1), phase(it - 1));
+    const int n_done = Mods ? it : j_end;  // blocks done (the plain path: j_end, as it, for the same reason as n)
+    if (n_done > 0) {
+        mbar_wait(v_full(n_done - 1), phase(n_done - 1));
         fence_operands(acc_o);
         wgmma_fence();
-        issue_pv(it - 1);
+        issue_pv(n_done - 1);
         wgmma_wait<0>();
         fence_operands(acc_o);
     }
