@@ -93,7 +93,7 @@ class Variant:
                     f"{str(self.causal).lower()}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
         if self.kernel == "bwd_sm90":
             return (f"cupyflash::flash_bwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
-                    f"{t.Br}, {t.Bc}, {t.stages}>")
+                    f"{t.Br}, {t.Bc}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
         if self.kernel == "bwd":
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {str(t.fuse_sdp).lower()}, {flags}>"
         if self.kernel == "bwd_preprocess":
@@ -112,7 +112,7 @@ class Variant:
         if self.kernel == "fwd_sm90":
             return tiles.sm90_forward_smem_bytes(self.head_dim, self.tiles)
         if self.kernel == "bwd_sm90":
-            return tiles.sm90_backward_smem_bytes(self.head_dim, self.tiles)
+            return tiles.sm90_backward_smem_bytes(self.head_dim, self.tiles, self.mods)
         if self.kernel == "bwd":
             return tiles.backward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
         return 0
@@ -138,7 +138,8 @@ def all_variants() -> list[Variant]:
         if dtype in SM90_DTYPES:
             out += [Variant("fwd_sm90", dtype, d, c, m, p) for d in tiles.FORWARD_SM90 for c in (False, True)
                     for m, p in FEATURE_SETS]
-            out += [Variant("bwd_sm90", dtype, d, c) for d in tiles.BACKWARD_SM90 for c in (False, True)]
+            out += [Variant("bwd_sm90", dtype, d, c, m, p) for d in tiles.BACKWARD_SM90 for c in (False, True)
+                    for m, p in FEATURE_SETS]
         for d in tiles.BACKWARD:
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

@@ -163,33 +163,34 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
 
 
 def _sm90_mods_reason(kernel: str, dtype: str, head_dim: int) -> str | None:
-    """Why the Hopper kernel of pass `kernel` cannot apply a bias, window, dropout or soft-cap; None when it can."""
-    if kernel == "bwd":
-        return ("a bias, window, dropout or soft-cap: the Hopper backward has the plain and causal paths only "
-                "(the Hopper forward takes them; its LSE and dropout mask are the mma.sync forward's)")
+    """Why the Hopper kernel of pass `kernel` cannot apply a bias, window, dropout or soft-cap; None when it can.
+    Either pass's Hopper and mma.sync kernels apply them alike (the same LSE and dropout mask), so the passes
+    choose their kernels independently."""
     try:
-        sm90_class_grid(dtype, head_dim)
+        sm90_class_grid(kernel, dtype, head_dim)
     except ValueError as err:
         return str(err)
     return None
 
 
-def sm90_class_grid(dtype: str, head_dim: int) -> tuple:
-    """(tq, tk): the tiles ScoreMods.tile_classes classify (the mma.sync forward's), which the Hopper forward's
-    Br x Bc tiles must be whole multiples of (kernels_cu/scores.cuh tile_class_span); ValueError if not."""
-    cls, t = for_pass("fwd", dtype, head_dim), FORWARD_SM90[head_dim]
+def sm90_class_grid(kernel: str, dtype: str, head_dim: int) -> tuple:
+    """(tq, tk): the tiles ScoreMods.tile_classes classify for pass `kernel` (the mma.sync pass's), which the Hopper
+    kernel's Br x Bc tiles must be whole multiples of (kernels_cu/scores.cuh tile_class_span); ValueError if not."""
+    cls = for_pass(kernel, dtype, head_dim)
+    t = (FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90)[head_dim]
     if t.Br % cls.Br or t.Bc % cls.Bc:
         raise ValueError(f"a bias: its tile classes are for {cls.Br}x{cls.Bc} tiles, which do not divide the Hopper "
-                         f"forward's {t.Br}x{t.Bc}")
+                         f"{'forward' if kernel == 'fwd' else 'backward'}'s {t.Br}x{t.Bc}")
     return cls.Br, cls.Bc
 
 
-def sm90_forward_mods_args(mods: ScoreMods, dtype: str, head_dim: int, scale: float) -> tuple:
-    """The score-mod arguments of flash_fwd_sm90_kernel (after scale_log2): flash_fwd_kernel's, with the tile
-    classes' grid after their strides. Zeros and no-ops for the plain variants, whose code ignores them."""
-    cls_tq, cls_tk = sm90_class_grid(dtype, head_dim) if mods.tile_classes is not None else (1, 1)
+def sm90_mods_args(kernel: str, mods: ScoreMods, dtype: str, head_dim: int, scale: float) -> tuple:
+    """The score-mod arguments of the Hopper kernel of pass `kernel` (after its scales): the mma.sync kernel's,
+    with the tile classes' grid after their strides. Zeros and no-ops for the plain variants, which ignore them."""
+    cls_tq, cls_tk = sm90_class_grid(kernel, dtype, head_dim) if mods.tile_classes is not None else (1, 1)
+    dbias = mods.bias_args(mods.dbias) if kernel == "bwd" else ()
     return (*mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-            np.int32(cls_tq), np.int32(cls_tk), *mods.window_args(), *mods.dropout_args(),
+            np.int32(cls_tq), np.int32(cls_tk), *dbias, *mods.window_args(), *mods.dropout_args(),
             *mods.softcap_args(scale))
 
 
@@ -212,7 +213,7 @@ def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, 
         kv_shape = (batch, kv_heads, n_k, d)
         maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc)))
         args = (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
-                np.float32(scale * LOG2E), *sm90_forward_mods_args(mods, dtype, d, scale))
+                np.float32(scale * LOG2E), *sm90_mods_args("fwd", mods, dtype, d, scale))
     else:
         log.debug("forward on mma.sync: %s", why_not)
         variant = jit.Variant("fwd", dtype, d, causal, mods.any, mods.dropout_p > 0)
@@ -294,13 +295,13 @@ def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int,
                                q_like={"q": q, "dout": dout}, kv={"k": k, "v": v}, mods=mods,
                                compute_capability=require_gpu(device_id).compute_capability)
     if why_not is None:
-        main = jit.Variant("bwd_sm90", dtype, d, causal)
+        main = jit.Variant("bwd_sm90", dtype, d, causal, mods.any, mods.dropout_p > 0)
         t = main.tiles
         kv_shape = (batch, kv_heads, n_k, d)
         maps = _tma_maps(dtype, ((q, shape, t.Br), (k, kv_shape, t.Bc), (v, kv_shape, t.Bc), (dout, shape, t.Br)))
         args = (*maps, _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv), *dk.bhn(), *dv.bhn(),
                 np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
-                np.float32(scale))
+                np.float32(scale), *sm90_mods_args("bwd", mods, dtype, d, scale))
     else:
         log.debug("backward on mma.sync: %s", why_not)
         main = jit.Variant("bwd", dtype, d, causal, mods.any, mods.dropout_p > 0)

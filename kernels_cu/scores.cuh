@@ -125,6 +125,31 @@ struct ScoreMods {
         }
     }
 
+    // scale_scores, keeping with soft-capping the derivative of each capped score, 1 - tanh², for the backward:
+    // cap_grad[nt][r] holds those of s[nt][2r] and s[nt][2r + 1] as an fp16 pair (half the registers of floats; dS
+    // is rounded to 16 bits after it anyway). The Hopper backward holds them instead of recomputing Sᵀ, which spilled.
+    template <int NT>
+    CF_DEVICE void scale_scores(float (*s)[4], float scale_log2, u32 (*cap_grad)[2]) const {
+        if (!softcap()) return scale_scores<NT>(s, scale_log2);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float t[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    t[c] = tanhf(s[nt][2 * r + c] * cap_in);
+                    s[nt][2 * r + c] = cap_out * t[c];
+                }
+                cap_grad[nt][r] = f16::pack(1.f - t[0] * t[0], 1.f - t[1] * t[1]);
+            }
+    }
+    // The factor of element (nt, e) kept by scale_scores(s, scale_log2, cap_grad).
+    static CF_DEVICE float cap_grad_at(const u32 (*cap_grad)[2], int nt, int e) {
+        const u32 pair = cap_grad[nt][e >> 1];
+        return f16::to_float((u16)(e & 1 ? pair >> 16 : pair & 0xffffu));
+    }
+
     // The random words of elements (row, col) and (row, col + 1), col even, of head `bh` = b·H + h.
     CF_DEVICE U4 random_pair(i64 bh, int row, int col) const {
         return philox(U4{(u32)col >> 1, (u32)row, (u32)bh, (u32)(bh >> 32)}, seed_lo, seed_hi);

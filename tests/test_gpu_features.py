@@ -437,7 +437,7 @@ def test_all_features_other_head_dims(head_dim, dtype, causal):
                    bias_grad=True)
 
 
-# ---- the Hopper forward with score mods ------------------------------------------------------------------------
+# ---- the Hopper kernels with score mods ------------------------------------------------------------------------
 
 def _is_hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -474,12 +474,12 @@ HOPPER_CASES = [  # (dtype, head_dim, causal, (Nq, Nk), Hq, Hkv, bias (shape, dt
                          ids=[f"{_name(c[0])}-d{c[1]}-{'causal' if c[2] else 'full'}-{c[3][0]}x{c[3][1]}-{c[4]}/{c[5]}"
                               f"-{c[6][0] if c[6] else 'nobias'}-w{c[7][0]}_{c[7][1]}-cap{c[8]}-p{c[9]}"
                               for c in HOPPER_CASES])
-def test_hopper_forward_takes_score_mods(dtype, head_dim, causal, lengths, h_q, h_kv, bias, window, softcap, p,
+def test_hopper_kernels_take_score_mods(dtype, head_dim, causal, lengths, h_q, h_kv, bias, window, softcap, p,
                                          caplog, monkeypatch):
-    """Bias (key padding as transformers passes it, broadcast, fp32 or 16-bit), windows, soft-cap and dropout, alone
-    and combined, run on the Hopper forward (no fallback in the launch log; the backward, which declines them, on
-    mma.sync from that forward's LSE), within the rule; the mma.sync forward (CUPYFLASH_SM90=0) gives the same LSE
-    (rows without keys: +inf from both) and its output is within the rule too."""
+    """Bias (key padding as transformers passes it, broadcast, fp32 or 16-bit, with its gradient), windows, soft-cap
+    and dropout, alone and combined, run on the Hopper kernels (no fallback in the launch log), within the rule; the
+    mma.sync forward (CUPYFLASH_SM90=0) gives the same LSE (rows without keys: +inf from both) and an output within
+    the rule, and the mma.sync backward from the Hopper forward's LSE gradients within it."""
     seed = seed_from("hopper mods", dtype, head_dim, causal, lengths, bias, window, softcap, p)
     q, k, v, dout = draw_inputs(BATCH, h_q, h_kv, *lengths, head_dim, dtype, "contiguous", seed,
                                 qk_scale=2.0 if softcap else 1.0)
@@ -497,8 +497,7 @@ def test_hopper_forward_takes_score_mods(dtype, head_dim, causal, lengths, h_q, 
     (out, lse, _, ref), why = launched(lambda: check_features(
         q, k, v, dout, attn_bias, causal=causal, window=window, dropout_p=p, seed=drop_seed, softcap=softcap,
         bias_grad=attn_bias is not None and attn_bias.dtype != torch.bool))
-    assert not any(m.startswith("forward on mma.sync") for m in why), why
-    assert any("Hopper backward has the plain and causal paths only" in m for m in why), why
+    assert why == [], why
 
     monkeypatch.setenv(launch.SM90_ENV, "0")
     scale = 1.0 / math.sqrt(head_dim)
@@ -513,6 +512,12 @@ def test_hopper_forward_takes_score_mods(dtype, head_dim, causal, lengths, h_q, 
     pt = attention_ref(q, k, v, dout, scale=scale, causal=causal, compute_dtype=dtype, bias=attn_bias, window=window,
                        dropout_keep=keep, dropout_p=p, softcap=softcap)
     assert_within_rule(out_mma, ref.out, pt.out, OUT_FACTOR, rounding_floor(ref.out, dtype), "out (mma.sync)")
+    # The passes choose their kernels independently: the mma.sync backward takes the Hopper forward's out and LSE
+    (dq, dk, dv, _), why = launched(lambda: run_bwd(dout, q, k, v, attn_bias, out, lse, scale, causal, window, p,
+                                                    drop_seed, False, softcap))
+    assert why == [f"backward on mma.sync: {launch.SM90_ENV}=0"], why
+    for name, ours, r, peer in zip(("dq", "dk", "dv"), (dq, dk, dv), (ref.dq, ref.dk, ref.dv), (pt.dq, pt.dk, pt.dv)):
+        assert_within_rule(ours, r, peer, GRAD_FACTOR, rounding_floor(r, dtype), f"{name} (mma.sync)")
 
 
 # ---- dropout under CUDA graphs --------------------------------------------------------------------------------

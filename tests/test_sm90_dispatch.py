@@ -3,6 +3,7 @@ no GPU: every call they decline runs on the mma.sync kernels, so a wrong "yes" h
 failed launch there."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -104,40 +105,41 @@ SCORE_MODS = {
     "dropout": launch.ScoreMods(dropout_p=0.1, seed_ptr=ALIGNED),
 }
 
+BIAS_WITH_GRAD = dataclasses.replace(SCORE_MODS["bias"], dbias=launch.Buf(ALIGNED, (0, 0, 0, 1)))
+
 
 @pytest.mark.parametrize("mod", sorted(SCORE_MODS))
 @pytest.mark.parametrize("d", sorted(FORWARD_SM90))
-def test_forward_takes_score_mods_backward_declines_them(mod, d):
-    common = dict(dtype="bfloat16", shape=(B, H, NQ, d), n_k=NK, kv_heads=HKV, mods=SCORE_MODS[mod],
-                  kv={"k": _buf((B, HKV, NK, d)), "v": _buf((B, HKV, NK, d))}, compute_capability=90)
-    q = _buf((B, H, NQ, d))
-    assert launch.sm90_unsupported("fwd", q_like={"q": q}, **common) is None
-    why = launch.sm90_unsupported("bwd", q_like={"q": q, "dout": q}, **common)
-    assert why is not None and "Hopper backward has the plain and causal paths only" in why, why
+def test_takes_score_mods(mod, d):
+    assert _why(d=d, mods=SCORE_MODS[mod]) is None
 
 
+@pytest.mark.parametrize("kernel,table", [("fwd", FORWARD_SM90), ("bwd", BACKWARD_SM90)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("d", sorted(FORWARD_SM90))
-def test_bias_classes_tile_the_hopper_forward(dtype, d):
-    """The faces classify bias tiles for the mma.sync forward's tiles; the Hopper forward reads them as whole
-    blocks of its own (scores.cuh tile_class_span)."""
-    tq, tk = launch.sm90_class_grid(dtype, d)
-    assert FORWARD_SM90[d].Br % tq == 0 and FORWARD_SM90[d].Bc % tk == 0
+def test_bias_classes_tile_the_hopper_kernels(kernel, table, dtype, d):
+    """The faces classify bias tiles for the mma.sync pass's tiles; the Hopper kernels read them as whole blocks of
+    their own (scores.cuh tile_class_span)."""
+    tq, tk = launch.sm90_class_grid(kernel, dtype, d)
+    assert table[d].Br % tq == 0 and table[d].Bc % tk == 0
 
 
-def _forward_params_after_scale() -> list:
-    """The declarations of flash_fwd_sm90_kernel's parameters after scale_log2, e.g. ["int cls_tq", ...]."""
+def _params_after_scales(kernel: str, last_scale: str) -> list:
+    """The declarations of `kernel`'s parameters after `last_scale`, e.g. ["int cls_tq", ...]."""
     src = jit.source_for(next(v for v in jit.all_variants() if v.kernel == "fwd_sm90"))
-    decls = [p.strip() for p in re.search(r"flash_fwd_sm90_kernel\((.*?)\)\s*\{", src, re.S).group(1).split(",")]
-    return decls[next(i for i, p in enumerate(decls) if p.endswith("scale_log2")) + 1:]
+    decls = [p.strip() for p in re.search(kernel + r"\((.*?)\)\s*\{", src, re.S).group(1).split(",")]
+    return decls[next(i for i, p in enumerate(decls) if p.endswith(" " + last_scale)) + 1:]
 
 
-@pytest.mark.parametrize("mods", [launch.ScoreMods(), *SCORE_MODS.values()], ids=["plain", *SCORE_MODS])
-def test_forward_mods_arguments_match_the_kernel(mods):
+@pytest.mark.parametrize("kernel,name,last_scale", [("fwd", "flash_fwd_sm90_kernel", "scale_log2"),
+                                                    ("bwd", "flash_bwd_sm90_kernel", "scale")])
+@pytest.mark.parametrize("mods", [launch.ScoreMods(), *SCORE_MODS.values(), BIAS_WITH_GRAD],
+                         ids=["plain", *SCORE_MODS, "bias+dbias"])
+def test_mods_arguments_match_the_kernel(kernel, name, last_scale, mods):
     """CuPy passes arguments by position without checking their count or sizes: the launch's score-mod arguments
-    are the kernel's parameters after scale_log2, one for one, of the same widths."""
-    decls = _forward_params_after_scale()
-    args = launch.sm90_forward_mods_args(mods, "bfloat16", 128, 0.125)
+    are the kernel's parameters after its scales, one for one, of the same widths."""
+    decls = _params_after_scales(name, last_scale)
+    args = launch.sm90_mods_args(kernel, mods, "bfloat16", 128, 0.125)
     assert len(args) == len(decls), (len(args), decls)
     widths = {"i64": 8, "int": 4, "u32": 4, "float": 4}
     for arg, decl in zip(args, decls):
