@@ -136,10 +136,10 @@ def all_variants() -> list[Variant]:
         for d in tiles.FORWARD:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         if dtype in SM90_DTYPES:
-            out += [Variant("fwd_sm90", dtype, d, c, m, p) for d in tiles.FORWARD_SM90 for c in (False, True)
-                    for m, p in FEATURE_SETS]
-            out += [Variant("bwd_sm90", dtype, d, c, m, p) for d in tiles.BACKWARD_SM90 for c in (False, True)
-                    for m, p in FEATURE_SETS]
+            # with score mods a causal call runs as a window (launch.sm90_variant): no causal mods variants
+            out += [Variant(k, dtype, d, c, m, p) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
+                                                                    ("bwd_sm90", tiles.BACKWARD_SM90))
+                    for d in table for c in (False, True) for m, p in FEATURE_SETS if not (c and m)]
         for d in tiles.BACKWARD:
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

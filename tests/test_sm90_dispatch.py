@@ -145,3 +145,20 @@ def test_mods_arguments_match_the_kernel(kernel, name, last_scale, mods):
     for arg, decl in zip(args, decls):
         size = 8 if "*" in decl else widths[decl.split()[-2]]
         assert arg.nbytes == size, (decl, arg.dtype)
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mods", [launch.ScoreMods(), *SCORE_MODS.values(), launch.ScoreMods(window=(16, 4))],
+                         ids=["plain", *SCORE_MODS, "window-right"])
+def test_every_hopper_launch_has_a_compiled_variant(kernel, causal, mods):
+    """The variant a call runs is one CI compiles; with score mods a causal mask becomes the window's right edge at
+    the diagonal (its left edge kept), on the non-causal variant."""
+    variant, run_mods = launch.sm90_variant(kernel, "bfloat16", 128, causal, mods)
+    assert variant in jit.all_variants(), variant
+    assert (variant.mods, variant.dropout) == (mods.any, mods.dropout_p > 0)
+    if causal and mods.any:
+        assert not variant.causal and run_mods.window == (mods.window[0], 0)
+        assert dataclasses.replace(run_mods, window=mods.window) == mods
+    else:
+        assert variant.causal == causal and run_mods == mods
