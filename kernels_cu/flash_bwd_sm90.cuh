@@ -184,10 +184,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // Element (nt, e) of Sᵀ, dPᵀ: key key0 + 8·(e/2), query q0 + query_of(nt, e)
         auto query_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };
         auto key_of = [&](int e) { return key0 + (e >> 1) * 8; };
-        // The plain path runs its softmax under dPᵀ's GEMM; the mods' (tanh, bias loads) went past the register
-        // budget beside dPᵀ's accumulators (d128 spilled), so there dPᵀ starts after Pᵀ, and the dropout mask is
-        // drawn under Sᵀ's GEMM (beside Sᵀ and dPᵀ both, its Philox rounds spilled too).
-        if constexpr (!Mods) issue_dpt();
+        // The softmax runs under dPᵀ's GEMM, but with mods on 128-column dK/dV (d96, d128) their code (tanh, bias
+        // loads) went past the register budget beside dPᵀ's accumulators: there dPᵀ starts after Pᵀ, and the
+        // dropout mask is drawn under Sᵀ's GEMM (beside Sᵀ and dPᵀ both, its Philox rounds spilled too).
+        constexpr bool kDptUnderSoftmax = !Mods || DKV <= 64;
+        if constexpr (kDptUnderSoftmax) issue_dpt();
         u32 keep_bits = 0xffffffffu;  // dropout: bit nt·4 + e set where the forward kept that score
         if (Mods && mods.dropout()) {
             // The forward's Philox words (scores.cuh). The loop over nt stays rolled, as flash_bwd.cuh's: unrolled,
@@ -209,10 +210,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
             for (int r = 0; r < 2; ++r) lim[r] = key0 + 8 * r >= Nk ? Br : Causal ? key0 + 8 * r - diag - q0 : 0;
         }
-        if constexpr (Mods)
-            wgmma_wait<0>();  // Sᵀ
-        else
+        if constexpr (kDptUnderSoftmax)
             wgmma_wait<1>();  // Sᵀ; dPᵀ still running
+        else
+            wgmma_wait<0>();  // Sᵀ
         fence_operands(st);
         u32 cap_grad[Br / 8][2];  // soft-capping: 1 - tanh² of each score (scores.cuh scale_scores)
         // ... parked in shared memory from the scores to dS: held in registers across the dPᵀ wait, they spilled d128
@@ -252,10 +253,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
                 for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2(st[nt][e] - lse2[e & 1]);
             }
-            fence_operands(st);
-            fence_operands(dpt);
-            wgmma_fence();
-            issue_dpt();
+            if constexpr (!kDptUnderSoftmax) {
+                fence_operands(st);
+                fence_operands(dpt);
+                wgmma_fence();
+                issue_dpt();
+            }
         } else {
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt) {
