@@ -2,6 +2,10 @@
 a dense causal mask within 1.3x of our causal flag, a padding mask within 1.2x of no mask).
 
     python benchmarks/mask_bench.py --out benchmarks/results/masks-<GPU>.md
+    python benchmarks/mask_bench.py --hopper-mods --out benchmarks/results/hopper-mods-<GPU>.md
+
+--hopper-mods (sm_90, issue 14's targets): each score mod on the Hopper kernels beside their plain (or causal) path
+and beside the same call on the mma.sync kernels (CUPYFLASH_SM90=0), in one run.
 
 Shapes: bf16, batch x N = 16k tokens, heads x head_dim = 2048; forward and backward timed separately (median,
 L2 flushed, benchmarks' usual timer). The padding mask drops the last 25% of the keys of every other sequence.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cupyflash
 from cupyflash.gpu_timing import median_timer
+from cupyflash.launch import SM90_ENV
 
 
 def masks(batch: int, n: int, device) -> dict:
@@ -39,6 +45,42 @@ def cases(batch: int, n: int, device):
     ]
 
 
+def hopper_mod_cases(batch: int, n: int, device):
+    """(name, cupyflash kwargs, the name of the case it is measured against) per score mod."""
+    m = masks(batch, n, device)
+    return [
+        ("no mask", {}, "no mask"),
+        ("causal flag", {"causal": True}, "causal flag"),
+        ("dense causal mask", {"attn_bias": m["dense causal"]}, "causal flag"),
+        ("padding mask", {"attn_bias": m["padding"]}, "no mask"),
+        ("sliding window N/8 + causal", {"causal": True, "window": (n // 8, 0)}, "causal flag"),
+        ("soft-cap 30", {"softcap": 30.0}, "no mask"),
+        ("soft-cap 30 + causal + window N/8", {"causal": True, "softcap": 30.0, "window": (n // 8, 0)},
+         "causal flag"),
+        ("dropout 0.1", {"dropout_p": 0.1}, "no mask"),
+    ]
+
+
+def hopper_mod_rows(bench, d: int, n: int) -> list:
+    """Table rows: each mod on the Hopper kernels, its ratio to the Hopper plain/causal path, and mma.sync's time."""
+    heads, batch = 2048 // d, max(1, 16384 // n)
+    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    rows, hopper = [], {}
+    for name, kw, base in hopper_mod_cases(batch, n, q.device):
+        times = {}
+        for kernels, env in (("hopper", "1"), ("mma.sync", "0")):
+            os.environ[SM90_ENV] = env
+            times[kernels] = time_fwd_bwd(bench, lambda: cupyflash.flash_attention(q, k, v, **kw), (q, k, v))
+        os.environ.pop(SM90_ENV)
+        hopper[name] = times["hopper"]
+        (f, b), (mf, mb), (bf, bb) = times["hopper"], times["mma.sync"], hopper[base]
+        rows.append(f"| {d} | {n} | {name} | {f:.3f} / {b:.3f} | {f / bf:.2f}, {b / bb:.2f} ({base}) | "
+                    f"{mf:.3f} / {mb:.3f} | {mf / f:.2f}, {mb / b:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def time_fwd_bwd(bench, fn, inputs):
     out = fn()
     dout = torch.randn_like(out)
@@ -52,8 +94,18 @@ def main():
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--seqlens", default="2048,8192")
     ap.add_argument("--out", help="write the markdown table here too")
+    ap.add_argument("--hopper-mods", action="store_true", help="each score mod on the Hopper kernels vs mma.sync")
     args = ap.parse_args()
     method, bench = median_timer()
+    if args.hopper_mods:
+        rows = [f"GPU: **{torch.cuda.get_device_name()}** · torch {torch.__version__} · {method} · bf16", "",
+                "| D | N | mod | Hopper fwd / bwd ms | ratio to Hopper's (fwd, bwd) | mma.sync fwd / bwd ms | "
+                "mma.sync / Hopper (fwd, bwd) |", "|---|---|---|---|---|---|---|"]
+        for d in (int(x) for x in args.head_dims.split(",")):
+            for n in (int(x) for x in args.seqlens.split(",")):
+                rows += hopper_mod_rows(bench, d, n)
+        _write(args.out, "Score mods on the Hopper kernels", rows)
+        return
     rows = [f"GPU: **{torch.cuda.get_device_name()}** · torch {torch.__version__} · {method}", "",
             "| D | N | mask | cupyflash fwd ms | cupyflash bwd ms | ratio to its flag/no-mask path (fwd, bwd) | "
             "SDPA efficient fwd/bwd ms | SDPA cuDNN fwd/bwd ms |", "|---|---|---|---|---|---|---|---|"]
@@ -79,10 +131,14 @@ def main():
                 rows.append(f"| {d} | {n} | {name} | {f:.3f} | {b:.3f} | {f / base[0]:.2f}, {b / base[1]:.2f} | "
                             f"{peers[0]} | {peers[1]} |")
                 print(rows[-1], flush=True)
+    _write(args.out, "Masks as tensors vs the built-in paths", rows)
+
+
+def _write(path, title: str, rows: list) -> None:
     table = "\n".join(rows)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("# Masks as tensors vs the built-in paths\n\n" + table + "\n")
+    if path:
+        with open(path, "w") as fh:
+            fh.write(f"# {title}\n\n" + table + "\n")
     print(table)
 
 

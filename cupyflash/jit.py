@@ -90,10 +90,10 @@ class Variant:
             return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {fresh}, {flags}>"
         if self.kernel == "fwd_sm90":
             return (f"cupyflash::flash_fwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {t.Br}, {t.Bc}, "
-                    f"{str(self.causal).lower()}, {t.stages}>")
+                    f"{str(self.causal).lower()}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
         if self.kernel == "bwd_sm90":
             return (f"cupyflash::flash_bwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
-                    f"{t.Br}, {t.Bc}, {t.stages}>")
+                    f"{t.Br}, {t.Bc}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
         if self.kernel == "bwd":
             return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {str(t.fuse_sdp).lower()}, {flags}>"
         if self.kernel == "bwd_preprocess":
@@ -112,7 +112,7 @@ class Variant:
         if self.kernel == "fwd_sm90":
             return tiles.sm90_forward_smem_bytes(self.head_dim, self.tiles)
         if self.kernel == "bwd_sm90":
-            return tiles.sm90_backward_smem_bytes(self.head_dim, self.tiles)
+            return tiles.sm90_backward_smem_bytes(self.head_dim, self.tiles, self.mods)
         if self.kernel == "bwd":
             return tiles.backward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
         return 0
@@ -136,8 +136,10 @@ def all_variants() -> list[Variant]:
         for d in tiles.FORWARD:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         if dtype in SM90_DTYPES:
-            out += [Variant("fwd_sm90", dtype, d, c) for d in tiles.FORWARD_SM90 for c in (False, True)]
-            out += [Variant("bwd_sm90", dtype, d, c) for d in tiles.BACKWARD_SM90 for c in (False, True)]
+            # with score mods a causal call runs as a window (launch.sm90_variant): no causal mods variants
+            out += [Variant(k, dtype, d, c, m, p) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
+                                                                    ("bwd_sm90", tiles.BACKWARD_SM90))
+                    for d in table for c in (False, True) for m, p in FEATURE_SETS if not (c and m)]
         for d in tiles.BACKWARD:
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

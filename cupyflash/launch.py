@@ -5,6 +5,7 @@ launches a plan's kernels. Both faces (torch op, CuPy arrays) reach it through c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -115,7 +116,7 @@ class ScoreMods:
 
     bias: Buf | None = None  # (B, H, Nq, Nk) strides, 0 along broadcast dims
     bias_f32: bool = False  # else the bias has q's dtype
-    tile_classes: Buf | None = None  # int8 TileClass per bias tile of this pass (cupyflash/tile_classes.py)
+    tile_classes: Buf | None = None  # int8 TileClass per tile of the plan's kernel (cupyflash/tile_classes.py)
     dbias: Buf | None = None  # fp32 accumulator shaped like the bias (backward only)
     window: tuple = (-1, -1)  # (left, right) keys around the diagonal; -1: unbounded
     dropout_p: float = 0.0
@@ -178,8 +179,6 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
         return f"dtype {dtype}: it takes {' and '.join(jit.SM90_DTYPES)}"
     if d not in table:
         return f"head_dim {d}: it takes {tuple(table)}"
-    if mods_any:
-        return "a bias, window, dropout or soft-cap: it has the plain and causal paths only"
     if 0 in shape:
         return f"an empty tensor {shape}"
     kv_shape = (batch, kv_heads, n_k, d)
@@ -189,6 +188,26 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
             if reason is not None:
                 return f"{name}: {reason}"
     return None
+
+
+def sm90_variant(kernel: str, dtype: str, head_dim: int, causal: bool, mods: ScoreMods) -> tuple:
+    """(variant, mods) the Hopper kernel of pass `kernel` runs a call with. With score mods a causal mask is the
+    window's right edge at the diagonal, which the kernels apply alike (scores.cuh make_score_mods), so causal calls
+    take the non-causal variant with right = 0: a third fewer variants to compile (CI's compile check)."""
+    if mods.any and causal:
+        causal, mods = False, dataclasses.replace(mods, window=(mods.window[0], 0))
+    return jit.Variant(f"{kernel}_sm90", dtype, head_dim, causal, mods.any, mods.dropout_p > 0), mods
+
+
+def sm90_mods_args(kernel: str, mods: ScoreMods, tiles, scale: float) -> tuple:
+    """The score-mod arguments of the Hopper kernel of pass `kernel` (after its scales): the mma.sync kernel's,
+    with the tile classes' tile size after their strides (the plan classifies the bias in this kernel's tiles;
+    kernels_cu/scores.cuh tile_class_span also combines smaller ones). No-ops for the plain variants."""
+    cls_tq, cls_tk = (tiles.Br, tiles.Bc) if mods.tile_classes is not None else (1, 1)
+    dbias = mods.bias_args(mods.dbias) if kernel == "bwd" else ()
+    return (*mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
+            np.int32(cls_tq), np.int32(cls_tk), *dbias, *mods.window_args(), *mods.dropout_args(),
+            *mods.softcap_args(scale))
 
 
 def _tma_maps(dtype: str, bufs) -> list:
@@ -205,7 +224,7 @@ def sm90_forward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: B
     kv_shape = (batch, kv_heads, n_k, d)
     maps = _tma_maps(dtype, ((q, shape, tiles.Br), (k, kv_shape, tiles.Bc), (v, kv_shape, tiles.Bc)))
     return (*maps, _ptr(out), _ptr(lse), *out.bhn(), np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads),
-            np.float32(scale * LOG2E))
+            np.float32(scale * LOG2E), *sm90_mods_args("fwd", mods, tiles, scale))
 
 
 def mma_forward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
@@ -227,7 +246,8 @@ def sm90_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: 
     maps = _tma_maps(dtype, ((q, shape, tiles.Br), (k, kv_shape, tiles.Bc), (v, kv_shape, tiles.Bc),
                              (dout, shape, tiles.Br)))
     return (*maps, _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv), *dk.bhn(), *dv.bhn(),
-            np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale))
+            np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
+            *sm90_mods_args("bwd", mods, tiles, scale))
 
 
 def mma_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf,

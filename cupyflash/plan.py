@@ -147,16 +147,18 @@ def plan_for(layout: CallLayout) -> Plan:
         launch.require_backward(layout.shape[3])
     batch, heads, n_q, d = layout.shape
     mma = jit.Variant(layout.kernel, layout.dtype, d, layout.causal, _mods_any(layout), layout.dropout_p > 0)
-    # The bias is classified in the tiles of the kernel that reads it; the Hopper kernels take no bias today, so a
-    # plan with a bias is decided on the mma.sync tiles first and checked below.
+    # The bias is classified in the tiles of the kernel that reads it: on the mma.sync tiles first (the family
+    # is not known yet), again below if the Hopper kernel takes the call.
     classes_shape = None if layout.bias is None else _classes_shape(layout.bias.shape, mma.tiles)
     mods = _score_mods(layout, classes_shape)
     family, why = choose_family(layout, mods)
-    variant = jit.Variant(f"{layout.kernel}_sm90", layout.dtype, d, layout.causal) if family == HOPPER else mma
+    variant = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)[0] if family == HOPPER else mma
     t = variant.tiles
     if layout.bias is not None and _classes_shape(layout.bias.shape, t) != classes_shape:
         classes_shape = _classes_shape(layout.bias.shape, t)
         mods = _score_mods(layout, classes_shape)
+    if family == HOPPER:
+        mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)[1]
     bufs = {name: Buf(Slot(name), strides) for name, strides, _ in layout.bufs}
     common = dict(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
                   scale=layout.scale, mods=mods, tiles=t)

@@ -138,12 +138,14 @@ def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
     return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (1 + 4 * t.stages) + 1024
 
 
-def sm90_backward_smem_bytes(d: int, t: Sm90Tiles) -> int:
+def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:
     """K and V, the Q and dO slots, two dSᵀ tiles (16-bit, swizzled), LSE and D per slot (fp32), the mbarriers
-    (kv_full, then full and empty per stage) and 1 KiB of alignment slack."""
+    (kv_full, then full and empty per stage), with score mods the soft-cap derivatives of each consumer thread's
+    Br / 2 scores (fp16), and 1 KiB of alignment slack."""
     d = t.tile_head_dim(d)
+    cap_grad = 256 * t.Br // 2 * 2 if mods else 0
     return ((2 * t.Bc + 2 * t.stages * t.Br) * d * 2 + 2 * t.Bc * t.Br * 2 + t.stages * 2 * t.Br * 4
-            + 8 * (1 + 2 * t.stages) + 1024)
+            + 8 * (1 + 2 * t.stages) + cap_grad + 1024)
 
 
 def backward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:

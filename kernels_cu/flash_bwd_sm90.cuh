@@ -8,24 +8,32 @@
 //   the fp32 accumulator (red.global.add.v4), or, where the tensors' columns fit in D/2, the sum over its 64 keys of
 //   all of them.
 // A second producer warp stages LSE_i · log2 e and D_i in shared memory beside each Q/dO slot.
-// The plain path only: 16-bit types, at most a causal mask (cupyflash/launch.py sends everything else to
-// flash_bwd.cuh). flash_bwd.cuh's flash_bwd_preprocess (D) and flash_bwd_convert_dq run before and after.
+// 16-bit types. Mods compiles in the score mods of scores.cuh (bias with its tile classes and gradient, window,
+// soft-cap; Dropout the dropout) as flash_bwd.cuh applies them, so it takes either forward's LSE and dropout mask;
+// Mods = false is the plain path (at most a causal mask). flash_bwd.cuh's flash_bwd_preprocess (D) and
+// flash_bwd_convert_dq run before and after.
 #pragma once
-#include "common.cuh"
+#include "scores.cuh"
 #include "wgmma.cuh"
 
 namespace cupyflash {
 
 // Tile sizes: cupyflash/tiles.py BACKWARD_SM90. D and DHead as in flash_fwd_sm90.cuh: tiles of D columns, tensors of
-// DHead (dQ_accum too), the columns past DHead zero, skipped by Sᵀ and dPᵀ (head_k_steps) and never stored.
-template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages>
+// DHead (dQ_accum too), the columns past DHead zero, skipped by Sᵀ and dPᵀ (head_k_steps) and never stored. The
+// score mods' arguments are flash_bwd_kernel's, with cls_tq x cls_tk (the tiles tile_cls classifies) after the
+// classes' strides; they come last so the plain path's others keep their places.
+template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                       const __grid_constant__ TmaDesc tm_v, const __grid_constant__ TmaDesc tm_do,
                       const float* __restrict__ lse, const float* __restrict__ d_vec, float* __restrict__ dq_accum,
                       typename T::elem* __restrict__ dk, typename T::elem* __restrict__ dv, i64 dk_sb, i64 dk_sh,
                       i64 dk_sn, i64 dv_sb, i64 dv_sh, i64 dv_sn, int Nq, int Nk, int group, float scale_log2,
-                      float scale) {
+                      float scale, const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
+                      const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn, int cls_tq,
+                      int cls_tk, float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
+                      int win_left, int win_right, u32 keep_threshold, float inv_keep,
+                      const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
     static_assert(DHead <= D && DHead % 8 == 0, "16-byte rows within the tiles");
     constexpr int DKV = head_cols(D, DHead);  // dK's and dV's columns
     // dQ_i's split between the warpgroups: by columns (D/2 each, over all Bc keys), or where DHead fits in D/2 (d32 on
@@ -44,6 +52,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const u32 sdS0 = sdO0 + kStages * TileQ::bytes();
     const u32 sRow0 = sdS0 + 2 * TileDS::bytes();  // per stage: LSE_i · log2 e, then D_i (Br floats each)
     const u32 bars = sRow0 + kStages * 2 * Br * 4;  // kv_full, qdo_full[S], q_empty[S]
+    // Mods: each consumer thread's soft-cap derivatives (Br / 4 u32, element i of thread t at [i][t], conflict-free)
+    const u32 sCapGrad = bars + 8 * (1 + 2 * kStages);
     auto sQ = [&](int it) { return sQ0 + (it % kStages) * TileQ::bytes(); };
     auto sdO = [&](int it) { return sdO0 + (it % kStages) * TileQ::bytes(); };
     auto sdS = [&](int it) { return sdS0 + (it % 2) * TileDS::bytes(); };
@@ -57,13 +67,36 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
     const int diag = Nk - Nq;
-    // Query blocks that see a key of this block: causal, i + diag >= k0 for some row i of the block.
-    const int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
-    const int i_end = ceil_div(Nq, Br);
+    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
+                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
+                                                             win_right, keep_threshold, seed, cap_in, cap_out);
+    // Query blocks that see a key of this block: causal, i + diag >= k0 for some row i of the block; with Mods,
+    // i + diag - left <= j <= i + diag + right for some key j of the block.
+    int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
+    int i_end = ceil_div(Nq, Br);
+    if constexpr (Mods) {
+        i_begin = max(0, k0 - mods.diag - mods.right) / Br;
+        i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
+    }
     const int n_blocks = max(0, i_end - i_begin);
     const int n_pairs = group * n_blocks;  // (query head in the group, Q block) pairs
     auto head_of = [&](int it) { return h_kv * group + it / n_blocks; };
     auto block_of = [&](int it) { return i_begin + it % n_blocks; };
+    // The pairs this block visits, in the one order the producer's two loops and the consumers walk: less those
+    // whose bias tile is kTileSkip (Mods).
+    auto pair_class = [&](int it) {
+        return mods.template tile_class_span<Br, Bc>(b, head_of(it), block_of(it) * Br, k0, cls_tq, cls_tk);
+    };
+    int it_begin = 0, it_end = n_pairs;
+    if constexpr (Mods) {
+        if (tile_cls != nullptr)  // the whole block, before the warpgroups part
+            trim_skipped<384>(it_begin, it_end, [&](int it) { return pair_class(it) == kTileSkip; }, tid);
+    }
+    auto next_pair = [&](int it) {
+        if constexpr (Mods)
+            while (it < it_end && tile_cls != nullptr && pair_class(it) == kTileSkip) ++it;
+        return it;
+    };
 
     if (tid == 0) {
         mbar_init(kv_full, 1);
@@ -81,29 +114,31 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         regs_dealloc<40>();
         if (warp == 9) {  // LSE_i · log2 e and D_i into shared memory; rows past Nq: P = exp2(s - inf) = 0, D = 0
             static_assert(Br == 64, "two rows per lane");
-            for (int it = 0; it < n_pairs; ++it) {
+            for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
+                const int n = Mods ? n_done : it;  // pairs before this one: its slot and phase (plain: it, see below)
                 const int q0 = block_of(it) * Br;
                 const i64 row0 = ((i64)b * H + head_of(it)) * Nq + q0;
-                mbar_wait(q_empty(it), phase(it) ^ 1);
-                const u32 dst = sLse(it) + 4 * lane;
+                mbar_wait(q_empty(n), phase(n) ^ 1);
+                const u32 dst = sLse(n) + 4 * lane;
 #pragma unroll
                 for (int r = 0; r < Br; r += 32) {
                     const bool ok = q0 + r + lane < Nq;
                     st_shared_f32(dst + 4 * r, ok ? lse[row0 + r + lane] * kLog2e : inf_f());
                     st_shared_f32(dst + 4 * (Br + r), ok ? d_vec[row0 + r + lane] : 0.f);
                 }
-                mbar_arrive(qdo_full(it));  // release: the stores are seen by the consumers' wait
+                mbar_arrive(qdo_full(n));  // release: the stores are seen by the consumers' wait
             }
         }
         if (tid == 256) {  // one thread issues every copy
             mbar_arrive_expect_tx(kv_full, 2 * TileKV::bytes());
             tma_tile<Bc, D>(sK, tm_k, k0, h_kv, b, kv_full);
             tma_tile<Bc, D>(sV, tm_v, k0, h_kv, b, kv_full);
-            for (int it = 0; it < n_pairs; ++it) {
-                mbar_wait(q_empty(it), phase(it) ^ 1);
-                mbar_arrive_expect_tx(qdo_full(it), 2 * TileQ::bytes());
-                tma_tile<Br, D>(sQ(it), tm_q, block_of(it) * Br, head_of(it), b, qdo_full(it));
-                tma_tile<Br, D>(sdO(it), tm_do, block_of(it) * Br, head_of(it), b, qdo_full(it));
+            for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
+                const int n = Mods ? n_done : it;
+                mbar_wait(q_empty(n), phase(n) ^ 1);
+                mbar_arrive_expect_tx(qdo_full(n), 2 * TileQ::bytes());
+                tma_tile<Br, D>(sQ(n), tm_q, block_of(it) * Br, head_of(it), b, qdo_full(n));
+                tma_tile<Br, D>(sdO(n), tm_do, block_of(it) * Br, head_of(it), b, qdo_full(n));
             }
         }
         return;
@@ -119,10 +154,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
     mbar_wait(kv_full, 0);
-    for (int it = 0; it < n_pairs; ++it) {
+    for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
+        // Pairs done before this one: its slots and phases, as the producer's. The plain path, which visits every
+        // pair from 0, uses it: two counters in step moved the forward's plain loop out of uniform registers.
+        const int n = Mods ? n_done : it;
         const int hq = head_of(it), q0 = block_of(it) * Br;
         const i64 bh = (i64)b * H + hq;
-        mbar_wait(qdo_full(it), phase(it));
+        mbar_wait(qdo_full(n), phase(n));
         // K's and V's descriptors recomputed per block from opaque bases: hoisted out of the loop, the 40 of them
         // spilled (184 bytes on d128).
         u32 k_base = sK, v_base = sV;
@@ -134,42 +172,161 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < head_k_steps(DHead); ++kk)
-            Wgmma<T, Br>::template ss<0, 0>(st, TileKV::desc_k(k_base, key_row0, kk), TileQ::desc_k(sQ(it), 0, kk), kk > 0);
+            Wgmma<T, Br>::template ss<0, 0>(st, TileKV::desc_k(k_base, key_row0, kk), TileQ::desc_k(sQ(n), 0, kk), kk > 0);
         wgmma_commit();
+        auto issue_dpt = [&] {
 #pragma unroll
-        for (int kk = 0; kk < head_k_steps(DHead); ++kk)
-            Wgmma<T, Br>::template ss<0, 0>(dpt, TileKV::desc_k(v_base, key_row0, kk), TileQ::desc_k(sdO(it), 0, kk), kk > 0);
-        wgmma_commit();
+            for (int kk = 0; kk < head_k_steps(DHead); ++kk)
+                Wgmma<T, Br>::template ss<0, 0>(dpt, TileKV::desc_k(v_base, key_row0, kk), TileQ::desc_k(sdO(n), 0, kk),
+                                                kk > 0);
+            wgmma_commit();
+        };
+        // Element (nt, e) of Sᵀ, dPᵀ: key key0 + 8·(e/2), query q0 + query_of(nt, e)
+        auto query_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };
+        auto key_of = [&](int e) { return key0 + (e >> 1) * 8; };
+        // The softmax runs under dPᵀ's GEMM, but with mods on 128-column dK/dV (d96, d128) their code (tanh, bias
+        // loads) went past the register budget beside dPᵀ's accumulators: there dPᵀ starts after Pᵀ, and the
+        // dropout mask is drawn under Sᵀ's GEMM (beside Sᵀ and dPᵀ both, its Philox rounds spilled too).
+        constexpr bool kDptUnderSoftmax = !Mods || DKV <= 64;
+        if constexpr (kDptUnderSoftmax) issue_dpt();
+        u32 keep_bits = 0xffffffffu;  // dropout: bit nt·4 + e set where the forward kept that score
+        if (Mods && mods.dropout()) {
+            // The forward's Philox words (scores.cuh). The loop over nt stays rolled, as flash_bwd.cuh's: unrolled,
+            // all Br/2 Philox chains would interleave beside the accumulators.
+            keep_bits = 0;
+#pragma unroll 1
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const U4 rnd = mods.random_pair(bh, q0 + query_of(nt, e), key_of(e) & ~1);
+                    keep_bits |= (u32)(((key_of(e) & 1) ? rnd.y : rnd.x) < keep_threshold) << (nt * 4 + e);
+                }
+        }
 
-        // Masked scores, as one compare per score: those of columns below a per-row limit (keys past Nk: the whole
-        // row; causal: the queries before key - diag).
+        // The plain path's masked scores, as one compare per score: those of columns below a per-row limit (keys
+        // past Nk: the whole row; causal: the queries before key - diag).
         int lim[2];
+        if constexpr (!Mods) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) lim[r] = key0 + 8 * r >= Nk ? Br : Causal ? key0 + 8 * r - diag - q0 : 0;
-        wgmma_wait<1>();  // Sᵀ; dPᵀ still running
+            for (int r = 0; r < 2; ++r) lim[r] = key0 + 8 * r >= Nk ? Br : Causal ? key0 + 8 * r - diag - q0 : 0;
+        }
+        if constexpr (kDptUnderSoftmax)
+            wgmma_wait<1>();  // Sᵀ; dPᵀ still running
+        else
+            wgmma_wait<0>();  // Sᵀ
         fence_operands(st);
+        u32 cap_grad[Br / 8][2];  // soft-capping: 1 - tanh² of each score (scores.cuh scale_scores)
+        // ... parked in shared memory from the scores to dS: held in registers across the dPᵀ wait, they spilled d128
+        auto cap_grad_at = [&](int nt, int r) { return sCapGrad + 4 * ((nt * 2 + r) * 256 + tid); };
+        if constexpr (Mods) {
+            // Pᵀ = exp2(logit - LSE) with the logits as flash_bwd.cuh's: cap, bias (per element, on the tiles that
+            // read it; rows past Nq need no mask: their LSE is +inf, so P = 0), then the visibility mask on the
+            // blocks that cross the sequence end or a window edge.
+            mods.template scale_scores<Br / 8>(st, scale_log2, cap_grad);
+            if (mods.softcap()) {
+#pragma unroll
+                for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) st_shared_f32(cap_grad_at(nt, r), __uint_as_float(cap_grad[nt][r]));
+            }
+            if (mods.has_bias() && pair_class(it) == kTileRead) {
+                const i64 block_off = mods.bias_row(b, hq, q0);  // element (q0, 0) of this head's bias
+#pragma unroll
+                for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (q0 + query_of(nt, e) < Nq && key_of(e) < Nk)
+                            st[nt][e] = mods.template add_bias<T>(
+                                st[nt][e], block_off + query_of(nt, e) * mods.bias_sm + key_of(e) * mods.bias_sn);
+            }
+            if (k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right || k0 < q0 + Br - 1 + mods.diag - mods.left) {
+#pragma unroll
+                for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (!mods.visible(q0 + query_of(nt, e), key_of(e))) st[nt][e] = -inf_f();
+            }
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt) {
+                float lse2[2];
+                lds_f32x2(lse2[0], lse2[1], sLse(n) + 4 * query_of(nt, 0));
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2(st[nt][e] - lse2[e & 1]);
+            }
+            if constexpr (!kDptUnderSoftmax) {
+                fence_operands(st);
+                fence_operands(dpt);
+                wgmma_fence();
+                issue_dpt();
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt) {
+                float lse2[2];
+                lds_f32x2(lse2[0], lse2[1], sLse(n) + 4 * (nt * 8 + 2 * (lane % 4)));
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        float& x = st[nt][2 * r + c];
+                        x = nt * 8 + 2 * (lane % 4) + c < lim[r] ? 0.f : fast_exp2(x * scale_log2 - lse2[c]);
+                    }
+            }
+        }
+        auto kept = [&](int nt, int e) { return (keep_bits >> (nt * 4 + e)) & 1u; };
+        wgmma_wait<0>();  // dPᵀ
+        fence_operands(dpt);
+        // dSᵀ = Pᵀ ∘ (dPᵀ - D_i), with dropout dP of the kept elements scaled by 1 / keep probability (flash_bwd.cuh)
 #pragma unroll
         for (int nt = 0; nt < Br / 8; ++nt) {
-            float lse2[2];
-            lds_f32x2(lse2[0], lse2[1], sLse(it) + 4 * (nt * 8 + 2 * (lane % 4)));
+            float d_i[2];
+            lds_f32x2(d_i[0], d_i[1], sLse(n) + 4 * (Br + nt * 8 + 2 * (lane % 4)));
 #pragma unroll
             for (int c = 0; c < 2; ++c)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    float& x = st[nt][2 * r + c];
-                    x = nt * 8 + 2 * (lane % 4) + c < lim[r] ? 0.f : fast_exp2(x * scale_log2 - lse2[c]);
+                    float dp = dpt[nt][2 * r + c];
+                    if (Mods && mods.dropout()) dp = kept(nt, 2 * r + c) ? dp * inv_keep : 0.f;
+                    dpt[nt][2 * r + c] = st[nt][2 * r + c] * (dp - d_i[c]);
                 }
         }
-        wgmma_wait<0>();  // dPᵀ
-        fence_operands(dpt);
+        if constexpr (Mods) {
+            // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics; before the
+            // soft-cap's factor, as the bias adds after the cap.
+            if (dbias != nullptr) {
+                // This lane's first element's address, opaque so that it is computed here, per block: hoisted to the
+                // prologue, its 64-bit parts were the values spilled (d96)
+                float* dbias_lane = dbias + b * dbias_sb + hq * dbias_sh + (i64)(q0 + query_of(0, 0)) * dbias_sm +
+                                    (i64)key0 * dbias_sn;
+                asm volatile("" : "+l"(dbias_lane));
 #pragma unroll
-        for (int nt = 0; nt < Br / 8; ++nt) {
-            float d_i[2];
-            lds_f32x2(d_i[0], d_i[1], sLse(it) + 4 * (Br + nt * 8 + 2 * (lane % 4)));
+                for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
-            for (int c = 0; c < 2; ++c)
+                    for (int e = 0; e < 4; ++e)
+                        if (q0 + query_of(nt, e) < Nq && key_of(e) < Nk)
+                            atomicAdd(dbias_lane + (nt * 8 + (e & 1)) * dbias_sm + (e >> 1) * 8 * dbias_sn, dpt[nt][e]);
+            }
+            // dV takes P with dropout applied: zeroed, the kept ones scaled by 1 / keep probability
+            if (mods.dropout()) {
 #pragma unroll
-                for (int r = 0; r < 2; ++r) dpt[nt][2 * r + c] = st[nt][2 * r + c] * (dpt[nt][2 * r + c] - d_i[c]);
+                for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) st[nt][e] = kept(nt, e) ? st[nt][e] * inv_keep : 0.f;
+            }
+        }
+        // Soft-capping: dS w.r.t. scale · q·k is dS · (1 - tanh²) of the capped score. Its flag is read afresh from
+        // the parameter: held from the first test, it was the one value spilled (d96 with dropout).
+        float cap_now = cap_out;
+        asm volatile("" : "+f"(cap_now));
+        if (Mods && cap_now != 0.f) {
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) cap_grad[nt][r] = __float_as_uint(lds_f32(cap_grad_at(nt, r)));
+#pragma unroll
+            for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dpt[nt][e] *= mods.cap_grad_at(cap_grad, nt, e);
         }
         // dSᵀ (in dpt) to shared memory for dQ; Pᵀ and dSᵀ as A fragments for dV and dK. The row is opaque so that
         // the 16 store addresses are recomputed per block, not hoisted and spilled.
@@ -179,7 +336,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         for (int nt = 0; nt < Br / 8; ++nt)  // columns nt·8 + 2·(lane % 4) and the next: in chunk nt
 #pragma unroll
             for (int r = 0; r < 2; ++r)
-                store2_shared<T>(TileDS::chunk_at(sdS(it), ds_row + 8 * r, nt) + 4 * (lane % 4), dpt[nt][2 * r],
+                store2_shared<T>(TileDS::chunk_at(sdS(n), ds_row + 8 * r, nt) + 4 * (lane % 4), dpt[nt][2 * r],
                                  dpt[nt][2 * r + 1]);
         u32 pa[Br / 16][4], dsa[Br / 16][4];
 #pragma unroll
@@ -191,9 +348,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_operands(acc_dk);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dv, pa[kk], TileQ::desc_mn(sdO(it), kk), 1);
+        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dv, pa[kk], TileQ::desc_mn(sdO(n), kk), 1);
 #pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(it), kk), 1);
+        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(n), kk), 1);
         wgmma_commit();
 
         // dS's stores reach wgmma (the async proxy) after this fence and the barrier that both warpgroups pass.
@@ -206,25 +363,31 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_operands(acc_dk);
         // dQ_i[:, cols] = dS[:, keys] K_j[keys, cols], this warpgroup's share (kDqByKeys): A = dS (queries x keys) is
         // dSᵀ in shared memory read MN-major; B = K_j, MN-major.
+        // With Mods the warpgroup is read afresh from %tid: held from the prologue it was the one value spilled (d128)
+        int wg_dq = wg;
+        if constexpr (Mods) {
+            asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(wg_dq));
+            wg_dq /= 128;
+        }
         constexpr int kk_per_wg = kDqByKeys ? Bc / 32 : Bc / 16;
-        const int kk0 = kDqByKeys ? wg * kk_per_wg : 0;
-        const u32 k_cols = kDqByKeys ? k_base : k_base + wg * TileKV::col_offset(D / 2);
+        const int kk0 = kDqByKeys ? wg_dq * kk_per_wg : 0;
+        const u32 k_cols = kDqByKeys ? k_base : k_base + wg_dq * TileKV::col_offset(D / 2);
         float dq[D / 16][4];
         fence_operands(dq);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kk_per_wg; ++kk)
-            Wgmma<T, D / 2>::template ss<1, 1>(dq, TileDS::desc_mn(sdS(it), kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
+            Wgmma<T, D / 2>::template ss<1, 1>(dq, TileDS::desc_mn(sdS(n), kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
                                                kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_operands(dq);
-        mbar_arrive(q_empty(it));  // Q_i and dO_i are read
+        mbar_arrive(q_empty(n));  // Q_i and dO_i are read
         const int q_row = q0 + (warp % 4) * 16 + lane / 4;
-        float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + (kDqByKeys ? 0 : wg * (D / 2));
+        float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + (kDqByKeys ? 0 : wg_dq * (D / 2));
         // by columns, the second half adds its columns below DHead
         red_add_tile<D / 16>(dq_rows, DHead, dq, q_row < Nq, q_row + 8 < Nq, lane,
-                             kDqByKeys ? DHead / 8 : wg == 0 ? D / 16 : (DHead - D / 2) / 8);
+                             kDqByKeys ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8);
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.

@@ -2,22 +2,30 @@
 // warpgroup streams Q, then K_j and V_j through a ring of kStages shared-memory slots: one thread issues TMA copies
 // that complete on mbarriers. Two consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on wgmma
 // (wgmma.cuh) and take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the other's GEMMs);
-// inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. The plain path only: 16-bit types, at most a causal
-// mask (cupyflash/launch.py sends everything else to flash_fwd.cuh).
+// inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods of
+// scores.cuh (bias with its tile classes, window, soft-cap; Dropout the dropout) as flash_fwd.cuh applies them, on
+// the same elements with the same Philox numbering, so either backward takes this forward's LSE and dropout mask;
+// Mods = false is the plain path (at most a causal mask), with none of their code.
 #pragma once
-#include "common.cuh"
+#include "scores.cuh"
 #include "wgmma.cuh"
 
 namespace cupyflash {
 
 // Tile sizes: cupyflash/tiles.py FORWARD_SM90. D: the tiles' head dim, a multiple of 64 (the swizzle's panels);
 // DHead <= D: the tensors' own, whose columns DHead .. D - 1 TMA fills with zeros (S = Q Kᵀ skips them, O computes
-// head_cols(D, DHead) columns and stores DHead).
-template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages>
+// head_cols(D, DHead) columns and stores DHead). The score mods' arguments are flash_fwd_kernel's, and cls_tq x
+// cls_tk, the tiles tile_cls classifies (ScoreMods::tile_class_span); they come last so the plain path's others keep
+// their places.
+template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                       const __grid_constant__ TmaDesc tm_v, typename T::elem* __restrict__ o, float* __restrict__ lse,
-                      i64 o_sb, i64 o_sh, i64 o_sn, int Nq, int Nk, int group, float scale_log2) {
+                      i64 o_sb, i64 o_sh, i64 o_sn, int Nq, int Nk, int group, float scale_log2,
+                      const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
+                      const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn, int cls_tq,
+                      int cls_tk, int win_left, int win_right, u32 keep_threshold, float inv_keep,
+                      const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
     static_assert(Br == 128, "two consumer warpgroups of 64 rows");
     constexpr int DO = head_cols(D, DHead);  // O's columns
     using TileQ = SwTile<Br, D>;
@@ -42,7 +50,25 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
     const int diag = Nk - Nq;
     const int q_last = min(q0 + Br, Nq) - 1;
-    const int j_end = Causal ? min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc))) : ceil_div(Nk, Bc);
+    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
+                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
+                                                             win_right, keep_threshold, seed, cap_in, cap_out);
+    // The K/V blocks this Q block visits, in the one order the producer loads them and the consumers use them:
+    // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip.
+    int j_begin = 0;
+    int j_end = Causal ? min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc))) : ceil_div(Nk, Bc);
+    auto tile_class = [&](int j) { return mods.template tile_class_span<Br, Bc>(b, h, q0, j * Bc, cls_tq, cls_tk); };
+    if constexpr (Mods) {
+        j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
+        j_end = min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
+        if (tile_cls != nullptr)  // the whole block, before the warpgroups part
+            trim_skipped<384>(j_begin, j_end, [&](int j) { return tile_class(j) == kTileSkip; }, tid);
+    }
+    auto next_block = [&](int j) {
+        if constexpr (Mods)
+            while (j < j_end && tile_cls != nullptr && tile_class(j) == kTileSkip) ++j;
+        return j;
+    };
 
     if (tid == 0) {
         mbar_init(q_full, 1);
@@ -61,13 +87,14 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         if (tid == 256) {  // one thread issues every copy
             mbar_arrive_expect_tx(q_full, TileQ::bytes());
             tma_tile<Br, D>(sQ, tm_q, q0, h, b, q_full);
-            for (int j = 0; j < j_end; ++j) {
-                mbar_wait(k_empty(j), phase(j) ^ 1);
-                mbar_arrive_expect_tx(k_full(j), TileKV::bytes());
-                tma_tile<Bc, D>(sK(j), tm_k, j * Bc, h / group, b, k_full(j));
-                mbar_wait(v_empty(j), phase(j) ^ 1);
-                mbar_arrive_expect_tx(v_full(j), TileKV::bytes());
-                tma_tile<Bc, D>(sV(j), tm_v, j * Bc, h / group, b, v_full(j));
+            for (int it = 0, j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
+                const int n = Mods ? it : j;  // blocks loaded before this one: its ring slot and phase
+                mbar_wait(k_empty(n), phase(n) ^ 1);
+                mbar_arrive_expect_tx(k_full(n), TileKV::bytes());
+                tma_tile<Bc, D>(sK(n), tm_k, j * Bc, h / group, b, k_full(n));
+                mbar_wait(v_empty(n), phase(n) ^ 1);
+                mbar_arrive_expect_tx(v_full(n), TileKV::bytes());
+                tma_tile<Bc, D>(sV(n), tm_v, j * Bc, h / group, b, v_full(n));
             }
         }
         return;
@@ -86,18 +113,22 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
     for (int i = 0; i < DO / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
     u32 p[Bc / 16][4];  // P_{j-1} as A fragments
-    auto issue_pv = [&](int j) {
+    auto issue_pv = [&](int it) {
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk)
-            Wgmma<T, DO>::template rs<1>(acc_o, p[kk], TileKV::desc_mn(sV(j), kk), 1);
+            Wgmma<T, DO>::template rs<1>(acc_o, p[kk], TileKV::desc_mn(sV(it), kk), 1);
         wgmma_commit();
     };
 
     mbar_wait(q_full, 0);
-    for (int j = 0; j < j_end; ++j) {
+    int it = 0;
+    for (int j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
+        // Blocks done before this one: its ring slot and phase, as the producer's. The plain path, which visits
+        // every block from 0, uses j: two counters in step moved its loop out of uniform registers (SASS).
+        const int n = Mods ? it : j;
         const int k0 = j * Bc;
-        mbar_wait(k_full(j), phase(j));
-        if (j > 0) mbar_wait(v_full(j - 1), phase(j - 1));
+        mbar_wait(k_full(n), phase(n));
+        if (n > 0) mbar_wait(v_full(n - 1), phase(n - 1));
         float s[Bc / 8][4];
 #pragma unroll
         for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -107,21 +138,42 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < head_k_steps(DHead); ++kk)
-            Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(j), 0, kk), kk > 0);
+            Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(n), 0, kk), kk > 0);
         wgmma_commit();
-        if (j > 0) issue_pv(j - 1);
-        if (j > 0)
+        if (n > 0) issue_pv(n - 1);
+        if (n > 0)
             wgmma_wait<1>();
         else
             wgmma_wait<0>();
         fence_operands(s);
         // Arriving between the commit and the wait made ptxas serialize every wgmma (C7514).
         named_arrive(2 - wg, 256);
-        mbar_arrive(k_empty(j));
+        mbar_arrive(k_empty(n));
 
-        // Masked scores (keys past Nk; causal: keys after row + diag) as one compare per score against a per-row
-        // limit, on the blocks that have any.
-        if (k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
+        // Accumulator element (nt, e) of this lane: row lane/4 + 8·(e/2), key nt·8 + 2·(lane%4) + e%2 of the tile.
+        auto row_of = [&](int e) { return q0 + warp_row0 + lane / 4 + (e >> 1) * 8; };
+        auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
+        if constexpr (Mods) {
+            // The logits in log2 units, as flash_fwd.cuh: cap, bias on the blocks whose tile reads it, then the
+            // visibility mask on the blocks that cross the sequence end or a window edge. One uniform branch
+            // around each loop (a branch per score would be if-converted into every block).
+            mods.template scale_scores<Bc / 8>(s, scale_log2);
+            if (mods.has_bias() && tile_class(j) == kTileRead) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
+                    mods.template add_bias_row<T, Bc / 8>(s, r, mods.bias_row(b, h, min(row_of(2 * r), Nq - 1)),
+                                                         col_of(0, 0));
+            }
+            if (k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right || k0 < q_last + mods.diag - mods.left) {
+#pragma unroll
+                for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (!mods.visible(row_of(e), col_of(nt, e))) s[nt][e] = -inf_f();
+            }
+        } else if (k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
+            // Masked scores (keys past Nk; causal: keys after row + diag) as one compare per score against a
+            // per-row limit, on the blocks that have any.
             int lim[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r)
@@ -133,29 +185,38 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                     if (nt * 8 + 2 * (lane % 4) + (e & 1) >= lim[e >> 1]) s[nt][e] = -inf_f();
         }
         // m_i is in log2 units of the scaled scores; the row max is taken on the raw ones (scale_log2 > 0), and
-        // exp2(s · scale_log2 - m) is one FFMA per score.
+        // exp2(s · scale_log2 - m) is one FFMA per score. With Mods the scores are logits already.
+        const float s_scale = Mods ? 1.f : scale_log2;
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = -inf_f();
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = fmaxf(m_i[r], warp_max4(mx) * scale_log2);
+            mx = fmaxf(m_i[r], warp_max4(mx) * s_scale);
             const float m_use = mx == -inf_f() ? 0.f : mx;
             alpha[r] = fast_exp2(m_i[r] - m_use);
             m_i[r] = mx;
             float row_sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt) {
-                s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], scale_log2, -m_use));
-                s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], scale_log2, -m_use));
+                s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], s_scale, -m_use));
+                s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], s_scale, -m_use));
                 row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
             }
-            l_i[r] = l_i[r] * alpha[r] + row_sum;
+            l_i[r] = l_i[r] * alpha[r] + row_sum;  // l counts every key: dropout acts after the softmax
+            if (mods.dropout()) {  // flash_fwd.cuh's numbering: one Philox call per (row, even key)
+#pragma unroll
+                for (int nt = 0; nt < Bc / 8; ++nt) {
+                    const U4 rnd = mods.random_pair((i64)b * H + h, row_of(2 * r), col_of(nt, 0));
+                    if (rnd.x >= keep_threshold) s[nt][2 * r] = 0.f;
+                    if (rnd.y >= keep_threshold) s[nt][2 * r + 1] = 0.f;
+                }
+            }
         }
         wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
         fence_operands(acc_o);
-        if (j > 0) mbar_arrive(v_empty(j - 1));
+        if (n > 0) mbar_arrive(v_empty(n - 1));
 #pragma unroll
         for (int dt = 0; dt < DO / 8; ++dt) {
             acc_o[dt][0] *= alpha[0];
@@ -166,11 +227,12 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
     }
-    if (j_end > 0) {
-        mbar_wait(v_full(j_end - 1), phase(j_end - 1));
+    const int n_done = Mods ? it : j_end;  // blocks done (the plain path: j_end, as it, for the same reason as n)
+    if (n_done > 0) {
+        mbar_wait(v_full(n_done - 1), phase(n_done - 1));
         fence_operands(acc_o);
         wgmma_fence();
-        issue_pv(j_end - 1);
+        issue_pv(n_done - 1);
         wgmma_wait<0>();
         fence_operands(acc_o);
     }
@@ -180,7 +242,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float l = warp_sum4(l_i[r]);
-        const float inv_l = l > 0.f ? 1.f / l : 0.f;
+        const float inv_l = l > 0.f ? (Mods ? inv_keep : 1.f) / l : 0.f;  // dropout: O / keep probability
         const int row = warp_row0 + lane / 4 + r * 8;
         if (q0 + row < Nq) {
             typename T::elem* o_row = o + row * o_sn;

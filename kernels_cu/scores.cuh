@@ -90,6 +90,22 @@ struct ScoreMods {
         if (!Enabled || tile_cls == nullptr) return kTileRead;
         return tile_cls[b * cls_sb + h * cls_sh + q_block * cls_sm + k_block * cls_sn];
     }
+    // The class of the calling kernel's tile of Rows x Cols (rows q0.., keys k0..), made of whole tiles of the
+    // classes' own grid, tq x tk (the faces classify for the mma.sync pass's tiles, which divide the Hopper
+    // kernels'): kTileSkip if every class tile in it is, kTileZero if every one is, else kTileRead. Class tiles
+    // starting at or past Nq / Nk are not read (a broadcast dim has stride 0: any index reads its one tile).
+    template <int Rows, int Cols>
+    CF_DEVICE int tile_class_span(int b, int h, int q0, int k0, int tq, int tk) const {
+        if (!Enabled || tile_cls == nullptr) return kTileRead;
+        bool all_skip = true, all_zero = true;
+        for (int r = q0; r < min(q0 + Rows, Nq); r += tq)
+            for (int c = k0; c < min(k0 + Cols, Nk); c += tk) {
+                const int cls = tile_class(b, h, r / tq, c / tk);
+                all_skip &= cls == kTileSkip;
+                all_zero &= cls == kTileZero;
+            }
+        return all_skip ? kTileSkip : all_zero ? kTileZero : kTileRead;
+    }
     CF_DEVICE bool dropout() const { return Dropout && keep_threshold != 0xffffffffu; }
     CF_DEVICE bool softcap() const { return Enabled && cap_out != 0.f; }
 
@@ -107,6 +123,31 @@ struct ScoreMods {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
         }
+    }
+
+    // scale_scores, keeping with soft-capping the derivative of each capped score, 1 - tanh², for the backward:
+    // cap_grad[nt][r] holds those of s[nt][2r] and s[nt][2r + 1] as an fp16 pair (half the registers of floats; dS
+    // is rounded to 16 bits after it anyway). The Hopper backward holds them instead of recomputing Sᵀ, which spilled.
+    template <int NT>
+    CF_DEVICE void scale_scores(float (*s)[4], float scale_log2, u32 (*cap_grad)[2]) const {
+        if (!softcap()) return scale_scores<NT>(s, scale_log2);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float t[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    t[c] = tanhf(s[nt][2 * r + c] * cap_in);
+                    s[nt][2 * r + c] = cap_out * t[c];
+                }
+                cap_grad[nt][r] = f16::pack(1.f - t[0] * t[0], 1.f - t[1] * t[1]);
+            }
+    }
+    // The factor of element (nt, e) kept by scale_scores(s, scale_log2, cap_grad).
+    static CF_DEVICE float cap_grad_at(const u32 (*cap_grad)[2], int nt, int e) {
+        const u32 pair = cap_grad[nt][e >> 1];
+        return f16::to_float((u16)(e & 1 ? pair >> 16 : pair & 0xffffu));
     }
 
     // The random words of elements (row, col) and (row, col + 1), col even, of head `bh` = b·H + h.

@@ -18,6 +18,7 @@ import torch
 
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
+from cupyflash import launch
 from cupyflash.cpu_attention import dropout_keep
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_dropout_runs_agree,
                        assert_within_rule, attention_ref, draw_inputs, nbytes, poison_cuda_allocator, rounding_floor,
@@ -434,6 +435,89 @@ def test_all_features_other_head_dims(head_dim, dtype, causal):
     bias = draw_bias("1HQK", q, k, FP32, seed + 1)
     check_features(q, k, v, dout, bias, causal=causal, window=(48, 24), dropout_p=0.15, seed=_dropout_seed(seed),
                    bias_grad=True)
+
+
+# ---- the Hopper kernels with score mods ------------------------------------------------------------------------
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def padding_mask(q, k, seed):
+    """A transformers-style key padding mask (B, 1, 1, Nk), True = keep, each batch row its own valid length (at
+    least 1): whole key tiles past it are skipped, and the tile holding the edge is read."""
+    gen = torch.Generator().manual_seed(seed)
+    n_k = k.shape[2]
+    lengths = torch.randint(1, n_k + 1, (q.shape[0],), generator=gen)
+    lengths[0] = min(n_k, 64)  # a 64-key tile kept whole beside skipped ones inside one 128-key Hopper tile
+    return (torch.arange(n_k) < lengths[:, None]).to("cuda")[:, None, None, :]
+
+
+HOPPER_CASES = [  # (dtype, head_dim, causal, (Nq, Nk), Hq, Hkv, bias (shape, dtype), window, softcap, dropout_p)
+    (BF16, 128, False, (113, 203), 4, 2, ("padding", torch.bool), (-1, -1), 0.0, 0.0),
+    (FP16, 64, True, (97, 97), 4, 1, ("padding", torch.bool), (-1, -1), 0.0, 0.0),
+    (FP16, 128, False, (17, 17), 4, 4, ("BHQK", FP32), (-1, -1), 0.0, 0.0),
+    (BF16, 64, False, (1, 1), 4, 2, ("1HQK", BF16), (-1, -1), 0.0, 0.0),
+    (BF16, 64, False, (113, 203), 4, 2, None, (32, 8), 0.0, 0.0),
+    (FP16, 128, True, (1023, 1024), 2, 1, None, (256, 0), 0.0, 0.0),  # sliding window: blocks skipped both sides
+    (BF16, 128, True, (97, 97), 4, 2, None, (-1, -1), 5.0, 0.0),
+    (FP16, 64, False, (113, 203), 4, 2, None, (-1, -1), 0.0, 0.2),
+    (BF16, 128, True, (113, 203), 4, 2, ("1HQK", BF16), (48, 0), 5.0, 0.0),  # bias + window + soft-cap
+    (FP16, 64, False, (203, 113), 4, 2, ("B11K", FP16), (40, 16), 5.0, 0.15),  # ... + dropout
+    (BF16, 128, False, (17, 17), 4, 1, ("padding", torch.bool), (-1, -1), 5.0, 0.1),
+    (FP16, 96, True, (113, 203), 4, 2, ("11QK", FP32), (48, 24), 5.0, 0.0),
+]
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the Hopper kernels run on sm_90 only")
+@pytest.mark.parametrize("dtype,head_dim,causal,lengths,h_q,h_kv,bias,window,softcap,p", HOPPER_CASES,
+                         ids=[f"{_name(c[0])}-d{c[1]}-{'causal' if c[2] else 'full'}-{c[3][0]}x{c[3][1]}-{c[4]}/{c[5]}"
+                              f"-{c[6][0] if c[6] else 'nobias'}-w{c[7][0]}_{c[7][1]}-cap{c[8]}-p{c[9]}"
+                              for c in HOPPER_CASES])
+def test_hopper_kernels_take_score_mods(dtype, head_dim, causal, lengths, h_q, h_kv, bias, window, softcap, p,
+                                         caplog, monkeypatch):
+    """Bias (key padding as transformers passes it, broadcast, fp32 or 16-bit, with its gradient), windows, soft-cap
+    and dropout, alone and combined, run on the Hopper kernels (no fallback in the launch log), within the rule; the
+    mma.sync forward (CUPYFLASH_SM90=0) gives the same LSE (rows without keys: +inf from both) and an output within
+    the rule, and the mma.sync backward from the Hopper forward's LSE gradients within it."""
+    seed = seed_from("hopper mods", dtype, head_dim, causal, lengths, bias, window, softcap, p)
+    q, k, v, dout = draw_inputs(BATCH, h_q, h_kv, *lengths, head_dim, dtype, "contiguous", seed,
+                                qk_scale=2.0 if softcap else 1.0)
+    attn_bias = None
+    if bias is not None:
+        attn_bias = padding_mask(q, k, seed) if bias[0] == "padding" else draw_bias(bias[0], q, k, bias[1], seed + 1)
+    drop_seed = _dropout_seed(seed)
+
+    def launched(fn):
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="cupyflash.launch"):
+            result = fn()
+        return result, [r.getMessage() for r in caplog.records if "on mma.sync" in r.getMessage()]
+
+    (out, lse, _, ref), why = launched(lambda: check_features(
+        q, k, v, dout, attn_bias, causal=causal, window=window, dropout_p=p, seed=drop_seed, softcap=softcap,
+        bias_grad=attn_bias is not None and attn_bias.dtype != torch.bool))
+    assert why == [], why
+
+    monkeypatch.setenv(launch.SM90_ENV, "0")
+    scale = 1.0 / math.sqrt(head_dim)
+    (out_mma, lse_mma), why = launched(lambda: run_fwd(q, k, v, attn_bias, scale, causal, window, p, drop_seed,
+                                                       softcap))
+    assert why == [f"forward on mma.sync: {launch.SM90_ENV}=0"], why
+    finite = torch.isfinite(lse_mma)  # rows without keys: +inf from both
+    assert torch.equal(finite, torch.isfinite(lse)) and torch.equal(lse[~finite], lse_mma[~finite])
+    assert (lse - lse_mma)[finite].abs().max().item() <= 1e-3 * (1 + lse_mma[finite].abs().max().item())
+    # the reference's keep mask is dropout_keep's numbering, which check_features held the Hopper forward to
+    keep = dropout_keep(drop_seed, p, BATCH, h_q, range(lengths[0]), range(lengths[1])) if p > 0 else None
+    pt = attention_ref(q, k, v, dout, scale=scale, causal=causal, compute_dtype=dtype, bias=attn_bias, window=window,
+                       dropout_keep=keep, dropout_p=p, softcap=softcap)
+    assert_within_rule(out_mma, ref.out, pt.out, OUT_FACTOR, rounding_floor(ref.out, dtype), "out (mma.sync)")
+    # The passes choose their kernels independently: the mma.sync backward takes the Hopper forward's out and LSE
+    (dq, dk, dv, _), why = launched(lambda: run_bwd(dout, q, k, v, attn_bias, out, lse, scale, causal, window, p,
+                                                    drop_seed, False, softcap))
+    assert why == [f"backward on mma.sync: {launch.SM90_ENV}=0"], why
+    for name, ours, r, peer in zip(("dq", "dk", "dv"), (dq, dk, dv), (ref.dq, ref.dk, ref.dv), (pt.dq, pt.dk, pt.dv)):
+        assert_within_rule(ours, r, peer, GRAD_FACTOR, rounding_floor(r, dtype), f"{name} (mma.sync)")
 
 
 # ---- dropout under CUDA graphs --------------------------------------------------------------------------------

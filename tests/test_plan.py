@@ -63,10 +63,6 @@ TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as m
     (dict(cc=100), r"^sm_100"),
     (dict(dtype="float32"), r"^dtype float32: it takes float16 and bfloat16$"),
     (dict(d=256), r"^head_dim 256"),
-    (dict(bias=BIAS), r"bias, window, dropout or soft-cap"),
-    (dict(window=(16, 0)), r"bias, window, dropout or soft-cap"),
-    (dict(dropout_p=0.1), r"bias, window, dropout or soft-cap"),
-    (dict(softcap=30.0), r"bias, window, dropout or soft-cap"),
     (dict(addresses=dict(q=8)), r"^q: its data pointer is not 16-byte aligned$"),
     (dict(addresses=dict(v=2)), r"^v: its data pointer"),
     (dict(strides=dict(k=(HKV * NK * 68, NK * 68, 68, 1))), r"^k: strides"),
@@ -129,6 +125,19 @@ def test_bias_tile_classes_follow_the_plans_tiles():
     assert names == ["q", "k", "v", "dout", "lse", "d_vec", "dq_accum", "dk", "dv", "bias", "tile_classes", "dbias"]
 
 
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("change", [dict(bias=BIAS), dict(window=(16, 0)), dict(dropout_p=0.1), dict(softcap=30.0),
+                                    dict(causal=True, bias=BIAS, window=(16, -1))])
+def test_hopper_takes_score_mods(kernel, change):
+    """Every score mod runs on the Hopper kernels, the bias classified in their tiles; with mods a causal mask is
+    the window's right edge at the diagonal, on the non-causal variant (launch.sm90_variant)."""
+    p = plan.plan_for(_layout(kernel, **change))
+    assert p.family == plan.HOPPER, p.why
+    assert p.variant.kernel == f"{kernel}_sm90" and p.variant.mods and not p.variant.causal
+    if "bias" in change:
+        assert p.tile_classes_shape == (B, 1, math.ceil(NQ / p.tiles.Br), math.ceil(NK / p.tiles.Bc))
+
+
 def test_no_backward_head_dim():
     with pytest.raises(NotImplementedError, match="head_dim 256 has a forward kernel only"):
         plan.plan_for(_layout("bwd", d=256, cc=80))
@@ -179,6 +188,9 @@ EVERY_VARIANT = [  # (kernel, layout changes): each family, plain and with every
     *[(k, dict(cc=80, causal=c, bias=BIAS._replace(grad=k == "bwd"), window=(8, 3), softcap=20.0))
       for k in ("fwd", "bwd") for c in (False, True)],
     *[(k, dict(cc=80, dropout_p=0.25, bias=BIAS._replace(f32=True))) for k in ("fwd", "bwd")],
+    *[(k, dict(causal=c, bias=BIAS._replace(grad=k == "bwd"), window=(8, 3), softcap=20.0))
+      for k in ("fwd", "bwd") for c in (False, True)],
+    *[(k, dict(dropout_p=0.25, bias=BIAS._replace(f32=True))) for k in ("fwd", "bwd")],
 ]
 
 

@@ -3,6 +3,7 @@ no GPU: every call they decline runs on the mma.sync kernels, so a wrong "yes" h
 failed launch there."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -61,8 +62,6 @@ def test_size_one_dims_may_have_any_stride():
     (dict(dtype="float32"), "dtype float32"),
     (dict(d=256), "head_dim 256"),
     (dict(d=80), "head_dim 80"),
-    (dict(mods=launch.ScoreMods(window=(16, 0))), "window"),
-    (dict(mods=launch.ScoreMods(softcap=30.0)), "soft-cap"),
     (dict(q=launch.Buf(ALIGNED + 8, (H * NQ * 128, NQ * 128, 128, 1))), "q: its data pointer"),
     (dict(k=launch.Buf(ALIGNED, (HKV * NK * 132, NK * 132, 132, 1))), "k: strides"),
     (dict(v=launch.Buf(ALIGNED, (HKV * NK * 128, NK * 128, 1, NK))), "v: its last dimension"),
@@ -97,3 +96,59 @@ def test_hopper_variants_build_for_sm90a_only():
     assert key in jit.module_keys("sm_90") and key not in jit.module_keys("sm_80")
     assert all(v.module_key == key for v in hopper if (v.dtype, v.head_dim) == (hopper[0].dtype, hopper[0].head_dim))
     assert "flash_bwd_sm90_kernel" in jit.source_for(hopper[0]) and "flash_fwd_sm90_kernel" not in jit.source_for()
+
+
+SCORE_MODS = {
+    "bias": launch.ScoreMods(bias=launch.Buf(ALIGNED, (0, 0, 0, 1)), tile_classes=launch.Buf(ALIGNED, (0, 0, 0, 1))),
+    "window": launch.ScoreMods(window=(16, 0)),
+    "softcap": launch.ScoreMods(softcap=30.0),
+    "dropout": launch.ScoreMods(dropout_p=0.1, seed_ptr=ALIGNED),
+}
+
+BIAS_WITH_GRAD = dataclasses.replace(SCORE_MODS["bias"], dbias=launch.Buf(ALIGNED, (0, 0, 0, 1)))
+
+
+@pytest.mark.parametrize("mod", sorted(SCORE_MODS))
+@pytest.mark.parametrize("d", sorted(FORWARD_SM90))
+def test_takes_score_mods(mod, d):
+    assert _why(d=d, mods=SCORE_MODS[mod]) is None
+
+
+def _params_after_scales(kernel: str, last_scale: str) -> list:
+    """The declarations of `kernel`'s parameters after `last_scale`, e.g. ["int cls_tq", ...]."""
+    src = jit.source_for(next(v for v in jit.all_variants() if v.kernel == "fwd_sm90"))
+    decls = [p.strip() for p in re.search(kernel + r"\((.*?)\)\s*\{", src, re.S).group(1).split(",")]
+    return decls[next(i for i, p in enumerate(decls) if p.endswith(" " + last_scale)) + 1:]
+
+
+@pytest.mark.parametrize("kernel,name,last_scale", [("fwd", "flash_fwd_sm90_kernel", "scale_log2"),
+                                                    ("bwd", "flash_bwd_sm90_kernel", "scale")])
+@pytest.mark.parametrize("mods", [launch.ScoreMods(), *SCORE_MODS.values(), BIAS_WITH_GRAD],
+                         ids=["plain", *SCORE_MODS, "bias+dbias"])
+def test_mods_arguments_match_the_kernel(kernel, name, last_scale, mods):
+    """CuPy passes arguments by position without checking their count or sizes: the launch's score-mod arguments
+    are the kernel's parameters after its scales, one for one, of the same widths."""
+    decls = _params_after_scales(name, last_scale)
+    args = launch.sm90_mods_args(kernel, mods, (FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90)[128], 0.125)
+    assert len(args) == len(decls), (len(args), decls)
+    widths = {"i64": 8, "int": 4, "u32": 4, "float": 4}
+    for arg, decl in zip(args, decls):
+        size = 8 if "*" in decl else widths[decl.split()[-2]]
+        assert arg.nbytes == size, (decl, arg.dtype)
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mods", [launch.ScoreMods(), *SCORE_MODS.values(), launch.ScoreMods(window=(16, 4))],
+                         ids=["plain", *SCORE_MODS, "window-right"])
+def test_every_hopper_launch_has_a_compiled_variant(kernel, causal, mods):
+    """The variant a call runs is one CI compiles; with score mods a causal mask becomes the window's right edge at
+    the diagonal (its left edge kept), on the non-causal variant."""
+    variant, run_mods = launch.sm90_variant(kernel, "bfloat16", 128, causal, mods)
+    assert variant in jit.all_variants(), variant
+    assert (variant.mods, variant.dropout) == (mods.any, mods.dropout_p > 0)
+    if causal and mods.any:
+        assert not variant.causal and run_mods.window == (mods.window[0], 0)
+        assert dataclasses.replace(run_mods, window=mods.window) == mods
+    else:
+        assert variant.causal == causal and run_mods == mods
