@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cupyflash
 from cupyflash.gpu_timing import median_timer
-from cupyflash.launch import SM90_ENV, SM90_MODS_ENV
+from cupyflash.launch import SM90_ENV
 
 
 def masks(batch: int, n: int, device) -> dict:
@@ -67,7 +67,6 @@ def hopper_mod_rows(bench, d: int, n: int) -> list:
     q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     rows, hopper = [], {}
-    os.environ[SM90_MODS_ENV] = "1"
     for name, kw, base in hopper_mod_cases(batch, n, q.device):
         times = {}
         for kernels, env in (("hopper", "1"), ("mma.sync", "0")):

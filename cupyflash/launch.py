@@ -152,9 +152,6 @@ class ScoreMods:
 
 
 SM90_ENV = "CUPYFLASH_SM90"  # "0": the mma.sync kernels on Hopper too (A/B runs, bisecting)
-# "1": bias, window, soft-cap and dropout on the Hopper kernels too. Off by default until their GPU tests have run
-# (tests/test_gpu_features.py test_hopper_kernels_take_score_mods); the kernels compile and CI checks them.
-SM90_MODS_ENV = "CUPYFLASH_SM90_MODS"
 
 
 def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_heads: int, q_like: dict, kv: dict,
@@ -164,9 +161,6 @@ def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_head
     q / as k. Every call it declines runs on the mma.sync kernel of that pass, which takes all."""
     if os.environ.get(SM90_ENV, "1") == "0":
         return f"{SM90_ENV}=0"
-    if mods.any and os.environ.get(SM90_MODS_ENV, "0") != "1":
-        return (f"a bias, window, dropout or soft-cap: on the Hopper kernels only with {SM90_MODS_ENV}=1 until "
-                "their GPU tests have run")
     # A buffer's address matters only modulo 16 (TMA's alignment), so the answer is cached by layout: it was 7.6 µs
     # of an H100 host's ~125 per forward.
     layouts = tuple(tuple((name, buf.strides, buf.ptr % 16) for name, buf in names.items()) for names in (q_like, kv))

@@ -51,7 +51,7 @@ class CallLayout(NamedTuple):
     softcap: float = 0.0
     compute_capability: int = 90
     device_id: int = 0
-    sm90_enabled: tuple = (True, False)  # (launch.SM90_ENV is not "0", launch.SM90_MODS_ENV is "1")
+    sm90_enabled: bool = True  # launch.SM90_ENV is not "0"
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ class Plan:
         return frozenset(s.args[i].name for s in self.steps for i in s.slots)
 
 
-def sm90_enabled() -> tuple:
-    return os.environ.get(launch.SM90_ENV, "1") != "0", os.environ.get(launch.SM90_MODS_ENV, "0") == "1"
+def sm90_enabled() -> bool:
+    return os.environ.get(launch.SM90_ENV, "1") != "0"
 
 
 def tile_classes_strides(classes_shape: tuple) -> tuple:
@@ -128,7 +128,7 @@ def _step(variant: jit.Variant, grid: tuple, block: tuple, args: tuple) -> Step:
 def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
     """(family, why) of the pass's attention kernel: the one place where the Hopper kernel is taken or declined
     (launch.sm90_unsupported says what it can run); every call it declines runs on mma.sync, which takes all."""
-    if not layout.sm90_enabled[0]:
+    if not layout.sm90_enabled:
         return MMA_SYNC, f"{launch.SM90_ENV}=0"
     bufs = {name: Buf(address, strides) for name, strides, address in layout.bufs}  # addresses modulo 16 suffice
     q_like = {"q": bufs["q"]} if layout.kernel == "fwd" else {"q": bufs["q"], "dout": bufs["dout"]}

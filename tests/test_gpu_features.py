@@ -480,7 +480,6 @@ def test_hopper_kernels_take_score_mods(dtype, head_dim, causal, lengths, h_q, h
     and dropout, alone and combined, run on the Hopper kernels (no fallback in the launch log), within the rule; the
     mma.sync forward (CUPYFLASH_SM90=0) gives the same LSE (rows without keys: +inf from both) and an output within
     the rule, and the mma.sync backward from the Hopper forward's LSE gradients within it."""
-    monkeypatch.setenv(launch.SM90_MODS_ENV, "1")
     seed = seed_from("hopper mods", dtype, head_dim, causal, lengths, bias, window, softcap, p)
     q, k, v, dout = draw_inputs(BATCH, h_q, h_kv, *lengths, head_dim, dtype, "contiguous", seed,
                                 qk_scale=2.0 if softcap else 1.0)

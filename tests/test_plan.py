@@ -34,16 +34,10 @@ def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None
     strides, addresses = strides or {}, addresses or {}
     bufs = tuple((n, strides.get(n, _contiguous(shapes[n])), addresses.get(n, 0)) for n in names)
     return plan.CallLayout(kernel, dtype, q_shape, NK, HKV, bufs, causal, 0.125, bias, window, dropout_p, softcap,
-                           cc, device_id, (sm90, True))
+                           cc, device_id, sm90)
 
 
 BIAS = plan.BiasLayout((B, 1, NQ, NK), (NQ * NK, 0, NK, 1), False)
-
-
-@pytest.fixture(autouse=True)
-def _hopper_mods_on(monkeypatch):
-    """The plans as they are with the Hopper kernels' score mods on (launch.SM90_MODS_ENV); off is tested below."""
-    monkeypatch.setenv(launch.SM90_MODS_ENV, "1")
 
 
 # ---- which family, variant and tiles, and why ------------------------------------------------------------------
@@ -142,13 +136,6 @@ def test_hopper_takes_score_mods(kernel, change):
     assert p.variant.kernel == f"{kernel}_sm90" and p.variant.mods and not p.variant.causal
     if "bias" in change:
         assert p.tile_classes_shape == (B, 1, math.ceil(NQ / p.tiles.Br), math.ceil(NK / p.tiles.Bc))
-
-
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-def test_hopper_score_mods_off_by_default(kernel, monkeypatch):
-    monkeypatch.delenv(launch.SM90_MODS_ENV)
-    p = plan.plan_for(_layout(kernel, bias=BIAS)._replace(sm90_enabled=(True, False)))
-    assert p.family == plan.MMA_SYNC and launch.SM90_MODS_ENV in p.why, p.why
 
 
 def test_no_backward_head_dim():

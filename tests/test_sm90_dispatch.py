@@ -22,12 +22,6 @@ def _buf(shape, layout="contiguous", ptr=ALIGNED):
     return launch.Buf(ptr, strides)
 
 
-@pytest.fixture(autouse=True)
-def _hopper_mods_on(monkeypatch):
-    """The Hopper kernels' score mods on (launch.SM90_MODS_ENV), as their GPU tests run them."""
-    monkeypatch.setenv(launch.SM90_MODS_ENV, "1")
-
-
 def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None, v=None, dout=None, kernel="bwd"):
     """The backward's answer (it reads dout too); the forward's is checked to agree where dout plays no part."""
     q = q or _buf((B, H, NQ, d))
