@@ -110,5 +110,10 @@ def test_outputs_and_gradients_within_rule(compiled, name, padding):
                        rounding_floor(ref_out, torch.bfloat16), f"{what}: out")
     assert ours_grads.keys() == ref_grads.keys()
     for key, ref in ref_grads.items():
-        assert_within_rule(ours_grads[key].cpu(), ref, same_grads[key].cpu(), GRAD_FACTOR,
-                           rounding_floor(ref, torch.bfloat16), f"{what}: d{key}")
+        floor = rounding_floor(ref, torch.bfloat16)
+        if key.endswith("key.bias"):
+            # Softmax ignores a per-query constant, so the key bias's exact gradient is 0 and its computed one is
+            # Σ_j dk_j's rounding: FlashAttention's D = rowsum(dO∘O) from the 16-bit O (every kernel of ours, FA2
+            # and FA3 alike) leaves Σ_j dS_ij at O's rounding, not 0. Its floor is the key weight's gradient's.
+            floor = rounding_floor(ref_grads[key.replace("bias", "weight")], torch.bfloat16)
+        assert_within_rule(ours_grads[key].cpu(), ref, same_grads[key].cpu(), GRAD_FACTOR, floor, f"{what}: d{key}")
