@@ -10,6 +10,7 @@ Needs no GPU: every plan, with its argument tuples, is built on the CPU in tests
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -152,13 +153,13 @@ def plan_for(layout: CallLayout) -> Plan:
     classes_shape = None if layout.bias is None else _classes_shape(layout.bias.shape, mma.tiles)
     mods = _score_mods(layout, classes_shape)
     family, why = choose_family(layout, mods)
-    variant = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)[0] if family == HOPPER else mma
+    variant = mma
+    if family == HOPPER:
+        variant, mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)
     t = variant.tiles
     if layout.bias is not None and _classes_shape(layout.bias.shape, t) != classes_shape:
         classes_shape = _classes_shape(layout.bias.shape, t)
-        mods = _score_mods(layout, classes_shape)
-    if family == HOPPER:
-        mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)[1]
+        mods = dataclasses.replace(mods, tile_classes=Buf(Slot("tile_classes"), tile_classes_strides(classes_shape)))
     bufs = {name: Buf(Slot(name), strides) for name, strides, _ in layout.bufs}
     common = dict(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
                   scale=layout.scale, mods=mods, tiles=t)
