@@ -57,6 +57,14 @@ def install_cpu_stub() -> None:
     if hasattr(array_ops.TorchOps, "stream_ptr"):
         array_ops.TorchOps.stream_ptr = lambda self, device_id: 0
     launch._run = lambda *args, **kwargs: None
+    if hasattr(launch, "_run_step"):  # the driver launch: arguments packed as on the GPU, the launch itself skipped
+        import contextlib
+
+        from cupyflash import driver
+
+        launch._device = lambda device_id: contextlib.nullcontext()
+        launch._function = lambda variant, device_id: (None, 0)
+        driver.launch = lambda *args: None
     tma._encode_fn = lambda: (lambda *args: 0)
     torch_op._impl = lambda q: cuda_attention
 

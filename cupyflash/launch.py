@@ -10,17 +10,19 @@ import functools
 import logging
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from . import jit, tma
+from . import driver, jit, tma
 from .errors import require_gpu
 from .tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
 
 log = logging.getLogger(__name__)
 
+_U64 = struct.Struct("<Q")
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): the kernels use exp2 with the scale folded in
 
 
@@ -46,8 +48,14 @@ class Slot(NamedTuple):
 
     name: str
 
+    nbytes = 8
+
     def fill(self, ptrs: dict):
         return np.uint64(ptrs[self.name])
+
+    def write(self, buf, start: int, ptrs: dict) -> None:
+        """fill's bytes into `buf` at `start` (driver.ArgBlock), without building the NumPy scalar."""
+        _U64.pack_into(buf, start, ptrs[self.name])
 
 
 class TmaSlot(NamedTuple):
@@ -60,7 +68,15 @@ class TmaSlot(NamedTuple):
     strides: tuple
     rows: int
 
+    nbytes = tma.TMA_DESC.itemsize
+
     def fill(self, ptrs: dict):
+        return np.frombuffer(self._map(ptrs), dtype=tma.TMA_DESC)[0]
+
+    def write(self, buf, start: int, ptrs: dict) -> None:
+        buf[start:start + self.nbytes] = self._map(ptrs)
+
+    def _map(self, ptrs: dict) -> bytes:
         return tma.encode(self.dtype, self.shape, self.strides, jit.ELEM_BYTES[self.dtype], ptrs[self.name],
                           self.rows)
 
@@ -74,37 +90,34 @@ def _ptr(b: Buf):
     return _address(b.ptr)
 
 
-class _StreamHandle:
-    """A raw cudaStream_t exposed through the CUDA stream protocol, which cupy.cuda.Stream.from_external takes."""
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-    def __cuda_stream__(self):
-        return (0, self.ptr)
+@functools.lru_cache(maxsize=None)
+def _function(variant: jit.Variant, device_id: int) -> tuple:
+    """(CuPy's kernel, its CUfunction handle) of `variant` on `device_id`, which must be current; the kernel is
+    kept so that its handle stays valid."""
+    kernel = jit.get_kernel(variant, device_id)
+    return kernel, kernel.kernel.ptr
 
 
-@functools.lru_cache(maxsize=64)
-def _cupy_stream(stream_ptr: int, device_id: int):
+def _device(device_id: int):
+    """`device_id` made current for the block, switched only when it is not already (entering cupy.cuda.Device
+    costs more than the launch)."""
     import cupy
 
-    with cupy.cuda.Device(device_id):
-        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14; ExternalStream is deprecated there
-            return cupy.cuda.Stream.from_external(_StreamHandle(stream_ptr))
-        return cupy.cuda.ExternalStream(stream_ptr, device_id)
+    return contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device_id else cupy.cuda.Device(device_id)
 
 
 def _run(variant: jit.Variant, grid, block, args, stream_ptr: int, device_id: int, shared_bytes: int | None = None):
-    """`shared_bytes`: the variant's dynamic shared memory where the caller has it (a plan's step), else computed."""
-    import cupy
+    """One launch of `variant` with `args` (NumPy scalars) packed at this call: the launches outside a plan."""
+    with _device(device_id):
+        driver.launch(_function(variant, device_id)[1], driver.dims(grid, block),
+                      variant.shared_bytes if shared_bytes is None else shared_bytes, stream_ptr,
+                      driver.ArgBlock(args).params({}))
 
-    kernel, stream = jit.get_kernel(variant, device_id), _cupy_stream(stream_ptr, device_id)
-    # The stream as an argument, and the device switched only when it is not current: entering both as context
-    # managers took 14 µs per launch on an H100's host, against 9 (benchmarks/results/host-overhead-…log).
-    on_device = contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device_id else cupy.cuda.Device(device_id)
-    with on_device:
-        kernel(grid, block, args, shared_mem=variant.shared_bytes if shared_bytes is None else shared_bytes,
-               stream=stream)
+
+def _run_step(step, ptrs: dict, stream_ptr: int, device_id: int) -> None:
+    """One launch of a plan's step: its argument block was packed with the plan, the call writes its addresses."""
+    driver.launch(_function(step.variant, device_id)[1], step.dims, step.shared_bytes, stream_ptr,
+                  step.arg_block.params(ptrs))
 
 
 NO_WINDOW = 1 << 30  # a window edge farther than any sequence: unbounded
@@ -281,8 +294,9 @@ def execute(plan, ptrs: dict, stream_ptr: int, device_id: int) -> None:
     device address, for each name in plan.needs)."""
     if plan.family != "hopper":
         log.debug("%s on mma.sync: %s", "forward" if plan.layout.kernel == "fwd" else "backward", plan.why)
-    for step in plan.steps:
-        _run(step.variant, step.grid, step.block, step.filled(ptrs), stream_ptr, device_id, step.shared_bytes)
+    with _device(device_id):
+        for step in plan.steps:
+            _run_step(step, ptrs, stream_ptr, device_id)
 
 
 def _layout(kernel: str, *, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, bufs: dict,

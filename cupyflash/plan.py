@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from . import jit, launch
+from . import driver, jit, launch
 from .launch import Buf, ScoreMods, Slot, TmaSlot
 
 HOPPER, MMA_SYNC = "hopper", "mma.sync"
@@ -65,6 +65,15 @@ class Step:
     shared_bytes: int
     args: tuple
     slots: tuple  # indices into args of the placeholders
+
+    @functools.cached_property
+    def arg_block(self) -> driver.ArgBlock:
+        """`args` packed for the driver once; each call writes its addresses into the slots."""
+        return driver.ArgBlock(self.args, self.slots)
+
+    @functools.cached_property
+    def dims(self) -> tuple:
+        return driver.dims(self.grid, self.block)
 
     def filled(self, ptrs: dict) -> tuple:
         """The arguments with the call's addresses (`ptrs`: buffer name → device address)."""

@@ -1,7 +1,7 @@
 """TMA tensor maps for the Hopper (sm_90a) kernels: the CUDA driver's cuTensorMapEncodeTiled, called through ctypes
 (neither CuPy nor torch exposes it), encodes a (B, H, N, D) view as a 4-d map whose box is 64 columns x `rows` rows
 with the 128-byte swizzle that the kernels' SwTile layout and wgmma descriptors read (kernels_cu/wgmma.cuh).
-The map travels to the kernel by value as a 128-byte NumPy structured scalar (CuPy passes those as C structs)."""
+The map travels to the kernel by value: 128 bytes in the launch's argument block (cupyflash/driver.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -55,8 +55,9 @@ def unsupported_reason(shape, strides, element_size: int, data_ptr: int) -> str 
 # A map is a pure function of its arguments, and training loops hand the same buffers back (torch's caching
 # allocator): the cache saves the driver call on most launches.
 @functools.lru_cache(maxsize=1024)
-def encode(dtype_name: str, shape: tuple, strides: tuple, element_size: int, data_ptr: int, rows: int) -> np.void:
-    """The tensor map of a (B, H, N, D) view (strides in elements) with boxes of `rows` x 64 elements."""
+def encode(dtype_name: str, shape: tuple, strides: tuple, element_size: int, data_ptr: int, rows: int) -> bytes:
+    """The tensor map (TMA_DESC's 128 bytes) of a (B, H, N, D) view (strides in elements) with boxes of `rows` x 64
+    elements."""
     b, h, n, d = shape
     strides = _strides(shape, strides)
     desc = (ctypes.c_uint64 * 16)()
@@ -69,4 +70,4 @@ def encode(dtype_name: str, shape: tuple, strides: tuple, element_size: int, dat
     if err:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for shape {tuple(shape)}, strides "
                            f"{tuple(strides)}; this is a bug in cupyflash, please report it.")
-    return np.frombuffer(bytes(desc), dtype=TMA_DESC)[0]
+    return bytes(desc)

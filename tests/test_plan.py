@@ -3,6 +3,8 @@ why, the plan cache, and every kernel's argument tuple against its parameter lis
 of the faces (cupyflash/cuda_path.py) on CPU tensors with only the device stubbed, down to the kernel calls."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import re
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cupyflash import cuda_attention, errors, jit, launch, plan, tiles, tma
+from cupyflash import cuda_attention, driver, errors, jit, launch, plan, tiles, tma
 
 B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
 ALIGNED = 1 << 20
@@ -209,6 +211,11 @@ def test_every_launch_fills_its_kernels_parameters(kernel, change, monkeypatch):
             slot = step.args[i]
             if isinstance(slot, launch.Slot):
                 assert args[i] == ptrs[slot.name]
+        # What the driver reads: each kernelParams pointer at that argument's bytes, the call's addresses in place.
+        params = step.arg_block.params(ptrs)
+        assert len(params) == len(args)
+        for i, (at, a) in enumerate(zip(params, args)):
+            assert ctypes.string_at(at, a.nbytes) == a.tobytes(), (step.variant.name, i)
     if change.get("dropout_p"):
         assert "seed" in p.needs
 
@@ -224,7 +231,10 @@ def stubbed_device(monkeypatch):
     gpu = errors.GPUInfo(0, "stub", 80)
     monkeypatch.setattr(cuda_path, "require_gpu", lambda device_id=None: gpu)
     monkeypatch.setattr(array_ops.TorchOps, "stream_ptr", lambda self, device_id: 0)
+    monkeypatch.setattr(launch, "_device", lambda device_id: contextlib.nullcontext())
     monkeypatch.setattr(launch, "_run", lambda variant, grid, block, args, *rest: launched.append((variant, args)))
+    monkeypatch.setattr(launch, "_run_step",
+                        lambda step, ptrs, *rest: launched.append((step.variant, step.filled(ptrs))))
     return launched
 
 
