@@ -57,6 +57,10 @@ class TorchOps:
     def dtype_name(self, x) -> str:
         return str(x.dtype).removeprefix("torch.")
 
+    def signature(self, x) -> tuple:
+        """What a call's plan reads of an input: shape, strides, dtype, device, address modulo 16."""
+        return x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15
+
     def device_id(self, x) -> int:
         return x.device.index
 
@@ -143,6 +147,10 @@ class CupyOps(NumpyLikeOps):
 
     def dtype_name(self, x) -> str:
         return str(x.dtype)
+
+    def signature(self, x) -> tuple:
+        """What a call's plan reads of an input: shape, strides, dtype, device, address modulo 16."""
+        return x.shape, x.strides, x.dtype, x.device.id, x.data.ptr & 15
 
     def device_id(self, x) -> int:
         return x.device.id

@@ -65,21 +65,48 @@ def _classify(xp, bias, p: plan.Plan, window: bool, stream_ptr: int, device_id: 
                                  stream_ptr=stream_ptr, device_id=device_id)
 
 
-def _launch(xp, kernel: str, q, k, bias, bufs: dict, scale: float, causal: bool, window: tuple, dropout_p: float,
-            seed, softcap: float, dbias=None) -> None:
-    """Looks up the plan of the call (bufs: name → array, in plan.FORWARD_BUFS / BACKWARD_BUFS order) and launches
-    it; with q's device current."""
+def _plan(xp, kernel: str, q, k, bias, bufs: dict, scale: float, causal: bool, window: tuple, dropout_p: float,
+          softcap: float, bias_grad: bool) -> plan.Plan:
+    """The call's plan (bufs: name → array, in plan.FORWARD_BUFS / BACKWARD_BUFS order), from its layout."""
     device_id = xp.device_id(q)
-    dtype = xp.dtype_name(q)
     bias_layout = None
     if bias is not None:
         bias_layout = plan.BiasLayout(tuple(bias.shape), broadcast_strides(xp, bias), xp.dtype_name(bias) == "float32",
-                                      dbias is not None)
-    layout = plan.CallLayout(kernel, dtype, tuple(q.shape), k.shape[2], k.shape[1],
+                                      bias_grad)
+    layout = plan.CallLayout(kernel, xp.dtype_name(q), tuple(q.shape), k.shape[2], k.shape[1],
                              tuple(_entry(xp, name, a) for name, a in bufs.items()), causal, scale, bias_layout,
                              window, dropout_p, softcap, require_gpu(device_id).compute_capability, device_id,
                              plan.sm90_enabled())
-    p = plan.plan_for(layout)
+    return plan.plan_for(layout)
+
+
+def _planned(xp, kernel: str, arrays: tuple, bias, options: tuple, build):
+    """The plan of a call, from _KNOWN when a call with the same inputs' layouts (shapes, strides, dtypes, device,
+    addresses modulo 16) and options ran before with its inputs as they were; else `build()` → (plan, whether the
+    kernels take the inputs as they are, the kernel-ready arrays, the kernel's bias)."""
+    key = (kernel, *map(xp.signature, arrays), None if bias is None else xp.signature(bias), options,
+           plan.sm90_enabled())
+    known = _KNOWN.get(key)
+    if known is not None:
+        return known, arrays, bias
+    p, as_they_are, ready, kernel_bias = build()
+    if as_they_are:
+        if len(_KNOWN) >= 1024:
+            _KNOWN.clear()
+        _KNOWN[key] = p
+    return p, ready, kernel_bias
+
+
+# Call key → Plan, for calls whose inputs the kernels took as they were (no copy, no conversion): a model calls
+# with the same few layouts again and again, and one lookup replaces the per-input readiness checks, the layout's
+# construction and the plan cache's. The outputs and workspaces are fresh allocations (contiguous, aligned by the
+# allocator), so the inputs' layouts and the options decide the plan.
+_KNOWN: dict = {}
+
+
+def _launch(xp, p: plan.Plan, q, bias, bufs: dict, causal: bool, window: tuple, seed, dbias=None) -> None:
+    """Launches plan `p` with the call's arrays; with q's device current."""
+    device_id = xp.device_id(q)
     stream_ptr = xp.stream_ptr(device_id)
     ptrs = {name: xp.address(a) for name, a in bufs.items()}
     held = []
@@ -102,10 +129,18 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
         lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
         if 0 in q.shape or 0 in k.shape:
             return out, lse
-        q, k, v = _ready(xp, q), _ready(xp, k), _ready(xp, v)
-        bias = _kernel_bias(xp, attn_bias, q, xp.dtype_name(q))
-        _launch(xp, "fwd", q, k, bias, dict(q=q, k=k, v=v, out=out, lse=lse), scale, causal, tuple(window),
-                dropout_p, seed, softcap)
+        window = tuple(window)
+
+        def build():
+            ready = tuple(_ready(xp, a) for a in (q, k, v))
+            bias = _kernel_bias(xp, attn_bias, q, xp.dtype_name(q))
+            p = _plan(xp, "fwd", ready[0], ready[1], bias, dict(zip("qkv", ready), out=out, lse=lse), scale, causal,
+                      window, dropout_p, softcap, False)
+            return p, all(r is a for r, a in zip(ready, (q, k, v))) and bias is attn_bias, ready, bias
+
+        p, (q, k, v), bias = _planned(xp, "fwd", (q, k, v), attn_bias, (scale, causal, window, dropout_p, softcap),
+                                      build)
+        _launch(xp, p, q, bias, dict(q=q, k=k, v=v, out=out, lse=lse), causal, window, seed)
     return out, lse
 
 
@@ -121,13 +156,24 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
             zeros = tuple(xp.zeros(a.shape, dtype, q) for a in (q, k, v))
             return (*zeros, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias)))
         launch.require_backward(q.shape[3])  # before any work on the bias
-        q, k, v, out, dout = (_ready(xp, a) for a in (q, k, v, out, dout))
-        lse = xp.contiguous(lse)
         batch, heads, n_q, d = q.shape
         dq_accum = xp.empty((batch, heads, n_q, d), "float32", q)  # zeroed by the preprocess kernel, then summed
         d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
-        bias = _kernel_bias(xp, attn_bias, q, dtype)
-        _launch(xp, "bwd", q, k, bias, dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec,
-                                            dq_accum=dq_accum, dq=dq, dk=dk, dv=dv),
-                scale, causal, tuple(window), dropout_p, seed, softcap, dbias)
+        window = tuple(window)
+        inputs = (q, k, v, out, dout, lse)
+
+        def bufs(q, k, v, out, dout, lse) -> dict:
+            return dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,
+                        dv=dv)
+
+        def build():
+            ready = (*(_ready(xp, a) for a in inputs[:5]), xp.contiguous(lse))
+            bias = _kernel_bias(xp, attn_bias, q, dtype)
+            p = _plan(xp, "bwd", ready[0], ready[1], bias, bufs(*ready), scale, causal, window, dropout_p, softcap,
+                      bias_grad)
+            return p, all(r is a for r, a in zip(ready, inputs)) and bias is attn_bias, ready, bias
+
+        p, ready, bias = _planned(xp, "bwd", inputs, attn_bias,
+                                  (scale, causal, window, dropout_p, softcap, bias_grad), build)
+        _launch(xp, p, ready[0], bias, bufs(*ready), causal, window, seed, dbias)
     return dq, dk, dv, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias))

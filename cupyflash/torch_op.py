@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -263,6 +264,33 @@ def _backward(ctx, dout, dlse):
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _direct_autograd(op_def) -> None:
+    """Replaces the custom op's Autograd kernel by one that runs the op's body at once when no gradient is recorded
+    and nothing but the device's kernel would run below autograd (no mode, no subclass, no functionalization:
+    Inductor's compiled code calling the op at run time). torch's generic kernel it wraps (taken for everything
+    else) goes through Python twice more (a redispatch, then the backend wrapper): 25–50 µs per call on the CPU
+    that profiled it, as much as the op's own body (benchmarks/host_overhead.py)."""
+    op = op_def._opoverload
+    generic = torch._library.autograd.make_autograd_impl(op, op_def)
+    body = op_def._init_fn
+    after_autograd, inplace_or_view = torch._C._after_autograd_keyset, torch._C.DispatchKey.ADInplaceOrView
+    devices = (torch._C.DispatchKey.CUDA, torch._C.DispatchKey.CPU)
+
+    def kernel(keyset, *args, **kwargs):
+        if not (torch.is_grad_enabled() and any(type(a) is torch.Tensor and a.requires_grad for a in args)) and (
+                (keyset & after_autograd).remove(inplace_or_view).highestPriorityTypeId() in devices):
+            return body(*args, **kwargs)
+        return generic(keyset, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Overriding a previously registered kernel": intended
+        op_def._lib.impl(op_def._name, kernel, "Autograd", with_keyset=True)
+
+
+_direct_autograd(flash_attn_fwd)
+_direct_autograd(flash_attn_bwd)
+
+
 class _EagerAttention(torch.autograd.Function):
     """The op's forward and backward outside torch.compile, without the custom-op dispatcher: its Python layers
     cost ~0.3 ms per call with gradients on an H100's host (benchmarks/results/host-overhead-NVIDIA_H100_80GB_HBM3.log),
@@ -375,4 +403,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
     _check_tensors(q, k, v, attn_bias)
     check_scale(scale)
     check_softcap(softcap)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                         or (attn_bias is not None and attn_bias.requires_grad))):
+        return _checked_forward(*args)[0]  # nothing to record: no autograd node to build
     return _EagerAttention.apply(*args)[0]
