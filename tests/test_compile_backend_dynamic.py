@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 import compile_backend  # noqa: F401  (registers the backend)
 from reference import GRAD_FACTOR, OUT_FACTOR, assert_within_rule, rounding_floor, seed_from
-from test_transformers_models import _fp32_mask_fill
+from models.transformers_zoo import fp32_mask_fill
 
 LENGTHS = (12, 16, 20, 27)
 
@@ -48,7 +48,7 @@ def test_one_dynamic_graph_serves_every_length(padding):
             mask[1, :5] = 0
         with torch.no_grad():
             ours = compiled(input_ids=ids, attention_mask=mask).logits
-            with _fp32_mask_fill():  # fp64's finfo.min would be -inf in the fp32 softmax: NaN rows
+            with fp32_mask_fill():  # fp64's finfo.min would be -inf in the fp32 softmax: NaN rows
                 ref = fp64(input_ids=ids, attention_mask=mask).logits
             same = model(input_ids=ids, attention_mask=mask).logits
         real = mask.bool()  # padded positions' logits are the model's business, not the comparison's
@@ -74,7 +74,7 @@ def test_training_at_every_length_uses_the_dynamic_graph():
         grads = []
         for m in (compiled, fp64, model):
             m.zero_grad(set_to_none=True)
-            with _fp32_mask_fill():
+            with fp32_mask_fill():
                 m(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
             grads.append(dict(getattr(m, "_orig_mod", m).named_parameters()))
         for name, p in grads[1].items():

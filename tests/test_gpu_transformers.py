@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 import compile_backend
 from reference import GRAD_FACTOR, OUT_FACTOR, assert_within_rule, rounding_floor, seed_from
-from test_transformers_models import _fp32_mask_fill
+from models.transformers_zoo import fp32_mask_fill
 
 pytestmark = pytest.mark.gpu
 
@@ -100,7 +100,7 @@ def test_outputs_and_gradients_within_rule(compiled, name, padding):
     fp32_out = model(**inputs)
     shape = (fp32_out["logits"] if "logits" in fp32_out else fp32_out["last_hidden_state"]).shape
     cot = torch.randn(shape, generator=torch.Generator().manual_seed(seed_from(name, padding, "cot")))
-    with _fp32_mask_fill():
+    with fp32_mask_fill():
         ref_out, ref_grads = _run(copy.deepcopy(model).double(), inputs, cot.double())
     same_out, same_grads = _run(eager16, _cuda(inputs), cot)
     ours_out, ours_grads = _run(twin, _cuda(inputs), cot)

@@ -9,7 +9,6 @@ EXPECTED_FORM.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from collections import Counter
@@ -23,7 +22,7 @@ from torch._dynamo.utils import counters
 pytest.importorskip("transformers")
 
 import compile_backend
-from models.transformers_zoo import PADDINGS, specs, upcast_qk_specs
+from models.transformers_zoo import PADDINGS, fp32_mask_fill, specs, upcast_qk_specs
 from reference import GRAD_FACTOR, OUT_FACTOR, assert_within_rule, rounding_floor, seed_from
 
 SPECS = specs()
@@ -170,30 +169,8 @@ def _zero_at_padding(cotangents: dict, inputs: dict) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _fp32_mask_fill():
-    """transformers' eager masks filled with fp32's finfo.min also in fp64 models.
-
-    Most models take the softmax in fp32 (``softmax(..., dtype=torch.float32)``): fp64's finfo.min becomes -inf
-    there, so a row that sees no key (left padding under a causal mask, right padding under a window) is NaN in
-    the fp64 model, and from the next layer on the whole sequence is. With fp32's finfo.min, as the fp32 model
-    has, the row stays finite and attends uniformly in both, and the fp64 model is a reference for every input.
-    """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-
-    def eager_mask_fp32_fill(*args, dtype=torch.float32, **kwargs):
-        mask = eager_mask(*args, dtype=torch.float32, **kwargs)
-        return None if mask is None else mask.to(dtype)
-
-    ALL_MASK_ATTENTION_FUNCTIONS["eager"] = eager_mask_fp32_fill  # a local override of the global table
-    try:
-        yield
-    finally:
-        del ALL_MASK_ATTENTION_FUNCTIONS["eager"]
-
-
 def _run_fp64(family: Family, inputs: dict, cotangents=None):
-    with _fp32_mask_fill():
+    with fp32_mask_fill():
         outs, grads = _run(family.fp64, _to_fp64(inputs), cotangents)
     assert all(torch.isfinite(t).all() for t in outs.values()), f"{family.name}: fp64 eager is not finite"
     return outs, grads
@@ -270,7 +247,7 @@ class FamilyChecks:
         fused, graphs = counters["cupyflash"]["attention_fused"], counters["stats"]["unique_graphs"]
         twin = copy.deepcopy(family.model)
         twin.compile(backend="cupyflash", options=OPTIONS)
-        with _fp32_mask_fill():
+        with fp32_mask_fill():
             fp64 = _generate(family.fp64, _to_fp64(inputs))
         fp32 = _generate(family.model, inputs)
         ours = _generate(twin, inputs)

@@ -7,6 +7,7 @@ batch 2. Dropout is off (the models run in eval mode), so eager and compiled run
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -187,3 +188,25 @@ def specs() -> dict[str, Spec]:
                     lambda gen, padding: {"pixel_values": _pixels(gen)}, sites=2, padding=False),
         "clip": _clip(),
     }
+
+
+@contextlib.contextmanager
+def fp32_mask_fill():
+    """transformers' eager masks filled with fp32's finfo.min also in fp64 models.
+
+    Most models take the softmax in fp32 (``softmax(..., dtype=torch.float32)``): fp64's finfo.min becomes -inf
+    there, so a row that sees no key (left padding under a causal mask, right padding under a window) is NaN in
+    the fp64 model, and from the next layer on the whole sequence is. With fp32's finfo.min, as the fp32 model
+    has, the row stays finite and attends uniformly in both, and the fp64 model is a reference for every input.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    def eager_mask_fp32_fill(*args, dtype=torch.float32, **kwargs):
+        mask = eager_mask(*args, dtype=torch.float32, **kwargs)
+        return None if mask is None else mask.to(dtype)
+
+    ALL_MASK_ATTENTION_FUNCTIONS["eager"] = eager_mask_fp32_fill  # a local override of the global table
+    try:
+        yield
+    finally:
+        del ALL_MASK_ATTENTION_FUNCTIONS["eager"]
