@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import launch, plan
 from .errors import require_gpu
+from .validate import kernel_head_dim
 
 
 def _ready(xp, a):
@@ -121,9 +122,24 @@ def _launch(xp, p: plan.Plan, q, bias, bufs: dict, causal: bool, window: tuple, 
     launch.execute(p, ptrs, stream_ptr, device_id)
 
 
+def _pad_head(xp, a, d: int):
+    """`a` (B, H, N, D) zero-padded to head dim d: a new contiguous array."""
+    return xp.pad_end(a, 0, d - a.shape[3], 0.0)
+
+
+def _unpad_head(xp, a, d: int):
+    """The first d columns of `a`'s head dim, contiguous."""
+    return xp.contiguous(a[..., :d])
+
+
 def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
             softcap: float = 0.0):
     """(out, lse): out contiguous like q, lse (B, H, Nq) fp32."""
+    d, kernel_d = q.shape[3], kernel_head_dim(q.shape[3])
+    if d and kernel_d != d:  # exact: zero columns add nothing to q·k; v's give output columns sliced off here
+        out, lse = forward(xp, *(_pad_head(xp, a, kernel_d) for a in (q, k, v)), attn_bias, scale, causal, window,
+                           dropout_p, seed, softcap)
+        return _unpad_head(xp, out, d), lse
     with xp.on_device(q):
         out = xp.empty(q.shape, xp.dtype_name(q), q)
         lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
@@ -147,6 +163,13 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
 def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
              dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
     """(dq, dk, dv, dbias): contiguous, shaped like q, k, v; dbias shaped like attn_bias in its dtype, or None."""
+    d, kernel_d = q.shape[3], kernel_head_dim(q.shape[3])
+    if d and kernel_d != d:
+        launch.require_backward(d)
+        padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
+        *grads, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal, window,
+                                 dropout_p, seed, bias_grad, softcap)
+        return (*(_unpad_head(xp, g, d) for g in grads), dbias)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.empty(a.shape, dtype, q) for a in (q, k, v))  # contiguous, as the op's fake

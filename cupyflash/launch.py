@@ -18,6 +18,7 @@ import numpy as np
 
 from . import driver, jit, tma
 from .errors import require_gpu
+from .validate import kernel_head_dim
 from .tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
 
 log = logging.getLogger(__name__)
@@ -375,9 +376,10 @@ CLASS_THREADS = 128  # kernels_cu/tile_classes.cuh kClassThreads
 
 def require_backward(head_dim: int) -> None:
     """Raises NotImplementedError for a head dim with no backward kernel (before the faces classify bias tiles)."""
-    if head_dim not in BACKWARD:
-        raise NotImplementedError(f"head_dim {head_dim} has a forward kernel only; the backward supports head_dim "
-                                  f"in {tuple(BACKWARD)}")
+    if kernel_head_dim(head_dim) not in BACKWARD:
+        raise NotImplementedError(f"head_dim {head_dim} has a forward kernel only; the backward supports head dims "
+                                  f"up to {max(BACKWARD)} ({', '.join(map(str, BACKWARD))} natively, others "
+                                  f"zero-padded to the next)")
 
 
 def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,

@@ -1,9 +1,9 @@
 """The torch face: ``cupyflash::flash_attn_fwd`` / ``cupyflash::flash_attn_bwd`` custom ops with fake
 (meta) implementations and autograd, usable in eager, under ``torch.compile`` and in CUDA graphs.
 
-CUDA tensors run the CuPy-launched kernels on ``torch.cuda.current_stream()`` with outputs allocated by
-torch; CPU tensors run the exact CPU path in ``cpu_attention`` (same semantics: torch's CPU attention kernels where
-their results are ours, a chunked online softmax otherwise).
+CUDA tensors run the kernels (compiled by CuPy, launched through the driver: cupyflash/driver.py) on torch's current
+stream with outputs allocated by torch; CPU tensors run the exact CPU path in ``cpu_attention`` (same semantics:
+torch's CPU attention kernels where their results are ours, a chunked online softmax otherwise).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from . import cpu_attention
 from .tiles import BACKWARD
 from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
                        check_backward_inputs, check_bias_grad, check_causal, check_real, check_scale, check_softcap,
-                       check_window, default_scale, effective_window, is_empty)
+                       check_window, default_scale, effective_window, is_empty, kernel_head_dim)
 
 
 def tf32_allowed() -> bool:
@@ -94,11 +94,12 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if dtype == "float32" and not tf32_allowed():
             return (f"float32 on CUDA runs on TF32 tensor cores, which torch's settings do not allow "
                     f"(fusing would lower the precision the model asked for); {TF32_HOW}")
-        if q.shape[-1] not in GPU_HEAD_DIMS:
-            return f"head_dim {q.shape[-1]} on CUDA: the kernels support {GPU_HEAD_DIMS}"
-        if q.shape[-1] not in BACKWARD and any(t.requires_grad for t in (q, k, v)):
-            return (f"head_dim {q.shape[-1]} needs gradients on CUDA: the backward kernels support "
-                    f"{tuple(BACKWARD)}")
+        kernel_d = kernel_head_dim(q.shape[-1])
+        if kernel_d is None:
+            return f"head_dim {q.shape[-1]} on CUDA: the kernels support head dims up to {GPU_HEAD_DIMS[-1]}"
+        if kernel_d not in BACKWARD and any(t.requires_grad for t in (q, k, v)):
+            return (f"head_dim {q.shape[-1]} needs gradients on CUDA: the backward kernels support head dims up to "
+                    f"{max(BACKWARD)}")
     elif q.device.type != "cpu":
         return f"device {q.device.type}: only cuda and cpu are supported"
     try:

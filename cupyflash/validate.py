@@ -10,7 +10,14 @@ from dataclasses import dataclass
 # What q, k, v may hold, as SDPA: attention of integer, boolean or complex tensors is not defined.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Head dims the CUDA kernels are instantiated for (the tile table in cupyflash/tiles.py has one row each).
-GPU_HEAD_DIMS = (32, 64, 96, 128, 256)
+GPU_HEAD_DIMS = (32, 64, 96, 128, 256)  # the kernels' own; any other head_dim up to 256 runs zero-padded to the next
+
+
+def kernel_head_dim(head_dim: int) -> int | None:
+    """The head dim of the kernels that run `head_dim` (>= 1): itself, or the next of GPU_HEAD_DIMS, q, k and v
+    zero-padded to it (exact: zero columns add nothing to q·k, and v's give output columns that are sliced off);
+    None above 256."""
+    return next((d for d in GPU_HEAD_DIMS if d >= head_dim), None)
 # float32 runs on TF32 tensor cores (10-bit mantissa), so it is taken only where the caller allows TF32.
 GPU_DTYPES = ("float16", "bfloat16", "float32")
 MAX_GRID_YZ = 65535
@@ -83,8 +90,10 @@ def check_attention_inputs(q: TensorInfo, k: TensorInfo, v: TensorInfo, bias: Te
     if q.dtype == "float32" and not tf32_allowed:
         raise TypeError(f"q has dtype float32: the CUDA kernels run float32 on TF32 tensor cores (10-bit "
                         f"mantissa), which the caller has not allowed; {TF32_HOW}")
-    if q.shape[3] not in GPU_HEAD_DIMS:
-        raise ValueError(f"head_dim (dim 3 of q) is {q.shape[3]}; the CUDA kernels support {GPU_HEAD_DIMS}")
+    if kernel_head_dim(q.shape[3]) is None:
+        raise ValueError(f"head_dim (dim 3 of q) is {q.shape[3]}; the CUDA kernels support head dims up to "
+                         f"{GPU_HEAD_DIMS[-1]} ({', '.join(map(str, GPU_HEAD_DIMS))} natively, others zero-padded to "
+                         f"the next)")
     # The kernels' grids put heads on gridDim.y and batch on gridDim.z, each at most 65535.
     for dim, name in ((0, "batch"), (1, "heads")):
         if q.shape[dim] > MAX_GRID_YZ:

@@ -16,7 +16,8 @@ import torch
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
 from cupyflash import launch
-from cupyflash.tiles import FORWARD_SM90
+from cupyflash.tiles import BACKWARD, FORWARD_SM90
+from cupyflash.validate import kernel_head_dim
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, causal_keep_mask,
                        nbytes, poison_cuda_allocator, rounding_floor, seed_from)
 
@@ -118,6 +119,25 @@ def test_fwd_bwd_against_reference(dtype, layout, n_q, n_k, head_dim, causal):
     seed = seed_from(dtype, layout, n_q, n_k, head_dim, causal)
     q, k, v, dout = make_inputs(BATCH, HEADS, n_q, n_k, head_dim, dtype, layout, seed)
     check_against_reference(q, k, v, dout, causal=causal)
+
+
+# Between the kernels' head dims: run zero-padded to the next one (validate.kernel_head_dim); the backward up to 128.
+PADDED_HEAD_DIMS = (8, 20, 80, 112, 160, 200)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", PADDED_HEAD_DIMS)
+@pytest.mark.parametrize("dtype,layout", [(FP16, "contiguous"), (BF16, "transposed")])
+def test_head_dims_between_the_kernels(dtype, layout, head_dim, causal):
+    q, k, v, dout = make_inputs(BATCH, HEADS, 113, 203, head_dim, dtype, layout,
+                                seed_from(dtype, layout, head_dim, causal))
+    has_backward = kernel_head_dim(head_dim) in BACKWARD
+    out, lse, _ = check_against_reference(q, k, v, dout, causal=causal, backward=has_backward)
+    assert out.is_contiguous()
+    if not has_backward:
+        with pytest.raises(NotImplementedError, match=f"head_dim {head_dim} has a forward kernel only; the backward "
+                                                      f"supports head dims up to 128"):
+            bwd_op(dout, q, k, v, out, lse, 1.0 / math.sqrt(head_dim), causal)
 
 
 def _is_hopper() -> bool:

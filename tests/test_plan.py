@@ -267,3 +267,22 @@ def test_unaligned_inputs_are_copied_before_planning(stubbed_device):
     cuda_attention.forward(q, k, v, None, 0.125, False)
     (variant, args), = stubbed_device
     assert variant.kernel == "fwd" and int(args[0]) != q.data_ptr() and int(args[0]) % 16 == 0
+
+
+@pytest.mark.parametrize("head_dim,kernel_d", [(8, 32), (80, 96), (112, 128), (200, 256)])
+def test_head_dims_between_the_kernels_run_zero_padded(stubbed_device, head_dim, kernel_d):
+    q = torch.randn(2, 4, 33, head_dim, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 40, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = cuda_attention.forward(q, k, v, None, 0.125, True)
+    (variant, args), = stubbed_device
+    assert variant.kernel == "fwd" and variant.head_dim == kernel_d
+    assert out.shape == q.shape and out.is_contiguous() and lse.shape == q.shape[:3]
+    if kernel_d in tiles.BACKWARD:
+        stubbed_device.clear()
+        dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(q), q, k, v, None, out, lse, 0.125, True)
+        assert [variant.kernel for variant, _ in stubbed_device] == ["bwd_preprocess", "bwd", "bwd_convert_dq"]
+        assert all(v.head_dim == kernel_d for v, _ in stubbed_device)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    else:
+        with pytest.raises(NotImplementedError, match=f"head_dim {head_dim} has a forward kernel only"):
+            cuda_attention.backward(torch.randn_like(q), q, k, v, None, out, lse, 0.125, True)

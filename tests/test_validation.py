@@ -99,8 +99,9 @@ DEVICE_RULES = [
     ("device-mismatch", {"k": {"device": "cpu"}}, ValueError, r"k is on cpu but q is on cuda:0"),
     ("bias-device", {"attn_bias": {"shape": (1, 1, NQ, NK), "device": "cpu"}}, ValueError,
      r"attn_bias is on cpu but q is on cuda:0"),
-    ("gpu-head-dim", {n: {"shape": (2, 3, NQ if n == "q" else NK, 80)} for n in "qkv"}, ValueError,
-     r"head_dim \(dim 3 of q\) is 80; the CUDA kernels support \(32, 64, 96, 128, 256\)"),
+    ("gpu-head-dim", {n: {"shape": (2, 3, NQ if n == "q" else NK, 264)} for n in "qkv"}, ValueError,
+     r"head_dim \(dim 3 of q\) is 264; the CUDA kernels support head dims up to 256 \(32, 64, 96, 128, 256 "
+     r"natively, others zero-padded to the next\)"),
     ("gpu-dtype", {n: {"dtype": "float64"} for n in "qkv"}, TypeError,
      r"q has dtype float64; the CUDA kernels take float16, bfloat16, float32"),
     ("gpu-fp32-without-tf32", {n: {"dtype": "float32"} for n in "qkv"}, TypeError,
@@ -144,7 +145,7 @@ def test_device_and_gpu_rules(overrides, exc, pattern):
         _check_infos(overrides, on_gpu=True)
 
 
-@pytest.mark.parametrize("head_dim", GPU_HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", [*GPU_HEAD_DIMS, 8, 20, 80, 160, 192])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_accepted_inputs_pass(dtype, head_dim):
     """What the kernels take passes: transposed (B, N, H, D) views, Nq != Nk, a broadcast bias; float32 where
