@@ -126,8 +126,9 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         batch, heads, n_q, d = q.shape
         dq_accum = xp.empty((batch, heads, n_q, d), "float32", q)  # zeroed by the preprocess kernel, then summed
         d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
+        bufs = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk, dv=dv)
+        if attn_bias is not None:  # the rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS)
+            bufs["row_lse"] = xp.empty((batch, heads, n_q, 2), "float32", q)
         bias = _kernel_bias(xp, attn_bias, q, dtype)
-        _launch(xp, "bwd", q, k, bias, dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec,
-                                            dq_accum=dq_accum, dq=dq, dk=dk, dv=dv),
-                scale, causal, tuple(window), dropout_p, seed, softcap, dbias)
+        _launch(xp, "bwd", q, k, bias, bufs, scale, causal, tuple(window), dropout_p, seed, softcap, dbias)
     return dq, dk, dv, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias))
