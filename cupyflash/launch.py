@@ -204,15 +204,17 @@ def sm90_variant(kernel: str, dtype: str, head_dim: int, causal: bool, mods: Sco
     return jit.Variant(f"{kernel}_sm90", dtype, head_dim, causal, mods.any, mods.dropout_p > 0), mods
 
 
-def sm90_mods_args(kernel: str, mods: ScoreMods, tiles, scale: float) -> tuple:
+def sm90_mods_args(kernel: str, mods: ScoreMods, tiles, scale: float, row_lse: Buf | None = None) -> tuple:
     """The score-mod arguments of the Hopper kernel of pass `kernel` (after its scales): the mma.sync kernel's,
     with the tile classes' tile size after their strides (the plan classifies the bias in this kernel's tiles;
-    kernels_cu/scores.cuh tile_class_span also combines smaller ones). No-ops for the plain variants."""
+    kernels_cu/scores.cuh tile_class_span also combines smaller ones), and in the backward `row_lse` (nullable: the
+    rows' (hi, lo) pairs of a call with a bias, cupyflash/plan.py). No-ops for the plain variants."""
     cls_tq, cls_tk = (tiles.Br, tiles.Bc) if mods.tile_classes is not None else (1, 1)
     dbias = mods.bias_args(mods.dbias) if kernel == "bwd" else ()
+    rows = (_optional_ptr(row_lse),) if kernel == "bwd" else ()
     return (*mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
             np.int32(cls_tq), np.int32(cls_tk), *dbias, *mods.window_args(), *mods.dropout_args(),
-            *mods.softcap_args(scale))
+            *mods.softcap_args(scale), *rows)
 
 
 def _tma_maps(dtype: str, bufs) -> list:
@@ -253,7 +255,7 @@ def sm90_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: 
                              (dout, shape, tiles.Br)))
     return (*maps, _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv), *dk.bhn(), *dv.bhn(),
             np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
-            *sm90_mods_args("bwd", mods, tiles, scale), _optional_ptr(row_lse))
+            *sm90_mods_args("bwd", mods, tiles, scale, row_lse))
 
 
 def mma_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf,
