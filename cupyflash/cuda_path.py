@@ -184,10 +184,15 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
         window = tuple(window)
         inputs = (q, k, v, out, dout, lse)
+        # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias only.
+        row_lse = None if attn_bias is None else xp.empty((batch, heads, n_q, 2), "float32", q)
 
         def bufs(q, k, v, out, dout, lse) -> dict:
-            return dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,
-                        dv=dv)
+            named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,
+                         dv=dv)
+            if row_lse is not None:
+                named["row_lse"] = row_lse
+            return named
 
         def build():
             ready = (*(_ready(xp, a) for a in inputs[:5]), xp.contiguous(lse))

@@ -114,7 +114,7 @@ class Variant:
         if self.kernel == "bwd_sm90":
             return tiles.sm90_backward_smem_bytes(self.head_dim, self.tiles, self.mods)
         if self.kernel == "bwd":
-            return tiles.backward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype])
+            return tiles.backward_smem_bytes(self.head_dim, self.tiles, ELEM_BYTES[self.dtype], self.mods)
         return 0
 
     @property

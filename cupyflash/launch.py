@@ -91,6 +91,11 @@ def _ptr(b: Buf):
     return _address(b.ptr)
 
 
+def _optional_ptr(b: Buf | None):
+    """A nullable pointer argument: null for None."""
+    return np.uint64(0) if b is None else _ptr(b)
+
+
 @functools.lru_cache(maxsize=None)
 def _function(variant: jit.Variant, device_id: int) -> tuple:
     """(CuPy's kernel, its CUfunction handle) of `variant` on `device_id`, which must be current; the kernel is
@@ -213,15 +218,17 @@ def sm90_variant(kernel: str, dtype: str, head_dim: int, causal: bool, mods: Sco
     return jit.Variant(f"{kernel}_sm90", dtype, head_dim, causal, mods.any, mods.dropout_p > 0), mods
 
 
-def sm90_mods_args(kernel: str, mods: ScoreMods, tiles, scale: float) -> tuple:
+def sm90_mods_args(kernel: str, mods: ScoreMods, tiles, scale: float, row_lse: Buf | None = None) -> tuple:
     """The score-mod arguments of the Hopper kernel of pass `kernel` (after its scales): the mma.sync kernel's,
     with the tile classes' tile size after their strides (the plan classifies the bias in this kernel's tiles;
-    kernels_cu/scores.cuh tile_class_span also combines smaller ones). No-ops for the plain variants."""
+    kernels_cu/scores.cuh tile_class_span also combines smaller ones), and in the backward `row_lse` (nullable: the
+    rows' (hi, lo) pairs of a call with a bias, cupyflash/plan.py). No-ops for the plain variants."""
     cls_tq, cls_tk = (tiles.Br, tiles.Bc) if mods.tile_classes is not None else (1, 1)
     dbias = mods.bias_args(mods.dbias) if kernel == "bwd" else ()
+    rows = (_optional_ptr(row_lse),) if kernel == "bwd" else ()
     return (*mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
             np.int32(cls_tq), np.int32(cls_tk), *dbias, *mods.window_args(), *mods.dropout_args(),
-            *mods.softcap_args(scale))
+            *mods.softcap_args(scale), *rows)
 
 
 def _tma_maps(dtype: str, bufs) -> list:
@@ -242,18 +249,19 @@ def sm90_forward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: B
 
 
 def mma_forward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
-                     lse: Buf, scale: float, mods: ScoreMods, tiles) -> tuple:
-    """kernels_cu/flash_fwd.cuh flash_fwd_kernel's arguments."""
+                     lse: Buf, scale: float, mods: ScoreMods, tiles, row_stats: Buf | None = None) -> tuple:
+    """kernels_cu/flash_fwd.cuh flash_fwd_kernel's arguments; with `row_stats`, its stats mode (`lse` read, `out`
+    never written)."""
     batch, heads, n_q, d = shape
     return (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *q.bhn(), *k.bhn(), *v.bhn(), *out.bhn(),
             np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E),
             *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-            *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
+            *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale), _optional_ptr(row_stats))
 
 
 def sm90_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf,
                        lse: Buf, d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods: ScoreMods,
-                       tiles) -> tuple:
+                       tiles, row_lse: Buf | None = None) -> tuple:
     """kernels_cu/flash_bwd_sm90.cuh flash_bwd_sm90_kernel's arguments."""
     batch, heads, n_q, d = shape
     kv_shape = (batch, kv_heads, n_k, d)
@@ -261,25 +269,31 @@ def sm90_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: 
                              (dout, shape, tiles.Br)))
     return (*maps, _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv), *dk.bhn(), *dv.bhn(),
             np.int32(n_q), np.int32(n_k), np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
-            *sm90_mods_args("bwd", mods, tiles, scale))
+            *sm90_mods_args("bwd", mods, tiles, scale, row_lse))
 
 
 def mma_backward_args(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf,
                       lse: Buf, d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods: ScoreMods,
-                      tiles) -> tuple:
-    """kernels_cu/flash_bwd.cuh flash_bwd_kernel's arguments."""
+                      tiles, row_lse: Buf | None = None) -> tuple:
+    """kernels_cu/flash_bwd.cuh flash_bwd_kernel's arguments; `row_lse`: the rows' (hi, lo) pairs that replace the
+    LSE (a backward with a bias, cupyflash/plan.py)."""
     batch, heads, n_q, d = shape
     return (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(d_vec), _ptr(dq_accum), _ptr(dk), _ptr(dv),
             *q.bhn(), *k.bhn(), *v.bhn(), *dout.bhn(), *dk.bhn(), *dv.bhn(), np.int32(n_q), np.int32(n_k),
             np.int32(heads // kv_heads), np.float32(scale * LOG2E), np.float32(scale),
             *mods.bias_args(mods.bias), np.int32(mods.bias_f32), *mods.bias_args(mods.tile_classes),
-            *mods.bias_args(mods.dbias), *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale))
+            *mods.bias_args(mods.dbias), *mods.window_args(), *mods.dropout_args(), *mods.softcap_args(scale),
+            _optional_ptr(row_lse))
 
 
-def preprocess_args(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_rows: int) -> tuple:
-    """kernels_cu/flash_bwd.cuh flash_bwd_preprocess's arguments: D = rowsum(dO ∘ O), dQ_accum zeroed."""
+def preprocess_args(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_rows: int,
+                    lse: Buf | None = None, row_lse: Buf | None = None) -> tuple:
+    """kernels_cu/flash_bwd.cuh flash_bwd_preprocess's arguments: D = rowsum(dO ∘ O), dQ_accum zeroed; with `lse`
+    and `row_lse` (contiguous), row_lse = (lse · log2 e, 0) too."""
+    if (lse is None) != (row_lse is None):
+        raise ValueError("the preprocess writes row_lse from lse: pass both or neither")
     return (_ptr(dout), _ptr(out), _ptr(d_vec), _ptr(dq_accum), *dout.bhn(), *out.bhn(), np.int32(heads),
-            np.int32(n_q), np.int64(n_rows))
+            np.int32(n_q), np.int64(n_rows), _optional_ptr(lse), _optional_ptr(row_lse))
 
 
 def convert_dq_args(*, dq_accum: Buf, dq: Buf, heads: int, n_q: int, n_rows: int, scale: float) -> tuple:
@@ -384,12 +398,15 @@ def require_backward(head_dim: int) -> None:
 
 def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
              dout: Buf, lse: Buf, d_vec: Buf, dq_accum: Buf, dq: Buf, dk: Buf, dv: Buf, scale: float,
-             mods: ScoreMods, stream_ptr: int, device_id: int, bias_shape: tuple | None = None) -> None:
+             mods: ScoreMods, stream_ptr: int, device_id: int, bias_shape: tuple | None = None,
+             row_lse: Buf | None = None) -> None:
     """dq, dk, dv (and mods.dbias, zeroed fp32) ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 (the
-    first launch zeroes it), `d_vec` (B, H, Nq) fp32."""
+    first launch zeroes it), `d_vec` (B, H, Nq) fp32, `lse` contiguous; with mods.bias, `row_lse` contiguous
+    (B, H, Nq, 2) fp32 (plan.BIAS_BACKWARD_BUFS)."""
     require_backward(shape[3])
-    plan, ptrs = _layout("bwd", dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads,
-                         bufs=dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq,
-                                   dk=dk, dv=dv),
+    bufs = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk, dv=dv)
+    if row_lse is not None:
+        bufs["row_lse"] = row_lse
+    plan, ptrs = _layout("bwd", dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads, bufs=bufs,
                          scale=scale, mods=mods, bias_shape=bias_shape, device_id=device_id)
     execute(plan, ptrs, stream_ptr, device_id)

@@ -24,6 +24,9 @@ HOPPER, MMA_SYNC = "hopper", "mma.sync"
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
 FORWARD_BUFS = ("q", "k", "v", "out", "lse")
 BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
+# A backward with a bias takes these after BACKWARD_BUFS: row_lse, contiguous (B, H, Nq, 2) fp32, the rows' (hi, lo)
+# pairs with P = exp2((s - hi) - lo) (the rebuild rule of cupyflash/cpu_attention.py; _stats_step).
+BIAS_BACKWARD_BUFS = ("row_lse",)
 
 
 class BiasLayout(NamedTuple):
@@ -43,7 +46,7 @@ class CallLayout(NamedTuple):
     shape: tuple  # q's (B, H, Nq, D)
     n_k: int
     kv_heads: int
-    bufs: tuple  # ((name, strides in elements, address % 16), ...): FORWARD_BUFS or BACKWARD_BUFS, in that order
+    bufs: tuple  # ((name, strides in elements, address % 16), ...): FORWARD_BUFS or BACKWARD_BUFS (+ BIAS_BACKWARD_BUFS)
     causal: bool
     scale: float
     bias: BiasLayout | None = None
@@ -124,7 +127,7 @@ def _score_mods(layout: CallLayout, classes_shape: tuple | None) -> ScoreMods:
     return ScoreMods(
         bias=None if bias is None else Buf(Slot("bias"), bias.strides),
         bias_f32=bias is not None and bias.f32,
-        tile_classes=None if bias is None else Buf(Slot("tile_classes"), tile_classes_strides(classes_shape)),
+        tile_classes=None if classes_shape is None else Buf(Slot("tile_classes"), tile_classes_strides(classes_shape)),
         dbias=Buf(Slot("dbias"), dbias_strides(bias.shape)) if bias is not None and bias.grad else None,
         window=tuple(layout.window), dropout_p=layout.dropout_p,
         seed_ptr=Slot("seed") if layout.dropout_p > 0 else 0, softcap=layout.softcap)
@@ -178,19 +181,42 @@ def plan_for(layout: CallLayout) -> Plan:
         grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
         steps = (_step(variant, grid, (t.threads,), args),)
     else:
+        row_lse = bufs.get("row_lse")
+        if (layout.bias is None) != (row_lse is None):
+            raise ValueError("a backward with a bias takes the row_lse workspace (plan.BIAS_BACKWARD_BUFS), one "
+                             "without a bias none")
         build = launch.sm90_backward_args if family == HOPPER else launch.mma_backward_args
-        args = build(**common, **{name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")})
+        args = build(**common, **{name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")},
+                     row_lse=row_lse)
         grid = (math.ceil(layout.n_k / t.Bc), layout.kv_heads, batch)  # K/V blocks × K/V heads × batch
         n_rows = batch * heads * n_q
         row_grid, row_block = (math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,)
         pre = launch.preprocess_args(dout=bufs["dout"], out=bufs["out"], d_vec=bufs["d_vec"],
-                                     dq_accum=bufs["dq_accum"], heads=heads, n_q=n_q, n_rows=n_rows)
+                                     dq_accum=bufs["dq_accum"], heads=heads, n_q=n_q, n_rows=n_rows,
+                                     lse=None if row_lse is None else bufs["lse"], row_lse=row_lse)
         conv = launch.convert_dq_args(dq_accum=bufs["dq_accum"], dq=bufs["dq"], heads=heads, n_q=n_q, n_rows=n_rows,
                                       scale=layout.scale)
-        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), row_grid, row_block, pre),
+        stats = () if row_lse is None else (_stats_step(layout, bufs),)
+        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), row_grid, row_block, pre), *stats,
                  _step(variant, grid, (t.threads,), args),
                  _step(jit.Variant("bwd_convert_dq", layout.dtype, d), row_grid, row_block, conv))
     return Plan(layout, family, why, variant, t, steps, classes_shape)
+
+
+def _stats_step(layout: CallLayout, bufs: dict) -> Step:
+    """The backward's stats pass (the rebuild rule): the mma.sync forward of the call's dtype, head dim and causal
+    flag in its stats mode (kernels_cu/flash_fwd.cuh) overwrites row_lse's pairs of the rows whose saved LSE is below
+    LSE_REBUILD with their (m, log2 l); either backward kernel then reads them. Its bias is read in every tile (no
+    tile classes: they are classified in the backward's tiles) and dropout plays no part (it acts after the
+    softmax); it never writes out, so out is null."""
+    batch, heads, n_q, d = layout.shape
+    variant = jit.Variant("fwd", layout.dtype, d, layout.causal, True, False)
+    mods = dataclasses.replace(_score_mods(layout, None), dbias=None, dropout_p=0.0, seed_ptr=0)
+    t = variant.tiles
+    args = launch.mma_forward_args(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
+                                   q=bufs["q"], k=bufs["k"], v=bufs["v"], out=Buf(0, bufs["out"].strides),
+                                   lse=bufs["lse"], scale=layout.scale, mods=mods, tiles=t, row_stats=bufs["row_lse"])
+    return _step(variant, (math.ceil(n_q / t.Br), heads, batch), (t.threads,), args)
 
 
 def _mods_any(layout: CallLayout) -> bool:

@@ -1,6 +1,8 @@
 // Backward: dQ, dK, dV recomputing S and P from Q, K and the saved LSE (Algorithm 2 of FlashAttention-2,
 // https://arxiv.org/abs/2307.08691). Three launches:
-//   1. flash_bwd_preprocess: D_i = rowsum(dO ∘ O), fp32, and dQ_accum zeroed.
+//   1. flash_bwd_preprocess: D_i = rowsum(dO ∘ O), fp32, and dQ_accum zeroed. With a bias the rows' (hi, lo) pairs
+//      too, P = exp2((s - hi) - lo): (LSE · log2 e, 0), until the forward kernel's stats mode (flash_fwd.cuh)
+//      replaces those of the rows under the rebuild rule (scores.cuh kLseRebuild) with (m, log2 l).
 //   2. flash_bwd_kernel: one thread block per (K/V block of Bc rows, K/V head, batch). dK_j, dV_j stay in
 //      registers while the Q/dO blocks of every query head that shares the K/V head (grouped-query attention)
 //      stream through shared memory, so dK/dV are summed over the group without atomics; each warp owns 16 keys
@@ -17,10 +19,12 @@ namespace cupyflash {
 // One warp per row (B·H·Nq rows): D_i = Σ_d dO[i,d] · O[i,d], and the row of the dQ accumulator (contiguous
 // (B, H, Nq, D)) zeroed for the main kernel's atomic adds: a memset launch fewer, as FlashAttention-2's
 // Clear_dQaccum (https://github.com/Dao-AILab/flash-attention/blob/main/csrc/flash_attn/src/flash_bwd_preprocess_kernel.h).
+// With row_lse non-null, the row's (LSE · log2 e, 0) too (LSE contiguous (B, H, Nq), as row_lse).
 template <typename T, int D>
 __global__ void flash_bwd_preprocess(const typename T::elem* __restrict__ dout, const typename T::elem* __restrict__ out,
                                      float* __restrict__ d_vec, float* __restrict__ dq_accum, i64 do_sb, i64 do_sh,
-                                     i64 do_sn, i64 o_sb, i64 o_sh, i64 o_sn, int H, int Nq, i64 n_rows) {
+                                     i64 do_sn, i64 o_sb, i64 o_sh, i64 o_sn, int H, int Nq, i64 n_rows,
+                                     const float* __restrict__ lse, float2* __restrict__ row_lse) {
     const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= n_rows) return;
     const int lane = threadIdx.x % 32;
@@ -32,6 +36,7 @@ __global__ void flash_bwd_preprocess(const typename T::elem* __restrict__ dout, 
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) d_vec[row] = acc;
+    if (row_lse != nullptr && lane == 0) row_lse[row] = make_float2(lse[row] * kLog2e, 0.f);
     for (int d = lane; d < D; d += 32) dq_accum[row * D + d] = 0.f;
 }
 
@@ -60,7 +65,8 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
                  const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
                  float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
                  int win_left, int win_right, u32 keep_threshold, float inv_keep,
-                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
+                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out,
+                 const float2* __restrict__ row_lse) {
     static_assert(Bc == 16 * NWarps, "each warp owns 16 keys");
     static_assert(Br % 16 == 0 && NWarps % (Br / 16) == 0, "dQ tiles: (Br/16) row tiles split evenly over warps");
     constexpr int kThreads = NWarps * 32;
@@ -81,6 +87,9 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     // generic pointers held through the loop cost registers this kernel is short of).
     const u32 sLse = sdS + TileS::template bytes<Bc>();
     const u32 sDvec = sLse + 4 * Br;
+    // Mods: with row_lse, the rows' (hi, lo) pairs (flash_bwd_preprocess) in place of LSE · log2 e: hi at sLse, lo
+    // here (0 without row_lse).
+    const u32 sLseLo = sDvec + 4 * Br;
 
     const int k0 = blockIdx.x * Bc;
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
@@ -103,8 +112,16 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         load_tile_async<T, Br, D, kThreads>(sdO, dout + b * do_sb + hq * do_sh + q0 * do_sn, do_sn, Nq - q0, tid);
         float* s_lse = reinterpret_cast<float*>(smem + (sLse - sK));
         float* s_dvec = reinterpret_cast<float*>(smem + (sDvec - sK));
+        float* s_lse_lo = reinterpret_cast<float*>(smem + (sLseLo - sK));
         for (int r = tid; r < Br; r += kThreads) {  // rows past Nq: P = exp2(s - inf) = 0, D = 0
-            s_lse[r] = q0 + r < Nq ? lse[bh * Nq + q0 + r] * kLog2e : inf_f();
+            if (Mods && row_lse != nullptr) {
+                const float2 hi_lo = q0 + r < Nq ? row_lse[bh * Nq + q0 + r] : make_float2(inf_f(), 0.f);
+                s_lse[r] = hi_lo.x;
+                s_lse_lo[r] = hi_lo.y;
+            } else {
+                s_lse[r] = q0 + r < Nq ? lse[bh * Nq + q0 + r] * kLog2e : inf_f();
+                if (Mods) s_lse_lo[r] = 0.f;
+            }
             s_dvec[r] = q0 + r < Nq ? d_vec[bh * Nq + q0 + r] : 0.f;
         }
     };
@@ -178,10 +195,12 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         }
 #pragma unroll
         for (int nt = 0; nt < Br / 8; ++nt) {
-            float lse2[2];
+            float lse2[2], lo[2] = {0.f, 0.f};
             lds_f32x2(lse2[0], lse2[1], sLse + 4 * col_of(nt, 0));
+            if constexpr (Mods) lds_f32x2(lo[0], lo[1], sLseLo + 4 * col_of(nt, 0));
 #pragma unroll
-            for (int e = 0; e < 4; ++e) pt[nt][e] = fast_exp2(pt[nt][e] - lse2[e & 1]);
+            for (int e = 0; e < 4; ++e)
+                pt[nt][e] = fast_exp2(Mods ? (pt[nt][e] - lse2[e & 1]) - lo[e & 1] : pt[nt][e] - lse2[e & 1]);
         }
         // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh). The
         // loop over nt stays rolled: unrolled, the scheduler interleaved all Br/2 Philox chains beside Pᵀ and the

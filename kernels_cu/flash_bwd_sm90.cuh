@@ -7,7 +7,9 @@
 //   dQ_i += dS K_j: both halves of dSᵀ go through shared memory, and each warpgroup adds D/2 of dQ_i's columns into
 //   the fp32 accumulator (red.global.add.v4), or, where the tensors' columns fit in D/2, the sum over its 64 keys of
 //   all of them.
-// A second producer warp stages LSE_i · log2 e and D_i in shared memory beside each Q/dO slot.
+// A second producer warp stages LSE_i · log2 e and D_i in shared memory beside each Q/dO slot; with Mods also lo_i,
+// P = exp2((s - hi) - lo) with hi = LSE_i · log2 e and lo = 0, or with row_lse (a bias: flash_bwd.cuh's preprocess and
+// the forward's stats mode) the rows' (hi, lo) pairs, (m, log2 l) under the rebuild rule (scores.cuh kLseRebuild).
 // 16-bit types. Mods compiles in the score mods of scores.cuh (bias with its tile classes and gradient, window,
 // soft-cap; Dropout the dropout) as flash_bwd.cuh applies them, so it takes either forward's LSE and dropout mask;
 // Mods = false is the plain path (at most a causal mask). flash_bwd.cuh's flash_bwd_preprocess (D) and
@@ -33,7 +35,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                       const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn, int cls_tq,
                       int cls_tk, float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
                       int win_left, int win_right, u32 keep_threshold, float inv_keep,
-                      const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
+                      const unsigned long long* __restrict__ seed, float cap_in, float cap_out,
+                      const float2* __restrict__ row_lse) {
     static_assert(DHead <= D && DHead % 8 == 0, "16-byte rows within the tiles");
     constexpr int DKV = head_cols(D, DHead);  // dK's and dV's columns
     // dQ_i's split between the warpgroups: by columns (D/2 each, over all Bc keys), or where DHead fits in D/2 (d32 on
@@ -50,14 +53,15 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const u32 sQ0 = sV + TileKV::bytes();
     const u32 sdO0 = sQ0 + kStages * TileQ::bytes();
     const u32 sdS0 = sdO0 + kStages * TileQ::bytes();
-    const u32 sRow0 = sdS0 + 2 * TileDS::bytes();  // per stage: LSE_i · log2 e, then D_i (Br floats each)
-    const u32 bars = sRow0 + kStages * 2 * Br * 4;  // kv_full, qdo_full[S], q_empty[S]
+    constexpr int kRowArrays = Mods ? 3 : 2;
+    const u32 sRow0 = sdS0 + 2 * TileDS::bytes();  // per stage: LSE_i · log2 e (hi), D_i, with Mods lo (Br floats each)
+    const u32 bars = sRow0 + kStages * kRowArrays * Br * 4;  // kv_full, qdo_full[S], q_empty[S]
     // Mods: each consumer thread's soft-cap derivatives (Br / 4 u32, element i of thread t at [i][t], conflict-free)
     const u32 sCapGrad = bars + 8 * (1 + 2 * kStages);
     auto sQ = [&](int it) { return sQ0 + (it % kStages) * TileQ::bytes(); };
     auto sdO = [&](int it) { return sdO0 + (it % kStages) * TileQ::bytes(); };
     auto sdS = [&](int it) { return sdS0 + (it % 2) * TileDS::bytes(); };
-    auto sLse = [&](int it) { return sRow0 + (it % kStages) * 2 * Br * 4; };
+    auto sLse = [&](int it) { return sRow0 + (it % kStages) * kRowArrays * Br * 4; };
     const u32 kv_full = bars;
     auto qdo_full = [&](int it) { return bars + 8 * (1 + it % kStages); };
     auto q_empty = [&](int it) { return bars + 8 * (1 + kStages + it % kStages); };
@@ -123,7 +127,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
                 for (int r = 0; r < Br; r += 32) {
                     const bool ok = q0 + r + lane < Nq;
-                    st_shared_f32(dst + 4 * r, ok ? lse[row0 + r + lane] * kLog2e : inf_f());
+                    if (Mods && row_lse != nullptr) {
+                        const float2 hi_lo = ok ? row_lse[row0 + r + lane] : make_float2(inf_f(), 0.f);
+                        st_shared_f32(dst + 4 * r, hi_lo.x);
+                        st_shared_f32(dst + 4 * (2 * Br + r), hi_lo.y);
+                    } else {
+                        st_shared_f32(dst + 4 * r, ok ? lse[row0 + r + lane] * kLog2e : inf_f());
+                        if (Mods) st_shared_f32(dst + 4 * (2 * Br + r), 0.f);
+                    }
                     st_shared_f32(dst + 4 * (Br + r), ok ? d_vec[row0 + r + lane] : 0.f);
                 }
                 mbar_arrive(qdo_full(n));  // release: the stores are seen by the consumers' wait
@@ -248,10 +259,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             }
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt) {
-                float lse2[2];
+                float lse2[2], lo[2];
                 lds_f32x2(lse2[0], lse2[1], sLse(n) + 4 * query_of(nt, 0));
+                lds_f32x2(lo[0], lo[1], sLse(n) + 4 * (2 * Br + query_of(nt, 0)));
 #pragma unroll
-                for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2(st[nt][e] - lse2[e & 1]);
+                for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2((st[nt][e] - lse2[e & 1]) - lo[e & 1]);
             }
             if constexpr (!kDptUnderSoftmax) {
                 fence_operands(st);

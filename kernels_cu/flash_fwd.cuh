@@ -5,6 +5,11 @@
 // shared memory; each warp owns MTiles·16 query rows and keeps S (rows x Bc) and O (rows x D) in registers (each K/V
 // fragment read from shared memory feeds MTiles MMAs, which eases the shared-memory bandwidth bound); the online
 // softmax keeps the running max m_i and sum l_i per row; the log-sum-exp is written for the backward.
+//
+// Stats mode (Mods, row_stats non-null): the backward's pass for the rebuild rule (scores.cuh kLseRebuild). `lse` is
+// then the forward's saved LSE, read; a block whose rows are all at or above kLseRebuild returns after reading them,
+// the others run as usual and write (m_i, log2 l_i) of those rows below it to row_stats (log2 units), neither O nor
+// LSE. Dropout plays no part (it acts after the softmax): the plan runs it on the variant without.
 #pragma once
 #include "scores.cuh"
 
@@ -21,7 +26,8 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
                  const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
                  const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
                  int win_left, int win_right, u32 keep_threshold, float inv_keep,
-                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
+                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out,
+                 float2* __restrict__ row_stats) {
     static_assert(Br == 16 * MTiles * NWarps, "each warp owns MTiles 16-row tiles");
     static_assert(D % 16 == 0 && Bc % 16 == 0, "MMA k-steps are 16 wide");
     constexpr int kThreads = NWarps * 32;
@@ -45,6 +51,12 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
                                                              tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
                                                              win_right, keep_threshold, seed, cap_in, cap_out);
     const i64 bh = (i64)b * H + h;
+    const bool stats_mode = Mods && row_stats != nullptr;
+    if (stats_mode) {
+        bool rebuild = false;
+        for (int r = tid; r < Br && q0 + r < Nq; r += kThreads) rebuild |= lse[bh * Nq + q0 + r] < kLseRebuild;
+        if (!__syncthreads_or(rebuild)) return;
+    }
     // K/V blocks that hold a key visible to some row of this Q block (rows q0 .. q_last).
     const int q_last = min(q0 + Br, Nq) - 1;
     int j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
@@ -180,7 +192,10 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
             const float l = warp_sum4(l_i[mt][r]);
             const float inv_l = l > 0.f ? (Mods ? inv_keep : 1.f) / l : 0.f;
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
-            if (q0 + row < Nq) {
+            if (stats_mode) {  // l > 0: a row without keys has LSE +inf
+                if (q0 + row < Nq && lane % 4 == 0 && lse[bh * Nq + q0 + row] < kLseRebuild)
+                    row_stats[bh * Nq + q0 + row] = make_float2(m_i[mt][r], log2f(l));
+            } else if (q0 + row < Nq) {
                 typename T::elem* o_row = o + row * o_sn;
 #pragma unroll
                 for (int dt = 0; dt < D / 8; ++dt)

@@ -14,10 +14,13 @@ namespace cupyflash {
 // score there (finfo.min + s == finfo.min), so the logit carries no score: it becomes the constant
 // kMaskedLogit2 (-inf stays -inf). Beside any key whose logit exceeds about -3900 (log2 units) such a key gets
 // weight exp2(-4096 - m) = 0 in fp32; a row with only such keys attends uniformly, as eager softmax does; and
-// the LSE of that row, (kMaskedLogit2 + log2 l) · ln 2 ≈ -2839, holds log(l) to about 2^-12, so the backward
-// recomputes P = 1/l for it (a larger magnitude would round log(l) away).
+// the LSE of that row, (kMaskedLogit2 + log2 l) · ln 2 ≈ -2839, holds log(l) only to about 2^-12 in fp32.
 constexpr float kMaskedBias = -1e30f;
 constexpr float kMaskedLogit2 = -4096.f;
+// The rebuild rule (cupyflash/cpu_attention.py): in a backward with a bias, rows whose saved LSE (natural units) is
+// below kLseRebuild take P = exp2((s - m) - log2 l) from their own max m and sum l (the forward's stats pass), not
+// exp2(s - LSE): fp32 cannot hold such an LSE finely enough (a row of -1e9 fills even rounds log2 l away).
+constexpr float kLseRebuild = kMaskedLogit2 / 2 * kLn2;
 
 struct U4 {
     u32 x, y, z, w;

@@ -28,11 +28,14 @@ def _contiguous(shape) -> tuple:
 
 def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None, window=(-1, -1), dropout_p=0.0,
             softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True):
-    """A CallLayout of contiguous buffers (overrides by name in `strides` / `addresses`, modulo 16)."""
+    """A CallLayout of contiguous buffers (overrides by name in `strides` / `addresses`, modulo 16); a backward with
+    a bias has the row_lse workspace, as cuda_path gives it."""
     q_shape, kv_shape = (B, H, NQ, d), (B, HKV, NK, d)
     shapes = dict(q=q_shape, k=kv_shape, v=kv_shape, out=q_shape, dout=q_shape, lse=q_shape[:3], d_vec=q_shape[:3],
-                  dq_accum=q_shape, dq=q_shape, dk=kv_shape, dv=kv_shape)
+                  dq_accum=q_shape, dq=q_shape, dk=kv_shape, dv=kv_shape, row_lse=(*q_shape[:3], 2))
     names = plan.FORWARD_BUFS if kernel == "fwd" else plan.BACKWARD_BUFS
+    if kernel == "bwd" and bias is not None:
+        names += plan.BIAS_BACKWARD_BUFS
     strides, addresses = strides or {}, addresses or {}
     bufs = tuple((n, strides.get(n, _contiguous(shapes[n])), addresses.get(n, 0)) for n in names)
     return plan.CallLayout(kernel, dtype, q_shape, NK, HKV, bufs, causal, 0.125, bias, window, dropout_p, softcap,
@@ -122,9 +125,52 @@ def test_bias_tile_classes_follow_the_plans_tiles():
     p = plan.plan_for(_layout("bwd", "float16", 64, cc=80, bias=BIAS._replace(grad=True)))
     t = p.tiles
     assert p.tile_classes_shape == (B, 1, math.ceil(NQ / t.Br), math.ceil(NK / t.Bc))
-    main = p.steps[1]
+    main = p.steps[2]
     names = [main.args[i].name for i in main.slots]
-    assert names == ["q", "k", "v", "dout", "lse", "d_vec", "dq_accum", "dk", "dv", "bias", "tile_classes", "dbias"]
+    assert names == ["q", "k", "v", "dout", "lse", "d_vec", "dq_accum", "dk", "dv", "bias", "tile_classes", "dbias",
+                     "row_lse"]
+
+
+@pytest.mark.parametrize("cc,main_kernel", [(80, "bwd"), (90, "bwd_sm90")])
+@pytest.mark.parametrize("change", [dict(causal=True), dict(window=(16, 0), softcap=20.0),
+                                    dict(dropout_p=0.25, bias=BIAS._replace(grad=True), causal=True)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype):
+    """The rebuild rule (cpu_attention.py) in the kernels: a backward with a bias runs preprocess (row_lse = (LSE ·
+    log2 e, 0)), the mma.sync forward's stats mode of the call's dtype, head dim and causal flag (without dropout or
+    tile classes, out null, reading the saved LSE, writing row_lse), then the main kernel reading row_lse, whatever its
+    family; a backward without one is unchanged, its row_lse pointers null."""
+    biased = plan.plan_for(_layout("bwd", dtype, 64, cc=cc, **{"bias": BIAS, **change}))
+    assert [s.variant.kernel for s in biased.steps] == ["bwd_preprocess", "fwd", main_kernel, "bwd_convert_dq"]
+    pre, stats, main, _ = biased.steps
+    causal = change.get("causal", False)
+    assert stats.variant == jit.Variant("fwd", dtype, 64, causal, mods=True, dropout=False)
+    t = stats.variant.tiles
+    assert stats.grid == (math.ceil(NQ / t.Br), H, B) and stats.block == (t.threads,)
+    assert stats.shared_bytes == stats.variant.shared_bytes
+    names = {i: stats.args[i].name for i in stats.slots}
+    assert names[4] == "lse" and names[len(stats.args) - 1] == "row_lse" and stats.args[3] == 0  # out: null
+    assert "tile_classes" not in names.values() and "seed" not in names.values()
+    keep_threshold = stats.args[-6]  # no dropout: every word is kept (launch.ScoreMods.dropout_args)
+    assert keep_threshold == np.uint32(0xFFFFFFFF)
+    left, right = stats.args[-8:-6]
+    assert (int(left), int(right)) == tuple(launch.NO_WINDOW if w < 0 else w for w in change.get("window", (-1, -1)))
+    assert [pre.args[i].name for i in pre.slots][-2:] == ["lse", "row_lse"]
+    assert main.args[main.slots[-1]].name == "row_lse" and main.slots[-1] == len(main.args) - 1
+
+    plain = plan.plan_for(_layout("bwd", dtype, 64, cc=cc, **{k: v for k, v in change.items() if k != "bias"}))
+    assert [s.variant.kernel for s in plain.steps] == ["bwd_preprocess", main_kernel, "bwd_convert_dq"]
+    assert "row_lse" not in plain.needs
+    assert plain.steps[0].args[-2:] == (0, 0) and plain.steps[1].args[-1] == 0
+
+
+def test_row_lse_goes_with_the_bias():
+    with_bias = _layout("bwd", bias=BIAS)
+    without = with_bias._replace(bufs=with_bias.bufs[:-1])
+    with pytest.raises(ValueError, match="a backward with a bias takes the row_lse workspace"):
+        plan.plan_for(without)
+    with pytest.raises(ValueError, match="a backward with a bias takes the row_lse workspace"):
+        plan.plan_for(with_bias._replace(bias=None))
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
@@ -201,7 +247,7 @@ def test_every_launch_fills_its_kernels_parameters(kernel, change, monkeypatch):
     monkeypatch.setattr(tma, "_encode_fn", lambda: (lambda *args: 0))  # no driver here: maps of zeros
     p = plan.plan_for(_layout(kernel, **change))
     ptrs = {name: ALIGNED + 4096 * i for i, name in enumerate(sorted(p.needs))}
-    assert p.needs <= set(plan.BACKWARD_BUFS) | {"bias", "tile_classes", "dbias", "seed"}
+    assert p.needs <= set(plan.BACKWARD_BUFS + plan.BIAS_BACKWARD_BUFS) | {"bias", "tile_classes", "dbias", "seed"}
     for step in p.steps:
         args = step.filled(ptrs)
         want = _kernel_params(KERNEL_NAMES[step.variant.kernel])
@@ -253,10 +299,13 @@ def test_forward_and_backward_launch_with_the_tensors_addresses(stubbed_device):
     dout = torch.randn_like(q)
     dq, dk, dv, dbias = cuda_attention.backward(dout, q, k, v, bias, out, lse, 0.125, True, bias_grad=True)
     assert [variant.kernel for variant, _ in stubbed_device] == ["tile_minmax", "tile_classify", "bwd_preprocess",
-                                                                  "bwd", "bwd_convert_dq"]
-    main = stubbed_device[3][1]
+                                                                  "fwd", "bwd", "bwd_convert_dq"]
+    pre, stats, main = (args for _, args in stubbed_device[2:5])
     assert [int(a) for a in (main[0], main[1], main[2], main[3], main[4], main[7], main[8])] == [
         t.data_ptr() for t in (q, k, v, dout, lse, dk, dv)]
+    # the stats pass reads q, k, v and the saved lse, and all three share one row_lse workspace
+    assert [int(a) for a in stats[:5]] == [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, lse.data_ptr()]
+    assert int(pre[-2]) == lse.data_ptr() and int(pre[-1]) == int(stats[-1]) == int(main[-1]) != 0
     assert dq.shape == q.shape and dbias.shape == bias.shape and dbias.dtype == bias.dtype
 
 
