@@ -11,7 +11,7 @@ semantics say; anything else is left alone with the reason:
 - ``scale``: a constant, or None for 1/sqrt(E) with E = q's head dim (a static size).
 - ``dropout_p``: only a constant 0 (the op's Philox stream is not torch's, so active dropout would draw other masks).
 - ``enable_gqa``: the op takes fewer K/V heads when they divide q's; without it the heads must be equal.
-- v's head dim equal to q's, and whatever else the op refuses (``why_unsupported`` on the fake values).
+- whatever the op refuses (``why_unsupported`` on the fake values).
 - what follows the call runs on the op's contiguous output (replayed on fake values where SDPA's output is not
   contiguous: a ``.view()`` may need SDPA's layout).
 """
@@ -87,8 +87,6 @@ def _check_features(args: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     dropout_p = _constant(args, "dropout_p", (int, float))
     if dropout_p != 0:
         raise Skip(f"active dropout (dropout_p={dropout_p}): the op's dropout stream is not torch's")
-    if q.dim() == 4 and v.dim() == 4 and not statically_known_true(v.shape[-1] == q.shape[-1]):
-        raise Skip(f"v's head dim {v.shape[-1]} is not q's {q.shape[-1]}: the op shares one head dim")
     if (not _constant(args, "enable_gqa", (bool,)) and q.dim() == 4 and k.dim() == 4
             and not statically_known_true(q.shape[1] == k.shape[1])):
         raise Skip(f"k has {k.shape[1]} heads against q's {q.shape[1]} without enable_gqa (SDPA broadcasts them)")

@@ -108,6 +108,11 @@ def band(causal: bool, window) -> tuple[int, int]:
     return left, 0 if causal else right
 
 
+def _same_head_dims(q, v) -> bool:
+    """torch's CPU kernels take one head dim for q, k and v; a v with its own (SDPA allows it) runs here."""
+    return q.shape[-1] == v.shape[-1]
+
+
 def route(q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor], causal: bool, window,
           dropout_p: float, softcap: float, bias_grad: bool = False,
           lse: Optional[torch.Tensor] = None) -> Optional[cpu_torch_kernels.Plan]:
@@ -296,7 +301,7 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
             seed: Optional[torch.Tensor] = None, *, softcap: float = 0.0):
     """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32. ``seed``: the dropout seed, a
     one-element int64 tensor (None without dropout)."""
-    plan = route(q, k, attn_bias, causal, window, dropout_p, softcap)
+    plan = route(q, k, attn_bias, causal, window, dropout_p, softcap) if _same_head_dims(q, v) else None
     x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, plan)
     if plan is not None:
         out, lse = cpu_torch_kernels.forward(x.q, x.k, x.v, x.bias, scale, plan)
@@ -378,7 +383,7 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
              softcap: float = 0.0):
     """Returns (dq, dk, dv, dbias) recomputing P chunk by chunk from the saved lse (nothing N×N kept); dbias is
     shaped like attn_bias when bias_grad, else None. (out, lse) may come from either forward path."""
-    plan = route(q, k, attn_bias, causal, window, dropout_p, softcap, bias_grad, lse)
+    plan = route(q, k, attn_bias, causal, window, dropout_p, softcap, bias_grad, lse) if _same_head_dims(q, v) else None
     x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, plan)
     do, o = dout.to(x.q.dtype), out.to(x.q.dtype)
     if plan is not None:

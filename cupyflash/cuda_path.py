@@ -123,8 +123,14 @@ def _launch(xp, p: plan.Plan, q, bias, bufs: dict, causal: bool, window: tuple, 
 
 
 def _pad_head(xp, a, d: int):
-    """`a` (B, H, N, D) zero-padded to head dim d: a new contiguous array."""
-    return xp.pad_end(a, 0, d - a.shape[3], 0.0)
+    """`a` (B, H, N, D) zero-padded to head dim d: a new contiguous array (`a` itself at d)."""
+    return a if a.shape[3] == d else xp.pad_end(a, 0, d - a.shape[3], 0.0)
+
+
+def _kernel_head_dim(q, v) -> int:
+    """The kernels' head dim for q, k (q's head dim) and v: zero padding makes them one (exact: zero columns add
+    nothing to q·k, and v's give output columns that are sliced off)."""
+    return kernel_head_dim(max(q.shape[3], v.shape[3]))
 
 
 def _unpad_head(xp, a, d: int):
@@ -134,12 +140,12 @@ def _unpad_head(xp, a, d: int):
 
 def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
             softcap: float = 0.0):
-    """(out, lse): out contiguous like q, lse (B, H, Nq) fp32."""
-    d, kernel_d = q.shape[3], kernel_head_dim(q.shape[3])
-    if d and kernel_d != d:  # exact: zero columns add nothing to q·k; v's give output columns sliced off here
+    """(out, lse): out contiguous (B, H, Nq, v's head dim), lse (B, H, Nq) fp32."""
+    kernel_d = _kernel_head_dim(q, v)
+    if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
         out, lse = forward(xp, *(_pad_head(xp, a, kernel_d) for a in (q, k, v)), attn_bias, scale, causal, window,
                            dropout_p, seed, softcap)
-        return _unpad_head(xp, out, d), lse
+        return _unpad_head(xp, out, v.shape[3]), lse
     with xp.on_device(q):
         out = xp.empty(q.shape, xp.dtype_name(q), q)
         lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
@@ -163,13 +169,13 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
 def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
              dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
     """(dq, dk, dv, dbias): contiguous, shaped like q, k, v; dbias shaped like attn_bias in its dtype, or None."""
-    d, kernel_d = q.shape[3], kernel_head_dim(q.shape[3])
-    if d and kernel_d != d:
-        launch.require_backward(d)
+    kernel_d = _kernel_head_dim(q, v)
+    if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
+        launch.require_backward(max(q.shape[3], v.shape[3]))
         padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
-        *grads, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal, window,
-                                 dropout_p, seed, bias_grad, softcap)
-        return (*(_unpad_head(xp, g, d) for g in grads), dbias)
+        dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal,
+                                     window, dropout_p, seed, bias_grad, softcap)
+        return _unpad_head(xp, dq, q.shape[3]), _unpad_head(xp, dk, k.shape[3]), _unpad_head(xp, dv, v.shape[3]), dbias
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.empty(a.shape, dtype, q) for a in (q, k, v))  # contiguous, as the op's fake

@@ -215,7 +215,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
     dout, out, lse = _as_cupy("dout", dout), _as_cupy("out", out), _as_cupy("lse", lse)
     attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
     _check_arrays(q, k, v, attn_bias, allow_tf32)
-    check_backward_inputs(_info("q", q), _info("dout", dout), _info("out", out), _info("lse", lse))
+    check_backward_inputs(_info("q", q), _info("v", v), _info("dout", dout), _info("out", out), _info("lse", lse))
     scale, window = _scale(scale, q), effective_window(window, q.shape[2], k.shape[2])
     with q.device:
         seed = _seed_on_device(dropout_seed, dropout_p)

@@ -94,11 +94,12 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if dtype == "float32" and not tf32_allowed():
             return (f"float32 on CUDA runs on TF32 tensor cores, which torch's settings do not allow "
                     f"(fusing would lower the precision the model asked for); {TF32_HOW}")
-        kernel_d = kernel_head_dim(q.shape[-1])
+        head_dim = max(q.shape[-1], v.shape[-1])
+        kernel_d = kernel_head_dim(head_dim)
         if kernel_d is None:
-            return f"head_dim {q.shape[-1]} on CUDA: the kernels support head dims up to {GPU_HEAD_DIMS[-1]}"
+            return f"head_dim {head_dim} on CUDA: the kernels support head dims up to {GPU_HEAD_DIMS[-1]}"
         if kernel_d not in BACKWARD and any(t.requires_grad for t in (q, k, v)):
-            return (f"head_dim {q.shape[-1]} needs gradients on CUDA: the backward kernels support head dims up to "
+            return (f"head_dim {head_dim} needs gradients on CUDA: the backward kernels support head dims up to "
                     f"{max(BACKWARD)}")
     elif q.device.type != "cpu":
         return f"device {q.device.type}: only cuda and cpu are supported"
@@ -141,13 +142,17 @@ def _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap):
     0 and lse +inf (the op's convention for a row that sees no key). With head_dim 0 and keys, out is empty and the
     logits are the bias and masks alone, as with one zero column in q and k: lse is computed so (exact whatever
     the device, by the device-agnostic CPU implementation; dropout acts after the LSE, so it is left out)."""
-    out, lse = q.new_empty(q.shape), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    out, lse = q.new_empty(_out_shape(q, v)), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     if lse.numel() == 0:
         return out, lse
     if k.shape[2] == 0:
         return out.zero_(), lse.fill_(math.inf)
     q1, k1, v1 = (torch.nn.functional.pad(t, (0, 1)) for t in (q, k, v))  # (B, H, N, 1) zeros
     return out, cpu_attention.forward(q1, k1, v1, attn_bias, scale, causal, window, softcap=softcap)[1]
+
+
+def _out_shape(q, v) -> tuple:
+    return (*q.shape[:-1], v.shape[-1])  # (B, H, Nq, Dv)
 
 
 def _impl(q: torch.Tensor):
@@ -163,7 +168,7 @@ def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropou
       softcap=0.0):
     # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("cupyflash::flash_attn_bwd", mutates_args=())
@@ -221,8 +226,8 @@ _BACKWARD_CHECKED = set()  # _check_backward's keys that passed
 def _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p,
                              dropout_seed, bias_grad, softcap):
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
-    check_backward_inputs(*(_info(name, _layout(t)) for name, t in (("q", q), ("dout", dout), ("out", out),
-                                                                       ("lse", lse))))
+    check_backward_inputs(*(_info(name, _layout(t)) for name, t in (("q", q), ("v", v), ("dout", dout),
+                                                                       ("out", out), ("lse", lse))))
     check_bias_grad(None if attn_bias is None else str(attn_bias.dtype).removeprefix("torch."), bias_grad)
 
 
@@ -317,7 +322,7 @@ class _Dropped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_bias):
         ctx.save_for_backward(q, k, v, attn_bias)
-        return q.new_zeros(q.shape)  # (B, H, Nq, D)
+        return q.new_zeros(_out_shape(q, v))  # (B, H, Nq, Dv)
 
     @staticmethod
     def backward(ctx, dout):

@@ -64,11 +64,9 @@ def check_attention_inputs(q: TensorInfo, k: TensorInfo, v: TensorInfo, bias: Te
         raise ValueError(f"k and v must have the same seqlen (dim 2): k has {k.shape[2]}, v has {v.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must have the same head_dim (dim 3): q has {q.shape[3]}, k has {k.shape[3]}")
-    if v.shape[3] != q.shape[3]:
-        raise ValueError(f"v must have the head_dim of q (dim 3): expected {q.shape[3]}, got {v.shape[3]}; the "
-                         f"kernels share one head_dim for q, k and v (SDPA lets v's differ: zero-pad the smaller "
-                         f"to the larger, with scale = 1/sqrt(q's head_dim) if q and k are padded, and slice the "
-                         f"output to v's head_dim; that is exact)")
+    if q.shape[3] == 0 and v.shape[3] != 0:
+        raise ValueError(f"q and k have head_dim 0 (dim 3) but v has {v.shape[3]}: the logits would be the bias "
+                         f"alone; pass q and k with a head_dim of at least 1")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; expected a floating dtype ({', '.join(FLOAT_DTYPES)}), as SDPA: "
                         f"attention is not defined on integer, boolean or complex tensors")
@@ -90,10 +88,11 @@ def check_attention_inputs(q: TensorInfo, k: TensorInfo, v: TensorInfo, bias: Te
     if q.dtype == "float32" and not tf32_allowed:
         raise TypeError(f"q has dtype float32: the CUDA kernels run float32 on TF32 tensor cores (10-bit "
                         f"mantissa), which the caller has not allowed; {TF32_HOW}")
-    if kernel_head_dim(q.shape[3]) is None:
-        raise ValueError(f"head_dim (dim 3 of q) is {q.shape[3]}; the CUDA kernels support head dims up to "
-                         f"{GPU_HEAD_DIMS[-1]} ({', '.join(map(str, GPU_HEAD_DIMS))} natively, others zero-padded to "
-                         f"the next)")
+    for t in (q, v):
+        if kernel_head_dim(t.shape[3]) is None:
+            raise ValueError(f"head_dim (dim 3 of {t.name}) is {t.shape[3]}; the CUDA kernels support head dims up to "
+                             f"{GPU_HEAD_DIMS[-1]} ({', '.join(map(str, GPU_HEAD_DIMS))} natively, others zero-padded "
+                             f"to the next)")
     # The kernels' grids put heads on gridDim.y and batch on gridDim.z, each at most 65535.
     for dim, name in ((0, "batch"), (1, "heads")):
         if q.shape[dim] > MAX_GRID_YZ:
@@ -128,12 +127,14 @@ def _check_bias(bias: TensorInfo, q: TensorInfo, k: TensorInfo) -> None:
         raise ValueError(f"attn_bias is on {bias.device} but q is on {q.device}; all inputs must be on one device")
 
 
-def check_backward_inputs(q: TensorInfo, dout: TensorInfo, out: TensorInfo, lse: TensorInfo) -> None:
+def check_backward_inputs(q: TensorInfo, v: TensorInfo, dout: TensorInfo, out: TensorInfo, lse: TensorInfo) -> None:
     """The backward's own inputs, beside q, k, v and the bias (check_attention_inputs): the forward's out and lse
-    and the gradient of out."""
+    and the gradient of out, shaped (B, H, Nq, v's head dim)."""
+    want = (*q.shape[:3], v.shape[3])
     for t in (dout, out):
-        if t.shape != q.shape or t.dtype != q.dtype:
-            raise ValueError(f"{t.name} must match q: expected shape {q.shape} {q.dtype}, got {t.shape} {t.dtype}")
+        if tuple(t.shape) != want or t.dtype != q.dtype:
+            raise ValueError(f"{t.name} must be shaped like the output, (batch, heads, seqlen_q, v's head_dim) = "
+                             f"{want}, in q's dtype {q.dtype}; got {tuple(t.shape)} {t.dtype}")
     if lse.shape != q.shape[:-1] or lse.dtype != "float32":
         raise ValueError(f"lse must be float32 of shape (batch, heads, seqlen_q) = {q.shape[:-1]}, "
                          f"got {lse.dtype} {lse.shape}")

@@ -146,6 +146,7 @@ CASES = {
     "2-D additive mask": (sdpa_mask, lambda: (*_qkv(n_q=7), _float_mask(7, 9, ())), "dense bias"),
     "is_causal, Nq == Nk": (sdpa_causal, lambda: _qkv(), "causal"),
     "is_causal + enable_gqa": (sdpa_gqa, lambda: _qkv(h_kv=2), "causal"),
+    "v's head dim other than q's": (sdpa_mask, lambda: (*_qkv(d_v=8), None), "none"),
     "transposed inputs, .contiguous().view()": (sdpa_then_contiguous_view, lambda: (torch.randn(2, 9, 4, 16),),
                                                 "none"),
 }
@@ -177,7 +178,6 @@ def test_default_keeps_sdpa():
 LOOKALIKES = {
     "is_causal with Nq != Nk": (sdpa_causal, lambda: _qkv(n_q=4, n_k=9), "top-left aligned"),
     "active dropout": (sdpa_dropout, lambda: _qkv(), "active dropout (dropout_p=0.1)"),
-    "v's head dim is not q's": (sdpa_mask, lambda: (*_qkv(d_v=8), None), "v's head dim 8 is not q's 16"),
     "a .view() reads SDPA's output layout": (sdpa_then_view, lambda: (torch.randn(2, 9, 4, 16),),
                                              "needs the layout of SDPA's output"),
     "a .view_as() reads SDPA's output layout": (sdpa_then_view_as, lambda: (torch.randn(2, 9, 4, 16),),

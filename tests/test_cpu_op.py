@@ -135,7 +135,7 @@ def test_backward_op_called_directly_still_refuses_bad_input_after_a_good_call()
         assert torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, False)[0].shape == q.shape
         with pytest.raises(ValueError, match="lse must be float32"):
             torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse[..., :4], 0.25, False)
-        with pytest.raises(ValueError, match="dout must match q"):
+        with pytest.raises(ValueError, match="dout must be shaped like the output"):
             torch.ops.cupyflash.flash_attn_bwd(dout[..., :4], q, k, v, None, out, lse, 0.25, False)
         with pytest.raises(ValueError, match="scale is nan"):
             torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, float("nan"), False)

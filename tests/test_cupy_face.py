@@ -709,10 +709,11 @@ def test_backward_array_errors(cupy_api):
     q, k, v, dout = draw_inputs(1, 2, 2, 16, 24, 64, FP16, "contiguous", seed_from("backward errors"))
     qc, kc, vc, doc = (_cupy_view(t) for t in (q, k, v, dout))
     out, lse = cupy_api.flash_attn_forward(qc, kc, vc)
-    with pytest.raises(ValueError, match=r"dout must match q: expected shape \(1, 2, 16, 64\) float16, got "
+    with pytest.raises(ValueError, match=r"dout must be shaped like the output, \(batch, heads, seqlen_q, v's "
+                                         r"head_dim\) = \(1, 2, 16, 64\), in q's dtype float16; got "
                                          r"\(1, 2, 15, 64\) float16"):
         cupy_api.flash_attn_backward(doc[:, :, 1:], qc, kc, vc, out, lse)
-    with pytest.raises(ValueError, match=r"out must match q: .* got \(1, 2, 16, 64\) float32"):
+    with pytest.raises(ValueError, match=r"out must be shaped like the output, .* got \(1, 2, 16, 64\) float32"):
         cupy_api.flash_attn_backward(doc, qc, kc, vc, out.astype(cupy.float32), lse)
     with pytest.raises(ValueError, match=r"lse must be float32 of shape \(batch, heads, seqlen_q\) = \(1, 2, 16\), "
                                          r"got float16"):

@@ -124,13 +124,22 @@ def test_integer_bias_refused_by_the_op_and_added_as_numbers_by_the_backend():
     torch.testing.assert_close(compiled(q, k, v, mask), scores_plus_int_mask(q, k, v, mask))
 
 
-@pytest.mark.parametrize("face", [_fa, _op], ids=["function", "op"])
-def test_value_head_dim_other_than_q_refused_saying_what_is_supported(face):
-    q, k, v = _qkv("v head dim", v_shape=(B, H, NK, 24))
-    assert _sdpa(q, k, v).shape == (B, H, NQ, 24)  # SDPA allows it; the kernels share one head_dim
-    with pytest.raises(ValueError, match=r"v must have the head_dim of q \(dim 3\): expected 16, got 24; the kernels "
-                                         r"share one head_dim for q, k and v \(SDPA lets v's differ: zero-pad"):
-        face(q, k, v)
+@pytest.mark.parametrize("d_v", [8, 24])
+def test_value_head_dim_other_than_q_matches_sdpa(d_v):
+    """SDPA lets v's head dim differ from q's: out is (B, H, Nq, v's), and every gradient is SDPA's."""
+    q, k, v = _qkv(f"v head dim {d_v}", v_shape=(B, H, NK, d_v))
+    _assert_matches_sdpa([q, k, v, None], f"v head dim {d_v}")
+    assert _op(q, k, v).shape == (B, H, NQ, d_v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d_q,d_v", [(64, 32), (32, 64), (96, 80), (40, 128)])
+def test_value_head_dim_other_than_q_matches_sdpa_on_cuda(d_q, d_v, dtype):
+    """The kernels run both zero-padded to one head dim (cupyflash/cuda_path.py) and slice the results back."""
+    name = f"cuda v head dim {d_q} {d_v}"
+    q, k, v = _qkv(name, (B, H, NQ, d_q), (B, H, NK, d_q), (B, H, NK, d_v))
+    _assert_matches_sdpa([q, k, v, None], name, device="cuda", dtype=dtype)
 
 
 WINDOW_ERRORS = [  # (window, exception, message pattern)
@@ -458,8 +467,9 @@ def _bwd_args(**changes):
 
 BACKWARD_ERRORS = [  # (changes to the backward's arguments, exception, message pattern)
     (dict(dout=torch.zeros(B, H, NQ, 8)), ValueError,
-     r"dout must match q: expected shape \(2, 3, 9, 16\) float32, got \(2, 3, 9, 8\) float32"),
-    (dict(out=torch.zeros(B, H, NQ, D, dtype=torch.float64)), ValueError, r"out must match q: .*got .* float64"),
+     r"dout must be shaped like the output, \(batch, heads, seqlen_q, v's head_dim\) = \(2, 3, 9, 16\), in q's "
+     r"dtype float32; got \(2, 3, 9, 8\) float32"),
+    (dict(out=torch.zeros(B, H, NQ, D, dtype=torch.float64)), ValueError, r"out must be shaped like the output, .*got .* float64"),
     (dict(lse=torch.zeros(B, H, NQ, dtype=torch.float16)), ValueError,
      r"lse must be float32 of shape \(batch, heads, seqlen_q\) = \(2, 3, 9\), got float16"),
     (dict(lse=torch.zeros(B, H, NQ, device="meta")), ValueError,

@@ -335,3 +335,13 @@ def test_head_dims_between_the_kernels_run_zero_padded(stubbed_device, head_dim,
     else:
         with pytest.raises(NotImplementedError, match=f"head_dim {head_dim} has a forward kernel only"):
             cuda_attention.backward(torch.randn_like(q), q, k, v, None, out, lse, 0.125, True)
+
+
+def test_value_head_dim_other_than_q_runs_both_padded_to_one(stubbed_device):
+    q, k = torch.randn(2, 4, 33, 40, dtype=torch.bfloat16), torch.randn(2, 2, 40, 40, dtype=torch.bfloat16)
+    v = torch.randn(2, 2, 40, 72, dtype=torch.bfloat16)
+    out, lse = cuda_attention.forward(q, k, v, None, 0.125, False)
+    (variant, _), = stubbed_device
+    assert variant.head_dim == 96 and out.shape == (2, 4, 33, 72) and out.is_contiguous()
+    dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(out), q, k, v, None, out, lse, 0.125, False)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)

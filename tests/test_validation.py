@@ -74,9 +74,8 @@ STRUCTURAL = [
      r"k and v must have the same seqlen \(dim 2\): k has 29, v has 30"),
     ("qk-head-dim", {"k": {"shape": (2, 3, NK, 32)}, "v": {"shape": (2, 3, NK, 32)}}, ValueError,
      r"q and k must have the same head_dim \(dim 3\): q has 64, k has 32"),
-    ("v-head-dim", {"v": {"shape": (2, 3, NK, 32)}}, ValueError,
-     r"v must have the head_dim of q \(dim 3\): expected 64, got 32; the kernels share one head_dim for q, k and v "
-     r"\(SDPA lets v's differ"),
+    ("qk-head-dim-0", {n: {"shape": (2, 3, NQ if n == "q" else NK, 0)} for n in "qk"}, ValueError,
+     r"q and k have head_dim 0 \(dim 3\) but v has 64: the logits would be the bias alone"),
     ("dtype", {"v": {"dtype": "float32"}}, TypeError, r"v has dtype float32 but q has float16"),
     ("q-dtype", {n: {"dtype": "int64"} for n in "qkv"}, TypeError,
      r"q has dtype int64; expected a floating dtype \(float16, bfloat16, float32, float64\), as SDPA"),
