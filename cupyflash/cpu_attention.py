@@ -36,7 +36,8 @@ above LSE_REBUILD, and even if not, exp(S - m) / l is that row's P too. A row wh
 bias (-1e9) needs the rule most: its logits round to one value and lse = m + log(n) rounds back to m, so
 exp(S - lse) would be 1, not 1/n. The CUDA backward applies the rule in calls with a bias (only a bias gives such
 rows exact logits; without one the logits' own rounding is as large as the lse's): a stats pass of the forward
-kernel (kernels_cu/flash_fwd.cuh) writes those rows' (m, log2 l) for the backward kernels (cupyflash/plan.py).
+kernel (kernels_cu/flash_fwd.cuh) writes those rows' (m, log2 l) for the backward kernels (cupyflash/plan.py),
+where launch.LSE_REBUILD_ENV is on (off by default until its GPU tests have run).
 """
 from __future__ import annotations
 

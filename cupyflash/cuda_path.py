@@ -191,7 +191,8 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         window = tuple(window)
         inputs = (q, k, v, out, dout, lse)
         # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias only.
-        row_lse = None if attn_bias is None else xp.empty((batch, heads, n_q, 2), "float32", q)
+        rebuild = attn_bias is not None and launch.lse_rebuild_enabled()
+        row_lse = xp.empty((batch, heads, n_q, 2), "float32", q) if rebuild else None
 
         def bufs(q, k, v, out, dout, lse) -> dict:
             named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,
@@ -208,6 +209,6 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
             return p, all(r is a for r, a in zip(ready, inputs)) and bias is attn_bias, ready, bias
 
         p, ready, bias = _planned(xp, "bwd", inputs, attn_bias,
-                                  (scale, causal, window, dropout_p, softcap, bias_grad), build)
+                                  (scale, causal, window, dropout_p, softcap, bias_grad, rebuild), build)
         _launch(xp, p, ready[0], bias, bufs(*ready), causal, window, seed, dbias)
     return dq, dk, dv, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias))

@@ -24,8 +24,9 @@ HOPPER, MMA_SYNC = "hopper", "mma.sync"
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
 FORWARD_BUFS = ("q", "k", "v", "out", "lse")
 BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
-# A backward with a bias takes these after BACKWARD_BUFS: row_lse, contiguous (B, H, Nq, 2) fp32, the rows' (hi, lo)
-# pairs with P = exp2((s - hi) - lo) (the rebuild rule of cupyflash/cpu_attention.py; _stats_step).
+# A backward with a bias takes these after BACKWARD_BUFS where the rebuild rule is on (launch.LSE_REBUILD_ENV):
+# row_lse, contiguous (B, H, Nq, 2) fp32, the rows' (hi, lo) pairs with P = exp2((s - hi) - lo) (the rebuild rule of
+# cupyflash/cpu_attention.py; _stats_step).
 BIAS_BACKWARD_BUFS = ("row_lse",)
 
 
@@ -182,9 +183,9 @@ def plan_for(layout: CallLayout) -> Plan:
         steps = (_step(variant, grid, (t.threads,), args),)
     else:
         row_lse = bufs.get("row_lse")
-        if (layout.bias is None) != (row_lse is None):
-            raise ValueError("a backward with a bias takes the row_lse workspace (plan.BIAS_BACKWARD_BUFS), one "
-                             "without a bias none")
+        if row_lse is not None and layout.bias is None:
+            raise ValueError("row_lse without a bias: the rebuild rule's workspace goes with a bias only "
+                             "(plan.BIAS_BACKWARD_BUFS)")
         build = launch.sm90_backward_args if family == HOPPER else launch.mma_backward_args
         args = build(**common, **{name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")},
                      row_lse=row_lse)

@@ -71,7 +71,7 @@ def run_bwd(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p, see
     if bias_grad:
         sizes.append(nbytes(bias.shape, FP32))  # dbias accumulator
     sizes += [nbytes(q.shape, FP32), nbytes((b, h, n_q), FP32)]  # dq_accum, D
-    if bias is not None:
+    if bias is not None and launch.lse_rebuild_enabled():
         sizes.append(nbytes((b, h, n_q, 2), FP32))  # row_lse: the rebuild rule's (hi, lo) pairs
     poison_cuda_allocator(*sizes)
     seed_t = torch.tensor(seed, dtype=torch.int64, device="cuda") if dropout_p > 0 else None

@@ -30,6 +30,12 @@ FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.flo
 FAMILIES = ["hopper", "mma.sync"]
 
 
+@pytest.fixture(autouse=True)
+def rebuild_rule_on(monkeypatch):
+    """The rule is behind launch.LSE_REBUILD_ENV until these tests have run on a GPU."""
+    monkeypatch.setenv(launch.LSE_REBUILD_ENV, "1")
+
+
 @pytest.fixture
 def family(request, monkeypatch):
     """The backward family under test: the Hopper kernels need sm_90; mma.sync is forced with launch.SM90_ENV=0."""

@@ -165,11 +165,12 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
 
 
 def test_row_lse_goes_with_the_bias():
+    """Only with a bias; a bias without it (launch.LSE_REBUILD_ENV off) plans as before the rule."""
     with_bias = _layout("bwd", bias=BIAS)
-    without = with_bias._replace(bufs=with_bias.bufs[:-1])
-    with pytest.raises(ValueError, match="a backward with a bias takes the row_lse workspace"):
-        plan.plan_for(without)
-    with pytest.raises(ValueError, match="a backward with a bias takes the row_lse workspace"):
+    without = plan.plan_for(with_bias._replace(bufs=with_bias.bufs[:-1]))
+    assert [s.variant.kernel for s in without.steps] == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq"]
+    assert "row_lse" not in without.needs
+    with pytest.raises(ValueError, match="row_lse without a bias"):
         plan.plan_for(with_bias._replace(bias=None))
 
 
@@ -284,7 +285,8 @@ def stubbed_device(monkeypatch):
     return launched
 
 
-def test_forward_and_backward_launch_with_the_tensors_addresses(stubbed_device):
+def test_forward_and_backward_launch_with_the_tensors_addresses(stubbed_device, monkeypatch):
+    monkeypatch.setenv(launch.LSE_REBUILD_ENV, "1")
     q = torch.randn(2, 4, 33, 64, dtype=torch.float16).transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, N, D)
     k, v = (torch.randn(2, 2, 40, 64, dtype=torch.float16) for _ in range(2))
     bias = torch.randn(2, 1, 33, 40, dtype=torch.float16)
@@ -307,6 +309,12 @@ def test_forward_and_backward_launch_with_the_tensors_addresses(stubbed_device):
     assert [int(a) for a in stats[:5]] == [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, lse.data_ptr()]
     assert int(pre[-2]) == lse.data_ptr() and int(pre[-1]) == int(stats[-1]) == int(main[-1]) != 0
     assert dq.shape == q.shape and dbias.shape == bias.shape and dbias.dtype == bias.dtype
+    stubbed_device.clear()
+    monkeypatch.setenv(launch.LSE_REBUILD_ENV, "0")  # the rule off: the backward as before it, no row_lse
+    cuda_attention.backward(dout, q, k, v, bias, out, lse, 0.125, True, bias_grad=True)
+    assert [variant.kernel for variant, _ in stubbed_device] == ["tile_minmax", "tile_classify", "bwd_preprocess",
+                                                                  "bwd", "bwd_convert_dq"]
+    assert int(stubbed_device[3][1][-1]) == 0
 
 
 def test_unaligned_inputs_are_copied_before_planning(stubbed_device):
