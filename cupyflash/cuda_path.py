@@ -175,7 +175,7 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
         dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal,
                                      window, dropout_p, seed, bias_grad, softcap)
-        return _unpad_head(xp, dq, q.shape[3]), _unpad_head(xp, dk, k.shape[3]), _unpad_head(xp, dv, v.shape[3]), dbias
+        return (*(_unpad_head(xp, g, t.shape[3]) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.empty(a.shape, dtype, q) for a in (q, k, v))  # contiguous, as the op's fake
@@ -188,11 +188,11 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         batch, heads, n_q, d = q.shape
         dq_accum = xp.empty((batch, heads, n_q, d), "float32", q)  # zeroed by the preprocess kernel, then summed
         d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
-        window = tuple(window)
-        inputs = (q, k, v, out, dout, lse)
-        # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias only.
+        # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias where it is on.
         rebuild = attn_bias is not None and launch.lse_rebuild_enabled()
         row_lse = xp.empty((batch, heads, n_q, 2), "float32", q) if rebuild else None
+        window = tuple(window)
+        inputs = (q, k, v, out, dout, lse)
 
         def bufs(q, k, v, out, dout, lse) -> dict:
             named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,

@@ -126,9 +126,9 @@ def _check_arrays(q, k, v, bias, allow_tf32: bool) -> None:
                            tf32_allowed=bool(allow_tf32))
     # The shared checks let empty problems through (nothing to launch), but head_dim 0 still has an LSE to compute.
     if q.shape[3] == 0:
-        raise ValueError(f"head_dim (dim 3 of q) is 0; the CUDA kernels support head dims from 1 to {GPU_HEAD_DIMS[-1]}, "
-                         f"and the CuPy face has no other path (cupyflash.flash_attention returns SDPA's empty "
-                         f"result)")
+        raise ValueError(f"head_dim (dim 3 of q) is 0; the CUDA kernels support head dims from 1 to "
+                         f"{GPU_HEAD_DIMS[-1]}, and the CuPy face has no other path (cupyflash.flash_attention returns "
+                         f"SDPA's empty result)")
     if bias is not None and str(bias.dtype) not in BIAS_DTYPES:
         raise TypeError(f"attn_bias has dtype {bias.dtype}; expected bool (a mask, True = keep), float16 or "
                         f"float32")

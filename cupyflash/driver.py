@@ -28,8 +28,8 @@ def _raw(value, index: int) -> bytes:
 class ArgBlock:
     """`args` as cuLaunchKernel's kernelParams: each value at its own offset in one host buffer, with `slots`
     (indices of placeholders with ``nbytes`` and ``write(buf, start, ptrs)``: launch.Slot, launch.TmaSlot)
-    written at each call. The buffer is per thread (autograd runs the backward on its own thread) and reused: the driver copies
-    the values during the launch."""
+    written at each call. The buffer is per thread (autograd runs the backward on its own thread) and reused: the
+    driver copies the values during the launch."""
 
     def __init__(self, args: tuple, slots: tuple = ()):
         offsets, parts, end = [], [], 0

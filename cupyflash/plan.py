@@ -47,7 +47,7 @@ class CallLayout(NamedTuple):
     shape: tuple  # q's (B, H, Nq, D)
     n_k: int
     kv_heads: int
-    bufs: tuple  # ((name, strides in elements, address % 16), ...): FORWARD_BUFS or BACKWARD_BUFS (+ BIAS_BACKWARD_BUFS)
+    bufs: tuple  # ((name, strides in elements, address % 16), ...): FORWARD_BUFS, BACKWARD_BUFS (+ BIAS_BACKWARD_BUFS)
     causal: bool
     scale: float
     bias: BiasLayout | None = None
