@@ -146,12 +146,40 @@ def main(argv=None) -> int:
     def fwd_bwd():
         torch.autograd.grad(cupyflash.flash_attention(*leaves), leaves, g)
 
+    def fwd_bwd_calling_thread():
+        with torch.autograd.set_multithreading_enabled(False):
+            fwd_bwd()
+
+    class Doubling(torch.autograd.Function):
+        """The autograd engine's own cost for a Python node on CUDA: one pointwise kernel each way."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    fwd_op, bwd_op = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
+    scale = q.shape[-1] ** -0.5
+
+    def op_fwd_bwd():
+        out, lse = fwd_op(q, k, v, None, scale, False)
+        return bwd_op(g, q, k, v, None, out, lse, scale, False)
+
     rows = {
         "flash_attention fwd (requires_grad)": lambda: cupyflash.flash_attention(*leaves),
         "flash_attention fwd (no grad)": lambda: cupyflash.flash_attention(q, k, v),
         "flash_attention fwd + bwd": fwd_bwd,
+        "flash_attention fwd + bwd, autograd on the calling thread": fwd_bwd_calling_thread,
+        "op fwd (Inductor's call)": lambda: fwd_op(q, k, v, None, scale, False),
+        "op fwd + bwd (Inductor's calls)": op_fwd_bwd,
+        "a Python autograd.Function's fwd + bwd (the engine alone)": lambda: torch.autograd.grad(
+            Doubling.apply(leaves[0]), leaves[0], g),
         "SDPA flash fwd (no grad)": lambda: F.scaled_dot_product_attention(q, k, v),
         "SDPA flash fwd (requires_grad)": lambda: F.scaled_dot_product_attention(*leaves),
+        "SDPA flash fwd + bwd": lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves), leaves, g),
     }
     print(f"# {torch.cuda.get_device_name()}: host time per call, B = H = 1, N = 128, D = 128, bf16")
     rows.update(piece_rows(q, k, v))
