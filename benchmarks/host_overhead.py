@@ -111,7 +111,7 @@ def piece_rows(q, k, v) -> dict:
     options = (0.125, True, (-1, -1), 0.0, 0.0)
 
     def lookup():
-        return cuda_path._planned(xp, "fwd", (q, k, v), None, options, lambda: (p, True, (q, k, v), None))
+        return cuda_path._planned(xp, "fwd", (q, k, v), None, options, lambda ready: p)
     return {
         "  checks (layout key, cache hit)": lambda: torch_op._check_tensors(q, k, v, None),
         "  plan lookup (call key, cache hit)": lookup,

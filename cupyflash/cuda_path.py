@@ -82,26 +82,28 @@ def _plan(xp, kernel: str, q, k, bias, bufs: dict, scale: float, causal: bool, w
 
 
 def _planned(xp, kernel: str, arrays: tuple, bias, options: tuple, build):
-    """The plan of a call, from _KNOWN when a call with the same inputs' layouts (shapes, strides, dtypes, device,
-    addresses modulo 16) and options ran before with its inputs as they were; else `build()` → (plan, whether the
-    kernels take the inputs as they are, the kernel-ready arrays, the kernel's bias)."""
+    """The plan of a call, from _KNOWN when a call with the same arrays' and kernel bias's layouts (shapes, strides,
+    dtypes, device, addresses modulo 16) and options ran before with its arrays as they were; else
+    `build(ready)` with the kernel-ready arrays → plan. Returns (plan, the kernel-ready arrays)."""
     key = (kernel, *map(xp.signature, arrays), None if bias is None else xp.signature(bias), options,
            plan.sm90_enabled())
     known = _KNOWN.get(key)
     if known is not None:
-        return known, arrays, bias
-    p, as_they_are, ready, kernel_bias = build()
-    if as_they_are:
+        return known, arrays
+    ready = tuple(_ready(xp, a) for a in arrays)
+    p = build(ready)
+    if all(r is a for r, a in zip(ready, arrays)):
         if len(_KNOWN) >= 1024:
             _KNOWN.clear()
         _KNOWN[key] = p
-    return p, ready, kernel_bias
+    return p, ready
 
 
-# Call key → Plan, for calls whose inputs the kernels took as they were (no copy, no conversion): a model calls
-# with the same few layouts again and again, and one lookup replaces the per-input readiness checks, the layout's
-# construction and the plan cache's. The outputs and workspaces are fresh allocations (contiguous, aligned by the
-# allocator), so the inputs' layouts and the options decide the plan.
+# Call key → Plan, for calls whose arrays the kernels took as they were (no copy): a model calls with the same few
+# layouts again and again, and one lookup replaces the per-array readiness checks, the layout's construction and the
+# plan cache's. The kernel bias is keyed as the kernels read it (a boolean mask after its conversion, whose layout
+# follows from the mask's), and the outputs and workspaces are fresh allocations (contiguous, aligned by the
+# allocator), so these layouts and the options decide the plan.
 _KNOWN: dict = {}
 
 
@@ -152,16 +154,13 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
         if 0 in q.shape or 0 in k.shape:
             return out, lse
         window = tuple(window)
+        bias = _kernel_bias(xp, attn_bias, q, xp.dtype_name(q))
 
-        def build():
-            ready = tuple(_ready(xp, a) for a in (q, k, v))
-            bias = _kernel_bias(xp, attn_bias, q, xp.dtype_name(q))
-            p = _plan(xp, "fwd", ready[0], ready[1], bias, dict(zip("qkv", ready), out=out, lse=lse), scale, causal,
-                      window, dropout_p, softcap, False)
-            return p, all(r is a for r, a in zip(ready, (q, k, v))) and bias is attn_bias, ready, bias
+        def build(ready):
+            return _plan(xp, "fwd", ready[0], ready[1], bias, dict(zip("qkv", ready), out=out, lse=lse), scale,
+                         causal, window, dropout_p, softcap, False)
 
-        p, (q, k, v), bias = _planned(xp, "fwd", (q, k, v), attn_bias, (scale, causal, window, dropout_p, softcap),
-                                      build)
+        p, (q, k, v) = _planned(xp, "fwd", (q, k, v), bias, (scale, causal, window, dropout_p, softcap), build)
         _launch(xp, p, q, bias, dict(q=q, k=k, v=v, out=out, lse=lse), causal, window, seed)
     return out, lse
 
@@ -192,23 +191,21 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         rebuild = attn_bias is not None and launch.lse_rebuild_enabled()
         row_lse = xp.empty((batch, heads, n_q, 2), "float32", q) if rebuild else None
         window = tuple(window)
-        inputs = (q, k, v, out, dout, lse)
+        lse = xp.contiguous(lse)
+        bias = _kernel_bias(xp, attn_bias, q, dtype)
 
-        def bufs(q, k, v, out, dout, lse) -> dict:
+        def bufs(q, k, v, out, dout) -> dict:
             named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,
-                         dv=dv)
+                         dv=dv)  # BACKWARD_BUFS' order
             if row_lse is not None:
                 named["row_lse"] = row_lse
             return named
 
-        def build():
-            ready = (*(_ready(xp, a) for a in inputs[:5]), xp.contiguous(lse))
-            bias = _kernel_bias(xp, attn_bias, q, dtype)
-            p = _plan(xp, "bwd", ready[0], ready[1], bias, bufs(*ready), scale, causal, window, dropout_p, softcap,
-                      bias_grad)
-            return p, all(r is a for r, a in zip(ready, inputs)) and bias is attn_bias, ready, bias
+        def build(ready):
+            return _plan(xp, "bwd", ready[0], ready[1], bias, bufs(*ready), scale, causal, window, dropout_p, softcap,
+                         bias_grad)
 
-        p, ready, bias = _planned(xp, "bwd", inputs, attn_bias,
-                                  (scale, causal, window, dropout_p, softcap, bias_grad, rebuild), build)
+        options = (xp.signature(lse), scale, causal, window, dropout_p, softcap, bias_grad, rebuild)
+        p, ready = _planned(xp, "bwd", (q, k, v, out, dout), bias, options, build)
         _launch(xp, p, ready[0], bias, bufs(*ready), causal, window, seed, dbias)
     return dq, dk, dv, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias))

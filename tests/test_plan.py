@@ -353,3 +353,24 @@ def test_value_head_dim_other_than_q_runs_both_padded_to_one(stubbed_device):
     assert variant.head_dim == 96 and out.shape == (2, 4, 33, 72) and out.is_contiguous()
     dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(out), q, k, v, None, out, lse, 0.125, False)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+
+def test_a_call_seen_before_is_planned_from_its_key(stubbed_device, monkeypatch):
+    """cuda_path._planned: one plan per call key (boolean masks keyed as converted); a call whose inputs need a copy
+    is planned again each time (its copies are fresh)."""
+    from cupyflash import cuda_path
+
+    planned = []
+    real = cuda_path._plan
+    monkeypatch.setattr(cuda_path, "_plan", lambda *a, **kw: planned.append(a[1]) or real(*a, **kw))
+    monkeypatch.setattr(cuda_path, "_KNOWN", {})
+    q, k, v = (torch.randn(1, 2, 40, 64, dtype=torch.float16) for _ in range(3))
+    mask = torch.rand(1, 1, 40, 40) > 0.3
+    for _ in range(3):
+        out, lse = cuda_attention.forward(q, k, v, mask, 0.125, False)
+        cuda_attention.backward(torch.randn_like(q), q, k, v, mask, out, lse, 0.125, False)
+    assert planned == ["fwd", "bwd"]
+    unaligned = torch.randn(1 * 2 * 40 * 64 + 1, dtype=torch.float16)[1:].view(1, 2, 40, 64)
+    for _ in range(2):
+        cuda_attention.forward(unaligned, k, v, None, 0.125, False)
+    assert planned == ["fwd", "bwd", "fwd", "fwd"]
