@@ -4,9 +4,12 @@ lengths so the zero-filled tails and the causal diagonal are exercised.
     compute-sanitizer --tool memcheck --error-exitcode 9 python scripts/sanitize_case.py
     compute-sanitizer --tool racecheck --error-exitcode 9 python scripts/sanitize_case.py
 """
+import os
+
 import torch
 
 import cupyflash  # noqa: F401  (registers torch.ops.cupyflash)
+from cupyflash import launch
 
 
 def main():
@@ -38,6 +41,24 @@ def main():
         out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, d ** -0.5, False, 50, 10, 0.1, seed, 5.0)
         torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, bias, out, lse, d ** -0.5, False, 50, 10,
                                            0.1, seed, True, 5.0)
+    # The rebuild rule (launch.LSE_REBUILD_ENV): rows whose every key has a -1e9 bias run the forward's stats pass
+    # and the backward reads their (hi, lo) pairs; on Hopper both backward families.
+    os.environ[launch.LSE_REBUILD_ENV] = "1"
+    for sm90 in ("1", "0"):
+        os.environ[launch.SM90_ENV] = sm90
+        q = torch.randn(2, 4, 130, 64, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 4, 77, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        bias = torch.zeros(2, 1, 130, 77, device="cuda", dtype=torch.float32)
+        bias[1, :, :50] = -1e9
+        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, 0.125, True)
+        torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, bias, out, lse, 0.125, True, bias_grad=True)
+    del os.environ[launch.LSE_REBUILD_ENV], os.environ[launch.SM90_ENV]
+    # Head dims between the kernels' (zero-padded copies) and v with its own head dim.
+    for d_q, d_v in ((80, 80), (40, 72)):
+        q, k, v = (torch.randn(1, 2, n, d, device="cuda", dtype=torch.float16)
+                   for n, d in ((130, d_q), (77, d_q), (77, d_v)))
+        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, d_q ** -0.5, True)
+        torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, None, out, lse, d_q ** -0.5, True)
     torch.cuda.synchronize()
     print("sanitize cases done")
 
