@@ -8,6 +8,7 @@ torch's CPU attention kernels where their results are ours, a chunked online sof
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from typing import Optional
@@ -19,6 +20,8 @@ from .tiles import BACKWARD
 from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
                        check_backward_inputs, check_bias_grad, check_causal, check_real, check_scale, check_softcap,
                        check_window, default_scale, effective_window, is_empty, kernel_head_dim)
+
+log = logging.getLogger(__name__)
 
 
 def tf32_allowed() -> bool:
@@ -275,12 +278,17 @@ def _direct_autograd(op_def) -> None:
     and nothing but the device's kernel would run below autograd (no mode, no subclass, no functionalization:
     Inductor's compiled code calling the op at run time). torch's generic kernel it wraps (taken for everything
     else) goes through Python twice more (a redispatch, then the backend wrapper): 25–50 µs per call on the CPU
-    that profiled it, as much as the op's own body (benchmarks/host_overhead.py)."""
-    op = op_def._opoverload
-    generic = torch._library.autograd.make_autograd_impl(op, op_def)
-    body = op_def._init_fn
-    after_autograd, inplace_or_view = torch._C._after_autograd_keyset, torch._C.DispatchKey.ADInplaceOrView
-    devices = (torch._C.DispatchKey.CUDA, torch._C.DispatchKey.CPU)
+    that profiled it, as much as the op's own body (benchmarks/host_overhead.py). These are torch internals: where
+    one is missing, torch's own kernel stays."""
+    try:
+        op = op_def._opoverload
+        generic = torch._library.autograd.make_autograd_impl(op, op_def)
+        body = op_def._init_fn
+        after_autograd, inplace_or_view = torch._C._after_autograd_keyset, torch._C.DispatchKey.ADInplaceOrView
+        devices = (torch._C.DispatchKey.CUDA, torch._C.DispatchKey.CPU)
+    except AttributeError as err:
+        log.debug("the ops keep torch's generic Autograd kernel: %s", err)
+        return
 
     def kernel(keyset, *args, **kwargs):
         if not (torch.is_grad_enabled() and any(type(a) is torch.Tensor and a.requires_grad for a in args)) and (
