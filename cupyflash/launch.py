@@ -17,7 +17,6 @@ from typing import NamedTuple
 import numpy as np
 
 from . import driver, jit, tma
-from .errors import require_gpu
 from .validate import kernel_head_dim
 from .tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
 
@@ -322,39 +321,6 @@ def execute(plan, ptrs: dict, stream_ptr: int, device_id: int) -> None:
             _run_step(step, ptrs, stream_ptr, device_id)
 
 
-def _layout(kernel: str, *, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, bufs: dict,
-            scale: float, mods: ScoreMods, bias_shape: tuple | None, device_id: int):
-    """The plan key of forward()/backward()'s keyword form, and the addresses to fill in."""
-    from . import plan
-
-    bias = None
-    if mods.bias is not None:
-        if bias_shape is None:
-            raise ValueError("mods.bias needs bias_shape, the bias's 4-D shape (its tile classes follow from it)")
-        bias = plan.BiasLayout(tuple(bias_shape), tuple(mods.bias.strides), mods.bias_f32, mods.dbias is not None)
-    layout = plan.CallLayout(kernel, dtype, tuple(shape), n_k, kv_heads,
-                             tuple((name, tuple(b.strides), b.ptr % 16) for name, b in bufs.items()), causal,
-                             float(scale), bias, tuple(mods.window), mods.dropout_p, mods.softcap,
-                             require_gpu(device_id).compute_capability, device_id, plan.sm90_enabled())
-    ptrs = {name: b.ptr for name, b in bufs.items()}
-    for name, buf in (("bias", mods.bias), ("tile_classes", mods.tile_classes), ("dbias", mods.dbias)):
-        if buf is not None:
-            ptrs[name] = buf.ptr
-    ptrs["seed"] = mods.seed_ptr
-    return plan.plan_for(layout), ptrs
-
-
-def forward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
-            lse: Buf, scale: float, mods: ScoreMods, stream_ptr: int, device_id: int,
-            bias_shape: tuple | None = None) -> None:
-    """out, lse ← attention(q, k, v); `lse` contiguous (B, H, Nq) fp32; `bias_shape` with mods.bias, whose tile
-    classes (mods.tile_classes) are those of the plan's tiles. The plan (cupyflash/plan.py) picks the kernel."""
-    plan, ptrs = _layout("fwd", dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads,
-                         bufs=dict(q=q, k=k, v=v, out=out, lse=lse), scale=scale, mods=mods, bias_shape=bias_shape,
-                         device_id=device_id)
-    execute(plan, ptrs, stream_ptr, device_id)
-
-
 def tile_grid(bias_shape: tuple, br: int, bc: int) -> tuple:
     """(tq, tk, QB, KB): the tiles of a pass's Br x Bc blocks over the bias's own (broadcast) shape; a size-1
     query or key dim is one tile of size 1 (cupyflash/tile_classes.py)."""
@@ -402,19 +368,3 @@ def require_backward(head_dim: int) -> None:
         raise NotImplementedError(f"head_dim {head_dim} has a forward kernel only; the backward supports head dims "
                                   f"up to {max(BACKWARD)} ({', '.join(map(str, BACKWARD))} natively, others "
                                   f"zero-padded to the next)")
-
-
-def backward(*, dtype: str, causal: bool, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf,
-             dout: Buf, lse: Buf, d_vec: Buf, dq_accum: Buf, dq: Buf, dk: Buf, dv: Buf, scale: float,
-             mods: ScoreMods, stream_ptr: int, device_id: int, bias_shape: tuple | None = None,
-             row_lse: Buf | None = None) -> None:
-    """dq, dk, dv (and mods.dbias, zeroed fp32) ← ∂attention; `dq_accum` contiguous (B, H, Nq, D) fp32 (the
-    first launch zeroes it), `d_vec` (B, H, Nq) fp32, `lse` contiguous; with mods.bias, `row_lse` contiguous
-    (B, H, Nq, 2) fp32 (plan.BIAS_BACKWARD_BUFS)."""
-    require_backward(shape[3])
-    bufs = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk, dv=dv)
-    if row_lse is not None:
-        bufs["row_lse"] = row_lse
-    plan, ptrs = _layout("bwd", dtype=dtype, causal=causal, shape=shape, n_k=n_k, kv_heads=kv_heads, bufs=bufs,
-                         scale=scale, mods=mods, bias_shape=bias_shape, device_id=device_id)
-    execute(plan, ptrs, stream_ptr, device_id)
