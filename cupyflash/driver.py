@@ -36,7 +36,7 @@ class ArgBlock:
         slot_set = set(slots)
         for i, a in enumerate(args):
             raw = bytes(a.nbytes) if i in slot_set else _raw(a, i)
-            align = min(len(raw), 8)
+            align = max(1, min(len(raw), 8))
             end = -(-end // align) * align
             offsets.append(end)
             parts.append(raw)
@@ -81,10 +81,22 @@ def dims(grid: tuple, block: tuple) -> tuple:
     return (*grid, 1, 1)[:3] + (*block, 1, 1)[:3]
 
 
+_CONTEXT_BOUND = threading.local()  # this thread has a current context (see launch)
+_INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT
+
+
 def launch(function: int, dims6: tuple, shared_bytes: int, stream_ptr: int, params) -> None:
-    """cuLaunchKernel on the calling thread's current context (the device's primary one, made current by the
-    caller); raises CuPy's driver error on failure, as a CuPy launch would."""
+    """cuLaunchKernel on the calling thread's current context, the device's primary one (the caller makes the
+    device current); raises CuPy's driver error on failure, as a CuPy launch would. cudaGetDevice/cudaSetDevice
+    need not bind the context to a new thread (autograd's device thread, a user's), which CuPy's own launch
+    ensures first: so a thread's first launch that finds none binds it with cudaFree(0) and launches again."""
     status = _cu_launch_kernel()(function, *dims6, shared_bytes, stream_ptr, params, None)
+    if status == _INVALID_CONTEXT and not getattr(_CONTEXT_BOUND, "done", False):
+        import cupy
+
+        cupy.cuda.runtime.free(0)
+        _CONTEXT_BOUND.done = True
+        status = _cu_launch_kernel()(function, *dims6, shared_bytes, stream_ptr, params, None)
     if status:
         from cupy_backends.cuda.api.driver import CUDADriverError
 

@@ -291,7 +291,9 @@ def _direct_autograd(op_def) -> None:
         return
 
     def kernel(keyset, *args, **kwargs):
-        if not (torch.is_grad_enabled() and any(type(a) is torch.Tensor and a.requires_grad for a in args)) and (
+        # isinstance, not type(): an nn.Parameter records gradients too (the keyset test below rejects subclasses
+        # that dispatch in Python).
+        if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)) and (
                 (keyset & after_autograd).remove(inplace_or_view).highestPriorityTypeId() in devices):
             return body(*args, **kwargs)
         return generic(keyset, *args, **kwargs)

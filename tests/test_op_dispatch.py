@@ -55,6 +55,12 @@ def test_fake_tensors_get_the_fake_implementation():
     assert isinstance(out, FakeTensor) and out.shape == (1, 2, 17, 32) and lse.shape == (1, 2, 17)
 
 
+def test_parameters_record_gradients_too():
+    q, k, v = _qkv()
+    out, _ = FWD(torch.nn.Parameter(q), k, v, None, 0.125, True)
+    assert out.grad_fn is not None and "cupyflash" in type(out.grad_fn).__name__
+
+
 def test_calls_recording_gradients_take_the_op_s_autograd():
     q, k, v = _qkv(requires_grad=True)
     out, _ = FWD(q, k, v, None, 0.125, True)
