@@ -298,9 +298,15 @@ def _direct_autograd(op_def) -> None:
             return body(*args, **kwargs)
         return generic(keyset, *args, **kwargs)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "Overriding a previously registered kernel": intended
-        op_def._lib.impl(op_def._name, kernel, "Autograd", with_keyset=True)
+    # custom_op registered its Autograd kernel through this same Library; torch before 2.13 refuses a second
+    # Python kernel for one key unless the key is first dropped from torch.library's registry of them.
+    getattr(torch.library, "_impls", set()).discard(f"{op_def._lib.ns}/{op_def._name}/Autograd")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Overriding a previously registered kernel": intended
+            op_def._lib.impl(op_def._name, kernel, "Autograd", with_keyset=True)
+    except RuntimeError as err:
+        log.debug("the ops keep torch's generic Autograd kernel: %s", err)
 
 
 _direct_autograd(flash_attn_fwd)
