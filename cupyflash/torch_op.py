@@ -14,6 +14,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from . import cpu_attention
 from .tiles import BACKWARD
@@ -273,6 +274,15 @@ def _backward(ctx, dout, dlse):
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _refuse_tangents(op_name: str, args) -> None:
+    """The ops have no forward-AD formula; torch's generic custom-op kernel would run them and drop the tangent."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None:
+            raise NotImplementedError(
+                f"cupyflash.{op_name}: forward-mode AD (a dual tensor from torch.autograd.forward_ad) is not "
+                "supported; use reverse mode (backward/autograd.grad)")
+
+
 def _direct_autograd(op_def) -> None:
     """Replaces the custom op's Autograd kernel by one that runs the op's body at once when no gradient is recorded
     and nothing but the device's kernel would run below autograd (no mode, no subclass, no functionalization:
@@ -293,6 +303,8 @@ def _direct_autograd(op_def) -> None:
     def kernel(keyset, *args, **kwargs):
         # isinstance, not type(): an nn.Parameter records gradients too (the keyset test below rejects subclasses
         # that dispatch in Python).
+        if forward_ad._current_level >= 0:
+            _refuse_tangents(op_def._name, args)
         if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)) and (
                 (keyset & after_autograd).remove(inplace_or_view).highestPriorityTypeId() in devices):
             return body(*args, **kwargs)
@@ -421,6 +433,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
     # The op itself where graphs are captured (torch.compile) or tensors are not plain (fake, subclasses).
     if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (q, k, v)):
         return flash_attn_fwd(*args)[0]
+    if forward_ad._current_level >= 0:
+        _refuse_tangents("flash_attention", (q, k, v, attn_bias))
     # What the op's _check adds to the checks above; _EagerAttention then runs the checked forward.
     _check_tensors(q, k, v, attn_bias)
     check_scale(scale)

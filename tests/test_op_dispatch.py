@@ -2,10 +2,13 @@
 path for everything else, so modes, fake tensors and autograd still see the op."""
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cupyflash
 from cupyflash import torch_op  # noqa: F401  (registers the ops)
 
 FWD, BWD = torch.ops.cupyflash.flash_attn_fwd, torch.ops.cupyflash.flash_attn_bwd
@@ -70,3 +73,16 @@ def test_calls_recording_gradients_take_the_op_s_autograd():
     ref_out, _ = _reference(*ref)
     for got, want in zip(grads, torch.autograd.grad(ref_out.sum(), ref)):
         torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("face", ["op", "function"])
+def test_forward_ad_tangents_are_refused_not_dropped(face, grad):
+    """No forward-AD formula: a dual input raises; torch's generic custom-op kernel would drop its tangent."""
+    q, k, v = _qkv()
+    call = ((lambda x: FWD(x, k, v, None, 0.125, True)) if face == "op"
+            else (lambda x: cupyflash.flash_attention(x, k, v, causal=True)))
+    with fwAD.dual_level(), torch.set_grad_enabled(grad):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            call(fwAD.make_dual(q, torch.randn_like(q)))
