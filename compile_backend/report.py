@@ -24,6 +24,7 @@ class SiteRecord:
     # -inf / a value <= -1e4, passed as a boolean keep-mask, with eager's rows where no key is seen; "dense bias"
     # when a (B, H, Nq, Nk) bias is passed; "none" without any.
     mask_form: Optional[str] = None
+    kv_heads: Optional[int] = None  # grouped-query K/V: the op reads the K/V heads before their repeat
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
@@ -31,7 +32,9 @@ class SiteRecord:
             parts = [f"scale={self.scale:.6g}", f"causal={self.causal}", f"mask={self.mask_form}",
                      *([f"window={self.window}"] if self.window not in (None, (-1, -1)) else []),
                      f"bias={'yes' if self.has_bias else 'no'}",
-                     *([f"softcap={self.softcap:.6g}"] if self.softcap else []), *self.notes]
+                     *([f"softcap={self.softcap:.6g}"] if self.softcap else []),
+                     *([f"kv_heads={self.kv_heads} (repeated K/V read before the repeat)"] if self.kv_heads else []),
+                     *self.notes]
             return f"[graph {self.graph}] {self.node}: FUSED ({', '.join(parts)})  @ {self.where}"
         return f"[graph {self.graph}] {self.node}: skipped: {self.reason}  @ {self.where}"
 

@@ -177,6 +177,7 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
         q = _operand(emit, site.q, site.qk_frame, dst)
         k = _operand(emit, site.k, site.qk_frame, dst)
         v = _operand(emit, site.v, site.pv_frame, dst)
+        k, v, kv_heads = _grouped_kv(k, v)
         bias, scale, softcap = _bias(emit, site, dst)
         fq, fk, fv = (sp.meta(n) for n in (q, k, v))
         # fp32 on CUDA is refused here unless torch allows TF32 (torch_op.tf32_allowed), as for its own matmuls.
@@ -217,9 +218,21 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
     for node in sorted(set(site.erase), key=order.__getitem__, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
-    _erase_dead(gm.graph, site.dense_masks)
-    return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None,
+    _erase_dead(gm.graph, site.dense_masks + ([site.k.node, site.v.node] if kv_heads else []))
+    return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None, "kv_heads": kv_heads,
             "softcap": float(softcap), "window": tuple(site.window), "mask_form": _mask_form(site, bias)}
+
+
+def _grouped_kv(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, Optional[int]]:
+    """K and V as the op takes grouped-query attention: their sources with H / n heads where both are the same
+    n-fold head repeat (spellings.repeated_heads), with the number of K/V heads; else as they are, and None. The
+    repeated copies (n times K and V, made in the forward, saved for the backward and summed back over the
+    group there) then die with the site."""
+    rk, rv = sp.repeated_heads(k), sp.repeated_heads(v)
+    if rk is None or rv is None or rk[1] != rv[1] or not equal(sp.meta(rk[0]).shape[1], sp.meta(rv[0]).shape[1]):
+        return k, v, None
+    heads = sp.meta(rk[0]).shape[1]
+    return (rk[0], rv[0], heads) if isinstance(heads, int) else (k, v, None)
 
 
 def _mask_form(site: Site, bias: Optional[fx.Node]) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 Number = (int, float)
 
@@ -220,6 +221,50 @@ def perm_of(node: fx.Node) -> Optional[tuple[fx.Node, tuple[int, ...]]]:
 def compose(inner: tuple[int, ...], outer: tuple[int, ...]) -> tuple[int, ...]:
     """Permutation of ``x.permute(inner).permute(outer)`` as one ``x.permute(...)``."""
     return tuple(inner[i] for i in outer)
+
+
+def repeated_heads(node: Any) -> Optional[tuple[fx.Node, int]]:
+    """(source, n) when a (B, H, N, D) node is its (B, H / n, N, D) source with each head repeated n times in
+    place, head h reading source head h // n (the op's grouped-query order), as grouped-query attention's K/V
+    copies are made: transformers' ``repeat_kv`` (``x[:, :, None].expand(B, KV, n, N, D).reshape(B, KV * n, N,
+    D)``) or ``x.repeat_interleave(n, dim=1)``. ``x.repeat(1, n, 1, 1)`` (head h reads h % KV) is not one."""
+    out = meta(node)
+    if not (isinstance(out, torch.Tensor) and out.dim() == 4):
+        return None
+    if is_call(node, (torch.repeat_interleave,), ("repeat_interleave",)):
+        src, n, dim = node.args[0], arg(node, 1, "repeats"), arg(node, 2, "dim")
+        x = meta(src)
+        if (isinstance(n, int) and not isinstance(n, bool) and n >= 1 and dim in (1, -3)
+                and isinstance(x, torch.Tensor) and x.dim() == 4):
+            return src, n
+        return None
+    if not is_call(node, (torch.reshape,), ("reshape", "view")):
+        return None
+    expanded = node.args[0]
+    if not is_call(expanded, (), ("expand",)):
+        return None
+    unsqueezed = expanded.args[0]
+    src = _unsqueeze_2_input(unsqueezed)
+    e, x = meta(expanded), meta(src)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and e.dim() == 5 and isinstance(e.shape[2], int)):
+        return None
+    b, kv, n, s, d = e.shape
+    same = [(x.shape, (b, kv, s, d)), (out.shape, (b, kv * n, s, d))]
+    if all(statically_known_true(p == q) for have, want in same for p, q in zip(have, want)):
+        return src, n
+    return None
+
+
+def _unsqueeze_2_input(node: Any) -> Any:
+    """The 4-D input of ``x.unsqueeze(2)`` / ``x[:, :, None]`` (a new dim 2 of size 1), else None."""
+    if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
+        return node.args[0] if arg(node, 1, "dim") in (2, -3) else None
+    if is_call(node, (operator.getitem,)) and isinstance(node.args[1], tuple):
+        every = slice(None, None, None)
+        head, rest = node.args[1][:3], node.args[1][3:]
+        if head == (every, every, None) and all(i == every or i is Ellipsis for i in rest):
+            return node.args[0]
+    return None
 
 
 # ---- contractions (matmul family) ----------------------------------------------------------------
