@@ -8,7 +8,7 @@ Inputs are checked before (cupyflash/validate.py, by the faces); `window` is the
 """
 from __future__ import annotations
 
-from . import launch, plan
+from . import launch, params, plan
 from .errors import require_gpu
 from .validate import kernel_head_dim
 
@@ -28,8 +28,8 @@ def broadcast_strides(xp, a) -> tuple:
     return tuple(0 if n == 1 else s for n, s in zip(a.shape, xp.strides(a)))
 
 
-def broadcast_buf(xp, a) -> launch.Buf:
-    return launch.Buf(xp.address(a), broadcast_strides(xp, a))
+def broadcast_buf(xp, a) -> params.Buf:
+    return params.Buf(xp.address(a), broadcast_strides(xp, a))
 
 
 def holding_alloc(xp, like, held: list):
@@ -39,7 +39,7 @@ def holding_alloc(xp, like, held: list):
     def alloc(shape, dtype: str, zeroed: bool):
         a = (xp.zeros if zeroed else xp.empty)(shape, dtype, like)
         held.append(a)
-        return a, launch.Buf(xp.address(a), tuple(xp.strides(a)))
+        return a, params.Buf(xp.address(a), tuple(xp.strides(a)))
 
     return alloc
 
@@ -60,7 +60,7 @@ def _entry(xp, name: str, a) -> tuple:
 def _classify(xp, bias, p: plan.Plan, window: bool, stream_ptr: int, device_id: int, held: list):
     """The bias's int8 tile classes in the plan's tiles (cupyflash/tile_classes.py), computed on the GPU; the
     workspaces go to `held`, alive until the attention is enqueued."""
-    return launch.classify_tiles(dtype=p.layout.dtype, bias=launch.Buf(xp.address(bias), p.layout.bias.strides),
+    return launch.classify_tiles(dtype=p.layout.dtype, bias=params.Buf(xp.address(bias), p.layout.bias.strides),
                                  bias_shape=tuple(bias.shape), bias_f32=p.layout.bias.f32, br=p.tiles.Br,
                                  bc=p.tiles.Bc, window=window, alloc=holding_alloc(xp, bias, held),
                                  stream_ptr=stream_ptr, device_id=device_id)

@@ -1,11 +1,12 @@
-"""Kernel launches through the CUDA driver's cuLaunchKernel, each kernel's argument block packed once.
+"""Kernel launches through the CUDA driver's cuLaunchKernel, each kernel's parameter struct packed once.
 
-CuPy's kernel call converts every argument from a Python object at each launch, and our kernels take 20–55 of
-them; a plan's launch (cupyflash/plan.py) passes the same values at every call but its buffers' addresses. So
-``ArgBlock`` packs the values once into the driver's kernelParams form (one host buffer, one pointer per
-argument) and a call writes only the address slots before ``launch``. The kernels' handles come from CuPy's
-modules (cupyflash/jit.py); torch, CuPy and the driver share the device's primary context, so the launch sees
-the same context and stream as a CuPy launch would.
+CuPy's kernel call converts every argument from a Python object at each launch; a plan's launch
+(cupyflash/plan.py) passes the same struct at every call but for its buffers' addresses. Each kernel takes one
+struct (kernels_cu/params.cuh), packed once by cupyflash/params.py; ``ArgBlock`` holds its bytes as the driver's
+kernelParams (one host buffer, one pointer to it; the Hopper backward, which takes its parameters one by one: one
+pointer to each) and a call writes only the address slots before ``launch``. The
+kernels' handles come from CuPy's modules (cupyflash/jit.py); torch, CuPy and the driver share the device's primary
+context, so the launch sees the same context and stream as a CuPy launch would.
 """
 from __future__ import annotations
 
@@ -13,40 +14,18 @@ import ctypes
 import functools
 import threading
 
-import numpy as np
-
-
-def _raw(value, index: int) -> bytes:
-    """The bytes a kernel parameter holds: NumPy scalars only, whose C type is unambiguous (a Python int or float
-    could be any width)."""
-    if not isinstance(value, np.generic):
-        raise TypeError(f"kernel argument {index} is a {type(value).__name__}; expected a NumPy scalar "
-                        f"(np.int32, np.uint64, np.float32, a TMA map, ...)")
-    return value.tobytes()
-
 
 class ArgBlock:
-    """`args` as cuLaunchKernel's kernelParams: each value at its own offset in one host buffer, with `slots`
-    (indices of placeholders with ``nbytes`` and ``write(buf, start, ptrs)``: launch.Slot, launch.TmaSlot)
-    written at each call. The buffer is per thread (autograd runs the backward on its own thread) and reused: the
-    driver copies the values during the launch."""
+    """A kernel's parameter struct as cuLaunchKernel's kernelParams: one pointer to its bytes (`template`), or with
+    `param_offsets` one to each parameter's (a kernel taking them one by one: params.Struct.param_offsets); `slots`
+    ((byte offset, placeholder with ``write(buf, start, ptrs)``: params.Slot, params.TmaSlot), ...) are written at
+    each call. The buffer is per thread (autograd runs the backward on its own thread) and reused: the driver copies
+    the parameters during the launch."""
 
-    def __init__(self, args: tuple, slots: tuple = ()):
-        offsets, parts, end = [], [], 0
-        slot_set = set(slots)
-        for i, a in enumerate(args):
-            raw = bytes(a.nbytes) if i in slot_set else _raw(a, i)
-            align = max(1, min(len(raw), 8))
-            end = -(-end // align) * align
-            offsets.append(end)
-            parts.append(raw)
-            end += len(raw)
-        template = bytearray(end)
-        for off, raw in zip(offsets, parts):
-            template[off:off + len(raw)] = raw
+    def __init__(self, template: bytes, slots: tuple = (), param_offsets: tuple = (0,)):
         self._template = bytes(template)
-        self._offsets = tuple(offsets)
-        self._slots = tuple((offsets[i], args[i].write) for i in slots)
+        self._slots = tuple((start, slot.write) for start, slot in slots)
+        self._param_offsets = tuple(param_offsets)
         self._local = threading.local()
 
     def _buffers(self):
@@ -55,7 +34,7 @@ class ArgBlock:
         except AttributeError:
             buf = ctypes.create_string_buffer(self._template, max(len(self._template), 1))
             base = ctypes.addressof(buf)
-            params = (ctypes.c_void_p * len(self._offsets))(*(base + off for off in self._offsets))
+            params = (ctypes.c_void_p * len(self._param_offsets))(*(base + off for off in self._param_offsets))
             self._local.buffers = memoryview(buf).cast("B"), params  # the view keeps buf alive
             return self._local.buffers
 

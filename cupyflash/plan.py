@@ -2,11 +2,12 @@
 
 ``plan_for(layout)`` takes a call's layout (pass, dtype, shapes, strides, addresses modulo 16, score modifications,
 the device's compute capability) and returns a frozen ``Plan``: the kernel family (the Hopper kernels or the
-mma.sync ones) and why, the variant, its tiles, and per launch the grid, block, shared memory and argument template.
+mma.sync ones) and why, the variant, its tiles, and per launch the grid, block, shared memory and the kernel's
+parameter struct (kernels_cu/params.cuh), packed by cupyflash/params.py with placeholders for the call's addresses.
 It is cached per layout, so a model calling with the same few layouts pays a dict lookup; launching
-(``launch.execute``) only writes the call's addresses into the template's slots.
+(``launch.execute``) only writes the call's addresses (and TMA maps) into the structs' slots.
 
-Needs no GPU: every plan, with its argument tuples, is built on the CPU in tests/test_plan.py.
+Needs no GPU: every plan, with its structs, is built on the CPU in tests/test_plan.py.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from . import driver, jit, launch
-from .launch import Buf, ScoreMods, Slot, TmaSlot
+from . import driver, jit, launch, params
+from .launch import ScoreMods
+from .params import Buf, Slot, TmaSlot
 
 HOPPER, MMA_SYNC = "hopper", "mma.sync"
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
@@ -61,32 +63,27 @@ class CallLayout(NamedTuple):
 
 @dataclass(frozen=True)
 class Step:
-    """One kernel launch: `args` holds launch.Slot / launch.TmaSlot placeholders at `slots`' indices."""
+    """One kernel launch: `packed`, the kernel's parameter struct with params.Slot / params.TmaSlot placeholders."""
 
     variant: jit.Variant
     grid: tuple
     block: tuple
     shared_bytes: int
-    args: tuple
-    slots: tuple  # indices into args of the placeholders
+    packed: params.Packed
 
     @functools.cached_property
     def arg_block(self) -> driver.ArgBlock:
-        """`args` packed for the driver once; each call writes its addresses into the slots."""
-        return driver.ArgBlock(self.args, self.slots)
+        """The struct's bytes for the driver, made once; each call writes its addresses into the slots."""
+        return driver.ArgBlock(self.packed.template, self.packed.slots, self.packed.struct.param_offsets)
 
     @functools.cached_property
     def dims(self) -> tuple:
         return driver.dims(self.grid, self.block)
 
-    def filled(self, ptrs: dict) -> tuple:
-        """The arguments with the call's addresses (`ptrs`: buffer name → device address)."""
-        if not self.slots:
-            return self.args
-        args = list(self.args)
-        for i in self.slots:
-            args[i] = args[i].fill(ptrs)
-        return tuple(args)
+    def filled(self, ptrs: dict) -> dict:
+        """The struct's values (dotted field path → value) with the call's addresses (`ptrs`: buffer name → device
+        address) and TMA maps in place of the placeholders."""
+        return {path: v.fill(ptrs) if isinstance(v, (Slot, TmaSlot)) else v for path, v in self.packed.values.items()}
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ class Plan:
     @property
     def needs(self) -> frozenset:
         """The buffer names whose addresses launch.execute needs."""
-        return frozenset(s.args[i].name for s in self.steps for i in s.slots)
+        return frozenset(slot.name for s in self.steps for _, slot in s.packed.slots)
 
 
 def sm90_enabled() -> bool:
@@ -134,9 +131,8 @@ def _score_mods(layout: CallLayout, classes_shape: tuple | None) -> ScoreMods:
         seed_ptr=Slot("seed") if layout.dropout_p > 0 else 0, softcap=layout.softcap)
 
 
-def _step(variant: jit.Variant, grid: tuple, block: tuple, args: tuple) -> Step:
-    slots = tuple(i for i, a in enumerate(args) if isinstance(a, (Slot, TmaSlot)))
-    return Step(variant, grid, block, variant.shared_bytes, tuple(args), slots)
+def _step(variant: jit.Variant, grid: tuple, block: tuple, packed: params.Packed) -> Step:
+    return Step(variant, grid, block, variant.shared_bytes, packed)
 
 
 def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
@@ -177,29 +173,29 @@ def plan_for(layout: CallLayout) -> Plan:
     common = dict(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
                   scale=layout.scale, mods=mods, tiles=t)
     if layout.kernel == "fwd":
-        build = launch.sm90_forward_args if family == HOPPER else launch.mma_forward_args
-        args = build(**common, **{name: bufs[name] for name in FORWARD_BUFS})
+        build = params.sm90_forward if family == HOPPER else params.mma_forward
+        packed = build(**common, **{name: bufs[name] for name in FORWARD_BUFS})
         grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
-        steps = (_step(variant, grid, (t.threads,), args),)
+        steps = (_step(variant, grid, (t.threads,), packed),)
     else:
         row_lse = bufs.get("row_lse")
         if row_lse is not None and layout.bias is None:
             raise ValueError("row_lse without a bias: the rebuild rule's workspace goes with a bias only "
                              "(plan.BIAS_BACKWARD_BUFS)")
-        build = launch.sm90_backward_args if family == HOPPER else launch.mma_backward_args
-        args = build(**common, **{name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")},
-                     row_lse=row_lse)
+        build = params.sm90_backward if family == HOPPER else params.mma_backward
+        packed = build(**common, **{name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")},
+                       row_lse=row_lse)
         grid = (math.ceil(layout.n_k / t.Bc), layout.kv_heads, batch)  # K/V blocks × K/V heads × batch
         n_rows = batch * heads * n_q
         row_grid, row_block = (math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,)
-        pre = launch.preprocess_args(dout=bufs["dout"], out=bufs["out"], d_vec=bufs["d_vec"],
-                                     dq_accum=bufs["dq_accum"], heads=heads, n_q=n_q, n_rows=n_rows,
-                                     lse=None if row_lse is None else bufs["lse"], row_lse=row_lse)
-        conv = launch.convert_dq_args(dq_accum=bufs["dq_accum"], dq=bufs["dq"], heads=heads, n_q=n_q, n_rows=n_rows,
-                                      scale=layout.scale)
+        pre = params.preprocess(dout=bufs["dout"], out=bufs["out"], d_vec=bufs["d_vec"], dq_accum=bufs["dq_accum"],
+                                heads=heads, n_q=n_q, n_rows=n_rows, lse=None if row_lse is None else bufs["lse"],
+                                row_lse=row_lse)
+        conv = params.convert_dq(dq_accum=bufs["dq_accum"], dq=bufs["dq"], heads=heads, n_q=n_q, n_rows=n_rows,
+                                 scale=layout.scale)
         stats = () if row_lse is None else (_stats_step(layout, bufs),)
         steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), row_grid, row_block, pre), *stats,
-                 _step(variant, grid, (t.threads,), args),
+                 _step(variant, grid, (t.threads,), packed),
                  _step(jit.Variant("bwd_convert_dq", layout.dtype, d), row_grid, row_block, conv))
     return Plan(layout, family, why, variant, t, steps, classes_shape)
 
@@ -214,10 +210,10 @@ def _stats_step(layout: CallLayout, bufs: dict) -> Step:
     variant = jit.Variant("fwd", layout.dtype, d, layout.causal, True, False)
     mods = dataclasses.replace(_score_mods(layout, None), dbias=None, dropout_p=0.0, seed_ptr=0)
     t = variant.tiles
-    args = launch.mma_forward_args(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
-                                   q=bufs["q"], k=bufs["k"], v=bufs["v"], out=Buf(0, bufs["out"].strides),
-                                   lse=bufs["lse"], scale=layout.scale, mods=mods, tiles=t, row_stats=bufs["row_lse"])
-    return _step(variant, (math.ceil(n_q / t.Br), heads, batch), (t.threads,), args)
+    packed = params.mma_forward(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
+                                q=bufs["q"], k=bufs["k"], v=bufs["v"], out=Buf(0, bufs["out"].strides),
+                                lse=bufs["lse"], scale=layout.scale, mods=mods, tiles=t, row_stats=bufs["row_lse"])
+    return _step(variant, (math.ceil(n_q / t.Br), heads, batch), (t.threads,), packed)
 
 
 def _mods_any(layout: CallLayout) -> bool:

@@ -1,16 +1,13 @@
 """TMA tensor maps for the Hopper (sm_90a) kernels: the CUDA driver's cuTensorMapEncodeTiled, called through ctypes
 (neither CuPy nor torch exposes it), encodes a (B, H, N, D) view as a 4-d map whose box is 64 columns x `rows` rows
 with the 128-byte swizzle that the kernels' SwTile layout and wgmma descriptors read (kernels_cu/wgmma.cuh).
-The map travels to the kernel by value: 128 bytes in the launch's argument block (cupyflash/driver.py)."""
+The map travels to the kernel by value: 128 bytes inside the launch's parameter struct (cupyflash/params.py)."""
 from __future__ import annotations
 
 import ctypes
 import functools
 
-import numpy as np
-
-# CUtensorMap: 128 opaque bytes (cuda.h); the kernels declare it as TmaDesc.
-TMA_DESC = np.dtype([("opaque", "<u8", (16,))])
+MAP_BYTES = 128  # CUtensorMap: opaque bytes (cuda.h); the kernels declare it as TmaDesc (kernels_cu/params.cuh)
 # cuda.h enums: CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion (https://docs.nvidia.com/cuda/cuda-driver-api/group__CUDA__TENSOR__MEMORY.html)
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}
 _SWIZZLE_128B = 3
@@ -56,7 +53,7 @@ def unsupported_reason(shape, strides, element_size: int, data_ptr: int) -> str 
 # allocator): the cache saves the driver call on most launches.
 @functools.lru_cache(maxsize=1024)
 def encode(dtype_name: str, shape: tuple, strides: tuple, element_size: int, data_ptr: int, rows: int) -> bytes:
-    """The tensor map (TMA_DESC's 128 bytes) of a (B, H, N, D) view (strides in elements) with boxes of `rows` x 64
+    """The tensor map (MAP_BYTES bytes) of a (B, H, N, D) view (strides in elements) with boxes of `rows` x 64
     elements."""
     b, h, n, d = shape
     strides = _strides(shape, strides)

@@ -21,10 +21,18 @@ namespace cupyflash {
 // Clear_dQaccum (https://github.com/Dao-AILab/flash-attention/blob/main/csrc/flash_attn/src/flash_bwd_preprocess_kernel.h).
 // With row_lse non-null, the row's (LSE · log2 e, 0) too (LSE contiguous (B, H, Nq), as row_lse).
 template <typename T, int D>
-__global__ void flash_bwd_preprocess(const typename T::elem* __restrict__ dout, const typename T::elem* __restrict__ out,
-                                     float* __restrict__ d_vec, float* __restrict__ dq_accum, i64 do_sb, i64 do_sh,
-                                     i64 do_sn, i64 o_sb, i64 o_sh, i64 o_sn, int H, int Nq, i64 n_rows,
-                                     const float* __restrict__ lse, float2* __restrict__ row_lse) {
+__global__ void flash_bwd_preprocess(const BwdPreprocessParams<typename T::elem> params) {
+    const typename T::elem* __restrict__ dout = params.dout;
+    const typename T::elem* __restrict__ out = params.out;
+    float* __restrict__ d_vec = params.d_vec;
+    float* __restrict__ dq_accum = params.dq_accum;
+    const i64 do_sb = params.do_s.b, do_sh = params.do_s.h, do_sn = params.do_s.n;
+    const i64 o_sb = params.o_s.b, o_sh = params.o_s.h, o_sn = params.o_s.n;
+    const int H = params.H, Nq = params.Nq;
+    const i64 n_rows = params.n_rows;
+    const float* __restrict__ lse = params.lse;
+    float2* __restrict__ row_lse = params.row_lse;
+
     const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= n_rows) return;
     const int lane = threadIdx.x % 32;
@@ -42,8 +50,14 @@ __global__ void flash_bwd_preprocess(const typename T::elem* __restrict__ dout, 
 
 // One warp per row: dQ[b,h,i,:] = scale · dQ_accum[b,h,i,:] (accumulator contiguous (B, H, Nq, D)).
 template <typename T, int D>
-__global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, typename T::elem* __restrict__ dq, i64 dq_sb,
-                                     i64 dq_sh, i64 dq_sn, int H, int Nq, i64 n_rows, float scale) {
+__global__ void flash_bwd_convert_dq(const ConvertDqParams<typename T::elem> params) {
+    const float* __restrict__ dq_accum = params.dq_accum;
+    typename T::elem* __restrict__ dq = params.dq;
+    const i64 dq_sb = params.dq_s.b, dq_sh = params.dq_s.h, dq_sn = params.dq_s.n;
+    const int H = params.H, Nq = params.Nq;
+    const i64 n_rows = params.n_rows;
+    const float scale = params.scale;
+
     const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= n_rows) return;
     const int lane = threadIdx.x % 32;
@@ -55,18 +69,7 @@ __global__ void flash_bwd_convert_dq(const float* __restrict__ dq_accum, typenam
 
 template <typename T, int D, int Br, int Bc, int NWarps, bool FuseSdP, bool Causal, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
-flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem* __restrict__ k, const typename T::elem* __restrict__ v,
-                 const typename T::elem* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ d_vec,
-                 float* __restrict__ dq_accum, typename T::elem* __restrict__ dk, typename T::elem* __restrict__ dv,
-                 i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn, i64 v_sb, i64 v_sh, i64 v_sn,
-                 i64 do_sb, i64 do_sh, i64 do_sn, i64 dk_sb, i64 dk_sh, i64 dk_sn, i64 dv_sb, i64 dv_sh,
-                 i64 dv_sn, int Nq, int Nk, int group, float scale_log2, float scale,
-                 const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
-                 const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
-                 float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
-                 int win_left, int win_right, u32 keep_threshold, float inv_keep,
-                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out,
-                 const float2* __restrict__ row_lse) {
+flash_bwd_kernel(const BwdParams<typename T::elem> params) {
     static_assert(Bc == 16 * NWarps, "each warp owns 16 keys");
     static_assert(Br % 16 == 0 && NWarps % (Br / 16) == 0, "dQ tiles: (Br/16) row tiles split evenly over warps");
     constexpr int kThreads = NWarps * 32;
@@ -76,6 +79,7 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     static_assert(Br / 8 * 4 <= 32, "one bit per score of a lane in the dropout keep mask");
     using TileD = Tile<T, D>;
     using TileS = Tile<T, Br>;
+    // Each field of `params` is read where it is used (params.cuh says why).
 
     extern __shared__ __align__(16) unsigned char smem[];
     const u32 sK = smem_addr(smem);
@@ -92,47 +96,51 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     const u32 sLseLo = sDvec + 4 * Br;
 
     const int k0 = blockIdx.x * Bc;
-    const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
+    const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * params.attn.group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
-                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
-                                                             win_right, keep_threshold, seed, cap_in, cap_out);
+    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     // Queries that see a key of this block: i + diag - left <= j <= i + diag + right for some j in the block.
     const int i_begin = max(0, k0 - mods.diag - mods.right) / Br;
-    const int i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
-    const int n_pairs = group * max(0, i_end - i_begin);  // (query head in the group, Q block) pairs
-    auto head_of = [&](int it) { return h_kv * group + it / (i_end - i_begin); };
+    const int i_end = ceil_div(min(params.attn.Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
+    const int n_pairs = params.attn.group * max(0, i_end - i_begin);  // (query head in the group, Q block) pairs
+    auto head_of = [&](int it) { return h_kv * params.attn.group + it / (i_end - i_begin); };
     auto block_of = [&](int it) { return i_begin + it % (i_end - i_begin); };
 
     auto load_q_block = [&](int it) {
         const int hq = head_of(it), q0 = block_of(it) * Br;
         const i64 bh = (i64)b * H + hq;
-        load_tile_async<T, Br, D, kThreads>(sQ, q + b * q_sb + hq * q_sh + q0 * q_sn, q_sn, Nq - q0, tid);
-        load_tile_async<T, Br, D, kThreads>(sdO, dout + b * do_sb + hq * do_sh + q0 * do_sn, do_sn, Nq - q0, tid);
+        load_tile_async<T, Br, D, kThreads>(sQ, params.q + b * params.q_s.b + hq * params.q_s.h + q0 * params.q_s.n,
+                                            params.q_s.n, params.attn.Nq - q0, tid);
+        load_tile_async<T, Br, D, kThreads>(sdO,
+                                            params.dout + b * params.do_s.b + hq * params.do_s.h + q0 * params.do_s.n,
+                                            params.do_s.n, params.attn.Nq - q0, tid);
         float* s_lse = reinterpret_cast<float*>(smem + (sLse - sK));
         float* s_dvec = reinterpret_cast<float*>(smem + (sDvec - sK));
         float* s_lse_lo = reinterpret_cast<float*>(smem + (sLseLo - sK));
         for (int r = tid; r < Br; r += kThreads) {  // rows past Nq: P = exp2(s - inf) = 0, D = 0
-            if (Mods && row_lse != nullptr) {
-                const float2 hi_lo = q0 + r < Nq ? row_lse[bh * Nq + q0 + r] : make_float2(inf_f(), 0.f);
+            if (Mods && params.row_lse != nullptr) {
+                const float2 hi_lo =
+                    q0 + r < params.attn.Nq ? params.row_lse[bh * params.attn.Nq + q0 + r] : make_float2(inf_f(), 0.f);
                 s_lse[r] = hi_lo.x;
                 s_lse_lo[r] = hi_lo.y;
             } else {
-                s_lse[r] = q0 + r < Nq ? lse[bh * Nq + q0 + r] * kLog2e : inf_f();
+                s_lse[r] = q0 + r < params.attn.Nq ? params.lse[bh * params.attn.Nq + q0 + r] * kLog2e : inf_f();
                 if (Mods) s_lse_lo[r] = 0.f;
             }
-            s_dvec[r] = q0 + r < Nq ? d_vec[bh * Nq + q0 + r] : 0.f;
+            s_dvec[r] = q0 + r < params.attn.Nq ? params.d_vec[bh * params.attn.Nq + q0 + r] : 0.f;
         }
     };
 
-    load_tile_async<T, Bc, D, kThreads>(sK, k + b * k_sb + h_kv * k_sh + k0 * k_sn, k_sn, Nk - k0, tid);
-    load_tile_async<T, Bc, D, kThreads>(sV, v + b * v_sb + h_kv * v_sh + k0 * v_sn, v_sn, Nk - k0, tid);
+    load_tile_async<T, Bc, D, kThreads>(sK, params.k + b * params.k_s.b + h_kv * params.k_s.h + k0 * params.k_s.n,
+                                        params.k_s.n, params.attn.Nk - k0, tid);
+    load_tile_async<T, Bc, D, kThreads>(sV, params.v + b * params.v_s.b + h_kv * params.v_s.h + k0 * params.v_s.n,
+                                        params.v_s.n, params.attn.Nk - k0, tid);
     // (head, Q block) pairs whose bias tile with this K/V block is kTileSkip contribute nothing: the range is
     // trimmed to the first and last that count, and the loop passes over any skipped ones between.
     auto skipped = [&](int it) { return mods.tile_class(b, head_of(it), block_of(it), blockIdx.x) == kTileSkip; };
     int it_begin = 0, n_iters = n_pairs;
-    if (Mods && tile_cls != nullptr) trim_skipped<kThreads>(it_begin, n_iters, skipped, tid);
+    if (Mods && params.mods.tile_cls != nullptr) trim_skipped<kThreads>(it_begin, n_iters, skipped, tid);
     auto next_iter = [&](int it) {
         while (it < n_iters && skipped(it)) ++it;
         return it;
@@ -169,12 +177,12 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
             mma_abt<T, D, Br, 1, D, D>(&pt, sK, warp * 16, sQ, lane);
         // Only blocks that cross the sequence end or a window edge need per-element visibility checks (rows past
         // Nq need none: their LSE is +inf, so P = 0).
-        const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
+        const bool need_mask = k0 + Bc > params.attn.Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
                                k0 < q0 + Br - 1 + mods.diag - mods.left;
         // Uniform branches around whole loops, not per score (see flash_fwd.cuh).
         auto col_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };  // query in the block
         auto key_of = [&](int e) { return k0 + key_in_block + (e >> 1) * 8; };
-        mods.template scale_scores<Br / 8>(pt, scale_log2);
+        mods.template scale_scores<Br / 8>(pt, params.attn.scale_log2);
         if (read_bias) {  // per element: the forward's branch-free loads (scores.cuh with_bias) spill here on sm_80
             const i64 block_off = mods.bias_row(b, hq, q0);  // element (q0, 0) of this head's bias
 #pragma unroll
@@ -182,7 +190,7 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int row = col_of(nt, e), key = key_of(e);
-                    if (q0 + row < Nq && key < Nk)
+                    if (q0 + row < params.attn.Nq && key < params.attn.Nk)
                         pt[nt][e] = mods.template add_bias<T>(pt[nt][e], block_off + row * mods.bias_sm + key * mods.bias_sn);
                 }
         }
@@ -215,7 +223,7 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
                 for (int e = 0; e < 4; ++e) {
                     const int key = k0 + key_in_block + (e >> 1) * 8;
                     const U4 rnd = mods.random_pair(bh, q0 + nt * 8 + 2 * (lane % 4) + (e & 1), key & ~1);
-                    keep_bits |= (u32)(((key & 1) ? rnd.y : rnd.x) < keep_threshold) << (nt * 4 + e);
+                    keep_bits |= (u32)(((key & 1) ? rnd.y : rnd.x) < params.mods.keep_threshold) << (nt * 4 + e);
                 }
         }
         auto kept = [&](int nt, int e) { return (keep_bits >> (nt * 4 + e)) & 1u; };
@@ -227,7 +235,8 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
 #pragma unroll
                 for (int n = 0; n < 2; ++n)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) pd[n][e] = kept(2 * kk + n, e) ? pt[2 * kk + n][e] * inv_keep : 0.f;
+                    for (int e = 0; e < 4; ++e)
+                        pd[n][e] = kept(2 * kk + n, e) ? pt[2 * kk + n][e] * params.mods.inv_keep : 0.f;
                 acc_to_a<T>(a[0], pd, 0);
             };
             mma_ab<T, Br, D, 1, D>(&acc_dv, dropped_p_frag, sdO, 0, lane);
@@ -244,19 +253,21 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
             lds_f32x2(dvec[0], dvec[1], sDvec + 4 * col_of(nt, 0));
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float dp = kept(nt, e) ? ds[nt][e] * (Mods ? inv_keep : 1.f) : 0.f;
+                const float dp = kept(nt, e) ? ds[nt][e] * (Mods ? params.mods.inv_keep : 1.f) : 0.f;
                 ds[nt][e] = pt[nt][e] * (dp - dvec[e & 1]);
             }
         }
         // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics.
-        if (Mods && dbias != nullptr) {
+        if (Mods && params.mods.dbias != nullptr) {
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int row = q0 + nt * 8 + 2 * (lane % 4) + (e & 1), key = k0 + key_in_block + (e >> 1) * 8;
-                    if (row < Nq && key < Nk)
-                        atomicAdd(dbias + b * dbias_sb + hq * dbias_sh + row * dbias_sm + key * dbias_sn, ds[nt][e]);
+                    if (row < params.attn.Nq && key < params.attn.Nk)
+                        atomicAdd(params.mods.dbias + b * params.mods.dbias_s.b + hq * params.mods.dbias_s.h +
+                                      row * params.mods.dbias_s.m + key * params.mods.dbias_s.n,
+                                  ds[nt][e]);
                 }
         }
 
@@ -301,13 +312,15 @@ flash_bwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
             &acc_dq, [&](u32 (&a)[1][T::kARegs], int kk) { load_a_km<T, Br>(a[0], sdS, kk * 16, m0, lane); }, sK, c0,
             lane);
         const int row = q0 + m0 + lane / 4;
-        red_add_tile<kDqCols / 8>(dq_accum + (bh * Nq + q0 + m0) * D + c0, D, acc_dq, row < Nq, row + 8 < Nq, lane);
+        red_add_tile<kDqCols / 8>(params.dq_accum + (bh * params.attn.Nq + q0 + m0) * D + c0, D, acc_dq,
+                                  row < params.attn.Nq, row + 8 < params.attn.Nq, lane);
         it = it_next;
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.
-    store_dk_dv<T, D>(dk + b * dk_sb + h_kv * dk_sh, dv + b * dv_sb + h_kv * dv_sh, dk_sn, dv_sn, k0 + key_in_block, Nk,
-                      acc_dk, acc_dv, scale, lane);
+    store_dk_dv<T, D>(params.dk + b * params.dk_s.b + h_kv * params.dk_s.h,
+                      params.dv + b * params.dv_s.b + h_kv * params.dv_s.h, params.dk_s.n, params.dv_s.n,
+                      k0 + key_in_block, params.attn.Nk, acc_dk, acc_dv, params.scale, lane);
 }
 
 }  // namespace cupyflash

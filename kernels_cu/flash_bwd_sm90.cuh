@@ -21,9 +21,11 @@
 namespace cupyflash {
 
 // Tile sizes: cupyflash/tiles.py BACKWARD_SM90. D and DHead as in flash_fwd_sm90.cuh: tiles of D columns, tensors of
-// DHead (dQ_accum too), the columns past DHead zero, skipped by Sᵀ and dPᵀ (head_k_steps) and never stored. The
-// score mods' arguments are flash_bwd_kernel's, with cls_tq x cls_tk (the tiles tile_cls classifies) after the
-// classes' strides; they come last so the plain path's others keep their places.
+// DHead (dQ_accum too), the columns past DHead zero, skipped by Sᵀ and dPᵀ (head_k_steps) and never stored.
+// Parameters: the one kernel still taking them one by one (cupyflash/params.py BWD_SM90_ARGS lists them): read from
+// a __grid_constant__ struct as the others are (params.cuh), this kernel spilled 8 bytes at d96 with dropout, LLVM
+// holding fields that were scalar parameters re-read from the constant bank. The score mods' are ScoreModParams's
+// fields, in its order.
 template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
@@ -71,9 +73,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
     const int diag = Nk - Nq;
-    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
-                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
-                                                             win_right, keep_threshold, seed, cap_in, cap_out);
+    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(
+        ScoreModParams{bias, {bias_sb, bias_sh, bias_sm, bias_sn}, bias_f32, tile_cls, {cls_sb, cls_sh, cls_sm, cls_sn},
+                       cls_tq, cls_tk, dbias, {dbias_sb, dbias_sh, dbias_sm, dbias_sn}, win_left, win_right,
+                       keep_threshold, inv_keep, seed, cap_in, cap_out},
+        Nq, Nk);
     // Query blocks that see a key of this block: causal, i + diag >= k0 for some row i of the block; with Mods,
     // i + diag - left <= j <= i + diag + right for some key j of the block.
     int i_begin = Causal ? max(0, k0 - diag) / Br : 0;

@@ -18,20 +18,17 @@ namespace cupyflash {
 template <typename T, int D, int Br, int Bc, int NWarps, int MTiles, bool FreshOffsets, bool Causal, bool Mods,
           bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
-flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem* __restrict__ k,
-                 const typename T::elem* __restrict__ v, typename T::elem* __restrict__ o, float* __restrict__ lse,
-                 i64 q_sb, i64 q_sh, i64 q_sn, i64 k_sb, i64 k_sh, i64 k_sn,
-                 i64 v_sb, i64 v_sh, i64 v_sn, i64 o_sb, i64 o_sh, i64 o_sn,
-                 int Nq, int Nk, int group, float scale_log2,
-                 const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
-                 const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn,
-                 int win_left, int win_right, u32 keep_threshold, float inv_keep,
-                 const unsigned long long* __restrict__ seed, float cap_in, float cap_out,
-                 float2* __restrict__ row_stats) {
+flash_fwd_kernel(const FwdParams<typename T::elem> params) {
     static_assert(Br == 16 * MTiles * NWarps, "each warp owns MTiles 16-row tiles");
     static_assert(D % 16 == 0 && Bc % 16 == 0, "MMA k-steps are 16 wide");
     constexpr int kThreads = NWarps * 32;
     using TileD = Tile<T, D>;
+    // Each field of `params` is read where it is used (params.cuh says why); the tensors' pointers move to this
+    // block's rows below.
+    const typename T::elem* __restrict__ q = params.q;
+    const typename T::elem* __restrict__ k = params.k;
+    const typename T::elem* __restrict__ v = params.v;
+    typename T::elem* __restrict__ o = params.o;
 
     extern __shared__ __align__(16) unsigned char smem[];
     const u32 sQ = smem_addr(smem);
@@ -42,30 +39,30 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     const int q0 = (gridDim.x - 1 - blockIdx.x) * Br;
     const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    q += b * q_sb + h * q_sh + q0 * q_sn;
-    k += b * k_sb + (h / group) * k_sh;  // grouped-query: `group` query heads share one K/V head
-    v += b * v_sb + (h / group) * v_sh;
-    o += b * o_sb + h * o_sh + q0 * o_sn;
+    q += b * params.q_s.b + h * params.q_s.h + q0 * params.q_s.n;
+    // grouped-query: `group` query heads share one K/V head
+    k += b * params.k_s.b + (h / params.attn.group) * params.k_s.h;
+    v += b * params.v_s.b + (h / params.attn.group) * params.v_s.h;
+    o += b * params.o_s.b + h * params.o_s.h + q0 * params.o_s.n;
 
-    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
-                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
-                                                             win_right, keep_threshold, seed, cap_in, cap_out);
+    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     const i64 bh = (i64)b * H + h;
-    const bool stats_mode = Mods && row_stats != nullptr;
+    const bool stats_mode = Mods && params.row_stats != nullptr;
     if (stats_mode) {
         bool rebuild = false;
-        for (int r = tid; r < Br && q0 + r < Nq; r += kThreads) rebuild |= lse[bh * Nq + q0 + r] < kLseRebuild;
+        for (int r = tid; r < Br && q0 + r < params.attn.Nq; r += kThreads)
+            rebuild |= params.lse[bh * params.attn.Nq + q0 + r] < kLseRebuild;
         if (!__syncthreads_or(rebuild)) return;
     }
     // K/V blocks that hold a key visible to some row of this Q block (rows q0 .. q_last).
-    const int q_last = min(q0 + Br, Nq) - 1;
+    const int q_last = min(q0 + Br, params.attn.Nq) - 1;
     int j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
-    int j_end = min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
+    int j_end = min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
 
     // Blocks whose bias tile is kTileSkip contribute nothing: the range is trimmed to the first and last that
     // count, and the loop and the prefetch pass over any skipped ones between.
     const int q_block = q0 / Br;
-    if (Mods && tile_cls != nullptr)
+    if (Mods && params.mods.tile_cls != nullptr)
         trim_skipped<kThreads>(j_begin, j_end, [&](int j) { return mods.tile_class(b, h, q_block, j) == kTileSkip; },
                                tid);
     auto next_block = [&](int j) {
@@ -74,8 +71,10 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
     };
     int j = next_block(j_begin);
 
-    load_tile_async<T, Br, D, kThreads, FreshOffsets>(sQ, q, q_sn, Nq - q0, tid);
-    if (j < j_end) load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sK, k + j * Bc * k_sn, k_sn, Nk - j * Bc, tid);
+    load_tile_async<T, Br, D, kThreads, FreshOffsets>(sQ, q, params.q_s.n, params.attn.Nq - q0, tid);
+    if (j < j_end)
+        load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sK, k + j * Bc * params.k_s.n, params.k_s.n,
+                                                          params.attn.Nk - j * Bc, tid);
     cp_async_commit();
 
     float acc_o[MTiles][D / 8][4];
@@ -96,7 +95,8 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         // K_j (and Q) have landed for every thread, and every warp has finished P·V_{j-1}: sV may be refilled.
         cp_async_wait_all();
         __syncthreads();
-        load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sV, v + k0 * v_sn, v_sn, Nk - k0, tid);
+        load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sV, v + k0 * params.v_s.n, params.v_s.n, params.attn.Nk - k0,
+                                                          tid);
         cp_async_commit();
 
         float s[MTiles][Bc / 8][4];  // S = Q K_jᵀ, (16·MTiles x Bc) per warp
@@ -106,18 +106,19 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
         cp_async_wait_all();
         __syncthreads();
         if (j_next < j_end) {
-            load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sK, k + j_next * Bc * k_sn, k_sn, Nk - j_next * Bc, tid);
+            load_tile_async<T, Bc, D, kThreads, FreshOffsets>(sK, k + j_next * Bc * params.k_s.n, params.k_s.n,
+                                                              params.attn.Nk - j_next * Bc, tid);
             cp_async_commit();
         }
 
         // Only blocks that cross the sequence end or a window edge need per-element visibility checks.
-        const bool need_mask = k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
+        const bool need_mask = k0 + Bc > params.attn.Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
                                k0 < q_last + mods.diag - mods.left;
         const bool read_bias = mods.has_bias() && mods.tile_class(b, h, q_block, j) == kTileRead;
         // One uniform branch around each whole loop: a branch per score gets if-converted, and the predicated
         // bias loads and index math then cost every score of every block (2-3x on an H200).
 #pragma unroll
-        for (int mt = 0; mt < MTiles; ++mt) mods.template scale_scores<Bc / 8>(s[mt], scale_log2);
+        for (int mt = 0; mt < MTiles; ++mt) mods.template scale_scores<Bc / 8>(s[mt], params.attn.scale_log2);
         auto row_of = [&](int mt, int e) { return q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8; };
         auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
         if (read_bias) {
@@ -125,8 +126,8 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
             for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
-                    mods.template add_bias_row<T, Bc / 8>(s[mt], r, mods.bias_row(b, h, min(row_of(mt, 2 * r), Nq - 1)),
-                                                         col_of(0, 0));
+                    mods.template add_bias_row<T, Bc / 8>(
+                        s[mt], r, mods.bias_row(b, h, min(row_of(mt, 2 * r), params.attn.Nq - 1)), col_of(0, 0));
         }
         if (need_mask) {
 #pragma unroll
@@ -162,8 +163,8 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
                     for (int nt = 0; nt < Bc / 8; ++nt) {
                         const U4 rnd = mods.random_pair(bh, q0 + warp_row0 + mt * 16 + lane / 4 + r * 8,
                                                         k0 + nt * 8 + 2 * (lane % 4));
-                        if (rnd.x >= keep_threshold) s[mt][nt][2 * r] = 0.f;
-                        if (rnd.y >= keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+                        if (rnd.x >= params.mods.keep_threshold) s[mt][nt][2 * r] = 0.f;
+                        if (rnd.y >= params.mods.keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
                     }
                 }
 #pragma unroll
@@ -190,19 +191,20 @@ flash_fwd_kernel(const typename T::elem* __restrict__ q, const typename T::elem*
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l = warp_sum4(l_i[mt][r]);
-            const float inv_l = l > 0.f ? (Mods ? inv_keep : 1.f) / l : 0.f;
+            const float inv_l = l > 0.f ? (Mods ? params.mods.inv_keep : 1.f) / l : 0.f;
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
             if (stats_mode) {  // l > 0: a row without keys has LSE +inf
-                if (q0 + row < Nq && lane % 4 == 0 && lse[bh * Nq + q0 + row] < kLseRebuild)
-                    row_stats[bh * Nq + q0 + row] = make_float2(m_i[mt][r], log2f(l));
-            } else if (q0 + row < Nq) {
-                typename T::elem* o_row = o + row * o_sn;
+                if (q0 + row < params.attn.Nq && lane % 4 == 0 &&
+                    params.lse[bh * params.attn.Nq + q0 + row] < kLseRebuild)
+                    params.row_stats[bh * params.attn.Nq + q0 + row] = make_float2(m_i[mt][r], log2f(l));
+            } else if (q0 + row < params.attn.Nq) {
+                typename T::elem* o_row = o + row * params.o_s.n;
 #pragma unroll
                 for (int dt = 0; dt < D / 8; ++dt)
                     store2<T>(o_row + dt * 8 + 2 * (lane % 4), acc_o[mt][dt][2 * r] * inv_l,
                               acc_o[mt][dt][2 * r + 1] * inv_l);
                 if (lane % 4 == 0)
-                    lse[bh * Nq + q0 + row] = l > 0.f ? (m_i[mt][r] + log2f(l)) * kLn2 : inf_f();
+                    params.lse[bh * params.attn.Nq + q0 + row] = l > 0.f ? (m_i[mt][r] + log2f(l)) * kLn2 : inf_f();
             }
         }
     }

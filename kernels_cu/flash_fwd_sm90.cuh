@@ -14,23 +14,16 @@ namespace cupyflash {
 
 // Tile sizes: cupyflash/tiles.py FORWARD_SM90. D: the tiles' head dim, a multiple of 64 (the swizzle's panels);
 // DHead <= D: the tensors' own, whose columns DHead .. D - 1 TMA fills with zeros (S = Q Kᵀ skips them, O computes
-// head_cols(D, DHead) columns and stores DHead). The score mods' arguments are flash_fwd_kernel's, and cls_tq x
-// cls_tk, the tiles tile_cls classifies (ScoreMods::tile_class_span); they come last so the plain path's others keep
-// their places.
+// head_cols(D, DHead) columns and stores DHead). Parameters: params.cuh FwdSm90Params, the score mods' as
+// flash_fwd_kernel's, with cls_tq x cls_tk, the tiles tile_cls classifies (ScoreMods::tile_class_span).
 template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(384, 1)
-flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
-                      const __grid_constant__ TmaDesc tm_v, typename T::elem* __restrict__ o, float* __restrict__ lse,
-                      i64 o_sb, i64 o_sh, i64 o_sn, int Nq, int Nk, int group, float scale_log2,
-                      const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm, i64 bias_sn, int bias_f32,
-                      const signed char* tile_cls, i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn, int cls_tq,
-                      int cls_tk, int win_left, int win_right, u32 keep_threshold, float inv_keep,
-                      const unsigned long long* __restrict__ seed, float cap_in, float cap_out) {
+flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> params) {
     static_assert(Br == 128, "two consumer warpgroups of 64 rows");
     constexpr int DO = head_cols(D, DHead);  // O's columns
     using TileQ = SwTile<Br, D>;
     using TileKV = SwTile<Bc, D>;
-
+    // Each field of `params` is read where it is used (params.cuh says why).
     extern __shared__ __align__(128) unsigned char smem[];
     const u32 sQ = (smem_addr(smem) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned (launch: +1 KiB)
     const u32 sK0 = sQ + TileQ::bytes();
@@ -48,25 +41,26 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const int q0 = (gridDim.x - 1 - blockIdx.x) * Br;  // heaviest Q blocks first (causal)
     const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
-    const int diag = Nk - Nq;
-    const int q_last = min(q0 + Br, Nq) - 1;
-    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32,
-                                                             tile_cls, cls_sb, cls_sh, cls_sm, cls_sn, Nq, Nk, win_left,
-                                                             win_right, keep_threshold, seed, cap_in, cap_out);
+    const int diag = params.attn.Nk - params.attn.Nq;
+    const int q_last = min(q0 + Br, params.attn.Nq) - 1;
+    const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     // The K/V blocks this Q block visits, in the one order the producer loads them and the consumers use them:
     // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip.
     int j_begin = 0;
-    int j_end = Causal ? min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc))) : ceil_div(Nk, Bc);
-    auto tile_class = [&](int j) { return mods.template tile_class_span<Br, Bc>(b, h, q0, j * Bc, cls_tq, cls_tk); };
+    int j_end = Causal ? min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc)))
+                       : ceil_div(params.attn.Nk, Bc);
+    auto tile_class = [&](int j) {
+        return mods.template tile_class_span<Br, Bc>(b, h, q0, j * Bc, params.mods.cls_tq, params.mods.cls_tk);
+    };
     if constexpr (Mods) {
         j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
-        j_end = min(ceil_div(Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
-        if (tile_cls != nullptr)  // the whole block, before the warpgroups part
+        j_end = min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
+        if (params.mods.tile_cls != nullptr)  // the whole block, before the warpgroups part
             trim_skipped<384>(j_begin, j_end, [&](int j) { return tile_class(j) == kTileSkip; }, tid);
     }
     auto next_block = [&](int j) {
         if constexpr (Mods)
-            while (j < j_end && tile_cls != nullptr && tile_class(j) == kTileSkip) ++j;
+            while (j < j_end && params.mods.tile_cls != nullptr && tile_class(j) == kTileSkip) ++j;
         return j;
     };
 
@@ -86,15 +80,15 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         regs_dealloc<24>();  // 168 - 24 = 2 · (240 - 168): what the consumers take (launch: 65536 / 384 = 168 each)
         if (tid == 256) {  // one thread issues every copy
             mbar_arrive_expect_tx(q_full, TileQ::bytes());
-            tma_tile<Br, D>(sQ, tm_q, q0, h, b, q_full);
+            tma_tile<Br, D>(sQ, params.tm_q, q0, h, b, q_full);
             for (int it = 0, j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
                 const int n = Mods ? it : j;  // blocks loaded before this one: its ring slot and phase
                 mbar_wait(k_empty(n), phase(n) ^ 1);
                 mbar_arrive_expect_tx(k_full(n), TileKV::bytes());
-                tma_tile<Bc, D>(sK(n), tm_k, j * Bc, h / group, b, k_full(n));
+                tma_tile<Bc, D>(sK(n), params.tm_k, j * Bc, h / params.attn.group, b, k_full(n));
                 mbar_wait(v_empty(n), phase(n) ^ 1);
                 mbar_arrive_expect_tx(v_full(n), TileKV::bytes());
-                tma_tile<Bc, D>(sV(n), tm_v, j * Bc, h / group, b, v_full(n));
+                tma_tile<Bc, D>(sV(n), params.tm_v, j * Bc, h / params.attn.group, b, v_full(n));
             }
         }
         return;
@@ -157,27 +151,30 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             // The logits in log2 units, as flash_fwd.cuh: cap, bias on the blocks whose tile reads it, then the
             // visibility mask on the blocks that cross the sequence end or a window edge. One uniform branch
             // around each loop (a branch per score would be if-converted into every block).
-            mods.template scale_scores<Bc / 8>(s, scale_log2);
+            mods.template scale_scores<Bc / 8>(s, params.attn.scale_log2);
             if (mods.has_bias() && tile_class(j) == kTileRead) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
-                    mods.template add_bias_row<T, Bc / 8>(s, r, mods.bias_row(b, h, min(row_of(2 * r), Nq - 1)),
+                    mods.template add_bias_row<T, Bc / 8>(s, r,
+                                                         mods.bias_row(b, h, min(row_of(2 * r), params.attn.Nq - 1)),
                                                          col_of(0, 0));
             }
-            if (k0 + Bc > Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right || k0 < q_last + mods.diag - mods.left) {
+            if (k0 + Bc > params.attn.Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
+                k0 < q_last + mods.diag - mods.left) {
 #pragma unroll
                 for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
                         if (!mods.visible(row_of(e), col_of(nt, e))) s[nt][e] = -inf_f();
             }
-        } else if (k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
+        } else if (k0 + Bc > params.attn.Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
             // Masked scores (keys past Nk; causal: keys after row + diag) as one compare per score against a
             // per-row limit, on the blocks that have any.
             int lim[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r)
-                lim[r] = (Causal ? min(Nk, q0 + warp_row0 + lane / 4 + 8 * r + diag + 1) : Nk) - k0;
+                lim[r] = (Causal ? min(params.attn.Nk, q0 + warp_row0 + lane / 4 + 8 * r + diag + 1)
+                                 : params.attn.Nk) - k0;
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll
@@ -186,7 +183,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         }
         // m_i is in log2 units of the scaled scores; the row max is taken on the raw ones (scale_log2 > 0), and
         // exp2(s · scale_log2 - m) is one FFMA per score. With Mods the scores are logits already.
-        const float s_scale = Mods ? 1.f : scale_log2;
+        const float s_scale = Mods ? 1.f : params.attn.scale_log2;
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -209,8 +206,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
                 for (int nt = 0; nt < Bc / 8; ++nt) {
                     const U4 rnd = mods.random_pair((i64)b * H + h, row_of(2 * r), col_of(nt, 0));
-                    if (rnd.x >= keep_threshold) s[nt][2 * r] = 0.f;
-                    if (rnd.y >= keep_threshold) s[nt][2 * r + 1] = 0.f;
+                    if (rnd.x >= params.mods.keep_threshold) s[nt][2 * r] = 0.f;
+                    if (rnd.y >= params.mods.keep_threshold) s[nt][2 * r + 1] = 0.f;
                 }
             }
         }
@@ -238,18 +235,19 @@ flash_fwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     }
     if (wg == 0) named_sync(1, 256);  // matches warpgroup 1's last arrival
 
-    o += b * o_sb + h * o_sh + q0 * o_sn;
+    typename T::elem* __restrict__ o = params.o + b * params.o_s.b + h * params.o_s.h + q0 * params.o_s.n;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float l = warp_sum4(l_i[r]);
-        const float inv_l = l > 0.f ? (Mods ? inv_keep : 1.f) / l : 0.f;  // dropout: O / keep probability
+        const float inv_l = l > 0.f ? (Mods ? params.mods.inv_keep : 1.f) / l : 0.f;  // dropout: O / keep probability
         const int row = warp_row0 + lane / 4 + r * 8;
-        if (q0 + row < Nq) {
-            typename T::elem* o_row = o + row * o_sn;
+        if (q0 + row < params.attn.Nq) {
+            typename T::elem* o_row = o + row * params.o_s.n;
 #pragma unroll
             for (int dt = 0; dt < DHead / 8; ++dt)
                 store2<T>(o_row + dt * 8 + 2 * (lane % 4), acc_o[dt][2 * r] * inv_l, acc_o[dt][2 * r + 1] * inv_l);
-            if (lane % 4 == 0) lse[((i64)b * H + h) * Nq + q0 + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : inf_f();
+            if (lane % 4 == 0)
+                params.lse[((i64)b * H + h) * params.attn.Nq + q0 + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : inf_f();
         }
     }
 }

@@ -6,7 +6,7 @@
 //   key j is visible to query i iff  i + diag - left <= j <= i + diag + right  and  j < Nk,
 //   with diag = Nk - Nq (masks aligned to the bottom-right corner, as FlashAttention 2.1+); causal is right = 0.
 #pragma once
-#include "common.cuh"
+#include "params.cuh"
 
 namespace cupyflash {
 
@@ -41,7 +41,7 @@ CF_DEVICE U4 philox(U4 c, u32 k0, u32 k1) {
     return c;
 }
 
-constexpr int kNoWindow = 1 << 30;  // a window edge farther than any sequence (launch.py's NO_WINDOW)
+constexpr int kNoWindow = 1 << 30;  // a window edge farther than any sequence (cupyflash/params.py NO_WINDOW)
 
 // Bias tile classes (cupyflash/tile_classes.py computes them on the GPU at every call, one per tile of the
 // pass's Br x Bc): skip = contributes nothing, zero = adds nothing (no bias read), read = read per element.
@@ -238,23 +238,24 @@ CF_DEVICE void trim_skipped(int& begin, int& end, IsSkipped is_skipped, int tid)
     end = s_last + 1;
 }
 
-// The kernels' ScoreMods from their launch arguments. Causal clips the right window edge at the diagonal; the
+// The kernels' ScoreMods from their launch parameters. Causal clips the right window edge at the diagonal; the
 // plain path (Enabled = false) has no window beyond that. The dropout seed is read from device memory, where
-// torch's CUDA generator wrote it, so a CUDA graph replay runs with that replay's seed.
+// torch's CUDA generator wrote it, so a CUDA graph replay runs with that replay's seed (__ldg: the read-only path
+// the restrict-qualified seed parameter had).
 template <typename T, bool Causal, bool Enabled, bool Dropout>
-CF_DEVICE ScoreMods<Enabled, Dropout> make_score_mods(const void* bias, i64 bias_sb, i64 bias_sh, i64 bias_sm,
-                                                      i64 bias_sn, int bias_f32, const signed char* tile_cls,
-                                                      i64 cls_sb, i64 cls_sh, i64 cls_sm, i64 cls_sn, int Nq, int Nk,
-                                                      int win_left, int win_right, u32 keep_threshold,
-                                                      const unsigned long long* seed, float cap_in, float cap_out) {
-    const unsigned long long sd = Dropout && seed != nullptr ? *seed : 0ull;
-    const unsigned long long pair_bytes = 2 * (bias_f32 ? 4 : sizeof(typename T::elem));
-    const bool pairs = bias_sn == 1 && Nk % 2 == 0 && (bias_sb | bias_sh | bias_sm) % 2 == 0 &&
-                       reinterpret_cast<unsigned long long>(bias) % pair_bytes == 0;
-    return ScoreMods<Enabled, Dropout>{bias, bias_sb, bias_sh, bias_sm, bias_sn, bias_f32, tile_cls, cls_sb, cls_sh,
-                                       cls_sm, cls_sn, Nq, Nk, Nk - Nq, Enabled ? win_left : kNoWindow,
-                                       Causal ? min(win_right, 0) : Enabled ? win_right : kNoWindow, keep_threshold,
-                                       (u32)sd, (u32)(sd >> 32), cap_in, cap_out, pairs};
+CF_DEVICE ScoreMods<Enabled, Dropout> make_score_mods(const ScoreModParams& params, int Nq, int Nk) {
+    // Every field read here, before any branch: read through the reference after the seed's branch, the Hopper
+    // forward kept the struct's address in a register and spilled (d64 with score mods: 18 bytes).
+    const ScoreModParams m = params;
+    const unsigned long long sd = Dropout && m.seed != nullptr ? __ldg(m.seed) : 0ull;
+    const unsigned long long pair_bytes = 2 * (m.bias_f32 ? 4 : sizeof(typename T::elem));
+    const BhmnStrides& bs = m.bias_s;
+    const bool pairs = bs.n == 1 && Nk % 2 == 0 && (bs.b | bs.h | bs.m) % 2 == 0 &&
+                       reinterpret_cast<unsigned long long>(m.bias) % pair_bytes == 0;
+    return ScoreMods<Enabled, Dropout>{m.bias, bs.b, bs.h, bs.m, bs.n, m.bias_f32, m.tile_cls, m.cls_s.b, m.cls_s.h,
+                                       m.cls_s.m, m.cls_s.n, Nq, Nk, Nk - Nq, Enabled ? m.win_left : kNoWindow,
+                                       Causal ? min(m.win_right, 0) : Enabled ? m.win_right : kNoWindow,
+                                       m.keep_threshold, (u32)sd, (u32)(sd >> 32), m.cap_in, m.cap_out, pairs};
 }
 
 }  // namespace cupyflash

@@ -24,9 +24,15 @@ CF_DEVICE float bias_value(const void* bias, int bias_f32, i64 off) {
 // fifth of the memory bandwidth (252 µs and 238 µs for an 8192² bf16 mask on the H200).
 template <typename T>
 __global__ void __launch_bounds__(kClassThreads)
-tile_minmax(const void* __restrict__ bias, int bias_f32, i64 sb, i64 sh, i64 sm, i64 sn, int Hb, int nq, int nk,
-            int tq, int tk, int QB, int KB, int vec16, float* __restrict__ tile_min, float* __restrict__ tile_max,
-            int* __restrict__ row_keeps) {
+tile_minmax(const TileMinmaxParams params) {
+    const void* __restrict__ bias = params.bias;
+    const int bias_f32 = params.bias_f32;
+    const i64 sb = params.bias_s.b, sh = params.bias_s.h, sm = params.bias_s.m, sn = params.bias_s.n;
+    const int Hb = params.Hb, nq = params.nq, nk = params.nk, tq = params.tq, tk = params.tk, QB = params.QB;
+    const int KB = params.KB, vec16 = params.vec16;
+    float* __restrict__ tile_min = params.tile_min;
+    float* __restrict__ tile_max = params.tile_max;
+    int* __restrict__ row_keeps = params.row_keeps;
     const i64 tile = blockIdx.x;
     const int kb = (int)(tile % KB), qb = (int)((tile / KB) % QB);
     const i64 bh = tile / ((i64)KB * QB);
@@ -94,9 +100,13 @@ tile_minmax(const void* __restrict__ bias, int bias_f32, i64 sb, i64 sh, i64 sm,
 // One thread per tile: classes[(bh · QB + qb) · KB + kb] (int8, contiguous (Bb, Hb, QB, KB)). Without a causal
 // mask or window, a tile of masked values (<= kMaskedBias) is skipped only when every row of its Q block keeps a
 // key somewhere (else a row masked only by finfo.min attends uniformly, and its masked keys count).
-__global__ void tile_classify(const float* __restrict__ tile_min, const float* __restrict__ tile_max,
-                              const int* __restrict__ row_keeps, int nq, int tq, int QB, int KB, i64 n_tiles,
-                              int window, signed char* __restrict__ classes) {
+__global__ void tile_classify(const TileClassifyParams params) {
+    const float* __restrict__ tile_min = params.tile_min;
+    const float* __restrict__ tile_max = params.tile_max;
+    const int* __restrict__ row_keeps = params.row_keeps;
+    const int nq = params.nq, tq = params.tq, QB = params.QB, KB = params.KB, window = params.window;
+    const i64 n_tiles = params.n_tiles;
+    signed char* __restrict__ classes = params.classes;
     const i64 tile = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (tile >= n_tiles) return;
     const int qb = (int)((tile / KB) % QB);

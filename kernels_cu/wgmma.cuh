@@ -4,7 +4,7 @@
 // shared-memory layout those descriptors read, TMA copies, mbarriers, named barriers and register reallocation.
 // Only flash_attn_sm90.cu includes this; cupyflash/jit.py compiles that module with -arch=sm_90a.
 #pragma once
-#include "common.cuh"
+#include "params.cuh"
 
 typedef unsigned long long u64;
 
@@ -162,13 +162,9 @@ CF_DEVICE void mbar_wait(u32 bar, int parity) {
 CF_DEVICE void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// A TMA tensor map (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned), encoded on the host by
-// cuTensorMapEncodeTiled (cupyflash/tma.py) and passed as a __grid_constant__ kernel parameter.
-struct alignas(64) TmaDesc {
-    u64 opaque[16];
-};
 // TMA copy of one box of a 4-d tensor at coordinates (c0 innermost .. c3) into shared memory at `dst`; completes
-// its bytes on `bar`. Boxes past the tensor's end are zero-filled (and still count their full bytes).
+// its bytes on `bar`. Boxes past the tensor's end are zero-filled (and still count their full bytes). `desc` is a
+// map inside the kernel's __grid_constant__ parameter struct (params.cuh): its generic address is the operand.
 CF_DEVICE void tma_load_4d(u32 dst, const TmaDesc& desc, int c0, int c1, int c2, int c3, u32 bar) {
     asm volatile(
         "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),

@@ -1,18 +1,19 @@
 """The launch plan (cupyflash/plan.py) on the CPU: which kernel family, variant and tiles each call layout gets and
-why, the plan cache, and every kernel's argument tuple against its parameter list in kernels_cu; then the CUDA path
-of the faces (cupyflash/cuda_path.py) on CPU tensors with only the device stubbed, down to the kernel calls."""
+why, the plan cache, and every launch's parameter struct (cupyflash/params.py) against its kernel and as the driver
+reads it; then the CUDA path of the faces (cupyflash/cuda_path.py) on CPU tensors with only the device stubbed, down
+to the kernel calls."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import math
 import re
+import struct
 
-import numpy as np
 import pytest
 import torch
 
-from cupyflash import cuda_attention, driver, errors, jit, launch, plan, tiles, tma
+from cupyflash import cuda_attention, errors, jit, launch, params, plan, tiles, tma
 
 B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
 ALIGNED = 1 << 20
@@ -43,6 +44,11 @@ def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None
 
 
 BIAS = plan.BiasLayout((B, 1, NQ, NK), (NQ * NK, 0, NK, 1), False)
+
+
+def _slot_names(step) -> dict:
+    """Field path → buffer name of each address placeholder in the step's parameter struct."""
+    return {path: v.name for path, v in step.packed.values.items() if isinstance(v, params.Slot)}
 
 
 # ---- which family, variant and tiles, and why ------------------------------------------------------------------
@@ -126,7 +132,7 @@ def test_bias_tile_classes_follow_the_plans_tiles():
     t = p.tiles
     assert p.tile_classes_shape == (B, 1, math.ceil(NQ / t.Br), math.ceil(NK / t.Bc))
     main = p.steps[2]
-    names = [main.args[i].name for i in main.slots]
+    names = [slot.name for _, slot in main.packed.slots]
     assert names == ["q", "k", "v", "dout", "lse", "d_vec", "dq_accum", "dk", "dv", "bias", "tile_classes", "dbias",
                      "row_lse"]
 
@@ -148,20 +154,21 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
     t = stats.variant.tiles
     assert stats.grid == (math.ceil(NQ / t.Br), H, B) and stats.block == (t.threads,)
     assert stats.shared_bytes == stats.variant.shared_bytes
-    names = {i: stats.args[i].name for i in stats.slots}
-    assert names[4] == "lse" and names[len(stats.args) - 1] == "row_lse" and stats.args[3] == 0  # out: null
+    names = _slot_names(stats)
+    assert names["lse"] == "lse" and names["row_stats"] == "row_lse" and stats.packed.values["o"] == 0  # out: null
     assert "tile_classes" not in names.values() and "seed" not in names.values()
-    keep_threshold = stats.args[-6]  # no dropout: every word is kept (launch.ScoreMods.dropout_args)
-    assert keep_threshold == np.uint32(0xFFFFFFFF)
-    left, right = stats.args[-8:-6]
-    assert (int(left), int(right)) == tuple(launch.NO_WINDOW if w < 0 else w for w in change.get("window", (-1, -1)))
-    assert [pre.args[i].name for i in pre.slots][-2:] == ["lse", "row_lse"]
-    assert main.args[main.slots[-1]].name == "row_lse" and main.slots[-1] == len(main.args) - 1
+    # no dropout: every word is kept (params.score_mods)
+    assert stats.packed.values["mods.keep_threshold"] == 0xFFFFFFFF
+    left, right = stats.packed.values["mods.win_left"], stats.packed.values["mods.win_right"]
+    assert (left, right) == tuple(params.NO_WINDOW if w < 0 else w for w in change.get("window", (-1, -1)))
+    assert _slot_names(pre)["lse"] == "lse" and _slot_names(pre)["row_lse"] == "row_lse"
+    assert _slot_names(main)["row_lse"] == "row_lse"
 
     plain = plan.plan_for(_layout("bwd", dtype, 64, cc=cc, **{k: v for k, v in change.items() if k != "bias"}))
     assert [s.variant.kernel for s in plain.steps] == ["bwd_preprocess", main_kernel, "bwd_convert_dq"]
     assert "row_lse" not in plain.needs
-    assert plain.steps[0].args[-2:] == (0, 0) and plain.steps[1].args[-1] == 0
+    pre_values, main_values = plain.steps[0].packed.values, plain.steps[1].packed.values
+    assert (pre_values["lse"], pre_values["row_lse"], main_values["row_lse"]) == (0, 0, 0)
 
 
 def test_row_lse_goes_with_the_bias():
@@ -208,29 +215,21 @@ def test_same_layout_hits_the_cache_and_any_change_misses():
         assert plan.plan_for(other) is not p and plan.plan_for.cache_info().misses == misses + 1
 
 
-# ---- argument tuples against the kernels' parameter lists ------------------------------------------------------
-
-_TYPES = {"i64": np.int64, "int": np.int32, "float": np.float32, "u32": np.uint32}
-
-
-def _kernel_params(name: str) -> list:
-    """The numpy type of each parameter of __global__ `name` in kernels_cu (a pointer: uint64, a TmaDesc: TMA_DESC)."""
-    text = "\n".join(p.read_text() for p in jit.kernel_dir().glob("*.cuh"))
-    signature = re.search(rf"\b{name}\(([^)]*)\)\s*{{", text).group(1)
-    types = []
-    for param in (p.strip() for p in signature.split(",")):
-        if "*" in param:
-            types.append(np.uint64)
-        elif "TmaDesc" in param:
-            types.append(tma.TMA_DESC)
-        else:
-            types.append(_TYPES[param.rsplit(None, 1)[0].split()[-1]])
-    return types
-
+# ---- parameter structs against the kernels ----------------------------------------------------------------------
 
 KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_sm90": "flash_fwd_sm90_kernel", "bwd": "flash_bwd_kernel",
                 "bwd_sm90": "flash_bwd_sm90_kernel", "bwd_preprocess": "flash_bwd_preprocess",
                 "bwd_convert_dq": "flash_bwd_convert_dq"}
+
+
+def _kernel_struct(name: str) -> str:
+    """The struct (name without template arguments) __global__ `name` in kernels_cu takes, its one parameter."""
+    text = "\n".join(p.read_text() for p in jit.kernel_dir().glob("*.cuh"))
+    signature = re.search(rf"\b{name}\(([^)]*)\)\s*{{", text).group(1)
+    m = re.fullmatch(r"const (__grid_constant__ )?(\w+)(<[^>]*>)? params", signature.strip())
+    assert m, signature
+    return m.group(2)
+
 
 EVERY_VARIANT = [  # (kernel, layout changes): each family, plain and with every score modification
     *[(k, dict(causal=c)) for k in ("fwd", "bwd") for c in (False, True)],
@@ -245,26 +244,45 @@ EVERY_VARIANT = [  # (kernel, layout changes): each family, plain and with every
 
 @pytest.mark.parametrize("kernel,change", EVERY_VARIANT)
 def test_every_launch_fills_its_kernels_parameters(kernel, change, monkeypatch):
-    monkeypatch.setattr(tma, "_encode_fn", lambda: (lambda *args: 0))  # no driver here: maps of zeros
+    maps = {}  # no driver here: each map is 128 bytes naming its buffer's address
+
+    def encode(desc, *args):
+        address = args[2].value
+        ctypes.memmove(desc, address.to_bytes(8, "little") * 16, 128)
+        maps[address] = True
+        return 0
+
+    monkeypatch.setattr(tma, "_encode_fn", lambda: encode)
+    tma.encode.cache_clear()
     p = plan.plan_for(_layout(kernel, **change))
     ptrs = {name: ALIGNED + 4096 * i for i, name in enumerate(sorted(p.needs))}
     assert p.needs <= set(plan.BACKWARD_BUFS + plan.BIAS_BACKWARD_BUFS) | {"bias", "tile_classes", "dbias", "seed"}
     for step in p.steps:
-        args = step.filled(ptrs)
-        want = _kernel_params(KERNEL_NAMES[step.variant.kernel])
-        got = [a.dtype if isinstance(a, np.void) else type(a) for a in args]
-        assert got == want, step.variant.name
-        for i in step.slots:
-            slot = step.args[i]
-            if isinstance(slot, launch.Slot):
-                assert args[i] == ptrs[slot.name]
-        # What the driver reads: each kernelParams pointer at that argument's bytes, the call's addresses in place.
-        params = step.arg_block.params(ptrs)
-        assert len(params) == len(args)
-        for i, (at, a) in enumerate(zip(params, args)):
-            assert ctypes.string_at(at, a.nbytes) == a.tobytes(), (step.variant.name, i)
+        layout = params.KERNEL_STRUCTS[step.variant.kernel]
+        assert step.packed.struct is layout, step.variant.name
+        if not layout.positional:  # the Hopper backward's list: tests/test_params.py
+            assert _kernel_struct(KERNEL_NAMES[step.variant.kernel]) == layout.c_type.split("<")[0]
+        values = step.filled(ptrs)
+        for at, slot in step.packed.slots:
+            if isinstance(slot, params.Slot):
+                assert values[next(k for k, v in step.packed.values.items() if v is slot)] == ptrs[slot.name]
+        # What the driver reads: kernelParams pointers at the struct's bytes (one per parameter for a positional
+        # list), the call's addresses and TMA maps in place.
+        want = bytearray(layout.size)
+        for path, scalar, at in layout.leaves:
+            v = values[path]
+            want[at:at + scalar.size] = v if scalar.fmt is None else struct.pack(scalar.fmt, v)
+        block = step.arg_block.params(ptrs)
+        assert len(block) == len(layout.param_offsets)
+        assert ctypes.string_at(block[0], layout.size) == bytes(want), step.variant.name
+        assert [at - block[0] for at in block] == list(layout.param_offsets)
+        for at, slot in step.packed.slots:
+            if isinstance(slot, params.TmaSlot):
+                assert want[at:at + 8] == ptrs[slot.name].to_bytes(8, "little")
     if change.get("dropout_p"):
         assert "seed" in p.needs
+    if p.family == plan.HOPPER:
+        assert maps
 
 
 # ---- the faces' CUDA path on CPU tensors, device stubbed --------------------------------------------------------
@@ -279,7 +297,8 @@ def stubbed_device(monkeypatch):
     monkeypatch.setattr(cuda_path, "require_gpu", lambda device_id=None: gpu)
     monkeypatch.setattr(array_ops.TorchOps, "stream_ptr", lambda self, device_id: 0)
     monkeypatch.setattr(launch, "_device", lambda device_id: contextlib.nullcontext())
-    monkeypatch.setattr(launch, "_run", lambda variant, grid, block, args, *rest: launched.append((variant, args)))
+    monkeypatch.setattr(launch, "_run",
+                        lambda variant, grid, block, packed, *rest: launched.append((variant, packed.values)))
     monkeypatch.setattr(launch, "_run_step",
                         lambda step, ptrs, *rest: launched.append((step.variant, step.filled(ptrs))))
     return launched
@@ -294,27 +313,29 @@ def test_forward_and_backward_launch_with_the_tensors_addresses(stubbed_device, 
     names = [variant.kernel for variant, _ in stubbed_device]
     assert names == ["tile_minmax", "tile_classify", "fwd"]
     args = stubbed_device[-1][1]
-    assert [int(a) for a in args[:5]] == [t.data_ptr() for t in (q, k, v, out, lse)]
-    assert [int(a) for a in args[5:8]] == list(q.stride()[:3])
-    assert int(args[21]) == bias.data_ptr() and list(map(int, args[22:26])) == [bias.stride(0), 0, *bias.stride()[2:]]
+    assert [args[name] for name in ("q", "k", "v", "o", "lse")] == [t.data_ptr() for t in (q, k, v, out, lse)]
+    assert [args[f"q_s.{c}"] for c in "bhn"] == list(q.stride()[:3])
+    assert args["mods.bias"] == bias.data_ptr()
+    assert [args[f"mods.bias_s.{c}"] for c in "bhmn"] == [bias.stride(0), 0, *bias.stride()[2:]]
     stubbed_device.clear()
     dout = torch.randn_like(q)
     dq, dk, dv, dbias = cuda_attention.backward(dout, q, k, v, bias, out, lse, 0.125, True, bias_grad=True)
     assert [variant.kernel for variant, _ in stubbed_device] == ["tile_minmax", "tile_classify", "bwd_preprocess",
                                                                   "fwd", "bwd", "bwd_convert_dq"]
     pre, stats, main = (args for _, args in stubbed_device[2:5])
-    assert [int(a) for a in (main[0], main[1], main[2], main[3], main[4], main[7], main[8])] == [
+    assert [main[name] for name in ("q", "k", "v", "dout", "lse", "dk", "dv")] == [
         t.data_ptr() for t in (q, k, v, dout, lse, dk, dv)]
     # the stats pass reads q, k, v and the saved lse, and all three share one row_lse workspace
-    assert [int(a) for a in stats[:5]] == [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, lse.data_ptr()]
-    assert int(pre[-2]) == lse.data_ptr() and int(pre[-1]) == int(stats[-1]) == int(main[-1]) != 0
+    assert [stats[name] for name in ("q", "k", "v", "o", "lse")] == [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0,
+                                                                     lse.data_ptr()]
+    assert pre["lse"] == lse.data_ptr() and pre["row_lse"] == stats["row_stats"] == main["row_lse"] != 0
     assert dq.shape == q.shape and dbias.shape == bias.shape and dbias.dtype == bias.dtype
     stubbed_device.clear()
     monkeypatch.setenv(launch.LSE_REBUILD_ENV, "0")  # the rule off: the backward as before it, no row_lse
     cuda_attention.backward(dout, q, k, v, bias, out, lse, 0.125, True, bias_grad=True)
     assert [variant.kernel for variant, _ in stubbed_device] == ["tile_minmax", "tile_classify", "bwd_preprocess",
                                                                   "bwd", "bwd_convert_dq"]
-    assert int(stubbed_device[3][1][-1]) == 0
+    assert stubbed_device[3][1]["row_lse"] == 0
 
 
 def test_unaligned_inputs_are_copied_before_planning(stubbed_device):
@@ -323,7 +344,7 @@ def test_unaligned_inputs_are_copied_before_planning(stubbed_device):
     k, v = (torch.randn(2, 4, 40, 64, dtype=torch.float16) for _ in range(2))
     cuda_attention.forward(q, k, v, None, 0.125, False)
     (variant, args), = stubbed_device
-    assert variant.kernel == "fwd" and int(args[0]) != q.data_ptr() and int(args[0]) % 16 == 0
+    assert variant.kernel == "fwd" and args["q"] != q.data_ptr() and args["q"] % 16 == 0
 
 
 @pytest.mark.parametrize("head_dim,kernel_d", [(8, 32), (80, 96), (112, 128), (200, 256)])

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from cupyflash import jit, launch, tma
+from cupyflash import jit, launch, params, tma
 from cupyflash.tiles import BACKWARD_SM90, FORWARD_SM90
 
 B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
@@ -114,27 +114,18 @@ def test_takes_score_mods(mod, d):
     assert _why(d=d, mods=SCORE_MODS[mod]) is None
 
 
-def _params_after_scales(kernel: str, last_scale: str) -> list:
-    """The declarations of `kernel`'s parameters after `last_scale`, e.g. ["int cls_tq", ...]."""
-    src = jit.source_for(next(v for v in jit.all_variants() if v.kernel == "fwd_sm90"))
-    decls = [p.strip() for p in re.search(kernel + r"\((.*?)\)\s*\{", src, re.S).group(1).split(",")]
-    return decls[next(i for i, p in enumerate(decls) if p.endswith(" " + last_scale)) + 1:]
-
-
-@pytest.mark.parametrize("kernel,name,last_scale", [("fwd", "flash_fwd_sm90_kernel", "scale_log2"),
-                                                    ("bwd", "flash_bwd_sm90_kernel", "scale")])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
 @pytest.mark.parametrize("mods", [launch.ScoreMods(), *SCORE_MODS.values(), BIAS_WITH_GRAD],
                          ids=["plain", *SCORE_MODS, "bias+dbias"])
-def test_mods_arguments_match_the_kernel(kernel, name, last_scale, mods):
-    """CuPy passes arguments by position without checking their count or sizes: the launch's score-mod arguments
-    are the kernel's parameters after its scales, one for one, of the same widths."""
-    decls = _params_after_scales(name, last_scale)
-    args = launch.sm90_mods_args(kernel, mods, (FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90)[128], 0.125)
-    assert len(args) == len(decls), (len(args), decls)
-    widths = {"i64": 8, "int": 4, "u32": 4, "float": 4}
-    for arg, decl in zip(args, decls):
-        size = 8 if "*" in decl else widths[decl.split()[-2]]
-        assert arg.nbytes == size, (decl, arg.dtype)
+def test_mods_parameters_of_the_hopper_kernels(kernel, mods):
+    """The score mods' struct (params.SCORE_MODS) of the Hopper kernel of pass `kernel`: the tile classes' tile size
+    is that kernel's (the plan classifies the bias in its tiles), dBias the backward's only; all of it packs."""
+    tiles = (FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90)[128]
+    values = params.score_mods(kernel, mods, 0.125, tiles)
+    params.SCORE_MODS.pack(values)
+    assert (values["cls_tq"], values["cls_tk"]) == ((tiles.Br, tiles.Bc) if mods.tile_classes else (1, 1))
+    assert (values["dbias"] != 0) == (kernel == "bwd" and mods.dbias is not None)
+    assert (values["seed"] != 0) == (mods.dropout_p > 0)
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])

@@ -1,0 +1,150 @@
+// The kernels' launch parameters: each kernel takes one of these structs by value (as FlashAttention-3's
+// Flash_fwd_params), but the Hopper backward (flash_bwd_sm90.cuh says why). The pieces shared by the forward and the
+// backward, mma.sync and Hopper (strides, sizes, score mods) are sub-structs.
+//
+// The Hopper forward takes its struct as `const __grid_constant__`: the struct stays in parameter space, so its TMA
+// maps are addressed in place by cp.async.bulk.tensor (wgmma.cuh tma_load_4d) rather than copied. The others take it
+// as a plain `const` parameter: there __grid_constant__ let LLVM read fields through a register holding the struct's
+// address, which cost registers (tile_minmax: 40 -> 55). The attention kernels read each field where they use it:
+// copied into locals at the top, the fields were loaded once and held in registers across the kernel (LLVM merges
+// the loads of read-only memory), where a scalar parameter was re-read from the constant bank at each use; the
+// mma.sync backward then spilled (d96 with score mods on sm_90: 16 bytes). The small kernels copy them into locals.
+//
+// cupyflash/params.py holds the one Python description of each layout, from which the plan (cupyflash/plan.py)
+// packs a launch's bytes; tests/test_params.py compiles static_asserts of every field's offset, type and each
+// struct's size against these definitions. A field added here is added there, in the same place.
+#pragma once
+#include "common.cuh"
+
+namespace cupyflash {
+
+// A TMA tensor map (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned), encoded on the host by
+// cuTensorMapEncodeTiled (cupyflash/tma.py).
+struct alignas(64) TmaDesc {
+    unsigned long long opaque[16];
+};
+
+struct BhnStrides {  // a (B, H, N, D) or (B, H, N) tensor's strides, in elements
+    i64 b, h, n;
+};
+struct BhmnStrides {  // a (B, H, Nq, Nk) tensor's (bias, tile classes, dBias), in elements, 0 along broadcast dims
+    i64 b, h, m, n;
+};
+
+// The sizes and the softmax scale every attention kernel takes.
+struct AttnParams {
+    int Nq, Nk;
+    int group;         // query heads per K/V head (grouped-query attention)
+    float scale_log2;  // scale · log2 e
+};
+
+// The score mods (scores.cuh defines each; make_score_mods reads them). Pointers are null where a feature is off.
+struct ScoreModParams {
+    const void* bias;
+    BhmnStrides bias_s;
+    int bias_f32;  // 1: fp32 bias, 0: bias in q's element type
+    const signed char* tile_cls;  // TileClass per (b, h, Q block, K block) tile of cls_tq x cls_tk
+    BhmnStrides cls_s;
+    int cls_tq, cls_tk;  // the tiles tile_cls classifies (read by the Hopper kernels: ScoreMods::tile_class_span)
+    float* dbias;  // the backward's fp32 dBias accumulator, shaped like the bias
+    BhmnStrides dbias_s;
+    int win_left, win_right;  // visibility window; kNoWindow: unbounded
+    u32 keep_threshold;       // dropout keeps an element iff its random word < this; 0xffffffff: no dropout
+    float inv_keep;           // 1 / keep probability
+    const unsigned long long* seed;  // device address of the dropout seed
+    float cap_in, cap_out;           // soft-capping: scale / softcap and softcap · log2 e; 0: off
+};
+
+// flash_fwd.cuh flash_fwd_kernel. row_stats non-null: its stats mode (lse read, o never written).
+template <typename E>
+struct FwdParams {
+    const E* q;
+    const E* k;
+    const E* v;
+    E* o;
+    float* lse;
+    BhnStrides q_s, k_s, v_s, o_s;
+    AttnParams attn;
+    ScoreModParams mods;
+    float2* row_stats;
+};
+
+// The Hopper forward (flash_fwd_sm90.cuh): Q, K, V through their tensor maps.
+template <typename E>
+struct FwdSm90Params {
+    TmaDesc tm_q, tm_k, tm_v;
+    E* o;
+    float* lse;
+    BhnStrides o_s;
+    AttnParams attn;
+    ScoreModParams mods;
+};
+
+// flash_bwd.cuh flash_bwd_kernel. row_lse non-null (a backward with a bias): the rows' (hi, lo) pairs replace LSE.
+template <typename E>
+struct BwdParams {
+    const E* q;
+    const E* k;
+    const E* v;
+    const E* dout;
+    const float* lse;
+    const float* d_vec;
+    float* dq_accum;
+    E* dk;
+    E* dv;
+    BhnStrides q_s, k_s, v_s, do_s, dk_s, dv_s;
+    AttnParams attn;
+    float scale;  // dK's factor
+    ScoreModParams mods;
+    const float2* row_lse;
+};
+
+// flash_bwd.cuh flash_bwd_preprocess. lse and row_lse both null or both set.
+template <typename E>
+struct BwdPreprocessParams {
+    const E* dout;
+    const E* out;
+    float* d_vec;
+    float* dq_accum;
+    BhnStrides do_s, o_s;
+    int H, Nq;
+    i64 n_rows;
+    const float* lse;
+    float2* row_lse;
+};
+
+// flash_bwd.cuh flash_bwd_convert_dq.
+template <typename E>
+struct ConvertDqParams {
+    const float* dq_accum;
+    E* dq;
+    BhnStrides dq_s;
+    int H, Nq;
+    i64 n_rows;
+    float scale;
+};
+
+// tile_classes.cuh tile_minmax: tiles tq x tk of a bias (Hb heads, nq x nk), QB x KB of them per head.
+struct TileMinmaxParams {
+    const void* bias;
+    int bias_f32;
+    BhmnStrides bias_s;
+    int Hb, nq, nk, tq, tk, QB, KB;
+    int vec16;  // 16-byte loads (unit key stride, 16-byte aligned rows and tiles)
+    float* tile_min;
+    float* tile_max;
+    int* row_keeps;
+};
+
+// tile_classes.cuh tile_classify.
+struct TileClassifyParams {
+    const float* tile_min;
+    const float* tile_max;
+    const int* row_keeps;
+    int nq, tq, QB, KB;
+    i64 n_tiles;
+    int window;  // a causal mask or window applies
+    signed char* classes;
+};
+
+}  // namespace cupyflash
