@@ -35,6 +35,7 @@ class ArgBlock:
             buf = ctypes.create_string_buffer(self._template, max(len(self._template), 1))
             base = ctypes.addressof(buf)
             params = (ctypes.c_void_p * len(self._param_offsets))(*(base + off for off in self._param_offsets))
+            params.bytes = buf  # the pointers into buf keep it alive: a launch may hold only them (launch._run)
             self._local.buffers = memoryview(buf).cast("B"), params  # the view keeps buf alive
             return self._local.buffers
 

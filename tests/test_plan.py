@@ -395,3 +395,28 @@ def test_a_call_seen_before_is_planned_from_its_key(stubbed_device, monkeypatch)
     for _ in range(2):
         cuda_attention.forward(unaligned, k, v, None, 0.125, False)
     assert planned == ["fwd", "bwd", "fwd", "fwd"]
+
+
+def test_launches_outside_a_plan_pass_bytes_that_outlive_their_block(monkeypatch):
+    """launch._run packs a struct for one launch (the bias tile classes): its kernelParams must still point to the
+    struct's bytes when the driver reads them, though nothing else holds the block (it did not: the GPU read a
+    freed buffer, an illegal address in tile_minmax)."""
+    import gc
+
+    from cupyflash import driver
+
+    packed = params.TILE_CLASSIFY.pack(dict(tile_min=0x1000, tile_max=0x2000, row_keeps=0x3000, nq=97, tq=64, QB=2,
+                                            KB=4, n_tiles=8, window=0, classes=0x4000))
+    seen = []
+
+    def read_at_launch(function, dims6, shared_bytes, stream_ptr, kernel_params):
+        gc.collect()
+        junk = [ctypes.create_string_buffer(b"\xff" * len(packed.template)) for _ in range(64)]  # reuse freed memory
+        seen.append(ctypes.string_at(kernel_params[0], len(packed.template)))
+        del junk
+
+    monkeypatch.setattr(launch, "_function", lambda variant, device: (None, 0))
+    monkeypatch.setattr(launch, "_device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(driver, "launch", read_at_launch)
+    launch._run(jit.Variant("tile_classify", "float16", 0), (1,), (128,), packed, 0, 0)
+    assert seen == [packed.template]
