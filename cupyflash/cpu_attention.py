@@ -37,7 +37,7 @@ bias (-1e9) needs the rule most: its logits round to one value and lse = m + log
 exp(S - lse) would be 1, not 1/n. The CUDA backward applies the rule in calls with a bias (only a bias gives such
 rows exact logits; without one the logits' own rounding is as large as the lse's): a stats pass of the forward
 kernel (kernels_cu/flash_fwd.cuh) writes those rows' (m, log2 l) for the backward kernels (cupyflash/plan.py),
-where launch.LSE_REBUILD_ENV is on (off by default until its GPU tests have run).
+unless launch.LSE_REBUILD_ENV is "0".
 """
 from __future__ import annotations
 

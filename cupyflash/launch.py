@@ -76,14 +76,13 @@ class ScoreMods:
 
 
 SM90_ENV = "CUPYFLASH_SM90"  # "0": the mma.sync kernels on Hopper too (A/B runs, bisecting)
-# "1": backward calls with a bias apply the rebuild rule (cupyflash/cpu_attention.py) in the kernels: the row_lse
-# workspace and the forward's stats pass (plan._stats_step). Off by default until its GPU tests
-# (tests/test_gpu_masked_rows.py) have run: written while no GPU could be had.
+# Backward calls with a bias apply the rebuild rule (cupyflash/cpu_attention.py) in the kernels: the row_lse
+# workspace and the forward's stats pass (plan._stats_step). "0" turns it off (A/B runs, bisecting).
 LSE_REBUILD_ENV = "CUPYFLASH_LSE_REBUILD"
 
 
 def lse_rebuild_enabled() -> bool:
-    return os.environ.get(LSE_REBUILD_ENV, "0") == "1"
+    return os.environ.get(LSE_REBUILD_ENV, "1") != "0"
 
 
 def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_heads: int, q_like: dict, kv: dict,

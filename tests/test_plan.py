@@ -172,7 +172,7 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
 
 
 def test_row_lse_goes_with_the_bias():
-    """Only with a bias; a bias without it (launch.LSE_REBUILD_ENV off) plans as before the rule."""
+    """Only with a bias; a bias without it (launch.LSE_REBUILD_ENV "0") plans as before the rule."""
     with_bias = _layout("bwd", bias=BIAS)
     without = plan.plan_for(with_bias._replace(bufs=with_bias.bufs[:-1]))
     assert [s.variant.kernel for s in without.steps] == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq"]
