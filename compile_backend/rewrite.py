@@ -229,10 +229,12 @@ def _grouped_kv(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, Optional[int]
     repeated copies (n times K and V, made in the forward, saved for the backward and summed back over the
     group there) then die with the site."""
     rk, rv = sp.repeated_heads(k), sp.repeated_heads(v)
-    if rk is None or rv is None or rk[1] != rv[1] or not equal(sp.meta(rk[0]).shape[1], sp.meta(rv[0]).shape[1]):
+    if rk is None or rv is None or rk[1] != rv[1]:
         return k, v, None
     heads = sp.meta(rk[0]).shape[1]
-    return (rk[0], rv[0], heads) if isinstance(heads, int) else (k, v, None)
+    if not isinstance(heads, int) or not equal(heads, sp.meta(rv[0]).shape[1]):
+        return k, v, None
+    return rk[0], rv[0], heads
 
 
 def _mask_form(site: Site, bias: Optional[fx.Node]) -> str:

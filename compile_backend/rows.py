@@ -9,8 +9,8 @@ derivative): with P_ij = 1/Nk,
     dS_ij = (dO_i·v_j − dO_i·ō) / Nk,   dq_i = scale · Σ_j dS_ij k_j,   dk_j += scale · Σ_i dS_ij q_i,
     dv_j += dO_i / Nk.
 
-``uniform_rows`` gives these in O(N·D²): B_i = (scale / Nk) · [q_iᵀ (Kᵀ sg(V)) − (q_i · Σ_j k_j) sg(ō)] (sg:
-detach) has exactly those derivatives in q and k, and corr_i = ō + B_i − sg(B_i) has the value ō. When eager
+``uniform_rows`` gives these in O(N·D²): B_i = (scale / Nk) · q_iᵀ Kᵀ sg(V − ō) (sg: detach) has exactly those
+derivatives in q and k, and corr_i = ō + B_i − sg(B_i) has the value ō. When eager
 replaces the scores instead (``masked_fill`` / ``where``), no gradient reaches q or k from such a row: corr = ō.
 The graph computes both and selects per row (``torch.where``); both functions are traced by AOT autograd.
 
@@ -55,20 +55,26 @@ def unseen_rows(key_keep: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tens
 def uniform_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unseen: torch.Tensor,
                  scale: float, through_scores: bool) -> torch.Tensor:
     """``out`` (B, H, Nq, D) with eager's uniform rows where ``unseen`` (broadcast to (B, H, Nq, 1)); q (B, H, Nq,
-    D), k and v (B, Hkv, Nk, D) with Hkv dividing H (grouped-query attention)."""
-    heads = q.shape[1]
-    k, v = (t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    D), k and v (B, Hkv, Nk, D) with Hkv dividing H (grouped-query attention: query heads h·G … h·G + G − 1 read
+    K/V head h, as ``repeat_kv``/``repeat_interleave`` lay them out)."""
+    b, heads, n_q, d = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[-2]
+    group = heads // kv_heads
     cdt = compute_dtype(q.dtype)
-    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    v_bar = v.mean(-2, keepdim=True)  # (B, H, 1, D)
-    corr = v_bar
+    v_bar = v.to(cdt).mean(-2, keepdim=True)  # (B, Hkv, 1, D)
+    corr = v_bar.repeat_interleave(group, dim=1)  # (B, H, 1, D)
     # B_i - sg(B_i) is 0: only its gradient matters, so inference (and traced inference graphs) skip it.
     if through_scores and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        v_sg, v_bar_sg = v.detach(), v_bar.detach()
-        kv = k.transpose(-1, -2) @ v_sg  # (B, H, D, D)
-        k_sum = k.sum(-2, keepdim=True)  # (B, H, 1, D)
-        b_i = (scale / k.shape[-2]) * (q @ kv - (q * k_sum).sum(-1, keepdim=True) * v_bar_sg)  # (B, H, Nq, D)
-        corr = v_bar + (b_i - b_i.detach())
+        # B_i = (scale / Nk) q_i Kᵀ sg(V - ō), with M = Kᵀ (V - ō) / Nk formed once per K/V head: its GEMMs are
+        # O(N·D²) against attention's O(N²·D), and run in q's dtype on the tensor cores (fp32 accumulation), since
+        # only gradients that eager itself forms in that dtype come out of them. Both factors carry 1/√Nk so M's
+        # entries stay O(|k|·|v|) in fp16's range at any Nk.
+        root = n_k ** -0.5
+        centred = ((v.to(cdt) - v_bar) * root).to(q.dtype).detach()  # (B, Hkv, Nk, D)
+        m = (k * root).transpose(-1, -2) @ centred  # (B, Hkv, D, D)
+        q_grouped = q.reshape(b, kv_heads, group * n_q, d)  # (B, Hkv, G·Nq, D)
+        b_i = (scale * (q_grouped @ m)).reshape(b, heads, n_q, d)  # (B, H, Nq, D)
+        corr = corr + (b_i - b_i.detach()).to(cdt)
     return torch.where(unseen, corr.to(out.dtype), out)
 
 

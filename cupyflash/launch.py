@@ -43,11 +43,9 @@ def _device(device_id: int):
 
 def _run(variant: jit.Variant, grid, block, packed: params.Packed, stream_ptr: int, device_id: int):
     """One launch of `variant` with its parameter struct packed at this call: the launches outside a plan."""
-    # Named: the block owns the bytes its kernelParams point to, and must outlive the launch that reads them.
-    args = driver.ArgBlock(packed.template, (), packed.struct.param_offsets)
     with _device(device_id):
         driver.launch(_function(variant, device_id)[1], driver.dims(grid, block), variant.shared_bytes, stream_ptr,
-                      args.params({}))
+                      driver.ArgBlock(packed.template, (), packed.struct.param_offsets).params({}))
 
 
 def _run_step(step, ptrs: dict, stream_ptr: int, device_id: int) -> None:

@@ -183,25 +183,59 @@ def test_bf16_left_padding_within_the_rule(name):
         assert_within_rule(o, r, e, 2.0 if i == 0 else 3.0, rounding_floor(r, torch.bfloat16), what)
 
 
-def test_unseen_rows_match_eager_in_fp64():
-    """The claim behind uniform_rows: with eager's finite fill, a row with no key is uniform over all Nk keys and
-    its q/k/v gradients are exactly those of corr_i = ō + B_i − sg(B_i)."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    pad = torch.ones(2, 6, dtype=torch.bool)
-    pad[1, :4] = False
-    keep = torch.ones(6, 6, dtype=torch.bool).tril() & pad[:, None, None, :]
+def _uniform_rows_case(kv_heads, n_k, dtype, seed=0):
+    """q (2, 4, 6, D) and k, v (2, kv_heads, n_k, D) in ``dtype``; sequence 1 left-padded so its first 4 rows see
+    no key under a causal mask: eager's output (fp64 math on the given values) and the op's with uniform_rows."""
+    torch.manual_seed(seed)
+    q = torch.randn(2, 4, 6, 8, dtype=torch.float64).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, kv_heads, n_k, 8, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(2))
+    pad = torch.ones(2, n_k, dtype=torch.bool)
+    pad[1, :n_k - 2] = False
     scale = 0.37
-    bias = torch.where(keep, torch.tensor(0.0, dtype=torch.float64), torch.finfo(torch.float64).min)
-    want = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, -1) @ v
+
+    def eager(q, k, v):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        keep = torch.ones(6, n_k, dtype=torch.bool).tril(n_k - 6) & pad[:, None, None, :]
+        bias = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), torch.finfo(q.dtype).min)
+        scores = (q @ k.transpose(-1, -2) * scale + bias).to(torch.promote_types(q.dtype, torch.float32))
+        return torch.softmax(scores, -1).to(q.dtype) @ v  # as transformers' eager_attention_forward
+
     out = OP(q, k, v, pad[:, None, None, :], scale, True)[0]
     rows = unseen_rows(pad[:, None, None, :], q, k, True, -1, -1)
     assert rows.squeeze(-1).squeeze(1).tolist() == [[False] * 6, [True] * 4 + [False] * 2]
-    got = uniform_rows(out, q, k, v, rows, scale, True)
+    return (q, k, v), eager, uniform_rows(out, q, k, v, rows, scale, True)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA 2", "MQA"])
+def test_unseen_rows_match_eager_in_fp64(kv_heads):
+    """The claim behind uniform_rows: with eager's finite fill, a row with no key is uniform over all Nk keys and
+    its q/k/v gradients are exactly those of corr_i = ō + B_i − sg(B_i), grouped-query heads included."""
+    inputs, eager, got = _uniform_rows_case(kv_heads, 6, torch.float64)
+    want = eager(*inputs)
     dout = torch.randn_like(want)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    for g, w in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+    for g, w in zip(torch.autograd.grad(got, inputs, dout), torch.autograd.grad(want, inputs, dout)):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)  # the op keeps its LSE in fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_k", [6, 3000])
+def test_unseen_rows_in_16_bit_within_the_rule(dtype, n_k):
+    """uniform_rows forms its correction's GEMMs in q's dtype: output and q/k/v gradients within the rule against
+    fp64 math, beside eager's own error in that dtype; at Nk = 3000 too, where Kᵀ V summed unscaled leaves
+    fp16's range."""
+    inputs, eager, got = _uniform_rows_case(2, n_k, dtype, seed=1)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = eager(*ref_inputs)
+    want = eager(*inputs)
+    dout = torch.randn_like(ref) * 30
+    floor = rounding_floor(ref, dtype)
+    assert_within_rule(got, ref, want, 2.0, floor, "out")
+    grads = zip(torch.autograd.grad(got, inputs, dout.to(dtype)), torch.autograd.grad(ref, ref_inputs, dout),
+                torch.autograd.grad(want, inputs, dout.to(dtype)), "qkv")
+    for g, r, e, name in grads:
+        assert_within_rule(g, r, e, 3.0, rounding_floor(r, dtype), f"d{name}")
 
 
 def filled_causal_padding(q, k, v, pad):
