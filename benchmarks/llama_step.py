@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | |")
             continue
         ratio = f"{r['ms'] / bar:.2f}" if bar else "–"
-        lines.append(f"| {r['variant']} | {r['ms']:.2f} | {ratio} | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
+        lines.append(f"| {r['variant']} | {r['ms']:.2f} | {ratio} | {r['peak_gib']:.2f} | {r['loss0']:.4f} | "
                      f"{r['fused']} | {', '.join(r.get('forms', []))} |")
     text = "\n".join(lines) + "\n"
     print(text)
