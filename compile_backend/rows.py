@@ -57,25 +57,44 @@ def uniform_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """``out`` (B, H, Nq, D) with eager's uniform rows where ``unseen`` (broadcast to (B, H, Nq, 1)); q (B, H, Nq,
     D), k and v (B, Hkv, Nk, D) with Hkv dividing H (grouped-query attention: query heads h·G … h·G + G − 1 read
     K/V head h, as ``repeat_kv``/``repeat_interleave`` lay them out)."""
-    b, heads, n_q, d = q.shape
-    kv_heads, n_k = k.shape[1], k.shape[-2]
-    group = heads // kv_heads
+    group = q.shape[1] // k.shape[1]
     cdt = compute_dtype(q.dtype)
     v_bar = v.to(cdt).mean(-2, keepdim=True)  # (B, Hkv, 1, D)
     corr = v_bar.repeat_interleave(group, dim=1)  # (B, H, 1, D)
     # B_i - sg(B_i) is 0: only its gradient matters, so inference (and traced inference graphs) skip it.
     if through_scores and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        # B_i = (scale / Nk) q_i Kᵀ sg(V - ō), with M = Kᵀ (V - ō) / Nk formed once per K/V head: its GEMMs are
-        # O(N·D²) against attention's O(N²·D), and run in q's dtype on the tensor cores (fp32 accumulation), since
-        # only gradients that eager itself forms in that dtype come out of them. Both factors carry 1/√Nk so M's
-        # entries stay O(|k|·|v|) in fp16's range at any Nk.
-        root = n_k ** -0.5
+        root = k.shape[-2] ** -0.5
         centred = ((v.to(cdt) - v_bar) * root).to(q.dtype).detach()  # (B, Hkv, Nk, D)
-        m = (k * root).transpose(-1, -2) @ centred  # (B, Hkv, D, D)
-        q_grouped = q.reshape(b, kv_heads, group * n_q, d)  # (B, Hkv, G·Nq, D)
-        b_i = (scale * (q_grouped @ m)).reshape(b, heads, n_q, d)  # (B, H, Nq, D)
-        corr = corr + (b_i - b_i.detach()).to(cdt)
+        corr = corr + _ScoresGradient.apply(q, k, centred, scale)
     return torch.where(unseen, corr.to(out.dtype), out)
+
+
+class _ScoresGradient(torch.autograd.Function):
+    """B − sg(B) for B = scale · Q M with M = Kᵀ C / √Nk per K/V head (C = (V − ō) / √Nk, a constant): the value 0,
+    shaped like q, with B's derivatives in q and k (module docstring). Written out rather than traced through
+    ``b - b.detach()``: the forward forms only M, not Q M (whose value is never used), and the backward reads q as
+    the op saved it, not a grouped copy. Its GEMMs are O(N·D²) against attention's O(N²·D) and run in q's dtype on
+    the tensor cores (fp32 accumulation): only gradients eager itself forms in that dtype come out of them. Both of
+    M's factors carry 1/√Nk so its entries stay O(|k|·|v|), in fp16's range at any Nk."""
+
+    @staticmethod
+    def forward(ctx, q, k, centred, scale):
+        m = (k * centred.shape[-2] ** -0.5).transpose(-1, -2) @ centred  # (B, Hkv, D, D)
+        ctx.save_for_backward(q, centred, m)
+        ctx.scale = scale
+        return q.new_zeros(()).expand(q.shape)  # (B, H, Nq, D), no storage
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, centred, m = ctx.saved_tensors
+        b, heads, n_q, d = q.shape
+        kv_heads = centred.shape[1]
+        grad = (ctx.scale * grad).to(q.dtype).reshape(b, kv_heads, heads // kv_heads * n_q, d)  # (B, Hkv, G·Nq, D)
+        q_grouped = q.reshape(grad.shape)
+        dq = (grad @ m.transpose(-1, -2)).reshape(q.shape)
+        dm = q_grouped.transpose(-1, -2) @ grad  # (B, Hkv, D, D)
+        dk = (centred @ dm.transpose(-1, -2)) * centred.shape[-2] ** -0.5  # (B, Hkv, Nk, D)
+        return dq, dk, None, None
 
 
 def lse_unseen(lse: torch.Tensor) -> torch.Tensor:
