@@ -108,6 +108,15 @@ def test_llama_causal_and_key_padding(padding):
     assert value.dtype == torch.bool and tuple(value.shape) == (B, 1, 1, T), value
 
 
+def test_llama_left_padding_under_inductor():
+    """The rows without a key as Inductor compiles them (the other tests run aot_eager): the correction's
+    autograd.Function (rows._ScoresGradient) traced into Inductor's forward and backward graphs, gradients as
+    eager's."""
+    model = _model("llama", layers=2)
+    ids, mask = _inputs("left")
+    compile_and_compare(model, ids, mask, expect=2, inner="inductor", atol=1e-5, rtol=1e-5)
+
+
 def test_mistral_sliding_window_with_left_padding():
     """masking_utils keeps kv_idx > q_idx - sliding_window: W keys up to the diagonal, the op's window_left W - 1."""
     model = _model("mistral")
