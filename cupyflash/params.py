@@ -178,7 +178,6 @@ def _flat(path: str) -> str:
     return path.replace("_s.", "_s")
 
 
-
 BHN = Struct("BhnStrides", (("b", I64), ("h", I64), ("n", I64)))
 BHMN = Struct("BhmnStrides", (("b", I64), ("h", I64), ("m", I64), ("n", I64)))
 ATTN = Struct("AttnParams", (("Nq", I32), ("Nk", I32), ("group", I32), ("scale_log2", F32)))
