@@ -127,9 +127,46 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias:
 
 def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
     """flash_attn_fwd's body."""
+    key = None
+    if attn_bias is None and dropout_p == 0.0 and dropout_seed is None:
+        key = _plain_key((q, k, v), (scale, causal, window_left, window_right, softcap))
+        run = _PLAIN_FORWARDS.get(key)
+        if run is not None:
+            return run(q, k, v)
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
-    return _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
-                            softcap)
+    result = _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
+                              softcap)
+    if key is not None and key not in _PLAIN_FORWARDS:
+        window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
+        _remember(_PLAIN_FORWARDS, key, lambda: _impl(q).plain_forward_runner(q, k, v, scale, causal, window, softcap))
+    return result
+
+
+# Plain calls (no bias, no dropout) by call key: a call whose inputs' layouts, addresses modulo 16 and options
+# passed the checks and planned before runs its plan at once (cuda_path.plain_forward_runner, plain_backward_runner),
+# without the checks, the layout and the path's decisions again: what Inductor's generated code calls, layer after
+# layer. None: such calls take the whole path (head padding, copies).
+_PLAIN_FORWARDS: dict = {}
+_PLAIN_BACKWARDS: dict = {}
+
+
+def _plain_key(tensors: tuple, options: tuple):
+    """The call key of a plain call on the CUDA path (None for anything else): what the checks and the plan read of
+    `tensors` (q first), the options, and the settings they depend on."""
+    q = tensors[0]
+    if any(type(t) is not torch.Tensor for t in tensors) or _impl(q) is cpu_attention or \
+            torch.compiler.is_compiling():
+        return None
+    from . import plan  # CUDA only: imports CuPy
+
+    return (*((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors), options,
+            q.dtype == torch.float32 and tf32_allowed(), plan.sm90_enabled())
+
+
+def _remember(runners: dict, key, make) -> None:
+    if len(runners) >= 1024:
+        runners.clear()
+    runners[key] = make()
 
 
 def _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
@@ -183,10 +220,21 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns contiguous (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias is empty unless
     bias_grad)."""
+    key = None
+    if attn_bias is None and dropout_p == 0.0 and dropout_seed is None and not bias_grad:
+        key = _plain_key((q, k, v, dout, out, lse), (scale, causal, window_left, window_right, softcap))
+        run = _PLAIN_BACKWARDS.get(key)
+        if run is not None:
+            return (*run(dout, q, k, v, out, lse), q.new_empty(0))
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
                     bias_grad, softcap)
-    return _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
-                          dropout_seed, bias_grad, softcap)
+    result = _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
+                            dropout_seed, bias_grad, softcap)
+    if key is not None and key not in _PLAIN_BACKWARDS:
+        window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
+        _remember(_PLAIN_BACKWARDS, key,
+                  lambda: _impl(q).plain_backward_runner(dout, q, k, v, out, lse, scale, causal, window, softcap))
+    return result
 
 
 def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
