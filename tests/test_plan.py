@@ -13,6 +13,7 @@ import struct
 import pytest
 import torch
 
+import cupyflash
 from cupyflash import cuda_attention, errors, jit, launch, params, plan, tiles, tma, torch_op
 
 B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
@@ -461,5 +462,11 @@ def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, mo
                 assert now[name] == addresses[name].data_ptr(), name
     _, third = calls(*inputs())  # new outputs each call, the second's still alive
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(third[3:], (out, lse, dq, dk, dv)))
+    # flash_attention's forward and backward (autograd outside torch.compile) take the same plans
+    q, k, v = (t.requires_grad_() for t in inputs())
+    cupyflash.flash_attention(q, k, v, causal=True, window=(16, 0)).sum().backward()
+    assert [variant.kernel for variant, _ in stubbed_device] == ["fwd", "bwd_preprocess", "bwd", "bwd_convert_dq"]
+    assert stubbed_device[0][1]["q"] == q.data_ptr() and all(t.grad is not None for t in (q, k, v))
+    stubbed_device.clear()
     with pytest.raises(AssertionError, match="checked again"):
         calls(*inputs(n_q=34))
