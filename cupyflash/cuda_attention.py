@@ -17,7 +17,15 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
     return cuda_path.forward(_TORCH, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap)
 
 
+def plain_forward_runner(q, k, v, scale: float, causal: bool, window: tuple, softcap: float):
+    return cuda_path.plain_forward_runner(_TORCH, q, k, v, scale, causal, window, softcap)
+
+
 def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
              dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
     return cuda_path.backward(_TORCH, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed,
                               bias_grad, softcap)
+
+
+def plain_backward_runner(dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float):
+    return cuda_path.plain_backward_runner(_TORCH, dout, q, k, v, out, lse, scale, causal, window, softcap)

@@ -165,6 +165,64 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
     return out, lse
 
 
+def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple, softcap: float):
+    """For a forward with no bias and no dropout whose arrays the kernels take as they are (no head padding, no
+    copy), `run(q, k, v) -> (out, lse)`: its plan, launched on new outputs, for later calls with the same call key
+    (torch_op's, which its checks passed); else None."""
+    window = tuple(window)
+    if 0 in q.shape or 0 in k.shape or (q.shape[3], v.shape[3]) != (_kernel_head_dim(q, v),) * 2:
+        return None
+    dtype = xp.dtype_name(q)
+    out, lse = xp.empty(q.shape, dtype, q), xp.empty(q.shape[:-1], "float32", q)  # the plan's output layouts
+
+    def build(ready):
+        return _plan(xp, "fwd", ready[0], ready[1], None, dict(zip("qkv", ready), out=out, lse=lse), scale, causal,
+                     window, 0.0, softcap, False)
+
+    p, ready = _planned(xp, "fwd", (q, k, v), None, (scale, causal, window, 0.0, softcap), build)
+    if any(r is not a for r, a in zip(ready, (q, k, v))):
+        return None
+
+    def run(q, k, v):
+        out, lse = xp.empty(q.shape, dtype, q), xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq, D), (B, H, Nq)
+        _launch(xp, p, q, None, dict(q=q, k=k, v=v, out=out, lse=lse), causal, window, None)
+        return out, lse
+
+    return run
+
+
+def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float):
+    """The backward's counterpart of plain_forward_runner: `run(dout, q, k, v, out, lse) -> (dq, dk, dv)`, or None."""
+    window = tuple(window)
+    if (0 in q.shape or 0 in k.shape or (q.shape[3], v.shape[3]) != (_kernel_head_dim(q, v),) * 2
+            or xp.contiguous(lse) is not lse):
+        return None
+    dtype = xp.dtype_name(q)
+    batch, heads, n_q, d = q.shape
+
+    def bufs(dout, q, k, v, out, lse) -> dict:  # BACKWARD_BUFS' order, outputs and workspaces new
+        dq, dk, dv = (xp.empty(a.shape, dtype, q) for a in (q, k, v))
+        return dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=xp.empty((batch, heads, n_q), "float32", q),
+                    dq_accum=xp.empty((batch, heads, n_q, d), "float32", q), dq=dq, dk=dk, dv=dv)
+
+    named = bufs(dout, q, k, v, out, lse)
+
+    def build(ready):
+        return _plan(xp, "bwd", ready[0], ready[1], None, named, scale, causal, window, 0.0, softcap, False)
+
+    options = (xp.signature(lse), scale, causal, window, 0.0, softcap, False, False)
+    p, ready = _planned(xp, "bwd", (q, k, v, out, dout), None, options, build)
+    if any(r is not a for r, a in zip(ready, (q, k, v, out, dout))):
+        return None
+
+    def run(dout, q, k, v, out, lse):
+        named = bufs(dout, q, k, v, out, lse)
+        _launch(xp, p, q, None, named, causal, window, None)
+        return named["dq"], named["dk"], named["dv"]
+
+    return run
+
+
 def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
              dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
     """(dq, dk, dv, dbias): contiguous, shaped like q, k, v; dbias shaped like attn_bias in its dtype, or None."""

@@ -126,15 +126,51 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias:
 
 
 def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
-    """flash_attn_fwd's body."""
+    """flash_attn_fwd's body, which flash_attention runs too (in _EagerAttention with gradients)."""
+    key = None
+    if attn_bias is None and dropout_p == 0.0 and dropout_seed is None:
+        key = _plain_key((q, k, v), (scale, causal, window_left, window_right, softcap))
+        run = _PLAIN_FORWARDS.get(key)
+        if run is not None:
+            return run(q, k, v)
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
-    return _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
-                            softcap)
+    result = _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
+                              softcap)
+    if key is not None and key not in _PLAIN_FORWARDS:
+        window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
+        _remember(_PLAIN_FORWARDS, key, lambda: _impl(q).plain_forward_runner(q, k, v, scale, causal, window, softcap))
+    return result
+
+
+# Plain calls (no bias, no dropout) by call key: a call whose inputs' layouts, addresses modulo 16 and options
+# passed the checks and planned before runs its plan at once (cuda_path.plain_forward_runner, plain_backward_runner),
+# without the checks, the layout and the path's decisions again: what Inductor's generated code calls, layer after
+# layer. None: such calls take the whole path (head padding, copies).
+_PLAIN_FORWARDS: dict = {}
+_PLAIN_BACKWARDS: dict = {}
+
+
+def _plain_key(tensors: tuple, options: tuple):
+    """The call key of a plain call on the CUDA path (None for anything else): what the checks and the plan read of
+    `tensors` (q first), the options, and the settings they depend on."""
+    q = tensors[0]
+    if any(type(t) is not torch.Tensor for t in tensors) or _impl(q) is cpu_attention or \
+            torch.compiler.is_compiling():
+        return None
+    from . import plan  # CUDA only: imports CuPy
+
+    return (*((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors), options,
+            q.dtype == torch.float32 and tf32_allowed(), plan.sm90_enabled())
+
+
+def _remember(runners: dict, key, make) -> None:
+    if len(runners) >= 1024:
+        runners.clear()
+    runners[key] = make()
 
 
 def _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
-    """The forward on inputs already checked: the op's body after _check, and _EagerAttention's after
-    flash_attention's checks (each call is checked once)."""
+    """The forward on inputs already checked (_forward's after _check)."""
     window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
     if is_empty(q.shape, k.shape):
         return _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap)
@@ -183,15 +219,33 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns contiguous (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias is empty unless
     bias_grad)."""
+    return _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
+                     dropout_seed, bias_grad, softcap)
+
+
+def _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p, dropout_seed,
+              bias_grad, softcap):
+    """flash_attn_bwd's body, which _EagerAttention's backward runs too."""
+    key = None
+    if attn_bias is None and dropout_p == 0.0 and dropout_seed is None and not bias_grad:
+        key = _plain_key((q, k, v, dout, out, lse), (scale, causal, window_left, window_right, softcap))
+        run = _PLAIN_BACKWARDS.get(key)
+        if run is not None:
+            return (*run(dout, q, k, v, out, lse), q.new_empty(0))
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
                     bias_grad, softcap)
-    return _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
-                          dropout_seed, bias_grad, softcap)
+    result = _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
+                            dropout_seed, bias_grad, softcap)
+    if key is not None and key not in _PLAIN_BACKWARDS:
+        window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
+        _remember(_PLAIN_BACKWARDS, key,
+                  lambda: _impl(q).plain_backward_runner(dout, q, k, v, out, lse, scale, causal, window, softcap))
+    return result
 
 
 def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
                    dropout_seed, bias_grad, softcap):
-    """flash_attn_bwd's body, which _EagerAttention runs too."""
+    """The backward on inputs already checked."""
     if is_empty(q.shape, k.shape):
         # No query, key or feature: dq, dk, dv have no element or nothing to sum, and dBias = P ∘ (dO Vᵀ - D) is
         # 0 since head_dim 0 makes dO Vᵀ and D = rowsum(dO ∘ O) sums of nothing.
@@ -258,7 +312,7 @@ def _setup_context(ctx, inputs, output):
 
 def _gradients(ctx, dout, backward_pass):
     """The input gradients from the saved context, the backward run by `backward_pass` (flash_attn_bwd's
-    signature): the op's own under autograd, or its body in _EagerAttention."""
+    signature): the op's own under autograd, or its body (_backward) in _EagerAttention."""
     q, k, v, attn_bias, out, lse, dropout_seed = ctx.saved_tensors
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = backward_pass(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, attn_bias,
@@ -267,11 +321,11 @@ def _gradients(ctx, dout, backward_pass):
     return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None
 
 
-def _backward(ctx, dout, dlse):
+def _op_backward(ctx, dout, dlse):
     return _gradients(ctx, dout, flash_attn_bwd)
 
 
-flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+flash_attn_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _refuse_tangents(op_name: str, args) -> None:
@@ -332,7 +386,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _checked_forward(*inputs)
+        out, lse = _forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
         # lse's gradient is never read: without this, autograd fills a zero tensor for it before each backward
         # (an allocation and a memset launch, ~20 µs of the engine thread's time on an H100's host).
@@ -341,7 +395,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _gradients(ctx, dout, _backward_pass)
+        return _gradients(ctx, dout, _backward)
 
 
 class _Dropped(torch.autograd.Function):
@@ -435,11 +489,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
         return flash_attn_fwd(*args)[0]
     if forward_ad._current_level >= 0:
         _refuse_tangents("flash_attention", (q, k, v, attn_bias))
-    # What the op's _check adds to the checks above; _EagerAttention then runs the checked forward.
-    _check_tensors(q, k, v, attn_bias)
-    check_scale(scale)
-    check_softcap(softcap)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                          or (attn_bias is not None and attn_bias.requires_grad))):
-        return _checked_forward(*args)[0]  # nothing to record: no autograd node to build
+        return _forward(*args)[0]  # nothing to record: the op's body (a plain call runs its plan at once)
     return _EagerAttention.apply(*args)[0]

@@ -13,7 +13,8 @@ import struct
 import pytest
 import torch
 
-from cupyflash import cuda_attention, errors, jit, launch, params, plan, tiles, tma
+import cupyflash
+from cupyflash import cuda_attention, errors, jit, launch, params, plan, tiles, tma, torch_op
 
 B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
 ALIGNED = 1 << 20
@@ -420,3 +421,52 @@ def test_launches_outside_a_plan_pass_bytes_that_outlive_their_block(monkeypatch
     monkeypatch.setattr(driver, "launch", read_at_launch)
     launch._run(jit.Variant("tile_classify", "float16", 0), (1,), (128,), packed, 0, 0)
     assert seen == [packed.template]
+
+
+def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, monkeypatch):
+    """The ops' plain calls (no bias, no dropout), as Inductor's code makes them layer after layer: the first of a
+    call key takes the whole path; the next launches the same kernels with the same arguments but its own tensors'
+    addresses, without the checks; a call with another layout takes the whole path again."""
+    monkeypatch.setattr(torch_op, "_impl", lambda q: cuda_attention)
+    monkeypatch.setattr(torch_op, "_PLAIN_FORWARDS", {})
+    monkeypatch.setattr(torch_op, "_PLAIN_BACKWARDS", {})
+    fwd, bwd = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
+
+    def inputs(n_q=33):
+        q = torch.randn(2, 4, n_q, 64, dtype=torch.float16).transpose(1, 2).contiguous().transpose(1, 2)
+        return (q, *(torch.randn(2, 2, 40, 64, dtype=torch.float16) for _ in range(2)))
+
+    def calls(q, k, v):
+        out, lse = fwd(q, k, v, None, 0.125, True, 16, 0)
+        dq, dk, dv, dbias = bwd(torch.randn_like(out), q, k, v, None, out, lse, 0.125, True, 16, 0)
+        assert (dq.shape, dk.shape, dv.shape, dbias.shape) == (q.shape, k.shape, v.shape, (0,))
+        launched = list(stubbed_device)
+        stubbed_device.clear()
+        return launched, (q, k, v, out, lse, dq, dk, dv)
+
+    first, _ = calls(*inputs())
+
+    def checked_again(*args):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(torch_op, "_check", checked_again)
+    monkeypatch.setattr(torch_op, "_check_backward", checked_again)
+    second, (q, k, v, out, lse, dq, dk, dv) = calls(*inputs())
+    assert [variant for variant, _ in second] == [variant for variant, _ in first]
+    assert [variant.kernel for variant, _ in second] == ["fwd", "bwd_preprocess", "bwd", "bwd_convert_dq"]
+    addresses = {"q": q, "k": k, "v": v, "o": out, "out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    for (_, before), (_, now) in zip(first, second):
+        assert before.keys() == now.keys()
+        for name in before:
+            if before[name] != now[name] and name not in ("dout", "d_vec", "dq_accum"):
+                assert now[name] == addresses[name].data_ptr(), name
+    _, third = calls(*inputs())  # new outputs each call, the second's still alive
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(third[3:], (out, lse, dq, dk, dv)))
+    # flash_attention's forward and backward (autograd outside torch.compile) take the same plans
+    q, k, v = (t.requires_grad_() for t in inputs())
+    cupyflash.flash_attention(q, k, v, causal=True, window=(16, 0)).sum().backward()
+    assert [variant.kernel for variant, _ in stubbed_device] == ["fwd", "bwd_preprocess", "bwd", "bwd_convert_dq"]
+    assert stubbed_device[0][1]["q"] == q.data_ptr() and all(t.grad is not None for t in (q, k, v))
+    stubbed_device.clear()
+    with pytest.raises(AssertionError, match="checked again"):
+        calls(*inputs(n_q=34))
