@@ -228,7 +228,7 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
     """(dq, dk, dv, dbias): contiguous, shaped like q, k, v; dbias shaped like attn_bias in its dtype, or None."""
     kernel_d = _kernel_head_dim(q, v)
     if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
-        launch.require_backward(max(q.shape[3], v.shape[3]))
+        launch.require_backward(max(q.shape[3], v.shape[3]), xp.dtype_name(q))
         padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
         dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal,
                                      window, dropout_p, seed, bias_grad, softcap)
@@ -241,7 +241,7 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         if 0 in q.shape or 0 in k.shape:
             zeros = tuple(xp.zeros(a.shape, dtype, q) for a in (q, k, v))
             return (*zeros, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias)))
-        launch.require_backward(q.shape[3])  # before any work on the bias
+        launch.require_backward(q.shape[3], dtype)  # before any work on the bias
         batch, heads, n_q, d = q.shape
         dq_accum = xp.empty((batch, heads, n_q, d), "float32", q)  # zeroed by the preprocess kernel, then summed
         d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)

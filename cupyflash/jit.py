@@ -95,7 +95,8 @@ class Variant:
             return (f"cupyflash::flash_bwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
                     f"{t.Br}, {t.Bc}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
         if self.kernel == "bwd":
-            return f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {str(t.fuse_sdp).lower()}, {flags}>"
+            return (f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.launch_cols(d)}, {t.Br}, {t.Bc}, {t.warps}, "
+                    f"{str(t.fuse_sdp).lower()}, {flags}>")
         if self.kernel == "bwd_preprocess":
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
         if self.kernel == "tile_minmax":
@@ -140,7 +141,7 @@ def all_variants() -> list[Variant]:
             out += [Variant(k, dtype, d, c, m, p) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                     ("bwd_sm90", tiles.BACKWARD_SM90))
                     for d in table for c in (False, True) for m, p in FEATURE_SETS if not (c and m)]
-        for d in tiles.BACKWARD:
+        for d in (d for d in tiles.BACKWARD if tiles.has_backward(dtype, d)):
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]
     return out

@@ -12,10 +12,10 @@ import math
 import os
 from dataclasses import dataclass
 
-from . import driver, jit, params, tma
+from . import driver, jit, params, tiles, tma
 from .params import Buf
 from .validate import kernel_head_dim
-from .tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
+from .tiles import BACKWARD_SM90, FORWARD_SM90
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,9 @@ def classify_tiles(*, dtype: str, bias: Buf, bias_shape: tuple, bias_f32: bool, 
 CLASS_THREADS = 128  # kernels_cu/tile_classes.cuh kClassThreads
 
 
-def require_backward(head_dim: int) -> None:
-    """Raises NotImplementedError for a head dim with no backward kernel (before the faces classify bias tiles)."""
-    if kernel_head_dim(head_dim) not in BACKWARD:
-        raise NotImplementedError(f"head_dim {head_dim} has a forward kernel only; the backward supports head dims "
-                                  f"up to {max(BACKWARD)} ({', '.join(map(str, BACKWARD))} natively, others "
-                                  f"zero-padded to the next)")
+def require_backward(head_dim: int, dtype: str) -> None:
+    """Raises NotImplementedError for a head dim and dtype with no backward kernel (before the faces classify bias
+    tiles)."""
+    why = tiles.no_backward_why(dtype, head_dim, kernel_head_dim(head_dim))
+    if why is not None:
+        raise NotImplementedError(why)

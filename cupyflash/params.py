@@ -198,7 +198,7 @@ BWD = Struct("BwdParams<u16>", (
     ("q", PTR), ("k", PTR), ("v", PTR), ("dout", PTR), ("lse", PTR), ("d_vec", PTR), ("dq_accum", PTR),
     ("dk", PTR), ("dv", PTR),
     ("q_s", BHN), ("k_s", BHN), ("v_s", BHN), ("do_s", BHN), ("dk_s", BHN), ("dv_s", BHN),
-    ("attn", ATTN), ("scale", F32), ("mods", SCORE_MODS), ("row_lse", PTR)))
+    ("attn", ATTN), ("scale", F32), ("col0", I32), ("mods", SCORE_MODS), ("row_lse", PTR)))
 # The Hopper backward still takes its parameters one by one (kernels_cu/flash_bwd_sm90.cuh says why): these are
 # its parameter list, the score mods' being SCORE_MODS's fields in order.
 BWD_SM90_ARGS = Struct("flash_bwd_sm90_kernel", (
@@ -310,13 +310,14 @@ def sm90_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, 
 
 def mma_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf, lse: Buf,
                  d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods, tiles,
-                 row_lse: Buf | None = None) -> Packed:
+                 row_lse: Buf | None = None, col0: int = 0) -> Packed:
     """flash_bwd_kernel's BwdParams; `row_lse`: the rows' (hi, lo) pairs that replace the LSE (a backward with a
-    bias, cupyflash/plan.py)."""
+    bias, cupyflash/plan.py); `col0`: the first column of the launch's range (tiles.Tiles.out_cols)."""
     return BWD.pack(dict(q=q.ptr, k=k.ptr, v=v.ptr, dout=dout.ptr, lse=lse.ptr, d_vec=d_vec.ptr,
                          dq_accum=dq_accum.ptr, dk=dk.ptr, dv=dv.ptr, q_s=_bhn(q), k_s=_bhn(k), v_s=_bhn(v),
                          do_s=_bhn(dout), dk_s=_bhn(dk), dv_s=_bhn(dv), attn=_attn(shape, n_k, kv_heads, scale),
-                         scale=scale, mods=score_mods("bwd", mods, scale, tiles), row_lse=_optional(row_lse)))
+                         scale=scale, col0=col0, mods=score_mods("bwd", mods, scale, tiles),
+                         row_lse=_optional(row_lse)))
 
 
 def preprocess(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_rows: int,

@@ -154,7 +154,7 @@ def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
 def plan_for(layout: CallLayout) -> Plan:
     """The call's Plan (see the module's docstring); raises NotImplementedError for a head dim with no backward."""
     if layout.kernel == "bwd":
-        launch.require_backward(layout.shape[3])
+        launch.require_backward(layout.shape[3], layout.dtype)
     batch, heads, n_q, d = layout.shape
     mma = jit.Variant(layout.kernel, layout.dtype, d, layout.causal, _mods_any(layout), layout.dropout_p > 0)
     # The bias is classified in the tiles of the kernel that reads it: on the mma.sync tiles first (the family
@@ -182,9 +182,14 @@ def plan_for(layout: CallLayout) -> Plan:
         if row_lse is not None and layout.bias is None:
             raise ValueError("row_lse without a bias: the rebuild rule's workspace goes with a bias only "
                              "(plan.BIAS_BACKWARD_BUFS)")
-        build = params.sm90_backward if family == HOPPER else params.mma_backward
-        packed = build(**common, **{name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")},
-                       row_lse=row_lse)
+        kernel_bufs = {name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")}
+        if family == HOPPER:
+            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse),)
+        else:  # one launch per column range (tiles.Tiles.out_cols); dBias from the first only
+            packed = tuple(params.mma_backward(**{**common, "mods": mods if col0 == 0 else
+                                                  dataclasses.replace(mods, dbias=None)},
+                                               **kernel_bufs, row_lse=row_lse, col0=col0)
+                           for col0 in range(0, d, t.launch_cols(d)))
         grid = (math.ceil(layout.n_k / t.Bc), layout.kv_heads, batch)  # K/V blocks × K/V heads × batch
         n_rows = batch * heads * n_q
         row_grid, row_block = (math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,)
@@ -195,7 +200,7 @@ def plan_for(layout: CallLayout) -> Plan:
                                  scale=layout.scale)
         stats = () if row_lse is None else (_stats_step(layout, bufs),)
         steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), row_grid, row_block, pre), *stats,
-                 _step(variant, grid, (t.threads,), packed),
+                 *(_step(variant, grid, (t.threads,), p) for p in packed),
                  _step(jit.Variant("bwd_convert_dq", layout.dtype, d), row_grid, row_block, conv))
     return Plan(layout, family, why, variant, t, steps, classes_shape)
 

@@ -5,7 +5,8 @@ Forward: Br query rows per thread block, Bc keys per K/V block, Br = 16 · m_til
 m_tiles 16-row tiles; two halve the shared-memory reads of K and V per MMA, at the cost of registers).
 Backward: Bc keys per thread block, Br queries per streamed Q block, Bc = 16 · warps (each warp owns 16 keys);
 (Br / 16) must divide the warp count (the dQ GEMM splits its row tiles evenly over warps).
-Registers bound the backward: dK and dV accumulators take D floats per thread, Sᵀ and dSᵀ Br/2 each.
+Registers bound the backward: dK and dV accumulators take D floats per thread (out_cols with a column split), Sᵀ
+and dSᵀ Br/2 each.
 """
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ class Tiles:
     # forward: each tile load recomputes its per-thread cp.async offsets, fewer registers for more instructions
     # (load_tile_async in kernels_cu/common.cuh)
     fresh_offsets: bool = False
+    # backward: the columns of dK, dV and dQ per launch, one launch per range, each recomputing S and dP over the whole
+    # head (kernels_cu/flash_bwd.cuh DOut); 0: all of them in one launch
+    out_cols: int = 0
+
+    def launch_cols(self, head_dim: int) -> int:
+        """The backward's columns per launch for `head_dim`."""
+        return self.out_cols or head_dim
 
     @property
     def threads(self) -> int:
@@ -102,6 +110,10 @@ BACKWARD = {  # fuse_sdp, A/B on an H100: d64 +4-9%, d128 +9-17%; d96 -2-4% (it 
     64: Tiles(Br=64, Bc=128, warps=8, fuse_sdp=True),
     96: Tiles(Br=64, Bc=128, warps=8),  # H200, beside (32, 64, 4): 0.54x -> 0.77x of SDPA flash (geomean, bf16)
     128: Tiles(Br=32, Bc=128, warps=8, fuse_sdp=True),
+    # d256: dK and dV of all 256 columns would take 256 registers per thread; two launches of 128 columns each hold
+    # d128's accumulators and recompute S and dP (a third more MMA work than one pass). Bc = 64 keeps K, V, Q and dO
+    # (528-byte rows) within sm_80's 163 KiB of shared memory.
+    256: Tiles(Br=16, Bc=64, warps=4, out_cols=128),
 }
 
 
@@ -114,6 +126,25 @@ TF32 = {
     ("bwd", 96): Tiles(Br=16, Bc=32, warps=2),
     ("bwd", 128): Tiles(Br=16, Bc=128, warps=8),
 }
+# Head dims with no fp32 (TF32) backward: d256's spilled 24-236 bytes in every shape tried within sm_80's shared memory
+# (Bc 32, 2 warps, 64 or 128 columns per launch), its S = K Qᵀ loop of 32 k8 steps beside the accumulators.
+NO_TF32_BACKWARD = frozenset({256})
+
+
+def has_backward(dtype: str, head_dim: int) -> bool:
+    """Whether a backward kernel takes `dtype` at kernel head dim `head_dim`."""
+    return head_dim in BACKWARD and not (dtype == "float32" and head_dim in NO_TF32_BACKWARD)
+
+
+def no_backward_why(dtype: str, head_dim: int, kernel_d: int | None) -> str | None:
+    """None if a backward kernel takes `dtype` at `head_dim` (run at kernel head dim `kernel_d`), else why not."""
+    if kernel_d not in BACKWARD:
+        return (f"head_dim {head_dim} has a forward kernel only; the backward supports head dims up to "
+                f"{max(BACKWARD)} ({', '.join(map(str, BACKWARD))} natively, others zero-padded to the next)")
+    if not has_backward(dtype, kernel_d):
+        return (f"head_dim {head_dim} in float32 has a forward kernel only: the TF32 backward supports head dims up "
+                f"to {max(set(BACKWARD) - NO_TF32_BACKWARD)}; float16 and bfloat16 up to {max(BACKWARD)}")
+    return None
 
 
 def for_pass(kernel: str, dtype: str, head_dim: int, plain: bool = False) -> Tiles:

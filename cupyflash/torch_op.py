@@ -17,7 +17,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import cpu_attention
-from .tiles import BACKWARD
+from .tiles import no_backward_why
 from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
                        check_backward_inputs, check_bias_grad, check_causal, check_real, check_scale, check_softcap,
                        check_window, default_scale, effective_window, is_empty, kernel_head_dim)
@@ -102,9 +102,9 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kernel_d = kernel_head_dim(head_dim)
         if kernel_d is None:
             return f"head_dim {head_dim} on CUDA: the kernels support head dims up to {GPU_HEAD_DIMS[-1]}"
-        if kernel_d not in BACKWARD and any(t.requires_grad for t in (q, k, v)):
-            return (f"head_dim {head_dim} needs gradients on CUDA: the backward kernels support head dims up to "
-                    f"{max(BACKWARD)}")
+        why = no_backward_why(dtype, head_dim, kernel_d)
+        if why is not None and any(t.requires_grad for t in (q, k, v)):
+            return f"gradients on CUDA: {why}"
     elif q.device.type != "cpu":
         return f"device {q.device.type}: only cuda and cpu are supported"
     try:

@@ -67,14 +67,18 @@ __global__ void flash_bwd_convert_dq(const ConvertDqParams<typename T::elem> par
     for (int d = lane; d < D; d += 32) dst[d] = T::from_float(src[d] * scale);
 }
 
-template <typename T, int D, int Br, int Bc, int NWarps, bool FuseSdP, bool Causal, bool Mods, bool Dropout>
+// DOut: the columns of dK, dV and dQ one launch forms, from params.col0 (D: all of them). A head wider than the
+// registers hold for dK and dV (d256) runs one launch per column range, each recomputing S and dP over all D columns
+// (tiles.py Tiles.out_cols).
+template <typename T, int D, int DOut, int Br, int Bc, int NWarps, bool FuseSdP, bool Causal, bool Mods, bool Dropout>
 __global__ void __launch_bounds__(NWarps * 32, 1)
 flash_bwd_kernel(const BwdParams<typename T::elem> params) {
     static_assert(Bc == 16 * NWarps, "each warp owns 16 keys");
     static_assert(Br % 16 == 0 && NWarps % (Br / 16) == 0, "dQ tiles: (Br/16) row tiles split evenly over warps");
     constexpr int kThreads = NWarps * 32;
     constexpr int kRowTiles = Br / 16;                   // dQ = dS K: 16-row tiles of the Q block ...
-    constexpr int kDqCols = D / (NWarps / kRowTiles);    // ... each split into column ranges, one per warp
+    constexpr int kDqCols = DOut / (NWarps / kRowTiles);  // ... each split into column ranges, one per warp
+    static_assert(D % DOut == 0, "whole column ranges per launch");
     static_assert(kDqCols % 16 == 0, "dQ column range per warp is a multiple of 16");
     static_assert(Br / 8 * 4 <= 32, "one bit per score of a lane in the dropout keep mask");
     using TileD = Tile<T, D>;
@@ -98,6 +102,7 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
     const int k0 = blockIdx.x * Bc;
     const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * params.attn.group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int col0 = DOut == D ? 0 : params.col0;  // a constant where one launch forms every column
 
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     // Queries that see a key of this block: i + diag - left <= j <= i + diag + right for some j in the block.
@@ -149,9 +154,9 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
     if (it < n_iters) load_q_block(it);
     cp_async_commit();
 
-    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+    float acc_dk[DOut / 8][4], acc_dv[DOut / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+    for (int i = 0; i < DOut / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
     const int key_in_block = warp * 16 + lane / 4;  // this lane's keys: key_in_block and key_in_block + 8
@@ -239,10 +244,10 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
                         pd[n][e] = kept(2 * kk + n, e) ? pt[2 * kk + n][e] * params.mods.inv_keep : 0.f;
                 acc_to_a<T>(a[0], pd, 0);
             };
-            mma_ab<T, Br, D, 1, D>(&acc_dv, dropped_p_frag, sdO, 0, lane);
+            mma_ab<T, Br, DOut, 1, D>(&acc_dv, dropped_p_frag, sdO, col0, lane);
         } else {
-            mma_ab<T, Br, D, 1, D>(&acc_dv, [&](u32 (&a)[1][T::kARegs], int kk) { acc_to_a<T>(a[0], pt, kk); }, sdO,
-                                   0, lane);
+            mma_ab<T, Br, DOut, 1, D>(&acc_dv, [&](u32 (&a)[1][T::kARegs], int kk) { acc_to_a<T>(a[0], pt, kk); },
+                                      sdO, col0, lane);
         }
 
         // dPᵀ = V_j dO_iᵀ (unless fused above), then dSᵀ = Pᵀ ∘ (dPᵀ - D_i) in place.
@@ -257,7 +262,8 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
                 ds[nt][e] = pt[nt][e] * (dp - dvec[e & 1]);
             }
         }
-        // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics.
+        // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics (by the launch of
+        // the first column range only: the plan gives the others no dbias).
         if (Mods && params.mods.dbias != nullptr) {
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt)
@@ -287,8 +293,8 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
         }
 
         // dK_j += dSᵀ Q_i (the softmax scale is applied once, at the end)
-        mma_ab<T, Br, D, 1, D>(&acc_dk, [&](u32 (&a)[1][T::kARegs], int kk) { acc_to_a<T>(a[0], ds, kk); }, sQ, 0,
-                               lane);
+        mma_ab<T, Br, DOut, 1, D>(&acc_dk, [&](u32 (&a)[1][T::kARegs], int kk) { acc_to_a<T>(a[0], ds, kk); }, sQ,
+                                  col0, lane);
 
         // dSᵀ → shared memory, [key][query], for the dQ GEMM that needs every key of the block.
 #pragma unroll
@@ -306,7 +312,7 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
         }
 
         // dQ_i += dS K_j over this warp's (16 rows x kDqCols) tile, added atomically in fp32.
-        const int m0 = (warp % kRowTiles) * 16, c0 = (warp / kRowTiles) * kDqCols;
+        const int m0 = (warp % kRowTiles) * 16, c0 = col0 + (warp / kRowTiles) * kDqCols;
         float acc_dq[kDqCols / 8][4] = {};
         mma_ab<T, Bc, kDqCols, 1, D>(
             &acc_dq, [&](u32 (&a)[1][T::kARegs], int kk) { load_a_km<T, Br>(a[0], sdS, kk * 16, m0, lane); }, sK, c0,
@@ -318,9 +324,9 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.
-    store_dk_dv<T, D>(params.dk + b * params.dk_s.b + h_kv * params.dk_s.h,
-                      params.dv + b * params.dv_s.b + h_kv * params.dv_s.h, params.dk_s.n, params.dv_s.n,
-                      k0 + key_in_block, params.attn.Nk, acc_dk, acc_dv, params.scale, lane);
+    store_dk_dv<T, DOut>(params.dk + b * params.dk_s.b + h_kv * params.dk_s.h + col0,
+                         params.dv + b * params.dv_s.b + h_kv * params.dv_s.h + col0, params.dk_s.n,
+                         params.dv_s.n, k0 + key_in_block, params.attn.Nk, acc_dk, acc_dv, params.scale, lane);
 }
 
 }  // namespace cupyflash

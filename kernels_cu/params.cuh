@@ -95,6 +95,7 @@ struct BwdParams {
     BhnStrides q_s, k_s, v_s, do_s, dk_s, dv_s;
     AttnParams attn;
     float scale;  // dK's factor
+    int col0;     // the first of this launch's columns of dK, dV and dQ (flash_bwd_kernel's DOut)
     ScoreModParams mods;
     const float2* row_lse;
 };

@@ -83,8 +83,6 @@ TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as m
     (dict(sm90=False), rf"^{launch.SM90_ENV}=0$"),
 ])
 def test_hopper_declined_says_why_and_mma_sync_runs(kernel, change, pattern):
-    if kernel == "bwd" and change.get("d") == 256:
-        pytest.skip("head_dim 256 has no backward (test_no_backward_head_dim)")
     p = plan.plan_for(_layout(kernel, **change))
     assert p.family == plan.MMA_SYNC and re.search(pattern, p.why), p.why
     layout = p.layout
@@ -196,8 +194,26 @@ def test_hopper_takes_score_mods(kernel, change):
 
 
 def test_no_backward_head_dim():
-    with pytest.raises(NotImplementedError, match="head_dim 256 has a forward kernel only"):
-        plan.plan_for(_layout("bwd", d=256, cc=80))
+    with pytest.raises(NotImplementedError, match="head_dim 256 in float32 has a forward kernel only: the TF32 "
+                                                  "backward supports head dims up to 128; float16 and bfloat16 up "
+                                                  "to 256"):
+        plan.plan_for(_layout("bwd", dtype="float32", d=256, cc=80))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_wide_head_backward_runs_one_launch_per_column_range(dtype):
+    """d256: two launches of the same variant, columns 0-127 and 128-255 (tiles.Tiles.out_cols), both between the
+    preprocess and the dQ conversion; only the first adds into dBias."""
+    p = plan.plan_for(_layout("bwd", dtype=dtype, d=256, cc=90, bias=BIAS._replace(grad=True)))
+    assert p.family == plan.MMA_SYNC
+    kernels = [s.variant.kernel for s in p.steps]
+    assert kernels[0] == "bwd_preprocess" and kernels[-1] == "bwd_convert_dq"
+    main = [s for s in p.steps if s.variant.kernel == "bwd"]
+    assert len(main) == 2 and main[0].variant == main[1].variant == p.variant
+    assert p.tiles.launch_cols(256) == 128
+    assert [s.packed.values["col0"] for s in main] == [0, 128]
+    assert [_slot_names(s).get("mods.dbias") for s in main] == ["dbias", None]
+    assert all(s.packed.values["mods.dbias"] == 0 for s in main[1:])
 
 
 # ---- the cache -------------------------------------------------------------------------------------------------
@@ -359,7 +375,9 @@ def test_head_dims_between_the_kernels_run_zero_padded(stubbed_device, head_dim,
     if kernel_d in tiles.BACKWARD:
         stubbed_device.clear()
         dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(q), q, k, v, None, out, lse, 0.125, True)
-        assert [variant.kernel for variant, _ in stubbed_device] == ["bwd_preprocess", "bwd", "bwd_convert_dq"]
+        launches = kernel_d // tiles.BACKWARD[kernel_d].launch_cols(kernel_d)  # d256: one per column range
+        assert [variant.kernel for variant, _ in stubbed_device] == ["bwd_preprocess", *["bwd"] * launches,
+                                                                     "bwd_convert_dq"]
         assert all(v.head_dim == kernel_d for v, _ in stubbed_device)
         assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     else:

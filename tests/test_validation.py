@@ -218,6 +218,23 @@ def test_why_unsupported_fp32_on_cuda_follows_torch_tf32_setting(matmul_precisio
     assert why_unsupported(f64, f64, f64) == "dtype float64 on CUDA: the kernels take float16, bfloat16, float32"
 
 
+@pytest.mark.parametrize("head_dim", [160, 256])
+def test_why_unsupported_wide_heads_with_gradients(matmul_precision, head_dim):
+    """Head dims above 128 have a 16-bit backward (two launches of 128 columns), no fp32 one: the compile backend
+    fuses 16-bit sites that need gradients and leaves fp32 ones alone, saying why."""
+    matmul_precision("high")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q, k = _fake_cuda(2, 3, NQ, head_dim, dtype=dtype), _fake_cuda(2, 3, NK, head_dim, dtype=dtype)
+        assert why_unsupported(q, k, k) is None  # no gradients: the forward alone
+        q.requires_grad_()
+        reason = why_unsupported(q, k, k)
+        if dtype == torch.float32:
+            assert reason == (f"gradients on CUDA: head_dim {head_dim} in float32 has a forward kernel only: the TF32 "
+                              f"backward supports head dims up to 128; float16 and bfloat16 up to 256")
+        else:
+            assert reason is None
+
+
 def test_tf32_allowed_reads_the_fp32_precision_api():
     """torch >= 2.9's fp32_precision API: once used, torch raises on reading the legacy flags, so tf32_allowed
     must read the new one (in a fresh interpreter: the API cannot be undone in this one)."""
