@@ -28,11 +28,11 @@ COLUMNS = [("HMMA", "HMMA"), ("LDSM", "LDSM"), ("LDGSTS (cp.async)", "LDGSTS"), 
            ("LDG.E.128", "LDG.E.128"), ("MUFU.EX2", "MUFU.EX2"), ("STL/LDL (spills)", "STL|LDL"),
            ("RED/ATOM (atomics)", "RED|ATOM"), ("all", "")]
 # The Hopper kernels (sm_90a only): wgmma (HGMMA), TMA copies (UTMALDG), mbarrier waits and arrivals (SYNCS), exp2,
-# shared-memory traffic outside the GEMMs (LDS/STS: LSE/D and dSᵀ in the backward), dQ's red.global.add.
+# shared-memory traffic outside the GEMMs (LDS/STS: LSE/D, dSᵀ and dQ's staging in the backward), dQ's bulk reduce-adds.
 SM90_MODULES = [("sm90", "bfloat16", d) for d in tiles.FORWARD_SM90]
 SM90_COLUMNS = [("HGMMA", "HGMMA"), ("UTMALDG (TMA)", "UTMALDG"), ("SYNCS (mbarrier)", "SYNCS"), ("MUFU.EX2", "MUFU.EX2"),
                 ("LDS", "LDS"), ("STS", "STS"), ("STL/LDL (spills)", "STL|LDL"), ("RED/ATOM (atomics)", "RED|ATOM"),
-                ("all", "")]
+                ("UBLKRED (bulk reduce-add)", "UBLKRED"), ("all", "")]
 _FUNC = re.compile(r"Function : (\S+)|^\s*\.text\.(\S+):")
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 

@@ -4,9 +4,10 @@
 // with TMA. Each of two consumer warpgroups owns 64 of the keys and per Q block runs on wgmma:
 //   Sᵀ = K Q_iᵀ and dPᵀ = V dO_iᵀ (64 keys x Br), Pᵀ = exp2(Sᵀ·scale·log2 e − LSE·log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − D_i),
 //   dV += Pᵀ dO_i and dK += dSᵀ Q_i with Pᵀ, dSᵀ as register A operands,
-//   dQ_i += dS K_j: both halves of dSᵀ go through shared memory, and each warpgroup adds D/2 of dQ_i's columns into
-//   the fp32 accumulator (red.global.add.v4), or, where the tensors' columns fit in D/2, the sum over its 64 keys of
-//   all of them.
+//   dQ_i += dS K_j: both halves of dSᵀ go through shared memory, and each warpgroup forms D/2 of dQ_i's columns, or,
+//   where the tensors' columns fit in D/2, the sum over its 64 keys of all of them; at 128-column tiles it stages them
+//   in shared memory (fp32) and adds them into the fp32 accumulator with one bulk reduce-add per row (the TMA engine,
+//   as FlashAttention-3's dQ), at 64 with per-thread red.global.add.v4 (kDqBulk).
 // A second producer warp stages LSE_i · log2 e and D_i in shared memory beside each Q/dO slot; with Mods also lo_i,
 // P = exp2((s - hi) - lo) with hi = LSE_i · log2 e and lo = 0, or with row_lse (a bias: flash_bwd.cuh's preprocess and
 // the forward's stats mode) the rows' (hi, lo) pairs, (m, log2 l) under the rebuild rule (scores.cuh kLseRebuild).
@@ -60,6 +61,19 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const u32 bars = sRow0 + kStages * kRowArrays * Br * 4;  // kv_full, qdo_full[S], q_empty[S]
     // Mods: each consumer thread's soft-cap derivatives (Br / 4 u32, element i of thread t at [i][t], conflict-free)
     const u32 sCapGrad = bars + 8 * (1 + 2 * kStages);
+    // Per consumer warpgroup, its dQ_i share (Br rows of kDqCols fp32), rows kDqRow floats apart: 16 bytes of padding
+    // put the 8 rows a warp's store instruction writes 4 banks apart, 2 ways on each (the minimum for 256 bytes).
+    // Its offset from sK, a constant (a base held across the loop spilled at d128 with dropout), 16-byte aligned for
+    // the bulk copies.
+    // Bulk adds pay at 128-column tiles (+3-9 % on the backward, H100) and lose at 64 (-9-12 %: a row is 128 bytes,
+    // and the 16 issues per warp, serialized over the lanes, cost more than the red.global they replace); see
+    // benchmarks/NOTES.md.
+    constexpr bool kDqBulk = D >= 128;
+    constexpr int kDqCols = kDqByKeys ? DHead : D / 2;
+    constexpr int kDqRow = kDqCols + 4;
+    constexpr u32 kDqOffset = (2 * TileKV::bytes() + 2 * kStages * TileQ::bytes() + 2 * TileDS::bytes() +
+                               kStages * kRowArrays * Br * 4 + 8 * (1 + 2 * kStages) + (Mods ? Br * 256 : 0) + 15) &
+                              ~15u;
     auto sQ = [&](int it) { return sQ0 + (it % kStages) * TileQ::bytes(); };
     auto sdO = [&](int it) { return sdO0 + (it % kStages) * TileQ::bytes(); };
     auto sdS = [&](int it) { return sdS0 + (it % 2) * TileDS::bytes(); };
@@ -399,11 +413,40 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_wait<0>();
         fence_operands(dq);
         mbar_arrive(q_empty(n));  // Q_i and dO_i are read
-        const int q_row = q0 + (warp % 4) * 16 + lane / 4;
-        float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + (kDqByKeys ? 0 : wg_dq * (D / 2));
-        // by columns, the second half adds its columns below DHead
-        red_add_tile<D / 16>(dq_rows, DHead, dq, q_row < Nq, q_row + 8 < Nq, lane,
-                             kDqByKeys ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8);
+        // By columns, the second warpgroup's share is its columns below DHead.
+        const int dq_chunks = kDqByKeys ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8;
+        if constexpr (kDqBulk) {
+            // Each warp stages its 16 rows of the warpgroup's share and adds them, lane r < 16 row r, so that a warp's
+            // sync orders the stores, the copies and the next iteration's stores: lane r's last copy has read its row
+            // (issued an iteration ago: the wait costs nothing), the lanes store, the stores reach the copy (the async
+            // proxy) after the fence and the sync. Rows past Nq are not added: their dq_accum rows are another head's.
+            const u32 sdq = k_base + kDqOffset + (wg_dq * Br + (warp % 4) * 16) * kDqRow * 4;  // this warp's rows
+            if (lane < 16) bulk_wait_read<0>();
+            __syncwarp();
+            const u32 at0 = sdq + (lane / 4 * kDqRow + 2 * (lane % 4)) * 4;  // row lane / 4 and + 8 (m64nNk16 layout)
+#pragma unroll
+            for (int nt = 0; nt < D / 16; ++nt) {
+                if (nt < dq_chunks) {
+                    st_shared_f32x2(at0 + nt * 32, dq[nt][0], dq[nt][1]);
+                    st_shared_f32x2(at0 + nt * 32 + 8 * kDqRow * 4, dq[nt][2], dq[nt][3]);
+                }
+            }
+            fence_proxy_async();
+            __syncwarp();
+            const int q_row = q0 + (warp % 4) * 16 + lane;
+            if (lane < 16 && q_row < Nq) {
+                bulk_reduce_add_f32(dq_accum + (bh * Nq + q_row) * DHead + (kDqByKeys ? 0 : wg_dq * (D / 2)),
+                                    sdq + lane * kDqRow * 4, dq_chunks * 32);
+                bulk_commit();
+            }
+        } else {
+            const int q_row = q0 + (warp % 4) * 16 + lane / 4;
+            float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + (kDqByKeys ? 0 : wg_dq * (D / 2));
+            red_add_tile<D / 16>(dq_rows, DHead, dq, q_row < Nq, q_row + 8 < Nq, lane, dq_chunks);
+        }
+    }
+    if constexpr (kDqBulk) {
+        if (lane < 16) bulk_wait<0>();  // the staging rows stay read until the sums are out
     }
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.

@@ -180,6 +180,22 @@ CF_DEVICE void tma_tile(u32 dst, const TmaDesc& desc, int row0, int h, int b, u3
 }
 
 CF_DEVICE void st_shared_f32(u32 addr, float x) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x) : "memory"); }
+CF_DEVICE void st_shared_f32x2(u32 addr, float x, float y) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+// Bulk reduce-add (the TMA engine, no tensor map): `bytes` (a multiple of 16, both addresses 16-byte aligned) of fp32
+// in shared memory added into global memory, in this thread's bulk group. Its source may be written again once
+// bulk_wait_read<0>() returns in the issuing thread (and a barrier tells the writers); its sums are complete in global
+// memory after bulk_wait<0>().
+CF_DEVICE void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+CF_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+CF_DEVICE void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory"); }
+template <int N>
+CF_DEVICE void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
 // Named barriers 1.. (0 is __syncthreads): sync waits for `threads` arrivals including its own warps', arrive
 // adds this warp's without waiting.
 CF_DEVICE void named_sync(int id, int threads) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }
