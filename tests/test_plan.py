@@ -480,6 +480,8 @@ def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, mo
                 assert now[name] == addresses[name].data_ptr(), name
     _, third = calls(*inputs())  # new outputs each call, the second's still alive
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(third[3:], (out, lse, dq, dk, dv)))
+    assert all(t.is_contiguous() and t.device == q.device for t in third[3:])
+    assert [t.dtype for t in third[3:]] == [torch.float16, torch.float32, *[torch.float16] * 3]
     # flash_attention's forward and backward (autograd outside torch.compile) take the same plans
     q, k, v = (t.requires_grad_() for t in inputs())
     cupyflash.flash_attention(q, k, v, causal=True, window=(16, 0)).sum().backward()
