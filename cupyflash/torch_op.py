@@ -152,15 +152,17 @@ _PLAIN_BACKWARDS: dict = {}
 
 def _plain_key(tensors: tuple, options: tuple):
     """The call key of a plain call on the CUDA path (None for anything else): what the checks and the plan read of
-    `tensors` (q first), the options, and the settings they depend on."""
+    `tensors` (q first), the options, and the settings they depend on. Loops and a list, not generators: this runs
+    at every call, and a generator's frame costs 1-2 µs here."""
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return None
     q = tensors[0]
-    if any(type(t) is not torch.Tensor for t in tensors) or _impl(q) is cpu_attention or \
-            torch.compiler.is_compiling():
+    impl = _impl(q)
+    if impl is cpu_attention or torch.compiler.is_compiling():
         return None
-    from . import plan  # CUDA only: imports CuPy
-
-    return (*((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors), options,
-            q.dtype == torch.float32 and tf32_allowed(), plan.sm90_enabled())
+    return (*[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors], options,
+            q.dtype == torch.float32 and tf32_allowed(), impl.sm90_enabled())
 
 
 def _remember(runners: dict, key, make) -> None:
@@ -364,12 +366,19 @@ def _direct_autograd(op_def) -> None:
     # and the thread's modes).
     decided = {}
 
+    def records(args) -> bool:
+        """Whether autograd records this call. isinstance, not type(): an nn.Parameter records gradients too (the
+        keyset test rejects subclasses that dispatch in Python). A loop: a generator costs a frame per argument."""
+        if torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return True
+        return False
+
     def kernel(keyset, *args, **kwargs):
-        # isinstance, not type(): an nn.Parameter records gradients too (the keyset test below rejects subclasses
-        # that dispatch in Python).
         if forward_ad._current_level >= 0:
             _refuse_tangents(op_def._name, args)
-        if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        if not records(args):
             bits = raw_repr(keyset)
             plain = decided.get(bits)
             if plain is None:
