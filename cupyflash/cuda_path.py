@@ -202,12 +202,18 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
         return None
     dtype = xp.dtype_name(q)
     batch, heads, n_q, d = q.shape
-    # Outputs and workspaces, new at each call, in the layouts the plan was made with (the call key fixes them).
+    # Outputs and workspace, new at each call, in the layouts the plan was made with (the call key fixes them).
     new_dq, new_dk, new_dv = (xp.allocator(a.shape, dtype, q) for a in (q, k, v))
-    new_d_vec = xp.allocator((batch, heads, n_q), "float32", q)
-    new_dq_accum = xp.allocator((batch, heads, n_q, d), "float32", q)
-    named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=new_d_vec(), dq_accum=new_dq_accum(),
-                 dq=new_dq(), dk=new_dk(), dv=new_dv())  # BACKWARD_BUFS' order
+    # dq_accum and d_vec (fp32, (B, H, Nq, D) and (B, H, Nq)) in one allocation, as the kernels see only their
+    # addresses: one allocation less per call (2 µs on the CPU stub). d_vec starts 256 bytes aligned, as an
+    # allocation of its own would.
+    rows = batch * heads * n_q
+    split = -(-rows * d // 64) * 64
+    new_workspace = xp.allocator((split + rows,), "float32", q)
+    workspace = new_workspace()
+    named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=workspace[split:].reshape(batch, heads, n_q),
+                 dq_accum=workspace[:rows * d].reshape(batch, heads, n_q, d), dq=new_dq(), dk=new_dk(),
+                 dv=new_dv())  # BACKWARD_BUFS' order
 
     def build(ready):
         return _plan(xp, "bwd", ready[0], ready[1], None, named, scale, causal, window, 0.0, softcap, False)
@@ -220,10 +226,11 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
 
     def run(dout, q, k, v, out, lse):
         dq, dk, dv = new_dq(), new_dk(), new_dv()
-        d_vec, dq_accum = new_d_vec(), new_dq_accum()  # held until the kernels are enqueued
+        workspace = new_workspace()  # held until the kernels are enqueued
+        at = address(workspace)
         launch.execute(p, {"q": address(q), "k": address(k), "v": address(v), "out": address(out),
-                           "dout": address(dout), "lse": address(lse), "d_vec": address(d_vec),
-                           "dq_accum": address(dq_accum), "dq": address(dq), "dk": address(dk), "dv": address(dv)},
+                           "dout": address(dout), "lse": address(lse), "d_vec": at + 4 * split, "dq_accum": at,
+                           "dq": address(dq), "dk": address(dk), "dv": address(dv)},
                        xp.stream_ptr(device_id), device_id)
         return dq, dk, dv
 
