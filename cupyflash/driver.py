@@ -19,8 +19,9 @@ class ArgBlock:
     """A kernel's parameter struct as cuLaunchKernel's kernelParams: one pointer to its bytes (`template`), or with
     `param_offsets` one to each parameter's (a kernel taking them one by one: params.Struct.param_offsets); `slots`
     ((byte offset, placeholder with a buffer ``name`` and ``writer()``: params.Slot, params.TmaSlot), ...) are
-    written at each call, each by its writer made once (an address's is struct's own pack_into: no Python frame). The buffer is per thread (autograd runs the backward on its own thread) and reused: the driver copies
-    the parameters during the launch."""
+    written at each call, each by its writer made once (an address's is struct's own pack_into: no Python frame).
+    The buffer is per thread (autograd runs the backward on its own thread) and reused: the driver copies the
+    parameters during the launch."""
 
     def __init__(self, template: bytes, slots: tuple = (), param_offsets: tuple = (0,)):
         self._template = bytes(template)
