@@ -478,8 +478,14 @@ def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, mo
         for name in before:
             if before[name] != now[name] and name not in ("dout", "d_vec", "dq_accum"):
                 assert now[name] == addresses[name].data_ptr(), name
+    # the workspaces share one allocation: dq_accum (B, H, Nq, D) fp32, then d_vec 256 bytes aligned past its end
+    (_, workspace), = [(v, args) for v, args in second if v.kernel == "bwd_preprocess"]
+    offset = workspace["d_vec"] - workspace["dq_accum"]
+    assert offset >= 4 * q.numel() and offset % 256 == 0
     _, third = calls(*inputs())  # new outputs each call, the second's still alive
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(third[3:], (out, lse, dq, dk, dv)))
+    assert all(t.is_contiguous() and t.device == q.device for t in third[3:])
+    assert [t.dtype for t in third[3:]] == [torch.float16, torch.float32, *[torch.float16] * 3]
     # flash_attention's forward and backward (autograd outside torch.compile) take the same plans
     q, k, v = (t.requires_grad_() for t in inputs())
     cupyflash.flash_attention(q, k, v, causal=True, window=(16, 0)).sum().backward()
