@@ -140,7 +140,8 @@ def all_variants() -> list[Variant]:
             # with score mods a causal call runs as a window (launch.sm90_variant): no causal mods variants
             out += [Variant(k, dtype, d, c, m, p) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                     ("bwd_sm90", tiles.BACKWARD_SM90))
-                    for d in table for c in (False, True) for m, p in FEATURE_SETS if not (c and m)]
+                    for d in table for c in (False, True) for m, p in FEATURE_SETS
+                    if not (c and m) and (table[d].dropout or not p)]
         for d in (d for d in tiles.BACKWARD if tiles.has_backward(dtype, d)):
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

@@ -66,6 +66,9 @@ class Sm90Tiles:
     # the extra columns with zeros, the GEMMs skip what they can of them and the kernels store only the tensors'
     # (0: the tensors' own).
     pad_to: int = 0
+    # Whether the dropout variants run here; False where they spilled registers, so such calls run on mma.sync
+    # (launch.sm90_unsupported says so) and CI does not compile them.
+    dropout: bool = True
 
     def tile_head_dim(self, d: int) -> int:
         return self.pad_to or d
@@ -90,6 +93,10 @@ FORWARD_SM90 = {
     # 145-301 in the same run
     96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
+    # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
+    # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
+    # runs on mma.sync (BACKWARD_SM90 has no d256), from this forward's LSE as from its own.
+    256: Sm90Tiles(Bc=64, stages=2, dropout=False),
 }
 
 # The Hopper backward (kernels_cu/flash_bwd_sm90.cuh): Bc = 128 keys (two consumer warpgroups of 64), Q/dO blocks of

@@ -54,8 +54,8 @@ def _slot_names(step) -> dict:
 
 # ---- which family, variant and tiles, and why ------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-@pytest.mark.parametrize("d", sorted(tiles.FORWARD_SM90))
+@pytest.mark.parametrize("kernel,d", [(kernel, d) for kernel, table in (("fwd", tiles.FORWARD_SM90),
+                                                                       ("bwd", tiles.BACKWARD_SM90)) for d in table])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
@@ -74,7 +74,7 @@ TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as m
     (dict(cc=89), r"^sm_89"),
     (dict(cc=100), r"^sm_100"),
     (dict(dtype="float32"), r"^dtype float32: it takes float16 and bfloat16$"),
-    (dict(d=256), r"^head_dim 256"),
+    (dict(d=256, dropout_p=0.1), r"^(dropout at )?head_dim 256"),  # fwd: dropout; bwd: no Hopper d256
     (dict(addresses=dict(q=8)), r"^q: its data pointer is not 16-byte aligned$"),
     (dict(addresses=dict(v=2)), r"^v: its data pointer"),
     (dict(strides=dict(k=(HKV * NK * 68, NK * 68, 68, 1))), r"^k: strides"),
@@ -89,6 +89,23 @@ def test_hopper_declined_says_why_and_mma_sync_runs(kernel, change, pattern):
     mods = layout.bias is not None or layout.window != (-1, -1) or layout.dropout_p > 0 or layout.softcap > 0
     assert p.variant == jit.Variant(kernel, layout.dtype, layout.shape[3], False, mods, layout.dropout_p > 0)
     assert p.tiles == p.variant.tiles
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_head_dim_256_forward_on_hopper_its_backward_and_dropout_on_mma_sync(dtype):
+    """d256: the Hopper forward (64-key blocks), its backward on mma.sync, and dropout on mma.sync (its Hopper variant
+    spilled, so it is neither planned nor compiled)."""
+    fwd = plan.plan_for(_layout("fwd", dtype, 256, causal=True))
+    assert fwd.family == plan.HOPPER and fwd.tiles == tiles.FORWARD_SM90[256] and fwd.tiles.Bc == 64
+    assert fwd.steps[0].shared_bytes == fwd.variant.shared_bytes <= 232448  # sm_90's opt-in shared memory
+    bwd = plan.plan_for(_layout("bwd", dtype, 256, causal=True))
+    assert bwd.family == plan.MMA_SYNC and bwd.why.startswith("head_dim 256: it takes")
+    dropped = plan.plan_for(_layout("fwd", dtype, 256, dropout_p=0.1))
+    assert dropped.family == plan.MMA_SYNC
+    assert dropped.why == "dropout at head_dim 256: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)"
+    compiled = {v.name for v in jit.all_variants()}
+    short = {"float16": "f16", "bfloat16": "bf16"}[dtype]
+    assert f"fwd_sm90_{short}_d256_mods" in compiled and f"fwd_sm90_{short}_d256_mods_dropout" not in compiled
 
 
 def test_hopper_backward_reads_dout_through_tma_too():
