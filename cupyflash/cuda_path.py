@@ -203,7 +203,7 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
     def bufs(dout, q, k, v, out, lse) -> dict:  # BACKWARD_BUFS' order, outputs and workspaces new
         dq, dk, dv = (xp.empty(a.shape, dtype, q) for a in (q, k, v))
         return dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=xp.empty((batch, heads, n_q), "float32", q),
-                    dq_accum=xp.empty((batch, heads, n_q, d), "float32", q), dq=dq, dk=dk, dv=dv)
+                    dq_accum=xp.empty((batch, heads, plan.dq_accum_rows(n_q), d), "float32", q), dq=dq, dk=dk, dv=dv)
 
     named = bufs(dout, q, k, v, out, lse)
 
@@ -243,7 +243,8 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
             return (*zeros, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias)))
         launch.require_backward(q.shape[3], dtype)  # before any work on the bias
         batch, heads, n_q, d = q.shape
-        dq_accum = xp.empty((batch, heads, n_q, d), "float32", q)  # zeroed by the preprocess kernel, then summed
+        # zeroed by the preprocess kernel, then summed
+        dq_accum = xp.empty((batch, heads, plan.dq_accum_rows(n_q), d), "float32", q)
         d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
         # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias where it is on.
         rebuild = attn_bias is not None and launch.lse_rebuild_enabled()
