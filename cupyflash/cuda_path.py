@@ -204,16 +204,16 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
     batch, heads, n_q, d = q.shape
     # Outputs and workspace, new at each call, in the layouts the plan was made with (the call key fixes them).
     new_dq, new_dk, new_dv = (xp.allocator(a.shape, dtype, q) for a in (q, k, v))
-    # dq_accum and d_vec (fp32, (B, H, Nq, D) and (B, H, Nq)) in one allocation, as the kernels see only their
-    # addresses: one allocation less per call (2 µs on the CPU stub). d_vec starts 256 bytes aligned, as an
-    # allocation of its own would.
-    rows = batch * heads * n_q
-    split = -(-rows * d // 64) * 64
+    # dq_accum and d_vec (fp32, (B, H, plan.dq_accum_rows(Nq), D) and (B, H, Nq)) in one allocation, as the kernels
+    # see only their addresses: one allocation less per call (2 µs on the CPU stub). d_vec starts 256 bytes aligned,
+    # as an allocation of its own would.
+    rows, accum_rows = batch * heads * n_q, batch * heads * plan.dq_accum_rows(n_q)
+    split = -(-accum_rows * d // 64) * 64
     new_workspace = xp.allocator((split + rows,), "float32", q)
     workspace = new_workspace()
     named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=workspace[split:].reshape(batch, heads, n_q),
-                 dq_accum=workspace[:rows * d].reshape(batch, heads, n_q, d), dq=new_dq(), dk=new_dk(),
-                 dv=new_dv())  # BACKWARD_BUFS' order
+                 dq_accum=workspace[:accum_rows * d].reshape(batch, heads, plan.dq_accum_rows(n_q), d), dq=new_dq(),
+                 dk=new_dk(), dv=new_dv())  # BACKWARD_BUFS' order
 
     def build(ready):
         return _plan(xp, "bwd", ready[0], ready[1], None, named, scale, causal, window, 0.0, softcap, False)
@@ -257,7 +257,8 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
             return (*zeros, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias)))
         launch.require_backward(q.shape[3], dtype)  # before any work on the bias
         batch, heads, n_q, d = q.shape
-        dq_accum = xp.empty((batch, heads, n_q, d), "float32", q)  # zeroed by the preprocess kernel, then summed
+        # zeroed by the preprocess kernel, then summed
+        dq_accum = xp.empty((batch, heads, plan.dq_accum_rows(n_q), d), "float32", q)
         d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
         # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias where it is on.
         rebuild = attn_bias is not None and launch.lse_rebuild_enabled()

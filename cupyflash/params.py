@@ -223,7 +223,7 @@ BWD_SM90_ARGS = Struct("flash_bwd_sm90_kernel", (
     *[(_flat(path), scalar) for path, scalar, _ in SCORE_MODS.leaves], ("row_lse", PTR)), positional=True)
 BWD_PREPROCESS = Struct("BwdPreprocessParams<u16>", (
     ("dout", PTR), ("out", PTR), ("d_vec", PTR), ("dq_accum", PTR), ("do_s", BHN), ("o_s", BHN),
-    ("H", I32), ("Nq", I32), ("n_rows", I64), ("lse", PTR), ("row_lse", PTR)))
+    ("H", I32), ("Nq", I32), ("Nq_accum", I32), ("n_rows", I64), ("lse", PTR), ("row_lse", PTR)))
 CONVERT_DQ = Struct("ConvertDqParams<u16>", (
     ("dq_accum", PTR), ("dq", PTR), ("dq_s", BHN), ("H", I32), ("Nq", I32), ("n_rows", I64), ("scale", F32)))
 TILE_MINMAX = Struct("TileMinmaxParams", (
@@ -235,7 +235,7 @@ TILE_CLASSIFY = Struct("TileClassifyParams", (
     ("n_tiles", I64), ("window", I32), ("classes", PTR)))
 
 KERNEL_STRUCTS = {"fwd": FWD, "fwd_sm90": FWD_SM90, "bwd": BWD, "bwd_sm90": BWD_SM90_ARGS,
-                  "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
+                  "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ, "bwd_convert_dq_sm90": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
                   "tile_classify": TILE_CLASSIFY}  # jit.KERNELS → the struct its kernel takes
 STRUCTS = (BHN, BHMN, ATTN, SCORE_MODS, *(s for s in KERNEL_STRUCTS.values() if not s.positional))  # params.cuh
 
@@ -334,18 +334,18 @@ def mma_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k
                          row_lse=_optional(row_lse)))
 
 
-def preprocess(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_rows: int,
-               lse: Buf | None = None, row_lse: Buf | None = None) -> Packed:
-    """flash_bwd_preprocess's BwdPreprocessParams: D = rowsum(dO ∘ O), dQ_accum zeroed; with `lse` and `row_lse`
-    (contiguous), row_lse = (lse · log2 e, 0) too."""
+def preprocess(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_q_accum: int,
+               n_rows: int, lse: Buf | None = None, row_lse: Buf | None = None) -> Packed:
+    """flash_bwd_preprocess's BwdPreprocessParams: D = rowsum(dO ∘ O), dQ_accum's n_rows rows (n_q_accum per head)
+    zeroed; with `lse` and `row_lse` (contiguous), row_lse = (lse · log2 e, 0) too."""
     if (lse is None) != (row_lse is None):
         raise ValueError("the preprocess writes row_lse from lse: pass both or neither")
     return BWD_PREPROCESS.pack(dict(dout=dout.ptr, out=out.ptr, d_vec=d_vec.ptr, dq_accum=dq_accum.ptr,
-                                    do_s=_bhn(dout), o_s=_bhn(out), H=heads, Nq=n_q, n_rows=n_rows,
+                                    do_s=_bhn(dout), o_s=_bhn(out), H=heads, Nq=n_q, Nq_accum=n_q_accum, n_rows=n_rows,
                                     lse=_optional(lse), row_lse=_optional(row_lse)))
 
 
 def convert_dq(*, dq_accum: Buf, dq: Buf, heads: int, n_q: int, n_rows: int, scale: float) -> Packed:
-    """flash_bwd_convert_dq's ConvertDqParams."""
+    """flash_bwd_convert_dq's (and _sm90's) ConvertDqParams; `n_rows` counts the kernel's work items."""
     return CONVERT_DQ.pack(dict(dq_accum=dq_accum.ptr, dq=dq.ptr, dq_s=_bhn(dq), H=heads, Nq=n_q, n_rows=n_rows,
                                 scale=scale))

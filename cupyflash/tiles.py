@@ -179,13 +179,13 @@ def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
 def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:
     """K and V, the Q and dO slots, two dSᵀ tiles (16-bit, swizzled), LSE and D per slot (fp32; with score mods the
     rows' lo too: P = exp2((s - hi) - lo)), the mbarriers (kv_full, then full and empty per stage), with score mods
-    the soft-cap derivatives of each consumer thread's Br / 2 scores (fp16), at 128-column tiles each consumer warpgroup's dQ
-    staging tile (Br rows of its columns plus 4, fp32, 16-byte aligned), and 1 KiB of alignment slack."""
+    the soft-cap derivatives of each consumer thread's Br / 2 scores (fp16), each consumer warpgroup's dQ staging tile (Br
+    rows of its columns, fp32, 16-byte aligned), and 1 KiB of alignment slack."""
     tile_d = t.tile_head_dim(d)
     cap_grad = 256 * t.Br // 2 * 2 if mods else 0
     row_arrays = 3 if mods else 2
     dq_cols = d if d <= tile_d // 2 else tile_d // 2  # flash_bwd_sm90.cuh kDqCols
-    dq_staging = 2 * t.Br * (dq_cols + 4) * 4 + 16 if tile_d >= 128 else 0  # kDqBulk
+    dq_staging = 2 * t.Br * dq_cols * 4 + 8 * 8 + 16  # and each consumer warp's destination address
     return ((2 * t.Bc + 2 * t.stages * t.Br) * tile_d * 2 + 2 * t.Bc * t.Br * 2 + t.stages * row_arrays * t.Br * 4
             + 8 * (1 + 2 * t.stages) + cap_grad + dq_staging + 1024)
 

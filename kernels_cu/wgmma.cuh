@@ -195,8 +195,16 @@ CF_DEVICE void tma_tile(u32 dst, const TmaDesc& desc, int row0, int h, int b, u3
 }
 
 CF_DEVICE void st_shared_f32(u32 addr, float x) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x) : "memory"); }
-CF_DEVICE void st_shared_f32x2(u32 addr, float x, float y) {
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+CF_DEVICE void st_shared_u64(u32 addr, unsigned long long x) {
+    asm volatile("st.shared.u64 [%0], %1;\n" ::"r"(addr), "l"(x) : "memory");
+}
+CF_DEVICE unsigned long long lds_u64(u32 addr) {
+    unsigned long long x;
+    asm volatile("ld.shared.u64 %0, [%1];\n" : "=l"(x) : "r"(addr) : "memory");
+    return x;
+}
+CF_DEVICE void st_shared_f32x4(u32 addr, float x, float y, float z, float w) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(x), "f"(y), "f"(z), "f"(w) : "memory");
 }
 // Bulk reduce-add (the TMA engine, no tensor map): `bytes` (a multiple of 16, both addresses 16-byte aligned) of fp32
 // in shared memory added into global memory, in this thread's bulk group. Its source may be written again once

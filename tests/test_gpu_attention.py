@@ -15,7 +15,7 @@ import torch
 
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
-from cupyflash import launch
+from cupyflash import launch, plan
 from cupyflash.tiles import BACKWARD, FORWARD_SM90
 from cupyflash.validate import kernel_head_dim
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, causal_keep_mask,
@@ -60,7 +60,8 @@ def poisoned_fwd(q, k, v, scale, causal):
 def poisoned_bwd(dout, q, k, v, out, lse, scale, causal):
     b, h, n_q, d = q.shape
     poison_cuda_allocator(nbytes(q.shape, q.dtype), nbytes(k.shape, k.dtype), nbytes(v.shape, v.dtype),  # dq dk dv
-                          nbytes(q.shape, torch.float32), nbytes((b, h, n_q), torch.float32))  # dq_accum, D
+                          nbytes((b, h, plan.dq_accum_rows(n_q), d), torch.float32),  # dq_accum: whole Q blocks
+                          nbytes((b, h, n_q), torch.float32))  # D
     return bwd_op(dout, q, k, v, out, lse, scale, causal)
 
 
