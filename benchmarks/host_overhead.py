@@ -93,7 +93,9 @@ def stub_rows(causal: bool = True) -> dict:
 
 def piece_rows(q, k, v) -> dict:
     """The forward's pieces alone, on q, k, v: checks, plan lookup (call key built from the tensors, cache hit),
-    output allocation, and launching (filling the plan's template; the kernel call itself is the device's)."""
+    output allocation, and launching (filling the plan's template; the kernel call itself is the device's); and
+    what a plain op call runs instead of the first three: its call key and runner lookup, and the runner's
+    allocators bound once."""
     from cupyflash import cuda_path, plan, torch_op
     from cupyflash.array_ops import ops_for
 
@@ -112,11 +114,18 @@ def piece_rows(q, k, v) -> dict:
 
     def lookup():
         return cuda_path._planned(xp, "fwd", (q, k, v), None, options, lambda ready: p)
+
+    runners = {}
+    plain_options = (0.125, True, -1, -1, 0.0)
+    runners[torch_op._plain_key((q, k, v), plain_options)] = None
+    new_out, new_lse = xp.allocator(q.shape, "bfloat16", q), xp.allocator(q.shape[:-1], "float32", q)
     return {
         "  checks (layout key, cache hit)": lambda: torch_op._check_tensors(q, k, v, None),
         "  plan lookup (call key, cache hit)": lookup,
         "  allocation (out, lse)": lambda: (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)),
         "  launch (fill the template, run)": lambda: launch.execute(p, ptrs, 0, q.device.index or 0),
+        "  plain call: call key, runner lookup": lambda: runners.get(torch_op._plain_key((q, k, v), plain_options)),
+        "  plain call: allocation (out, lse)": lambda: (new_out(), new_lse()),
     }
 
 

@@ -73,6 +73,13 @@ class TorchOps:
     def zeros(self, shape, dtype: str, like):
         return self._torch.zeros(shape, dtype=getattr(self._torch, dtype), device=like.device)
 
+    def allocator(self, shape, dtype: str, like):
+        """A function of no arguments that returns a new contiguous `shape` array on `like`'s device: for a call
+        repeated with one layout. Its arguments bound once and `size=` (torch parses a positional tuple against
+        more overloads) make it 2.2 µs on the CPU stub, where empty() is 5."""
+        return functools.partial(self._torch.empty, size=tuple(shape), dtype=getattr(self._torch, dtype),
+                                 device=like.device)
+
     def contiguous(self, x):
         return x.contiguous()
 
@@ -163,6 +170,9 @@ class CupyOps(NumpyLikeOps):
 
     def zeros(self, shape, dtype: str, like):
         return self._xp.zeros(shape, dtype=dtype)
+
+    def allocator(self, shape, dtype: str, like):
+        return functools.partial(self._xp.empty, tuple(shape), dtype=dtype)
 
     def contiguous(self, x):
         return self._xp.ascontiguousarray(x)

@@ -6,6 +6,7 @@ import torch
 
 from . import cuda_path
 from .array_ops import ops_for
+from .plan import sm90_enabled  # noqa: F401  (the setting the plans depend on: torch_op's call keys read it here)
 
 _TORCH = ops_for(torch.empty(0))
 

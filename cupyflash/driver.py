@@ -18,13 +18,14 @@ import threading
 class ArgBlock:
     """A kernel's parameter struct as cuLaunchKernel's kernelParams: one pointer to its bytes (`template`), or with
     `param_offsets` one to each parameter's (a kernel taking them one by one: params.Struct.param_offsets); `slots`
-    ((byte offset, placeholder with ``write(buf, start, ptrs)``: params.Slot, params.TmaSlot), ...) are written at
-    each call. The buffer is per thread (autograd runs the backward on its own thread) and reused: the driver copies
-    the parameters during the launch."""
+    ((byte offset, placeholder with a buffer ``name`` and ``writer()``: params.Slot, params.TmaSlot), ...) are
+    written at each call, each by its writer made once (an address's is struct's own pack_into: no Python frame).
+    The buffer is per thread (autograd runs the backward on its own thread) and reused: the driver copies the
+    parameters during the launch."""
 
     def __init__(self, template: bytes, slots: tuple = (), param_offsets: tuple = (0,)):
         self._template = bytes(template)
-        self._slots = tuple((start, slot.write) for start, slot in slots)
+        self._slots = tuple((start, slot.name, slot.writer()) for start, slot in slots)
         self._param_offsets = tuple(param_offsets)
         self._local = threading.local()
 
@@ -43,8 +44,8 @@ class ArgBlock:
         """The kernelParams array with the call's addresses (`ptrs`: buffer name → device address) in the slots;
         valid until this thread's next call."""
         buf, params = self._buffers()
-        for start, write in self._slots:
-            write(buf, start, ptrs)
+        for start, name, write in self._slots:
+            write(buf, start, ptrs[name])
         return params
 
 

@@ -31,11 +31,12 @@ NVRTC_OPTIONS = ("-std=c++17",)
 # CuPy's element-type name → the tag struct in common.cuh (fp32 runs on TF32 tensor cores).
 DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float32": "cupyflash::tf32"}
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_sm90", "bwd_preprocess", "bwd_convert_dq", "tile_minmax", "tile_classify")
+KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_sm90", "bwd_preprocess", "bwd_convert_dq", "bwd_convert_dq_sm90",
+           "tile_minmax", "tile_classify")
 TILE_CLASS_KERNELS = ("tile_minmax", "tile_classify")  # per dtype, no head dim (kernels_cu/tile_classes.cuh)
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
-SM90_KERNELS = ("fwd_sm90", "bwd_sm90")  # wgmma / TMA: sm_90a only
+SM90_KERNELS = ("fwd_sm90", "bwd_sm90", "bwd_convert_dq_sm90")  # wgmma / TMA: sm_90a only
 SM90_DTYPES = ("float16", "bfloat16")
 
 
@@ -62,7 +63,7 @@ class Variant:
     def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
         if self.kernel == "fwd_sm90":
             return tiles.FORWARD_SM90[self.head_dim]
-        if self.kernel == "bwd_sm90":
+        if self.kernel in ("bwd_sm90", "bwd_convert_dq_sm90"):
             return tiles.BACKWARD_SM90[self.head_dim]
         if self.kernel not in ("fwd", "bwd"):
             return None
@@ -97,6 +98,8 @@ class Variant:
         if self.kernel == "bwd":
             return (f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.launch_cols(d)}, {t.Br}, {t.Bc}, {t.warps}, "
                     f"{str(t.fuse_sdp).lower()}, {flags}>")
+        if self.kernel == "bwd_convert_dq_sm90":
+            return f"cupyflash::flash_bwd_convert_dq_sm90<{tag}, {t.tile_head_dim(d)}, {d}, {t.Br}>"
         if self.kernel == "bwd_preprocess":
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
         if self.kernel == "tile_minmax":
@@ -140,7 +143,9 @@ def all_variants() -> list[Variant]:
             # with score mods a causal call runs as a window (launch.sm90_variant): no causal mods variants
             out += [Variant(k, dtype, d, c, m, p) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                     ("bwd_sm90", tiles.BACKWARD_SM90))
-                    for d in table for c in (False, True) for m, p in FEATURE_SETS if not (c and m)]
+                    for d in table for c in (False, True) for m, p in FEATURE_SETS
+                    if not (c and m) and (table[d].dropout or not p)]
+            out += [Variant("bwd_convert_dq_sm90", dtype, d) for d in tiles.BACKWARD_SM90]
         for d in (d for d in tiles.BACKWARD if tiles.has_backward(dtype, d)):
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

@@ -55,8 +55,9 @@ class Slot(NamedTuple):
     def fill(self, ptrs: dict) -> int:
         return ptrs[self.name]
 
-    def write(self, buf, start: int, ptrs: dict) -> None:
-        _U64.pack_into(buf, start, ptrs[self.name])
+    def writer(self):
+        """write(buf, start, address): the address into a struct's bytes `buf` at `start`."""
+        return _U64.pack_into
 
 
 class TmaSlot(NamedTuple):
@@ -75,8 +76,21 @@ class TmaSlot(NamedTuple):
         return tma.encode(self.dtype, self.shape, self.strides, jit.ELEM_BYTES[self.dtype], ptrs[self.name],
                           self.rows)
 
-    def write(self, buf, start: int, ptrs: dict) -> None:
-        buf[start:start + self.nbytes] = self.fill(ptrs)
+    def writer(self):
+        """write(buf, start, address): the map of the buffer at `address` into a struct's bytes `buf` at `start`.
+        It remembers the maps by address for this slot alone, where tma.encode's cache hashes the dtype, shape and
+        strides with it at each call (~1 µs a map on the CPU stub)."""
+        maps, end = {}, self.nbytes
+
+        def write(buf, start: int, address: int) -> None:
+            encoded = maps.get(address)
+            if encoded is None:
+                if len(maps) >= 1024:
+                    maps.clear()
+                encoded = maps[address] = self.fill({self.name: address})
+            buf[start:start + end] = encoded
+
+        return write
 
 
 class Struct:
@@ -167,7 +181,7 @@ class Packed(NamedTuple):
         """The bytes the kernel receives with the call's addresses (`ptrs`: buffer name → device address)."""
         raw = bytearray(self.template)
         for at, slot in self.slots:
-            slot.write(raw, at, ptrs)
+            slot.writer()(raw, at, ptrs[slot.name])
         return bytes(raw)
 
 
@@ -209,7 +223,7 @@ BWD_SM90_ARGS = Struct("flash_bwd_sm90_kernel", (
     *[(_flat(path), scalar) for path, scalar, _ in SCORE_MODS.leaves], ("row_lse", PTR)), positional=True)
 BWD_PREPROCESS = Struct("BwdPreprocessParams<u16>", (
     ("dout", PTR), ("out", PTR), ("d_vec", PTR), ("dq_accum", PTR), ("do_s", BHN), ("o_s", BHN),
-    ("H", I32), ("Nq", I32), ("n_rows", I64), ("lse", PTR), ("row_lse", PTR)))
+    ("H", I32), ("Nq", I32), ("Nq_accum", I32), ("n_rows", I64), ("lse", PTR), ("row_lse", PTR)))
 CONVERT_DQ = Struct("ConvertDqParams<u16>", (
     ("dq_accum", PTR), ("dq", PTR), ("dq_s", BHN), ("H", I32), ("Nq", I32), ("n_rows", I64), ("scale", F32)))
 TILE_MINMAX = Struct("TileMinmaxParams", (
@@ -221,7 +235,7 @@ TILE_CLASSIFY = Struct("TileClassifyParams", (
     ("n_tiles", I64), ("window", I32), ("classes", PTR)))
 
 KERNEL_STRUCTS = {"fwd": FWD, "fwd_sm90": FWD_SM90, "bwd": BWD, "bwd_sm90": BWD_SM90_ARGS,
-                  "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
+                  "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ, "bwd_convert_dq_sm90": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
                   "tile_classify": TILE_CLASSIFY}  # jit.KERNELS → the struct its kernel takes
 STRUCTS = (BHN, BHMN, ATTN, SCORE_MODS, *(s for s in KERNEL_STRUCTS.values() if not s.positional))  # params.cuh
 
@@ -320,18 +334,18 @@ def mma_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k
                          row_lse=_optional(row_lse)))
 
 
-def preprocess(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_rows: int,
-               lse: Buf | None = None, row_lse: Buf | None = None) -> Packed:
-    """flash_bwd_preprocess's BwdPreprocessParams: D = rowsum(dO ∘ O), dQ_accum zeroed; with `lse` and `row_lse`
-    (contiguous), row_lse = (lse · log2 e, 0) too."""
+def preprocess(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_q_accum: int,
+               n_rows: int, lse: Buf | None = None, row_lse: Buf | None = None) -> Packed:
+    """flash_bwd_preprocess's BwdPreprocessParams: D = rowsum(dO ∘ O), dQ_accum's n_rows rows (n_q_accum per head)
+    zeroed; with `lse` and `row_lse` (contiguous), row_lse = (lse · log2 e, 0) too."""
     if (lse is None) != (row_lse is None):
         raise ValueError("the preprocess writes row_lse from lse: pass both or neither")
     return BWD_PREPROCESS.pack(dict(dout=dout.ptr, out=out.ptr, d_vec=d_vec.ptr, dq_accum=dq_accum.ptr,
-                                    do_s=_bhn(dout), o_s=_bhn(out), H=heads, Nq=n_q, n_rows=n_rows,
+                                    do_s=_bhn(dout), o_s=_bhn(out), H=heads, Nq=n_q, Nq_accum=n_q_accum, n_rows=n_rows,
                                     lse=_optional(lse), row_lse=_optional(row_lse)))
 
 
 def convert_dq(*, dq_accum: Buf, dq: Buf, heads: int, n_q: int, n_rows: int, scale: float) -> Packed:
-    """flash_bwd_convert_dq's ConvertDqParams."""
+    """flash_bwd_convert_dq's (and _sm90's) ConvertDqParams; `n_rows` counts the kernel's work items."""
     return CONVERT_DQ.pack(dict(dq_accum=dq_accum.ptr, dq=dq.ptr, dq_s=_bhn(dq), H=heads, Nq=n_q, n_rows=n_rows,
                                 scale=scale))

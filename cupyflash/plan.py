@@ -18,18 +18,27 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from . import driver, jit, launch, params
+from . import driver, jit, launch, params, tiles
 from .launch import ScoreMods
 from .params import Buf, Slot, TmaSlot
 
 HOPPER, MMA_SYNC = "hopper", "mma.sync"
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
+CONVERT_SM90_THREADS = 256  # flash_bwd_convert_dq_sm90: one thread per float4 of dQ_accum
 FORWARD_BUFS = ("q", "k", "v", "out", "lse")
 BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
 # A backward with a bias takes these after BACKWARD_BUFS where the rebuild rule is on (launch.LSE_REBUILD_ENV):
 # row_lse, contiguous (B, H, Nq, 2) fp32, the rows' (hi, lo) pairs with P = exp2((s - hi) - lo) (the rebuild rule of
 # cupyflash/cpu_attention.py; _stats_step).
 BIAS_BACKWARD_BUFS = ("row_lse",)
+
+
+def dq_accum_rows(n_q: int) -> int:
+    """dQ_accum's rows per (batch, head): n_q rounded up to the Hopper backward's Q block, whose whole blocks it adds
+    (kernels_cu/flash_bwd_sm90.cuh DqFrag); the mma.sync kernels use its first B·H·n_q rows. One size for both
+    families, so a caller allocates it before the plan is known."""
+    br = next(iter(tiles.BACKWARD_SM90.values())).Br
+    return -(-n_q // br) * br
 
 
 class BiasLayout(NamedTuple):
@@ -191,17 +200,26 @@ def plan_for(layout: CallLayout) -> Plan:
                                                **kernel_bufs, row_lse=row_lse, col0=col0)
                            for col0 in range(0, d, t.launch_cols(d)))
         grid = (math.ceil(layout.n_k / t.Bc), layout.kv_heads, batch)  # K/V blocks × K/V heads × batch
-        n_rows = batch * heads * n_q
-        row_grid, row_block = (math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,)
+        n_rows, accum_rows = batch * heads * n_q, batch * heads * dq_accum_rows(n_q)
+        row_block = (32 * ROWS_PER_BLOCK,)
         pre = params.preprocess(dout=bufs["dout"], out=bufs["out"], d_vec=bufs["d_vec"], dq_accum=bufs["dq_accum"],
-                                heads=heads, n_q=n_q, n_rows=n_rows, lse=None if row_lse is None else bufs["lse"],
-                                row_lse=row_lse)
-        conv = params.convert_dq(dq_accum=bufs["dq_accum"], dq=bufs["dq"], heads=heads, n_q=n_q, n_rows=n_rows,
+                                heads=heads, n_q=n_q, n_q_accum=dq_accum_rows(n_q), n_rows=accum_rows,
+                                lse=None if row_lse is None else bufs["lse"], row_lse=row_lse)
+        if family == HOPPER:  # dQ_accum in the Hopper kernel's fragment order: one thread per float4
+            n_items = accum_rows * d // 4
+            convert = (jit.Variant("bwd_convert_dq_sm90", layout.dtype, d),
+                       (math.ceil(n_items / CONVERT_SM90_THREADS),), (CONVERT_SM90_THREADS,))
+        else:
+            n_items = n_rows
+            convert = (jit.Variant("bwd_convert_dq", layout.dtype, d), (math.ceil(n_rows / ROWS_PER_BLOCK),),
+                       row_block)
+        conv = params.convert_dq(dq_accum=bufs["dq_accum"], dq=bufs["dq"], heads=heads, n_q=n_q, n_rows=n_items,
                                  scale=layout.scale)
         stats = () if row_lse is None else (_stats_step(layout, bufs),)
-        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), row_grid, row_block, pre), *stats,
+        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), (math.ceil(accum_rows / ROWS_PER_BLOCK),),
+                       row_block, pre), *stats,
                  *(_step(variant, grid, (t.threads,), p) for p in packed),
-                 _step(jit.Variant("bwd_convert_dq", layout.dtype, d), row_grid, row_block, conv))
+                 _step(*convert, conv))
     return Plan(layout, family, why, variant, t, steps, classes_shape)
 
 

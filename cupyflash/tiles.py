@@ -66,6 +66,9 @@ class Sm90Tiles:
     # the extra columns with zeros, the GEMMs skip what they can of them and the kernels store only the tensors'
     # (0: the tensors' own).
     pad_to: int = 0
+    # Whether the dropout variants run here; False where they spilled registers, so such calls run on mma.sync
+    # (launch.sm90_unsupported says so) and CI does not compile them.
+    dropout: bool = True
 
     def tile_head_dim(self, d: int) -> int:
         return self.pad_to or d
@@ -90,6 +93,10 @@ FORWARD_SM90 = {
     # 145-301 in the same run
     96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
+    # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
+    # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
+    # runs on mma.sync (BACKWARD_SM90 has no d256), from this forward's LSE as from its own.
+    256: Sm90Tiles(Bc=64, stages=2, dropout=False),
 }
 
 # The Hopper backward (kernels_cu/flash_bwd_sm90.cuh): Bc = 128 keys (two consumer warpgroups of 64), Q/dO blocks of
@@ -98,7 +105,7 @@ FORWARD_SM90 = {
 # 263-356 / 188-351, against SDPA flash's 224-309 / 161-313 and 213-285 / 149-277.
 BACKWARD_SM90 = {
     32: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=64),
-    64: Sm90Tiles(Bc=128, stages=2, Br=64),
+    64: Sm90Tiles(Bc=128, stages=3, Br=64),  # 3 Q/dO slots: +1-4 % over 2, +12 % causal N 1024 (H100, NOTES)
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
 }
@@ -172,14 +179,13 @@ def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
 def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:
     """K and V, the Q and dO slots, two dSᵀ tiles (16-bit, swizzled), LSE and D per slot (fp32; with score mods the
     rows' lo too: P = exp2((s - hi) - lo)), the mbarriers (kv_full, then full and empty per stage), with score mods
-    the soft-cap derivatives of each consumer thread's Br / 2 scores (fp16), at 128-column tiles each consumer
-    warpgroup's dQ staging tile (Br rows of its columns plus 4, fp32, 16-byte aligned), and 1 KiB of alignment
-    slack."""
+    the soft-cap derivatives of each consumer thread's Br / 2 scores (fp16), each consumer warpgroup's dQ staging
+    tile (Br rows of its columns, fp32, 16-byte aligned), and 1 KiB of alignment slack."""
     tile_d = t.tile_head_dim(d)
     cap_grad = 256 * t.Br // 2 * 2 if mods else 0
     row_arrays = 3 if mods else 2
     dq_cols = d if d <= tile_d // 2 else tile_d // 2  # flash_bwd_sm90.cuh kDqCols
-    dq_staging = 2 * t.Br * (dq_cols + 4) * 4 + 16 if tile_d >= 128 else 0  # kDqBulk
+    dq_staging = 2 * t.Br * dq_cols * 4 + 8 * 8 + 16  # and each consumer warp's destination address
     return ((2 * t.Bc + 2 * t.stages * t.Br) * tile_d * 2 + 2 * t.Bc * t.Br * 2 + t.stages * row_arrays * t.Br * 4
             + 8 * (1 + 2 * t.stages) + cap_grad + dq_staging + 1024)
 

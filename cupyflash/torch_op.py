@@ -152,15 +152,17 @@ _PLAIN_BACKWARDS: dict = {}
 
 def _plain_key(tensors: tuple, options: tuple):
     """The call key of a plain call on the CUDA path (None for anything else): what the checks and the plan read of
-    `tensors` (q first), the options, and the settings they depend on."""
+    `tensors` (q first), the options, and the settings they depend on. Loops and a list, not generators: this runs
+    at every call, and a generator's frame costs 1-2 µs here."""
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return None
     q = tensors[0]
-    if any(type(t) is not torch.Tensor for t in tensors) or _impl(q) is cpu_attention or \
-            torch.compiler.is_compiling():
+    impl = _impl(q)
+    if impl is cpu_attention or torch.compiler.is_compiling():
         return None
-    from . import plan  # CUDA only: imports CuPy
-
-    return (*((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors), options,
-            q.dtype == torch.float32 and tf32_allowed(), plan.sm90_enabled())
+    return (*[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors], options,
+            q.dtype == torch.float32 and tf32_allowed(), impl.sm90_enabled())
 
 
 def _remember(runners: dict, key, make) -> None:
@@ -196,11 +198,16 @@ def _out_shape(q, v) -> tuple:
 
 
 def _impl(q: torch.Tensor):
-    if q.device.type == "cuda":
-        from . import cuda_attention
+    return _cuda_attention() if q.device.type == "cuda" else cpu_attention
 
-        return cuda_attention
-    return cpu_attention
+
+@functools.cache
+def _cuda_attention():
+    """The CUDA implementation, imported at the first CUDA call (with the CUDA path's modules); an import
+    statement at every call costs 0.6 µs."""
+    from . import cuda_attention
+
+    return cuda_attention
 
 
 @flash_attn_fwd.register_fake
@@ -350,18 +357,39 @@ def _direct_autograd(op_def) -> None:
         body = op_def._init_fn
         after_autograd, inplace_or_view = torch._C._after_autograd_keyset, torch._C.DispatchKey.ADInplaceOrView
         devices = (torch._C.DispatchKey.CUDA, torch._C.DispatchKey.CPU)
+        raw_repr = torch._C.DispatchKeySet.raw_repr
     except AttributeError as err:
         log.debug("the ops keep torch's generic Autograd kernel: %s", err)
         return
 
+    def device_next(keyset) -> bool:
+        """Whether the device's kernel is all that would run below autograd."""
+        return (keyset & after_autograd).remove(inplace_or_view).highestPriorityTypeId() in devices
+
+    # The answer by the keyset's bits: a pure function of them, and the three calls above that build key sets cost
+    # 3 µs per call on the CPU stub, a dict lookup 0.3. A call sees one of a few keysets (the tensors' device keys
+    # and the thread's modes).
+    decided = {}
+
+    def records(args) -> bool:
+        """Whether autograd records this call. isinstance, not type(): an nn.Parameter records gradients too (the
+        keyset test rejects subclasses that dispatch in Python). A loop: a generator costs a frame per argument."""
+        if torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return True
+        return False
+
     def kernel(keyset, *args, **kwargs):
-        # isinstance, not type(): an nn.Parameter records gradients too (the keyset test below rejects subclasses
-        # that dispatch in Python).
         if forward_ad._current_level >= 0:
             _refuse_tangents(op_def._name, args)
-        if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)) and (
-                (keyset & after_autograd).remove(inplace_or_view).highestPriorityTypeId() in devices):
-            return body(*args, **kwargs)
+        if not records(args):
+            bits = raw_repr(keyset)
+            plain = decided.get(bits)
+            if plain is None:
+                plain = decided[bits] = device_next(keyset)
+            if plain:
+                return body(*args, **kwargs)
         return generic(keyset, *args, **kwargs)
 
     # custom_op registered its Autograd kernel through this same Library; torch before 2.13 refuses a second

@@ -16,10 +16,11 @@
 
 namespace cupyflash {
 
-// One warp per row (B·H·Nq rows): D_i = Σ_d dO[i,d] · O[i,d], and the row of the dQ accumulator (contiguous
-// (B, H, Nq, D)) zeroed for the main kernel's atomic adds: a memset launch fewer, as FlashAttention-2's
-// Clear_dQaccum (https://github.com/Dao-AILab/flash-attention/blob/main/csrc/flash_attn/src/flash_bwd_preprocess_kernel.h).
-// With row_lse non-null, the row's (LSE · log2 e, 0) too (LSE contiguous (B, H, Nq), as row_lse).
+// One warp per row of the dQ accumulator (B·H·Nq_accum rows of D floats; Nq_accum ≥ Nq: the Hopper backward's whole
+// Q blocks, flash_bwd_sm90.cuh DqFrag), each zeroed for the main kernel's atomic adds: a memset launch fewer, as
+// FlashAttention-2's Clear_dQaccum (https://github.com/Dao-AILab/flash-attention/blob/main/csrc/flash_attn/src/flash_bwd_preprocess_kernel.h).
+// The mma.sync kernels use the first B·H·Nq rows, (B, H, Nq, D) contiguous. For rows i < Nq also D_i = Σ_d dO[i,d] ·
+// O[i,d], and with row_lse non-null the row's (LSE · log2 e, 0) (LSE contiguous (B, H, Nq), as row_lse).
 template <typename T, int D>
 __global__ void flash_bwd_preprocess(const BwdPreprocessParams<typename T::elem> params) {
     const typename T::elem* __restrict__ dout = params.dout;
@@ -36,16 +37,19 @@ __global__ void flash_bwd_preprocess(const BwdPreprocessParams<typename T::elem>
     const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= n_rows) return;
     const int lane = threadIdx.x % 32;
-    const int i = (int)(row % Nq), h = (int)((row / Nq) % H), b = (int)(row / ((i64)Nq * H));
+    for (int d = lane; d < D; d += 32) dq_accum[row * D + d] = 0.f;
+    const int i = (int)(row % params.Nq_accum);
+    const i64 bh = row / params.Nq_accum, q_row = bh * Nq + i;  // the row in (B, H, Nq)
+    if (i >= Nq) return;
+    const int h = (int)(bh % H), b = (int)(bh / H);
     const typename T::elem* dor = dout + b * do_sb + h * do_sh + i * do_sn;
     const typename T::elem* orow = out + b * o_sb + h * o_sh + i * o_sn;
     float acc = 0.f;
     for (int d = lane; d < D; d += 32) acc += T::to_float(dor[d]) * T::to_float(orow[d]);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) d_vec[row] = acc;
-    if (row_lse != nullptr && lane == 0) row_lse[row] = make_float2(lse[row] * kLog2e, 0.f);
-    for (int d = lane; d < D; d += 32) dq_accum[row * D + d] = 0.f;
+    if (lane == 0) d_vec[q_row] = acc;
+    if (row_lse != nullptr && lane == 0) row_lse[q_row] = make_float2(lse[q_row] * kLog2e, 0.f);
 }
 
 // One warp per row: dQ[b,h,i,:] = scale · dQ_accum[b,h,i,:] (accumulator contiguous (B, H, Nq, D)).

@@ -5,21 +5,70 @@
 //   Sᵀ = K Q_iᵀ and dPᵀ = V dO_iᵀ (64 keys x Br), Pᵀ = exp2(Sᵀ·scale·log2 e − LSE·log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − D_i),
 //   dV += Pᵀ dO_i and dK += dSᵀ Q_i with Pᵀ, dSᵀ as register A operands,
 //   dQ_i += dS K_j: both halves of dSᵀ go through shared memory, and each warpgroup forms D/2 of dQ_i's columns, or,
-//   where the tensors' columns fit in D/2, the sum over its 64 keys of all of them; at 128-column tiles it stages them
-//   in shared memory (fp32) and adds them into the fp32 accumulator with one bulk reduce-add per row (the TMA engine,
-//   as FlashAttention-3's dQ), at 64 with per-thread red.global.add.v4 (kDqBulk).
+//   where the tensors' columns fit in D/2, the sum over its 64 keys of all of them; each warp stores its 16 rows of
+//   them to shared memory in the accumulator's fragment order and adds them, contiguous, into the fp32 accumulator
+//   with one bulk reduce-add (the TMA engine, as FlashAttention-3's dQ_accum; flash_bwd_convert_dq_sm90 below reads
+//   that layout back).
 // A second producer warp stages LSE_i · log2 e and D_i in shared memory beside each Q/dO slot; with Mods also lo_i,
 // P = exp2((s - hi) - lo) with hi = LSE_i · log2 e and lo = 0, or with row_lse (a bias: flash_bwd.cuh's preprocess and
 // the forward's stats mode) the rows' (hi, lo) pairs, (m, log2 l) under the rebuild rule (scores.cuh kLseRebuild).
 // 16-bit types. Mods compiles in the score mods of scores.cuh (bias with its tile classes and gradient, window,
 // soft-cap; Dropout the dropout) as flash_bwd.cuh applies them, so it takes either forward's LSE and dropout mask;
 // Mods = false is the plain path (at most a causal mask). flash_bwd.cuh's flash_bwd_preprocess (D) and
-// flash_bwd_convert_dq run before and after.
+// flash_bwd_convert_dq_sm90 (below) run before and after.
 #pragma once
 #include "scores.cuh"
 #include "wgmma.cuh"
 
 namespace cupyflash {
+
+// dQ_accum's layout on Hopper: whole Q blocks of Br rows per (batch, head) (Nq rounded up to Br), each block split
+// into the warpgroups' column shares (by columns: D/2, then DHead - D/2; by keys: all DHead, both adding), each share
+// into the consumer warps' 16-row tiles, and each tile in wgmma's accumulator order: per 8 columns (a chunk), lane l's
+// (row l/4, cols 2(l%4), +1) then (row l/4 + 8, same cols). A warp's tile is one contiguous run of 16 · share floats.
+struct DqFrag {
+    static constexpr int kChunkFloats = 32 * 4;  // 8 columns x 16 rows
+    CF_DEVICE static int offset(int chunk, int lane) { return (chunk * 32 + lane) * 4; }
+    // The Q block's first float: (b·H + h) heads of ceil(Nq / Br) blocks, then q0 rows, before it.
+    CF_DEVICE static i64 block(i64 bh, int q0, int Nq, int Br, int DHead) {
+        return (bh * ((Nq + Br - 1) / Br) * Br + q0) * DHead;
+    }
+    template <int D, int DHead>
+    CF_DEVICE static int warp_tile(int wg, int warp, int Br) {
+        constexpr bool by_keys = DHead <= D / 2;
+        const int share = by_keys ? DHead : wg == 0 ? D / 2 : DHead - D / 2;
+        return (by_keys || wg == 0 ? 0 : Br * (D / 2)) + warp * 16 * share;
+    }
+};
+
+// dQ = scale · dQ_accum in the input dtype, with the caller's strides, from the layout above: one thread per 4 floats
+// of it (two rows by two columns), so the reads are whole 16-byte runs; rows past Nq skipped. n_rows counts float4s.
+template <typename T, int D, int DHead, int Br>
+__global__ void flash_bwd_convert_dq_sm90(const ConvertDqParams<typename T::elem> params) {
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= params.n_rows) return;
+    constexpr bool by_keys = DHead <= D / 2;
+    constexpr int kBlock4 = Br * DHead / 4;  // float4s per Q block
+    const i64 block = idx / kBlock4;
+    int u = (int)(idx % kBlock4);
+    const int n_blocks = (params.Nq + Br - 1) / Br;
+    const int qb = (int)(block % n_blocks), h = (int)((block / n_blocks) % params.H);
+    const int b = (int)(block / ((i64)n_blocks * params.H));
+    int share = by_keys ? DHead : D / 2, col0 = 0;
+    if (!by_keys && u >= Br * (D / 2) / 4) {
+        u -= Br * (D / 2) / 4;
+        share = DHead - D / 2;
+        col0 = D / 2;
+    }
+    const int warp = u / (4 * share), in_tile = u % (4 * share);
+    const int chunk = in_tile / 32, lane = in_tile % 32;
+    const int row = qb * Br + warp * 16 + lane / 4, col = col0 + chunk * 8 + 2 * (lane % 4);
+    const float4 a = reinterpret_cast<const float4*>(params.dq_accum)[idx];
+    typename T::elem* dst = params.dq + b * params.dq_s.b + h * params.dq_s.h + col;
+    // dq is contiguous (the op allocates it), so a column pair is one aligned 32-bit word.
+    if (row < params.Nq) store2<T>(dst + row * params.dq_s.n, a.x * params.scale, a.y * params.scale);
+    if (row + 8 < params.Nq) store2<T>(dst + (row + 8) * params.dq_s.n, a.z * params.scale, a.w * params.scale);
+}
 
 // Tile sizes: cupyflash/tiles.py BACKWARD_SM90. D and DHead as in flash_fwd_sm90.cuh: tiles of D columns, tensors of
 // DHead (dQ_accum too), the columns past DHead zero, skipped by Sᵀ and dPᵀ (head_k_steps) and never stored.
@@ -61,16 +110,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const u32 bars = sRow0 + kStages * kRowArrays * Br * 4;  // kv_full, qdo_full[S], q_empty[S]
     // Mods: each consumer thread's soft-cap derivatives (Br / 4 u32, element i of thread t at [i][t], conflict-free)
     const u32 sCapGrad = bars + 8 * (1 + 2 * kStages);
-    // Per consumer warpgroup, its dQ_i share (Br rows of kDqCols fp32), rows kDqRow floats apart: 16 bytes of padding
-    // put the 8 rows a warp's store instruction writes 4 banks apart, 2 ways on each (the minimum for 256 bytes).
-    // Its offset from sK, a constant (a base held across the loop spilled at d128 with dropout), 16-byte aligned for
-    // the bulk copies.
-    // Bulk adds pay at 128-column tiles (+3-9 % on the backward, H100) and lose at 64 (-9-12 %: a row is 128 bytes,
-    // and the 16 issues per warp, serialized over the lanes, cost more than the red.global they replace); see
-    // benchmarks/NOTES.md.
-    constexpr bool kDqBulk = D >= 128;
+    // Per consumer warp, its 16 rows of the warpgroup's dQ_i share (kDqCols fp32 each) in fragment order (DqFrag): a
+    // lane's 4 values of each 8 columns together, so the stores are conflict-free and the warp's add is one bulk copy
+    // (one per row lost to red.global at d64: 16 issues per warp serialized over the lanes, benchmarks/NOTES.md);
+    // then each warp's destination address (8 bytes). Its offset from sK, a constant (a base held across the loop
+    // spilled at d128 with dropout), 16-byte aligned for the bulk copies.
     constexpr int kDqCols = kDqByKeys ? DHead : D / 2;
-    constexpr int kDqRow = kDqCols + 4;
     constexpr u32 kDqOffset = (2 * TileKV::bytes() + 2 * kStages * TileQ::bytes() + 2 * TileDS::bytes() +
                                kStages * kRowArrays * Br * 4 + 8 * (1 + 2 * kStages) + (Mods ? Br * 256 : 0) + 15) &
                               ~15u;
@@ -194,6 +239,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // spilled (184 bytes on d128).
         u32 k_base = sK, v_base = sV;
         asm volatile("" : "+r"(k_base), "+r"(v_base));
+        // Where this warp adds its dQ_i tile, parked in shared memory until then: held in registers (or formed there
+        // from the block's head and row) it spilled at d128 with dropout, where the scores' Philox needs them most.
+        const u32 s_dq_dst = k_base + kDqOffset + (2 * Br * kDqCols + 2 * (wg * 4 + warp % 4)) * 4;
+        if (lane == 0)
+            st_shared_u64(s_dq_dst, reinterpret_cast<unsigned long long>(
+                                        dq_accum + DqFrag::block(bh, q0, Nq, Br, DHead) +
+                                        DqFrag::warp_tile<D, DHead>(wg, warp % 4, Br)));
 
         float st[Br / 8][4], dpt[Br / 8][4];  // Sᵀ and dPᵀ: rows = this warpgroup's keys, columns = queries
         fence_operands(st);
@@ -415,39 +467,27 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         mbar_arrive(q_empty(n));  // Q_i and dO_i are read
         // By columns, the second warpgroup's share is its columns below DHead.
         const int dq_chunks = kDqByKeys ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8;
-        if constexpr (kDqBulk) {
-            // Each warp stages its 16 rows of the warpgroup's share and adds them, lane r < 16 row r, so that a warp's
-            // sync orders the stores, the copies and the next iteration's stores: lane r's last copy has read its row
-            // (issued an iteration ago: the wait costs nothing), the lanes store, the stores reach the copy (the async
-            // proxy) after the fence and the sync. Rows past Nq are not added: their dq_accum rows are another head's.
-            const u32 sdq = k_base + kDqOffset + (wg_dq * Br + (warp % 4) * 16) * kDqRow * 4;  // this warp's rows
-            if (lane < 16) bulk_wait_read<0>();
-            __syncwarp();
-            const u32 at0 = sdq + (lane / 4 * kDqRow + 2 * (lane % 4)) * 4;  // row lane / 4 and + 8 (m64nNk16 layout)
+        // Lane 0's last copy has read the warp's staging (issued an iteration ago: the wait costs nothing), the
+        // lanes store, the stores reach the copy (the async proxy) after the fence and the warp's sync. Rows past Nq
+        // are added too: the accumulator holds whole Q blocks, and the conversion skips them.
+        const u32 sdq = k_base + kDqOffset + (wg_dq * 4 + warp % 4) * 16 * kDqCols * 4;  // this warp's 16 rows
+        if (lane == 0) bulk_wait_read<0>();
+        __syncwarp();
+        const u32 at0 = sdq + DqFrag::offset(0, lane) * 4;
 #pragma unroll
-            for (int nt = 0; nt < D / 16; ++nt) {
-                if (nt < dq_chunks) {
-                    st_shared_f32x2(at0 + nt * 32, dq[nt][0], dq[nt][1]);
-                    st_shared_f32x2(at0 + nt * 32 + 8 * kDqRow * 4, dq[nt][2], dq[nt][3]);
-                }
-            }
-            fence_proxy_async();
-            __syncwarp();
-            const int q_row = q0 + (warp % 4) * 16 + lane;
-            if (lane < 16 && q_row < Nq) {
-                bulk_reduce_add_f32(dq_accum + (bh * Nq + q_row) * DHead + (kDqByKeys ? 0 : wg_dq * (D / 2)),
-                                    sdq + lane * kDqRow * 4, dq_chunks * 32);
-                bulk_commit();
-            }
-        } else {
-            const int q_row = q0 + (warp % 4) * 16 + lane / 4;
-            float* dq_rows = dq_accum + (bh * Nq + q0 + (warp % 4) * 16) * DHead + (kDqByKeys ? 0 : wg_dq * (D / 2));
-            red_add_tile<D / 16>(dq_rows, DHead, dq, q_row < Nq, q_row + 8 < Nq, lane, dq_chunks);
+        for (int nt = 0; nt < D / 16; ++nt) {
+            if (nt < dq_chunks)
+                st_shared_f32x4(at0 + DqFrag::offset(nt, 0) * 4, dq[nt][0], dq[nt][1], dq[nt][2], dq[nt][3]);
+        }
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) {
+            bulk_reduce_add_f32(reinterpret_cast<float*>(lds_u64(s_dq_dst)), sdq,
+                                dq_chunks * DqFrag::kChunkFloats * 4);
+            bulk_commit();
         }
     }
-    if constexpr (kDqBulk) {
-        if (lane < 16) bulk_wait<0>();  // the staging rows stay read until the sums are out
-    }
+    if (lane == 0) bulk_wait<0>();  // the staging stays read until the sums are out
 
     // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.
     store_dk_dv<T, DHead>(dk + b * dk_sb + h_kv * dk_sh, dv + b * dv_sb + h_kv * dv_sh, dk_sn, dv_sn, key0, Nk, acc_dk,

@@ -108,20 +108,20 @@ struct BwdPreprocessParams {
     float* d_vec;
     float* dq_accum;
     BhnStrides do_s, o_s;
-    int H, Nq;
-    i64 n_rows;
+    int H, Nq, Nq_accum;
+    i64 n_rows;  // B·H·Nq_accum
     const float* lse;
     float2* row_lse;
 };
 
-// flash_bwd.cuh flash_bwd_convert_dq.
+// flash_bwd.cuh flash_bwd_convert_dq and flash_bwd_sm90.cuh flash_bwd_convert_dq_sm90.
 template <typename E>
 struct ConvertDqParams {
     const float* dq_accum;
     E* dq;
     BhnStrides dq_s;
     int H, Nq;
-    i64 n_rows;
+    i64 n_rows;  // the threads' work items: rows (B·H·Nq) for flash_bwd_convert_dq, float4s for _sm90
     float scale;
 };
 

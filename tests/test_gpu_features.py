@@ -18,7 +18,7 @@ import torch
 
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
-from cupyflash import launch
+from cupyflash import launch, plan
 from cupyflash.cpu_attention import dropout_keep
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_dropout_runs_agree,
                        assert_within_rule, attention_ref, draw_inputs, nbytes, poison_cuda_allocator, rounding_floor,
@@ -70,7 +70,7 @@ def run_bwd(dout, q, k, v, bias, out, lse, scale, causal, window, dropout_p, see
     sizes = [nbytes(q.shape, q.dtype), nbytes(k.shape, k.dtype), nbytes(v.shape, v.dtype)]  # dq, dk, dv
     if bias_grad:
         sizes.append(nbytes(bias.shape, FP32))  # dbias accumulator
-    sizes += [nbytes(q.shape, FP32), nbytes((b, h, n_q), FP32)]  # dq_accum, D
+    sizes += [nbytes((b, h, plan.dq_accum_rows(n_q), d), FP32), nbytes((b, h, n_q), FP32)]  # dq_accum, D
     if bias is not None and launch.lse_rebuild_enabled():
         sizes.append(nbytes((b, h, n_q, 2), FP32))  # row_lse: the rebuild rule's (hi, lo) pairs
     poison_cuda_allocator(*sizes)

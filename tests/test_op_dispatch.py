@@ -50,6 +50,27 @@ def test_a_dispatch_mode_still_sees_both_ops():
     assert FWD.default in seen and BWD.default in seen
 
 
+def test_the_kernel_s_decision_follows_each_call_s_keyset():
+    """The kernel remembers its decision by keyset bits: a plain call's keyset, then a mode's, then the plain one
+    again each get their own path."""
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv()
+    with torch.no_grad():
+        plain, _ = FWD(q, k, v, None, 0.125, True)
+        with Spy():
+            spied, _ = FWD(q, k, v, None, 0.125, True)
+        again, _ = FWD(q, k, v, None, 0.125, True)
+    assert seen == [FWD.default]
+    torch.testing.assert_close(spied, plain)
+    torch.testing.assert_close(again, plain)
+
+
 def test_fake_tensors_get_the_fake_implementation():
     with FakeTensorMode() as mode:
         q, k, v = (mode.from_tensor(t) for t in _qkv())

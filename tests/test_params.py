@@ -3,12 +3,13 @@ compiler (NVRTC compiles a static_assert of every field's offset, size and type 
 alignment; no GPU needed) and by the field names in order; and the packing of values into them."""
 from __future__ import annotations
 
+import ctypes
 import re
 import struct
 
 import pytest
 
-from cupyflash import jit, params
+from cupyflash import jit, params, tma
 
 CPP_TYPES = {"int": "int", "u32": "u32", "i64": "i64", "float": "float", "TmaDesc": "cupyflash::TmaDesc"}
 KERNEL_PARAM_LIMIT = 4096  # bytes of kernel parameters the brief allows (CUDA's classic limit)
@@ -141,6 +142,27 @@ def test_pack_puts_each_value_at_its_offset_and_lists_the_slots():
     filled = packed.filled({"dq_accum": 0xDEAD_BEEF_0000})
     assert struct.unpack_from("<Q", filled)[0] == 0xDEAD_BEEF_0000 and filled[8:] == packed.template[8:]
     assert packed.values["dq_s.h"] == 5
+
+
+def test_a_tma_slot_writes_the_map_of_each_call_s_address(monkeypatch):
+    """TmaSlot.writer remembers maps by address for its slot: each address still gets its own map, a repeated one
+    the map encoded for it."""
+    encoded = []
+
+    def encode(desc, *args):
+        address = args[2].value
+        ctypes.memmove(desc, address.to_bytes(8, "little") * 16, tma.MAP_BYTES)
+        encoded.append(address)
+        return 0
+
+    monkeypatch.setattr(tma, "_encode_fn", lambda: encode)
+    tma.encode.cache_clear()
+    write = params.TmaSlot("q", "bfloat16", (1, 2, 128, 64), (16384, 8192, 64, 1), 64).writer()
+    buf = bytearray(8 + tma.MAP_BYTES)
+    for address in (0x10000, 0x20000, 0x10000):
+        write(buf, 8, address)
+        assert buf[8:] == address.to_bytes(8, "little") * 16 and buf[:8] == bytes(8)
+    assert encoded == [0x10000, 0x20000]
 
 
 @pytest.mark.parametrize("values,error", [

@@ -29,12 +29,12 @@ def _contiguous(shape) -> tuple:
 
 
 def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None, window=(-1, -1), dropout_p=0.0,
-            softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True):
+            softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True, n_q=NQ):
     """A CallLayout of contiguous buffers (overrides by name in `strides` / `addresses`, modulo 16); a backward with
     a bias has the row_lse workspace, as cuda_path gives it."""
-    q_shape, kv_shape = (B, H, NQ, d), (B, HKV, NK, d)
+    q_shape, kv_shape = (B, H, n_q, d), (B, HKV, NK, d)
     shapes = dict(q=q_shape, k=kv_shape, v=kv_shape, out=q_shape, dout=q_shape, lse=q_shape[:3], d_vec=q_shape[:3],
-                  dq_accum=q_shape, dq=q_shape, dk=kv_shape, dv=kv_shape, row_lse=(*q_shape[:3], 2))
+                  dq_accum=(B, H, plan.dq_accum_rows(n_q), d), dq=q_shape, dk=kv_shape, dv=kv_shape, row_lse=(*q_shape[:3], 2))
     names = plan.FORWARD_BUFS if kernel == "fwd" else plan.BACKWARD_BUFS
     if kernel == "bwd" and bias is not None:
         names += plan.BIAS_BACKWARD_BUFS
@@ -54,8 +54,8 @@ def _slot_names(step) -> dict:
 
 # ---- which family, variant and tiles, and why ------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-@pytest.mark.parametrize("d", sorted(tiles.FORWARD_SM90))
+@pytest.mark.parametrize("kernel,d", [(kernel, d) for kernel, table in (("fwd", tiles.FORWARD_SM90),
+                                                                       ("bwd", tiles.BACKWARD_SM90)) for d in table])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
@@ -74,7 +74,7 @@ TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as m
     (dict(cc=89), r"^sm_89"),
     (dict(cc=100), r"^sm_100"),
     (dict(dtype="float32"), r"^dtype float32: it takes float16 and bfloat16$"),
-    (dict(d=256), r"^head_dim 256"),
+    (dict(d=256, dropout_p=0.1), r"^(dropout at )?head_dim 256"),  # fwd: dropout; bwd: no Hopper d256
     (dict(addresses=dict(q=8)), r"^q: its data pointer is not 16-byte aligned$"),
     (dict(addresses=dict(v=2)), r"^v: its data pointer"),
     (dict(strides=dict(k=(HKV * NK * 68, NK * 68, 68, 1))), r"^k: strides"),
@@ -89,6 +89,23 @@ def test_hopper_declined_says_why_and_mma_sync_runs(kernel, change, pattern):
     mods = layout.bias is not None or layout.window != (-1, -1) or layout.dropout_p > 0 or layout.softcap > 0
     assert p.variant == jit.Variant(kernel, layout.dtype, layout.shape[3], False, mods, layout.dropout_p > 0)
     assert p.tiles == p.variant.tiles
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_head_dim_256_forward_on_hopper_its_backward_and_dropout_on_mma_sync(dtype):
+    """d256: the Hopper forward (64-key blocks), its backward on mma.sync, and dropout on mma.sync (its Hopper variant
+    spilled, so it is neither planned nor compiled)."""
+    fwd = plan.plan_for(_layout("fwd", dtype, 256, causal=True))
+    assert fwd.family == plan.HOPPER and fwd.tiles == tiles.FORWARD_SM90[256] and fwd.tiles.Bc == 64
+    assert fwd.steps[0].shared_bytes == fwd.variant.shared_bytes <= 232448  # sm_90's opt-in shared memory
+    bwd = plan.plan_for(_layout("bwd", dtype, 256, causal=True))
+    assert bwd.family == plan.MMA_SYNC and bwd.why.startswith("head_dim 256: it takes")
+    dropped = plan.plan_for(_layout("fwd", dtype, 256, dropout_p=0.1))
+    assert dropped.family == plan.MMA_SYNC
+    assert dropped.why == "dropout at head_dim 256: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)"
+    compiled = {v.name for v in jit.all_variants()}
+    short = {"float16": "f16", "bfloat16": "bf16"}[dtype]
+    assert f"fwd_sm90_{short}_d256_mods" in compiled and f"fwd_sm90_{short}_d256_mods_dropout" not in compiled
 
 
 def test_hopper_backward_reads_dout_through_tma_too():
@@ -120,10 +137,11 @@ def test_mma_sync_tiles_grid_block_and_shared_memory(kernel, dtype, d, causal, w
     if kernel == "fwd":
         assert len(p.steps) == 1 and main.grid == (math.ceil(NQ / want.Br), H, B)
     else:
-        rows = (math.ceil(B * H * NQ / plan.ROWS_PER_BLOCK),)
         assert [s.variant.kernel for s in p.steps] == ["bwd_preprocess", "bwd", "bwd_convert_dq"]
         assert main.grid == (math.ceil(NK / want.Bc), HKV, B)
-        assert p.steps[0].grid == p.steps[2].grid == rows and p.steps[0].shared_bytes == 0
+        # the preprocess zeroes dQ_accum's whole rows (Q blocks of the Hopper kernel), the conversion reads B·H·Nq
+        assert p.steps[0].grid == (math.ceil(B * H * plan.dq_accum_rows(NQ) / plan.ROWS_PER_BLOCK),)
+        assert p.steps[2].grid == (math.ceil(B * H * NQ / plan.ROWS_PER_BLOCK),) and p.steps[0].shared_bytes == 0
 
 
 def test_bias_tile_classes_follow_the_plans_tiles():
@@ -146,7 +164,8 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
     tile classes, out null, reading the saved LSE, writing row_lse), then the main kernel reading row_lse, whatever its
     family; a backward without one is unchanged, its row_lse pointers null."""
     biased = plan.plan_for(_layout("bwd", dtype, 64, cc=cc, **{"bias": BIAS, **change}))
-    assert [s.variant.kernel for s in biased.steps] == ["bwd_preprocess", "fwd", main_kernel, "bwd_convert_dq"]
+    convert = "bwd_convert_dq_sm90" if main_kernel == "bwd_sm90" else "bwd_convert_dq"
+    assert [s.variant.kernel for s in biased.steps] == ["bwd_preprocess", "fwd", main_kernel, convert]
     pre, stats, main, _ = biased.steps
     causal = change.get("causal", False)
     assert stats.variant == jit.Variant("fwd", dtype, 64, causal, mods=True, dropout=False)
@@ -164,17 +183,38 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
     assert _slot_names(main)["row_lse"] == "row_lse"
 
     plain = plan.plan_for(_layout("bwd", dtype, 64, cc=cc, **{k: v for k, v in change.items() if k != "bias"}))
-    assert [s.variant.kernel for s in plain.steps] == ["bwd_preprocess", main_kernel, "bwd_convert_dq"]
+    assert [s.variant.kernel for s in plain.steps] == ["bwd_preprocess", main_kernel, convert]
     assert "row_lse" not in plain.needs
     pre_values, main_values = plain.steps[0].packed.values, plain.steps[1].packed.values
     assert (pre_values["lse"], pre_values["row_lse"], main_values["row_lse"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("n_q", [1, 64, 97, 1023])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+def test_hopper_backward_adds_dq_in_whole_q_blocks(n_q, d):
+    """The Hopper backward adds dQ_accum in its fragment order, whole Q blocks of Br rows per head
+    (flash_bwd_sm90.cuh DqFrag): dQ_accum has dq_accum_rows(n_q) rows per head, all zeroed by the preprocess, and
+    flash_bwd_convert_dq_sm90 reads them back, one thread per float4."""
+    layout = _layout("bwd", d=d, n_q=n_q)
+    p = plan.plan_for(layout)
+    assert p.family == plan.HOPPER
+    br = tiles.BACKWARD_SM90[d].Br
+    rows = plan.dq_accum_rows(n_q)
+    assert rows % br == 0 and n_q <= rows < n_q + br
+    pre, _, conv = p.steps
+    assert conv.variant == jit.Variant("bwd_convert_dq_sm90", layout.dtype, d)
+    assert pre.packed.values["Nq_accum"] == rows and pre.packed.values["n_rows"] == B * H * rows
+    assert pre.grid == (math.ceil(B * H * rows / plan.ROWS_PER_BLOCK),)
+    items = B * H * rows * d // 4
+    assert conv.packed.values["n_rows"] == items
+    assert conv.grid == (math.ceil(items / plan.CONVERT_SM90_THREADS),) and conv.block == (plan.CONVERT_SM90_THREADS,)
 
 
 def test_row_lse_goes_with_the_bias():
     """Only with a bias; a bias without it (launch.LSE_REBUILD_ENV "0") plans as before the rule."""
     with_bias = _layout("bwd", bias=BIAS)
     without = plan.plan_for(with_bias._replace(bufs=with_bias.bufs[:-1]))
-    assert [s.variant.kernel for s in without.steps] == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq"]
+    assert [s.variant.kernel for s in without.steps] == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
     assert "row_lse" not in without.needs
     with pytest.raises(ValueError, match="row_lse without a bias"):
         plan.plan_for(with_bias._replace(bias=None))
@@ -236,7 +276,7 @@ def test_same_layout_hits_the_cache_and_any_change_misses():
 
 KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_sm90": "flash_fwd_sm90_kernel", "bwd": "flash_bwd_kernel",
                 "bwd_sm90": "flash_bwd_sm90_kernel", "bwd_preprocess": "flash_bwd_preprocess",
-                "bwd_convert_dq": "flash_bwd_convert_dq"}
+                "bwd_convert_dq": "flash_bwd_convert_dq", "bwd_convert_dq_sm90": "flash_bwd_convert_dq_sm90"}
 
 
 def _kernel_struct(name: str) -> str:
@@ -478,8 +518,14 @@ def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, mo
         for name in before:
             if before[name] != now[name] and name not in ("dout", "d_vec", "dq_accum"):
                 assert now[name] == addresses[name].data_ptr(), name
+    # the workspaces share one allocation: dq_accum (B, H, Nq, D) fp32, then d_vec 256 bytes aligned past its end
+    (_, workspace), = [(v, args) for v, args in second if v.kernel == "bwd_preprocess"]
+    offset = workspace["d_vec"] - workspace["dq_accum"]
+    assert offset >= 4 * q.numel() and offset % 256 == 0
     _, third = calls(*inputs())  # new outputs each call, the second's still alive
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(third[3:], (out, lse, dq, dk, dv)))
+    assert all(t.is_contiguous() and t.device == q.device for t in third[3:])
+    assert [t.dtype for t in third[3:]] == [torch.float16, torch.float32, *[torch.float16] * 3]
     # flash_attention's forward and backward (autograd outside torch.compile) take the same plans
     q, k, v = (t.requires_grad_() for t in inputs())
     cupyflash.flash_attention(q, k, v, causal=True, window=(16, 0)).sum().backward()
