@@ -95,17 +95,19 @@ FORWARD_SM90 = {
     128: Sm90Tiles(Bc=128, stages=2),
     # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
     # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
-    # runs on mma.sync (BACKWARD_SM90 has no d256), from this forward's LSE as from its own.
+    # runs on mma.sync (BACKWARD_SM90 has no d256), from this forward's LSE as from its own. H100, same run
+    # (benchmarks/results/fwd-d256-sm90-NVIDIA_H100_80GB_HBM3.log): 531-629 TFLOP/s, causal 371-628, 3.2-3.4x the
+    # mma.sync forward, 0.83-0.90x of FlashAttention-4 at N >= 4096
     256: Sm90Tiles(Bc=64, stages=2, dropout=False),
 }
 
 # The Hopper backward (kernels_cu/flash_bwd_sm90.cuh): Bc = 128 keys (two consumer warpgroups of 64), Q/dO blocks of
 # Br = 64 rows through `stages` slots; its dSᵀ tile (Bc x Br) is double-buffered. H100, same run
-# (benchmarks/results/sm90-backward-NVIDIA_H100_80GB_HBM3.log): bf16 d128 306-406 TFLOP/s, causal 218-393, d64
-# 263-356 / 188-351, against SDPA flash's 224-309 / 161-313 and 213-285 / 149-277.
+# (benchmarks/results/dq-frag-ab-NVIDIA_H100_80GB_HBM3.log): bf16 d128 326-497 TFLOP/s, causal 222-487, d64 286-389 /
+# 197-385, at 0.65-0.86x of FlashAttention-4's backward.
 BACKWARD_SM90 = {
     32: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=64),
-    64: Sm90Tiles(Bc=128, stages=3, Br=64),  # 3 Q/dO slots: +1-4 % over 2, +12 % causal N 1024 (H100, NOTES)
+    64: Sm90Tiles(Bc=128, stages=3, Br=64),  # 3 Q/dO slots: +1-4 % over 2, +12 % causal at N 1024 (H100, NOTES)
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
 }
