@@ -194,6 +194,23 @@ def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple,
     return run
 
 
+def _backward_workspace(xp, q):
+    """The backward's fp32 workspace: dq_accum ((B, H, plan.dq_accum_rows(Nq), D), zeroed by the preprocess kernel,
+    then summed) and d_vec ((B, H, Nq), D = rowsum(dO ∘ O)) in one allocation, as the kernels see only their addresses
+    (one allocation less per call: 2 µs on the CPU stub). Returns (new, views, split): `new()` allocates one,
+    `views(workspace)` gives (dq_accum, d_vec), and d_vec starts `split` floats in, 256 bytes aligned as an allocation
+    of its own would be."""
+    batch, heads, n_q, d = q.shape
+    rows, accum_rows = batch * heads * n_q, batch * heads * plan.dq_accum_rows(n_q)
+    split = -(-accum_rows * d // 64) * 64
+
+    def views(workspace):
+        return (workspace[:accum_rows * d].reshape(batch, heads, plan.dq_accum_rows(n_q), d),
+                workspace[split:split + rows].reshape(batch, heads, n_q))
+
+    return xp.allocator((split + rows,), "float32", q), views, split
+
+
 def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float):
     """The backward's counterpart of plain_forward_runner: `run(dout, q, k, v, out, lse) -> (dq, dk, dv)`, or None."""
     window = tuple(window)
@@ -201,18 +218,11 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
             or xp.contiguous(lse) is not lse):
         return None
     dtype = xp.dtype_name(q)
-    batch, heads, n_q, d = q.shape
     # Outputs and workspace, new at each call, in the layouts the plan was made with (the call key fixes them).
     new_dq, new_dk, new_dv = (xp.allocator(a.shape, dtype, q) for a in (q, k, v))
-    # dq_accum and d_vec (fp32, (B, H, plan.dq_accum_rows(Nq), D) and (B, H, Nq)) in one allocation, as the kernels
-    # see only their addresses: one allocation less per call (2 µs on the CPU stub). d_vec starts 256 bytes aligned,
-    # as an allocation of its own would.
-    rows, accum_rows = batch * heads * n_q, batch * heads * plan.dq_accum_rows(n_q)
-    split = -(-accum_rows * d // 64) * 64
-    new_workspace = xp.allocator((split + rows,), "float32", q)
-    workspace = new_workspace()
-    named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=workspace[split:].reshape(batch, heads, n_q),
-                 dq_accum=workspace[:accum_rows * d].reshape(batch, heads, plan.dq_accum_rows(n_q), d), dq=new_dq(),
+    new_workspace, views, split = _backward_workspace(xp, q)
+    dq_accum, d_vec = views(new_workspace())
+    named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=new_dq(),
                  dk=new_dk(), dv=new_dv())  # BACKWARD_BUFS' order
 
     def build(ready):
@@ -257,9 +267,8 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
             return (*zeros, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias)))
         launch.require_backward(q.shape[3], dtype)  # before any work on the bias
         batch, heads, n_q, d = q.shape
-        # zeroed by the preprocess kernel, then summed
-        dq_accum = xp.empty((batch, heads, plan.dq_accum_rows(n_q), d), "float32", q)
-        d_vec = xp.empty((batch, heads, n_q), "float32", q)  # D = rowsum(dO ∘ O)
+        new_workspace, views, _ = _backward_workspace(xp, q)
+        dq_accum, d_vec = views(new_workspace())
         # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias where it is on.
         rebuild = attn_bias is not None and launch.lse_rebuild_enabled()
         row_lse = xp.empty((batch, heads, n_q, 2), "float32", q) if rebuild else None
