@@ -74,7 +74,7 @@ __global__ void flash_bwd_convert_dq_sm90(const ConvertDqParams<typename T::elem
 // DHead (dQ_accum too), the columns past DHead zero, skipped by Sᵀ and dPᵀ (head_k_steps) and never stored.
 // Parameters: the one kernel still taking them one by one (cupyflash/params.py BWD_SM90_ARGS lists them): read from
 // a __grid_constant__ struct as the others are (params.cuh), this kernel spills, LLVM holding fields that were scalar
-// parameters re-read from the constant bank: 8 bytes at d96 with dropout (session 9); after the tile-contiguous dQ,
+// parameters re-read from the constant bank: 8 bytes at d96 with dropout at first; after the tile-contiguous dQ,
 // 8 at d128 with mods (the pair counter and the lane, live across the softmax) and 24 at d96 with mods and dropout,
 // and 48-116 with the fields bound to locals at the top. The score mods' are ScoreModParams's fields, in its order.
 template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages, bool Mods, bool Dropout>
