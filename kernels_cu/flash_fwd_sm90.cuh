@@ -29,6 +29,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const u32 sK0 = sQ + TileQ::bytes();
     const u32 sV0 = sK0 + kStages * TileKV::bytes();
     const u32 bars = sV0 + kStages * TileKV::bytes();  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
+    // With Mods, the index of the K/V block in each ring slot, from the producer: the consumers take it from there
+    // rather than walk the tile classes past skipped blocks in their loop, which made ptxas serialize every wgmma of
+    // the kernel (C7514: a data-dependent inner loop between the GEMMs' issue and wait).
+    auto sJ = [&](int j) { return bars + 8 * (1 + 4 * kStages) + 4 * (j % kStages); };
     auto sK = [&](int j) { return sK0 + (j % kStages) * TileKV::bytes(); };
     auto sV = [&](int j) { return sV0 + (j % kStages) * TileKV::bytes(); };
     const u32 q_full = bars;
@@ -45,18 +49,24 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const int q_last = min(q0 + Br, params.attn.Nq) - 1;
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     // The K/V blocks this Q block visits, in the one order the producer loads them and the consumers use them:
-    // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip.
+    // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip;
+    // n_visits of them (the plain path: blocks 0 .. j_end - 1).
     int j_begin = 0;
     int j_end = Causal ? min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc)))
                        : ceil_div(params.attn.Nk, Bc);
+    int n_visits = j_end;
     auto tile_class = [&](int j) {
         return mods.template tile_class_span<Br, Bc>(b, h, q0, j * Bc, params.mods.cls_tq, params.mods.cls_tk);
     };
     if constexpr (Mods) {
         j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
         j_end = min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
-        if (params.mods.tile_cls != nullptr)  // the whole block, before the warpgroups part
-            trim_skipped<384>(j_begin, j_end, [&](int j) { return tile_class(j) == kTileSkip; }, tid);
+        n_visits = max(0, j_end - j_begin);
+        if (params.mods.tile_cls != nullptr) {  // the whole block, before the warpgroups part
+            auto skipped = [&](int j) { return tile_class(j) == kTileSkip; };
+            trim_skipped<384>(j_begin, j_end, skipped, tid);
+            n_visits = count_unskipped<384>(j_begin, j_end, skipped, tid);
+        }
     }
     auto next_block = [&](int j) {
         if constexpr (Mods)
@@ -84,6 +94,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             for (int it = 0, j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
                 const int n = Mods ? it : j;  // blocks loaded before this one: its ring slot and phase
                 mbar_wait(k_empty(n), phase(n) ^ 1);
+                if constexpr (Mods) st_shared_s32(sJ(n), j);  // seen by the consumers' wait on k_full (release)
                 mbar_arrive_expect_tx(k_full(n), TileKV::bytes());
                 tma_tile<Bc, D>(sK(n), params.tm_k, j * Bc, h / params.attn.group, b, k_full(n));
                 mbar_wait(v_empty(n), phase(n) ^ 1);
@@ -115,13 +126,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     };
 
     mbar_wait(q_full, 0);
-    int it = 0;
-    for (int j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
-        // Blocks done before this one: its ring slot and phase, as the producer's. The plain path, which visits
-        // every block from 0, uses j: two counters in step moved its loop out of uniform registers (SASS).
-        const int n = Mods ? it : j;
-        const int k0 = j * Bc;
+    for (int n = 0; n < n_visits; ++n) {  // n: blocks done before this one, its ring slot and phase
         mbar_wait(k_full(n), phase(n));
+        const int j = Mods ? lds_s32(sJ(n)) : n;
+        const int k0 = j * Bc;
         if (n > 0) mbar_wait(v_full(n - 1), phase(n - 1));
         float s[Bc / 8][4];
 #pragma unroll
@@ -224,7 +232,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
     }
-    const int n_done = Mods ? it : j_end;  // blocks done (the plain path: j_end, as it, for the same reason as n)
+    const int n_done = n_visits;
     if (n_done > 0) {
         mbar_wait(v_full(n_done - 1), phase(n_done - 1));
         fence_operands(acc_o);
