@@ -103,17 +103,20 @@ FORWARD_SM90 = {
     256: Sm90Tiles(Bc=64, stages=2, dropout=False),
 }
 
-# The plain and causal forward's tiles where they differ from FORWARD_SM90's (which the score mods' variants keep):
-# d64 on FlashAttention-3's 192 x 128 tile, three consumer warpgroups (each K/V tile read from shared memory feeds
-# 192 query rows instead of 128) at 160 registers each.
+# The plain and causal forward's tiles where they differ from FORWARD_SM90's (which the score mods' variants keep), by
+# (head dim, causal), as FlashAttention-3's tile_size_fwd_sm90: d64 on 192 x 128, three consumer warpgroups at 160
+# registers each (each K/V tile read from shared memory feeds 192 query rows instead of 128); d128 without a causal
+# mask on 128 x 176 (wgmma m64n176k16: fewer blocks, each softmax and rescale of O over more keys).
 FORWARD_SM90_PLAIN = {
-    64: Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
+    (64, False): Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
+    (64, True): Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
+    (128, False): Sm90Tiles(Bc=176, stages=2),
 }
 
 
-def sm90_forward_tiles(d: int, mods: bool) -> Sm90Tiles:
-    """The Hopper forward's tiles at head dim `d` for the plain and causal variants, or those with score mods."""
-    return FORWARD_SM90[d] if mods else FORWARD_SM90_PLAIN.get(d, FORWARD_SM90[d])
+def sm90_forward_tiles(d: int, mods: bool, causal: bool) -> Sm90Tiles:
+    """The Hopper forward's tiles at head dim `d`: the plain or causal variant's, or those with score mods."""
+    return FORWARD_SM90[d] if mods else FORWARD_SM90_PLAIN.get((d, causal), FORWARD_SM90[d])
 
 
 # The Hopper backward (kernels_cu/flash_bwd_sm90.cuh): Bc = 128 keys (two consumer warpgroups of 64), Q/dO blocks of

@@ -62,7 +62,7 @@ def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
     p = plan.plan_for(_layout(kernel, dtype, d, causal=causal))
     assert (p.family, p.why) == (plan.HOPPER, "the Hopper kernel takes this call")
     assert p.variant == jit.Variant(f"{kernel}_sm90", dtype, d, causal)
-    assert p.tiles == (tiles.sm90_forward_tiles(d, mods=False) if kernel == "fwd" else tiles.BACKWARD_SM90[d])
+    assert p.tiles == (tiles.sm90_forward_tiles(d, mods=False, causal=causal) if kernel == "fwd" else tiles.BACKWARD_SM90[d])
     (step,) = [s for s in p.steps if s.variant == p.variant]
     assert step.block == (p.tiles.threads,) and p.tiles.threads == 128 * (p.tiles.consumers + 1)
     if kernel == "fwd":  # one Q block of Br rows per consumer warpgroup's 64
