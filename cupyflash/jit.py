@@ -62,7 +62,7 @@ class Variant:
     @property
     def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
         if self.kernel == "fwd_sm90":
-            return tiles.FORWARD_SM90[self.head_dim]
+            return tiles.sm90_forward_tiles(self.head_dim, self.mods, self.causal)
         if self.kernel in ("bwd_sm90", "bwd_convert_dq_sm90"):
             return tiles.BACKWARD_SM90[self.head_dim]
         if self.kernel not in ("fwd", "bwd"):

@@ -1,8 +1,9 @@
 // Forward on Hopper (sm_90a), warp-specialized as FlashAttention-3 (https://arxiv.org/abs/2407.08608). One producer
 // warpgroup streams Q, then K_j and V_j through a ring of kStages shared-memory slots: one thread issues TMA copies
-// that complete on mbarriers. Two consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on wgmma
-// (wgmma.cuh) and take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the other's GEMMs);
-// inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods of
+// that complete on mbarriers. Br / 64 consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on
+// wgmma (wgmma.cuh); two of them take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the
+// other's GEMMs), three (Br = 192, FlashAttention-3's d64 tile: each K/V tile read from shared memory feeds three)
+// issue as they come; inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods of
 // scores.cuh (bias with its tile classes, window, soft-cap; Dropout the dropout) as flash_fwd.cuh applies them, on
 // the same elements with the same Philox numbering, so either backward takes this forward's LSE and dropout mask;
 // Mods = false is the plain path (at most a causal mask), with none of their code.
@@ -17,9 +18,12 @@ namespace cupyflash {
 // head_cols(D, DHead) columns and stores DHead). Parameters: params.cuh FwdSm90Params, the score mods' as
 // flash_fwd_kernel's, with cls_tq x cls_tk, the tiles tile_cls classifies (ScoreMods::tile_class_span).
 template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages, bool Mods, bool Dropout>
-__global__ void __launch_bounds__(384, 1)
+__global__ void __launch_bounds__(128 * (Br / 64 + 1), 1)
 flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> params) {
-    static_assert(Br == 128, "two consumer warpgroups of 64 rows");
+    static_assert(Br == 128 || Br == 192, "two or three consumer warpgroups of 64 rows");
+    constexpr int kConsumers = Br / 64;             // the producer is warpgroup kConsumers
+    constexpr int kConsumerThreads = 128 * kConsumers;
+    constexpr bool kPingPong = kConsumers == 2;
     constexpr int DO = head_cols(D, DHead);  // O's columns
     using TileQ = SwTile<Br, D>;
     using TileKV = SwTile<Bc, D>;
@@ -64,8 +68,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         n_visits = max(0, j_end - j_begin);
         if (params.mods.tile_cls != nullptr) {  // the whole block, before the warpgroups part
             auto skipped = [&](int j) { return tile_class(j) == kTileSkip; };
-            trim_skipped<384>(j_begin, j_end, skipped, tid);
-            n_visits = count_unskipped<384>(j_begin, j_end, skipped, tid);
+            trim_skipped<kConsumerThreads + 128>(j_begin, j_end, skipped, tid);
+            n_visits = count_unskipped<kConsumerThreads + 128>(j_begin, j_end, skipped, tid);
         }
     }
     auto next_block = [&](int j) {
@@ -79,16 +83,19 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         for (int s = 0; s < kStages; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
-            mbar_init(k_empty(s), 256);
-            mbar_init(v_empty(s), 256);
+            mbar_init(k_empty(s), kConsumerThreads);
+            mbar_init(v_empty(s), kConsumerThreads);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();  // the barriers are initialised before anyone arrives or waits
 
-    if (wg == 2) {  // producer
-        regs_dealloc<24>();  // 168 - 24 = 2 · (240 - 168): what the consumers take (launch: 65536 / 384 = 168 each)
-        if (tid == 256) {  // one thread issues every copy
+    // Registers: 65536 per SM at launch, 65536 / threads each; the producer gives back all but 24, which the
+    // consumers take (two: 168 - 24 = 2 · (240 - 168); three: 128 - 24 >= 3 · (160 - 128)).
+    constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+    if (wg == kConsumers) {  // producer
+        regs_dealloc<24>();
+        if (tid == kConsumerThreads) {  // one thread issues every copy
             mbar_arrive_expect_tx(q_full, TileQ::bytes());
             tma_tile<Br, D>(sQ, params.tm_q, q0, h, b, q_full);
             for (int it = 0, j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
@@ -105,11 +112,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         return;
     }
 
-    regs_alloc<240>();
+    regs_alloc<kConsumerRegs>();
     const int wg_row0 = wg * 64, warp_row0 = wg_row0 + (warp % 4) * 16;
-    // Ping-pong: warpgroup w issues its GEMMs after barrier 1 + w, which the other warpgroup arrives at once it has
-    // issued its own. Warpgroup 1 lets warpgroup 0 go first.
-    if (wg == 1) named_arrive(1, 256);
+    // Ping-pong (two consumers): warpgroup w issues its GEMMs after barrier 1 + w, which the other warpgroup arrives
+    // at once it has issued its own. Warpgroup 1 lets warpgroup 0 go first.
+    if (kPingPong && wg == 1) named_arrive(1, 256);
 
     auto desc_q = [&](int kk) { return TileQ::desc_k(sQ, wg_row0, kk); };
     float acc_o[DO / 8][4];
@@ -134,7 +141,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         float s[Bc / 8][4];
 #pragma unroll
         for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-        named_sync(1 + wg, 256);
+        if constexpr (kPingPong) named_sync(1 + wg, 256);
         fence_operands(s);
         fence_operands(acc_o);
         wgmma_fence();
@@ -149,7 +156,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             wgmma_wait<0>();
         fence_operands(s);
         // Arriving between the commit and the wait made ptxas serialize every wgmma (C7514).
-        named_arrive(2 - wg, 256);
+        if constexpr (kPingPong) named_arrive(2 - wg, 256);
         mbar_arrive(k_empty(n));
 
         // Accumulator element (nt, e) of this lane: row lane/4 + 8·(e/2), key nt·8 + 2·(lane%4) + e%2 of the tile.
@@ -241,7 +248,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         wgmma_wait<0>();
         fence_operands(acc_o);
     }
-    if (wg == 0) named_sync(1, 256);  // matches warpgroup 1's last arrival
+    if (kPingPong && wg == 0) named_sync(1, 256);  // matches warpgroup 1's last arrival
 
     typename T::elem* __restrict__ o = params.o + b * params.o_s.b + h * params.o_s.h + q0 * params.o_s.n;
 #pragma unroll

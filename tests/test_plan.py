@@ -62,7 +62,20 @@ def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
     p = plan.plan_for(_layout(kernel, dtype, d, causal=causal))
     assert (p.family, p.why) == (plan.HOPPER, "the Hopper kernel takes this call")
     assert p.variant == jit.Variant(f"{kernel}_sm90", dtype, d, causal)
-    assert p.tiles == (tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90)[d]
+    assert p.tiles == (tiles.sm90_forward_tiles(d, mods=False, causal=causal) if kernel == "fwd" else tiles.BACKWARD_SM90[d])
+    (step,) = [s for s in p.steps if s.variant == p.variant]
+    assert step.block == (p.tiles.threads,) and p.tiles.threads == 128 * (p.tiles.consumers + 1)
+    if kernel == "fwd":  # one Q block of Br rows per consumer warpgroup's 64
+        assert p.tiles.Br == 64 * p.tiles.consumers and step.grid == (math.ceil(NQ / p.tiles.Br), H, B)
+
+
+def test_forward_d64_plain_tiles_are_192_rows_and_mods_keep_128():
+    """FlashAttention-3's d64 forward tile (192 x 128, three consumer warpgroups) for the plain and causal calls; the
+    score mods' variants keep two consumers of 64 rows, with the tile classes of their bias in those tiles."""
+    plain = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=True))
+    assert (plain.tiles.Br, plain.tiles.Bc, plain.tiles.threads) == (192, 128, 512)
+    mods = plan.plan_for(_layout("fwd", "bfloat16", 64, window=(16, 0)))
+    assert mods.variant.mods and (mods.tiles.Br, mods.tiles.threads) == (128, 384)
 
 
 TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as models produce: TMA takes it
