@@ -102,6 +102,21 @@ CF_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
 
+#define CF_WGMMA_SS_80(TY, TRANS_A, TRANS_B)                                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n80k16.f32." TY "." TY " "                                    \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, "\
+                 "%40, %41, p, 1, 1, %43, %44;\n}\n"                                                      \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]) \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B))
+#define CF_WGMMA_RS_80(TY, TRANS_B)                                                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n80k16.f32." TY "." TY " "                                    \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, "\
+                 "{%40, %41, %42, %43}, %44, p, 1, 1, %46;\n}\n"                                    \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B))
+
 #define CF_WGMMA_SS_128(TY, TRANS_A, TRANS_B)                                                          \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                              \
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                    \
@@ -157,17 +172,17 @@ __host__ __device__ constexpr int head_cols(int D, int DHead) { return DHead == 
 // D (64 x N, fp32) += A · B for one k16 step; scale_d = 0: D = A · B.
 template <typename T, int N>
 struct Wgmma {
-    static_assert(N == 32 || N == 64 || N == 128 || N == 176 || N == 256, "a CF_WGMMA_*_N macro per N");
+    static_assert(N == 32 || N == 64 || N == 80 || N == 128 || N == 176 || N == 256, "a CF_WGMMA_*_N macro per N");
     template <int TransA, int TransB>
     static CF_DEVICE void ss(float (&d)[N / 8][4], u64 desc_a, u64 desc_b, int scale_d) {
 #define CF_SS(n) if constexpr (N == n) { if constexpr (T::kBf16) CF_WGMMA_SS_##n("bf16", TransA, TransB); else CF_WGMMA_SS_##n("f16", TransA, TransB); }
-        CF_SS(32) CF_SS(64) CF_SS(128) CF_SS(176) CF_SS(256)
+        CF_SS(32) CF_SS(64) CF_SS(80) CF_SS(128) CF_SS(176) CF_SS(256)
 #undef CF_SS
     }
     template <int TransB>
     static CF_DEVICE void rs(float (&d)[N / 8][4], const u32 (&a)[4], u64 desc_b, int scale_d) {
 #define CF_RS(n) if constexpr (N == n) { if constexpr (T::kBf16) CF_WGMMA_RS_##n("bf16", TransB); else CF_WGMMA_RS_##n("f16", TransB); }
-        CF_RS(32) CF_RS(64) CF_RS(128) CF_RS(176) CF_RS(256)
+        CF_RS(32) CF_RS(64) CF_RS(80) CF_RS(128) CF_RS(176) CF_RS(256)
 #undef CF_RS
     }
 };

@@ -106,11 +106,13 @@ def test_hopper_declined_says_why_and_mma_sync_runs(kernel, change, pattern):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_head_dim_256_forward_on_hopper_its_backward_and_dropout_on_mma_sync(dtype):
-    """d256: the Hopper forward (64-key blocks), its backward on mma.sync, and dropout on mma.sync (its Hopper variant
-    spilled, so it is neither planned nor compiled)."""
+    """d256: the Hopper forward (80-key blocks plain or causal, 64 with score mods), its backward on mma.sync, and
+    dropout on mma.sync (its Hopper variant spilled, so it is neither planned nor compiled)."""
     fwd = plan.plan_for(_layout("fwd", dtype, 256, causal=True))
-    assert fwd.family == plan.HOPPER and fwd.tiles == tiles.FORWARD_SM90[256] and fwd.tiles.Bc == 64
+    assert fwd.family == plan.HOPPER and fwd.tiles == tiles.FORWARD_SM90_PLAIN[256, True] and fwd.tiles.Bc == 80
     assert fwd.steps[0].shared_bytes == fwd.variant.shared_bytes <= 232448  # sm_90's opt-in shared memory
+    windowed = plan.plan_for(_layout("fwd", dtype, 256, window=(32, 0)))
+    assert windowed.family == plan.HOPPER and windowed.tiles == tiles.FORWARD_SM90[256] and windowed.tiles.Bc == 64
     bwd = plan.plan_for(_layout("bwd", dtype, 256, causal=True))
     assert bwd.family == plan.MMA_SYNC and bwd.why.startswith("head_dim 256: it takes")
     dropped = plan.plan_for(_layout("fwd", dtype, 256, dropout_p=0.1))
