@@ -92,8 +92,9 @@ def main():
     rows = [f"SASS instruction counts per kernel ({args.arch}, NVRTC, `python benchmarks/sass_report.py`)", "",
             *table_rows(MODULES, ("fwd", "bwd"), COLUMNS, args.arch)]
     if args.arch == "sm_90":
-        rows += ["", "The Hopper kernels (sm_90a). Registers: ptxas's count at the 384-thread launch bound; setmaxnreg then "
-                 "gives the consumer warpgroups 240 (forward) or 232 (backward) and the producer 24 or 40.", "",
+        rows += ["", "The Hopper kernels (sm_90a). Registers: ptxas's count at the launch bound (384 threads: 168; the d64 "
+                 "forward's 512: 128); setmaxnreg then gives the consumer warpgroups 240 (forward; 160 with three "
+                 "consumers) or 232 (backward) and the producer 24 or 40.", "",
                  *table_rows(SM90_MODULES, ("fwd_sm90", "bwd_sm90"), SM90_COLUMNS, args.arch)]
     table = "\n".join(rows)
     print(table)
