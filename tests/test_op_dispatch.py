@@ -35,38 +35,36 @@ def test_no_grad_call_gives_the_body_s_result():
     torch.testing.assert_close(lse, ref_lse.float())
 
 
+class _Spy(TorchDispatchMode):
+    """Records every op that reaches the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 def test_a_dispatch_mode_still_sees_both_ops():
-    seen = []
-
-    class Spy(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
     q, k, v = _qkv()
-    with torch.no_grad(), Spy():
+    with torch.no_grad(), _Spy() as spy:
         out, lse = FWD(q, k, v, None, 0.125, False)
         BWD(torch.ones_like(out), q, k, v, None, out, lse, 0.125, False)
-    assert FWD.default in seen and BWD.default in seen
+    assert FWD.default in spy.seen and BWD.default in spy.seen
 
 
 def test_the_kernel_s_decision_follows_each_call_s_keyset():
     """The kernel remembers its decision by keyset bits: a plain call's keyset, then a mode's, then the plain one
     again each get their own path."""
-    seen = []
-
-    class Spy(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
     q, k, v = _qkv()
     with torch.no_grad():
         plain, _ = FWD(q, k, v, None, 0.125, True)
-        with Spy():
+        with _Spy() as spy:
             spied, _ = FWD(q, k, v, None, 0.125, True)
         again, _ = FWD(q, k, v, None, 0.125, True)
-    assert seen == [FWD.default]
+    assert spy.seen == [FWD.default]
     torch.testing.assert_close(spied, plain)
     torch.testing.assert_close(again, plain)
 
