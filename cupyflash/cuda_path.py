@@ -165,12 +165,17 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
     return out, lse
 
 
+def _taken_as_is(q, k, v) -> bool:
+    """Whether the kernels take these arrays without head padding (and none is empty): what a plain runner needs."""
+    return 0 not in q.shape and 0 not in k.shape and (q.shape[3], v.shape[3]) == (_kernel_head_dim(q, v),) * 2
+
+
 def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple, softcap: float):
     """For a forward with no bias and no dropout whose arrays the kernels take as they are (no head padding, no
     copy), `run(q, k, v) -> (out, lse)`: its plan, launched on new outputs, for later calls with the same call key
     (torch_op's, which its checks passed); else None."""
     window = tuple(window)
-    if 0 in q.shape or 0 in k.shape or (q.shape[3], v.shape[3]) != (_kernel_head_dim(q, v),) * 2:
+    if not _taken_as_is(q, k, v):
         return None
     # The call key fixes the shapes, dtype and device: each call allocates and launches with these bound.
     new_out, new_lse = xp.allocator(q.shape, xp.dtype_name(q), q), xp.allocator(q.shape[:-1], "float32", q)
@@ -214,8 +219,7 @@ def _backward_workspace(xp, q):
 def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float):
     """The backward's counterpart of plain_forward_runner: `run(dout, q, k, v, out, lse) -> (dq, dk, dv)`, or None."""
     window = tuple(window)
-    if (0 in q.shape or 0 in k.shape or (q.shape[3], v.shape[3]) != (_kernel_head_dim(q, v),) * 2
-            or xp.contiguous(lse) is not lse):
+    if not _taken_as_is(q, k, v) or xp.contiguous(lse) is not lse:
         return None
     dtype = xp.dtype_name(q)
     # Outputs and workspace, new at each call, in the layouts the plan was made with (the call key fixes them).

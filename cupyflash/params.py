@@ -3,10 +3,11 @@ a launch puts in it.
 
 Each kernel takes one struct by value (but the Hopper backward: BWD_SM90_ARGS); a ``Struct`` here lists its fields in
 the C++ order with their C types, and lays them out by the C rules (each field at a multiple of its alignment, the
-size a multiple of the largest), so ``Struct.pack`` gives the exact bytes cuLaunchKernel copies. The plan (cupyflash/plan.py) packs each launch's struct
-once, with placeholders for the call's addresses (``Slot``: an 8-byte device address; ``TmaSlot``: a 128-byte TMA
-map) at their byte offsets; each call writes only those (cupyflash/driver.py). tests/test_params.py compiles a
-static_assert of every offset, type and size from these descriptions against params.cuh.
+size a multiple of the largest), so ``Struct.pack`` gives the exact bytes cuLaunchKernel copies. The plan
+(cupyflash/plan.py) packs each launch's struct once, with placeholders for the call's addresses (``Slot``: an 8-byte
+device address; ``TmaSlot``: a 128-byte TMA map) at their byte offsets; each call writes only those
+(cupyflash/driver.py). tests/test_params.py compiles a static_assert of every offset, type and size from these
+descriptions against params.cuh.
 """
 from __future__ import annotations
 
@@ -235,7 +236,8 @@ TILE_CLASSIFY = Struct("TileClassifyParams", (
     ("n_tiles", I64), ("window", I32), ("classes", PTR)))
 
 KERNEL_STRUCTS = {"fwd": FWD, "fwd_sm90": FWD_SM90, "bwd": BWD, "bwd_sm90": BWD_SM90_ARGS,
-                  "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ, "bwd_convert_dq_sm90": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
+                  "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ,
+                  "bwd_convert_dq_sm90": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
                   "tile_classify": TILE_CLASSIFY}  # jit.KERNELS → the struct its kernel takes
 STRUCTS = (BHN, BHMN, ATTN, SCORE_MODS, *(s for s in KERNEL_STRUCTS.values() if not s.positional))  # params.cuh
 

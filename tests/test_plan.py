@@ -34,7 +34,8 @@ def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None
     a bias has the row_lse workspace, as cuda_path gives it."""
     q_shape, kv_shape = (B, H, n_q, d), (B, HKV, NK, d)
     shapes = dict(q=q_shape, k=kv_shape, v=kv_shape, out=q_shape, dout=q_shape, lse=q_shape[:3], d_vec=q_shape[:3],
-                  dq_accum=(B, H, plan.dq_accum_rows(n_q), d), dq=q_shape, dk=kv_shape, dv=kv_shape, row_lse=(*q_shape[:3], 2))
+                  dq_accum=(B, H, plan.dq_accum_rows(n_q), d), dq=q_shape, dk=kv_shape, dv=kv_shape,
+                  row_lse=(*q_shape[:3], 2))
     names = plan.FORWARD_BUFS if kernel == "fwd" else plan.BACKWARD_BUFS
     if kernel == "bwd" and bias is not None:
         names += plan.BIAS_BACKWARD_BUFS
