@@ -27,10 +27,11 @@ MODULES = [("fwd", "bfloat16", 64), ("fwd", "bfloat16", 128), ("bwd", "bfloat16"
 COLUMNS = [("HMMA", "HMMA"), ("LDSM", "LDSM"), ("LDGSTS (cp.async)", "LDGSTS"), ("of them 16-byte", "LDGSTS.E.BYPASS.128"), ("LDS", "LDS"),
            ("LDG.E.128", "LDG.E.128"), ("MUFU.EX2", "MUFU.EX2"), ("STL/LDL (spills)", "STL|LDL"),
            ("RED/ATOM (atomics)", "RED|ATOM"), ("all", "")]
-# The Hopper kernels (sm_90a only): wgmma (HGMMA), TMA copies (UTMALDG), mbarrier waits and arrivals (SYNCS), exp2,
+# The Hopper kernels (sm_90a only): wgmma (HGMMA), the waits for them (WARPGROUP.DEPBAR: as many as HGMMAs when
+# ptxas serialized them, a handful when they overlap), TMA copies (UTMALDG), mbarrier waits and arrivals (SYNCS), exp2,
 # shared-memory traffic outside the GEMMs (LDS/STS: LSE/D, dSᵀ and dQ's staging in the backward), dQ's bulk reduce-adds.
 SM90_MODULES = [("sm90", "bfloat16", d) for d in tiles.FORWARD_SM90]
-SM90_COLUMNS = [("HGMMA", "HGMMA"), ("UTMALDG (TMA)", "UTMALDG"), ("SYNCS (mbarrier)", "SYNCS"), ("MUFU.EX2", "MUFU.EX2"),
+SM90_COLUMNS = [("HGMMA", "HGMMA"), ("wgmma waits", "WARPGROUP.DEPBAR"), ("UTMALDG (TMA)", "UTMALDG"), ("SYNCS (mbarrier)", "SYNCS"), ("MUFU.EX2", "MUFU.EX2"),
                 ("LDS", "LDS"), ("STS", "STS"), ("STL/LDL (spills)", "STL|LDL"), ("RED/ATOM (atomics)", "RED|ATOM"),
                 ("UBLKRED (bulk reduce-add)", "UBLKRED"), ("all", "")]
 _FUNC = re.compile(r"Function : (\S+)|^\s*\.text\.(\S+):")
@@ -91,8 +92,9 @@ def main():
     rows = [f"SASS instruction counts per kernel ({args.arch}, NVRTC, `python benchmarks/sass_report.py`)", "",
             *table_rows(MODULES, ("fwd", "bwd"), COLUMNS, args.arch)]
     if args.arch == "sm_90":
-        rows += ["", "The Hopper kernels (sm_90a). Registers: ptxas's count at the 384-thread launch bound; setmaxnreg then "
-                 "gives the consumer warpgroups 240 (forward) or 232 (backward) and the producer 24 or 40.", "",
+        rows += ["", "The Hopper kernels (sm_90a). Registers: ptxas's count at the launch bound (384 threads: 168; the d64 "
+                 "forward's 512: 128); setmaxnreg then gives the consumer warpgroups 240 (forward; 160 with three "
+                 "consumers) or 232 (backward) and the producer 24 or 40.", "",
                  *table_rows(SM90_MODULES, ("fwd_sm90", "bwd_sm90"), SM90_COLUMNS, args.arch)]
     table = "\n".join(rows)
     print(table)

@@ -129,7 +129,8 @@ class CompileResult:
         if self.error is not None:
             return [f"  FAILED {self.arch}  {', '.join(self.variants)}: {self.error}"]
         return [f"  ok     {self.arch}  {r.variant.name:<28} {r.registers:>3} regs  spill {r.spill_stores}/"
-                f"{r.spill_loads} B st/ld  smem {r.shared_bytes / 1024:.1f} KiB" for r in self.reports]
+                f"{r.spill_loads} B st/ld  smem {r.shared_bytes / 1024:.1f} KiB"
+                + ("  wgmma serialized (ptxas C7514/C7515)" if r.serialized_wgmma else "") for r in self.reports]
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class Variant:
     @property
     def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
         if self.kernel == "fwd_sm90":
-            return tiles.FORWARD_SM90[self.head_dim]
+            return tiles.sm90_forward_tiles(self.head_dim, self.mods, self.causal)
         if self.kernel in ("bwd_sm90", "bwd_convert_dq_sm90"):
             return tiles.BACKWARD_SM90[self.head_dim]
         if self.kernel not in ("fwd", "bwd"):
@@ -203,15 +203,20 @@ class CompileReport:
     stack_bytes: int
     shared_bytes: int
     symbol: str = ""  # the mangled kernel name in the cubin
+    # ptxas made every wgmma of the kernel wait for the previous one (its C7514 / C7515 "Potential Performance Loss"
+    # remarks): the Hopper kernels' GEMMs then no longer overlap each other or the softmax
+    serialized_wgmma: bool = False
 
     def __str__(self) -> str:
         return (f"{self.variant.name:<28} {self.arch}: {self.registers:3d} registers, {self.stack_bytes} B stack, "
                 f"{self.spill_stores} B spill stores, {self.spill_loads} B spill loads, "
-                f"{self.shared_bytes} B shared")
+                f"{self.shared_bytes} B shared" + (", wgmma serialized" if self.serialized_wgmma else ""))
 
 
 _PTXAS_FUNC = re.compile(r"Function properties for (\S+)\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+_PTXAS_SERIALIZED = re.compile(r"\((C751[45])\) Potential Performance Loss: wgmma\.mma_async instructions are "
+                               r"serialized.*? in the function '(\S+)'")
 
 
 def _nvrtc():
@@ -267,14 +272,17 @@ def compile_module_reports(key: tuple, arch: str, cubin_path: Path | None = None
                                      f"{first.strip()}; this is a bug in cupyflash, please report it.") from None
         if cubin_path is not None:
             Path(cubin_path).write_bytes(_whole_elf(nvrtc.getCUBIN(prog)))
-        ptxas = {m.group(1): m for m in _PTXAS_FUNC.finditer(nvrtc.getProgramLog(prog))}
+        log_text = nvrtc.getProgramLog(prog)
+        ptxas = {m.group(1): m for m in _PTXAS_FUNC.finditer(log_text)}
+        serialized = {m.group(2) for m in _PTXAS_SERIALIZED.finditer(log_text)}
         reports = []
         for v in variants:
             symbol = nvrtc.getLoweredName(prog, v.expression)
             m = ptxas[symbol]
             reports.append(CompileReport(v, arch, registers=int(m.group(5)), spill_stores=int(m.group(3)),
                                          spill_loads=int(m.group(4)), stack_bytes=int(m.group(2)),
-                                         shared_bytes=v.shared_bytes, symbol=symbol))
+                                         shared_bytes=v.shared_bytes, symbol=symbol,
+                                         serialized_wgmma=symbol in serialized))
         return reports
     finally:
         nvrtc.destroyProgram(prog)

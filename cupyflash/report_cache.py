@@ -21,7 +21,7 @@ from .errors import cupy_cache_dir
 log = logging.getLogger(__name__)
 
 SUBDIR = "cupyflash-compile-reports"
-_FIELDS = ("registers", "spill_stores", "spill_loads", "stack_bytes", "symbol")  # per variant, as compiled
+_FIELDS = ("registers", "spill_stores", "spill_loads", "stack_bytes", "symbol", "serialized_wgmma")  # per variant
 
 
 def cache_dir() -> Path:

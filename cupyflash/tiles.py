@@ -56,8 +56,9 @@ FORWARD_PLAIN = {
 
 @dataclass(frozen=True)
 class Sm90Tiles:
-    """The warp-specialized Hopper kernels: one producer warpgroup and two consumer warpgroups, 384 threads. Forward
-    (kernels_cu/flash_fwd_sm90.cuh): 64 query rows per consumer, so Br = 128; K/V stream through `stages` slots."""
+    """The warp-specialized Hopper kernels: one producer warpgroup and `consumers` consumer warpgroups. Forward
+    (kernels_cu/flash_fwd_sm90.cuh): 64 query rows per consumer, so Br = 64 · consumers (128 or 192); K/V stream
+    through `stages` slots. Backward (flash_bwd_sm90.cuh): two consumers of 64 keys each, Q/dO blocks of Br rows."""
 
     Bc: int
     stages: int
@@ -69,13 +70,14 @@ class Sm90Tiles:
     # Whether the dropout variants run here; False where they spilled registers, so such calls run on mma.sync
     # (launch.sm90_unsupported says so) and CI does not compile them.
     dropout: bool = True
+    consumers: int = 2
 
     def tile_head_dim(self, d: int) -> int:
         return self.pad_to or d
 
     @property
     def threads(self) -> int:
-        return 384  # the producer warpgroup and the two consumer warpgroups (the kernels' __launch_bounds__)
+        return 128 * (self.consumers + 1)  # the producer and the consumer warpgroups (the kernels' __launch_bounds__)
 
 
 # H100, same run (benchmarks/results/sm90-tma-forward-NVIDIA_H100_80GB_HBM3.log): bf16 d128 439-559 TFLOP/s plain and
@@ -100,6 +102,25 @@ FORWARD_SM90 = {
     # mma.sync forward, 0.83-0.90x of FlashAttention-4 at N >= 4096
     256: Sm90Tiles(Bc=64, stages=2, dropout=False),
 }
+
+# The plain and causal forward's tiles where they differ from FORWARD_SM90's (which the score mods' variants keep), by
+# (head dim, causal), as FlashAttention-3's tile_size_fwd_sm90: d64 on 192 x 128, three consumer warpgroups at 160
+# registers each (each K/V tile read from shared memory feeds 192 query rows instead of 128); d128 without a causal
+# mask on 128 x 176 and d256 on 128 x 80 (wgmma m64n176k16, m64n80k16: fewer blocks, each softmax and rescale of O
+# over more keys; d256's two stages of K and V then take 160 KiB, 230472 B in all of sm_90's 232448).
+FORWARD_SM90_PLAIN = {
+    (64, False): Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
+    (64, True): Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
+    (128, False): Sm90Tiles(Bc=176, stages=2),
+    (256, False): Sm90Tiles(Bc=80, stages=2, dropout=False),
+    (256, True): Sm90Tiles(Bc=80, stages=2, dropout=False),
+}
+
+
+def sm90_forward_tiles(d: int, mods: bool, causal: bool) -> Sm90Tiles:
+    """The Hopper forward's tiles at head dim `d`: the plain or causal variant's, or those with score mods."""
+    return FORWARD_SM90[d] if mods else FORWARD_SM90_PLAIN.get((d, causal), FORWARD_SM90[d])
+
 
 # The Hopper backward (kernels_cu/flash_bwd_sm90.cuh): Bc = 128 keys (two consumer warpgroups of 64), Q/dO blocks of
 # Br = 64 rows through `stages` slots; its dSᵀ tile (Bc x Br) is double-buffered. H100, same run
@@ -173,9 +194,10 @@ def forward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:
 
 def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
     """Q, the K and V ring (16-bit, unpadded: the 128-byte swizzle), the mbarriers (q_full, then full and empty of K
-    and V per stage, 8 bytes each), and 1 KiB of slack to align the tiles to the swizzle's 1024-byte atoms."""
+    and V per stage, 8 bytes each), each slot's block index (4 bytes), and 1 KiB of slack to align the tiles to the
+    swizzle's 1024-byte atoms."""
     d = t.tile_head_dim(d)
-    return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (1 + 4 * t.stages) + 1024
+    return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (1 + 4 * t.stages) + 4 * t.stages + 1024
 
 
 def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:

@@ -103,6 +103,12 @@ CF_DEVICE u32 smem_addr(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
+CF_DEVICE int lds_s32(u32 addr) {
+    int x;
+    asm volatile("ld.shared.s32 %0, [%1];" : "=r"(x) : "r"(addr));
+    return x;
+}
+CF_DEVICE void st_shared_s32(u32 addr, int x) { asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory"); }
 CF_DEVICE float lds_f32(u32 addr) {
     float x;
     asm volatile("ld.shared.f32 %0, [%1];" : "=f"(x) : "r"(addr));

@@ -1,8 +1,9 @@
 // Forward on Hopper (sm_90a), warp-specialized as FlashAttention-3 (https://arxiv.org/abs/2407.08608). One producer
 // warpgroup streams Q, then K_j and V_j through a ring of kStages shared-memory slots: one thread issues TMA copies
-// that complete on mbarriers. Two consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on wgmma
-// (wgmma.cuh) and take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the other's GEMMs);
-// inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods of
+// that complete on mbarriers. Br / 64 consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on
+// wgmma (wgmma.cuh); two of them take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the
+// other's GEMMs), three (Br = 192, FlashAttention-3's d64 tile: each K/V tile read from shared memory feeds three)
+// issue as they come; inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods of
 // scores.cuh (bias with its tile classes, window, soft-cap; Dropout the dropout) as flash_fwd.cuh applies them, on
 // the same elements with the same Philox numbering, so either backward takes this forward's LSE and dropout mask;
 // Mods = false is the plain path (at most a causal mask), with none of their code.
@@ -17,9 +18,12 @@ namespace cupyflash {
 // head_cols(D, DHead) columns and stores DHead). Parameters: params.cuh FwdSm90Params, the score mods' as
 // flash_fwd_kernel's, with cls_tq x cls_tk, the tiles tile_cls classifies (ScoreMods::tile_class_span).
 template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages, bool Mods, bool Dropout>
-__global__ void __launch_bounds__(384, 1)
+__global__ void __launch_bounds__(128 * (Br / 64 + 1), 1)
 flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> params) {
-    static_assert(Br == 128, "two consumer warpgroups of 64 rows");
+    static_assert(Br == 128 || Br == 192, "two or three consumer warpgroups of 64 rows");
+    constexpr int kConsumers = Br / 64;             // the producer is warpgroup kConsumers
+    constexpr int kConsumerThreads = 128 * kConsumers;
+    constexpr bool kPingPong = kConsumers == 2;
     constexpr int DO = head_cols(D, DHead);  // O's columns
     using TileQ = SwTile<Br, D>;
     using TileKV = SwTile<Bc, D>;
@@ -29,6 +33,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const u32 sK0 = sQ + TileQ::bytes();
     const u32 sV0 = sK0 + kStages * TileKV::bytes();
     const u32 bars = sV0 + kStages * TileKV::bytes();  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
+    // With Mods, the index of the K/V block in each ring slot, from the producer: the consumers take it from there
+    // rather than walk the tile classes past skipped blocks in their loop, which made ptxas serialize every wgmma of
+    // the kernel (C7514: a data-dependent inner loop between the GEMMs' issue and wait).
+    auto sJ = [&](int j) { return bars + 8 * (1 + 4 * kStages) + 4 * (j % kStages); };
     auto sK = [&](int j) { return sK0 + (j % kStages) * TileKV::bytes(); };
     auto sV = [&](int j) { return sV0 + (j % kStages) * TileKV::bytes(); };
     const u32 q_full = bars;
@@ -45,18 +53,24 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const int q_last = min(q0 + Br, params.attn.Nq) - 1;
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     // The K/V blocks this Q block visits, in the one order the producer loads them and the consumers use them:
-    // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip.
+    // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip;
+    // n_visits of them (the plain path: blocks 0 .. j_end - 1).
     int j_begin = 0;
     int j_end = Causal ? min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc)))
                        : ceil_div(params.attn.Nk, Bc);
+    int n_visits = j_end;
     auto tile_class = [&](int j) {
         return mods.template tile_class_span<Br, Bc>(b, h, q0, j * Bc, params.mods.cls_tq, params.mods.cls_tk);
     };
     if constexpr (Mods) {
         j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
         j_end = min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
-        if (params.mods.tile_cls != nullptr)  // the whole block, before the warpgroups part
-            trim_skipped<384>(j_begin, j_end, [&](int j) { return tile_class(j) == kTileSkip; }, tid);
+        n_visits = max(0, j_end - j_begin);
+        if (params.mods.tile_cls != nullptr) {  // the whole block, before the warpgroups part
+            auto skipped = [&](int j) { return tile_class(j) == kTileSkip; };
+            trim_skipped<kConsumerThreads + 128>(j_begin, j_end, skipped, tid);
+            n_visits = count_unskipped<kConsumerThreads + 128>(j_begin, j_end, skipped, tid);
+        }
     }
     auto next_block = [&](int j) {
         if constexpr (Mods)
@@ -69,21 +83,25 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         for (int s = 0; s < kStages; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
-            mbar_init(k_empty(s), 256);
-            mbar_init(v_empty(s), 256);
+            mbar_init(k_empty(s), kConsumerThreads);
+            mbar_init(v_empty(s), kConsumerThreads);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();  // the barriers are initialised before anyone arrives or waits
 
-    if (wg == 2) {  // producer
-        regs_dealloc<24>();  // 168 - 24 = 2 · (240 - 168): what the consumers take (launch: 65536 / 384 = 168 each)
-        if (tid == 256) {  // one thread issues every copy
+    // Registers: 65536 per SM at launch, 65536 / threads each; the producer gives back all but 24, which the
+    // consumers take (two: 168 - 24 = 2 · (240 - 168); three: 128 - 24 >= 3 · (160 - 128)).
+    constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+    if (wg == kConsumers) {  // producer
+        regs_dealloc<24>();
+        if (tid == kConsumerThreads) {  // one thread issues every copy
             mbar_arrive_expect_tx(q_full, TileQ::bytes());
             tma_tile<Br, D>(sQ, params.tm_q, q0, h, b, q_full);
             for (int it = 0, j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
                 const int n = Mods ? it : j;  // blocks loaded before this one: its ring slot and phase
                 mbar_wait(k_empty(n), phase(n) ^ 1);
+                if constexpr (Mods) st_shared_s32(sJ(n), j);  // seen by the consumers' wait on k_full (release)
                 mbar_arrive_expect_tx(k_full(n), TileKV::bytes());
                 tma_tile<Bc, D>(sK(n), params.tm_k, j * Bc, h / params.attn.group, b, k_full(n));
                 mbar_wait(v_empty(n), phase(n) ^ 1);
@@ -94,11 +112,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         return;
     }
 
-    regs_alloc<240>();
+    regs_alloc<kConsumerRegs>();
     const int wg_row0 = wg * 64, warp_row0 = wg_row0 + (warp % 4) * 16;
-    // Ping-pong: warpgroup w issues its GEMMs after barrier 1 + w, which the other warpgroup arrives at once it has
-    // issued its own. Warpgroup 1 lets warpgroup 0 go first.
-    if (wg == 1) named_arrive(1, 256);
+    // Ping-pong (two consumers): warpgroup w issues its GEMMs after barrier 1 + w, which the other warpgroup arrives
+    // at once it has issued its own. Warpgroup 1 lets warpgroup 0 go first.
+    if (kPingPong && wg == 1) named_arrive(1, 256);
 
     auto desc_q = [&](int kk) { return TileQ::desc_k(sQ, wg_row0, kk); };
     float acc_o[DO / 8][4];
@@ -115,18 +133,15 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     };
 
     mbar_wait(q_full, 0);
-    int it = 0;
-    for (int j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
-        // Blocks done before this one: its ring slot and phase, as the producer's. The plain path, which visits
-        // every block from 0, uses j: two counters in step moved its loop out of uniform registers (SASS).
-        const int n = Mods ? it : j;
-        const int k0 = j * Bc;
+    for (int n = 0; n < n_visits; ++n) {  // n: blocks done before this one, its ring slot and phase
         mbar_wait(k_full(n), phase(n));
+        const int j = Mods ? lds_s32(sJ(n)) : n;
+        const int k0 = j * Bc;
         if (n > 0) mbar_wait(v_full(n - 1), phase(n - 1));
         float s[Bc / 8][4];
 #pragma unroll
         for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-        named_sync(1 + wg, 256);
+        if constexpr (kPingPong) named_sync(1 + wg, 256);
         fence_operands(s);
         fence_operands(acc_o);
         wgmma_fence();
@@ -141,7 +156,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             wgmma_wait<0>();
         fence_operands(s);
         // Arriving between the commit and the wait made ptxas serialize every wgmma (C7514).
-        named_arrive(2 - wg, 256);
+        if constexpr (kPingPong) named_arrive(2 - wg, 256);
         mbar_arrive(k_empty(n));
 
         // Accumulator element (nt, e) of this lane: row lane/4 + 8·(e/2), key nt·8 + 2·(lane%4) + e%2 of the tile.
@@ -224,7 +239,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
     }
-    const int n_done = Mods ? it : j_end;  // blocks done (the plain path: j_end, as it, for the same reason as n)
+    const int n_done = n_visits;
     if (n_done > 0) {
         mbar_wait(v_full(n_done - 1), phase(n_done - 1));
         fence_operands(acc_o);
@@ -233,7 +248,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         wgmma_wait<0>();
         fence_operands(acc_o);
     }
-    if (wg == 0) named_sync(1, 256);  // matches warpgroup 1's last arrival
+    if (kPingPong && wg == 0) named_sync(1, 256);  // matches warpgroup 1's last arrival
 
     typename T::elem* __restrict__ o = params.o + b * params.o_s.b + h * params.o_s.h + q0 * params.o_s.n;
 #pragma unroll

@@ -238,6 +238,20 @@ CF_DEVICE void trim_skipped(int& begin, int& end, IsSkipped is_skipped, int tid)
     end = s_last + 1;
 }
 
+// How many of [begin, end) are not kTileSkip, in one parallel pass by the whole block (call it uniformly), for a loop
+// that visits only those without walking the others (flash_fwd_sm90.cuh's consumers).
+template <int Threads, typename IsSkipped>
+CF_DEVICE int count_unskipped(int begin, int end, IsSkipped is_skipped, int tid) {
+    __shared__ int s_count;
+    if (tid == 0) s_count = 0;
+    __syncthreads();  // initialised before any thread adds to it
+    int count = 0;
+    for (int i = begin + tid; i < end; i += Threads) count += !is_skipped(i);
+    if (count > 0) atomicAdd(&s_count, count);
+    __syncthreads();  // every thread's count is in
+    return s_count;
+}
+
 // The kernels' ScoreMods from their launch parameters. Causal clips the right window edge at the diagonal; the
 // plain path (Enabled = false) has no window beyond that. The dropout seed is read from device memory, where
 // torch's CUDA generator wrote it, so a CUDA graph replay runs with that replay's seed (__ldg: the read-only path

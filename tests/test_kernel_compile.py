@@ -1,6 +1,6 @@
 """Every shipped kernel variant compiles with NVRTC for sm_80 and sm_90 (the Hopper kernels for sm_90a only; no GPU
-needed), without register spills and within what one SM can hold; and the source handed to CuPy carries every
-header's text, so CuPy's disk-cache key changes when a header does."""
+needed), without register spills or serialized wgmma and within what one SM can hold; and the source handed to CuPy
+carries every header's text, so CuPy's disk-cache key changes when a header does."""
 from __future__ import annotations
 
 import functools
@@ -69,6 +69,9 @@ def test_variant_compiles_without_spills(variant, arch):
     assert report.spill_stores == 0 and report.spill_loads == 0, (
         f"{variant.name} {arch}: {report.spill_stores} B spill stores, {report.spill_loads} B spill loads "
         f"with {report.registers} registers")
+    assert not report.serialized_wgmma, (
+        f"{variant.name} {arch}: ptxas serialized its wgmma instructions (C7514/C7515 in the NVRTC log): a non-wgmma "
+        "instruction touches an accumulator, or data-dependent control flow sits, between a GEMM's issue and its wait")
     assert report.shared_bytes <= MAX_SHARED_BYTES[arch], (
         f"{variant.name} {arch}: {report.shared_bytes} B shared > {MAX_SHARED_BYTES[arch]} B per block")
     tiles = getattr(variant, "tiles", None)

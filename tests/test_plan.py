@@ -63,7 +63,20 @@ def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
     p = plan.plan_for(_layout(kernel, dtype, d, causal=causal))
     assert (p.family, p.why) == (plan.HOPPER, "the Hopper kernel takes this call")
     assert p.variant == jit.Variant(f"{kernel}_sm90", dtype, d, causal)
-    assert p.tiles == (tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90)[d]
+    assert p.tiles == (tiles.sm90_forward_tiles(d, mods=False, causal=causal) if kernel == "fwd" else tiles.BACKWARD_SM90[d])
+    (step,) = [s for s in p.steps if s.variant == p.variant]
+    assert step.block == (p.tiles.threads,) and p.tiles.threads == 128 * (p.tiles.consumers + 1)
+    if kernel == "fwd":  # one Q block of Br rows per consumer warpgroup's 64
+        assert p.tiles.Br == 64 * p.tiles.consumers and step.grid == (math.ceil(NQ / p.tiles.Br), H, B)
+
+
+def test_forward_d64_plain_tiles_are_192_rows_and_mods_keep_128():
+    """FlashAttention-3's d64 forward tile (192 x 128, three consumer warpgroups) for the plain and causal calls; the
+    score mods' variants keep two consumers of 64 rows, with the tile classes of their bias in those tiles."""
+    plain = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=True))
+    assert (plain.tiles.Br, plain.tiles.Bc, plain.tiles.threads) == (192, 128, 512)
+    mods = plan.plan_for(_layout("fwd", "bfloat16", 64, window=(16, 0)))
+    assert mods.variant.mods and (mods.tiles.Br, mods.tiles.threads) == (128, 384)
 
 
 TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as models produce: TMA takes it
@@ -94,11 +107,13 @@ def test_hopper_declined_says_why_and_mma_sync_runs(kernel, change, pattern):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_head_dim_256_forward_on_hopper_its_backward_and_dropout_on_mma_sync(dtype):
-    """d256: the Hopper forward (64-key blocks), its backward on mma.sync, and dropout on mma.sync (its Hopper variant
-    spilled, so it is neither planned nor compiled)."""
+    """d256: the Hopper forward (80-key blocks plain or causal, 64 with score mods), its backward on mma.sync, and
+    dropout on mma.sync (its Hopper variant spilled, so it is neither planned nor compiled)."""
     fwd = plan.plan_for(_layout("fwd", dtype, 256, causal=True))
-    assert fwd.family == plan.HOPPER and fwd.tiles == tiles.FORWARD_SM90[256] and fwd.tiles.Bc == 64
+    assert fwd.family == plan.HOPPER and fwd.tiles == tiles.FORWARD_SM90_PLAIN[256, True] and fwd.tiles.Bc == 80
     assert fwd.steps[0].shared_bytes == fwd.variant.shared_bytes <= 232448  # sm_90's opt-in shared memory
+    windowed = plan.plan_for(_layout("fwd", dtype, 256, window=(32, 0)))
+    assert windowed.family == plan.HOPPER and windowed.tiles == tiles.FORWARD_SM90[256] and windowed.tiles.Bc == 64
     bwd = plan.plan_for(_layout("bwd", dtype, 256, causal=True))
     assert bwd.family == plan.MMA_SYNC and bwd.why.startswith("head_dim 256: it takes")
     dropped = plan.plan_for(_layout("fwd", dtype, 256, dropout_p=0.1))
