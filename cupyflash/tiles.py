@@ -104,13 +104,16 @@ FORWARD_SM90 = {
 }
 
 # The plain and causal forward's tiles where they differ from FORWARD_SM90's (which the score mods' variants keep), by
-# (head dim, causal), as FlashAttention-3's tile_size_fwd_sm90: d64 on 192 x 128, three consumer warpgroups at 160
-# registers each (each K/V tile read from shared memory feeds 192 query rows instead of 128); d128 without a causal
-# mask on 128 x 176 and d256 on 128 x 80 (wgmma m64n176k16, m64n80k16: fewer blocks, each softmax and rescale of O
-# over more keys; d256's two stages of K and V then take 160 KiB, 230472 B in all of sm_90's 232448).
+# (head dim, causal), from FlashAttention-3's tile_size_fwd_sm90: d64 without a causal mask on 192 x 128, three
+# consumer warpgroups at 160 registers each (each K/V tile read from shared memory feeds 192 query rows instead of 128);
+# d128 without a causal mask on 128 x 176 and d256 on 128 x 80 (wgmma m64n176k16, m64n80k16: fewer blocks, each
+# softmax and rescale of O over more keys; d256's two stages of K and V then take 160 KiB, 230472 B of sm_90's 232448).
+# Measured against FORWARD_SM90's tiles, new / old / new in one run (H100, bf16, N 1024 / 4096 / 16384,
+# benchmarks/results/fwd-tiles-ab-NVIDIA_H100_80GB_HBM3.log): d64 -1 / +6 / +9 %; d256 +4 / +8 / +6 %, causal +2 / +5
+# / +10 %; d128 non-causal -2 / +2 / 0 %. d64 causal stays on 128 rows: 192 lost 10 % at N 1024 (a 192-row Q block
+# crosses the diagonal in two K blocks), won 3 / 7 % at 4096 / 16384.
 FORWARD_SM90_PLAIN = {
     (64, False): Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
-    (64, True): Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
     (128, False): Sm90Tiles(Bc=176, stages=2),
     (256, False): Sm90Tiles(Bc=80, stages=2, dropout=False),
     (256, True): Sm90Tiles(Bc=80, stages=2, dropout=False),
