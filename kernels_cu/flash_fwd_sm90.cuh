@@ -190,7 +190,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 // The logits in log2 units, as flash_fwd.cuh: cap, bias on the blocks whose tile reads it, then the
                 // visibility mask on the blocks that cross the sequence end or a window edge. One uniform branch
                 // around each loop (a branch per score would be if-converted into every block).
-                mods.template scale_scores<Bc / 8>(s, params.attn.scale_log2);
+                mods.template scale_scores<T, Bc / 8>(s, params.attn.scale_log2);
                 if (mods.has_bias() && tile_class(j) == kTileRead) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
@@ -240,15 +240,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                     row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
                 }
                 l_i[r] = l_i[r] * alpha[r] + row_sum;  // l counts every key: dropout acts after the softmax
-                if (mods.dropout()) {  // flash_fwd.cuh's numbering: one Philox call per (row, even key)
-#pragma unroll
-                    for (int nt = 0; nt < Bc / 8; ++nt) {
-                        const U4 rnd = mods.random_pair((i64)b * H + h, row_of(2 * r), col_of(nt, 0));
-                        if (rnd.x >= params.mods.keep_threshold) s[nt][2 * r] = 0.f;
-                        if (rnd.y >= params.mods.keep_threshold) s[nt][2 * r + 1] = 0.f;
-                    }
-                }
             }
+            // flash_fwd.cuh's numbering, after both row halves (each Philox call serves both: scores.cuh random_quad)
+            if (mods.dropout())
+                mods.template drop<Bc / 8>(s, (i64)b * H + h, row_of(0), col_of(0, 0), params.mods.keep_threshold);
             wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
             fence_operands(acc_o);
             if (n > 0) mbar_arrive(v_empty(g - 1));
