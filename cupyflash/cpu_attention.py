@@ -73,7 +73,7 @@ def _philox(c0, c1, c2, c3, k0, k1):
         p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
         c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask)
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
-    return c0, c1
+    return c0, c1, c2, c3
 
 
 def dropout_keep(seed: int, dropout_p: float, batch: int, heads: int, rows, cols) -> torch.Tensor:
@@ -83,9 +83,14 @@ def dropout_keep(seed: int, dropout_p: float, batch: int, heads: int, rows, cols
     r = np.asarray(rows, dtype=np.uint64).reshape(1, 1, -1, 1)
     c = np.asarray(cols, dtype=np.uint64).reshape(1, 1, 1, -1)
     bh, r, c = np.broadcast_arrays(bh, r, c)
-    x, y = _philox(c >> np.uint64(1), r, bh & np.uint64(0xFFFFFFFF), bh >> np.uint64(32),
-                   seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
-    word = np.where((c & np.uint64(1)) == 1, y, x)
+    # One Philox call per group {row, row + 8} x {col, col + 8} (kernels_cu/scores.cuh random_quad): the group's
+    # index drops bit 3 of the row and of the column, and that bit of each picks the element's word.
+    three, seven = np.uint64(3), np.uint64(7)
+    group_row, group_col = (r >> np.uint64(4)) << three | r & seven, (c >> np.uint64(4)) << three | c & seven
+    words = _philox(group_col, group_row, bh & np.uint64(0xFFFFFFFF), bh >> np.uint64(32),
+                    seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    one = np.uint64(1)
+    word = np.choose(((r >> three & one) << one | c >> three & one).astype(np.intp), words)
     return torch.from_numpy(word < np.uint64(threshold))
 
 

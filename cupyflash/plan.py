@@ -23,6 +23,9 @@ from .launch import ScoreMods
 from .params import Buf, Slot, TmaSlot
 
 HOPPER, MMA_SYNC = "hopper", "mma.sync"
+# The Hopper forward without score mods: each thread block takes Q blocks n - 1 - x and x (equal work under a causal
+# mask; the second loads under the first's last GEMMs and epilogue). False: one Q block per thread block.
+PAIR_Q_BLOCKS = True
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
 CONVERT_SM90_THREADS = 256  # flash_bwd_convert_dq_sm90: one thread per float4 of dQ_accum
 FORWARD_BUFS = ("q", "k", "v", "out", "lse")
@@ -184,7 +187,10 @@ def plan_for(layout: CallLayout) -> Plan:
     if layout.kernel == "fwd":
         build = params.sm90_forward if family == HOPPER else params.mma_forward
         packed = build(**common, **{name: bufs[name] for name in FORWARD_BUFS})
-        grid = (math.ceil(n_q / t.Br), heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
+        q_blocks = math.ceil(n_q / t.Br)
+        if family == HOPPER and not variant.mods and PAIR_Q_BLOCKS:
+            q_blocks = math.ceil(q_blocks / 2)  # two Q blocks per thread block (flash_fwd_sm90.cuh says which)
+        grid = (q_blocks, heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
         steps = (_step(variant, grid, (t.threads,), packed),)
     else:
         row_lse = bufs.get("row_lse")

@@ -196,11 +196,11 @@ def forward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:
 
 
 def sm90_forward_smem_bytes(d: int, t: Sm90Tiles) -> int:
-    """Q, the K and V ring (16-bit, unpadded: the 128-byte swizzle), the mbarriers (q_full, then full and empty of K
-    and V per stage, 8 bytes each), each slot's block index (4 bytes), and 1 KiB of slack to align the tiles to the
+    """Q, the K and V ring (16-bit, unpadded: the 128-byte swizzle), the mbarriers (q_full, full and empty of K and V
+    per stage, q_empty; 8 bytes each), each slot's block index (4 bytes), and 1 KiB of slack to align the tiles to the
     swizzle's 1024-byte atoms."""
     d = t.tile_head_dim(d)
-    return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (1 + 4 * t.stages) + 4 * t.stages + 1024
+    return (t.Br + 2 * t.stages * t.Bc) * d * 2 + 8 * (2 + 4 * t.stages) + 4 * t.stages + 1024
 
 
 def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:

@@ -191,7 +191,7 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
         // Uniform branches around whole loops, not per score (see flash_fwd.cuh).
         auto col_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };  // query in the block
         auto key_of = [&](int e) { return k0 + key_in_block + (e >> 1) * 8; };
-        mods.template scale_scores<Br / 8>(pt, params.attn.scale_log2);
+        mods.template scale_scores<T, Br / 8>(pt, params.attn.scale_log2);
         if (read_bias) {  // per element: the forward's branch-free loads (scores.cuh with_bias) spill here on sm_80
             const i64 block_off = mods.bias_row(b, hq, q0);  // element (q0, 0) of this head's bias
 #pragma unroll
@@ -219,22 +219,11 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
             for (int e = 0; e < 4; ++e)
                 pt[nt][e] = fast_exp2(Mods ? (pt[nt][e] - lse2[e & 1]) - lo[e & 1] : pt[nt][e] - lse2[e & 1]);
         }
-        // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh). The
-        // loop over nt stays rolled: unrolled, the scheduler interleaved all Br/2 Philox chains beside Pᵀ and the
-        // dK/dV accumulators and spilled d64 and d96 on sm_90 (tests/test_kernel_compile.py); four chains per
-        // iteration are enough to hide their latency.
-        u32 keep_bits = 0xffffffffu;
-        if (mods.dropout()) {
-            keep_bits = 0;
-#pragma unroll 1
-            for (int nt = 0; nt < Br / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + key_in_block + (e >> 1) * 8;
-                    const U4 rnd = mods.random_pair(bh, q0 + nt * 8 + 2 * (lane % 4) + (e & 1), key & ~1);
-                    keep_bits |= (u32)(((key & 1) ? rnd.y : rnd.x) < params.mods.keep_threshold) << (nt * 4 + e);
-                }
-        }
+        // Dropout: bit nt·4 + e set where the forward kept that score (same Philox words, see scores.cuh).
+        const u32 keep_bits = mods.dropout() ? mods.template keep_bits_t<Br / 8>(bh, k0 + key_in_block,
+                                                                                 q0 + 2 * (lane % 4),
+                                                                                 params.mods.keep_threshold)
+                                             : 0xffffffffu;
         auto kept = [&](int nt, int e) { return (keep_bits >> (nt * 4 + e)) & 1u; };
 
         // dV_j += Pᵀ dO_i, P with dropout applied (zeroed and scaled by 1/keep probability)
@@ -291,7 +280,7 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
             for (int nt = 0; nt < Br / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float t = tanhf(pt[nt][e] * mods.cap_in);
+                    const float t = cap_tanh<T>(pt[nt][e] * mods.cap_in);
                     ds[nt][e] *= 1.f - t * t;
                 }
         }

@@ -272,18 +272,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         constexpr bool kDptUnderSoftmax = !Mods || DKV <= 64;
         if constexpr (kDptUnderSoftmax) issue_dpt();
         u32 keep_bits = 0xffffffffu;  // dropout: bit nt·4 + e set where the forward kept that score
-        if (Mods && mods.dropout()) {
-            // The forward's Philox words (scores.cuh). The loop over nt stays rolled, as flash_bwd.cuh's: unrolled,
-            // all Br/2 Philox chains would interleave beside the accumulators.
-            keep_bits = 0;
-#pragma unroll 1
-            for (int nt = 0; nt < Br / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const U4 rnd = mods.random_pair(bh, q0 + query_of(nt, e), key_of(e) & ~1);
-                    keep_bits |= (u32)(((key_of(e) & 1) ? rnd.y : rnd.x) < keep_threshold) << (nt * 4 + e);
-                }
-        }
+        if (Mods && mods.dropout())  // the forward's Philox words (scores.cuh)
+            keep_bits = mods.template keep_bits_t<Br / 8>(bh, key_of(0), q0 + query_of(0, 0), keep_threshold);
 
         // The plain path's masked scores, as one compare per score: those of columns below a per-row limit (keys
         // past Nk: the whole row; causal: the queries before key - diag).
@@ -304,7 +294,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             // Pᵀ = exp2(logit - LSE) with the logits as flash_bwd.cuh's: cap, bias (per element, on the tiles that
             // read it; rows past Nq need no mask: their LSE is +inf, so P = 0), then the visibility mask on the
             // blocks that cross the sequence end or a window edge.
-            mods.template scale_scores<Br / 8>(st, scale_log2, cap_grad);
+            mods.template scale_scores<T, Br / 8>(st, scale_log2, cap_grad);
             if (mods.softcap()) {
 #pragma unroll
                 for (int nt = 0; nt < Br / 8; ++nt)

@@ -118,7 +118,7 @@ flash_fwd_kernel(const FwdParams<typename T::elem> params) {
         // One uniform branch around each whole loop: a branch per score gets if-converted, and the predicated
         // bias loads and index math then cost every score of every block (2-3x on an H200).
 #pragma unroll
-        for (int mt = 0; mt < MTiles; ++mt) mods.template scale_scores<Bc / 8>(s[mt], params.attn.scale_log2);
+        for (int mt = 0; mt < MTiles; ++mt) mods.template scale_scores<T, Bc / 8>(s[mt], params.attn.scale_log2);
         auto row_of = [&](int mt, int e) { return q0 + warp_row0 + mt * 16 + lane / 4 + (e >> 1) * 8; };
         auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
         if (read_bias) {
@@ -141,6 +141,8 @@ flash_fwd_kernel(const FwdParams<typename T::elem> params) {
 #pragma unroll
         for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
+            float alpha[2];
+#pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float mx = m_i[mt][r];
 #pragma unroll
@@ -148,7 +150,7 @@ flash_fwd_kernel(const FwdParams<typename T::elem> params) {
                 mx = warp_max4(mx);
                 // A row with every key masked so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
                 const float m_use = mx == -inf_f() ? 0.f : mx;
-                const float alpha = fast_exp2(m_i[mt][r] - m_use);
+                alpha[r] = fast_exp2(m_i[mt][r] - m_use);
                 m_i[mt][r] = mx;
                 float row_sum = 0.f;
 #pragma unroll
@@ -157,21 +159,16 @@ flash_fwd_kernel(const FwdParams<typename T::elem> params) {
                     s[mt][nt][2 * r + 1] = fast_exp2(s[mt][nt][2 * r + 1] - m_use);
                     row_sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
                 }
-                l_i[mt][r] = l_i[mt][r] * alpha + row_sum;  // l counts every key: dropout acts after softmax
-                if (mods.dropout()) {
+                l_i[mt][r] = l_i[mt][r] * alpha[r] + row_sum;  // l counts every key: dropout acts after softmax
+            }
+            // After both row halves: each of dropout's Philox calls serves rows r = 0 and 1 (scores.cuh random_quad)
+            if (mods.dropout())
+                mods.template drop<Bc / 8>(s[mt], bh, q0 + warp_row0 + mt * 16 + lane / 4, k0 + 2 * (lane % 4),
+                                           params.mods.keep_threshold);
 #pragma unroll
-                    for (int nt = 0; nt < Bc / 8; ++nt) {
-                        const U4 rnd = mods.random_pair(bh, q0 + warp_row0 + mt * 16 + lane / 4 + r * 8,
-                                                        k0 + nt * 8 + 2 * (lane % 4));
-                        if (rnd.x >= params.mods.keep_threshold) s[mt][nt][2 * r] = 0.f;
-                        if (rnd.y >= params.mods.keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
-                    }
-                }
+            for (int dt = 0; dt < D / 8; ++dt) {
 #pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    acc_o[mt][dt][2 * r] *= alpha;
-                    acc_o[mt][dt][2 * r + 1] *= alpha;
-                }
+                for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] *= alpha[e >> 1];
             }
         }
 

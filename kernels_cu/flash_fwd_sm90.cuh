@@ -32,11 +32,12 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const u32 sQ = (smem_addr(smem) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned (launch: +1 KiB)
     const u32 sK0 = sQ + TileQ::bytes();
     const u32 sV0 = sK0 + kStages * TileKV::bytes();
-    const u32 bars = sV0 + kStages * TileKV::bytes();  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
+    // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S], q_empty
+    const u32 bars = sV0 + kStages * TileKV::bytes();
     // With Mods, the index of the K/V block in each ring slot, from the producer: the consumers take it from there
     // rather than walk the tile classes past skipped blocks in their loop, which made ptxas serialize every wgmma of
     // the kernel (C7514: a data-dependent inner loop between the GEMMs' issue and wait).
-    auto sJ = [&](int j) { return bars + 8 * (1 + 4 * kStages) + 4 * (j % kStages); };
+    auto sJ = [&](int j) { return bars + 8 * (2 + 4 * kStages) + 4 * (j % kStages); };
     auto sK = [&](int j) { return sK0 + (j % kStages) * TileKV::bytes(); };
     auto sV = [&](int j) { return sV0 + (j % kStages) * TileKV::bytes(); };
     const u32 q_full = bars;
@@ -44,27 +45,37 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     auto v_full = [&](int j) { return bars + 8 * (1 + kStages + j % kStages); };
     auto k_empty = [&](int j) { return bars + 8 * (1 + 2 * kStages + j % kStages); };
     auto v_empty = [&](int j) { return bars + 8 * (1 + 3 * kStages + j % kStages); };
+    const u32 q_empty = bars + 8 * (1 + 4 * kStages);
     auto phase = [](int j) { return (j / kStages) & 1; };
 
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * Br;  // heaviest Q blocks first (causal)
+    // This thread block's Q blocks, the heaviest first (causal: the last ones see the most keys). A grid of
+    // ceil(n_qb / 2) pairs Q block n_qb - 1 - x with x: under a causal mask each thread block then does the same
+    // work, and the second block's Q and K/V load under the first one's last GEMMs and epilogue, where a new thread
+    // block (one per SM) would start from its launch. The score mods' variants take one Q block each (grid n_qb):
+    // their skipped tiles are counted by the whole thread block (__syncthreads) before the warpgroups part.
+    const int n_qb = ceil_div(params.attn.Nq, Br), x = blockIdx.x;
+    const int n_tiles = !Mods && gridDim.x < n_qb && x < n_qb - 1 - x ? 2 : 1;
+    auto q0_of = [&](int tile) { return (tile == 0 ? n_qb - 1 - x : x) * Br; };
     const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
     const int diag = params.attn.Nk - params.attn.Nq;
-    const int q_last = min(q0 + Br, params.attn.Nq) - 1;
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
-    // The K/V blocks this Q block visits, in the one order the producer loads them and the consumers use them:
+    // The K/V blocks a Q block visits, in the one order the producer loads them and the consumers use them:
     // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip;
     // n_visits of them (the plain path: blocks 0 .. j_end - 1).
-    int j_begin = 0;
-    int j_end = Causal ? min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + diag + 1, Bc)))
-                       : ceil_div(params.attn.Nk, Bc);
-    int n_visits = j_end;
+    auto q_last_of = [&](int q0) { return min(q0 + Br, params.attn.Nq) - 1; };
+    auto plain_visits = [&](int q0) {
+        return Causal ? min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last_of(q0) + diag + 1, Bc)))
+                      : ceil_div(params.attn.Nk, Bc);
+    };
+    int j_begin = 0, j_end = plain_visits(q0_of(0)), n_visits = j_end;  // with Mods: of the one Q block
     auto tile_class = [&](int j) {
-        return mods.template tile_class_span<Br, Bc>(b, h, q0, j * Bc, params.mods.cls_tq, params.mods.cls_tk);
+        return mods.template tile_class_span<Br, Bc>(b, h, q0_of(0), j * Bc, params.mods.cls_tq, params.mods.cls_tk);
     };
     if constexpr (Mods) {
+        const int q0 = q0_of(0);
         j_begin = max(0, q0 + mods.diag - mods.left) / Bc;
-        j_end = min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last + mods.diag + mods.right + 1, Bc)));
+        j_end = min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last_of(q0) + mods.diag + mods.right + 1, Bc)));
         n_visits = max(0, j_end - j_begin);
         if (params.mods.tile_cls != nullptr) {  // the whole block, before the warpgroups part
             auto skipped = [&](int j) { return tile_class(j) == kTileSkip; };
@@ -80,6 +91,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
 
     if (tid == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_empty, kConsumerThreads);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
@@ -96,17 +108,23 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     if (wg == kConsumers) {  // producer
         regs_dealloc<24>();
         if (tid == kConsumerThreads) {  // one thread issues every copy
-            mbar_arrive_expect_tx(q_full, TileQ::bytes());
-            tma_tile<Br, D>(sQ, params.tm_q, q0, h, b, q_full);
-            for (int it = 0, j = next_block(j_begin); j < j_end; ++it, j = next_block(j + 1)) {
-                const int n = Mods ? it : j;  // blocks loaded before this one: its ring slot and phase
-                mbar_wait(k_empty(n), phase(n) ^ 1);
-                if constexpr (Mods) st_shared_s32(sJ(n), j);  // seen by the consumers' wait on k_full (release)
-                mbar_arrive_expect_tx(k_full(n), TileKV::bytes());
-                tma_tile<Bc, D>(sK(n), params.tm_k, j * Bc, h / params.attn.group, b, k_full(n));
-                mbar_wait(v_empty(n), phase(n) ^ 1);
-                mbar_arrive_expect_tx(v_full(n), TileKV::bytes());
-                tma_tile<Bc, D>(sV(n), params.tm_v, j * Bc, h / params.attn.group, b, v_full(n));
+            for (int tile = 0, g = 0; tile < n_tiles; ++tile) {  // g: blocks loaded before, their ring slot and phase
+                const int q0 = q0_of(tile);
+                if (tile > 0) {
+                    j_end = n_visits = plain_visits(q0);
+                    mbar_wait(q_empty, (tile - 1) & 1);  // the consumers' last S GEMM of the previous Q block
+                }
+                mbar_arrive_expect_tx(q_full, TileQ::bytes());
+                tma_tile<Br, D>(sQ, params.tm_q, q0, h, b, q_full);
+                for (int j = next_block(j_begin); j < j_end; ++g, j = next_block(j + 1)) {
+                    mbar_wait(k_empty(g), phase(g) ^ 1);
+                    if constexpr (Mods) st_shared_s32(sJ(g), j);  // seen by the consumers' wait on k_full (release)
+                    mbar_arrive_expect_tx(k_full(g), TileKV::bytes());
+                    tma_tile<Bc, D>(sK(g), params.tm_k, j * Bc, h / params.attn.group, b, k_full(g));
+                    mbar_wait(v_empty(g), phase(g) ^ 1);
+                    mbar_arrive_expect_tx(v_full(g), TileKV::bytes());
+                    tma_tile<Bc, D>(sV(g), params.tm_v, j * Bc, h / params.attn.group, b, v_full(g));
+                }
             }
         }
         return;
@@ -114,16 +132,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
 
     regs_alloc<kConsumerRegs>();
     const int wg_row0 = wg * 64, warp_row0 = wg_row0 + (warp % 4) * 16;
-    // Ping-pong (two consumers): warpgroup w issues its GEMMs after barrier 1 + w, which the other warpgroup arrives
-    // at once it has issued its own. Warpgroup 1 lets warpgroup 0 go first.
-    if (kPingPong && wg == 1) named_arrive(1, 256);
-
     auto desc_q = [&](int kk) { return TileQ::desc_k(sQ, wg_row0, kk); };
     float acc_o[DO / 8][4];
-    float m_i[2] = {-inf_f(), -inf_f()};
-    float l_i[2] = {0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < DO / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
     u32 p[Bc / 16][4];  // P_{j-1} as A fragments
     auto issue_pv = [&](int it) {
 #pragma unroll
@@ -132,139 +142,152 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         wgmma_commit();
     };
 
-    mbar_wait(q_full, 0);
-    for (int n = 0; n < n_visits; ++n) {  // n: blocks done before this one, its ring slot and phase
-        mbar_wait(k_full(n), phase(n));
-        const int j = Mods ? lds_s32(sJ(n)) : n;
-        const int k0 = j * Bc;
-        if (n > 0) mbar_wait(v_full(n - 1), phase(n - 1));
-        float s[Bc / 8][4];
+    // Ping-pong (two consumers): warpgroup w issues its GEMMs after barrier 1 + w, which the other warpgroup arrives
+    // at once it has issued its own. Warpgroup 1 lets warpgroup 0 go first; the turns run on across Q blocks (taken
+    // anew in each, the arrival and wait sat in a warpgroup-divergent branch between wgmma and ptxas serialized them:
+    // C7519).
+    if (kPingPong && wg == 1) named_arrive(1, 256);
+    for (int tile = 0, g0 = 0; tile < n_tiles; ++tile, g0 += n_visits) {  // g0: blocks before this Q block's
+        const int q0 = q0_of(tile), q_last = q_last_of(q0);
+        if (tile > 0) n_visits = plain_visits(q0);
+        float m_i[2] = {-inf_f(), -inf_f()};
+        float l_i[2] = {0.f, 0.f};
 #pragma unroll
-        for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-        if constexpr (kPingPong) named_sync(1 + wg, 256);
-        fence_operands(s);
-        fence_operands(acc_o);
-        wgmma_fence();
+        for (int i = 0; i < DO / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+        mbar_wait(q_full, tile & 1);
+        for (int n = 0; n < n_visits; ++n) {  // n: this Q block's blocks done before this one
+            const int g = g0 + n;  // the ring slot and phase
+            mbar_wait(k_full(g), phase(g));
+            const int j = Mods ? lds_s32(sJ(g)) : n;
+            const int k0 = j * Bc;
+            if (n > 0) mbar_wait(v_full(g - 1), phase(g - 1));
+            float s[Bc / 8][4];
 #pragma unroll
-        for (int kk = 0; kk < head_k_steps(DHead); ++kk)
-            Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(n), 0, kk), kk > 0);
-        wgmma_commit();
-        if (n > 0) issue_pv(n - 1);
-        if (n > 0)
-            wgmma_wait<1>();
-        else
-            wgmma_wait<0>();
-        fence_operands(s);
-        // Arriving between the commit and the wait made ptxas serialize every wgmma (C7514).
-        if constexpr (kPingPong) named_arrive(2 - wg, 256);
-        mbar_arrive(k_empty(n));
+            for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            if constexpr (kPingPong) named_sync(1 + wg, 256);
+            fence_operands(s);
+            fence_operands(acc_o);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < head_k_steps(DHead); ++kk)
+                Wgmma<T, Bc>::template ss<0, 0>(s, desc_q(kk), TileKV::desc_k(sK(g), 0, kk), kk > 0);
+            wgmma_commit();
+            if (n > 0) issue_pv(g - 1);
+            if (n > 0)
+                wgmma_wait<1>();
+            else
+                wgmma_wait<0>();
+            fence_operands(s);
+            // Arriving between the commit and the wait made ptxas serialize every wgmma (C7514).
+            if constexpr (kPingPong) named_arrive(2 - wg, 256);
+            mbar_arrive(k_empty(g));
 
-        // Accumulator element (nt, e) of this lane: row lane/4 + 8·(e/2), key nt·8 + 2·(lane%4) + e%2 of the tile.
-        auto row_of = [&](int e) { return q0 + warp_row0 + lane / 4 + (e >> 1) * 8; };
-        auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
-        if constexpr (Mods) {
-            // The logits in log2 units, as flash_fwd.cuh: cap, bias on the blocks whose tile reads it, then the
-            // visibility mask on the blocks that cross the sequence end or a window edge. One uniform branch
-            // around each loop (a branch per score would be if-converted into every block).
-            mods.template scale_scores<Bc / 8>(s, params.attn.scale_log2);
-            if (mods.has_bias() && tile_class(j) == kTileRead) {
+            // Accumulator element (nt, e) of this lane: row lane/4 + 8·(e/2), key nt·8 + 2·(lane%4) + e%2 of the
+            // tile.
+            auto row_of = [&](int e) { return q0 + warp_row0 + lane / 4 + (e >> 1) * 8; };
+            auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
+            if constexpr (Mods) {
+                // The logits in log2 units, as flash_fwd.cuh: cap, bias on the blocks whose tile reads it, then the
+                // visibility mask on the blocks that cross the sequence end or a window edge. One uniform branch
+                // around each loop (a branch per score would be if-converted into every block).
+                mods.template scale_scores<T, Bc / 8>(s, params.attn.scale_log2);
+                if (mods.has_bias() && tile_class(j) == kTileRead) {
 #pragma unroll
-                for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
-                    mods.template add_bias_row<T, Bc / 8>(s, r,
-                                                         mods.bias_row(b, h, min(row_of(2 * r), params.attn.Nq - 1)),
-                                                         col_of(0, 0));
-            }
-            if (k0 + Bc > params.attn.Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
-                k0 < q_last + mods.diag - mods.left) {
+                    for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
+                        mods.template add_bias_row<T, Bc / 8>(
+                            s, r, mods.bias_row(b, h, min(row_of(2 * r), params.attn.Nq - 1)), col_of(0, 0));
+                }
+                if (k0 + Bc > params.attn.Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
+                    k0 < q_last + mods.diag - mods.left) {
+#pragma unroll
+                    for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!mods.visible(row_of(e), col_of(nt, e))) s[nt][e] = -inf_f();
+                }
+            } else if (k0 + Bc > params.attn.Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
+                // Masked scores (keys past Nk; causal: keys after row + diag) as one compare per score against a
+                // per-row limit, on the blocks that have any.
+                int lim[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    lim[r] = (Causal ? min(params.attn.Nk, q0 + warp_row0 + lane / 4 + 8 * r + diag + 1)
+                                     : params.attn.Nk) - k0;
 #pragma unroll
                 for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
-                        if (!mods.visible(row_of(e), col_of(nt, e))) s[nt][e] = -inf_f();
+                        if (nt * 8 + 2 * (lane % 4) + (e & 1) >= lim[e >> 1]) s[nt][e] = -inf_f();
             }
-        } else if (k0 + Bc > params.attn.Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
-            // Masked scores (keys past Nk; causal: keys after row + diag) as one compare per score against a
-            // per-row limit, on the blocks that have any.
-            int lim[2];
+            // m_i is in log2 units of the scaled scores; the row max is taken on the raw ones (scale_log2 > 0), and
+            // exp2(s · scale_log2 - m) is one FFMA per score. With Mods the scores are logits already.
+            const float s_scale = Mods ? 1.f : params.attn.scale_log2;
+            float alpha[2];
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
-                lim[r] = (Causal ? min(params.attn.Nk, q0 + warp_row0 + lane / 4 + 8 * r + diag + 1)
-                                 : params.attn.Nk) - k0;
+            for (int r = 0; r < 2; ++r) {
+                float mx = -inf_f();
 #pragma unroll
-            for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (nt * 8 + 2 * (lane % 4) + (e & 1) >= lim[e >> 1]) s[nt][e] = -inf_f();
-        }
-        // m_i is in log2 units of the scaled scores; the row max is taken on the raw ones (scale_log2 > 0), and
-        // exp2(s · scale_log2 - m) is one FFMA per score. With Mods the scores are logits already.
-        const float s_scale = Mods ? 1.f : params.attn.scale_log2;
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -inf_f();
-#pragma unroll
-            for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = fmaxf(m_i[r], warp_max4(mx) * s_scale);
-            const float m_use = mx == -inf_f() ? 0.f : mx;
-            alpha[r] = fast_exp2(m_i[r] - m_use);
-            m_i[r] = mx;
-            float row_sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < Bc / 8; ++nt) {
-                s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], s_scale, -m_use));
-                s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], s_scale, -m_use));
-                row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            l_i[r] = l_i[r] * alpha[r] + row_sum;  // l counts every key: dropout acts after the softmax
-            if (mods.dropout()) {  // flash_fwd.cuh's numbering: one Philox call per (row, even key)
+                for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                mx = fmaxf(m_i[r], warp_max4(mx) * s_scale);
+                const float m_use = mx == -inf_f() ? 0.f : mx;
+                alpha[r] = fast_exp2(m_i[r] - m_use);
+                m_i[r] = mx;
+                float row_sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < Bc / 8; ++nt) {
-                    const U4 rnd = mods.random_pair((i64)b * H + h, row_of(2 * r), col_of(nt, 0));
-                    if (rnd.x >= params.mods.keep_threshold) s[nt][2 * r] = 0.f;
-                    if (rnd.y >= params.mods.keep_threshold) s[nt][2 * r + 1] = 0.f;
+                    s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], s_scale, -m_use));
+                    s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], s_scale, -m_use));
+                    row_sum += s[nt][2 * r] + s[nt][2 * r + 1];
                 }
+                l_i[r] = l_i[r] * alpha[r] + row_sum;  // l counts every key: dropout acts after the softmax
+            }
+            // flash_fwd.cuh's numbering, after both row halves (each Philox call serves both: scores.cuh random_quad)
+            if (mods.dropout())
+                mods.template drop<Bc / 8>(s, (i64)b * H + h, row_of(0), col_of(0, 0), params.mods.keep_threshold);
+            wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
+            fence_operands(acc_o);
+            if (n > 0) mbar_arrive(v_empty(g - 1));
+#pragma unroll
+            for (int dt = 0; dt < DO / 8; ++dt) {
+                acc_o[dt][0] *= alpha[0];
+                acc_o[dt][1] *= alpha[0];
+                acc_o[dt][2] *= alpha[1];
+                acc_o[dt][3] *= alpha[1];
+            }
+#pragma unroll
+            for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
+        }
+        mbar_arrive(q_empty);  // every S GEMM of this Q block is done: the producer may load the next one
+        if (n_visits > 0) {
+            const int g = g0 + n_visits - 1;
+            mbar_wait(v_full(g), phase(g));
+            fence_operands(acc_o);
+            wgmma_fence();
+            issue_pv(g);
+            wgmma_wait<0>();
+            fence_operands(acc_o);
+            mbar_arrive(v_empty(g));  // for the next Q block's loads
+        }
+
+        typename T::elem* __restrict__ o = params.o + b * params.o_s.b + h * params.o_s.h + q0 * params.o_s.n;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float l = warp_sum4(l_i[r]);
+            // dropout: O / keep probability
+            const float inv_l = l > 0.f ? (Mods ? params.mods.inv_keep : 1.f) / l : 0.f;
+            const int row = warp_row0 + lane / 4 + r * 8;
+            if (q0 + row < params.attn.Nq) {
+                typename T::elem* o_row = o + row * params.o_s.n;
+#pragma unroll
+                for (int dt = 0; dt < DHead / 8; ++dt)
+                    store2<T>(o_row + dt * 8 + 2 * (lane % 4), acc_o[dt][2 * r] * inv_l, acc_o[dt][2 * r + 1] * inv_l);
+                if (lane % 4 == 0)
+                    params.lse[((i64)b * H + h) * params.attn.Nq + q0 + row] =
+                        l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : inf_f();
             }
         }
-        wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
-        fence_operands(acc_o);
-        if (n > 0) mbar_arrive(v_empty(n - 1));
-#pragma unroll
-        for (int dt = 0; dt < DO / 8; ++dt) {
-            acc_o[dt][0] *= alpha[0];
-            acc_o[dt][1] *= alpha[0];
-            acc_o[dt][2] *= alpha[1];
-            acc_o[dt][3] *= alpha[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
-    }
-    const int n_done = n_visits;
-    if (n_done > 0) {
-        mbar_wait(v_full(n_done - 1), phase(n_done - 1));
-        fence_operands(acc_o);
-        wgmma_fence();
-        issue_pv(n_done - 1);
-        wgmma_wait<0>();
-        fence_operands(acc_o);
     }
     if (kPingPong && wg == 0) named_sync(1, 256);  // matches warpgroup 1's last arrival
-
-    typename T::elem* __restrict__ o = params.o + b * params.o_s.b + h * params.o_s.h + q0 * params.o_s.n;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float l = warp_sum4(l_i[r]);
-        const float inv_l = l > 0.f ? (Mods ? params.mods.inv_keep : 1.f) / l : 0.f;  // dropout: O / keep probability
-        const int row = warp_row0 + lane / 4 + r * 8;
-        if (q0 + row < params.attn.Nq) {
-            typename T::elem* o_row = o + row * params.o_s.n;
-#pragma unroll
-            for (int dt = 0; dt < DHead / 8; ++dt)
-                store2<T>(o_row + dt * 8 + 2 * (lane % 4), acc_o[dt][2 * r] * inv_l, acc_o[dt][2 * r + 1] * inv_l);
-            if (lane % 4 == 0)
-                params.lse[((i64)b * H + h) * params.attn.Nq + q0 + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : inf_f();
-        }
-    }
 }
 
 }  // namespace cupyflash

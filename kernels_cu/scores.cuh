@@ -41,6 +41,22 @@ CF_DEVICE U4 philox(U4 c, u32 k0, u32 k1) {
     return c;
 }
 
+// tanh for soft-capping. 16-bit inputs: tanh.approx.f32, one MUFU op (relative error at most 2^-10.99, PTX ISA), as
+// FlashAttention-2/3's cutlass::fast_tanh: a capped score is then as exact as its own 16-bit rounding in eager
+// PyTorch (2^-9 relative in bf16, 2^-11 in fp16). The accurate tanhf took two MUFU ops and a dozen FMAs per score
+// beside the softmax's exp2, and the MUFU pipe (16 per clock per SM) outlasted the tensor cores: the soft-capped
+// forward ran at 2.0x the plain one (H100, d128). fp32 inputs (TF32 kernels) keep tanhf.
+template <typename T>
+CF_DEVICE float cap_tanh(float x) {
+    if constexpr (T::kTF32) {
+        return tanhf(x);
+    } else {
+        float y;
+        asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+        return y;
+    }
+}
+
 constexpr int kNoWindow = 1 << 30;  // a window edge farther than any sequence (cupyflash/params.py NO_WINDOW)
 
 // Bias tile classes (cupyflash/tile_classes.py computes them on the GPU at every call, one per tile of the
@@ -113,13 +129,13 @@ struct ScoreMods {
     CF_DEVICE bool softcap() const { return Enabled && cap_out != 0.f; }
 
     // Raw scores q·k of an accumulator tile (NT n8 tiles) → log2-scaled logits before the bias.
-    template <int NT>
+    template <typename T, int NT>
     CF_DEVICE void scale_scores(float (*s)[4], float scale_log2) const {
-        if (softcap()) {  // the accurate tanhf, not tanh.approx (2^-11 relative): logits reach ±softcap
+        if (softcap()) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[nt][e] = cap_out * tanhf(s[nt][e] * cap_in);
+                for (int e = 0; e < 4; ++e) s[nt][e] = cap_out * cap_tanh<T>(s[nt][e] * cap_in);
         } else {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
@@ -131,9 +147,9 @@ struct ScoreMods {
     // scale_scores, keeping with soft-capping the derivative of each capped score, 1 - tanh², for the backward:
     // cap_grad[nt][r] holds those of s[nt][2r] and s[nt][2r + 1] as an fp16 pair (half the registers of floats; dS
     // is rounded to 16 bits after it anyway). The Hopper backward holds them instead of recomputing Sᵀ, which spilled.
-    template <int NT>
+    template <typename T, int NT>
     CF_DEVICE void scale_scores(float (*s)[4], float scale_log2, u32 (*cap_grad)[2]) const {
-        if (!softcap()) return scale_scores<NT>(s, scale_log2);
+        if (!softcap()) return scale_scores<T, NT>(s, scale_log2);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -141,7 +157,7 @@ struct ScoreMods {
                 float t[2];
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
-                    t[c] = tanhf(s[nt][2 * r + c] * cap_in);
+                    t[c] = cap_tanh<T>(s[nt][2 * r + c] * cap_in);
                     s[nt][2 * r + c] = cap_out * t[c];
                 }
                 cap_grad[nt][r] = f16::pack(1.f - t[0] * t[0], 1.f - t[1] * t[1]);
@@ -153,9 +169,49 @@ struct ScoreMods {
         return f16::to_float((u16)(e & 1 ? pair >> 16 : pair & 0xffffu));
     }
 
-    // The random words of elements (row, col) and (row, col + 1), col even, of head `bh` = b·H + h.
-    CF_DEVICE U4 random_pair(i64 bh, int row, int col) const {
-        return philox(U4{(u32)col >> 1, (u32)row, (u32)bh, (u32)(bh >> 32)}, seed_lo, seed_hi);
+    // Dropout's random words: one Philox call per group of four elements {row, row + 8} x {col, col + 8} (row and
+    // col below 8 mod 16), its words x, y, z, w for (row, col), (row, col + 8), (row + 8, col), (row + 8, col + 8).
+    // Both accumulator layouts hold whole groups in one lane: S's in the forward (rows lane/4 + {0, 8}; keys in n8
+    // tiles nt and nt + 1) and Sᵀ's in the backward (keys lane/4 + {0, 8}; queries in n8 tiles nt and nt + 1), so
+    // each call serves four scores. Philox's integer multiplies outlasted the tensor cores when each call served
+    // one key pair (forward, dropout 3.4x the plain one at d128) or one score (backward, 2.1x; H100).
+    CF_DEVICE U4 random_quad(i64 bh, int row, int col) const {
+        const u32 group_row = (u32)((row >> 4) << 3 | (row & 7)), group_col = (u32)((col >> 4) << 3 | (col & 7));
+        return philox(U4{group_col, group_row, (u32)bh, (u32)(bh >> 32)}, seed_lo, seed_hi);
+    }
+
+    // Dropout on the forward's S tile (NT n8 tiles, NT even): zeroes s[nt][e] (row row0 + 8·(e/2), key
+    // col0 + 8·nt + e%2; row0 and col0 below 8 mod 16) where its word is at or above the keep threshold.
+    template <int NT>
+    CF_DEVICE void drop(float (*s)[4], i64 bh, int row0, int col0, u32 threshold) const {
+        static_assert(NT % 2 == 0, "random_quad's groups span two n8 tiles");
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const U4 w = random_quad(bh, row0, col0 + nt * 8 + c);
+                if (w.x >= threshold) s[nt][c] = 0.f;
+                if (w.y >= threshold) s[nt + 1][c] = 0.f;
+                if (w.z >= threshold) s[nt][2 + c] = 0.f;
+                if (w.w >= threshold) s[nt + 1][2 + c] = 0.f;
+            }
+    }
+
+    // The backward's keep bits on its Sᵀ tile (NT n8 tiles of queries, NT even): bit nt·4 + e set where the forward
+    // kept element (nt, e), key key0 + 8·(e/2), query q_col0 + 8·nt + e%2 (key0 and q_col0 below 8 mod 16). The
+    // loop stays rolled, one Philox chain per iteration: unrolled, the scheduler interleaved the chains beside the
+    // accumulators and spilled (tests/test_kernel_compile.py).
+    template <int NT>
+    CF_DEVICE u32 keep_bits_t(i64 bh, int key0, int q_col0, u32 threshold) const {
+        static_assert(NT % 2 == 0 && NT * 4 <= 32, "random_quad's groups span two n8 tiles; one bit per element");
+        u32 bits = 0;
+#pragma unroll 1
+        for (int g = 0; g < NT; ++g) {  // the group of tiles nt = g & ~1 and nt + 1, query parity c = g & 1
+            const U4 w = random_quad(bh, q_col0 + (g & ~1) * 8 + (g & 1), key0);  // rows are queries, columns keys
+            bits |= ((u32)(w.x < threshold) | (u32)(w.y < threshold) << 2 | (u32)(w.z < threshold) << 4 |
+                     (u32)(w.w < threshold) << 6) << ((g & ~1) * 4 + (g & 1));
+        }
+        return bits;
     }
 
     // x = the log2-scaled (capped) score, bv its bias; returns the logit in log2 units.

@@ -15,7 +15,7 @@ import torch
 
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
-from cupyflash import launch, plan
+from cupyflash import cuda_path, launch, plan
 from cupyflash.tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
 from cupyflash.validate import kernel_head_dim
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, causal_keep_mask,
@@ -148,6 +148,40 @@ def _is_hopper() -> bool:
 
 needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Hopper kernels run on sm_90 only; elsewhere the "
                                                             "mma.sync kernels take every call the sweep makes")
+
+
+@needs_hopper
+@pytest.mark.parametrize("n_q,n_k", [(256, 256), (640, 640), (1023, 1024), (517, 300)])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_forward_q_block_pairs_equal_one_per_thread_block(n_q, n_k, head_dim, causal, monkeypatch):
+    """Two Q blocks per thread block (plan.PAIR_Q_BLOCKS: n - 1 - x, then x) give bit for bit the outputs and LSE of
+    one per thread block: each Q block is computed alike, only the thread block that runs it changes. Odd and even
+    block counts, and Q blocks that see no key (n_q - n_k > Br, causal)."""
+    q, k, v, _ = make_inputs(1, HEADS, n_q, n_k, head_dim, BF16, "contiguous", seed_from("pairs", n_q, head_dim))
+
+    def forget_plans():  # every cache of plans and runners, so that the next call plans afresh
+        plan.plan_for.cache_clear()
+        cuda_path._KNOWN.clear()
+        cupyflash.torch_op._PLAIN_FORWARDS.clear()
+
+    def run():
+        forget_plans()
+        poison_cuda_allocator()
+        out = fwd_op(q, k, v, head_dim ** -0.5, causal)
+        (p,) = [p for p in cuda_path._KNOWN.values() if p.layout.kernel == "fwd"]
+        assert p.family == plan.HOPPER
+        return out, p.steps[-1].grid[0], math.ceil(n_q / p.tiles.Br)
+
+    paired, grid, q_blocks = run()
+    assert grid == math.ceil(q_blocks / 2)
+    monkeypatch.setattr(plan, "PAIR_Q_BLOCKS", False)
+    try:
+        single, grid, q_blocks = run()
+    finally:
+        forget_plans()
+    assert grid == q_blocks
+    assert torch.equal(paired[0], single[0]) and torch.equal(paired[1], single[1])
 
 
 @needs_hopper
