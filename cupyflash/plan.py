@@ -23,9 +23,11 @@ from .launch import ScoreMods
 from .params import Buf, Slot, TmaSlot
 
 HOPPER, MMA_SYNC = "hopper", "mma.sync"
-# The Hopper forward without score mods: each thread block takes Q blocks n - 1 - x and x (equal work under a causal
-# mask; the second loads under the first's last GEMMs and epilogue). False: one Q block per thread block.
-PAIR_Q_BLOCKS = True
+# The Hopper forward without score mods, up to this many query rows: each thread block takes Q blocks n - 1 - x and x
+# (equal work under a causal mask; the second loads under the first's last GEMMs and epilogue); past it one Q block
+# per thread block. H200, bf16, pairs against one (results/fwd-pairs-ab-NVIDIA_H200.log): N 512 +2-14 %, 1024 +4-8 %,
+# 2048 +3-9 %, 4096 0-3 %, 16384 -1 to -2 % (half as many thread blocks, twice as long: the last wave's tail).
+PAIR_MAX_ROWS = 4096
 ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
 CONVERT_SM90_THREADS = 256  # flash_bwd_convert_dq_sm90: one thread per float4 of dQ_accum
 FORWARD_BUFS = ("q", "k", "v", "out", "lse")
@@ -188,7 +190,7 @@ def plan_for(layout: CallLayout) -> Plan:
         build = params.sm90_forward if family == HOPPER else params.mma_forward
         packed = build(**common, **{name: bufs[name] for name in FORWARD_BUFS})
         q_blocks = math.ceil(n_q / t.Br)
-        if family == HOPPER and not variant.mods and PAIR_Q_BLOCKS:
+        if family == HOPPER and not variant.mods and n_q <= PAIR_MAX_ROWS:
             q_blocks = math.ceil(q_blocks / 2)  # two Q blocks per thread block (flash_fwd_sm90.cuh says which)
         grid = (q_blocks, heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
         steps = (_step(variant, grid, (t.threads,), packed),)

@@ -155,7 +155,7 @@ needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Hopper kernels r
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_hopper_forward_q_block_pairs_equal_one_per_thread_block(n_q, n_k, head_dim, causal, monkeypatch):
-    """Two Q blocks per thread block (plan.PAIR_Q_BLOCKS: n - 1 - x, then x) give bit for bit the outputs and LSE of
+    """Two Q blocks per thread block (plan.PAIR_MAX_ROWS: n - 1 - x, then x) give bit for bit the outputs and LSE of
     one per thread block: each Q block is computed alike, only the thread block that runs it changes. Odd and even
     block counts, and Q blocks that see no key (n_q - n_k > Br, causal)."""
     q, k, v, _ = make_inputs(1, HEADS, n_q, n_k, head_dim, BF16, "contiguous", seed_from("pairs", n_q, head_dim))
@@ -175,7 +175,7 @@ def test_hopper_forward_q_block_pairs_equal_one_per_thread_block(n_q, n_k, head_
 
     paired, grid, q_blocks = run()
     assert grid == math.ceil(q_blocks / 2)
-    monkeypatch.setattr(plan, "PAIR_Q_BLOCKS", False)
+    monkeypatch.setattr(plan, "PAIR_MAX_ROWS", 0)
     try:
         single, grid, q_blocks = run()
     finally:

@@ -70,15 +70,16 @@ def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
         assert p.tiles.Br == 64 * p.tiles.consumers and step.grid == (math.ceil(math.ceil(NQ / p.tiles.Br) / 2), H, B)
 
 
-@pytest.mark.parametrize("n_q,pairs", [(1, 1), (128, 1), (129, 1), (300, 2), (513, 3), (1024, 4)])
+@pytest.mark.parametrize("n_q,pairs", [(1, 1), (128, 1), (129, 1), (300, 2), (513, 3), (4096, 16), (4097, 33)])
 def test_hopper_forward_pairs_q_blocks_and_mods_take_one(monkeypatch, n_q, pairs):
     """The plain Hopper forward's thread blocks take Q blocks n - 1 - x and x (flash_fwd_sm90.cuh): ceil(n / 2) of
-    them; with score mods (the skipped tiles' count takes the whole thread block) or PAIR_Q_BLOCKS off, one each."""
+    them up to PAIR_MAX_ROWS query rows, one each past it; with score mods (the skipped tiles' count takes the whole
+    thread block) or PAIR_MAX_ROWS = 0, one each."""
     layout = _layout("fwd", "bfloat16", 128, causal=True)._replace(shape=(B, H, n_q, 128))
     assert plan.plan_for(layout).steps[0].grid == (pairs, H, B)
     mods = plan.plan_for(layout._replace(causal=False, window=(64, 0))).steps[-1]
     assert mods.variant.mods and mods.grid == (math.ceil(n_q / 128), H, B)
-    monkeypatch.setattr(plan, "PAIR_Q_BLOCKS", False)
+    monkeypatch.setattr(plan, "PAIR_MAX_ROWS", 0)
     plan.plan_for.cache_clear()
     assert plan.plan_for(layout).steps[0].grid == (math.ceil(n_q / 128), H, B)
     plan.plan_for.cache_clear()
