@@ -110,8 +110,9 @@ FORWARD_SM90 = {
 # softmax and rescale of O over more keys; d256's two stages of K and V then take 160 KiB, 230472 B of sm_90's 232448).
 # Measured against FORWARD_SM90's tiles, new / old / new in one run (H100, bf16, N 1024 / 4096 / 16384,
 # benchmarks/results/fwd-tiles-ab-NVIDIA_H100_80GB_HBM3.log): d64 -1 / +6 / +9 %; d256 +4 / +8 / +6 %, causal +2 / +5
-# / +10 %; d128 non-causal -2 / +2 / 0 %. d64 causal stays on 128 rows: 192 lost 10 % at N 1024 (a 192-row Q block
-# crosses the diagonal in two K blocks), won 3 / 7 % at 4096 / 16384.
+# / +10 %; d128 non-causal -2 / +2 / 0 % (and 1.81 -> 1.60 ms at N 8192 in mask_bench's no-mask row, same GPU).
+# d64 causal stays on 128 rows: 192 lost 10 % at N 1024 (a 192-row Q block crosses the diagonal in two K blocks), won
+# 3 / 7 % at 4096 / 16384.
 FORWARD_SM90_PLAIN = {
     (64, False): Sm90Tiles(Bc=128, stages=2, Br=192, consumers=3),
     (128, False): Sm90Tiles(Bc=176, stages=2),

@@ -63,7 +63,8 @@ def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
     p = plan.plan_for(_layout(kernel, dtype, d, causal=causal))
     assert (p.family, p.why) == (plan.HOPPER, "the Hopper kernel takes this call")
     assert p.variant == jit.Variant(f"{kernel}_sm90", dtype, d, causal)
-    assert p.tiles == (tiles.sm90_forward_tiles(d, mods=False, causal=causal) if kernel == "fwd" else tiles.BACKWARD_SM90[d])
+    want = tiles.sm90_forward_tiles(d, mods=False, causal=causal) if kernel == "fwd" else tiles.BACKWARD_SM90[d]
+    assert p.tiles == want
     (step,) = [s for s in p.steps if s.variant == p.variant]
     assert step.block == (p.tiles.threads,) and p.tiles.threads == 128 * (p.tiles.consumers + 1)
     if kernel == "fwd":  # Q blocks of Br rows, 64 per consumer warpgroup, two per thread block
@@ -87,7 +88,8 @@ def test_hopper_forward_pairs_q_blocks_and_mods_take_one(monkeypatch, n_q, pairs
 
 def test_forward_d64_plain_tiles_are_192_rows_causal_and_mods_keep_128():
     """FlashAttention-3's d64 forward tile (192 x 128, three consumer warpgroups) for the plain call; the causal one
-    keeps 128 rows (192 lost at N 1024, tiles.py), and so do the score mods' variants, with their bias's tile classes."""
+    keeps 128 rows (192 lost at N 1024, tiles.py), and so do the score mods' variants, with their bias's tile
+    classes."""
     plain = plan.plan_for(_layout("fwd", "bfloat16", 64))
     assert (plain.tiles.Br, plain.tiles.Bc, plain.tiles.threads) == (192, 128, 512)
     causal = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=True))
