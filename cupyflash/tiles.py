@@ -87,8 +87,9 @@ FORWARD_SM90 = {
     # d32 on 64-column tiles, whose zero half S = Q Kᵀ skips and O = P V does not compute (wgmma.cuh head_k_steps,
     # head_cols). H100, same run (benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log, session 7): fwd 180-291 TFLOP/s,
     # causal 112-282, bwd 120-207, causal 79-201, against mma.sync's 159-208 / 105-200 / 113-179 / 79-175 and SDPA
-    # flash's 183-228 / 107-219 / 134-223 / 83-204 (N 512-16384)
-    32: Sm90Tiles(Bc=128, stages=2, pad_to=64),
+    # flash's 183-228 / 107-219 / 134-223 / 83-204 (N 512-16384). With dropout it spilled 4 B once its thread blocks
+    # took Q blocks in pairs and its Philox words served four scores (session 16): dropout at d32 runs on mma.sync.
+    32: Sm90Tiles(Bc=128, stages=2, pad_to=64, dropout=False),
     64: Sm90Tiles(Bc=128, stages=2),
     # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
     # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
