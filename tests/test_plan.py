@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import re
 import struct
 
@@ -571,3 +572,16 @@ def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, mo
     stubbed_device.clear()
     with pytest.raises(AssertionError, match="checked again"):
         calls(*inputs(n_q=34))
+
+
+@pytest.mark.parametrize("value", [None, "0", "1", "", " 0"])
+def test_sm90_switch_follows_the_environment(monkeypatch, value):
+    """plan.sm90_enabled reads CUPYFLASH_SM90 through os.environ's own dict (each call key reads it): it sees every
+    write through os.environ at once, as os.environ.get would."""
+    if value is None:
+        monkeypatch.delenv(launch.SM90_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launch.SM90_ENV, value)
+    assert plan.sm90_enabled() is (os.environ.get(launch.SM90_ENV, "1") != "0")
+    monkeypatch.setenv(launch.SM90_ENV, "0")
+    assert plan.sm90_enabled() is False
