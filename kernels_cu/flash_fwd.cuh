@@ -140,7 +140,6 @@ flash_fwd_kernel(const FwdParams<typename T::elem> params) {
         }
 #pragma unroll
         for (int mt = 0; mt < MTiles; ++mt) {
-#pragma unroll
             float alpha[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {

@@ -1,10 +1,10 @@
 // Forward on Hopper (sm_90a), warp-specialized as FlashAttention-3 (https://arxiv.org/abs/2407.08608). One producer
 // warpgroup streams Q, then K_j and V_j through a ring of kStages shared-memory slots: one thread issues TMA copies
-// that complete on mbarriers. Br / 64 consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on
-// wgmma (wgmma.cuh); two of them take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the
-// other's GEMMs), three (Br = 192, FlashAttention-3's d64 tile: each K/V tile read from shared memory feeds three)
-// issue as they come; inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods of
-// scores.cuh (bias with its tile classes, window, soft-cap; Dropout the dropout) as flash_fwd.cuh applies them, on
+// that complete on mbarriers. Br / 64 consumer warpgroups of 64 query rows each run S = Q K_jᵀ and O += P V_j on wgmma
+// (wgmma.cuh); two of them take turns at the tensor cores (ping-pong: one warpgroup's softmax runs under the other's
+// GEMMs), three (Br = 192, FlashAttention-3's d64 tile: each K/V tile read from shared memory feeds three) issue as
+// they come; inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods
+// of scores.cuh (bias with its tile classes, window, soft-cap; Dropout the dropout) as flash_fwd.cuh applies them, on
 // the same elements with the same Philox numbering, so either backward takes this forward's LSE and dropout mask;
 // Mods = false is the plain path (at most a causal mask), with none of their code.
 #pragma once
@@ -79,8 +79,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         n_visits = max(0, j_end - j_begin);
         if (params.mods.tile_cls != nullptr) {  // the whole block, before the warpgroups part
             auto skipped = [&](int j) { return tile_class(j) == kTileSkip; };
-            trim_skipped<kConsumerThreads + 128>(j_begin, j_end, skipped, tid);
-            n_visits = count_unskipped<kConsumerThreads + 128>(j_begin, j_end, skipped, tid);
+            n_visits = trim_skipped<kConsumerThreads + 128, true>(j_begin, j_end, skipped, tid);
         }
     }
     auto next_block = [&](int j) {

@@ -275,37 +275,32 @@ struct ScoreMods {
 // Narrows [begin, end) to its first .. last index whose tile is not kTileSkip (empty if all are), in one parallel
 // pass by the whole block (call it uniformly). Walking skipped tiles one dependent load at a time from the loop
 // cost a dense causal mask passed as a tensor ~0.4 ms of its forward (H200, N = 8192): every Q block scanned all
-// the tiles past its diagonal.
-template <int Threads, typename IsSkipped>
-CF_DEVICE void trim_skipped(int& begin, int& end, IsSkipped is_skipped, int tid) {
-    __shared__ int s_first, s_last;
+// the tiles past its diagonal. With Count, returns how many are not kTileSkip, in the same pass, for a loop that
+// visits only those without walking the others (flash_fwd_sm90.cuh's consumers).
+template <int Threads, bool Count = false, typename IsSkipped>
+CF_DEVICE int trim_skipped(int& begin, int& end, IsSkipped is_skipped, int tid) {
+    __shared__ int s_first, s_last, s_count;
     if (tid == 0) {
         s_first = end;
         s_last = begin - 1;
+        if constexpr (Count) s_count = 0;
     }
     __syncthreads();  // initialised before any thread updates them
+    int count = 0;
     for (int i = begin + tid; i < end; i += Threads)
         if (!is_skipped(i)) {
             atomicMin(&s_first, i);
             atomicMax(&s_last, i);
+            if constexpr (Count) ++count;
         }
+    if constexpr (Count) {
+        if (count > 0) atomicAdd(&s_count, count);
+    }
     __syncthreads();  // every thread's candidates are in
     begin = s_first;
     end = s_last + 1;
-}
-
-// How many of [begin, end) are not kTileSkip, in one parallel pass by the whole block (call it uniformly), for a loop
-// that visits only those without walking the others (flash_fwd_sm90.cuh's consumers).
-template <int Threads, typename IsSkipped>
-CF_DEVICE int count_unskipped(int begin, int end, IsSkipped is_skipped, int tid) {
-    __shared__ int s_count;
-    if (tid == 0) s_count = 0;
-    __syncthreads();  // initialised before any thread adds to it
-    int count = 0;
-    for (int i = begin + tid; i < end; i += Threads) count += !is_skipped(i);
-    if (count > 0) atomicAdd(&s_count, count);
-    __syncthreads();  // every thread's count is in
-    return s_count;
+    if constexpr (Count) return s_count;
+    return 0;
 }
 
 // The kernels' ScoreMods from their launch parameters. Causal clips the right window edge at the diagonal; the
