@@ -7,7 +7,8 @@ BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks")
 if BENCH not in sys.path:
     sys.path.append(BENCH)
 
+import e2e_profile  # noqa: E402
 import e2e_step  # noqa: E402
 import host_profile  # noqa: E402
 
-__all__ = ["e2e_step", "host_profile"]
+__all__ = ["e2e_profile", "e2e_step", "host_profile"]
