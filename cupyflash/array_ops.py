@@ -14,6 +14,15 @@ import importlib
 import math
 
 
+def grad_strides(shape) -> tuple:
+    """The strides (in elements) of the torch face's dq, dk and dv, (B, H, N, D) tensors whose memory is
+    (B, N, H, D): `.transpose(1, 2)` of them is contiguous. Models make q, k and v as views (B, N, H, D) → (B, H, N, D)
+    of a projection (nanoGPT, transformers), so their gradients go back to it with no transpose; one fixed layout,
+    not the input's (torch.empty_like's order of symbolic strides was fixed at trace time under dynamic shapes)."""
+    _, heads, n, d = shape
+    return (n * heads * d, d, heads * d, 1)
+
+
 class TorchOps:
     def __init__(self):
         import torch
@@ -78,6 +87,12 @@ class TorchOps:
         repeated with one layout. Its arguments bound once and `size=` (torch parses a positional tuple against
         more overloads) make it 2.2 µs on the CPU stub, where empty() is 5."""
         return functools.partial(self._torch.empty, size=tuple(shape), dtype=getattr(self._torch, dtype),
+                                 device=like.device)
+
+    def grad_allocator(self, a, like):
+        """allocator's twin for `a`'s gradient: a new (B, H, N, D) tensor shaped like `a` whose memory is
+        (B, N, H, D) (grad_strides)."""
+        return functools.partial(self._torch.empty_strided, tuple(a.shape), grad_strides(a.shape), dtype=a.dtype,
                                  device=like.device)
 
     def contiguous(self, x):
@@ -173,6 +188,10 @@ class CupyOps(NumpyLikeOps):
 
     def allocator(self, shape, dtype: str, like):
         return functools.partial(self._xp.empty, tuple(shape), dtype=dtype)
+
+    def grad_allocator(self, a, like):
+        """New contiguous arrays shaped like `a` (the CuPy face's gradients)."""
+        return functools.partial(self._xp.empty, tuple(a.shape), dtype=a.dtype)
 
     def contiguous(self, x):
         return self._xp.ascontiguousarray(x)

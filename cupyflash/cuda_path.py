@@ -221,9 +221,8 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
     window = tuple(window)
     if not _taken_as_is(q, k, v) or xp.contiguous(lse) is not lse:
         return None
-    dtype = xp.dtype_name(q)
     # Outputs and workspace, new at each call, in the layouts the plan was made with (the call key fixes them).
-    new_dq, new_dk, new_dv = (xp.allocator(a.shape, dtype, q) for a in (q, k, v))
+    new_dq, new_dk, new_dv = (xp.grad_allocator(a, q) for a in (q, k, v))
     new_workspace, views, split = _backward_workspace(xp, q)
     dq_accum, d_vec = views(new_workspace())
     named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=new_dq(),
@@ -253,7 +252,8 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
 
 def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
              dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
-    """(dq, dk, dv, dbias): contiguous, shaped like q, k, v; dbias shaped like attn_bias in its dtype, or None."""
+    """(dq, dk, dv, dbias): shaped like q, k, v, in the layouts of xp.grad_allocator (after head padding,
+    contiguous); dbias shaped like attn_bias in its dtype, or None."""
     kernel_d = _kernel_head_dim(q, v)
     if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
         launch.require_backward(max(q.shape[3], v.shape[3]), xp.dtype_name(q))
@@ -263,7 +263,7 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         return (*(_unpad_head(xp, g, t.shape[3]) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
-        dq, dk, dv = (xp.empty(a.shape, dtype, q) for a in (q, k, v))  # contiguous, as the op's fake
+        dq, dk, dv = (xp.grad_allocator(a, q)() for a in (q, k, v))  # as the op's fake
         # dBias is summed atomically over the bias's broadcast dims, in fp32.
         dbias = xp.zeros(attn_bias.shape, "float32", q) if bias_grad else None
         if 0 in q.shape or 0 in k.shape:

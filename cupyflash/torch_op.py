@@ -17,6 +17,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import cpu_attention
+from .array_ops import grad_strides
 from .tiles import no_backward_why
 from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
                        check_backward_inputs, check_bias_grad, check_causal, check_real, check_scale, check_softcap,
@@ -224,8 +225,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    causal: bool, window_left: int = -1, window_right: int = -1, dropout_p: float = 0.0,
                    dropout_seed: Optional[torch.Tensor] = None, bias_grad: bool = False, softcap: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns contiguous (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias is empty unless
-    bias_grad)."""
+    """Returns (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias contiguous, empty unless bias_grad);
+    dq, dk, dv (B, H, N, D) tensors whose memory is (B, N, H, D) (array_ops.grad_strides)."""
     return _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
                      dropout_seed, bias_grad, softcap)
 
@@ -257,11 +258,23 @@ def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_lef
         # No query, key or feature: dq, dk, dv have no element or nothing to sum, and dBias = P ∘ (dO Vᵀ - D) is
         # 0 since head_dim 0 makes dO Vᵀ and D = rowsum(dO ∘ O) sums of nothing.
         dbias = attn_bias.new_zeros(attn_bias.shape) if bias_grad else q.new_empty(0)
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dbias
+        return _grad_like(q).zero_(), _grad_like(k).zero_(), _grad_like(v).zero_(), dbias
     window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
     dq, dk, dv, dbias = _impl(q).backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p,
                                           dropout_seed, bias_grad, softcap=softcap)
+    dq, dk, dv = (_in_layout(g, t) for g, t in ((dq, q), (dk, k), (dv, v)))
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
+
+
+def _grad_like(t: torch.Tensor) -> torch.Tensor:
+    """A new gradient for `t`, as the fake and the CUDA path (array_ops.TorchOps.grad_allocator) lay it out."""
+    return torch.empty_strided(t.shape, grad_strides(t.shape), dtype=t.dtype, device=t.device)
+
+
+def _in_layout(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`g` in _grad_like(t)'s layout: itself where the path allocated it so (the CUDA path), else a copy (the CPU
+    path's and head padding's contiguous results)."""
+    return g if g.stride() == grad_strides(t.shape) else _grad_like(t).copy_(g)
 
 
 def _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
@@ -303,7 +316,7 @@ def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
                     bias_grad, softcap)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    return _grad_like(q), _grad_like(k), _grad_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):

@@ -130,7 +130,7 @@ def test_backward_op_called_directly_still_refuses_bad_input_after_a_good_call()
     """The op's backward skips its checks for layouts that passed before (what its forward handed it), but a user's
     direct call with a new, bad layout is refused with the usual message, every time."""
     q, k, v, dout = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(4))
-    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.25, False)
+    out, lse = torch_op.flash_attn_fwd(q, k, v, None, 0.25, False)
     for _ in range(2):
         assert torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, False)[0].shape == q.shape
         with pytest.raises(ValueError, match="lse must be float32"):
@@ -139,3 +139,28 @@ def test_backward_op_called_directly_still_refuses_bad_input_after_a_good_call()
             torch.ops.cupyflash.flash_attn_bwd(dout[..., :4], q, k, v, None, out, lse, 0.25, False)
         with pytest.raises(ValueError, match="scale is nan"):
             torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, float("nan"), False)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "heads-inner"])
+def test_gradients_in_token_major_memory_real_and_fake(layout):
+    """flash_attn_bwd's dq, dk, dv have (B, N, H, D) memory whatever q's layout, as its fake says (Inductor asserts
+    the fake's strides on the real outputs): a projection's q, k, v views take their gradients back without a
+    transpose."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cupyflash import torch_op
+
+    def make(shape):
+        if layout == "heads-inner":
+            return torch.randn(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)  # (B, H, N, D)
+        return torch.randn(shape)
+
+    q, k, v = make((2, 4, 9, 16)), make((2, 2, 7, 16)), make((2, 2, 7, 16))
+    out, lse = torch_op.flash_attn_fwd(q, k, v, None, 0.25, False)
+    dout = torch.randn_like(out)
+    real = torch_op.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, False)[:3]
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fq, fk, fv, fdout, fout, flse = (mode.from_tensor(t) for t in (q, k, v, dout, out, lse))
+        fake = torch_op.flash_attn_bwd(fdout, fq, fk, fv, None, fout, flse, 0.25, False)[:3]
+    for g, f, t in zip(real, fake, (q, k, v)):
+        assert g.shape == t.shape and g.stride() == f.stride() and g.transpose(1, 2).is_contiguous()

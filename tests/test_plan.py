@@ -562,7 +562,9 @@ def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, mo
         assert offset >= 4 * q.numel() and offset % 256 == 0
     _, third = calls(*inputs())  # new outputs each call, the second's still alive
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(third[3:], (out, lse, dq, dk, dv)))
-    assert all(t.is_contiguous() and t.device == q.device for t in third[3:])
+    assert all(t.device == q.device for t in third[3:]) and third[3].is_contiguous() and third[4].is_contiguous()
+    # the gradients' memory is (B, N, H, D) (array_ops.grad_strides): dq's that of q here
+    assert all(t.transpose(1, 2).is_contiguous() for t in third[5:]) and third[5].stride() == q.stride()
     assert [t.dtype for t in third[3:]] == [torch.float16, torch.float32, *[torch.float16] * 3]
     # flash_attention's forward and backward (autograd outside torch.compile) take the same plans
     q, k, v = (t.requires_grad_() for t in inputs())
