@@ -130,7 +130,7 @@ def test_backward_op_called_directly_still_refuses_bad_input_after_a_good_call()
     """The op's backward skips its checks for layouts that passed before (what its forward handed it), but a user's
     direct call with a new, bad layout is refused with the usual message, every time."""
     q, k, v, dout = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(4))
-    out, lse = torch_op.flash_attn_fwd(q, k, v, None, 0.25, False)
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.25, False)
     for _ in range(2):
         assert torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, False)[0].shape == q.shape
         with pytest.raises(ValueError, match="lse must be float32"):
