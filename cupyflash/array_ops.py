@@ -89,11 +89,11 @@ class TorchOps:
         return functools.partial(self._torch.empty, size=tuple(shape), dtype=getattr(self._torch, dtype),
                                  device=like.device)
 
-    def grad_allocator(self, a, like):
-        """allocator's twin for `a`'s gradient: a new (B, H, N, D) tensor shaped like `a` whose memory is
-        (B, N, H, D) (grad_strides)."""
+    def grad_allocator(self, a):
+        """allocator's twin for `a`'s gradient: a new (B, H, N, D) tensor shaped like `a`, on its device, whose memory
+        is (B, N, H, D) (grad_strides)."""
         return functools.partial(self._torch.empty_strided, tuple(a.shape), grad_strides(a.shape), dtype=a.dtype,
-                                 device=like.device)
+                                 device=a.device)
 
     def contiguous(self, x):
         return x.contiguous()
@@ -189,8 +189,8 @@ class CupyOps(NumpyLikeOps):
     def allocator(self, shape, dtype: str, like):
         return functools.partial(self._xp.empty, tuple(shape), dtype=dtype)
 
-    def grad_allocator(self, a, like):
-        """New contiguous arrays shaped like `a` (the CuPy face's gradients)."""
+    def grad_allocator(self, a):
+        """New contiguous arrays shaped like `a` (the CuPy face's gradients), on the current device."""
         return functools.partial(self._xp.empty, tuple(a.shape), dtype=a.dtype)
 
     def contiguous(self, x):

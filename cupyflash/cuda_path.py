@@ -222,7 +222,7 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
     if not _taken_as_is(q, k, v) or xp.contiguous(lse) is not lse:
         return None
     # Outputs and workspace, new at each call, in the layouts the plan was made with (the call key fixes them).
-    new_dq, new_dk, new_dv = (xp.grad_allocator(a, q) for a in (q, k, v))
+    new_dq, new_dk, new_dv = (xp.grad_allocator(a) for a in (q, k, v))
     new_workspace, views, split = _backward_workspace(xp, q)
     dq_accum, d_vec = views(new_workspace())
     named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=new_dq(),
@@ -263,7 +263,7 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         return (*(_unpad_head(xp, g, t.shape[3]) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
-        dq, dk, dv = (xp.grad_allocator(a, q)() for a in (q, k, v))  # as the op's fake
+        dq, dk, dv = (xp.grad_allocator(a)() for a in (q, k, v))  # as the op's fake
         # dBias is summed atomically over the bias's broadcast dims, in fp32.
         dbias = xp.zeros(attn_bias.shape, "float32", q) if bias_grad else None
         if 0 in q.shape or 0 in k.shape:
