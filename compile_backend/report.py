@@ -25,6 +25,9 @@ class SiteRecord:
     # when a (B, H, Nq, Nk) bias is passed; "none" without any.
     mask_form: Optional[str] = None
     kv_heads: Optional[int] = None  # grouped-query K/V: the op reads the K/V heads before their repeat
+    # The op's out in (B, N, H, D) memory, as SDPA's: every user of the site's output swaps heads and tokens first
+    # (rewrite._heads_swapped_by_every_user), so the copy that merges the heads is gone.
+    token_major_out: Optional[bool] = None
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
@@ -34,6 +37,7 @@ class SiteRecord:
                      f"bias={'yes' if self.has_bias else 'no'}",
                      *([f"softcap={self.softcap:.6g}"] if self.softcap else []),
                      *([f"kv_heads={self.kv_heads} (repeated K/V read before the repeat)"] if self.kv_heads else []),
+                     *(["out=(B, N, H, D) memory"] if self.token_major_out else []),
                      *self.notes]
             return f"[graph {self.graph}] {self.node}: FUSED ({', '.join(parts)})  @ {self.where}"
         return f"[graph {self.graph}] {self.node}: skipped: {self.reason}  @ {self.where}"

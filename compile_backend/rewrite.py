@@ -187,8 +187,9 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
         if not math.isfinite(scale):
             raise Skip(f"scale {scale} is not finite")
         left, right = site.window
+        token_major = dst == site.pv_frame and site.pv_out_perm is None and _heads_swapped_by_every_user(site.pv)
         res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal), window_left=left,
-                   window_right=right, softcap=float(softcap))
+                   window_right=right, softcap=float(softcap), token_major_out=token_major)
         out = emit("call_function", operator.getitem, res, 0)
         if site.keep_mask is not None:
             rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
@@ -220,7 +221,20 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
             gm.graph.erase_node(node)
     _erase_dead(gm.graph, site.dense_masks + ([site.k.node, site.v.node] if kv_heads else []))
     return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None, "kv_heads": kv_heads,
-            "softcap": float(softcap), "window": tuple(site.window), "mask_form": _mask_form(site, bias)}
+            "softcap": float(softcap), "window": tuple(site.window), "mask_form": _mask_form(site, bias),
+            "token_major_out": token_major}
+
+
+def _heads_swapped_by_every_user(pv: fx.Node) -> bool:
+    """Whether every user of the site's (B, H, Nq, D) output swaps heads and tokens (`.transpose(1, 2)`,
+    `.permute(0, 2, 1, 3)`), as models do before merging the heads (nanoGPT, transformers, timm): the op then
+    returns out in (B, Nq, H, D) memory (token_major_out), so each of those is contiguous and the `.contiguous()` or
+    `.reshape` after it copies nothing. Any other user (a `.view` among them) keeps the matmul's contiguous out."""
+    for user in pv.users:
+        swap = sp.perm_of(user)
+        if swap is None or swap[0] is not pv or swap[1] != (0, 2, 1, 3):
+            return False
+    return bool(pv.users)
 
 
 def _grouped_kv(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, Optional[int]]:

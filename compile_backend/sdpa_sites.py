@@ -26,6 +26,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from cupyflash.array_ops import token_major_strides
 from cupyflash.torch_op import why_unsupported
 from cupyflash.validate import default_scale
 
@@ -138,7 +139,10 @@ def route(gm: fx.GraphModule, node: fx.Node) -> dict:
     causal = _causal(args, q, k)
     _check_features(args, q, k, v)
     want = sp.meta(node)
-    failure = None if statically_known_true(want.is_contiguous()) else _layout_failure(node, want)
+    # The op returns SDPA's (B, N, H, D) memory (its flash and cuDNN backends') where asked, else contiguous.
+    token_major = want.dim() == 4 and all(statically_known_true(x == y)
+                                          for x, y in zip(want.stride(), token_major_strides(want.shape)))
+    failure = None if token_major or statically_known_true(want.is_contiguous()) else _layout_failure(node, want)
     if failure is not None:
         raise Skip(f"the code after it needs the layout of SDPA's output (strides {tuple(want.stride())}), not the "
                    f"op's contiguous one: {failure}")
@@ -151,7 +155,8 @@ def route(gm: fx.GraphModule, node: fx.Node) -> dict:
         reason = why_unsupported(q, k, v, fmask)
         if reason is not None:
             raise Skip(reason)
-        res = emit("call_function", _OP, args["query"], args["key"], args["value"], mask, scale, causal)
+        res = emit("call_function", _OP, args["query"], args["key"], args["value"], mask, scale, causal,
+                   token_major_out=token_major)
         out = emit("call_function", operator.getitem, res, 0)
     except Skip:
         emit.discard()
@@ -159,7 +164,7 @@ def route(gm: fx.GraphModule, node: fx.Node) -> dict:
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     return {"scale": scale, "causal": causal, "has_bias": mask is not None, "softcap": 0.0, "window": (-1, -1),
-            "mask_form": _mask_form(causal, fmask)}
+            "mask_form": _mask_form(causal, fmask), "token_major_out": token_major}
 
 
 def route_sdpa(gm: fx.GraphModule, graph_index: int = 0) -> list[SiteRecord]:

@@ -14,11 +14,12 @@ import importlib
 import math
 
 
-def grad_strides(shape) -> tuple:
-    """The strides (in elements) of the torch face's dq, dk and dv, (B, H, N, D) tensors whose memory is
-    (B, N, H, D): `.transpose(1, 2)` of them is contiguous. Models make q, k and v as views (B, N, H, D) → (B, H, N, D)
-    of a projection (nanoGPT, transformers), so their gradients go back to it with no transpose; one fixed layout,
-    not the input's (torch.empty_like's order of symbolic strides was fixed at trace time under dynamic shapes)."""
+def token_major_strides(shape) -> tuple:
+    """The strides (in elements) of a (B, H, N, D) array whose memory is (B, N, H, D): `.transpose(1, 2)` of it is
+    contiguous. The torch face's dq, dk and dv have it, and its out where the caller asks (as SDPA's outputs): models
+    make q, k and v as views (B, N, H, D) → (B, H, N, D) of a projection and take the output back the same way
+    (nanoGPT, transformers), so neither the gradients nor the output need a transpose copy. One fixed layout, not the
+    input's (torch.empty_like's order of symbolic strides was fixed at trace time under dynamic shapes)."""
     _, heads, n, d = shape
     return (n * heads * d, d, heads * d, 1)
 
@@ -89,14 +90,20 @@ class TorchOps:
         return functools.partial(self._torch.empty, size=tuple(shape), dtype=getattr(self._torch, dtype),
                                  device=like.device)
 
+    def token_major_allocator(self, shape, dtype: str, like):
+        """allocator's twin for a (B, H, N, D) `shape` whose memory is (B, N, H, D) (token_major_strides)."""
+        return functools.partial(self._torch.empty_strided, tuple(shape), token_major_strides(shape),
+                                 dtype=getattr(self._torch, dtype), device=like.device)
+
     def grad_allocator(self, a):
-        """allocator's twin for `a`'s gradient: a new (B, H, N, D) tensor shaped like `a`, on its device, whose memory
-        is (B, N, H, D) (grad_strides)."""
-        return functools.partial(self._torch.empty_strided, tuple(a.shape), grad_strides(a.shape), dtype=a.dtype,
-                                 device=a.device)
+        """New gradients of `a`: (B, H, N, D) tensors shaped like it, on its device, in (B, N, H, D) memory."""
+        return self.token_major_allocator(a.shape, self.dtype_name(a), a)
 
     def contiguous(self, x):
         return x.contiguous()
+
+    def copy_into(self, dst, src):
+        return dst.copy_(src)
 
     def fresh_copy(self, x):
         """A contiguous copy in a new allocation (aligned as the allocator aligns), even of a contiguous `x`."""
@@ -195,6 +202,10 @@ class CupyOps(NumpyLikeOps):
 
     def contiguous(self, x):
         return self._xp.ascontiguousarray(x)
+
+    def copy_into(self, dst, src):
+        dst[...] = src
+        return dst
 
     def fresh_copy(self, x):
         return x.copy(order="C")

@@ -12,14 +12,15 @@ _TORCH = ops_for(torch.empty(0))
 
 
 def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
-            softcap: float = 0.0):
+            softcap: float = 0.0, token_major: bool = False):
     """`seed`: the dropout seed, one int64 element on q's device (the kernels read it there, so a CUDA graph
     replays with the seed drawn at that replay)."""
-    return cuda_path.forward(_TORCH, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap)
+    return cuda_path.forward(_TORCH, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap, token_major)
 
 
-def plain_forward_runner(q, k, v, scale: float, causal: bool, window: tuple, softcap: float):
-    return cuda_path.plain_forward_runner(_TORCH, q, k, v, scale, causal, window, softcap)
+def plain_forward_runner(q, k, v, scale: float, causal: bool, window: tuple, softcap: float,
+                         token_major: bool = False):
+    return cuda_path.plain_forward_runner(_TORCH, q, k, v, scale, causal, window, softcap, token_major)
 
 
 def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),

@@ -102,8 +102,8 @@ def _planned(xp, kernel: str, arrays: tuple, bias, options: tuple, build):
 # Call key → Plan, for calls whose arrays the kernels took as they were (no copy): a model calls with the same few
 # layouts again and again, and one lookup replaces the per-array readiness checks, the layout's construction and the
 # plan cache's. The kernel bias is keyed as the kernels read it (a boolean mask after its conversion, whose layout
-# follows from the mask's), and the outputs and workspaces are fresh allocations (contiguous, aligned by the
-# allocator), so these layouts and the options decide the plan.
+# follows from the mask's), and the outputs and workspaces are fresh allocations (aligned by the allocator, laid out
+# as the options say: the forward's token_major is one of them), so these layouts and the options decide the plan.
 _KNOWN: dict = {}
 
 
@@ -135,21 +135,33 @@ def _kernel_head_dim(q, v) -> int:
     return kernel_head_dim(max(q.shape[3], v.shape[3]))
 
 
-def _unpad_head(xp, a, d: int):
-    """The first d columns of `a`'s head dim, contiguous."""
-    return xp.contiguous(a[..., :d])
+def _out_allocator(xp, shape, dtype: str, like, token_major: bool):
+    """New outputs (B, H, Nq, D): contiguous, or in (B, N, H, D) memory where the caller asked (token_major)."""
+    return (xp.token_major_allocator if token_major else xp.allocator)(shape, dtype, like)
+
+
+def _unpad_out(xp, out, d: int, token_major: bool):
+    """The first d columns of out's head dim, copied once into a new output's layout."""
+    return xp.copy_into(_out_allocator(xp, (*out.shape[:3], d), xp.dtype_name(out), out, token_major)(),
+                        out[..., :d])
+
+
+def _unpad_grad(xp, g, t):
+    """The first t.shape[3] columns of the gradient `g`, copied once into t's gradient layout (xp.grad_allocator)."""
+    return xp.copy_into(xp.grad_allocator(t)(), g[..., :t.shape[3]])
 
 
 def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
-            softcap: float = 0.0):
-    """(out, lse): out contiguous (B, H, Nq, v's head dim), lse (B, H, Nq) fp32."""
+            softcap: float = 0.0, token_major: bool = False):
+    """(out, lse): out (B, H, Nq, v's head dim), contiguous or with `token_major` in (B, N, H, D) memory
+    (array_ops.token_major_strides); lse (B, H, Nq) fp32."""
     kernel_d = _kernel_head_dim(q, v)
     if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
         out, lse = forward(xp, *(_pad_head(xp, a, kernel_d) for a in (q, k, v)), attn_bias, scale, causal, window,
                            dropout_p, seed, softcap)
-        return _unpad_head(xp, out, v.shape[3]), lse
+        return _unpad_out(xp, out, v.shape[3], token_major), lse
     with xp.on_device(q):
-        out = xp.empty(q.shape, xp.dtype_name(q), q)
+        out = _out_allocator(xp, q.shape, xp.dtype_name(q), q, token_major)()
         lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
         if 0 in q.shape or 0 in k.shape:
             return out, lse
@@ -160,7 +172,8 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
             return _plan(xp, "fwd", ready[0], ready[1], bias, dict(zip("qkv", ready), out=out, lse=lse), scale,
                          causal, window, dropout_p, softcap, False)
 
-        p, (q, k, v) = _planned(xp, "fwd", (q, k, v), bias, (scale, causal, window, dropout_p, softcap), build)
+        p, (q, k, v) = _planned(xp, "fwd", (q, k, v), bias, (scale, causal, window, dropout_p, softcap, token_major),
+                                build)
         _launch(xp, p, q, bias, dict(q=q, k=k, v=v, out=out, lse=lse), causal, window, seed)
     return out, lse
 
@@ -170,22 +183,24 @@ def _taken_as_is(q, k, v) -> bool:
     return 0 not in q.shape and 0 not in k.shape and (q.shape[3], v.shape[3]) == (_kernel_head_dim(q, v),) * 2
 
 
-def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple, softcap: float):
+def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple, softcap: float,
+                         token_major: bool = False):
     """For a forward with no bias and no dropout whose arrays the kernels take as they are (no head padding, no
-    copy), `run(q, k, v) -> (out, lse)`: its plan, launched on new outputs, for later calls with the same call key
-    (torch_op's, which its checks passed); else None."""
+    copy), `run(q, k, v) -> (out, lse)`: its plan, launched on new outputs (out laid out as forward's), for later
+    calls with the same call key (torch_op's, which its checks passed); else None."""
     window = tuple(window)
     if not _taken_as_is(q, k, v):
         return None
     # The call key fixes the shapes, dtype and device: each call allocates and launches with these bound.
-    new_out, new_lse = xp.allocator(q.shape, xp.dtype_name(q), q), xp.allocator(q.shape[:-1], "float32", q)
+    new_out = _out_allocator(xp, q.shape, xp.dtype_name(q), q, token_major)
+    new_lse = xp.allocator(q.shape[:-1], "float32", q)
     out, lse = new_out(), new_lse()  # (B, H, Nq, D), (B, H, Nq): the plan's output layouts
 
     def build(ready):
         return _plan(xp, "fwd", ready[0], ready[1], None, dict(zip("qkv", ready), out=out, lse=lse), scale, causal,
                      window, 0.0, softcap, False)
 
-    p, ready = _planned(xp, "fwd", (q, k, v), None, (scale, causal, window, 0.0, softcap), build)
+    p, ready = _planned(xp, "fwd", (q, k, v), None, (scale, causal, window, 0.0, softcap, token_major), build)
     if any(r is not a for r, a in zip(ready, (q, k, v))):
         return None
     address, device_id = xp.address, xp.device_id(q)
@@ -252,15 +267,15 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
 
 def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
              dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
-    """(dq, dk, dv, dbias): shaped like q, k, v, in the layouts of xp.grad_allocator (after head padding,
-    contiguous); dbias shaped like attn_bias in its dtype, or None."""
+    """(dq, dk, dv, dbias): shaped like q, k, v, in the layouts of xp.grad_allocator; dbias shaped like attn_bias
+    in its dtype, or None."""
     kernel_d = _kernel_head_dim(q, v)
     if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
         launch.require_backward(max(q.shape[3], v.shape[3]), xp.dtype_name(q))
         padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
         dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal,
                                      window, dropout_p, seed, bias_grad, softcap)
-        return (*(_unpad_head(xp, g, t.shape[3]) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)
+        return (*(_unpad_grad(xp, g, t) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.grad_allocator(a)() for a in (q, k, v))  # as the op's fake

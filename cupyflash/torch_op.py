@@ -17,7 +17,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import cpu_attention
-from .array_ops import grad_strides
+from .array_ops import token_major_strides
 from .tiles import no_backward_why
 from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
                        check_backward_inputs, check_bias_grad, check_causal, check_real, check_scale, check_softcap,
@@ -118,28 +118,33 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @torch.library.custom_op("cupyflash::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
                    scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
-                   dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, softcap: float = 0.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                   token_major_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, H, Nq, D), lse (B, H, Nq) fp32), both contiguous whatever the strides of q, k, v (as
-    a matmul's output would be). ``dropout_seed``: one int64 element on q's device, read by the kernels on the
-    device (never synchronised to the host). Semantics: cupyflash/cpu_attention.py."""
-    return _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap)
+    a matmul's output would be); with ``token_major_out`` out's memory is (B, Nq, H, D), as SDPA's
+    (array_ops.token_major_strides): ``out.transpose(1, 2)`` is then contiguous. ``dropout_seed``: one int64
+    element on q's device, read by the kernels on the device (never synchronised to the host). Semantics:
+    cupyflash/cpu_attention.py."""
+    return _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap,
+                    token_major_out)
 
 
-def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
+def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap,
+             token_major_out=False):
     """flash_attn_fwd's body, which flash_attention runs too (in _EagerAttention with gradients)."""
     key = None
     if attn_bias is None and dropout_p == 0.0 and dropout_seed is None:
-        key = _plain_key((q, k, v), (scale, causal, window_left, window_right, softcap))
+        key = _plain_key((q, k, v), (scale, causal, window_left, window_right, softcap, token_major_out))
         run = _PLAIN_FORWARDS.get(key)
         if run is not None:
             return run(q, k, v)
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
     result = _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
-                              softcap)
+                              softcap, token_major_out)
     if key is not None and key not in _PLAIN_FORWARDS:
         window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
-        _remember(_PLAIN_FORWARDS, key, lambda: _impl(q).plain_forward_runner(q, k, v, scale, causal, window, softcap))
+        _remember(_PLAIN_FORWARDS, key, lambda: _impl(q).plain_forward_runner(q, k, v, scale, causal, window, softcap,
+                                                                              token_major_out))
     return result
 
 
@@ -172,20 +177,35 @@ def _remember(runners: dict, key, make) -> None:
     runners[key] = make()
 
 
-def _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap):
+def _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap,
+                     token_major_out):
     """The forward on inputs already checked (_forward's after _check)."""
     window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
     if is_empty(q.shape, k.shape):
-        return _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap)
-    return _impl(q).forward(q, k, v, attn_bias, scale, causal, window, dropout_p, dropout_seed, softcap=softcap)
+        return _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap, token_major_out)
+    impl = _impl(q)
+    if impl is cpu_attention:
+        out, lse = impl.forward(q, k, v, attn_bias, scale, causal, window, dropout_p, dropout_seed, softcap=softcap)
+        return (_new_out(q, v, token_major_out).copy_(out) if token_major_out else out), lse
+    return impl.forward(q, k, v, attn_bias, scale, causal, window, dropout_p, dropout_seed, softcap=softcap,
+                        token_major=token_major_out)
 
 
-def _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap):
+def _new_out(q, v, token_major: bool) -> torch.Tensor:
+    """A new output (B, H, Nq, Dv) as the fake and the CUDA path lay it out: contiguous, or (B, Nq, H, Dv) memory."""
+    shape = _out_shape(q, v)
+    if token_major:
+        return torch.empty_strided(shape, token_major_strides(shape), dtype=q.dtype, device=q.device)
+    return q.new_empty(shape)
+
+
+def _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap, token_major_out):
     """SDPA's result where a dim is 0, with nothing launched: out and lse are empty, or with no key (Nk = 0) out is
     0 and lse +inf (the op's convention for a row that sees no key). With head_dim 0 and keys, out is empty and the
     logits are the bias and masks alone, as with one zero column in q and k: lse is computed so (exact whatever
     the device, by the device-agnostic CPU implementation; dropout acts after the LSE, so it is left out)."""
-    out, lse = q.new_empty(_out_shape(q, v)), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    out = _new_out(q, v, token_major_out)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     if lse.numel() == 0:
         return out, lse
     if k.shape[2] == 0:
@@ -213,10 +233,10 @@ def _cuda_attention():
 
 @flash_attn_fwd.register_fake
 def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0, dropout_seed=None,
-      softcap=0.0):
+      softcap=0.0, token_major_out=False):
     # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
-    return q.new_empty(_out_shape(q, v)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _new_out(q, v, token_major_out), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("cupyflash::flash_attn_bwd", mutates_args=())
@@ -226,7 +246,7 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    dropout_seed: Optional[torch.Tensor] = None, bias_grad: bool = False, softcap: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias contiguous, empty unless bias_grad);
-    dq, dk, dv (B, H, N, D) tensors whose memory is (B, N, H, D) (array_ops.grad_strides)."""
+    dq, dk, dv (B, H, N, D) tensors whose memory is (B, N, H, D) (array_ops.token_major_strides)."""
     return _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
                      dropout_seed, bias_grad, softcap)
 
@@ -268,13 +288,13 @@ def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_lef
 
 def _grad_like(t: torch.Tensor) -> torch.Tensor:
     """A new gradient for `t`, as the fake and the CUDA path (array_ops.TorchOps.grad_allocator) lay it out."""
-    return torch.empty_strided(t.shape, grad_strides(t.shape), dtype=t.dtype, device=t.device)
+    return torch.empty_strided(t.shape, token_major_strides(t.shape), dtype=t.dtype, device=t.device)
 
 
 def _in_layout(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """`g` in _grad_like(t)'s layout: itself where the path allocated it so (the CUDA path), else a copy (the CPU
     path's and head padding's contiguous results)."""
-    return g if g.stride() == grad_strides(t.shape) else _grad_like(t).copy_(g)
+    return g if g.stride() == token_major_strides(t.shape) else _grad_like(t).copy_(g)
 
 
 def _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
@@ -320,7 +340,7 @@ def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap = inputs
+    q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_bias, out, lse, dropout_seed)
     # The backward kernels take no gradient of the LSE (D = rowsum(dO ∘ O) has no term for it): a loss reading the
@@ -338,7 +358,7 @@ def _gradients(ctx, dout, backward_pass):
     dq, dk, dv, dbias = backward_pass(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, attn_bias,
                                       out, lse, ctx.scale, ctx.causal, *ctx.window, ctx.dropout_p, dropout_seed,
                                       bias_grad, ctx.softcap)
-    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None
+    return dq, dk, dv, dbias if bias_grad else None, *[None] * (len(ctx.needs_input_grad) - 4)
 
 
 def _op_backward(ctx, dout, dlse):

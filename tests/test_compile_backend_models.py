@@ -99,3 +99,34 @@ def test_sdpa_docs_reference(case):
         return sdpa_reference(q, k, v, **kwargs)
 
     compile_and_compare(fn, q, k, v, expect=1)
+
+
+class _ViewAfterAttention(torch.nn.Module):
+    """Heads merged by a `.view` of the (B, H, T, D) output itself (legal only on contiguous memory), beside the
+    usual transpose: the op must keep the matmul's contiguous layout here."""
+
+    def forward(self, q, k, v):
+        y = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v  # (B, H, T, D)
+        b, h, t, d = y.shape
+        return y.view(b * h, t, d) + y.transpose(1, 2).reshape(b * h, t, d)
+
+
+def _token_major_flags(graphs) -> list:
+    return [n.kwargs["token_major_out"] for gm in graphs for n in gm.graph.nodes
+            if n.target is torch.ops.cupyflash.flash_attn_fwd.default]
+
+
+@pytest.mark.parametrize("model,args,want", [
+    (CausalSelfAttention(32, 2, block_size=16, dropout=0.0), (torch.randn(2, 8, 32),), [True]),  # .contiguous().view
+    (TimmAttention(dim=64, num_heads=4), (torch.randn(2, 17, 64),), [True]),  # .transpose(1, 2).reshape
+    (LlamaAttention(hidden_size=64, num_heads=4, num_key_value_heads=2),
+     (torch.randn(2, 7, 64), llama_causal_mask(torch.ones(2, 7), torch.float32)), [True]),
+    (BmmAttention(embed_dim=32, num_heads=2, form="bmm"), (torch.randn(2, 9, 32),), [False]),  # (B·H, T, D) frame
+    (_ViewAfterAttention(), tuple(torch.randn(2, 4, 9, 16) for _ in range(3)), [False]),
+], ids=["nanogpt", "timm", "llama", "bmm", "view-of-output"])
+def test_out_in_token_major_memory_where_every_user_swaps_heads(model, args, want):
+    """The op returns out in (B, N, H, D) memory (as SDPA's) only where every user of the site's output swaps heads
+    and tokens first, so merging the heads copies nothing; any other use keeps the matmul's contiguous layout. Equal
+    numbers and gradients either way (compile_and_compare); the report says which."""
+    graphs = compile_and_compare(model, *args, expect=1, frozen=(1,) if isinstance(model, LlamaAttention) else ())
+    assert _token_major_flags(graphs) == want

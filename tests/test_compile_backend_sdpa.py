@@ -127,6 +127,14 @@ def sdpa_then_scaled_view(x):
     return (out.transpose(1, 2) * 2).view(x.shape[0], x.shape[1], -1)  # the product keeps SDPA's layout
 
 
+def sdpa_seq_first_then_view(x):
+    """x (N, B, H, D), as a sequence-first model keeps it: SDPA's output follows q's memory order, (N, B, H, D),
+    which the .view() relies on; the op returns contiguous or (B, N, H, D) memory only."""
+    q = x.permute(1, 2, 0, 3)  # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, q, q)
+    return out.permute(2, 0, 1, 3).view(x.shape[0], x.shape[1], -1)  # (N, B, H·D)
+
+
 def sdpa_then_contiguous_view(x):
     q = x.transpose(1, 2)  # (B, H, N, D)
     out = F.scaled_dot_product_attention(q, q, q)
@@ -178,15 +186,27 @@ def test_default_keeps_sdpa():
 LOOKALIKES = {
     "is_causal with Nq != Nk": (sdpa_causal, lambda: _qkv(n_q=4, n_k=9), "top-left aligned"),
     "active dropout": (sdpa_dropout, lambda: _qkv(), "active dropout (dropout_p=0.1)"),
-    "a .view() reads SDPA's output layout": (sdpa_then_view, lambda: (torch.randn(2, 9, 4, 16),),
-                                             "needs the layout of SDPA's output"),
-    "a .view_as() reads SDPA's output layout": (sdpa_then_view_as, lambda: (torch.randn(2, 9, 4, 16),),
-                                                "needs the layout of SDPA's output"),
-    "a .view() after movedim and slicing": (sdpa_then_movedim_view, lambda: (torch.randn(2, 9, 4, 16),),
-                                            "needs the layout of SDPA's output"),
-    "a .view() after a pointwise op": (sdpa_then_scaled_view, lambda: (torch.randn(2, 9, 4, 16),),
-                                       "needs the layout of SDPA's output"),
+    "a .view() reads SDPA's seq-first output layout": (sdpa_seq_first_then_view, lambda: (torch.randn(9, 2, 4, 16),),
+                                                       "needs the layout of SDPA's output"),
 }
+
+# SDPA's output in (B, N, H, D) memory, which the code after it reads through .view(): the op returns that layout
+# (token_major_out), so these calls are routed.
+SDPA_LAYOUT_READERS = {
+    "a .view() reads SDPA's output layout": sdpa_then_view,
+    "a .view_as() reads SDPA's output layout": sdpa_then_view_as,
+    "a .view() after movedim and slicing": sdpa_then_movedim_view,
+    "a .view() after a pointwise op": sdpa_then_scaled_view,
+}
+
+
+@pytest.mark.parametrize("case", SDPA_LAYOUT_READERS)
+def test_routed_with_sdpa_output_layout(case):
+    fn = SDPA_LAYOUT_READERS[case]
+    graphs = run_and_compare(fn, torch.randn(2, 9, 4, 16), options=ROUTE, expect=1)
+    assert [n.kwargs["token_major_out"] for gm in graphs for n in gm.graph.nodes if n.target is OP] == [True]
+    (site,) = compile_backend.explain(fn, torch.randn(2, 9, 4, 16), options={"sdpa": "route"}).sites
+    assert site.fused and site.token_major_out
 
 
 @pytest.mark.parametrize("case", LOOKALIKES)

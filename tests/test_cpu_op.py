@@ -164,3 +164,28 @@ def test_gradients_in_token_major_memory_real_and_fake(layout):
         fake = torch_op.flash_attn_bwd(fdout, fq, fk, fv, None, fout, flse, 0.25, False)[:3]
     for g, f, t in zip(real, fake, (q, k, v)):
         assert g.shape == t.shape and g.stride() == f.stride() and g.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+@pytest.mark.parametrize("head_dims", [(16, 16), (16, 8)])  # Dv = Dq, and Dv < Dq
+def test_out_layout_real_and_fake(token_major, head_dims):
+    """flash_attn_fwd's out is contiguous, or with token_major_out in (B, Nq, H, Dv) memory, as its fake says,
+    with the same values; the backward takes either."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cupyflash import torch_op
+
+    d, dv = head_dims
+    q, k, v = torch.randn(2, 4, 9, d), torch.randn(2, 4, 7, d), torch.randn(2, 4, 7, dv)
+    want, want_lse = torch_op.flash_attn_fwd(q, k, v, None, 0.25, True)
+    out, lse = torch_op.flash_attn_fwd(q, k, v, None, 0.25, True, token_major_out=token_major)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = torch_op.flash_attn_fwd(*(mode.from_tensor(t) for t in (q, k, v)), None, 0.25, True,
+                                       token_major_out=token_major)[0]
+    assert out.shape == fake.shape == (2, 4, 9, dv) and out.stride() == fake.stride()
+    assert out.transpose(1, 2).is_contiguous() if token_major else out.is_contiguous()
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    dout = torch.randn_like(want)
+    grads = torch_op.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, True)[:3]
+    for g, w in zip(grads, torch_op.flash_attn_bwd(dout, q, k, v, None, want, want_lse, 0.25, True)[:3]):
+        assert torch.equal(g, w)

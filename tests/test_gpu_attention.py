@@ -16,6 +16,7 @@ import torch
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
 from cupyflash import cuda_path, launch, plan
+from cupyflash.array_ops import token_major_strides
 from cupyflash.tiles import BACKWARD, BACKWARD_SM90, FORWARD_SM90
 from cupyflash.validate import kernel_head_dim
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_within_rule, attention_ref, causal_keep_mask,
@@ -93,6 +94,7 @@ def check_against_reference(q, k, v, dout, *, causal, scale=None, backward=True)
     for name, ours, inp, r, p in zip(("dq", "dk", "dv"), grads, (q, k, v), (ref.dq, ref.dk, ref.dv),
                                      (pt.dq, pt.dk, pt.dv)):
         assert ours.dtype == dtype and ours.shape == inp.shape, f"{name}: {ours.dtype} {tuple(ours.shape)}"
+        assert ours.stride() == token_major_strides(inp.shape), f"{name}: strides {ours.stride()}, not the fake's"
         assert_within_rule(ours, r, p, GRAD_FACTOR, rounding_floor(r, dtype), name)
     return out, lse, grads
 
@@ -140,6 +142,30 @@ def test_head_dims_between_the_kernels(dtype, layout, head_dim, causal):
         with pytest.raises(NotImplementedError, match=f"head_dim {head_dim} has a forward kernel only; the backward "
                                                       f"supports head dims up to 128"):
             bwd_op(dout, q, k, v, out, lse, 1.0 / math.sqrt(head_dim), causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_token_major_out(head_dim, with_bias, causal):
+    """token_major_out=True: out in (B, Nq, H, D) memory with the contiguous call's values (the same kernels write
+    through other strides), on the plain runner (the second call) and the general path (a bias, head padding: d80);
+    the backward from it gives the contiguous out's gradients (dq to a few ulps: its fp32 adds run in any order)."""
+    q, k, v, dout = make_inputs(BATCH, HEADS, 203, 113, head_dim, BF16, "transposed",
+                                seed_from(head_dim, with_bias, causal))
+    bias = torch.randn(1, HEADS, 203, 113, device="cuda", dtype=BF16) if with_bias else None
+    scale = 1.0 / math.sqrt(head_dim)
+    op_fwd, op_bwd = torch.ops.cupyflash.flash_attn_fwd, torch.ops.cupyflash.flash_attn_bwd
+    want, want_lse = op_fwd(q, k, v, bias, scale, causal)
+    want_grads = op_bwd(dout, q, k, v, bias, want, want_lse, scale, causal)[:3]
+    for _ in range(2):
+        poison_cuda_allocator(nbytes(want.shape, BF16), nbytes(want_lse.shape, torch.float32))
+        out, lse = op_fwd(q, k, v, bias, scale, causal, token_major_out=True)
+        assert out.stride() == token_major_strides(out.shape)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        grads = op_bwd(dout, q, k, v, bias, out, lse, scale, causal)[:3]
+        for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads):
+            assert_close_ulps(g, w, name)
 
 
 def _is_hopper() -> bool:

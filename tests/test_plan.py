@@ -563,7 +563,7 @@ def test_plain_op_calls_run_their_plan_without_checking_again(stubbed_device, mo
     _, third = calls(*inputs())  # new outputs each call, the second's still alive
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(third[3:], (out, lse, dq, dk, dv)))
     assert all(t.device == q.device for t in third[3:]) and third[3].is_contiguous() and third[4].is_contiguous()
-    # the gradients' memory is (B, N, H, D) (array_ops.grad_strides): dq's that of q here
+    # the gradients' memory is (B, N, H, D) (array_ops.token_major_strides): dq's that of q here
     assert all(t.transpose(1, 2).is_contiguous() for t in third[5:]) and third[5].stride() == q.stride()
     assert [t.dtype for t in third[3:]] == [torch.float16, torch.float32, *[torch.float16] * 3]
     # flash_attention's forward and backward (autograd outside torch.compile) take the same plans
@@ -587,3 +587,23 @@ def test_sm90_switch_follows_the_environment(monkeypatch, value):
     assert plan.sm90_enabled() is (os.environ.get(launch.SM90_ENV, "1") != "0")
     monkeypatch.setenv(launch.SM90_ENV, "0")
     assert plan.sm90_enabled() is False
+
+
+def test_out_layout_reaches_the_kernel(stubbed_device, monkeypatch):
+    """The forward's out strides are part of its plan: a contiguous call, then token_major_out with the same q, k, v
+    layout, on the checked path and then the plain runner; a plan made for one layout would write the other's out in
+    the wrong order (it did, before the option entered cuda_path._planned's key)."""
+    from cupyflash import cuda_path
+
+    monkeypatch.setattr(torch_op, "_impl", lambda q: cuda_attention)
+    monkeypatch.setattr(torch_op, "_PLAIN_FORWARDS", {})
+    monkeypatch.setattr(cuda_path, "_KNOWN", {})
+    q, k, v = (torch.randn(2, 4, 33, 64, dtype=torch.float16) for _ in range(3))
+    for token_major in (False, True, False, True):
+        for _ in range(2):
+            out, _ = torch.ops.cupyflash.flash_attn_fwd.default(q, k, v, None, 0.125, True, token_major_out=token_major)
+            assert out.transpose(1, 2).is_contiguous() if token_major else out.is_contiguous()
+            (variant, args), = stubbed_device
+            assert variant.kernel == "fwd" and args["o"] == out.data_ptr()
+            assert [args[f"o_s.{c}"] for c in "bhn"] == list(out.stride()[:3])
+            stubbed_device.clear()
