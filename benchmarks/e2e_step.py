@@ -19,6 +19,7 @@ sites. Writes a markdown table and JSON to benchmarks/results/e2e-<GPU>.{md,json
     python benchmarks/e2e_step.py --shapes 512x8x12 --merge         # one shape; --merge keeps the other rows
     python benchmarks/e2e_step.py --variants inductor-sdpa-graphs cupyflash-graphs --merge
     python benchmarks/e2e_step.py --quick                           # smoke run: T=1024 only, 2 + 3 steps
+    python benchmarks/e2e_step.py --variants inductor-sdpa cupyflash --interleave  # steps in turns: host drift shared
 """
 from __future__ import annotations
 
@@ -160,6 +161,56 @@ def measure(variant: Variant, base: torch.nn.Module, batch, device, warmup: int,
     return row
 
 
+def _memory_allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def measure_interleaved(names, models: dict, batch, device, warmup: int, steps: int,
+                        compiler: str = "inductor") -> list[dict]:
+    """measure()'s rows with the variants' timed steps taken in turns, the order rotating each round: every variant
+    built and warmed up first, then step i of each. A host-bound step's time drifts with the host over a run (the
+    same tree has measured 12 and 20 ms a step on two hosts), and turns give every variant the same drift. Peak
+    memory is still each variant's own: the most allocated during its steps, less what the other variants held."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    rows, live = [], []
+    for name in names:
+        variant = VARIANTS[name]
+        row = {"variant": name, "ms": None, "peak_gib": None, "loss": None, "fused": None, "note": "", "step_ms": []}
+        fused_before, held_before = counters["cupyflash"]["attention_fused"], _memory_allocated(device)
+        try:
+            _, step = train_step(variant, models[variant.attention], batch, device, compiler)
+            row["loss"] = step().item()
+            for _ in range(warmup - 1):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            live.append((row, step, _memory_allocated(device) - held_before))  # its weights and optimizer state
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+        except Exception as err:  # noqa: BLE001 - one variant's failure is a result, the others still run
+            traceback.print_exc()
+            row["note"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        if variant.backend == "cupyflash":
+            row["fused"] = counters["cupyflash"]["attention_fused"] - fused_before
+        rows.append(row)
+    timed, peaks = step_timer(device), {id(row): 0 for row, _, _ in live}
+    for i in range(steps):
+        for row, step, own in live[i % len(live):] + live[:i % len(live)]:
+            others = _memory_allocated(device) - own
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row["step_ms"].append(timed(step))
+            if device.type == "cuda":
+                peaks[id(row)] = max(peaks[id(row)], torch.cuda.max_memory_allocated() - others)
+    for row, _, _ in live:
+        row["ms"] = statistics.median(row["step_ms"])
+        if device.type == "cuda":
+            row["peak_gib"] = peaks[id(row)] / 2**30
+    return rows
+
+
 def _release(device) -> None:
     torch._dynamo.reset()  # also frees CUDA graph trees' memory pools
     gc.collect()
@@ -171,6 +222,15 @@ def run_shape(T: int, batch_size: int, layers: int, variants, args, device) -> l
     dtype = getattr(torch, args.dtype)
     models = build_models(args.vocab, T, layers, args.d_model, args.heads, dtype)
     batch = make_batch(args.vocab, T, batch_size, device)
+    if args.interleave:
+        print(f"T={T} batch={batch_size} layers={layers}: {' '.join(variants)}, in turns ...", file=sys.stderr,
+              flush=True)
+        rows = [{"T": T, "batch": batch_size, "layers": layers, **row}
+                for row in measure_interleaved(variants, models, batch, device, args.warmup, args.steps,
+                                               args.compiler)]
+        _release(device)
+        check_rows(rows)
+        return rows
     rows = []
     for name in variants:
         variant = VARIANTS[name]
@@ -207,7 +267,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# GPT training step, end to end, on {meta['gpu']}", "",
              f"torch {meta['torch']}, CUDA {meta['cuda']}; d_model {meta['d_model']}, {meta['heads']} heads, "
              f"vocab {meta['vocab']}, {meta['dtype']}, causal; forward + backward + AdamW step; median of "
-             f"{meta['steps']} steps after {meta['warmup']} warm-up (CUDA events); peak = "
+             f"{meta['steps']} steps after {meta['warmup']} warm-up (CUDA events"
+             f"{'; steps of the variants in turns' if meta.get('interleave') else ''}); peak = "
              f"torch.cuda.max_memory_allocated (weights, optimizer state, activations). `python "
              f"benchmarks/e2e_step.py`", "",
              "## Step time (ms, median)", "",
@@ -260,6 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what compiles the compiled variants (aot_eager: a CPU smoke run)")
     p.add_argument("--out", type=Path,
                    help="markdown file (default: benchmarks/results/e2e-<GPU>[-quick].md); JSON beside it")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every variant of a shape first, then time their steps in turns (host drift shared)")
     p.add_argument("--merge", action="store_true",
                    help="keep the existing JSON's rows (same GPU, torch and settings) that this run does not measure")
     args = p.parse_args(argv)
@@ -281,7 +344,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "d_model": args.d_model,
             "heads": args.heads, "vocab": args.vocab, "dtype": args.dtype, "warmup": args.warmup,
-            "steps": args.steps, "compiler": args.compiler}
+            "steps": args.steps, "compiler": args.compiler, "interleave": args.interleave}
     out = args.out or RESULTS / f"e2e-{gpu.replace(' ', '_')}{'-quick' if args.quick else ''}.md"
     json_path = out.with_suffix(".json")
     rows = []

@@ -190,11 +190,46 @@ def main(argv=None) -> int:
         "SDPA flash fwd (requires_grad)": lambda: F.scaled_dot_product_attention(*leaves),
         "SDPA flash fwd + bwd": lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves), leaves, g),
     }
+    rows.update(sdpa_op_rows(q, k, v, g, scale))
     print(f"# {torch.cuda.get_device_name()}: host time per call, B = H = 1, N = 128, D = 128, bf16")
     rows.update(piece_rows(q, k, v))
     for name, fn in rows.items():
+        try:
+            fn()
+        except RuntimeError as err:  # a backend this GPU or build lacks (cuDNN's attention)
+            print(f"{name:40s} n/a: {(str(err).splitlines() or [''])[0][:100]}", flush=True)
+            continue
         print(f"{name:40s} {per_call_us(fn):7.1f} us", flush=True)
     return 0
+
+
+def sdpa_op_rows(q, k, v, g, scale: float) -> dict:
+    """SDPA's flash and cuDNN ops as Inductor's generated code calls them (aten overloads, no autograd), beside
+    "op fwd (Inductor's call)": what a compiled model with SDPA pays per call. The backward's arguments are the
+    forward's outputs, as AOTAutograd saves them; cuDNN's attn_bias is undefined (None), as without a mask."""
+    aten = torch.ops.aten
+    n_q, n_k = q.shape[2], k.shape[2]
+
+    def flash_fwd():
+        return aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, False, False, scale=scale)
+
+    def flash_fwd_bwd():
+        out, lse, cum_q, cum_k, _, _, seed, offset, _ = flash_fwd()
+        return aten._scaled_dot_product_flash_attention_backward.default(
+            g, q, k, v, out, lse, cum_q, cum_k, n_q, n_k, 0.0, False, seed, offset, scale=scale)
+
+    def cudnn_fwd():
+        return aten._scaled_dot_product_cudnn_attention.default(q, k, v, None, True, 0.0, False, False, scale=scale)
+
+    def cudnn_fwd_bwd():
+        out, lse, cum_q, cum_k, _, _, seed, offset, _ = cudnn_fwd()
+        return aten._scaled_dot_product_cudnn_attention_backward.default(
+            g, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, n_q, n_k, 0.0, False, scale=scale)
+
+    return {"SDPA flash op fwd (Inductor's call)": flash_fwd,
+            "SDPA flash ops fwd + bwd (Inductor's calls)": flash_fwd_bwd,
+            "SDPA cuDNN op fwd (Inductor's call)": cudnn_fwd,
+            "SDPA cuDNN ops fwd + bwd (Inductor's calls)": cudnn_fwd_bwd}
 
 
 if __name__ == "__main__":

@@ -66,3 +66,26 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         e2e_step.parse_args(["--shapes", "512x8"])
     assert "TxBATCHxLAYERS" in capsys.readouterr().err
+
+
+def test_interleaved_steps_give_each_variant_its_row(tmp_path, monkeypatch):
+    """--interleave: every variant of a shape is built and warmed up first, then their timed steps alternate, the
+    order rotating each round; each row still has its own loss, fused sites and steps, and the table says how they
+    were taken."""
+    order, real = [], e2e_step.train_step
+
+    def recording(variant, *args, **kwargs):
+        model, step = real(variant, *args, **kwargs)
+        return model, lambda: order.append(variant.name[0]) or step()
+
+    monkeypatch.setattr(e2e_step, "train_step", recording)
+    out = tmp_path / "e2e_step.md"
+    assert e2e_step.main([*TINY_FLAGS, "--out", str(out), "--shapes", "16x2x2", "--interleave", "--variants",
+                          "eager-naive", "cupyflash", "inductor-naive"]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["eager-naive", "cupyflash", "inductor-naive"]
+    assert [r["fused"] for r in rows] == [None, 2, None]
+    assert all(r["ms"] > 0 and len(r["step_ms"]) == 3 and not r["note"] for r in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5) == pytest.approx(rows[2]["loss"], rel=1e-5)
+    assert "steps of the variants in turns" in out.read_text()
+    assert "".join(order) == "eeccii" + "eci" + "cie" + "iec"  # --quick: 2 warm-up steps each, then 3 rounds
