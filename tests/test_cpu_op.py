@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import cupyflash
+import cupyflash.torch_op  # noqa: F401  (registers torch.ops.cupyflash.*: a test run alone needs it too)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -24,9 +25,11 @@ def test_cpu_matches_eager_fp64(causal, n_q, n_k):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # lse is kept in fp32
 
 
-def test_opcheck():
+@pytest.mark.parametrize("token_major", [False, True])
+def test_opcheck(token_major):
     q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.cupyflash.flash_attn_fwd.default, (q, k, v, None, 0.3, True))
+    torch.library.opcheck(torch.ops.cupyflash.flash_attn_fwd.default, (q, k, v, None, 0.3, True),
+                          {"token_major_out": token_major})
 
 
 @pytest.mark.parametrize("case", ["softcap", "dropout", "bias-softcap-dropout"])
