@@ -27,9 +27,23 @@ from e2e_step import RESULTS, VARIANTS, _shape, build_models, make_batch, train_
 from gpt_train_step import step_timer
 
 
+# The attention ops as the compiled step calls them: ours, and SDPA's backends' (aten ops, outer calls only).
+ATTENTION_OPS = ("cupyflash::flash_attn_fwd", "cupyflash::flash_attn_bwd",
+                 *(f"aten::_scaled_dot_product_{b}_attention{p}" for b in ("cudnn", "flash", "efficient")
+                   for p in ("", "_backward")))
+
+
 def kernel_stats(trace_path: Path, steps: int) -> dict:
-    """Per step: GPU busy µs (union of kernel intervals), kernels, and {kernel name: [count, µs]}."""
+    """Per step: GPU busy µs (union of kernel intervals), kernels, {kernel name: [count, µs]}, and the attention
+    ops' host time in the step ({op: [calls a step, µs a call]}: their CPU time in place, between the other layers'
+    work, which a loop of calls alone does not show)."""
     events = json.loads(trace_path.read_text())["traceEvents"]
+    host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e in events:
+        if e.get("cat") == "cpu_op" and e.get("name") in ATTENTION_OPS and "dur" in e:
+            host[e["name"]][0] += 1
+            host[e["name"]][1] += float(e["dur"])
+    attention_host = {name: [n / steps, us / n] for name, (n, us) in host.items()}
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
     spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels)
     busy, end = 0.0, float("-inf")
@@ -41,7 +55,8 @@ def kernel_stats(trace_path: Path, steps: int) -> dict:
     for e in kernels:
         by_name[e["name"]][0] += 1 / steps
         by_name[e["name"]][1] += float(e["dur"]) / steps
-    return {"busy_us": busy / steps, "kernels": len(kernels) / steps, "by_name": dict(by_name)}
+    return {"busy_us": busy / steps, "kernels": len(kernels) / steps, "by_name": dict(by_name),
+            "attention_host": attention_host}
 
 
 def profile_variant(name: str, base, batch, device, warmup: int, steps: int, out: Path) -> dict:
@@ -78,6 +93,11 @@ def report(rows: list[dict], shape: tuple, top: int) -> str:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['wall_ms']:.2f} | {r['busy_us'] / 1e3:.2f} | "
                      f"{r['busy_us'] / 1e3 / r['wall_ms']:.2f} | {r['host_ms']:.2f} | {r['kernels']:.0f} |")
+    lines += ["", "## Attention ops on the host, in the step (under the profiler)", "",
+              "| variant | op | calls a step | µs a call |", "|---|---|---|---|"]
+    for r in rows:
+        for op, (calls, us) in sorted(r.get("attention_host", {}).items()):
+            lines.append(f"| {r['variant']} | `{op}` | {calls:.0f} | {us:.1f} |")
     every = set().union(*(r["by_name"] for r in rows))
 
     def cell(r, k):
