@@ -18,22 +18,7 @@ fi
 
 # JIT: NVRTC compiles each (pass, dtype, head dim) module once per machine (~10 s each, serially in pytest);
 # compile them all in parallel into CuPy's disk cache first. Forked before the parent touches CUDA.
-timeout 90 python - > "$OUT/prewarm.log" 2>&1 <<'PY'
-import multiprocessing, os, subprocess, time
-from cupyflash import jit
-
-def build(key):
-    t = time.time()
-    jit._raw_module(key, 0)
-    return f"{key}: {time.time() - t:.1f} s"
-
-# The modules built for this GPU's arch (the sm_90a ones only on Hopper), read without touching CUDA before fork.
-cap = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                     text=True).stdout.split()
-keys = jit.module_keys(f"sm_{cap[0].replace('.', '')}" if cap else None)
-with multiprocessing.get_context("fork").Pool(min(len(keys), os.cpu_count() or 1)) as pool:
-    print("\n".join(pool.map(build, keys)))
-PY
+timeout 90 python scripts/prewarm.py > "$OUT/prewarm.log" 2>&1
 echo "kernel prewarm exit $? (details in prewarm.log; pytest compiles whatever is missing)"
 
 # The attention tests (this suite), then the other GPU-marked tests with what is left of the budget.
