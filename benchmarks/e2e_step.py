@@ -197,11 +197,20 @@ def measure_interleaved(names, models: dict, batch, device, warmup: int, steps: 
         rows.append(row)
     timed, peaks = step_timer(device), {id(row): 0 for row, _, _ in live}
     for i in range(steps):
-        for row, step, own in live[i % len(live):] + live[:i % len(live)]:
+        if not live:
+            break
+        for entry in live[i % len(live):] + live[:i % len(live)]:
+            row, step, own = entry
             others = _memory_allocated(device) - own
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            row["step_ms"].append(timed(step))
+            try:
+                row["step_ms"].append(timed(step))
+            except Exception as err:  # noqa: BLE001 - as in measure(): the row notes it, the others go on
+                traceback.print_exc()
+                row["note"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+                live.remove(entry)
+                continue
             if device.type == "cuda":
                 peaks[id(row)] = max(peaks[id(row)], torch.cuda.max_memory_allocated() - others)
     for row, _, _ in live:

@@ -89,3 +89,29 @@ def test_interleaved_steps_give_each_variant_its_row(tmp_path, monkeypatch):
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5) == pytest.approx(rows[2]["loss"], rel=1e-5)
     assert "steps of the variants in turns" in out.read_text()
     assert "".join(order) == "eeccii" + "eci" + "cie" + "iec"  # --quick: 2 warm-up steps each, then 3 rounds
+
+
+def test_interleaved_run_notes_a_variant_failing_mid_run(tmp_path, monkeypatch):
+    """A variant whose step raises during the timed turns gets the error as its note and drops out; the others
+    finish their steps."""
+    real, calls = e2e_step.train_step, {"n": 0}
+
+    def failing(variant, *args, **kwargs):
+        model, step = real(variant, *args, **kwargs)
+        if variant.name != "cupyflash":
+            return model, step
+
+        def step_that_fails():
+            calls["n"] += 1
+            if calls["n"] > 3:  # after its 2 warm-up steps and 1 timed one
+                raise RuntimeError("lost the device")
+            return step()
+        return model, step_that_fails
+
+    monkeypatch.setattr(e2e_step, "train_step", failing)
+    out = tmp_path / "e2e_step.md"
+    assert e2e_step.main([*TINY_FLAGS, "--out", str(out), "--shapes", "16x2x1", "--interleave", "--variants",
+                          "eager-naive", "cupyflash"]) == 1
+    naive, ours = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(naive["step_ms"]) == 3 and naive["ms"] > 0 and not naive["note"]
+    assert ours["ms"] is None and len(ours["step_ms"]) == 1 and ours["note"] == "RuntimeError: lost the device"
