@@ -128,6 +128,15 @@ def train_step(variant: Variant, base: torch.nn.Module, batch, device, compiler:
     return model, step
 
 
+def _failure_note(err: Exception) -> str:
+    """A row's note for a variant that raised: "out of memory", else the error's type and first line (traceback
+    printed)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return "out of memory"
+    traceback.print_exc()
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
 def measure(variant: Variant, base: torch.nn.Module, batch, device, warmup: int, steps: int,
             compiler: str = "inductor") -> dict:
     """One variant's row: median step ms, peak GiB, first loss, fused sites; a failure becomes the row's note."""
@@ -150,12 +159,8 @@ def measure(variant: Variant, base: torch.nn.Module, batch, device, warmup: int,
         row["ms"] = statistics.median(row["step_ms"])
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    except torch.OutOfMemoryError:
-        row["note"] = "out of memory"
     except Exception as err:  # noqa: BLE001 - one variant's failure is a result, the others still run
-        traceback.print_exc()
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        row["note"] = f"{type(err).__name__}: {first_line}"
+        row["note"] = _failure_note(err)
     if variant.backend == "cupyflash":
         row["fused"] = counters["cupyflash"]["attention_fused"]
     return row
@@ -187,11 +192,8 @@ def measure_interleaved(names, models: dict, batch, device, warmup: int, steps: 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             live.append((row, step, _memory_allocated(device) - held_before))  # its weights and optimizer state
-        except torch.OutOfMemoryError:
-            row["note"] = "out of memory"
         except Exception as err:  # noqa: BLE001 - one variant's failure is a result, the others still run
-            traceback.print_exc()
-            row["note"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+            row["note"] = _failure_note(err)
         if variant.backend == "cupyflash":
             row["fused"] = counters["cupyflash"]["attention_fused"] - fused_before
         rows.append(row)
@@ -207,8 +209,7 @@ def measure_interleaved(names, models: dict, batch, device, warmup: int, steps: 
             try:
                 row["step_ms"].append(timed(step))
             except Exception as err:  # noqa: BLE001 - as in measure(): the row notes it, the others go on
-                traceback.print_exc()
-                row["note"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+                row["note"] = _failure_note(err)
                 live.remove(entry)
                 continue
             if device.type == "cuda":
