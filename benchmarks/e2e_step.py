@@ -137,6 +137,21 @@ def _failure_note(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
+def _new_row(name: str) -> dict:
+    return {"variant": name, "ms": None, "peak_gib": None, "loss": None, "fused": None, "note": "", "step_ms": []}
+
+
+def _warmed_up(variant: Variant, base: torch.nn.Module, batch, device, warmup: int, compiler: str, row: dict):
+    """The variant's step function after `warmup` steps (compilation included); the first step's loss into `row`."""
+    _, step = train_step(variant, base, batch, device, compiler)
+    row["loss"] = step().item()  # compiles; before the next step, which may overwrite a CUDA graph's output
+    for _ in range(warmup - 1):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return step
+
+
 def measure(variant: Variant, base: torch.nn.Module, batch, device, warmup: int, steps: int,
             compiler: str = "inductor") -> dict:
     """One variant's row: median step ms, peak GiB, first loss, fused sites; a failure becomes the row's note."""
@@ -144,15 +159,10 @@ def measure(variant: Variant, base: torch.nn.Module, batch, device, warmup: int,
 
     torch._dynamo.reset()
     counters.clear()
-    row = {"variant": variant.name, "ms": None, "peak_gib": None, "loss": None, "fused": None, "note": "",
-           "step_ms": []}
+    row = _new_row(variant.name)
     try:
-        _, step = train_step(variant, base, batch, device, compiler)
-        row["loss"] = step().item()  # compiles; before the next step, which may overwrite a CUDA graph's output
-        for _ in range(warmup - 1):
-            step()
+        step = _warmed_up(variant, base, batch, device, warmup, compiler, row)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         timed = step_timer(device)
         row["step_ms"] = [timed(step) for _ in range(steps)]
@@ -182,15 +192,10 @@ def measure_interleaved(names, models: dict, batch, device, warmup: int, steps: 
     rows, live = [], []
     for name in names:
         variant = VARIANTS[name]
-        row = {"variant": name, "ms": None, "peak_gib": None, "loss": None, "fused": None, "note": "", "step_ms": []}
+        row = _new_row(name)
         fused_before, held_before = counters["cupyflash"]["attention_fused"], _memory_allocated(device)
         try:
-            _, step = train_step(variant, models[variant.attention], batch, device, compiler)
-            row["loss"] = step().item()
-            for _ in range(warmup - 1):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            step = _warmed_up(variant, models[variant.attention], batch, device, warmup, compiler, row)
             live.append((row, step, _memory_allocated(device) - held_before))  # its weights and optimizer state
         except Exception as err:  # noqa: BLE001 - one variant's failure is a result, the others still run
             row["note"] = _failure_note(err)

@@ -140,15 +140,9 @@ def _out_allocator(xp, shape, dtype: str, like, token_major: bool):
     return (xp.token_major_allocator if token_major else xp.allocator)(shape, dtype, like)
 
 
-def _unpad_out(xp, out, d: int, token_major: bool):
-    """The first d columns of out's head dim, copied once into a new output's layout."""
-    return xp.copy_into(_out_allocator(xp, (*out.shape[:3], d), xp.dtype_name(out), out, token_major)(),
-                        out[..., :d])
-
-
-def _unpad_grad(xp, g, t):
-    """The first t.shape[3] columns of the gradient `g`, copied once into t's gradient layout (xp.grad_allocator)."""
-    return xp.copy_into(xp.grad_allocator(t)(), g[..., :t.shape[3]])
+def _unpad_head(xp, a, d: int, new):
+    """The first d columns of `a`'s head dim, copied once into `new()` (an allocator: the result's final layout)."""
+    return xp.copy_into(new(), a[..., :d])
 
 
 def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dropout_p: float = 0.0, seed=None,
@@ -159,7 +153,9 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
     if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
         out, lse = forward(xp, *(_pad_head(xp, a, kernel_d) for a in (q, k, v)), attn_bias, scale, causal, window,
                            dropout_p, seed, softcap)
-        return _unpad_out(xp, out, v.shape[3], token_major), lse
+        d_v = v.shape[3]
+        return _unpad_head(xp, out, d_v, _out_allocator(xp, (*out.shape[:3], d_v), xp.dtype_name(out), out,
+                                                         token_major)), lse
     with xp.on_device(q):
         out = _out_allocator(xp, q.shape, xp.dtype_name(q), q, token_major)()
         lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
@@ -275,7 +271,8 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
         dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal,
                                      window, dropout_p, seed, bias_grad, softcap)
-        return (*(_unpad_grad(xp, g, t) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)
+        return (*(_unpad_head(xp, g, t.shape[3], xp.grad_allocator(t)) for g, t in ((dq, q), (dk, k), (dv, v))),
+                dbias)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.grad_allocator(a)() for a in (q, k, v))  # as the op's fake

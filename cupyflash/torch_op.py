@@ -186,7 +186,7 @@ def _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_righ
     impl = _impl(q)
     if impl is cpu_attention:
         out, lse = impl.forward(q, k, v, attn_bias, scale, causal, window, dropout_p, dropout_seed, softcap=softcap)
-        return (_new_out(q, v, token_major_out).copy_(out) if token_major_out else out), lse
+        return (_token_major(out) if token_major_out else out), lse
     return impl.forward(q, k, v, attn_bias, scale, causal, window, dropout_p, dropout_seed, softcap=softcap,
                         token_major=token_major_out)
 
@@ -194,9 +194,7 @@ def _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_righ
 def _new_out(q, v, token_major: bool) -> torch.Tensor:
     """A new output (B, H, Nq, Dv) as the fake and the CUDA path lay it out: contiguous, or (B, Nq, H, Dv) memory."""
     shape = _out_shape(q, v)
-    if token_major:
-        return torch.empty_strided(shape, token_major_strides(shape), dtype=q.dtype, device=q.device)
-    return q.new_empty(shape)
+    return _token_major_empty(shape, q) if token_major else q.new_empty(shape)
 
 
 def _empty_forward(q, k, v, attn_bias, scale, causal, window, softcap, token_major_out):
@@ -278,23 +276,25 @@ def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_lef
         # No query, key or feature: dq, dk, dv have no element or nothing to sum, and dBias = P ∘ (dO Vᵀ - D) is
         # 0 since head_dim 0 makes dO Vᵀ and D = rowsum(dO ∘ O) sums of nothing.
         dbias = attn_bias.new_zeros(attn_bias.shape) if bias_grad else q.new_empty(0)
-        return _grad_like(q).zero_(), _grad_like(k).zero_(), _grad_like(v).zero_(), dbias
+        return (*(_token_major_empty(t.shape, t).zero_() for t in (q, k, v)), dbias)
     window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
     dq, dk, dv, dbias = _impl(q).backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p,
                                           dropout_seed, bias_grad, softcap=softcap)
-    dq, dk, dv = (_in_layout(g, t) for g, t in ((dq, q), (dk, k), (dv, v)))
+    dq, dk, dv = (_token_major(g) for g in (dq, dk, dv))
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
 
 
-def _grad_like(t: torch.Tensor) -> torch.Tensor:
-    """A new gradient for `t`, as the fake and the CUDA path (array_ops.TorchOps.grad_allocator) lay it out."""
-    return torch.empty_strided(t.shape, token_major_strides(t.shape), dtype=t.dtype, device=t.device)
+def _token_major_empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """A new (B, H, N, D) tensor in (B, N, H, D) memory (array_ops.token_major_strides) with `like`'s dtype and
+    device: the layout of the gradients, and of out with token_major_out, in the fakes and the CUDA path
+    (array_ops.TorchOps.token_major_allocator)."""
+    return torch.empty_strided(shape, token_major_strides(shape), dtype=like.dtype, device=like.device)
 
 
-def _in_layout(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`g` in _grad_like(t)'s layout: itself where the path allocated it so (the CUDA path), else a copy (the CPU
-    path's and head padding's contiguous results)."""
-    return g if g.stride() == token_major_strides(t.shape) else _grad_like(t).copy_(g)
+def _token_major(a: torch.Tensor) -> torch.Tensor:
+    """`a` in (B, N, H, D) memory: itself where the path allocated it so (the CUDA path), else a copy (the CPU
+    path's contiguous results)."""
+    return a if a.stride() == token_major_strides(a.shape) else _token_major_empty(a.shape, a).copy_(a)
 
 
 def _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
@@ -336,7 +336,7 @@ def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
                     bias_grad, softcap)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
-    return _grad_like(q), _grad_like(k), _grad_like(v), dbias
+    return (*(_token_major_empty(t.shape, t) for t in (q, k, v)), dbias)
 
 
 def _setup_context(ctx, inputs, output):
