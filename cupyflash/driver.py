@@ -4,9 +4,10 @@ CuPy's kernel call converts every argument from a Python object at each launch; 
 (cupyflash/plan.py) passes the same struct at every call but for its buffers' addresses. Each kernel takes one
 struct (kernels_cu/params.cuh), packed once by cupyflash/params.py; ``ArgBlock`` holds its bytes as the driver's
 kernelParams (one host buffer, one pointer to it; the Hopper backward, which takes its parameters one by one: one
-pointer to each) and a call writes only the address slots before ``launch``. The
-kernels' handles come from CuPy's modules (cupyflash/jit.py); torch, CuPy and the driver share the device's primary
-context, so the launch sees the same context and stream as a CuPy launch would.
+pointer to each) and a call writes only the address slots before ``launch``, which calls cuLaunchKernel through
+CuPy's Cython binding of it (typed integers: no per-argument conversion as through ctypes). The kernels' handles
+come from CuPy's modules (cupyflash/jit.py); torch, CuPy and the driver share the device's primary context, so the
+launch sees the same context and stream as a CuPy launch would.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class ArgBlock:
             base = ctypes.addressof(buf)
             params = (ctypes.c_void_p * len(self._param_offsets))(*(base + off for off in self._param_offsets))
             params.bytes = buf  # the pointers into buf keep it alive: a launch may hold only them (launch._run)
+            params.address = ctypes.addressof(params)  # what cuLaunchKernel takes
             self._local.buffers = memoryview(buf).cast("B"), params  # the view keeps buf alive
             return self._local.buffers
 
@@ -47,14 +49,6 @@ class ArgBlock:
         for start, name, write in self._slots:
             write(buf, start, ptrs[name])
         return params
-
-
-@functools.cache
-def _cu_launch_kernel():
-    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
-    fn.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
 
 
 def dims(grid: tuple, block: tuple) -> tuple:
@@ -68,17 +62,26 @@ _INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT
 
 def launch(function: int, dims6: tuple, shared_bytes: int, stream_ptr: int, params) -> None:
     """cuLaunchKernel on the calling thread's current context, the device's primary one (the caller makes the
-    device current); raises CuPy's driver error on failure, as a CuPy launch would. cudaGetDevice/cudaSetDevice
-    need not bind the context to a new thread (autograd's device thread, a user's), which CuPy's own launch
-    ensures first: so a thread's first launch that finds none binds it with cudaFree(0) and launches again."""
-    status = _cu_launch_kernel()(function, *dims6, shared_bytes, stream_ptr, params, None)
-    if status == _INVALID_CONTEXT and not getattr(_CONTEXT_BOUND, "done", False):
+    device current), with `params` from ArgBlock.params; raises CuPy's driver error on failure, as a CuPy launch
+    would. cudaGetDevice/cudaSetDevice need not bind the context to a new thread (autograd's device thread, a
+    user's), which CuPy's own launch ensures first: so a thread's first launch that finds none binds it with
+    cudaFree(0) and launches again."""
+    launch_kernel, driver_error = _binding()
+    try:
+        launch_kernel(function, *dims6, shared_bytes, stream_ptr, params.address, 0)
+    except driver_error as err:
+        if err.status != _INVALID_CONTEXT or getattr(_CONTEXT_BOUND, "done", False):
+            raise
         import cupy
 
         cupy.cuda.runtime.free(0)
         _CONTEXT_BOUND.done = True
-        status = _cu_launch_kernel()(function, *dims6, shared_bytes, stream_ptr, params, None)
-    if status:
-        from cupy_backends.cuda.api.driver import CUDADriverError
+        launch_kernel(function, *dims6, shared_bytes, stream_ptr, params.address, 0)
 
-        raise CUDADriverError(status)
+
+@functools.cache
+def _binding():
+    """CuPy's cuLaunchKernel and its error, imported once (an import statement at every launch costs 0.6 µs)."""
+    from cupy_backends.cuda.api.driver import CUDADriverError, launchKernel
+
+    return launchKernel, CUDADriverError

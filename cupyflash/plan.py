@@ -28,7 +28,20 @@ HOPPER, MMA_SYNC = "hopper", "mma.sync"
 # per thread block. H200, bf16, pairs against one (results/fwd-pairs-ab-NVIDIA_H200.log): N 512 +2-14 %, 1024 +4-8 %,
 # 2048 +3-9 %, 4096 0-3 %, 16384 -1 to -2 % (half as many thread blocks, twice as long: the last wave's tail).
 PAIR_MAX_ROWS = 4096
-ROWS_PER_BLOCK = 8  # preprocess / dQ conversion: one warp per row
+# The plain causal backward's grid puts K/V blocks outermost where Q and dO take at most this many bytes
+# (backward_grid): a third of the smallest L2 of the GPUs measured (H100 and H200, 50 MiB).
+K_OUTER_MAX_BYTES = 16 << 20
+ROWS_PER_BLOCK = 8  # the mma.sync dQ conversion: one warp per row
+PREPROCESS_THREADS = 256
+
+
+def preprocess_lanes(d: int, dtype: str) -> int:
+    """Lanes per row of the backward's preprocess (kernels_cu/flash_bwd.cuh preprocess_lanes, the same rule): one
+    16-byte chunk of dO and O each, the row's chunks rounded up to a power of two, at most a warp."""
+    lanes = 1
+    while lanes < d * jit.ELEM_BYTES[dtype] // 16 and lanes < 32:
+        lanes *= 2
+    return lanes
 CONVERT_SM90_THREADS = 256  # flash_bwd_convert_dq_sm90: one thread per float4 of dQ_accum
 FORWARD_BUFS = ("q", "k", "v", "out", "lse")
 BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
@@ -209,14 +222,14 @@ def plan_for(layout: CallLayout) -> Plan:
             raise ValueError("row_lse without a bias: the rebuild rule's workspace goes with a bias only "
                              "(plan.BIAS_BACKWARD_BUFS)")
         kernel_bufs = {name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")}
+        grid, k_outer = backward_grid(layout, t.Bc)
         if family == HOPPER:
-            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse),)
+            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse, k_outer=k_outer),)
         else:  # one launch per column range (tiles.Tiles.out_cols); dBias from the first only
             packed = tuple(params.mma_backward(**{**common, "mods": mods if col0 == 0 else
                                                   dataclasses.replace(mods, dbias=None)},
-                                               **kernel_bufs, row_lse=row_lse, col0=col0)
+                                               **kernel_bufs, row_lse=row_lse, col0=col0, k_outer=k_outer)
                            for col0 in range(0, d, t.launch_cols(d)))
-        grid = (math.ceil(layout.n_k / t.Bc), layout.kv_heads, batch)  # K/V blocks × K/V heads × batch
         n_rows, accum_rows = batch * heads * n_q, batch * heads * dq_accum_rows(n_q)
         row_block = (32 * ROWS_PER_BLOCK,)
         pre = params.preprocess(dout=bufs["dout"], out=bufs["out"], d_vec=bufs["d_vec"], dq_accum=bufs["dq_accum"],
@@ -233,11 +246,30 @@ def plan_for(layout: CallLayout) -> Plan:
         conv = params.convert_dq(dq_accum=bufs["dq_accum"], dq=bufs["dq"], heads=heads, n_q=n_q, n_rows=n_items,
                                  scale=layout.scale)
         stats = () if row_lse is None else (_stats_step(layout, bufs),)
-        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), (math.ceil(accum_rows / ROWS_PER_BLOCK),),
-                       row_block, pre), *stats,
+        pre_rows = PREPROCESS_THREADS // preprocess_lanes(d, layout.dtype)  # rows per thread block
+        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), (math.ceil(accum_rows / pre_rows),),
+                       (PREPROCESS_THREADS,), pre), *stats,
                  *(_step(variant, grid, (t.threads,), p) for p in packed),
                  _step(*convert, conv))
     return Plan(layout, family, why, variant, t, steps, classes_shape)
+
+
+def backward_grid(layout: CallLayout, bc: int) -> tuple[tuple, bool]:
+    """(grid, k_outer) of the backward's attention kernel: one thread block per (K/V block of `bc` keys, K/V head,
+    batch). In that order (K/V blocks innermost) the blocks of one head run together and share its Q and dO in L2.
+    Under a causal mask K/V block x sees the Q blocks from x on, so each head's blocks come heaviest first and the
+    last wave mixes heavy and light ones. Where every head's Q and dO together fit well within L2
+    (K_OUTER_MAX_BYTES), a plain causal call puts K/V blocks outermost instead (k_outer: grid (K/V heads, batch,
+    K/V blocks)), every head's heaviest block first, as list scheduling wants. H100, same run
+    (benchmarks/bwd_grid_ab.py): the GPT's 8 x 12 heads at N 512, d64 (12 MiB of Q and dO): kernel -8.7 %
+    (predicted -17 %); 48-64 MiB of them (N 1024-2048, d64 and d128): +6 to +60 %, a head's Q and dO evicted
+    between its blocks. The score mods' variants keep the first order (on Hopper the choice cost registers there)."""
+    n_blocks = math.ceil(layout.n_k / bc)
+    batch, heads, n_q, d = layout.shape
+    q_do_bytes = 2 * batch * heads * n_q * d * jit.ELEM_BYTES[layout.dtype]
+    if layout.causal and not _mods_any(layout) and q_do_bytes <= K_OUTER_MAX_BYTES:
+        return (layout.kv_heads, batch, n_blocks), True
+    return (n_blocks, layout.kv_heads, batch), False
 
 
 def _stats_step(layout: CallLayout, bufs: dict) -> Step:

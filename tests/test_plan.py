@@ -30,10 +30,10 @@ def _contiguous(shape) -> tuple:
 
 
 def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None, window=(-1, -1), dropout_p=0.0,
-            softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True, n_q=NQ):
+            softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True, n_q=NQ, n_k=NK):
     """A CallLayout of contiguous buffers (overrides by name in `strides` / `addresses`, modulo 16); a backward with
     a bias has the row_lse workspace, as cuda_path gives it."""
-    q_shape, kv_shape = (B, H, n_q, d), (B, HKV, NK, d)
+    q_shape, kv_shape = (B, H, n_q, d), (B, HKV, n_k, d)
     shapes = dict(q=q_shape, k=kv_shape, v=kv_shape, out=q_shape, dout=q_shape, lse=q_shape[:3], d_vec=q_shape[:3],
                   dq_accum=(B, H, plan.dq_accum_rows(n_q), d), dq=q_shape, dk=kv_shape, dv=kv_shape,
                   row_lse=(*q_shape[:3], 2))
@@ -42,7 +42,7 @@ def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None
         names += plan.BIAS_BACKWARD_BUFS
     strides, addresses = strides or {}, addresses or {}
     bufs = tuple((n, strides.get(n, _contiguous(shapes[n])), addresses.get(n, 0)) for n in names)
-    return plan.CallLayout(kernel, dtype, q_shape, NK, HKV, bufs, causal, 0.125, bias, window, dropout_p, softcap,
+    return plan.CallLayout(kernel, dtype, q_shape, n_k, HKV, bufs, causal, 0.125, bias, window, dropout_p, softcap,
                            cc, device_id, sm90)
 
 
@@ -174,9 +174,13 @@ def test_mma_sync_tiles_grid_block_and_shared_memory(kernel, dtype, d, causal, w
         assert len(p.steps) == 1 and main.grid == (math.ceil(NQ / want.Br), H, B)
     else:
         assert [s.variant.kernel for s in p.steps] == ["bwd_preprocess", "bwd", "bwd_convert_dq"]
-        assert main.grid == (math.ceil(NK / want.Bc), HKV, B)
+        n_blocks = math.ceil(NK / want.Bc)  # K/V blocks; outermost for a causal call with few of them
+        assert main.grid == ((HKV, B, n_blocks) if causal else (n_blocks, HKV, B))
+        assert main.packed.values["k_outer"] == int(causal)
         # the preprocess zeroes dQ_accum's whole rows (Q blocks of the Hopper kernel), the conversion reads B·H·Nq
-        assert p.steps[0].grid == (math.ceil(B * H * plan.dq_accum_rows(NQ) / plan.ROWS_PER_BLOCK),)
+        pre_rows = plan.PREPROCESS_THREADS // plan.preprocess_lanes(d, dtype)
+        assert p.steps[0].grid == (math.ceil(B * H * plan.dq_accum_rows(NQ) / pre_rows),)
+        assert p.steps[0].block == (plan.PREPROCESS_THREADS,)
         assert p.steps[2].grid == (math.ceil(B * H * NQ / plan.ROWS_PER_BLOCK),) and p.steps[0].shared_bytes == 0
 
 
@@ -240,7 +244,7 @@ def test_hopper_backward_adds_dq_in_whole_q_blocks(n_q, d):
     pre, _, conv = p.steps
     assert conv.variant == jit.Variant("bwd_convert_dq_sm90", layout.dtype, d)
     assert pre.packed.values["Nq_accum"] == rows and pre.packed.values["n_rows"] == B * H * rows
-    assert pre.grid == (math.ceil(B * H * rows / plan.ROWS_PER_BLOCK),)
+    assert pre.grid == (math.ceil(B * H * rows / (plan.PREPROCESS_THREADS // plan.preprocess_lanes(d, layout.dtype))),)
     items = B * H * rows * d // 4
     assert conv.packed.values["n_rows"] == items
     assert conv.grid == (math.ceil(items / plan.CONVERT_SM90_THREADS),) and conv.block == (plan.CONVERT_SM90_THREADS,)
@@ -607,3 +611,48 @@ def test_out_layout_reaches_the_kernel(stubbed_device, monkeypatch):
             assert variant.kernel == "fwd" and args["o"] == out.data_ptr()
             assert [args[f"o_s.{c}"] for c in "bhn"] == list(out.stride()[:3])
             stubbed_device.clear()
+
+
+@pytest.mark.parametrize("dtype,d,lanes", [("bfloat16", 32, 4), ("float16", 64, 8), ("bfloat16", 96, 16),
+                                           ("bfloat16", 128, 16), ("float16", 256, 32), ("float32", 32, 8),
+                                           ("float32", 128, 32), ("float32", 256, 32)])
+def test_preprocess_lanes_match_the_kernels_rule(dtype, d, lanes):
+    """The preprocess's grid (rows per thread block) follows from its lanes per row, which the kernel computes
+    itself (kernels_cu/flash_bwd.cuh preprocess_lanes): NVRTC checks the C++ rule gives Python's."""
+    assert plan.preprocess_lanes(d, dtype) == lanes
+    try:
+        nvrtc = jit._nvrtc()
+    except Exception as err:
+        pytest.skip(f"NVRTC cannot be loaded ({type(err).__name__}: {err})")
+    source = (jit._inline(jit.kernel_dir() / "flash_bwd.cuh", set())
+              + f"\nstatic_assert(cupyflash::preprocess_lanes({d}, {jit.ELEM_BYTES[dtype]}) == {lanes}, "
+                f"\"preprocess_lanes\");\n")
+    prog = nvrtc.createProgram(source, "preprocess_lanes.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, ["-std=c++17", "-arch=sm_80"])
+        except Exception:
+            pytest.fail(nvrtc.getProgramLog(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+# Q and dO of the layouts below: 2 tensors x B x H x n_q x 64 columns x 2 bytes
+N_Q_OUTER_MAX = plan.K_OUTER_MAX_BYTES // (2 * B * H * 64 * 2)
+
+
+@pytest.mark.parametrize("family_cc", [80, 90])
+@pytest.mark.parametrize("causal,n_q,mods,outer", [
+    (True, 512, {}, True), (True, N_Q_OUTER_MAX, {}, True), (True, N_Q_OUTER_MAX + 1, {}, False),
+    (False, 512, {}, False), (True, 512, dict(window=(128, 0)), False), (True, 512, dict(softcap=30.0), False)])
+def test_small_plain_causal_backward_puts_key_blocks_outermost(family_cc, causal, n_q, mods, outer):
+    """plan.backward_grid: (K/V heads, batch, K/V blocks) for a plain causal call whose Q and dO fit in
+    K_OUTER_MAX_BYTES (each head's heaviest block first), else (K/V blocks, K/V heads, batch); the kernel reads the
+    order from k_outer, in the struct or the Hopper backward's parameter list alike. The forward's grid is its own."""
+    p = plan.plan_for(_layout("bwd", "bfloat16", 64, cc=family_cc, causal=causal, n_q=n_q, **mods))
+    main = p.steps[1]
+    assert p.family == (plan.HOPPER if family_cc == 90 else plan.MMA_SYNC)
+    n_blocks = math.ceil(NK / p.tiles.Bc)
+    assert main.grid == ((HKV, B, n_blocks) if outer else (n_blocks, HKV, B))
+    assert main.packed.values["k_outer"] == int(outer)
+    assert plan.plan_for(_layout("fwd", "bfloat16", 64, cc=family_cc, causal=causal, n_q=n_q)).steps[0].grid[1:] == (H, B)
