@@ -1,13 +1,13 @@
-"""The causal backward's two grid orders (cupyflash/plan.py backward_grid) in one run: GPU time of the backward's
-attention kernel with K/V blocks innermost (heads outer) and outermost (k_outer) at every shape, whatever the plan's
-rule (K_OUTER_MAX_BYTES of Q and dO), which these numbers set.
+"""The causal backward's grid orders (cupyflash/plan.py backward_grid) in one run: GPU time of the backward's
+attention kernel with K/V blocks innermost (heads outer), outermost over groups of (batch, K/V head) pairs whose Q
+and dO fit in plan.K_OUTER_MAX_BYTES (the plan's order), and outermost over all pairs at once.
 
-    python benchmarks/bwd_grid_ab.py                  # the GPT step's shapes (d64) and two d128 ones, bf16, causal
+    python benchmarks/bwd_grid_ab.py                  # the GPT step's shapes (d64), two d128 ones and the Llama's, bf16
 
-Each line: µs per call of the attention kernel alone and of the preprocess and dQ conversion, each launched 20 times
-back to back between two CUDA events (GPU-bound: a launch costs the host a few µs), median of 15 rounds, the two
-orders in turns; then the gradients of both orders against each other (the same sums in another order: equal to
-rounding) and the predicted change (plan.backward_grid's list-scheduling simulation).
+Each line: µs per call of the attention kernel alone, launched 20 times back to back between two CUDA events
+(GPU-bound: a launch costs the host a few µs), median of 15 rounds, the orders in turns; the preprocess and dQ
+conversion alike; the largest difference between the orders' gradients (the same sums in another order: equal to
+rounding); the predicted change of K/V blocks outermost over all pairs (list scheduling of the blocks' work).
 """
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ import sys
 
 import torch
 
-SHAPES = ((8, 12, 512, 64), (16, 12, 1024, 64), (8, 12, 2048, 64), (4, 12, 4096, 64), (1, 12, 16384, 64),
-          (8, 16, 1024, 128), (4, 16, 2048, 128))  # (B, H, N, D)
+SHAPES = ((8, 12, 12, 512, 64), (16, 12, 12, 1024, 64), (8, 12, 12, 2048, 64), (4, 12, 12, 4096, 64),
+          (1, 12, 12, 16384, 64), (8, 16, 16, 1024, 128), (4, 16, 16, 2048, 128),
+          (4, 16, 4, 2048, 128))  # (B, H, H_kv, N, D); the last: the Llama step's grouped-query attention
+ORDERS = {"heads outer": 0, "groups (plan)": None, "all pairs": 1 << 62}  # plan.K_OUTER_MAX_BYTES of each
 
 
-def simulated_ratio(n_blocks: int, heads: int, sms: int) -> float:
-    """Makespan with each head's first block first over makespan in head order: greedy list scheduling of causal
+def simulated_ratio(n_blocks: int, pairs: int, sms: int) -> float:
+    """Makespan with every pair's first block first over makespan in pair order: greedy list scheduling of causal
     K/V blocks of 128 keys (block x of n visits the 2 (n - x) Q blocks of 64 rows from its diagonal on, plus one
     unit for its K/V loads and dK/dV stores), one thread block per SM."""
     def makespan(order):
@@ -34,7 +36,7 @@ def simulated_ratio(n_blocks: int, heads: int, sms: int) -> float:
         return max(free)
 
     units = [2 * (n_blocks - x) + 1 for x in range(n_blocks)]
-    return makespan([u for u in units for _ in range(heads)]) / makespan([u for _ in range(heads) for u in units])
+    return makespan([u for u in units for _ in range(pairs)]) / makespan([u for _ in range(pairs) for u in units])
 
 
 def main(argv=None) -> int:
@@ -50,39 +52,41 @@ def main(argv=None) -> int:
 
     xp = ops_for(torch.empty(0, device="cuda"))
     device = torch.cuda.current_device()
+    stream = xp.stream_ptr(device)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    limit = plan.K_OUTER_MAX_BYTES
+    orders = {name: limit if v is None else v for name, v in ORDERS.items()}
     print(f"# {torch.cuda.get_device_name()}, bf16, causal; µs per call (kernel alone, {args.reps} launches between "
-          f"events, median of {args.rounds} rounds, the orders in turns)")
-    print("| B, H, N, D | K/V blocks a head (plan) | kernel, heads outer | kernel, K/V blocks outer | change | predicted | "
-          "preprocess | dQ conversion | max abs diff of dq, dk, dv |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    limit, always = plan.K_OUTER_MAX_BYTES, 1 << 62
-    for shape in SHAPES:
-        batch, heads, n, d = shape
+          f"events, median of {args.rounds} rounds, the orders in turns); plan.K_OUTER_MAX_BYTES = {limit}")
+    print(f"| B, H, H_kv, N, D | K/V blocks a pair | {' | '.join(f'kernel, {name}' for name in orders)} | "
+          "change: groups, all pairs | predicted, all pairs | plan's grid | preprocess | dQ conversion | "
+          "max abs diff of dq, dk, dv |")
+    print("|---" * (len(orders) + 8) + "|")
+    for batch, heads, kv_heads, n, d in SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, dout = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, dout = (torch.randn((batch, heads, n, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(2))
+        k, v = (torch.randn((batch, kv_heads, n, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+                for _ in range(2))
         out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, d ** -0.5, True)
         new_workspace, views, _ = cuda_path._backward_workspace(xp, q)
         dq_accum, d_vec = views(new_workspace())
-        grads = {}
-        runs = {}
-        for outer_max in (0, always):
-            plan.K_OUTER_MAX_BYTES = outer_max
+        runs = {}  # order → (plan, its addresses, its buffers: alive while the timed launches write them), gradients
+        for name, max_bytes in orders.items():
+            plan.K_OUTER_MAX_BYTES = max_bytes
             plan.plan_for.cache_clear()
             dq, dk, dv = (xp.grad_allocator(a)() for a in (q, k, v))
             bufs = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,
                         dv=dv)
             p = cuda_path._plan(xp, "bwd", q, k, None, bufs, d ** -0.5, True, (-1, -1), 0.0, 0.0, False)
-            ptrs = {name: xp.address(a) for name, a in bufs.items()}
-            stream = xp.stream_ptr(device)
+            ptrs = {key: xp.address(a) for key, a in bufs.items()}
             launch.execute(p, ptrs, stream, device)
-            grads[outer_max] = (dq.clone(), dk.clone(), dv.clone())
-            runs[outer_max] = (p, ptrs, stream, bufs)  # the buffers stay alive while the timed launches use them
+            runs[name] = (p, ptrs, bufs, (dq.clone(), dk.clone(), dv.clone()))
         plan.K_OUTER_MAX_BYTES = limit
         plan.plan_for.cache_clear()
         cuda_path._KNOWN.clear()
 
-        def timed(step, ptrs, stream) -> float:
+        def timed(step, ptrs) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(args.reps):
@@ -91,25 +95,27 @@ def main(argv=None) -> int:
             end.synchronize()
             return start.elapsed_time(end) * 1e3 / args.reps
 
-        times = {key: [] for key in (0, always, "pre", "convert")}
-        for _ in range(3):  # warm-up
-            for outer_max, (p, ptrs, stream, _) in runs.items():
-                timed(p.steps[1], ptrs, stream)
+        times = {key: [] for key in (*orders, "pre", "convert")}
+        for name, (p, ptrs, _, _) in runs.items():  # warm-up
+            timed(p.steps[1], ptrs)
         for r in range(args.rounds):
-            order = (0, always) if r % 2 == 0 else (always, 0)
-            for outer_max in order:
-                p, ptrs, stream, _ = runs[outer_max]
-                times[outer_max].append(timed(p.steps[1], ptrs, stream))
-            p, ptrs, stream, _ = runs[always]
-            times["pre"].append(timed(p.steps[0], ptrs, stream))
-            times["convert"].append(timed(p.steps[-1], ptrs, stream))
+            names = list(orders)[r % len(orders):] + list(orders)[:r % len(orders)]
+            for name in names:
+                p, ptrs, _, _ = runs[name]
+                times[name].append(timed(p.steps[1], ptrs))
+            p, ptrs, _, _ = runs["groups (plan)"]
+            times["pre"].append(timed(p.steps[0], ptrs))
+            times["convert"].append(timed(p.steps[-1], ptrs))
         med = {key: statistics.median(v) for key, v in times.items()}
-        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads[0], grads[always]))
-        n_blocks = math.ceil(n / runs[always][0].tiles.Bc)
-        planned = "K/V blocks outer" if 4 * q.numel() <= limit else "heads outer"  # Q and dO, bf16
-        print(f"| {batch}, {heads}, {n}, {d} | {n_blocks} ({planned}) | {med[0]:.1f} | {med[always]:.1f} | "
-              f"{(med[always] / med[0] - 1) * 100:+.1f} % | {(simulated_ratio(n_blocks, batch * heads, sms) - 1) * 100:+.1f} % | "
-              f"{med['pre']:.1f} | {med['convert']:.1f} | {diff:.2e} |", flush=True)
+        base = runs["heads outer"][3]
+        diff = max((a.float() - b.float()).abs().max().item() for name in orders for a, b in zip(base, runs[name][3]))
+        planned = runs["groups (plan)"][0]
+        n_blocks = math.ceil(n / planned.tiles.Bc)
+        change = ", ".join(f"{(med[name] / med['heads outer'] - 1) * 100:+.1f} %" for name in list(orders)[1:])
+        predicted = (simulated_ratio(n_blocks, batch * kv_heads, sms) - 1) * 100
+        print(f"| {batch}, {heads}, {kv_heads}, {n}, {d} | {n_blocks} | "
+              f"{' | '.join(f'{med[name]:.1f}' for name in orders)} | {change} | {predicted:+.1f} % | "
+              f"{planned.steps[1].grid} | {med['pre']:.1f} | {med['convert']:.1f} | {diff:.2e} |", flush=True)
     return 0
 
 

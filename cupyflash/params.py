@@ -213,7 +213,7 @@ BWD = Struct("BwdParams<u16>", (
     ("q", PTR), ("k", PTR), ("v", PTR), ("dout", PTR), ("lse", PTR), ("d_vec", PTR), ("dq_accum", PTR),
     ("dk", PTR), ("dv", PTR),
     ("q_s", BHN), ("k_s", BHN), ("v_s", BHN), ("do_s", BHN), ("dk_s", BHN), ("dv_s", BHN),
-    ("attn", ATTN), ("scale", F32), ("col0", I32), ("k_outer", I32), ("mods", SCORE_MODS), ("row_lse", PTR)))
+    ("attn", ATTN), ("scale", F32), ("col0", I32), ("mods", SCORE_MODS), ("row_lse", PTR)))
 # The Hopper backward still takes its parameters one by one (kernels_cu/flash_bwd_sm90.cuh says why): these are
 # its parameter list, the score mods' being SCORE_MODS's fields in order.
 BWD_SM90_ARGS = Struct("flash_bwd_sm90_kernel", (
@@ -221,7 +221,7 @@ BWD_SM90_ARGS = Struct("flash_bwd_sm90_kernel", (
     ("lse", PTR), ("d_vec", PTR), ("dq_accum", PTR), ("dk", PTR), ("dv", PTR),
     *[(f"{t}_s{c}", I64) for t in ("dk", "dv") for c in "bhn"],
     ("Nq", I32), ("Nk", I32), ("group", I32), ("scale_log2", F32), ("scale", F32),
-    *[(_flat(path), scalar) for path, scalar, _ in SCORE_MODS.leaves], ("row_lse", PTR), ("k_outer", I32)),
+    *[(_flat(path), scalar) for path, scalar, _ in SCORE_MODS.leaves], ("row_lse", PTR), ("outer_kv_heads", I32)),
     positional=True)
 BWD_PREPROCESS = Struct("BwdPreprocessParams<u16>", (
     ("dout", PTR), ("out", PTR), ("d_vec", PTR), ("dq_accum", PTR), ("do_s", BHN), ("o_s", BHN),
@@ -310,8 +310,9 @@ def mma_forward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k:
 
 def sm90_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf, lse: Buf,
                   d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods, tiles,
-                  row_lse: Buf | None = None, k_outer: bool = False) -> Packed:
-    """flash_bwd_sm90_kernel's parameters (BWD_SM90_ARGS); `k_outer`: the grid's order (plan.backward_grid)."""
+                  row_lse: Buf | None = None, outer_kv_heads: int = 0) -> Packed:
+    """flash_bwd_sm90_kernel's parameters (BWD_SM90_ARGS); `outer_kv_heads`: the grid's order
+    (plan.backward_grid)."""
     batch, heads, n_q, d = shape
     kv_shape = (batch, kv_heads, n_k, d)
     tm_q, tm_k, tm_v, tm_do = _tma_maps(dtype, ((q, shape, tiles.Br), (k, kv_shape, tiles.Bc),
@@ -322,19 +323,18 @@ def sm90_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, 
                                    dq_accum=dq_accum.ptr, dk=dk.ptr, dv=dv.ptr, **strides,
                                    **_attn(shape, n_k, kv_heads, scale), scale=scale,
                                    **{_flat(path): v for path, v in mods_flat.items()},
-                                   row_lse=_optional(row_lse), k_outer=int(k_outer)))
+                                   row_lse=_optional(row_lse), outer_kv_heads=outer_kv_heads))
 
 
 def mma_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf, lse: Buf,
                  d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods, tiles,
-                 row_lse: Buf | None = None, col0: int = 0, k_outer: bool = False) -> Packed:
+                 row_lse: Buf | None = None, col0: int = 0) -> Packed:
     """flash_bwd_kernel's BwdParams; `row_lse`: the rows' (hi, lo) pairs that replace the LSE (a backward with a
-    bias, cupyflash/plan.py); `col0`: the first column of the launch's range (tiles.Tiles.out_cols); `k_outer`: the
-    grid's order (plan.backward_grid)."""
+    bias, cupyflash/plan.py); `col0`: the first column of the launch's range (tiles.Tiles.out_cols)."""
     return BWD.pack(dict(q=q.ptr, k=k.ptr, v=v.ptr, dout=dout.ptr, lse=lse.ptr, d_vec=d_vec.ptr,
                          dq_accum=dq_accum.ptr, dk=dk.ptr, dv=dv.ptr, q_s=_bhn(q), k_s=_bhn(k), v_s=_bhn(v),
                          do_s=_bhn(dout), dk_s=_bhn(dk), dv_s=_bhn(dv), attn=_attn(shape, n_k, kv_heads, scale),
-                         scale=scale, col0=col0, k_outer=int(k_outer), mods=score_mods("bwd", mods, scale, tiles),
+                         scale=scale, col0=col0, mods=score_mods("bwd", mods, scale, tiles),
                          row_lse=_optional(row_lse)))
 
 

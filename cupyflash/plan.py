@@ -28,9 +28,10 @@ HOPPER, MMA_SYNC = "hopper", "mma.sync"
 # per thread block. H200, bf16, pairs against one (results/fwd-pairs-ab-NVIDIA_H200.log): N 512 +2-14 %, 1024 +4-8 %,
 # 2048 +3-9 %, 4096 0-3 %, 16384 -1 to -2 % (half as many thread blocks, twice as long: the last wave's tail).
 PAIR_MAX_ROWS = 4096
-# The plain causal backward's grid puts K/V blocks outermost where Q and dO take at most this many bytes
-# (backward_grid): a third of the smallest L2 of the GPUs measured (H100 and H200, 50 MiB).
+# The plain causal backward's grid puts K/V blocks outermost over groups of (batch, K/V head) pairs whose Q and dO take
+# at most this many bytes (backward_grid): a third of the smallest L2 of the GPUs measured (H100 and H200, 50 MiB).
 K_OUTER_MAX_BYTES = 16 << 20
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 ROWS_PER_BLOCK = 8  # the mma.sync dQ conversion: one warp per row
 PREPROCESS_THREADS = 256
 
@@ -222,13 +223,13 @@ def plan_for(layout: CallLayout) -> Plan:
             raise ValueError("row_lse without a bias: the rebuild rule's workspace goes with a bias only "
                              "(plan.BIAS_BACKWARD_BUFS)")
         kernel_bufs = {name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")}
-        grid, k_outer = backward_grid(layout, t.Bc)
+        grid, outer_kv_heads = backward_grid(layout, family, t.Bc)
         if family == HOPPER:
-            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse, k_outer=k_outer),)
+            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse, outer_kv_heads=outer_kv_heads),)
         else:  # one launch per column range (tiles.Tiles.out_cols); dBias from the first only
             packed = tuple(params.mma_backward(**{**common, "mods": mods if col0 == 0 else
                                                   dataclasses.replace(mods, dbias=None)},
-                                               **kernel_bufs, row_lse=row_lse, col0=col0, k_outer=k_outer)
+                                               **kernel_bufs, row_lse=row_lse, col0=col0)
                            for col0 in range(0, d, t.launch_cols(d)))
         n_rows, accum_rows = batch * heads * n_q, batch * heads * dq_accum_rows(n_q)
         row_block = (32 * ROWS_PER_BLOCK,)
@@ -254,22 +255,27 @@ def plan_for(layout: CallLayout) -> Plan:
     return Plan(layout, family, why, variant, t, steps, classes_shape)
 
 
-def backward_grid(layout: CallLayout, bc: int) -> tuple[tuple, bool]:
-    """(grid, k_outer) of the backward's attention kernel: one thread block per (K/V block of `bc` keys, K/V head,
-    batch). In that order (K/V blocks innermost) the blocks of one head run together and share its Q and dO in L2.
-    Under a causal mask K/V block x sees the Q blocks from x on, so each head's blocks come heaviest first and the
-    last wave mixes heavy and light ones. Where every head's Q and dO together fit well within L2
-    (K_OUTER_MAX_BYTES), a plain causal call puts K/V blocks outermost instead (k_outer: grid (K/V heads, batch,
-    K/V blocks)), every head's heaviest block first, as list scheduling wants. H100, same run
-    (benchmarks/bwd_grid_ab.py): the GPT's 8 x 12 heads at N 512, d64 (12 MiB of Q and dO): kernel -8.7 %
-    (predicted -17 %); 48-64 MiB of them (N 1024-2048, d64 and d128): +6 to +60 %, a head's Q and dO evicted
-    between its blocks. The score mods' variants keep the first order (on Hopper the choice cost registers there)."""
+def backward_grid(layout: CallLayout, family: str, bc: int) -> tuple[tuple, int]:
+    """(grid, outer_kv_heads) of the backward's attention kernel: one thread block per (K/V block of `bc` keys, K/V
+    head, batch). In that order (K/V blocks innermost) the blocks of one head run together and share its Q and dO in
+    L2. Under a causal mask K/V block x sees the Q blocks from x on, so each head's blocks come heaviest first and
+    the last wave mixes heavy and light ones. A plain causal call instead takes its (batch, K/V head) pairs in groups
+    whose Q and dO fit in K_OUTER_MAX_BYTES, and each group's K/V blocks outermost (grid (pairs of a group, K/V
+    blocks, groups); outer_kv_heads = H_kv tells the kernel): the group's heaviest blocks first, as list scheduling
+    wants, and a head's Q and dO still in L2 for its next block. H100, same run (benchmarks/bwd_grid_ab.py): K/V
+    blocks outermost over every head gave -8.7 % at the GPT's 8 x 12 heads at N 512, d64 (12 MiB of Q and dO; a
+    simulation predicted -17 %) but +7 to +64 % over 48-64 MiB of them (N 1024-2048, d64 and d128): a head's Q and
+    dO evicted between its blocks. The Hopper kernel's score-mods variants and the mma.sync kernels keep the first
+    order: decoding the other cost them registers they do not have (4-8 B spills at d96, d128)."""
     n_blocks = math.ceil(layout.n_k / bc)
     batch, heads, n_q, d = layout.shape
-    q_do_bytes = 2 * batch * heads * n_q * d * jit.ELEM_BYTES[layout.dtype]
-    if layout.causal and not _mods_any(layout) and q_do_bytes <= K_OUTER_MAX_BYTES:
-        return (layout.kv_heads, batch, n_blocks), True
-    return (n_blocks, layout.kv_heads, batch), False
+    pairs = batch * layout.kv_heads
+    if family == HOPPER and layout.causal and not _mods_any(layout):
+        per_pair = 2 * (heads // layout.kv_heads) * n_q * d * jit.ELEM_BYTES[layout.dtype]  # its query heads' Q, dO
+        group = max(g for g in range(1, pairs + 1) if pairs % g == 0 and (g == 1 or g * per_pair <= K_OUTER_MAX_BYTES))
+        if group > 1 and pairs // group <= MAX_GRID_YZ:
+            return (group, n_blocks, pairs // group), layout.kv_heads
+    return (n_blocks, layout.kv_heads, batch), 0
 
 
 def _stats_step(layout: CallLayout, bufs: dict) -> Step:

@@ -125,11 +125,8 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
     // here (0 without row_lse).
     const u32 sLseLo = sDvec + 4 * Br;
 
-    // The thread block's K/V block, K/V head and batch, from the grid's order (BwdParams::k_outer).
-    const bool k_outer = params.k_outer;
-    const int k_block = k_outer ? blockIdx.z : blockIdx.x, k0 = k_block * Bc;
-    const int h_kv = k_outer ? blockIdx.x : blockIdx.y, b = k_outer ? blockIdx.y : blockIdx.z;
-    const int H = (k_outer ? gridDim.x : gridDim.y) * params.attn.group;  // H: query heads
+    const int k0 = blockIdx.x * Bc;
+    const int h_kv = blockIdx.y, b = blockIdx.z, H = gridDim.y * params.attn.group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int col0 = DOut == D ? 0 : params.col0;  // a constant where one launch forms every column
 
@@ -172,7 +169,7 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
                                         params.v_s.n, params.attn.Nk - k0, tid);
     // (head, Q block) pairs whose bias tile with this K/V block is kTileSkip contribute nothing: the range is
     // trimmed to the first and last that count, and the loop passes over any skipped ones between.
-    auto skipped = [&](int it) { return mods.tile_class(b, head_of(it), block_of(it), k_block) == kTileSkip; };
+    auto skipped = [&](int it) { return mods.tile_class(b, head_of(it), block_of(it), blockIdx.x) == kTileSkip; };
     int it_begin = 0, n_iters = n_pairs;
     if (Mods && params.mods.tile_cls != nullptr) trim_skipped<kThreads>(it_begin, n_iters, skipped, tid);
     auto next_iter = [&](int it) {
@@ -193,7 +190,7 @@ flash_bwd_kernel(const BwdParams<typename T::elem> params) {
     while (it < n_iters) {
         const int it_next = next_iter(it + 1);
         const int hq = head_of(it), q0 = block_of(it) * Br;
-        const bool read_bias = mods.has_bias() && mods.tile_class(b, hq, block_of(it), k_block) == kTileRead;
+        const bool read_bias = mods.has_bias() && mods.tile_class(b, hq, block_of(it), blockIdx.x) == kTileRead;
         const i64 bh = (i64)b * H + hq;
         // Q_i, dO_i, LSE_i and D_i are in shared memory for every thread; the previous dQ reads of sdS are done.
         cp_async_wait_all();

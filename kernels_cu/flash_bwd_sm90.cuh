@@ -89,7 +89,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                       int cls_tk, float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
                       int win_left, int win_right, u32 keep_threshold, float inv_keep,
                       const unsigned long long* __restrict__ seed, float cap_in, float cap_out,
-                      const float2* __restrict__ row_lse, int k_outer) {
+                      const float2* __restrict__ row_lse, int outer_kv_heads) {
     static_assert(DHead <= D && DHead % 8 == 0, "16-byte rows within the tiles");
     constexpr int DKV = head_cols(D, DHead);  // dK's and dV's columns
     // dQ_i's split between the warpgroups: by columns (D/2 each, over all Bc keys), or where DHead fits in D/2 (d32 on
@@ -129,12 +129,15 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     auto q_empty = [&](int it) { return bars + 8 * (1 + kStages + it % kStages); };
     auto phase = [](int it) { return (it / kStages) & 1; };
 
-    // The thread block's K/V block, K/V head and batch, from the grid's order (params.cuh BwdParams::k_outer). The
-    // score mods' variants take only the first order (plan.py backward_grid): the choice spilled d96's with dropout.
-    const bool outer = !Mods && k_outer;
-    const int k0 = (outer ? blockIdx.z : blockIdx.x) * Bc;
-    const int h_kv = outer ? blockIdx.x : blockIdx.y, b = outer ? blockIdx.y : blockIdx.z;
-    const int H = (outer ? gridDim.x : gridDim.y) * group;  // H: query heads
+    // The thread block's K/V block, K/V head and batch, from the grid's order. outer_kv_heads 0: (K/V blocks, K/V heads,
+    // batch); else the number of K/V heads, and the grid is (pairs of a group, K/V blocks, groups) over the B·H_kv
+    // (batch, K/V head) pairs in groups of gridDim.x (plan.py backward_grid). The score mods' variants take only the
+    // first order: the choice spilled d96's with dropout.
+    const int kv = Mods ? 0 : outer_kv_heads;
+    const int bh_kv = blockIdx.z * gridDim.x + blockIdx.x;  // with kv: its (batch, K/V head) pair
+    const int k0 = (kv ? blockIdx.y : blockIdx.x) * Bc;
+    const int h_kv = kv ? bh_kv % kv : blockIdx.y, b = kv ? bh_kv / kv : blockIdx.z;
+    const int H = (kv ? kv : gridDim.y) * group;  // H: query heads
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
     const int diag = Nk - Nq;
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(

@@ -96,7 +96,6 @@ struct BwdParams {
     AttnParams attn;
     float scale;  // dK's factor
     int col0;     // the first of this launch's columns of dK, dV and dQ (flash_bwd_kernel's DOut)
-    int k_outer;  // the grid is (K/V head, batch, K/V block), not (K/V block, K/V head, batch): plan.py says when
     ScoreModParams mods;
     const float2* row_lse;
 };

@@ -174,9 +174,7 @@ def test_mma_sync_tiles_grid_block_and_shared_memory(kernel, dtype, d, causal, w
         assert len(p.steps) == 1 and main.grid == (math.ceil(NQ / want.Br), H, B)
     else:
         assert [s.variant.kernel for s in p.steps] == ["bwd_preprocess", "bwd", "bwd_convert_dq"]
-        n_blocks = math.ceil(NK / want.Bc)  # K/V blocks; outermost for a causal call with few of them
-        assert main.grid == ((HKV, B, n_blocks) if causal else (n_blocks, HKV, B))
-        assert main.packed.values["k_outer"] == int(causal)
+        assert main.grid == (math.ceil(NK / want.Bc), HKV, B)  # K/V blocks x K/V heads x batch
         # the preprocess zeroes dQ_accum's whole rows (Q blocks of the Hopper kernel), the conversion reads B·H·Nq
         pre_rows = plan.PREPROCESS_THREADS // plan.preprocess_lanes(d, dtype)
         assert p.steps[0].grid == (math.ceil(B * H * plan.dq_accum_rows(NQ) / pre_rows),)
@@ -637,22 +635,49 @@ def test_preprocess_lanes_match_the_kernels_rule(dtype, d, lanes):
         nvrtc.destroyProgram(prog)
 
 
-# Q and dO of the layouts below: 2 tensors x B x H x n_q x 64 columns x 2 bytes
-N_Q_OUTER_MAX = plan.K_OUTER_MAX_BYTES // (2 * B * H * 64 * 2)
+# Q and dO of a (batch, K/V head) pair in the layouts below: 2 tensors x H / HKV query heads x n_q x 64 columns x 2
+# bytes; the most rows for one group of all B x HKV pairs
+N_Q_ALL_PAIRS = plan.K_OUTER_MAX_BYTES // (B * HKV * 2 * (H // HKV) * 64 * 2)
 
 
-@pytest.mark.parametrize("family_cc", [80, 90])
-@pytest.mark.parametrize("causal,n_q,mods,outer", [
-    (True, 512, {}, True), (True, N_Q_OUTER_MAX, {}, True), (True, N_Q_OUTER_MAX + 1, {}, False),
-    (False, 512, {}, False), (True, 512, dict(window=(128, 0)), False), (True, 512, dict(softcap=30.0), False)])
-def test_small_plain_causal_backward_puts_key_blocks_outermost(family_cc, causal, n_q, mods, outer):
-    """plan.backward_grid: (K/V heads, batch, K/V blocks) for a plain causal call whose Q and dO fit in
-    K_OUTER_MAX_BYTES (each head's heaviest block first), else (K/V blocks, K/V heads, batch); the kernel reads the
-    order from k_outer, in the struct or the Hopper backward's parameter list alike. The forward's grid is its own."""
-    p = plan.plan_for(_layout("bwd", "bfloat16", 64, cc=family_cc, causal=causal, n_q=n_q, **mods))
+def _decoded(grid: tuple, outer_kv_heads: int) -> list:
+    """(batch, K/V head, K/V block) of each thread block, in launch order (x fastest), as the backward kernels
+    decode blockIdx (kernels_cu/flash_bwd_sm90.cuh)."""
+    out = []
+    for z in range(grid[2]):
+        for y in range(grid[1]):
+            for x in range(grid[0]):
+                if outer_kv_heads:
+                    pair = z * grid[0] + x
+                    out.append((pair // outer_kv_heads, pair % outer_kv_heads, y))
+                else:
+                    out.append((z, y, x))
+    return out
+
+
+@pytest.mark.parametrize("causal,n_q,mods,group", [
+    (True, 512, {}, B * HKV), (True, N_Q_ALL_PAIRS, {}, B * HKV), (True, N_Q_ALL_PAIRS + 1, {}, 2),
+    (True, 2 * N_Q_ALL_PAIRS + 1, {}, 1), (False, 512, {}, 1), (True, 512, dict(window=(128, 0)), 1),
+    (True, 512, dict(softcap=30.0), 1)])
+def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods, group):
+    """plan.backward_grid: a plain causal call on the Hopper kernel takes its (batch, K/V head) pairs in the largest
+    groups (dividing them) whose Q and dO fit in K_OUTER_MAX_BYTES, each group's K/V blocks outermost: grid (pairs of
+    a group, K/V blocks, groups), outer_kv_heads = HKV. Groups of one (or any other call) keep (K/V blocks, K/V heads,
+    batch). Either way the kernel's decoding of blockIdx visits every (batch, K/V head, K/V block) once, and with
+    groups each group's first K/V block (the heaviest under the mask) before its second. The mma.sync kernel always
+    takes the first order."""
+    p = plan.plan_for(_layout("bwd", "bfloat16", 64, causal=causal, n_q=n_q, **mods))
     main = p.steps[1]
-    assert p.family == (plan.HOPPER if family_cc == 90 else plan.MMA_SYNC)
+    assert p.family == plan.HOPPER
+    mma = plan.plan_for(_layout("bwd", "bfloat16", 64, cc=80, causal=causal, n_q=n_q, **mods))
+    assert mma.steps[1].grid == (math.ceil(NK / mma.tiles.Bc), HKV, B)
     n_blocks = math.ceil(NK / p.tiles.Bc)
-    assert main.grid == ((HKV, B, n_blocks) if outer else (n_blocks, HKV, B))
-    assert main.packed.values["k_outer"] == int(outer)
-    assert plan.plan_for(_layout("fwd", "bfloat16", 64, cc=family_cc, causal=causal, n_q=n_q)).steps[0].grid[1:] == (H, B)
+    outer = main.packed.values["outer_kv_heads"]
+    assert main.grid == ((group, n_blocks, B * HKV // group) if group > 1 else (n_blocks, HKV, B))
+    assert outer == (HKV if group > 1 else 0)
+    visits = _decoded(main.grid, outer)
+    assert sorted(visits) == [(b, h, x) for b in range(B) for h in range(HKV) for x in range(n_blocks)]
+    if group > 1:
+        assert [x for _, _, x in visits[:group]] == [0] * group
+    fwd = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=causal, n_q=n_q))
+    assert fwd.steps[0].grid[1:] == (H, B)
