@@ -31,6 +31,7 @@ PAIR_MAX_ROWS = 4096
 # The plain causal backward's grid puts K/V blocks outermost over groups of (batch, K/V head) pairs whose Q and dO take
 # at most this many bytes (backward_grid): a third of the smallest L2 of the GPUs measured (H100 and H200, 50 MiB).
 K_OUTER_MAX_BYTES = 16 << 20
+K_OUTER_MAX_BLOCKS = 32  # ... and K/V blocks a head at most: past them the last wave's imbalance is negligible
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 ROWS_PER_BLOCK = 8  # the mma.sync dQ conversion: one warp per row
 PREPROCESS_THREADS = 256
@@ -259,18 +260,20 @@ def backward_grid(layout: CallLayout, family: str, bc: int) -> tuple[tuple, int]
     """(grid, outer_kv_heads) of the backward's attention kernel: one thread block per (K/V block of `bc` keys, K/V
     head, batch). In that order (K/V blocks innermost) the blocks of one head run together and share its Q and dO in
     L2. Under a causal mask K/V block x sees the Q blocks from x on, so each head's blocks come heaviest first and
-    the last wave mixes heavy and light ones. A plain causal call instead takes its (batch, K/V head) pairs in groups
-    whose Q and dO fit in K_OUTER_MAX_BYTES, and each group's K/V blocks outermost (grid (pairs of a group, K/V
-    blocks, groups); outer_kv_heads = H_kv tells the kernel): the group's heaviest blocks first, as list scheduling
-    wants, and a head's Q and dO still in L2 for its next block. H100, same run (benchmarks/bwd_grid_ab.py): K/V
-    blocks outermost over every head gave -8.7 % at the GPT's 8 x 12 heads at N 512, d64 (12 MiB of Q and dO; a
-    simulation predicted -17 %) but +7 to +64 % over 48-64 MiB of them (N 1024-2048, d64 and d128): a head's Q and
-    dO evicted between its blocks. The Hopper kernel's score-mods variants and the mma.sync kernels keep the first
+    the last wave mixes heavy and light ones. A plain causal call on the Hopper kernel with at most
+    K_OUTER_MAX_BLOCKS K/V blocks instead takes its (batch, K/V head) pairs in groups whose Q and dO fit in
+    K_OUTER_MAX_BYTES, each group's K/V blocks outermost (grid (pairs of a group, K/V blocks, groups);
+    outer_kv_heads = H_kv tells the kernel): the group's heaviest blocks first, as list scheduling wants, and a
+    head's Q and dO still in L2 for its next block. H100, same run (benchmarks/bwd_grid_ab.py,
+    results/bwd-grid-ab-NVIDIA_H100_80GB_HBM3.md): kernel -8.0 % at the GPT's 8 x 12 heads at N 512 (d64), -1 to -8 %
+    at N 1024-4096 (d64, d128), -11.8 % at the Llama step's grouped-query N 2048; at N 16384 (128 blocks) +1.0 %,
+    as the simulation's -0.5 % said: nothing to gain there. Over all pairs at once (no groups) N 1024-2048 lost 5-59 %,
+    a head's Q and dO evicted between its blocks. The score-mods variants and the mma.sync kernels keep the first
     order: decoding the other cost them registers they do not have (4-8 B spills at d96, d128)."""
     n_blocks = math.ceil(layout.n_k / bc)
     batch, heads, n_q, d = layout.shape
     pairs = batch * layout.kv_heads
-    if family == HOPPER and layout.causal and not _mods_any(layout):
+    if family == HOPPER and layout.causal and not _mods_any(layout) and n_blocks <= K_OUTER_MAX_BLOCKS:
         per_pair = 2 * (heads // layout.kv_heads) * n_q * d * jit.ELEM_BYTES[layout.dtype]  # its query heads' Q, dO
         group = max(g for g in range(1, pairs + 1) if pairs % g == 0 and (g == 1 or g * per_pair <= K_OUTER_MAX_BYTES))
         if group > 1 and pairs // group <= MAX_GRID_YZ:

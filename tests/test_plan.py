@@ -658,7 +658,8 @@ def _decoded(grid: tuple, outer_kv_heads: int) -> list:
 @pytest.mark.parametrize("causal,n_q,mods,group", [
     (True, 512, {}, B * HKV), (True, N_Q_ALL_PAIRS, {}, B * HKV), (True, N_Q_ALL_PAIRS + 1, {}, 2),
     (True, 2 * N_Q_ALL_PAIRS + 1, {}, 1), (False, 512, {}, 1), (True, 512, dict(window=(128, 0)), 1),
-    (True, 512, dict(softcap=30.0), 1)])
+    (True, 512, dict(softcap=30.0), 1), (True, 512, dict(n_k=128 * plan.K_OUTER_MAX_BLOCKS), B * HKV),
+    (True, 512, dict(n_k=128 * plan.K_OUTER_MAX_BLOCKS + 1), 1)])
 def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods, group):
     """plan.backward_grid: a plain causal call on the Hopper kernel takes its (batch, K/V head) pairs in the largest
     groups (dividing them) whose Q and dO fit in K_OUTER_MAX_BYTES, each group's K/V blocks outermost: grid (pairs of
@@ -670,8 +671,9 @@ def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods
     main = p.steps[1]
     assert p.family == plan.HOPPER
     mma = plan.plan_for(_layout("bwd", "bfloat16", 64, cc=80, causal=causal, n_q=n_q, **mods))
-    assert mma.steps[1].grid == (math.ceil(NK / mma.tiles.Bc), HKV, B)
-    n_blocks = math.ceil(NK / p.tiles.Bc)
+    n_k = mods.get("n_k", NK)
+    assert mma.steps[1].grid == (math.ceil(n_k / mma.tiles.Bc), HKV, B)
+    n_blocks = math.ceil(n_k / p.tiles.Bc)
     outer = main.packed.values["outer_kv_heads"]
     assert main.grid == ((group, n_blocks, B * HKV // group) if group > 1 else (n_blocks, HKV, B))
     assert outer == (HKV if group > 1 else 0)
@@ -679,5 +681,5 @@ def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods
     assert sorted(visits) == [(b, h, x) for b in range(B) for h in range(HKV) for x in range(n_blocks)]
     if group > 1:
         assert [x for _, _, x in visits[:group]] == [0] * group
-    fwd = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=causal, n_q=n_q))
+    fwd = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=causal, n_q=n_q, **mods))
     assert fwd.steps[0].grid[1:] == (H, B)
