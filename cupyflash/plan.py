@@ -34,7 +34,14 @@ K_OUTER_MAX_BYTES = 16 << 20
 K_OUTER_MAX_BLOCKS = 32  # ... and K/V blocks a head at most: past them the last wave's imbalance is negligible
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 ROWS_PER_BLOCK = 8  # the mma.sync dQ conversion: one warp per row
-PREPROCESS_THREADS = 256
+PREPROCESS_THREADS = 256  # the backward's preprocess: lanes per row by preprocess_lanes
+CONVERT_SM90_THREADS = 256  # flash_bwd_convert_dq_sm90: one thread per float4 of dQ_accum
+FORWARD_BUFS = ("q", "k", "v", "out", "lse")
+BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
+# A backward with a bias takes these after BACKWARD_BUFS where the rebuild rule is on (launch.LSE_REBUILD_ENV):
+# row_lse, contiguous (B, H, Nq, 2) fp32, the rows' (hi, lo) pairs with P = exp2((s - hi) - lo) (the rebuild rule of
+# cupyflash/cpu_attention.py; _stats_step).
+BIAS_BACKWARD_BUFS = ("row_lse",)
 
 
 def preprocess_lanes(d: int, dtype: str) -> int:
@@ -44,13 +51,6 @@ def preprocess_lanes(d: int, dtype: str) -> int:
     while lanes < d * jit.ELEM_BYTES[dtype] // 16 and lanes < 32:
         lanes *= 2
     return lanes
-CONVERT_SM90_THREADS = 256  # flash_bwd_convert_dq_sm90: one thread per float4 of dQ_accum
-FORWARD_BUFS = ("q", "k", "v", "out", "lse")
-BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
-# A backward with a bias takes these after BACKWARD_BUFS where the rebuild rule is on (launch.LSE_REBUILD_ENV):
-# row_lse, contiguous (B, H, Nq, 2) fp32, the rows' (hi, lo) pairs with P = exp2((s - hi) - lo) (the rebuild rule of
-# cupyflash/cpu_attention.py; _stats_step).
-BIAS_BACKWARD_BUFS = ("row_lse",)
 
 
 def dq_accum_rows(n_q: int) -> int:
