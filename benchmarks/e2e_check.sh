@@ -23,3 +23,6 @@ timeout 90 python e2e_profile.py --shape 512x8x12 --steps 5 --warmup 3 --top 20 
     > "$OUT/profile.log" 2>&1
 echo "e2e_profile exit $?"; sed -n '/^| variant/,/^## Kernels/p' "$OUT/profile.log"
 find "$OUT/profile" -name "*.json" -delete  # traces: too large to bring back
+# The device tool brings back at most 8 files from $OUT: the secondary logs travel as one archive.
+(cd "$OUT" && tar czf logs.tgz --ignore-failed-read pip_install.log prewarm.log e2e.log profile/*.cpu.txt 2>/dev/null \
+    && rm -f pip_install.log prewarm.log e2e.log profile/*.cpu.txt)

@@ -39,5 +39,8 @@ cat "$OUT/floor.md" 2>/dev/null || tail -n 30 "$OUT/floor.log"
 timeout 100 python benchmarks/mask_bench.py --out "$OUT/masks.md" > "$OUT/masks.log" 2>&1
 tail -n 18 "$OUT/masks.log"
 
+# The device tool brings back at most 8 files from $OUT: the secondary logs travel as one archive.
+(cd "$OUT" && tar czf logs.tgz --ignore-failed-read env.txt pip_install.log prewarm.log junit_gpu.xml floor.log masks.log 2>/dev/null \
+    && rm -f env.txt pip_install.log prewarm.log junit_gpu.xml floor.log masks.log)
 echo "GPU tests exit $test_rc (124 = timed out), floor.py exit $floor_rc; logs under $OUT"
 [ "$test_rc" -eq 0 ] && [ "$floor_rc" -eq 0 ]
