@@ -44,12 +44,11 @@ def holding_alloc(xp, like, held: list):
     return alloc
 
 
-def _kernel_bias(xp, attn_bias, q, dtype: str):
-    """The bias as the kernels read it: q's dtype or fp32; boolean masks become additive 0 / -inf in q's dtype."""
-    if attn_bias is None:
-        return None
-    if xp.is_bool(attn_bias):
-        return xp.mask_as_bias(attn_bias, q)
+def _kernel_bias(xp, attn_bias, dtype: str):
+    """The bias as the plan takes it: q's dtype or fp32, or a boolean mask as it is (the plan says how the kernels
+    read it: Plan.mask_form)."""
+    if attn_bias is None or xp.is_bool(attn_bias):
+        return attn_bias
     return attn_bias if xp.dtype_name(attn_bias) in (dtype, "float32") else xp.astype(attn_bias, "float32")
 
 
@@ -73,7 +72,7 @@ def _plan(xp, kernel: str, q, k, bias, bufs: dict, scale: float, causal: bool, w
     bias_layout = None
     if bias is not None:
         bias_layout = plan.BiasLayout(tuple(bias.shape), broadcast_strides(xp, bias), xp.dtype_name(bias) == "float32",
-                                      bias_grad)
+                                      bias_grad, xp.is_bool(bias))
     layout = plan.CallLayout(kernel, xp.dtype_name(q), tuple(q.shape), k.shape[2], k.shape[1],
                              tuple(_entry(xp, name, a) for name, a in bufs.items()), causal, scale, bias_layout,
                              window, dropout_p, softcap, require_gpu(device_id).compute_capability, device_id,
@@ -113,7 +112,13 @@ def _launch(xp, p: plan.Plan, q, bias, bufs: dict, causal: bool, window: tuple, 
     stream_ptr = xp.stream_ptr(device_id)
     ptrs = {name: xp.address(a) for name, a in bufs.items()}
     held = []
-    if bias is not None:
+    if p.mask_form == "keys":
+        meta = xp.empty(p.key_meta_shape, "int32", q)  # held until the kernels are enqueued
+        ptrs["key_mask"], ptrs["key_meta"] = xp.address(bias), xp.address(meta)
+    elif bias is not None:
+        if p.mask_form == "bias":  # in the plan's layout: contiguous, 0 along broadcast dims
+            bias = xp.contiguous(xp.mask_as_bias(bias, q))
+            held.append(bias)
         classes = _classify(xp, bias, p, causal or window != (-1, -1), stream_ptr, device_id, held)
         held.append(classes)
         ptrs["bias"], ptrs["tile_classes"] = xp.address(bias), xp.address(classes)
@@ -162,7 +167,7 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
         if 0 in q.shape or 0 in k.shape:
             return out, lse
         window = tuple(window)
-        bias = _kernel_bias(xp, attn_bias, q, xp.dtype_name(q))
+        bias = _kernel_bias(xp, attn_bias, xp.dtype_name(q))
 
         def build(ready):
             return _plan(xp, "fwd", ready[0], ready[1], bias, dict(zip("qkv", ready), out=out, lse=lse), scale,
@@ -285,12 +290,13 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         batch, heads, n_q, d = q.shape
         new_workspace, views, _ = _backward_workspace(xp, q)
         dq_accum, d_vec = views(new_workspace())
-        # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with a bias where it is on.
-        rebuild = attn_bias is not None and launch.lse_rebuild_enabled()
+        # The rows' (hi, lo) pairs of the rebuild rule (plan.BIAS_BACKWARD_BUFS), with an added bias where it is on
+        # (a boolean mask's 0 / -inf leave every row's LSE as the scores make it: nothing to rebuild).
+        rebuild = attn_bias is not None and not xp.is_bool(attn_bias) and launch.lse_rebuild_enabled()
         row_lse = xp.empty((batch, heads, n_q, 2), "float32", q) if rebuild else None
         window = tuple(window)
         lse = xp.contiguous(lse)
-        bias = _kernel_bias(xp, attn_bias, q, dtype)
+        bias = _kernel_bias(xp, attn_bias, dtype)
 
         def bufs(q, k, v, out, dout) -> dict:
             named = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, d_vec=d_vec, dq_accum=dq_accum, dq=dq, dk=dk,

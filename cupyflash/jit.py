@@ -32,8 +32,9 @@ NVRTC_OPTIONS = ("-std=c++17",)
 DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float32": "cupyflash::tf32"}
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_sm90", "bwd_preprocess", "bwd_convert_dq", "bwd_convert_dq_sm90",
-           "tile_minmax", "tile_classify")
-TILE_CLASS_KERNELS = ("tile_minmax", "tile_classify")  # per dtype, no head dim (kernels_cu/tile_classes.cuh)
+           "tile_minmax", "tile_classify", "key_mask_prep")
+# The masks' preparation, per dtype, no head dim: kernels_cu/tile_classes.cuh, key_mask.cuh
+TILE_CLASS_KERNELS = ("tile_minmax", "tile_classify", "key_mask_prep")
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
 SM90_KERNELS = ("fwd_sm90", "bwd_sm90", "bwd_convert_dq_sm90")  # wgmma / TMA: sm_90a only
@@ -58,6 +59,7 @@ class Variant:
     causal: bool = False
     mods: bool = False  # bias / window compiled in (kernels_cu/scores.cuh); False: the lean plain path
     dropout: bool = False  # dropout compiled in (only with mods)
+    key_mask: bool = False  # the plain Hopper kernels' key padding (kernels_cu/key_mask.cuh)
 
     @property
     def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
@@ -79,7 +81,8 @@ class Variant:
         if self.kernel in TILE_CLASS_KERNELS:
             return f"{self.kernel}_{short}"
         return (f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
-                + ("_mods" if self.mods else "") + ("_dropout" if self.dropout else ""))
+                + ("_mods" if self.mods else "") + ("_dropout" if self.dropout else "")
+                + ("_keys" if self.key_mask else ""))
 
     @property
     def expression(self) -> str:
@@ -91,10 +94,12 @@ class Variant:
             return f"cupyflash::flash_fwd_kernel<{tag}, {d}, {t.Br}, {t.Bc}, {t.warps}, {t.m_tiles}, {fresh}, {flags}>"
         if self.kernel == "fwd_sm90":
             return (f"cupyflash::flash_fwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {t.Br}, {t.Bc}, "
-                    f"{str(self.causal).lower()}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
+                    f"{str(self.causal).lower()}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}, "
+                    f"{str(self.key_mask).lower()}>")
         if self.kernel == "bwd_sm90":
             return (f"cupyflash::flash_bwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
-                    f"{t.Br}, {t.Bc}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}>")
+                    f"{t.Br}, {t.Bc}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}, "
+                    f"{str(self.key_mask).lower()}>")
         if self.kernel == "bwd":
             return (f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.launch_cols(d)}, {t.Br}, {t.Bc}, {t.warps}, "
                     f"{str(t.fuse_sdp).lower()}, {flags}>")
@@ -104,8 +109,8 @@ class Variant:
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
         if self.kernel == "tile_minmax":
             return f"cupyflash::tile_minmax<{tag}>"
-        if self.kernel == "tile_classify":
-            return "cupyflash::tile_classify"
+        if self.kernel in ("tile_classify", "key_mask_prep"):
+            return f"cupyflash::{self.kernel}"
         return f"cupyflash::flash_bwd_convert_dq<{tag}, {d}>"
 
     @property
@@ -145,6 +150,10 @@ def all_variants() -> list[Variant]:
                                                                     ("bwd_sm90", tiles.BACKWARD_SM90))
                     for d in table for c in (False, True) for m, p in FEATURE_SETS
                     if not (c and m) and (table[d].dropout or not p)]
+            # the key mask goes with the plain path only (plan.py)
+            out += [Variant(k, dtype, d, c, key_mask=True) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
+                                                                             ("bwd_sm90", tiles.BACKWARD_SM90))
+                    for d in table for c in (False, True)]
             out += [Variant("bwd_convert_dq_sm90", dtype, d) for d in tiles.BACKWARD_SM90]
         for d in (d for d in tiles.BACKWARD if tiles.has_backward(dtype, d)):
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]

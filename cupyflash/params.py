@@ -206,9 +206,10 @@ FWD = Struct("FwdParams<u16>", (
     ("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR),
     ("q_s", BHN), ("k_s", BHN), ("v_s", BHN), ("o_s", BHN),
     ("attn", ATTN), ("mods", SCORE_MODS), ("row_stats", PTR)))
+KEY_MASK = Struct("KeyMaskArgs", (("meta", PTR), ("sb", I64)))
 FWD_SM90 = Struct("FwdSm90Params<u16>", (
     ("tm_q", TMA), ("tm_k", TMA), ("tm_v", TMA), ("o", PTR), ("lse", PTR), ("o_s", BHN),
-    ("attn", ATTN), ("mods", SCORE_MODS)))
+    ("attn", ATTN), ("mods", SCORE_MODS), ("keys", KEY_MASK)))
 BWD = Struct("BwdParams<u16>", (
     ("q", PTR), ("k", PTR), ("v", PTR), ("dout", PTR), ("lse", PTR), ("d_vec", PTR), ("dq_accum", PTR),
     ("dk", PTR), ("dv", PTR),
@@ -221,7 +222,8 @@ BWD_SM90_ARGS = Struct("flash_bwd_sm90_kernel", (
     ("lse", PTR), ("d_vec", PTR), ("dq_accum", PTR), ("dk", PTR), ("dv", PTR),
     *[(f"{t}_s{c}", I64) for t in ("dk", "dv") for c in "bhn"],
     ("Nq", I32), ("Nk", I32), ("group", I32), ("scale_log2", F32), ("scale", F32),
-    *[(_flat(path), scalar) for path, scalar, _ in SCORE_MODS.leaves], ("row_lse", PTR), ("outer_kv_heads", I32)),
+    *[(_flat(path), scalar) for path, scalar, _ in SCORE_MODS.leaves], ("row_lse", PTR), ("outer_kv_heads", I32),
+    ("key_meta", PTR), ("key_meta_sb", I64)),
     positional=True)
 BWD_PREPROCESS = Struct("BwdPreprocessParams<u16>", (
     ("dout", PTR), ("out", PTR), ("d_vec", PTR), ("dq_accum", PTR), ("do_s", BHN), ("o_s", BHN),
@@ -232,6 +234,8 @@ TILE_MINMAX = Struct("TileMinmaxParams", (
     ("bias", PTR), ("bias_f32", I32), ("bias_s", BHMN),
     ("Hb", I32), ("nq", I32), ("nk", I32), ("tq", I32), ("tk", I32), ("QB", I32), ("KB", I32), ("vec16", I32),
     ("tile_min", PTR), ("tile_max", PTR), ("row_keeps", PTR)))
+KEY_MASK_PREP = Struct("KeyMaskPrepParams", (
+    ("mask", PTR), ("mask_sb", I64), ("mask_sn", I64), ("Nk", I32), ("words", I32), ("meta", PTR), ("meta_sb", I64)))
 TILE_CLASSIFY = Struct("TileClassifyParams", (
     ("tile_min", PTR), ("tile_max", PTR), ("row_keeps", PTR), ("nq", I32), ("tq", I32), ("QB", I32), ("KB", I32),
     ("n_tiles", I64), ("window", I32), ("classes", PTR)))
@@ -239,8 +243,9 @@ TILE_CLASSIFY = Struct("TileClassifyParams", (
 KERNEL_STRUCTS = {"fwd": FWD, "fwd_sm90": FWD_SM90, "bwd": BWD, "bwd_sm90": BWD_SM90_ARGS,
                   "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ,
                   "bwd_convert_dq_sm90": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
-                  "tile_classify": TILE_CLASSIFY}  # jit.KERNELS → the struct its kernel takes
-STRUCTS = (BHN, BHMN, ATTN, SCORE_MODS, *(s for s in KERNEL_STRUCTS.values() if not s.positional))  # params.cuh
+                  "tile_classify": TILE_CLASSIFY, "key_mask_prep": KEY_MASK_PREP}  # jit.KERNELS → its struct
+STRUCTS = (BHN, BHMN, ATTN, SCORE_MODS, KEY_MASK,
+           *(s for s in KERNEL_STRUCTS.values() if not s.positional))  # params.cuh
 
 
 # ---- the values: each kernel's struct from the plan's buffers (Bufs whose addresses are Slots) ----------------
@@ -290,14 +295,20 @@ def _tma_maps(dtype: str, bufs) -> list:
     return [TmaSlot(buf.ptr.name, dtype, tuple(shape), tuple(buf.strides), rows) for buf, shape, rows in bufs]
 
 
+def _keys(keys: Buf | None) -> tuple:
+    """KeyMaskArgs of a key mask's meta rows (a Buf whose strides are (rows' stride,)), or null."""
+    return (0, 0) if keys is None else (keys.ptr, keys.strides[0])
+
+
 def sm90_forward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf, lse: Buf,
-                 scale: float, mods, tiles) -> Packed:
-    """flash_fwd_sm90_kernel's FwdSm90Params."""
+                 scale: float, mods, tiles, keys: Buf | None = None) -> Packed:
+    """flash_fwd_sm90_kernel's FwdSm90Params; `keys`: a key mask's meta rows (kernels_cu/key_mask.cuh)."""
     batch, heads, n_q, d = shape
     kv_shape = (batch, kv_heads, n_k, d)
     tm_q, tm_k, tm_v = _tma_maps(dtype, ((q, shape, tiles.Br), (k, kv_shape, tiles.Bc), (v, kv_shape, tiles.Bc)))
     return FWD_SM90.pack(dict(tm_q=tm_q, tm_k=tm_k, tm_v=tm_v, o=out.ptr, lse=lse.ptr, o_s=_bhn(out),
-                              attn=_attn(shape, n_k, kv_heads, scale), mods=score_mods("fwd", mods, scale, tiles)))
+                              attn=_attn(shape, n_k, kv_heads, scale), mods=score_mods("fwd", mods, scale, tiles),
+                              keys=_keys(keys)))
 
 
 def mma_forward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, out: Buf, lse: Buf,
@@ -310,9 +321,9 @@ def mma_forward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k:
 
 def sm90_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf, lse: Buf,
                   d_vec: Buf, dq_accum: Buf, dk: Buf, dv: Buf, scale: float, mods, tiles,
-                  row_lse: Buf | None = None, outer_kv_heads: int = 0) -> Packed:
+                  row_lse: Buf | None = None, outer_kv_heads: int = 0, keys: Buf | None = None) -> Packed:
     """flash_bwd_sm90_kernel's parameters (BWD_SM90_ARGS); `outer_kv_heads`: the grid's order
-    (plan.backward_grid)."""
+    (plan.backward_grid); `keys` as sm90_forward's."""
     batch, heads, n_q, d = shape
     kv_shape = (batch, kv_heads, n_k, d)
     tm_q, tm_k, tm_v, tm_do = _tma_maps(dtype, ((q, shape, tiles.Br), (k, kv_shape, tiles.Bc),
@@ -323,7 +334,8 @@ def sm90_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, 
                                    dq_accum=dq_accum.ptr, dk=dk.ptr, dv=dv.ptr, **strides,
                                    **_attn(shape, n_k, kv_heads, scale), scale=scale,
                                    **{_flat(path): v for path, v in mods_flat.items()},
-                                   row_lse=_optional(row_lse), outer_kv_heads=outer_kv_heads))
+                                   row_lse=_optional(row_lse), outer_kv_heads=outer_kv_heads,
+                                   **dict(zip(("key_meta", "key_meta_sb"), _keys(keys)))))
 
 
 def mma_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k: Buf, v: Buf, dout: Buf, lse: Buf,
@@ -353,3 +365,10 @@ def convert_dq(*, dq_accum: Buf, dq: Buf, heads: int, n_q: int, n_rows: int, sca
     """flash_bwd_convert_dq's (and _sm90's) ConvertDqParams; `n_rows` counts the kernel's work items."""
     return CONVERT_DQ.pack(dict(dq_accum=dq_accum.ptr, dq=dq.ptr, dq_s=_bhn(dq), H=heads, Nq=n_q, n_rows=n_rows,
                                 scale=scale))
+
+
+def key_mask_prep(*, mask: Buf, n_k: int, words: int, meta: Buf) -> Packed:
+    """key_mask_prep's KeyMaskPrepParams: `mask` a boolean (Bb, 1, 1, Nk) keep-mask (strides in elements, 0 along
+    broadcast dims), `meta` its meta rows of 4 + `words` ints (strides (rows' stride,))."""
+    return KEY_MASK_PREP.pack(dict(mask=mask.ptr, mask_sb=mask.strides[0], mask_sn=mask.strides[3], Nk=n_k,
+                                   words=words, meta=meta.ptr, meta_sb=meta.strides[0]))

@@ -36,6 +36,10 @@ MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 ROWS_PER_BLOCK = 8  # the mma.sync dQ conversion: one warp per row
 PREPROCESS_THREADS = 256  # the backward's preprocess: lanes per row by preprocess_lanes
 CONVERT_SM90_THREADS = 256  # flash_bwd_convert_dq_sm90: one thread per float4 of dQ_accum
+KEY_MASK_THREADS = 256  # kernels_cu/key_mask.cuh kKeyMaskThreads
+KEY_META_HEAD = 4  # ... kKeyMetaHead: a meta row's ints before its words
+# Keys a meta row covers past Nk: the kernels read the words of whole K/V blocks, up to Bc - 1 keys past the last.
+KEY_MASK_TAIL = 256
 FORWARD_BUFS = ("q", "k", "v", "out", "lse")
 BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq", "dk", "dv")
 # A backward with a bias takes these after BACKWARD_BUFS where the rebuild rule is on (launch.LSE_REBUILD_ENV):
@@ -68,6 +72,7 @@ class BiasLayout(NamedTuple):
     strides: tuple  # in elements
     f32: bool  # else q's dtype
     grad: bool = False  # the backward also sums dBias into an fp32 buffer shaped like the bias (contiguous)
+    mask: bool = False  # a boolean keep-mask, as the caller passed it: the plan decides how the kernels take it
 
 
 class CallLayout(NamedTuple):
@@ -124,6 +129,11 @@ class Plan:
     tiles: object  # tiles.Tiles or tiles.Sm90Tiles of `variant`: the bias's tile classes use them
     steps: tuple  # the launches, in order
     tile_classes_shape: tuple | None  # (Bb, Hb, QB, KB) int8 classes of the bias for `tiles`, or None
+    # How a boolean mask reaches the kernels: "keys", the plain Hopper kernels' key mask, its meta rows
+    # (key_meta_shape int32, the first step writes them); "bias", as the additive 0 / -inf bias of `layout`, which the
+    # face makes (contiguous) before launching; "" without a boolean mask.
+    mask_form: str = ""
+    key_meta_shape: tuple | None = None
 
     @property
     def needs(self) -> frozenset:
@@ -190,7 +200,37 @@ def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=1024)
 def plan_for(layout: CallLayout) -> Plan:
-    """The call's Plan (see the module's docstring); raises NotImplementedError for a head dim with no backward."""
+    """The call's Plan (see the module's docstring); raises NotImplementedError for a head dim with no backward.
+    A boolean mask (layout.bias.mask) over keys alone, (Bb, 1, 1, Nk), with no other score mod, on a call the plain
+    Hopper kernel takes, runs as its key mask; any other as an additive bias (Plan.mask_form)."""
+    bias = layout.bias
+    if bias is not None and bias.mask:
+        plain = layout._replace(bias=None)
+        if bias.shape[1:3] == (1, 1) and not _mods_any(plain) and choose_family(plain, ScoreMods())[0] == HOPPER:
+            return _build(plain, key_mask=bias)
+        additive = BiasLayout(bias.shape, dbias_strides(bias.shape), f32=False)
+        return dataclasses.replace(_build(layout._replace(bias=additive)), mask_form="bias")
+    return _build(layout)
+
+
+def key_meta_words(n_k: int) -> int:
+    """Words of a key mask's meta row (kernels_cu/key_mask.cuh): Nk + KEY_MASK_TAIL keys, a multiple of 4 (16-byte
+    rows)."""
+    return -(-(n_k + KEY_MASK_TAIL) // 128) * 4
+
+
+def _key_mask_step(layout: CallLayout, mask: BiasLayout) -> tuple[Step, Buf, tuple]:
+    """The key mask's preparation: (its launch, the meta rows' Buf for the attention kernel, their shape)."""
+    words = key_meta_words(layout.n_k)
+    shape = (mask.shape[0], KEY_META_HEAD + words)
+    meta = Buf(Slot("key_meta"), (shape[1] if shape[0] > 1 else 0,))
+    packed = params.key_mask_prep(mask=Buf(Slot("key_mask"), mask.strides), n_k=layout.n_k, words=words, meta=meta)
+    return (_step(jit.Variant("key_mask_prep", layout.dtype, 0), (shape[0],), (KEY_MASK_THREADS,), packed), meta,
+            shape)
+
+
+def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
+    """plan_for's Plan of a layout whose bias (if any) is additive; `key_mask`: the plain call's key mask."""
     if layout.kernel == "bwd":
         launch.require_backward(layout.shape[3], layout.dtype)
     batch, heads, n_q, d = layout.shape
@@ -203,6 +243,11 @@ def plan_for(layout: CallLayout) -> Plan:
     variant = mma
     if family == HOPPER:
         variant, mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)
+    keys, key_meta_shape, prep = None, None, ()
+    if key_mask is not None:
+        step, keys, key_meta_shape = _key_mask_step(layout, key_mask)
+        prep = (step,)
+        variant = dataclasses.replace(variant, key_mask=True)
     t = variant.tiles
     if layout.bias is not None and _classes_shape(layout.bias.shape, t) != classes_shape:
         classes_shape = _classes_shape(layout.bias.shape, t)
@@ -211,13 +256,15 @@ def plan_for(layout: CallLayout) -> Plan:
     common = dict(dtype=layout.dtype, shape=layout.shape, n_k=layout.n_k, kv_heads=layout.kv_heads,
                   scale=layout.scale, mods=mods, tiles=t)
     if layout.kernel == "fwd":
-        build = params.sm90_forward if family == HOPPER else params.mma_forward
-        packed = build(**common, **{name: bufs[name] for name in FORWARD_BUFS})
+        if family == HOPPER:
+            packed = params.sm90_forward(**common, **{name: bufs[name] for name in FORWARD_BUFS}, keys=keys)
+        else:
+            packed = params.mma_forward(**common, **{name: bufs[name] for name in FORWARD_BUFS})
         q_blocks = math.ceil(n_q / t.Br)
         if family == HOPPER and not variant.mods and n_q <= PAIR_MAX_ROWS:
             q_blocks = math.ceil(q_blocks / 2)  # two Q blocks per thread block (flash_fwd_sm90.cuh says which)
         grid = (q_blocks, heads, batch)  # Q blocks × query heads × batch, as FlashAttention-2
-        steps = (_step(variant, grid, (t.threads,), packed),)
+        steps = (*prep, _step(variant, grid, (t.threads,), packed))
     else:
         row_lse = bufs.get("row_lse")
         if row_lse is not None and layout.bias is None:
@@ -226,7 +273,8 @@ def plan_for(layout: CallLayout) -> Plan:
         kernel_bufs = {name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")}
         grid, outer_kv_heads = backward_grid(layout, family, t.Bc)
         if family == HOPPER:
-            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse, outer_kv_heads=outer_kv_heads),)
+            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse, outer_kv_heads=outer_kv_heads,
+                                           keys=keys),)
         else:  # one launch per column range (tiles.Tiles.out_cols); dBias from the first only
             packed = tuple(params.mma_backward(**{**common, "mods": mods if col0 == 0 else
                                                   dataclasses.replace(mods, dbias=None)},
@@ -249,11 +297,12 @@ def plan_for(layout: CallLayout) -> Plan:
                                  scale=layout.scale)
         stats = () if row_lse is None else (_stats_step(layout, bufs),)
         pre_rows = PREPROCESS_THREADS // preprocess_lanes(d, layout.dtype)  # rows per thread block
-        steps = (_step(jit.Variant("bwd_preprocess", layout.dtype, d), (math.ceil(accum_rows / pre_rows),),
-                       (PREPROCESS_THREADS,), pre), *stats,
+        steps = (*prep, _step(jit.Variant("bwd_preprocess", layout.dtype, d), (math.ceil(accum_rows / pre_rows),),
+                              (PREPROCESS_THREADS,), pre), *stats,
                  *(_step(variant, grid, (t.threads,), p) for p in packed),
                  _step(*convert, conv))
-    return Plan(layout, family, why, variant, t, steps, classes_shape)
+    return Plan(layout, family, why, variant, t, steps, classes_shape, "" if key_mask is None else "keys",
+                key_meta_shape)
 
 
 def backward_grid(layout: CallLayout, family: str, bc: int) -> tuple[tuple, int]:

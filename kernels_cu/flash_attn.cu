@@ -3,3 +3,4 @@
 #include "flash_fwd.cuh"
 #include "flash_bwd.cuh"
 #include "tile_classes.cuh"
+#include "key_mask.cuh"

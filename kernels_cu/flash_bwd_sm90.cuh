@@ -14,9 +14,10 @@
 // the forward's stats mode) the rows' (hi, lo) pairs, (m, log2 l) under the rebuild rule (scores.cuh kLseRebuild).
 // 16-bit types. Mods compiles in the score mods of scores.cuh (bias with its tile classes and gradient, window,
 // soft-cap; Dropout the dropout) as flash_bwd.cuh applies them, so it takes either forward's LSE and dropout mask;
-// Mods = false is the plain path (at most a causal mask). flash_bwd.cuh's flash_bwd_preprocess (D) and
-// flash_bwd_convert_dq_sm90 (below) run before and after.
+// Mods = false is the plain path (at most a causal mask); KeyMask adds key padding to it (key_mask.cuh).
+// flash_bwd.cuh's flash_bwd_preprocess (D) and flash_bwd_convert_dq_sm90 (below) run before and after.
 #pragma once
+#include "key_mask.cuh"
 #include "scores.cuh"
 #include "wgmma.cuh"
 
@@ -77,7 +78,8 @@ __global__ void flash_bwd_convert_dq_sm90(const ConvertDqParams<typename T::elem
 // parameters re-read from the constant bank: 8 bytes at d96 with dropout at first; after the tile-contiguous dQ,
 // 8 at d128 with mods (the pair counter and the lane, live across the softmax) and 24 at d96 with mods and dropout,
 // and 48-116 with the fields bound to locals at the top. The score mods' are ScoreModParams's fields, in its order.
-template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages, bool Mods, bool Dropout>
+template <typename T, int D, int DHead, bool Causal, int Br, int Bc, int kStages, bool Mods, bool Dropout,
+          bool KeyMask>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                       const __grid_constant__ TmaDesc tm_v, const __grid_constant__ TmaDesc tm_do,
@@ -89,8 +91,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                       int cls_tk, float* __restrict__ dbias, i64 dbias_sb, i64 dbias_sh, i64 dbias_sm, i64 dbias_sn,
                       int win_left, int win_right, u32 keep_threshold, float inv_keep,
                       const unsigned long long* __restrict__ seed, float cap_in, float cap_out,
-                      const float2* __restrict__ row_lse, int outer_kv_heads) {
+                      const float2* __restrict__ row_lse, int outer_kv_heads, const int* key_meta, i64 key_meta_sb) {
     static_assert(DHead <= D && DHead % 8 == 0, "16-byte rows within the tiles");
+    static_assert(!(KeyMask && Mods), "beside a score mod the key mask is a bias (cupyflash/plan.py)");
     constexpr int DKV = head_cols(D, DHead);  // dK's and dV's columns
     // dQ_i's split between the warpgroups: by columns (D/2 each, over all Bc keys), or where DHead fits in D/2 (d32 on
     // 64-column tiles, whose second half is zeros) by keys (64 each, over all DHead columns, both adding into them).
@@ -153,6 +156,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         i_begin = max(0, k0 - mods.diag - mods.right) / Br;
         i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
     }
+    // A key mask: a block outside its [lo, hi) sees no query (its dK, dV are zero); inside, each of this thread's
+    // two keys (below) is kept or not for every query.
+    const KeyRow keys{KeyMask ? key_meta + b * key_meta_sb : nullptr};
+    if (KeyMask && (k0 + Bc <= keys.lo() || k0 >= keys.hi())) i_end = i_begin;
     const int n_blocks = max(0, i_end - i_begin);
     const int n_pairs = group * n_blocks;  // (query head in the group, Q block) pairs
     auto head_of = [&](int it) { return h_kv * group + it / n_blocks; };
@@ -235,6 +242,16 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
+    u32 key_dead = 0;  // bit r: this thread's key key0 + 8·r is past Nk or masked by the key mask
+    if constexpr (KeyMask) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int key = key0 + 8 * r;
+            const bool kept = key < Nk && key >= keys.lo() && key < keys.hi() && (!keys.holes() || keys.kept(key));
+            key_dead |= static_cast<u32>(!kept) << r;
+        }
+    }
+
     mbar_wait(kv_full, 0);
     for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
         // Pairs done before this one: its slots and phases, as the producer's. The plain path, which visits every
@@ -283,11 +300,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             keep_bits = mods.template keep_bits_t<Br / 8>(bh, key_of(0), q0 + query_of(0, 0), keep_threshold);
 
         // The plain path's masked scores, as one compare per score: those of columns below a per-row limit (keys
-        // past Nk: the whole row; causal: the queries before key - diag).
+        // past Nk or masked by the key mask: the whole row; causal: the queries before key - diag).
         int lim[2];
         if constexpr (!Mods) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) lim[r] = key0 + 8 * r >= Nk ? Br : Causal ? key0 + 8 * r - diag - q0 : 0;
+            for (int r = 0; r < 2; ++r)
+                lim[r] = (KeyMask ? (key_dead >> r) & 1u : key0 + 8 * r >= Nk) ? Br
+                         : Causal                                                ? key0 + 8 * r - diag - q0
+                                                                                 : 0;
         }
         if constexpr (kDptUnderSoftmax)
             wgmma_wait<1>();  // Sᵀ; dPᵀ still running

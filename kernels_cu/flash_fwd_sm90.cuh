@@ -6,8 +6,10 @@
 // they come; inside each, the softmax of S_j runs under P_{j-1} V_{j-1}. 16-bit types. Mods compiles in the score mods
 // of scores.cuh (bias with its tile classes, window, soft-cap; Dropout the dropout) as flash_fwd.cuh applies them, on
 // the same elements with the same Philox numbering, so either backward takes this forward's LSE and dropout mask;
-// Mods = false is the plain path (at most a causal mask), with none of their code.
+// Mods = false is the plain path (at most a causal mask), with none of their code; KeyMask adds key padding to it
+// (key_mask.cuh).
 #pragma once
+#include "key_mask.cuh"
 #include "scores.cuh"
 #include "wgmma.cuh"
 
@@ -17,10 +19,12 @@ namespace cupyflash {
 // DHead <= D: the tensors' own, whose columns DHead .. D - 1 TMA fills with zeros (S = Q Kᵀ skips them, O computes
 // head_cols(D, DHead) columns and stores DHead). Parameters: params.cuh FwdSm90Params, the score mods' as
 // flash_fwd_kernel's, with cls_tq x cls_tk, the tiles tile_cls classifies (ScoreMods::tile_class_span).
-template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages, bool Mods, bool Dropout>
+template <typename T, int D, int DHead, int Br, int Bc, bool Causal, int kStages, bool Mods, bool Dropout,
+          bool KeyMask>
 __global__ void __launch_bounds__(128 * (Br / 64 + 1), 1)
 flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> params) {
     static_assert(Br == 128 || Br == 192, "two or three consumer warpgroups of 64 rows");
+    static_assert(!(KeyMask && Mods), "beside a score mod the key mask is a bias (cupyflash/plan.py)");
     constexpr int kConsumers = Br / 64;             // the producer is warpgroup kConsumers
     constexpr int kConsumerThreads = 128 * kConsumers;
     constexpr bool kPingPong = kConsumers == 2;
@@ -62,13 +66,18 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     // The K/V blocks a Q block visits, in the one order the producer loads them and the consumers use them:
     // those holding a key visible to some row q0 .. q_last (window edges), less those whose bias tile is kTileSkip;
-    // n_visits of them (the plain path: blocks 0 .. j_end - 1).
+    // n_visits of them (the plain path: blocks j_begin .. j_end - 1, from 0 but with a key mask from its first kept
+    // key's block, up to the block of its last).
+    const KeyRow keys{KeyMask ? params.keys.meta + b * params.keys.sb : nullptr};
     auto q_last_of = [&](int q0) { return min(q0 + Br, params.attn.Nq) - 1; };
-    auto plain_visits = [&](int q0) {
-        return Causal ? min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last_of(q0) + diag + 1, Bc)))
-                      : ceil_div(params.attn.Nk, Bc);
+    auto plain_end = [&](int q0) {
+        int end = Causal ? min(ceil_div(params.attn.Nk, Bc), max(0, ceil_div(q_last_of(q0) + diag + 1, Bc)))
+                         : ceil_div(params.attn.Nk, Bc);
+        if constexpr (KeyMask) end = min(end, ceil_div(keys.hi(), Bc));
+        return end;
     };
-    int j_begin = 0, j_end = plain_visits(q0_of(0)), n_visits = j_end;  // with Mods: of the one Q block
+    int j_begin = KeyMask ? keys.lo() / Bc : 0;
+    int j_end = plain_end(q0_of(0)), n_visits = max(0, j_end - j_begin);  // with Mods: of the one Q block
     auto tile_class = [&](int j) {
         return mods.template tile_class_span<Br, Bc>(b, h, q0_of(0), j * Bc, params.mods.cls_tq, params.mods.cls_tk);
     };
@@ -110,7 +119,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             for (int tile = 0, g = 0; tile < n_tiles; ++tile) {  // g: blocks loaded before, their ring slot and phase
                 const int q0 = q0_of(tile);
                 if (tile > 0) {
-                    j_end = n_visits = plain_visits(q0);
+                    j_end = plain_end(q0);
                     mbar_wait(q_empty, (tile - 1) & 1);  // the consumers' last S GEMM of the previous Q block
                 }
                 mbar_arrive_expect_tx(q_full, TileQ::bytes());
@@ -148,7 +157,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     if (kPingPong && wg == 1) named_arrive(1, 256);
     for (int tile = 0, g0 = 0; tile < n_tiles; ++tile, g0 += n_visits) {  // g0: blocks before this Q block's
         const int q0 = q0_of(tile), q_last = q_last_of(q0);
-        if (tile > 0) n_visits = plain_visits(q0);
+        if (tile > 0) n_visits = max(0, plain_end(q0) - j_begin);
+        // A key mask with holes masks every block by its bits; without, only the blocks of its first and last key.
+        const bool key_holes = KeyMask && keys.holes();
         float m_i[2] = {-inf_f(), -inf_f()};
         float l_i[2] = {0.f, 0.f};
 #pragma unroll
@@ -157,7 +168,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         for (int n = 0; n < n_visits; ++n) {  // n: this Q block's blocks done before this one
             const int g = g0 + n;  // the ring slot and phase
             mbar_wait(k_full(g), phase(g));
-            const int j = Mods ? lds_s32(sJ(g)) : n;
+            const int j = Mods ? lds_s32(sJ(g)) : j_begin + n;
             const int k0 = j * Bc;
             if (n > 0) mbar_wait(v_full(g - 1), phase(g - 1));
             float s[Bc / 8][4];
@@ -204,19 +215,37 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                         for (int e = 0; e < 4; ++e)
                             if (!mods.visible(row_of(e), col_of(nt, e))) s[nt][e] = -inf_f();
                 }
-            } else if (k0 + Bc > params.attn.Nk || (Causal && k0 + Bc - 1 > q0 + diag)) {
-                // Masked scores (keys past Nk; causal: keys after row + diag) as one compare per score against a
-                // per-row limit, on the blocks that have any.
-                int lim[2];
+            } else if (k0 + Bc > params.attn.Nk || (Causal && k0 + Bc - 1 > q0 + diag) ||
+                       (KeyMask && (n == 0 || n == n_visits - 1 || key_holes))) {
+                // Masked scores (keys past Nk; causal: keys after row + diag; keys outside the key mask's [lo, hi))
+                // on the blocks that have any: the columns kept are first .. lim - 1 of each row, one unsigned
+                // compare of c - first per score; then a key mask's holes by its bits.
+                const int first = KeyMask ? max(0, keys.lo() - k0) : 0;
+                u32 span[2];
 #pragma unroll
-                for (int r = 0; r < 2; ++r)
-                    lim[r] = (Causal ? min(params.attn.Nk, q0 + warp_row0 + lane / 4 + 8 * r + diag + 1)
-                                     : params.attn.Nk) - k0;
+                for (int r = 0; r < 2; ++r) {
+                    int lim = (Causal ? min(params.attn.Nk, q0 + warp_row0 + lane / 4 + 8 * r + diag + 1)
+                                      : params.attn.Nk) - k0;
+                    if constexpr (KeyMask) lim = min(lim, keys.hi() - k0);
+                    span[r] = static_cast<u32>(max(0, lim - first));
+                }
 #pragma unroll
                 for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (nt * 8 + 2 * (lane % 4) + (e & 1) >= lim[e >> 1]) s[nt][e] = -inf_f();
+                    for (int e = 0; e < 4; ++e) {
+                        const int c = nt * 8 + 2 * (lane % 4) + (e & 1);
+                        if (static_cast<u32>(c - first) >= span[e >> 1]) s[nt][e] = -inf_f();
+                    }
+                if (key_holes) {
+                    u32 bits[(Bc + 31) / 32];
+                    keys.bits_from(k0, bits);
+#pragma unroll
+                    for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!((bits[nt / 4] >> ((nt % 4) * 8 + 2 * (lane % 4) + (e & 1))) & 1u))
+                                s[nt][e] = -inf_f();
+                }
             }
             // m_i is in log2 units of the scaled scores; the row max is taken on the raw ones (scale_log2 > 0), and
             // exp2(s · scale_log2 - m) is one FFMA per score. With Mods the scores are logits already.

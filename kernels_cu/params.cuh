@@ -55,6 +55,12 @@ struct ScoreModParams {
     float cap_in, cap_out;           // soft-capping: scale / softcap and softcap · log2 e; 0: off
 };
 
+// A key mask's meta rows (key_mask.cuh), as the plain Hopper kernels read them: batch row b's at meta + b · sb.
+struct KeyMaskArgs {
+    const int* meta;
+    i64 sb;  // 0: one row for every batch row
+};
+
 // flash_fwd.cuh flash_fwd_kernel. row_stats non-null: its stats mode (lse read, o never written).
 template <typename E>
 struct FwdParams {
@@ -78,6 +84,7 @@ struct FwdSm90Params {
     BhnStrides o_s;
     AttnParams attn;
     ScoreModParams mods;
+    KeyMaskArgs keys;  // read with KeyMask only
 };
 
 // flash_bwd.cuh flash_bwd_kernel. row_lse non-null (a backward with a bias): the rows' (hi, lo) pairs replace LSE.
@@ -135,6 +142,15 @@ struct TileMinmaxParams {
     float* tile_min;
     float* tile_max;
     int* row_keeps;
+};
+
+// key_mask.cuh key_mask_prep: one meta row per batch row of a boolean (Bb, 1, 1, Nk) mask, `words` words each.
+struct KeyMaskPrepParams {
+    const unsigned char* mask;
+    i64 mask_sb, mask_sn;
+    int Nk, words;
+    int* meta;
+    i64 meta_sb;
 };
 
 // tile_classes.cuh tile_classify.

@@ -50,6 +50,18 @@ def main():
         out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, 0.125, True)
         torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, bias, out, lse, 0.125, True, bias_grad=True)
     del os.environ[launch.SM90_ENV]
+    # Boolean key masks (on sm_90 the plain kernels' key mask, kernels_cu/key_mask.cuh): right padding, holes and a
+    # batch row with no key kept, per batch row and one row for all; the d128 forward's 176-key blocks too.
+    for d in (64, 128):
+        for causal in (False, True):
+            q = torch.randn(3, 4, 130, d, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(3, 2, 390, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            keep = torch.rand(3, 390, device="cuda") > 0.3
+            keep[0] = torch.arange(390, device="cuda") < 200
+            keep[2] = False
+            for mask in (keep[:, None, None, :], keep[:1, None, None, :]):
+                out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, mask, d ** -0.5, causal)
+                torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, mask, out, lse, d ** -0.5, causal)
     # Head dims between the kernels' (zero-padded copies) and v with its own head dim.
     for d_q, d_v in ((80, 80), (40, 72)):
         q, k, v = (torch.randn(1, 2, n, d, device="cuda", dtype=torch.float16)

@@ -32,13 +32,13 @@ def _contiguous(shape) -> tuple:
 def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None, window=(-1, -1), dropout_p=0.0,
             softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True, n_q=NQ, n_k=NK):
     """A CallLayout of contiguous buffers (overrides by name in `strides` / `addresses`, modulo 16); a backward with
-    a bias has the row_lse workspace, as cuda_path gives it."""
+    an added bias (not a boolean mask) has the row_lse workspace, as cuda_path gives it."""
     q_shape, kv_shape = (B, H, n_q, d), (B, HKV, n_k, d)
     shapes = dict(q=q_shape, k=kv_shape, v=kv_shape, out=q_shape, dout=q_shape, lse=q_shape[:3], d_vec=q_shape[:3],
                   dq_accum=(B, H, plan.dq_accum_rows(n_q), d), dq=q_shape, dk=kv_shape, dv=kv_shape,
                   row_lse=(*q_shape[:3], 2))
     names = plan.FORWARD_BUFS if kernel == "fwd" else plan.BACKWARD_BUFS
-    if kernel == "bwd" and bias is not None:
+    if kernel == "bwd" and bias is not None and not bias.mask:
         names += plan.BIAS_BACKWARD_BUFS
     strides, addresses = strides or {}, addresses or {}
     bufs = tuple((n, strides.get(n, _contiguous(shapes[n])), addresses.get(n, 0)) for n in names)
@@ -47,6 +47,8 @@ def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None
 
 
 BIAS = plan.BiasLayout((B, 1, NQ, NK), (NQ * NK, 0, NK, 1), False)
+# A boolean keep-mask over the keys per batch row, as attention_mask[:, None, None, :] gives it
+KEY_MASK = plan.BiasLayout((B, 1, 1, NK), (NK, 0, 0, 1), False, mask=True)
 
 
 def _slot_names(step) -> dict:
@@ -314,7 +316,8 @@ def test_same_layout_hits_the_cache_and_any_change_misses():
 
 KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_sm90": "flash_fwd_sm90_kernel", "bwd": "flash_bwd_kernel",
                 "bwd_sm90": "flash_bwd_sm90_kernel", "bwd_preprocess": "flash_bwd_preprocess",
-                "bwd_convert_dq": "flash_bwd_convert_dq", "bwd_convert_dq_sm90": "flash_bwd_convert_dq_sm90"}
+                "bwd_convert_dq": "flash_bwd_convert_dq", "bwd_convert_dq_sm90": "flash_bwd_convert_dq_sm90",
+                "key_mask_prep": "key_mask_prep"}
 
 
 def _kernel_struct(name: str) -> str:
@@ -334,6 +337,7 @@ EVERY_VARIANT = [  # (kernel, layout changes): each family, plain and with every
     *[(k, dict(causal=c, bias=BIAS._replace(grad=k == "bwd"), window=(8, 3), softcap=20.0))
       for k in ("fwd", "bwd") for c in (False, True)],
     *[(k, dict(dropout_p=0.25, bias=BIAS._replace(f32=True))) for k in ("fwd", "bwd")],
+    *[(k, dict(causal=c, bias=KEY_MASK)) for k in ("fwd", "bwd") for c in (False, True)],
 ]
 
 
@@ -351,7 +355,8 @@ def test_every_launch_fills_its_kernels_parameters(kernel, change, monkeypatch):
     tma.encode.cache_clear()
     p = plan.plan_for(_layout(kernel, **change))
     ptrs = {name: ALIGNED + 4096 * i for i, name in enumerate(sorted(p.needs))}
-    assert p.needs <= set(plan.BACKWARD_BUFS + plan.BIAS_BACKWARD_BUFS) | {"bias", "tile_classes", "dbias", "seed"}
+    assert p.needs <= set(plan.BACKWARD_BUFS + plan.BIAS_BACKWARD_BUFS) | {"bias", "tile_classes", "dbias", "seed",
+                                                                          "key_mask", "key_meta"}
     for step in p.steps:
         layout = params.KERNEL_STRUCTS[step.variant.kernel]
         assert step.packed.struct is layout, step.variant.name
@@ -683,3 +688,97 @@ def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods
         assert [x for _, _, x in visits[:group]] == [0] * group
     fwd = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=causal, n_q=n_q, **mods))
     assert fwd.steps[0].grid[1:] == (H, B)
+
+
+# ---- boolean masks: the plain Hopper kernels' key mask, or an added bias -----------------------------------------
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch_rows", [B, 1])
+@pytest.mark.parametrize("d", [64, 128])
+def test_boolean_key_mask_runs_as_the_plain_hopper_kernels_key_mask(kernel, causal, batch_rows, d):
+    mask = KEY_MASK._replace(shape=(batch_rows, 1, 1, NK), strides=(NK if batch_rows > 1 else 0, 0, 0, 3))
+    p = plan.plan_for(_layout(kernel, d=d, causal=causal, bias=mask))
+    assert (p.family, p.mask_form) == (plan.HOPPER, "keys")
+    assert p.variant == jit.Variant(f"{kernel}_sm90", "bfloat16", d, causal, key_mask=True)
+    assert p.layout.bias is None and p.tile_classes_shape is None  # no bias, no tile classes, no stats pass
+    words = plan.key_meta_words(NK)
+    assert p.key_meta_shape == (batch_rows, plan.KEY_META_HEAD + words)
+    prep = p.steps[0]
+    assert (prep.variant.kernel, prep.grid, prep.block) == ("key_mask_prep", (batch_rows,), (plan.KEY_MASK_THREADS,))
+    assert _slot_names(prep) == {"mask": "key_mask", "meta": "key_meta"}
+    sb = plan.KEY_META_HEAD + words if batch_rows > 1 else 0
+    assert {f: prep.packed.values[f] for f in ("mask_sb", "mask_sn", "Nk", "words", "meta_sb")} == dict(
+        mask_sb=mask.strides[0], mask_sn=3, Nk=NK, words=words, meta_sb=sb)
+    (main,) = [s for s in p.steps if s.variant == p.variant]
+    meta, meta_sb = ("keys.meta", "keys.sb") if kernel == "fwd" else ("key_meta", "key_meta_sb")
+    assert _slot_names(main)[meta] == "key_meta" and main.packed.values[meta_sb] == sb
+    assert [s.variant.kernel for s in p.steps] == (
+        ["key_mask_prep", "fwd_sm90"] if kernel == "fwd" else
+        ["key_mask_prep", "bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"])
+    # the plain path's grid: Q-block pairs forward, the causal backward's K/V blocks outermost
+    plain = plan.plan_for(_layout(kernel, d=d, causal=causal))
+    assert main.grid == plain.steps[0 if kernel == "fwd" else 1].grid
+
+
+def test_key_meta_rows_cover_a_whole_block_past_the_last_key():
+    """The kernels read the words of whole K/V blocks (up to 175 keys past Nk) and one word more (key_mask.cuh
+    bits_from); rows of 16 bytes."""
+    largest_bc = max(t.Bc for t in (*tiles.FORWARD_SM90.values(), *tiles.BACKWARD_SM90.values()))
+    for n_k in (1, 17, 31, 32, 33, 4096, 8193):
+        words = plan.key_meta_words(n_k)
+        assert words % 4 == 0 and 32 * words >= n_k + largest_bc + 32 and 32 * words <= n_k + plan.KEY_MASK_TAIL + 128
+
+
+@pytest.mark.parametrize("kernel,change,why", [
+    ("fwd", dict(bias=KEY_MASK._replace(shape=(B, 1, NQ, NK), strides=(NQ * NK, 0, NK, 1))), "per query"),
+    ("bwd", dict(bias=KEY_MASK._replace(shape=(B, H, 1, NK), strides=(H * NK, NK, 0, 1))), "per head"),
+    ("fwd", dict(bias=KEY_MASK, window=(8, 0)), "a window"),
+    ("bwd", dict(bias=KEY_MASK, softcap=20.0), "soft-capping"),
+    ("fwd", dict(bias=KEY_MASK, dropout_p=0.1), "dropout"),
+    ("bwd", dict(bias=KEY_MASK, cc=80), "mma.sync"),
+    ("fwd", dict(bias=KEY_MASK, sm90=False), "mma.sync"),
+    ("bwd", dict(bias=KEY_MASK, d=256), "no Hopper backward at d256"),
+])
+def test_other_boolean_masks_run_as_an_added_bias(kernel, change, why):
+    """Plan.mask_form "bias": the face turns the mask into 0 / -inf, contiguous, as the plan's layout says."""
+    p = plan.plan_for(_layout(kernel, **change))
+    mask = change["bias"]
+    assert p.mask_form == "bias" and not p.variant.key_mask and p.key_meta_shape is None, why
+    assert p.layout.bias == plan.BiasLayout(mask.shape, plan.dbias_strides(mask.shape), f32=False)
+    assert p.tile_classes_shape is not None and "key_mask_prep" not in [s.variant.kernel for s in p.steps]
+
+
+def test_boolean_masks_reach_the_kernels_as_the_plan_says(monkeypatch):
+    """cuda_path on CPU tensors with an sm_90 stubbed: a key mask's address goes to key_mask_prep, whose meta rows
+    the attention kernels read; a mask over queries is converted and classified as a bias; neither backward runs
+    the rebuild rule's stats pass (0 / -inf leave every row's LSE as the scores make it)."""
+    from cupyflash import array_ops, cuda_path
+
+    launched = []
+    monkeypatch.setattr(cuda_path, "require_gpu", lambda device_id=None: errors.GPUInfo(0, "stub", 90))
+    monkeypatch.setattr(array_ops.TorchOps, "stream_ptr", lambda self, device_id: 0)
+    monkeypatch.setattr(launch, "_device", lambda device_id: contextlib.nullcontext())
+    monkeypatch.setattr(launch, "_run", lambda variant, grid, block, packed, *rest: launched.append((variant, {})))
+    monkeypatch.setattr(launch, "_run_step", lambda step, ptrs, *rest: launched.append((step.variant, dict(ptrs))))
+    monkeypatch.setattr(tma, "_encode_fn", lambda: lambda desc, *args: 0)
+    monkeypatch.setenv(launch.LSE_REBUILD_ENV, "1")
+    tma.encode.cache_clear()
+    q, k, v = (torch.randn(2, 4, 40, 64, dtype=torch.bfloat16) for _ in range(3))
+    keep = torch.rand(2, 40) > 0.3
+    out, lse = cuda_attention.forward(q, k, v, keep[:, None, None, :], 0.125, True)
+    assert [variant.name for variant, _ in launched] == ["key_mask_prep_bf16", "fwd_sm90_bf16_d64_causal_keys"]
+    ptrs = launched[1][1]
+    assert ptrs["key_mask"] == keep.data_ptr() and ptrs["key_meta"] == launched[0][1]["key_meta"]
+    launched.clear()
+    cuda_attention.backward(torch.randn_like(q), q, k, v, keep[:, None, None, :], out, lse, 0.125, True)
+    assert [variant.kernel for variant, _ in launched] == ["key_mask_prep", "bwd_preprocess", "bwd_sm90",
+                                                           "bwd_convert_dq_sm90"]
+    launched.clear()
+    per_query = torch.rand(2, 1, 40, 40) > 0.3
+    out, lse = cuda_attention.forward(q, k, v, per_query, 0.125, False)
+    cuda_attention.backward(torch.randn_like(q), q, k, v, per_query, out, lse, 0.125, False)
+    assert [variant.kernel for variant, _ in launched] == ["tile_minmax", "tile_classify", "fwd_sm90",
+                                                           "tile_minmax", "tile_classify", "bwd_preprocess",
+                                                           "bwd_sm90", "bwd_convert_dq_sm90"]
+    assert launched[2][1]["bias"] != per_query.data_ptr()  # the converted 0 / -inf bias
