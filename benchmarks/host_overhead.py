@@ -77,10 +77,11 @@ def stub_rows(causal: bool = True) -> dict:
     fwd_op, bwd_op = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
     scale = 0.125
 
-    def op_fwd_bwd():
-        out, lse = fwd_op(q, k, v, None, scale, causal)
-        return bwd_op(g, q, k, v, None, out, lse, scale, causal)
+    def op_fwd_bwd(keys=None):
+        out, lse = fwd_op(q, k, v, keys, scale, causal)
+        return bwd_op(g, q, k, v, keys, out, lse, scale, causal)
 
+    keys = torch.ones(1, 1, 1, 128, dtype=torch.bool)  # a key padding mask, the plain kernels' key mask on sm_90
     return {
         "flash_attention fwd (no grad)": lambda: cupyflash.flash_attention(q, k, v, causal=causal),
         "flash_attention fwd (requires_grad)": lambda: cupyflash.flash_attention(*leaves, causal=causal),
@@ -88,6 +89,7 @@ def stub_rows(causal: bool = True) -> dict:
             cupyflash.flash_attention(*leaves, causal=causal), leaves, g),
         "op fwd (Inductor's call)": lambda: fwd_op(q, k, v, None, scale, causal),
         "op fwd + bwd (Inductor's calls)": op_fwd_bwd,
+        "op fwd + bwd, key padding mask": lambda: op_fwd_bwd(keys),
     }
 
 
@@ -173,9 +175,11 @@ def main(argv=None) -> int:
     fwd_op, bwd_op = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
     scale = q.shape[-1] ** -0.5
 
-    def op_fwd_bwd():
-        out, lse = fwd_op(q, k, v, None, scale, False)
-        return bwd_op(g, q, k, v, None, out, lse, scale, False)
+    def op_fwd_bwd(keys=None):
+        out, lse = fwd_op(q, k, v, keys, scale, False)
+        return bwd_op(g, q, k, v, keys, out, lse, scale, False)
+
+    keys = torch.ones(1, 1, 1, 128, dtype=torch.bool, device="cuda")  # key padding: the key mask on sm_90
 
     rows = {
         "flash_attention fwd (requires_grad)": lambda: cupyflash.flash_attention(*leaves),
@@ -184,6 +188,9 @@ def main(argv=None) -> int:
         "flash_attention fwd + bwd, autograd on the calling thread": fwd_bwd_calling_thread,
         "op fwd (Inductor's call)": lambda: fwd_op(q, k, v, None, scale, False),
         "op fwd + bwd (Inductor's calls)": op_fwd_bwd,
+        "op fwd + bwd, key padding mask": lambda: op_fwd_bwd(keys),
+        "SDPA fwd + bwd, key padding mask": lambda: torch.autograd.grad(
+            F.scaled_dot_product_attention(*leaves, attn_mask=keys), leaves, g),
         "a Python autograd.Function's fwd + bwd (the engine alone)": lambda: torch.autograd.grad(
             Doubling.apply(leaves[0]), leaves[0], g),
         "SDPA flash fwd (no grad)": lambda: F.scaled_dot_product_attention(q, k, v),

@@ -19,8 +19,8 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
 
 
 def plain_forward_runner(q, k, v, scale: float, causal: bool, window: tuple, softcap: float,
-                         token_major: bool = False):
-    return cuda_path.plain_forward_runner(_TORCH, q, k, v, scale, causal, window, softcap, token_major)
+                         token_major: bool = False, keys=None):
+    return cuda_path.plain_forward_runner(_TORCH, q, k, v, scale, causal, window, softcap, token_major, keys)
 
 
 def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
@@ -29,5 +29,6 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
                               bias_grad, softcap)
 
 
-def plain_backward_runner(dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float):
-    return cuda_path.plain_backward_runner(_TORCH, dout, q, k, v, out, lse, scale, causal, window, softcap)
+def plain_backward_runner(dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float,
+                          keys=None):
+    return cuda_path.plain_backward_runner(_TORCH, dout, q, k, v, out, lse, scale, causal, window, softcap, keys)

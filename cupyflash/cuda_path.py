@@ -184,11 +184,17 @@ def _taken_as_is(q, k, v) -> bool:
     return 0 not in q.shape and 0 not in k.shape and (q.shape[3], v.shape[3]) == (_kernel_head_dim(q, v),) * 2
 
 
+def _key_meta(xp, p: plan.Plan, like):
+    """An allocator of the key mask's meta rows (the plan's first launch writes them) for a plan with one, else None."""
+    return None if p.mask_form != "keys" else xp.allocator(p.key_meta_shape, "int32", like)
+
+
 def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple, softcap: float,
-                         token_major: bool = False):
-    """For a forward with no bias and no dropout whose arrays the kernels take as they are (no head padding, no
-    copy), `run(q, k, v) -> (out, lse)`: its plan, launched on new outputs (out laid out as forward's), for later
-    calls with the same call key (torch_op's, which its checks passed); else None."""
+                         token_major: bool = False, keys=None):
+    """For a forward with no dropout and no bias, or a boolean key mask `keys` its plan runs as the kernels' key
+    mask, whose arrays the kernels take as they are (no head padding, no copy), `run(q, k, v, keys) -> (out, lse)`:
+    its plan, launched on new outputs (out laid out as forward's), for later calls with the same call key
+    (torch_op's, which its checks passed); else None."""
     window = tuple(window)
     if not _taken_as_is(q, k, v):
         return None
@@ -198,18 +204,21 @@ def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple,
     out, lse = new_out(), new_lse()  # (B, H, Nq, D), (B, H, Nq): the plan's output layouts
 
     def build(ready):
-        return _plan(xp, "fwd", ready[0], ready[1], None, dict(zip("qkv", ready), out=out, lse=lse), scale, causal,
+        return _plan(xp, "fwd", ready[0], ready[1], keys, dict(zip("qkv", ready), out=out, lse=lse), scale, causal,
                      window, 0.0, softcap, False)
 
-    p, ready = _planned(xp, "fwd", (q, k, v), None, (scale, causal, window, 0.0, softcap, token_major), build)
-    if any(r is not a for r, a in zip(ready, (q, k, v))):
+    p, ready = _planned(xp, "fwd", (q, k, v), keys, (scale, causal, window, 0.0, softcap, token_major), build)
+    if any(r is not a for r, a in zip(ready, (q, k, v))) or (keys is not None and p.mask_form != "keys"):
         return None
-    address, device_id = xp.address, xp.device_id(q)
+    address, device_id, new_meta = xp.address, xp.device_id(q), _key_meta(xp, p, q)
 
-    def run(q, k, v):
+    def run(q, k, v, keys=None):
         out, lse = new_out(), new_lse()
-        launch.execute(p, {"q": address(q), "k": address(k), "v": address(v), "out": address(out),
-                           "lse": address(lse)}, xp.stream_ptr(device_id), device_id)
+        ptrs = {"q": address(q), "k": address(k), "v": address(v), "out": address(out), "lse": address(lse)}
+        if new_meta is not None:
+            meta = new_meta()  # held until the kernels are enqueued
+            ptrs["key_mask"], ptrs["key_meta"] = address(keys), address(meta)
+        launch.execute(p, ptrs, xp.stream_ptr(device_id), device_id)
         return out, lse
 
     return run
@@ -232,8 +241,10 @@ def _backward_workspace(xp, q):
     return xp.allocator((split + rows,), "float32", q), views, split
 
 
-def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float):
-    """The backward's counterpart of plain_forward_runner: `run(dout, q, k, v, out, lse) -> (dq, dk, dv)`, or None."""
+def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float,
+                          keys=None):
+    """The backward's counterpart of plain_forward_runner: `run(dout, q, k, v, out, lse, keys) -> (dq, dk, dv)`, or
+    None."""
     window = tuple(window)
     if not _taken_as_is(q, k, v) or xp.contiguous(lse) is not lse:
         return None
@@ -245,22 +256,25 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
                  dk=new_dk(), dv=new_dv())  # BACKWARD_BUFS' order
 
     def build(ready):
-        return _plan(xp, "bwd", ready[0], ready[1], None, named, scale, causal, window, 0.0, softcap, False)
+        return _plan(xp, "bwd", ready[0], ready[1], keys, named, scale, causal, window, 0.0, softcap, False)
 
-    options = (xp.signature(lse), scale, causal, window, 0.0, softcap, False, False)
-    p, ready = _planned(xp, "bwd", (q, k, v, out, dout), None, options, build)
-    if any(r is not a for r, a in zip(ready, (q, k, v, out, dout))):
+    options = (xp.signature(lse), scale, causal, window, 0.0, softcap, False, False)  # as backward's (no rebuild)
+    p, ready = _planned(xp, "bwd", (q, k, v, out, dout), keys, options, build)
+    if any(r is not a for r, a in zip(ready, (q, k, v, out, dout))) or (keys is not None and p.mask_form != "keys"):
         return None
-    address, device_id = xp.address, xp.device_id(q)
+    address, device_id, new_meta = xp.address, xp.device_id(q), _key_meta(xp, p, q)
 
-    def run(dout, q, k, v, out, lse):
+    def run(dout, q, k, v, out, lse, keys=None):
         dq, dk, dv = new_dq(), new_dk(), new_dv()
-        workspace = new_workspace()  # held until the kernels are enqueued
+        workspace = new_workspace()  # held until the kernels are enqueued, as meta
         at = address(workspace)
-        launch.execute(p, {"q": address(q), "k": address(k), "v": address(v), "out": address(out),
-                           "dout": address(dout), "lse": address(lse), "d_vec": at + 4 * split, "dq_accum": at,
-                           "dq": address(dq), "dk": address(dk), "dv": address(dv)},
-                       xp.stream_ptr(device_id), device_id)
+        ptrs = {"q": address(q), "k": address(k), "v": address(v), "out": address(out), "dout": address(dout),
+                "lse": address(lse), "d_vec": at + 4 * split, "dq_accum": at, "dq": address(dq), "dk": address(dk),
+                "dv": address(dv)}
+        if new_meta is not None:
+            meta = new_meta()
+            ptrs["key_mask"], ptrs["key_meta"] = address(keys), address(meta)
+        launch.execute(p, ptrs, xp.stream_ptr(device_id), device_id)
         return dq, dk, dv
 
     return run

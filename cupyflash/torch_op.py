@@ -133,33 +133,42 @@ def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropo
              token_major_out=False):
     """flash_attn_fwd's body, which flash_attention runs too (in _EagerAttention with gradients)."""
     key = None
-    if attn_bias is None and dropout_p == 0.0 and dropout_seed is None:
-        key = _plain_key((q, k, v), (scale, causal, window_left, window_right, softcap, token_major_out))
+    if dropout_p == 0.0 and dropout_seed is None and (attn_bias is None or _key_mask_like(attn_bias)):
+        key = _plain_key((q, k, v, attn_bias), (scale, causal, window_left, window_right, softcap, token_major_out))
         run = _PLAIN_FORWARDS.get(key)
         if run is not None:
-            return run(q, k, v)
+            return run(q, k, v, attn_bias)
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
     result = _checked_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed,
                               softcap, token_major_out)
     if key is not None and key not in _PLAIN_FORWARDS:
         window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
         _remember(_PLAIN_FORWARDS, key, lambda: _impl(q).plain_forward_runner(q, k, v, scale, causal, window, softcap,
-                                                                              token_major_out))
+                                                                              token_major_out, attn_bias))
     return result
 
 
-# Plain calls (no bias, no dropout) by call key: a call whose inputs' layouts, addresses modulo 16 and options
-# passed the checks and planned before runs its plan at once (cuda_path.plain_forward_runner, plain_backward_runner),
-# without the checks, the layout and the path's decisions again: what Inductor's generated code calls, layer after
-# layer. None: such calls take the whole path (head padding, copies).
+# Plain calls (no dropout, no bias or a boolean key mask) by call key: a call whose inputs' layouts, addresses modulo
+# 16 and options passed the checks and planned before runs its plan at once (cuda_path.plain_forward_runner,
+# plain_backward_runner), without the checks, the layout and the path's decisions again: what Inductor's generated
+# code calls, layer after layer. None: such calls take the whole path (head padding, copies, a mask the plan takes as
+# an added bias).
 _PLAIN_FORWARDS: dict = {}
 _PLAIN_BACKWARDS: dict = {}
 
 
+def _key_mask_like(attn_bias) -> bool:
+    """Whether attn_bias is a boolean mask over keys alone, (B or 1, 1, 1, Nk): the plan may run it as the kernels'
+    key mask (plan.plan_for), so its calls may have a runner."""
+    return attn_bias.dtype == torch.bool and attn_bias.dim() == 4 and attn_bias.shape[1] == attn_bias.shape[2] == 1
+
+
 def _plain_key(tensors: tuple, options: tuple):
     """The call key of a plain call on the CUDA path (None for anything else): what the checks and the plan read of
-    `tensors` (q first), the options, and the settings they depend on. Loops and a list, not generators: this runs
-    at every call, and a generator's frame costs 1-2 µs here."""
+    `tensors` (q first; a None key mask last), the options, and the settings they depend on. Loops and a list, not
+    generators: this runs at every call, and a generator's frame costs 1-2 µs here."""
+    if tensors[-1] is None:
+        tensors = tensors[:-1]
     for t in tensors:
         if type(t) is not torch.Tensor:
             return None
@@ -253,11 +262,12 @@ def _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, wi
               bias_grad, softcap):
     """flash_attn_bwd's body, which _EagerAttention's backward runs too."""
     key = None
-    if attn_bias is None and dropout_p == 0.0 and dropout_seed is None and not bias_grad:
-        key = _plain_key((q, k, v, dout, out, lse), (scale, causal, window_left, window_right, softcap))
+    if (dropout_p == 0.0 and dropout_seed is None and not bias_grad
+            and (attn_bias is None or _key_mask_like(attn_bias))):
+        key = _plain_key((q, k, v, dout, out, lse, attn_bias), (scale, causal, window_left, window_right, softcap))
         run = _PLAIN_BACKWARDS.get(key)
         if run is not None:
-            return (*run(dout, q, k, v, out, lse), q.new_empty(0))
+            return (*run(dout, q, k, v, out, lse, attn_bias), q.new_empty(0))
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
                     bias_grad, softcap)
     result = _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
@@ -265,7 +275,8 @@ def _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, wi
     if key is not None and key not in _PLAIN_BACKWARDS:
         window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
         _remember(_PLAIN_BACKWARDS, key,
-                  lambda: _impl(q).plain_backward_runner(dout, q, k, v, out, lse, scale, causal, window, softcap))
+                  lambda: _impl(q).plain_backward_runner(dout, q, k, v, out, lse, scale, causal, window, softcap,
+                                                         attn_bias))
     return result
 
 

@@ -29,7 +29,7 @@ import torch
 
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
-from cupyflash import cuda_path, launch
+from cupyflash import cuda_path, launch, torch_op
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_within_rule, attention_ref, draw_inputs, rounding_floor,
                        seed_from, semantics_ref, visible_mask)
 from test_gpu_features import check_features
@@ -311,7 +311,9 @@ def test_hopper_takes_key_mask_path(form, causal, monkeypatch):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on sm_90 only")
     monkeypatch.delenv(launch.SM90_ENV, raising=False)
-    monkeypatch.setattr(cuda_path, "_KNOWN", {})  # only this test's plans
+    monkeypatch.setattr(cuda_path, "_KNOWN", {})  # only this test's plans, none run from an earlier test's runner
+    monkeypatch.setattr(torch_op, "_PLAIN_FORWARDS", {})
+    monkeypatch.setattr(torch_op, "_PLAIN_BACKWARDS", {})
     n, batch, h_q, h_kv, head_dim, dtype = 256, 2, 8, 2, 128, BF16
     seed = seed_from("key mask hopper path", form, causal)
     q, k, v, dout = draw_inputs(batch, h_q, h_kv, n, n, head_dim, dtype, "contiguous", seed)
@@ -331,3 +333,32 @@ def test_hopper_takes_key_mask_path(form, causal, monkeypatch):
     for name, leaf, r, same in zip(("dq", "dk", "dv"), leaves, (ref.dq, ref.dk, ref.dv), (pt.dq, pt.dk, pt.dv)):
         assert_within_rule(leaf.grad, r, same, GRAD_FACTOR, rounding_floor(r, dtype), name)
     assert_rows_without_keys(keep, out.detach(), None, *(t.grad for t in leaves), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_mask_calls_run_from_their_runners(causal, monkeypatch):
+    """On sm_90 the op's calls with a key mask the plan takes as the kernels' key mask get the plain calls' runners
+    (torch_op._PLAIN_FORWARDS / _PLAIN_BACKWARDS): the next call of the layout, with another mask and other
+    tensors, launches the plan unchecked; its numbers are within the rule too."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the key mask runs on the Hopper kernels, sm_90 only")
+    monkeypatch.delenv(launch.SM90_ENV, raising=False)
+    monkeypatch.setattr(torch_op, "_PLAIN_FORWARDS", {})
+    monkeypatch.setattr(torch_op, "_PLAIN_BACKWARDS", {})
+    n_q, n_k, batch, h_q, h_kv, head_dim, dtype = 113, 203, 3, 4, 2, 64, FP16
+    scale = 1.0 / math.sqrt(head_dim)
+    for round_, pattern in enumerate(("right", "holes", "left")):
+        seed = seed_from("key mask runners", causal, pattern)
+        q, k, v, dout = draw_inputs(batch, h_q, h_kv, n_q, n_k, head_dim, dtype, "contiguous", seed)
+        mask, keep = as_mask(key_keep(pattern, batch, n_k, seed + 1), "view")
+        runners = [r for table in (torch_op._PLAIN_FORWARDS, torch_op._PLAIN_BACKWARDS) for r in table.values()]
+        assert len(runners) == (0 if round_ == 0 else 2) and all(r is not None for r in runners)
+        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, mask, scale, causal)
+        dq, dk, dv, _ = torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, mask, out, lse, scale, causal)
+        ref = semantics_ref(q, k, v, dout, scale=scale, causal=causal, bias=mask)
+        pt = attention_ref(q, k, v, dout, scale=scale, causal=causal, compute_dtype=dtype, bias=mask)
+        assert_within_rule(out, ref.out, pt.out, OUT_FACTOR, rounding_floor(ref.out, dtype), "out")
+        for name, ours, r, same in zip(("dq", "dk", "dv"), (dq, dk, dv), (ref.dq, ref.dk, ref.dv),
+                                       (pt.dq, pt.dk, pt.dv)):
+            assert_within_rule(ours, r, same, GRAD_FACTOR, rounding_floor(r, dtype), name)
+        assert_rows_without_keys(keep, out, lse, dq, dk, dv, causal=causal)

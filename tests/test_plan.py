@@ -749,10 +749,10 @@ def test_other_boolean_masks_run_as_an_added_bias(kernel, change, why):
     assert p.tile_classes_shape is not None and "key_mask_prep" not in [s.variant.kernel for s in p.steps]
 
 
-def test_boolean_masks_reach_the_kernels_as_the_plan_says(monkeypatch):
-    """cuda_path on CPU tensors with an sm_90 stubbed: a key mask's address goes to key_mask_prep, whose meta rows
-    the attention kernels read; a mask over queries is converted and classified as a bias; neither backward runs
-    the rebuild rule's stats pass (0 / -inf leave every row's LSE as the scores make it)."""
+@pytest.fixture
+def stubbed_hopper(monkeypatch):
+    """stubbed_device's twin with an sm_90 pretended (TMA maps not encoded): each launch recorded with the
+    addresses it was given."""
     from cupyflash import array_ops, cuda_path
 
     launched = []
@@ -762,8 +762,16 @@ def test_boolean_masks_reach_the_kernels_as_the_plan_says(monkeypatch):
     monkeypatch.setattr(launch, "_run", lambda variant, grid, block, packed, *rest: launched.append((variant, {})))
     monkeypatch.setattr(launch, "_run_step", lambda step, ptrs, *rest: launched.append((step.variant, dict(ptrs))))
     monkeypatch.setattr(tma, "_encode_fn", lambda: lambda desc, *args: 0)
-    monkeypatch.setenv(launch.LSE_REBUILD_ENV, "1")
     tma.encode.cache_clear()
+    return launched
+
+
+def test_boolean_masks_reach_the_kernels_as_the_plan_says(stubbed_hopper, monkeypatch):
+    """cuda_path on CPU tensors with an sm_90 stubbed: a key mask's address goes to key_mask_prep, whose meta rows
+    the attention kernels read; a mask over queries is converted and classified as a bias; neither backward runs
+    the rebuild rule's stats pass (0 / -inf leave every row's LSE as the scores make it)."""
+    launched = stubbed_hopper
+    monkeypatch.setenv(launch.LSE_REBUILD_ENV, "1")
     q, k, v = (torch.randn(2, 4, 40, 64, dtype=torch.bfloat16) for _ in range(3))
     keep = torch.rand(2, 40) > 0.3
     out, lse = cuda_attention.forward(q, k, v, keep[:, None, None, :], 0.125, True)
@@ -782,3 +790,45 @@ def test_boolean_masks_reach_the_kernels_as_the_plan_says(monkeypatch):
                                                            "tile_minmax", "tile_classify", "bwd_preprocess",
                                                            "bwd_sm90", "bwd_convert_dq_sm90"]
     assert launched[2][1]["bias"] != per_query.data_ptr()  # the converted 0 / -inf bias
+
+
+def test_key_mask_op_calls_run_their_plan_without_checking_again(stubbed_hopper, monkeypatch):
+    """The ops' calls with a boolean key mask the plan runs as the kernels' key mask take the plain calls' runners:
+    the next call of a call key launches the same kernels with its own tensors' and mask's addresses, unchecked. A
+    mask the plan takes as an added bias (here over queries) goes the whole way each time."""
+    monkeypatch.setattr(torch_op, "_impl", lambda q: cuda_attention)
+    monkeypatch.setattr(torch_op, "_PLAIN_FORWARDS", {})
+    monkeypatch.setattr(torch_op, "_PLAIN_BACKWARDS", {})
+    fwd, bwd = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
+
+    def calls(mask):
+        q, k, v = (torch.randn(2, h, 40, 64, dtype=torch.bfloat16) for h in (4, 2, 2))
+        keep = mask()
+        out, lse = fwd(q, k, v, keep, 0.125, True)
+        dq, dk, dv, _ = bwd(torch.randn_like(out), q, k, v, keep, out, lse, 0.125, True)
+        launched = list(stubbed_hopper)
+        stubbed_hopper.clear()
+        return launched, dict(q=q, k=k, v=v, out=out, lse=lse, dq=dq, dk=dk, dv=dv, key_mask=keep)
+
+    def key_mask():
+        return (torch.rand(2, 40) > 0.3)[:, None, None, :]
+
+    first, _ = calls(key_mask)
+
+    def checked_again(*args):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(torch_op, "_check", checked_again)
+    monkeypatch.setattr(torch_op, "_check_backward", checked_again)
+    second, tensors = calls(key_mask)
+    assert [variant for variant, _ in second] == [variant for variant, _ in first]
+    assert [variant.kernel for variant, _ in second] == ["key_mask_prep", "fwd_sm90", "key_mask_prep",
+                                                         "bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
+    for _, ptrs in second:
+        for name in ("q", "k", "v", "out", "lse", "dq", "dk", "dv", "key_mask"):
+            if name in ptrs:
+                assert ptrs[name] == tensors[name].data_ptr(), name
+    assert second[0][1]["key_meta"] == second[1][1]["key_meta"] != 0
+    assert second[2][1]["key_meta"] == second[4][1]["key_meta"] != 0
+    with pytest.raises(AssertionError, match="checked again"):
+        calls(lambda: torch.rand(2, 1, 40, 40) > 0.3)
