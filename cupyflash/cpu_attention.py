@@ -34,8 +34,9 @@ rounding. The lse saved by the forward is unchanged (still MASKED_LOGIT + log(n)
 without keys), so (out, lse) stays the op's contract; a row with real logits has lse >= its largest logit, far
 above LSE_REBUILD, and even if not, exp(S - m) / l is that row's P too. A row whose every key has a large finite
 bias (-1e9) needs the rule most: its logits round to one value and lse = m + log(n) rounds back to m, so
-exp(S - lse) would be 1, not 1/n. The CUDA backward applies the rule in calls with a bias (only a bias gives such
-rows exact logits; without one the logits' own rounding is as large as the lse's): a stats pass of the forward
+exp(S - lse) would be 1, not 1/n. The CUDA backward applies the rule in calls with an added bias (only a finite
+bias gives such rows exact logits; without one the logits' own rounding is as large as the lse's, and a boolean
+mask's -inf leaves a row real logits or none): a stats pass of the forward
 kernel (kernels_cu/flash_fwd.cuh) writes those rows' (m, log2 l) for the backward kernels (cupyflash/plan.py),
 unless launch.LSE_REBUILD_ENV is "0".
 """
