@@ -62,7 +62,7 @@ def _sdpa_mode(options: dict[str, Any]) -> str:
 
 def _rewrite(gm: torch.fx.GraphModule, example_inputs, graph_index: int, sdpa: str) -> list[SiteRecord]:
     records = rewrite_graph(gm, example_inputs, graph_index=graph_index)
-    return records + (route_sdpa(gm, graph_index) if sdpa == "route" else [])
+    return records + (route_sdpa(gm, graph_index, example_inputs) if sdpa == "route" else [])
 
 
 def cupyflash_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,

@@ -369,7 +369,7 @@ class Matcher:
             if site.causal or site.window != (-1, -1) or site.key_terms:
                 raise Unproven("a second mask on the scores: the op takes one band and one key mask")
             keep = StructureAnalysis(self.masks, nq, nk, step.frame).keep(mask, negated=True)
-            causal, window = _flags(keep, nq, nk)
+            causal, window = band_flags(keep, nq, nk)
             unseen = bool(keep.keys) or not _rows_see_a_key(keep, nq, nk)
             if unseen:
                 # Eager gives such a row softmax over equal scores: uniform over all Nk keys (finite fill),
@@ -403,7 +403,7 @@ def _static_int(x: Any) -> int:
     raise Unproven(f"a band edge {x} that depends on the sequence lengths (the op takes a fixed window)")
 
 
-def _flags(keep: Keep, nq, nk) -> tuple[bool, tuple[int, int]]:
+def band_flags(keep: Keep, nq, nk) -> tuple[bool, tuple[int, int]]:
     """(causal, (window_left, window_right)) of the op for keep's band lo <= j - i <= hi: the op keeps
     i + d - left <= j <= i + d + right with d = Nk - Nq (bottom-right aligned)."""
     diag = nk - nq

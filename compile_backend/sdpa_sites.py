@@ -6,6 +6,10 @@ semantics say; anything else is left alone with the reason:
 
 - ``attn_mask``: a boolean mask (True = keep) or an additive float tensor, both as the op reads ``attn_bias``. A row
   whose every key is masked gives 0 and zero gradients in both (SDPA's math/CPU path since torch 2.5, the op always).
+  A boolean mask is followed back to how it was built (compile_backend/masks.py, as the matcher's masks): proven a
+  causal band, a window and per-key terms (transformers' causal and padding masks), the op gets its flags and the
+  key terms as a (B, 1, 1, Nk) key mask, which the plain Hopper kernels read as such, and the dense mask's
+  construction dies where nothing else reads it; else the mask goes to the op as it is.
 - ``is_causal``: SDPA's causal triangle is aligned to the top-left corner, the op's to the bottom-right; they are
   the same mask only when Nq == Nk, which must be proven from the (possibly symbolic) shapes.
 - ``scale``: a constant, or None for 1/sqrt(E) with E = q's head dim (a static size).
@@ -31,9 +35,10 @@ from cupyflash.torch_op import why_unsupported
 from cupyflash.validate import default_scale
 
 from . import spellings as sp
-from .matcher import Skip, where
+from .masks import MaskAnalysis, StructureAnalysis, Unproven
+from .matcher import Skip, band_flags, where
 from .report import SiteRecord
-from .rewrite import _Emitter, run_fake
+from .rewrite import _Emitter, _erase_dead, _mask_node, run_fake, to_layout
 
 log = logging.getLogger("cupyflash.compile")
 
@@ -123,16 +128,34 @@ def _same_strides(a: Any, b: Any) -> bool:
             and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride())))
 
 
-def _mask_form(causal: bool, mask: Optional[torch.Tensor]) -> str:
-    if mask is None:
-        return "causal" if causal else "none"
-    key_padding = (mask.dtype == torch.bool and mask.dim() == 4
-                   and all(statically_known_true(d == 1) for d in mask.shape[1:3]))
-    return "key padding" if key_padding else "dense bias"
+def _mask_form(causal: bool, window: tuple, mask: Optional[torch.Tensor]) -> str:
+    parts = (["causal"] if causal else []) + (["window"] if window != (-1, -1) else [])
+    if mask is not None:
+        key_padding = (mask.dtype == torch.bool and mask.dim() == 4
+                       and all(statically_known_true(d == 1) for d in mask.shape[1:3]))
+        parts.append("key padding" if key_padding else "dense bias")
+    return " + ".join(parts) or "none"
 
 
-def route(gm: fx.GraphModule, node: fx.Node) -> dict:
-    """Replace one SDPA call by the op; returns the report's details or raises Skip (graph left as it was)."""
+def _proven_mask(emit: _Emitter, masks: MaskAnalysis, mask: fx.Node, q: torch.Tensor, k: torch.Tensor):
+    """A boolean attn_mask (True = keep) as (causal, window, key mask node or None), proven equal to the op's band
+    and the conjunction of its per-key terms; or the reason it is not (a str)."""
+    nq, nk, frame = q.shape[-2], k.shape[-2], tuple(q.shape[:-2])
+    try:
+        keep = StructureAnalysis(masks, nq, nk, frame).keep(mask)
+        causal, window = band_flags(keep, nq, nk)
+    except Unproven as err:
+        return str(err)
+    keys = None
+    for term in keep.keys:
+        term = to_layout(emit, _mask_node(emit, term, negate=False), frame, frame, full=False)
+        keys = term if keys is None else emit("call_function", torch.logical_and, keys, term)
+    return causal, window, keys
+
+
+def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = None) -> dict:
+    """Replace one SDPA call by the op; returns the report's details or raises Skip (graph left as it was).
+    `masks`: the graph's MaskAnalysis, to prove a boolean mask's structure (None: masks go as they are)."""
     args = _arguments(node)
     q, k, v = (sp.meta(args[name]) for name in ("query", "key", "value"))
     scale = _scale(args, q)
@@ -147,8 +170,16 @@ def route(gm: fx.GraphModule, node: fx.Node) -> dict:
         raise Skip(f"the code after it needs the layout of SDPA's output (strides {tuple(want.stride())}), not the "
                    f"op's contiguous one: {failure}")
     emit = _Emitter(gm.graph, node)
+    notes, dense, window = [ROUTED_NOTE], None, (-1, -1)
     try:
         mask = args["attn_mask"]
+        if masks is not None and mask is not None and sp.meta(mask).dtype == torch.bool and q.dim() == 4:
+            proven = _proven_mask(emit, masks, mask, q, k)
+            if isinstance(proven, str):
+                notes.append(f"mask passed dense: {proven}")
+            else:
+                dense, (causal, window, mask) = mask, proven
+                notes.append("mask proven")
         while mask is not None and sp.meta(mask).dim() < 4:  # SDPA broadcasts a 2-D/3-D mask; the op takes 4-D
             mask = emit.method("unsqueeze", mask, 0)
         fmask = None if mask is None else sp.meta(mask)
@@ -156,29 +187,32 @@ def route(gm: fx.GraphModule, node: fx.Node) -> dict:
         if reason is not None:
             raise Skip(reason)
         res = emit("call_function", _OP, args["query"], args["key"], args["value"], mask, scale, causal,
-                   token_major_out=token_major)
+                   window_left=window[0], window_right=window[1], token_major_out=token_major)
         out = emit("call_function", operator.getitem, res, 0)
     except Skip:
         emit.discard()
         raise
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
-    return {"scale": scale, "causal": causal, "has_bias": mask is not None, "softcap": 0.0, "window": (-1, -1),
-            "mask_form": _mask_form(causal, fmask), "token_major_out": token_major}
+    if dense is not None:
+        _erase_dead(gm.graph, [dense])
+    return {"scale": scale, "causal": causal, "has_bias": mask is not None, "softcap": 0.0, "window": window,
+            "mask_form": _mask_form(causal, window, fmask), "token_major_out": token_major, "notes": tuple(notes)}
 
 
-def route_sdpa(gm: fx.GraphModule, graph_index: int = 0) -> list[SiteRecord]:
-    """Route every SDPA call of a Dynamo graph that the op computes exactly; one record per call."""
-    records = []
+def route_sdpa(gm: fx.GraphModule, graph_index: int = 0, example_inputs=()) -> list[SiteRecord]:
+    """Route every SDPA call of a Dynamo graph that the op computes exactly; one record per call. `example_inputs`:
+    the graph's, whose module buffers (a tril buffer) may prove a mask."""
+    records, masks = [], MaskAnalysis(gm, example_inputs)
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]:
         name, loc = node.name, where(node)
         try:
-            details = route(gm, node)
+            details = route(gm, node, masks)
         except Skip as err:
             records.append(SiteRecord(graph_index, name, loc, False, reason=f"SDPA call: {err}"))
             log.info("cupyflash: left SDPA at %s alone: %s", loc, err)
             continue
-        records.append(SiteRecord(graph_index, name, loc, True, notes=(ROUTED_NOTE,), **details))
+        records.append(SiteRecord(graph_index, name, loc, True, **details))
         log.info("cupyflash: routed SDPA at %s (%s)", loc, details)
     if any(r.fused for r in records):
         gm.graph.lint()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import compile_backend
+from compile_backend import spellings as sp
 from compile_backend.sdpa_sites import ROUTED_NOTE, SDPA
 from models.harness import OP
 from reference import seed_from
@@ -238,18 +239,38 @@ def _sdpa_model(config: str, model: str, **fields):
     return getattr(transformers, model)(made).eval()
 
 
+def _proven_key_masks(graphs, n_q: int) -> None:
+    """Each routed call takes a (B or 1, 1, 1, Nk) key mask or none, and no (.., Nq, Nk) boolean mask is left in
+    the graphs: the dense mask's construction died with the calls that read it."""
+    ops = [n for gm in graphs for n in gm.graph.nodes if n.target is OP]
+    assert ops and all(n.args[3] is None or tuple(sp.meta(n.args[3]).shape[1:3]) == (1, 1) for n in ops)
+    dense = [n.name for gm in graphs for n in gm.graph.nodes if isinstance(sp.meta(n), torch.Tensor)
+             and sp.meta(n).dtype == torch.bool and sp.meta(n).dim() >= 2 and sp.meta(n).shape[-2] == n_q]
+    assert not dense, dense
+
+
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
-def test_llama_sdpa_routed(padding):
+@pytest.mark.parametrize("family,form", [("llama", "causal + key padding"),
+                                         ("mistral", "causal + window + key padding")])
+def test_decoder_sdpa_routed_with_its_mask_proven(family, form, padding):
+    """transformers' SDPA mask (causal ∧ padding, with Mistral's sliding window) followed back to how it was built:
+    the op gets the causal flag, the window and a key mask; outputs and gradients equal SDPA's."""
     from models.transformers_zoo import specs
 
-    model = _sdpa_model("LlamaConfig", "LlamaModel", num_key_value_heads=2)
-    inputs = specs()["llama"].inputs(torch.Generator().manual_seed(seed_from("llama", padding)), padding)
+    config, model_cls, fields = {"llama": ("LlamaConfig", "LlamaModel", {}),
+                                 "mistral": ("MistralConfig", "MistralModel", {"sliding_window": 4})}[family]
+    model = _sdpa_model(config, model_cls, num_key_value_heads=2, **fields)
+    inputs = specs()[family].inputs(torch.Generator().manual_seed(seed_from(family, padding)), padding)
 
     def forward(ids, mask):
         return model(input_ids=ids, attention_mask=mask)
 
-    run_and_compare(forward, inputs["input_ids"], inputs["attention_mask"], options=ROUTE, expect=2,
-                    params=list(model.parameters()))
+    graphs = run_and_compare(forward, inputs["input_ids"], inputs["attention_mask"], options=ROUTE, expect=2,
+                             params=list(model.parameters()))
+    _proven_key_masks(graphs, inputs["input_ids"].shape[1])
+    report = compile_backend.explain(forward, inputs["input_ids"], inputs["attention_mask"], options={"sdpa": "route"})
+    assert [(s.fused, s.mask_form) for s in report.sites] == [(True, form)] * 2, str(report)
+    assert all("mask proven" in s.notes for s in report.sites)
 
 
 def test_bert_sdpa_routed():
@@ -262,9 +283,11 @@ def test_bert_sdpa_routed():
     def forward(ids, mask):
         return model(input_ids=ids, attention_mask=mask)
 
-    run_and_compare(forward, ids, mask, options=ROUTE, expect=2, params=list(model.parameters()))
+    graphs = run_and_compare(forward, ids, mask, options=ROUTE, expect=2, params=list(model.parameters()))
+    _proven_key_masks(graphs, ids.shape[1])
     report = compile_backend.explain(forward, ids, mask, options={"sdpa": "route"})
-    assert [s.fused and ROUTED_NOTE in s.notes for s in report.sites] == [True, True], str(report)
+    assert [(s.fused, s.mask_form) for s in report.sites] == [(True, "key padding")] * 2, str(report)
+    assert all(ROUTED_NOTE in s.notes and "mask proven" in s.notes for s in report.sites)
 
 
 # ---- benchmarks/sdpa_routing.py (GPU only; its CLI and its rule are checked here) ------------------------------
