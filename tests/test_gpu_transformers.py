@@ -4,7 +4,8 @@ tests/test_transformers_models.py checks every family on the CPU path with tiny 
 here a few families with GPU-sized heads run the CUDA kernels through the masks the backend proves (causal, sliding
 window, key padding, soft-cap) and through the dense fallback. Each compiled bf16 CUDA model's outputs and every
 parameter gradient are within the tolerance rule against the same model in fp64 on the CPU, bf16 eager on the GPU
-being the same-dtype PyTorch math, with no, right and left padding.
+being the same-dtype PyTorch math, with no, right and left padding. The same holds for models written for SDPA
+(``attn_implementation="sdpa"``) whose calls the backend routes (``options={"sdpa": "route"}``), masks proven.
 """
 from __future__ import annotations
 
@@ -40,12 +41,12 @@ FAMILIES = {  # name: (config class, model class, fields)
 }
 
 
-def _build(name: str) -> torch.nn.Module:
+def _build(name: str, attn: str = "eager") -> torch.nn.Module:
     import transformers
 
     config, model, fields = FAMILIES[name]
     torch.manual_seed(seed_from(name))
-    made = getattr(transformers, config)(**fields, attn_implementation="eager")
+    made = getattr(transformers, config)(**fields, attn_implementation=attn)
     return getattr(transformers, model)(made).eval()
 
 
@@ -71,19 +72,21 @@ def _run(model, inputs, cotangents):
 
 @pytest.fixture(scope="module")
 def compiled():
-    """(name -> (fp32 CPU model, bf16 CUDA eager model, compiled twin, sites fused)), built on first use."""
+    """((name, attention) -> (fp32 CPU model, bf16 CUDA eager model, compiled twin, sites fused)), built on first
+    use; attention "sdpa": the model written for SDPA, its calls routed."""
     cache = {}
 
-    def get(name):
-        if name not in cache:
+    def get(name, attn="eager"):
+        if (name, attn) not in cache:
             torch._dynamo.reset()
-            model = _build(name)
+            model = _build(name, attn)
             eager16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
-            report = compile_backend.explain(copy.deepcopy(eager16), **_cuda(_inputs(name, "right")))
+            route = {"sdpa": "route"} if attn == "sdpa" else {}
+            report = compile_backend.explain(copy.deepcopy(eager16), **_cuda(_inputs(name, "right")), options=route)
             before = counters["cupyflash"]["attention_fused"]
-            twin = torch.compile(copy.deepcopy(eager16), backend="cupyflash", options={"inner": "eager"})
-            cache[name] = (model, eager16, twin, report, before)
-        return cache[name]
+            twin = torch.compile(copy.deepcopy(eager16), backend="cupyflash", options={"inner": "eager", **route})
+            cache[name, attn] = (model, eager16, twin, report, before)
+        return cache[name, attn]
     return get
 
 
@@ -94,7 +97,20 @@ def _cuda(inputs: dict) -> dict:
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_outputs_and_gradients_within_rule(compiled, name, padding):
-    model, eager16, twin, report, before = compiled(name)
+    _within_rule(*compiled(name), name, padding)
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("name,form", [("llama", "causal + key padding"), ("mistral", "causal + window + key padding"),
+                                       ("bert", "key padding")])
+def test_routed_sdpa_within_rule(compiled, name, form, padding):
+    """Models written for SDPA, their calls routed with the masks proven (the plain kernels' key mask on Hopper)."""
+    model, eager16, twin, report, before = compiled(name, "sdpa")
+    assert [s.mask_form for s in report.fused] == [form] * 2, str(report)
+    _within_rule(model, eager16, twin, report, before, name, padding)
+
+
+def _within_rule(model, eager16, twin, report, before, name: str, padding: str) -> None:
     assert len(report.fused) == len(report.sites) == 2, str(report)
     inputs = _inputs(name, padding)
     fp32_out = model(**inputs)
