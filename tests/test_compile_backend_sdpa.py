@@ -3,6 +3,7 @@
 look-alikes left alone with their reason; the default ("keep") leaves every call to SDPA."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -319,3 +320,47 @@ def test_routing_benchmark_rule_and_cli(capsys):
     rule = "\n".join(script.suggested_rule(rows, margin=0.05))
     assert "| key padding | 128 | fwd | 0.70-0.90 | route |" in rule
     assert "| none | 128 | fwd | 0.90-1.20 | keep |" in rule
+
+
+# How each family's SDPA calls reach the op, routed with their masks proven (a multiset over the model's calls).
+_CAUSAL_PAD, _WINDOW_PAD = "causal + key padding", "causal + window + key padding"
+SDPA_FORMS = {
+    "qwen2": {_CAUSAL_PAD: 2}, "qwen3": {_CAUSAL_PAD: 2}, "phi3": {_CAUSAL_PAD: 2}, "mixtral": {_CAUSAL_PAD: 2},
+    "gpt2": {_CAUSAL_PAD: 2}, "gpt_neox": {_CAUSAL_PAD: 2}, "opt": {_CAUSAL_PAD: 2},
+    "gemma2": {_CAUSAL_PAD: 1, _WINDOW_PAD: 1}, "gemma3": {_CAUSAL_PAD: 1, _WINDOW_PAD: 1},
+    "whisper": {"none": 4, _CAUSAL_PAD: 2}, "clip": {_CAUSAL_PAD: 2, "none": 2},
+    # T5 adds its mask to the learned position bias: a float mask, passed as it is
+    "t5": {"dense bias": 6},
+}
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("name", sorted(SDPA_FORMS))
+def test_transformers_sdpa_families_routed(name, padding):
+    """The zoo's families switched to attn_implementation="sdpa": every call routed, its mask proven where it is a
+    boolean one; outputs and every parameter gradient equal to SDPA's (fp32, CPU)."""
+    from collections import Counter
+
+    from models.transformers_zoo import specs
+
+    spec = specs()[name]
+    model = spec.build()
+    model.set_attn_implementation("sdpa")
+    inputs = spec.inputs(torch.Generator().manual_seed(seed_from(name, padding)), padding)
+    torch._dynamo.reset()
+    report = compile_backend.explain(model, **inputs, options={"sdpa": "route"})
+    assert len(report.fused) == len(report.sites) == spec.sites, str(report)
+    assert Counter(s.mask_form for s in report.fused) == Counter(SDPA_FORMS[name]), str(report)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="cupyflash", options={"sdpa": "route", "inner": "eager"})
+    results = []
+    for run, module in ((model, model), (compiled, twin)):
+        out = run(**inputs)
+        value = next(v for v in out.values() if isinstance(v, torch.Tensor))  # logits, CLIP's logits_per_image
+        value.backward(torch.randn(value.shape, generator=torch.Generator().manual_seed(1)))
+        results.append((value.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert got_grads.keys() == want_grads.keys()
+    for key, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[key], grad, atol=ATOL * 10, rtol=RTOL * 10, msg=key)
