@@ -10,7 +10,9 @@ code builds its 4-D mask and SDPA gets a mask tensor. One step: forward, loss ov
     python benchmarks/llama_step.py --seq 4096 --batch 2 --no-padding
 
 Variants: eager-sdpa, inductor-sdpa (the bar: issue 14 asks for <= 0.9x its step time), eager-eager (naive
-attention), cupyflash (the eager attention code compiled with backend="cupyflash"). Median step time from CUDA
+attention), cupyflash (the eager attention code compiled with backend="cupyflash"), cupyflash-routed-sdpa (the
+model written for SDPA compiled with backend="cupyflash", options={"sdpa": "route"}: its calls routed to the op,
+their masks proven). Median step time from CUDA
 events after warm-up, peak memory, the first step's loss and the backend's mask form per site.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_train_step import step_timer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("eager-sdpa", "inductor-sdpa", "eager-eager", "cupyflash")
+VARIANTS = ("eager-sdpa", "inductor-sdpa", "eager-eager", "cupyflash", "cupyflash-routed-sdpa")
 
 
 def build(args, attn: str) -> torch.nn.Module:
@@ -61,10 +63,11 @@ def run(name: str, base_sd: dict, args, inputs: dict) -> dict:
     counters.clear()
     model = build(args, "sdpa" if name.endswith("sdpa") else "eager")
     model.load_state_dict(base_sd)
+    route = {"sdpa": "route"} if name == "cupyflash-routed-sdpa" else {}
     if name == "inductor-sdpa":
         model = torch.compile(model)
-    elif name == "cupyflash":
-        model = torch.compile(model, backend="cupyflash")
+    elif name.startswith("cupyflash"):
+        model = torch.compile(model, backend="cupyflash", options=route or None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     losses = []
 
@@ -82,11 +85,11 @@ def run(name: str, base_sd: dict, args, inputs: dict) -> dict:
     times = [timed(step) for _ in range(args.steps)]
     row = {"variant": name, "ms": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
            "loss0": losses[0].item(), "fused": counters["cupyflash"]["attention_fused"]}
-    if name == "cupyflash":
+    if name.startswith("cupyflash"):
         import compile_backend
-        plain = build(args, "eager")
+        plain = build(args, "sdpa" if route else "eager")
         plain.load_state_dict(base_sd)
-        row["forms"] = sorted({s.mask_form for s in compile_backend.explain(plain, **inputs).fused})
+        row["forms"] = sorted({s.mask_form for s in compile_backend.explain(plain, **inputs, options=route).fused})
         del plain
     del model, opt
     gc.collect()

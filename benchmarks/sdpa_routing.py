@@ -8,8 +8,10 @@ For each feature a routed call can have (compile_backend/sdpa_sites.py) it times
 backend puts in its place, ``torch.ops.cupyflash.flash_attn_fwd(q, k, v, mask, scale, causal)``: bf16, head dims
 64 and 128, N 512-8192 (batch x N = 16k tokens, heads x head dim = 2048), forward and forward+backward. Features:
 no mask; is_causal; a boolean key-padding mask (B, 1, 1, Nk) that drops the last quarter of the keys of every
-other sequence (transformers' padding, which sends SDPA to a mask-capable backend); a dense additive (B, 1, Nq, Nk)
-bf16 mask; grouped-query attention (4 query heads per K/V head, is_causal, enable_gqa). The markdown table gives
+other sequence (transformers' padding, which sends SDPA to a mask-capable backend); causal + key padding, the
+(B, 1, Nq, Nk) boolean mask a transformers decoder passes SDPA with padding (causal ∧ that key mask), which the
+routed call gets proven as the causal flag and the (B, 1, 1, Nk) key mask; a dense additive (B, 1, Nq, Nk) bf16 mask;
+grouped-query attention (4 query heads per K/V head, is_causal, enable_gqa). The markdown table gives
 both medians, ours / SDPA, the backend SDPA chose and the largest difference of the outputs; below it, a suggested
 rule: per (feature, head dim, pass), route when ours is at least ``--margin`` faster at every N measured.
 
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FEATURES = ("none", "causal", "key padding", "dense additive", "gqa")
+FEATURES = ("none", "causal", "key padding", "causal + key padding", "dense additive", "gqa")
 PASSES = ("fwd", "fwd+bwd")
 GQA_GROUP = 4  # query heads per K/V head
 
@@ -56,12 +58,16 @@ def _inputs(feature: str, n: int, head_dim: int, tokens: int, hidden: int, devic
     k, v = (torch.randn(batch, kv_heads, n, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     mask, causal = None, feature in ("causal", "gqa")
-    if feature == "key padding":
+    if feature in ("key padding", "causal + key padding"):
         mask = torch.ones(batch, 1, 1, n, dtype=torch.bool, device=device)
         mask[::2, ..., 3 * n // 4:] = False
     elif feature == "dense additive":
         mask = torch.randn(batch, 1, n, n, device=device, dtype=torch.bfloat16)
     sdpa_kwargs = {"attn_mask": mask, "is_causal": causal, "enable_gqa": feature == "gqa"}
+    if feature == "causal + key padding":  # SDPA: the decoder's 4-D mask; the op: what the proof makes of it
+        tril = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        sdpa_kwargs["attn_mask"] = tril & mask  # (B, 1, N, N)
+        return q, k, v, sdpa_kwargs, (mask, True)
     return q, k, v, sdpa_kwargs, (mask, causal)
 
 
