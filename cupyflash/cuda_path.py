@@ -111,10 +111,9 @@ def _launch(xp, p: plan.Plan, q, bias, bufs: dict, causal: bool, window: tuple, 
     device_id = xp.device_id(q)
     stream_ptr = xp.stream_ptr(device_id)
     ptrs = {name: xp.address(a) for name, a in bufs.items()}
-    held = []
-    if p.mask_form == "keys":
-        meta = xp.empty(p.key_meta_shape, "int32", q)  # held until the kernels are enqueued
-        ptrs["key_mask"], ptrs["key_meta"] = xp.address(bias), xp.address(meta)
+    held, add_keys = [], _key_mask_ptrs(xp, p, q)
+    if add_keys is not None:
+        held.append(add_keys(ptrs, bias))
     elif bias is not None:
         if p.mask_form == "bias":  # in the plan's layout: contiguous, 0 along broadcast dims
             bias = xp.contiguous(xp.mask_as_bias(bias, q))
@@ -184,9 +183,19 @@ def _taken_as_is(q, k, v) -> bool:
     return 0 not in q.shape and 0 not in k.shape and (q.shape[3], v.shape[3]) == (_kernel_head_dim(q, v),) * 2
 
 
-def _key_meta(xp, p: plan.Plan, like):
-    """An allocator of the key mask's meta rows (the plan's first launch writes them) for a plan with one, else None."""
-    return None if p.mask_form != "keys" else xp.allocator(p.key_meta_shape, "int32", like)
+def _key_mask_ptrs(xp, p: plan.Plan, like):
+    """For a plan with a key mask, `add(ptrs, keys)`: the mask's address and new meta rows' (the plan's first launch
+    writes them) into `ptrs`; it returns the meta array, to hold until the kernels are enqueued. Else None."""
+    if p.mask_form != "keys":
+        return None
+    new_meta, address = xp.allocator(p.key_meta_shape, "int32", like), xp.address
+
+    def add(ptrs: dict, keys):
+        meta = new_meta()
+        ptrs["key_mask"], ptrs["key_meta"] = address(keys), address(meta)
+        return meta
+
+    return add
 
 
 def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple, softcap: float,
@@ -210,15 +219,14 @@ def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple,
     p, ready = _planned(xp, "fwd", (q, k, v), keys, (scale, causal, window, 0.0, softcap, token_major), build)
     if any(r is not a for r, a in zip(ready, (q, k, v))) or (keys is not None and p.mask_form != "keys"):
         return None
-    address, device_id, new_meta = xp.address, xp.device_id(q), _key_meta(xp, p, q)
+    address, device_id, add_keys = xp.address, xp.device_id(q), _key_mask_ptrs(xp, p, q)
 
     def run(q, k, v, keys=None):
         out, lse = new_out(), new_lse()
         ptrs = {"q": address(q), "k": address(k), "v": address(v), "out": address(out), "lse": address(lse)}
-        if new_meta is not None:
-            meta = new_meta()  # held until the kernels are enqueued
-            ptrs["key_mask"], ptrs["key_meta"] = address(keys), address(meta)
+        meta = None if add_keys is None else add_keys(ptrs, keys)
         launch.execute(p, ptrs, xp.stream_ptr(device_id), device_id)
+        del meta  # freed only now, after the kernels that write and read it are enqueued
         return out, lse
 
     return run
@@ -262,19 +270,18 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
     p, ready = _planned(xp, "bwd", (q, k, v, out, dout), keys, options, build)
     if any(r is not a for r, a in zip(ready, (q, k, v, out, dout))) or (keys is not None and p.mask_form != "keys"):
         return None
-    address, device_id, new_meta = xp.address, xp.device_id(q), _key_meta(xp, p, q)
+    address, device_id, add_keys = xp.address, xp.device_id(q), _key_mask_ptrs(xp, p, q)
 
     def run(dout, q, k, v, out, lse, keys=None):
         dq, dk, dv = new_dq(), new_dk(), new_dv()
-        workspace = new_workspace()  # held until the kernels are enqueued, as meta
+        workspace = new_workspace()  # held until the kernels are enqueued
         at = address(workspace)
         ptrs = {"q": address(q), "k": address(k), "v": address(v), "out": address(out), "dout": address(dout),
                 "lse": address(lse), "d_vec": at + 4 * split, "dq_accum": at, "dq": address(dq), "dk": address(dk),
                 "dv": address(dv)}
-        if new_meta is not None:
-            meta = new_meta()
-            ptrs["key_mask"], ptrs["key_meta"] = address(keys), address(meta)
+        meta = None if add_keys is None else add_keys(ptrs, keys)
         launch.execute(p, ptrs, xp.stream_ptr(device_id), device_id)
+        del meta  # as the forward's
         return dq, dk, dv
 
     return run

@@ -33,8 +33,8 @@ DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_sm90", "bwd_preprocess", "bwd_convert_dq", "bwd_convert_dq_sm90",
            "tile_minmax", "tile_classify", "key_mask_prep")
-# The masks' preparation, per dtype, no head dim: kernels_cu/tile_classes.cuh, key_mask.cuh
-TILE_CLASS_KERNELS = ("tile_minmax", "tile_classify", "key_mask_prep")
+# The masks' preparation (per dtype, no head dim): kernels_cu/tile_classes.cuh, key_mask.cuh
+MASK_PREP_KERNELS = ("tile_minmax", "tile_classify", "key_mask_prep")
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
 SM90_KERNELS = ("fwd_sm90", "bwd_sm90", "bwd_convert_dq_sm90")  # wgmma / TMA: sm_90a only
@@ -78,7 +78,7 @@ class Variant:
     @property
     def name(self) -> str:
         short = {"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}[self.dtype]
-        if self.kernel in TILE_CLASS_KERNELS:
+        if self.kernel in MASK_PREP_KERNELS:
             return f"{self.kernel}_{short}"
         return (f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
                 + ("_mods" if self.mods else "") + ("_dropout" if self.dropout else "")
@@ -131,7 +131,7 @@ class Variant:
         """Variants compiled together into one RawModule: one pass (forward / backward) of one dtype and head dim,
         the Hopper kernels (both passes, flash_attn_sm90.cu) of one dtype and head dim, or the bias tile
         classification of one dtype."""
-        if self.kernel in TILE_CLASS_KERNELS:
+        if self.kernel in MASK_PREP_KERNELS:
             return ("tiles", self.dtype, 0)
         if self.kernel in SM90_KERNELS:
             return ("sm90", self.dtype, self.head_dim)
@@ -141,7 +141,7 @@ class Variant:
 def all_variants() -> list[Variant]:
     out = []
     for dtype in DTYPE_TAGS:
-        out += [Variant(k, dtype, 0) for k in TILE_CLASS_KERNELS]
+        out += [Variant(k, dtype, 0) for k in MASK_PREP_KERNELS]
         for d in tiles.FORWARD:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         if dtype in SM90_DTYPES:

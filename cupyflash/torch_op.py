@@ -158,9 +158,9 @@ _PLAIN_BACKWARDS: dict = {}
 
 
 def _key_mask_like(attn_bias) -> bool:
-    """Whether attn_bias is a boolean mask over keys alone, (B or 1, 1, 1, Nk): the plan may run it as the kernels'
-    key mask (plan.plan_for), so its calls may have a runner."""
-    return attn_bias.dtype == torch.bool and attn_bias.dim() == 4 and attn_bias.shape[1] == attn_bias.shape[2] == 1
+    """Whether attn_bias is a 4-D boolean mask: the plan may run it as the kernels' key mask (plan.plan_for decides;
+    a runner is made only where it does), so its calls may have a runner."""
+    return attn_bias.dtype == torch.bool and attn_bias.dim() == 4
 
 
 def _plain_key(tensors: tuple, options: tuple):
