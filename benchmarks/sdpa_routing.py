@@ -77,8 +77,8 @@ def _sdpa_backend(q, k, v, kwargs) -> str:
     from torch.nn.attention import SDPBackend
 
     try:
-        choice = torch._fused_sdp_choice(q, k, v, kwargs["attn_mask"], 0.0, kwargs["is_causal"], None,
-                                         kwargs["enable_gqa"])
+        choice = torch._fused_sdp_choice(q, k, v, kwargs["attn_mask"], 0.0, kwargs["is_causal"],
+                                         enable_gqa=kwargs["enable_gqa"])  # scale and enable_gqa: keyword-only
         return SDPBackend(choice).name.lower()
     except (AttributeError, TypeError, ValueError, RuntimeError):
         return "?"

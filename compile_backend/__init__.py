@@ -11,9 +11,10 @@ The backend rewrites each Dynamo FX graph (``matcher`` finds sites by meaning, `
                                                        "epilogue_fusion": False})
 
 torch.compile passes ``mode`` only when it is not "default" and ``options`` only when non-empty, and it
-refuses both together; so ``options`` may also carry ``"mode"``. ``options={"sdpa": "route"}`` also routes
-``F.scaled_dot_product_attention`` calls to the op where it computes the same (``sdpa_sites``; "keep", the
-default, leaves them to SDPA). Other option keys are Inductor config settings, as for ``backend="inductor"``.
+refuses both together; so ``options`` may also carry ``"mode"``. ``F.scaled_dot_product_attention`` calls go to the
+op where a same-run benchmark found it faster (``options={"sdpa": "auto"}``, the default: a boolean mask proven to be
+causal and key padding, on Hopper; ``sdpa_rule``), or wherever it computes the same (``"route"``), or stay SDPA's
+(``"keep"``). Other option keys are Inductor config settings, as for ``backend="inductor"``.
 
 Every fused site of a graph that compiled bumps ``torch._dynamo.utils.counters["cupyflash"]["attention_fused"]``;
 every site is logged under ``cupyflash.compile``; ``explain(model, *args)`` returns a report of all sites.
@@ -53,8 +54,8 @@ def _inductor_patches(mode: Optional[str], options: dict[str, Any]) -> dict[str,
 
 
 def _sdpa_mode(options: dict[str, Any]) -> str:
-    """Pops the "sdpa" option: "keep" (default) or "route"."""
-    sdpa = options.pop("sdpa", "keep")
+    """Pops the "sdpa" option: one of SDPA_MODES, the first by default."""
+    sdpa = options.pop("sdpa", SDPA_MODES[0])
     if sdpa not in SDPA_MODES:
         raise ValueError(f"backend='cupyflash': options['sdpa'] is {sdpa!r}; expected one of {SDPA_MODES}")
     return sdpa
@@ -62,7 +63,7 @@ def _sdpa_mode(options: dict[str, Any]) -> str:
 
 def _rewrite(gm: torch.fx.GraphModule, example_inputs, graph_index: int, sdpa: str) -> list[SiteRecord]:
     records = rewrite_graph(gm, example_inputs, graph_index=graph_index)
-    return records + (route_sdpa(gm, graph_index, example_inputs) if sdpa == "route" else [])
+    return records + route_sdpa(gm, graph_index, example_inputs, sdpa)
 
 
 def cupyflash_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
@@ -102,7 +103,8 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs, inner: str, mode: O
 def explain(model, *args, options: Optional[dict[str, Any]] = None, **kwargs) -> Report:
     """Run ``model(*args, **kwargs)`` once through Dynamo and report every softmax-attention site:
     fused (with scale, causal, bias) or left alone (with the reason). Counters are not touched.
-    ``options``: the backend's own rewrite options, i.e. ``{"sdpa": "route"}`` to report SDPA calls too."""
+    ``options``: the backend's own rewrite options: ``{"sdpa": ...}`` as the backend takes it (SDPA calls are
+    reported unless it is "keep")."""
     options = dict(options or {})
     sdpa = _sdpa_mode(options)
     if options:

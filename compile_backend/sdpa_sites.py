@@ -1,8 +1,10 @@
-"""Routing ``F.scaled_dot_product_attention`` calls to ``torch.ops.cupyflash.flash_attn_fwd`` (option ``sdpa="route"``).
+"""Routing ``F.scaled_dot_product_attention`` calls to ``torch.ops.cupyflash.flash_attn_fwd`` (option ``sdpa``).
 
 Code that already calls SDPA (transformers' ``attn_implementation="sdpa"``, timm, nanoGPT's flash path) has no
-softmax for the matcher to find. A call is routed only where the op computes exactly what SDPA's reference (math)
-semantics say; anything else is left alone with the reason:
+softmax for the matcher to find. "route" takes every call the op computes exactly; "auto", the default, only those
+that compile_backend/sdpa_rule.py finds faster on the op (a boolean mask proven to be causal and key padding, on
+Hopper); "keep" none. A call is routed only where the op computes exactly what SDPA's reference (math) semantics
+say; anything else is left alone with the reason:
 
 - ``attn_mask``: a boolean mask (True = keep) or an additive float tensor, both as the op reads ``attn_bias``. A row
   whose every key is masked gives 0 and zero gradients in both (SDPA's math/CPU path since torch 2.5, the op always).
@@ -39,6 +41,7 @@ from .masks import MaskAnalysis, StructureAnalysis, Unproven
 from .matcher import Skip, band_flags, where
 from .report import SiteRecord
 from .rewrite import _Emitter, _erase_dead, _mask_node, run_fake, to_layout
+from .sdpa_rule import why_keep
 
 log = logging.getLogger("cupyflash.compile")
 
@@ -47,7 +50,7 @@ SDPA = torch.nn.functional.scaled_dot_product_attention  # the builtin torch._C.
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 ROUTED_NOTE = "routed from SDPA"
-MODES = ("keep", "route")
+MODES = ("auto", "route", "keep")  # the first is the default
 
 
 def _arguments(node: fx.Node) -> dict[str, Any]:
@@ -153,9 +156,10 @@ def _proven_mask(emit: _Emitter, masks: MaskAnalysis, mask: fx.Node, q: torch.Te
     return causal, window, keys
 
 
-def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = None) -> dict:
+def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = None, auto: bool = False) -> dict:
     """Replace one SDPA call by the op; returns the report's details or raises Skip (graph left as it was).
-    `masks`: the graph's MaskAnalysis, to prove a boolean mask's structure (None: masks go as they are)."""
+    `masks`: the graph's MaskAnalysis, to prove a boolean mask's structure (None: masks go as they are); `auto`:
+    only where sdpa_rule finds the op faster."""
     args = _arguments(node)
     q, k, v = (sp.meta(args[name]) for name in ("query", "key", "value"))
     scale = _scale(args, q)
@@ -183,7 +187,7 @@ def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = Non
         while mask is not None and sp.meta(mask).dim() < 4:  # SDPA broadcasts a 2-D/3-D mask; the op takes 4-D
             mask = emit.method("unsqueeze", mask, 0)
         fmask = None if mask is None else sp.meta(mask)
-        reason = why_unsupported(q, k, v, fmask)
+        reason = why_unsupported(q, k, v, fmask) or (why_keep(q, window, dense is not None) if auto else None)
         if reason is not None:
             raise Skip(reason)
         res = emit("call_function", _OP, args["query"], args["key"], args["value"], mask, scale, causal,
@@ -200,14 +204,16 @@ def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = Non
             "mask_form": _mask_form(causal, window, fmask), "token_major_out": token_major, "notes": tuple(notes)}
 
 
-def route_sdpa(gm: fx.GraphModule, graph_index: int = 0, example_inputs=()) -> list[SiteRecord]:
-    """Route every SDPA call of a Dynamo graph that the op computes exactly; one record per call. `example_inputs`:
-    the graph's, whose module buffers (a tril buffer) may prove a mask."""
+def route_sdpa(gm: fx.GraphModule, graph_index: int = 0, example_inputs=(), mode: str = "route") -> list[SiteRecord]:
+    """Route the SDPA calls of a Dynamo graph that `mode` takes (MODES; "keep": none, no records); one record per
+    call. `example_inputs`: the graph's, whose module buffers (a tril buffer) may prove a mask."""
+    if mode == "keep":
+        return []
     records, masks = [], MaskAnalysis(gm, example_inputs)
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]:
         name, loc = node.name, where(node)
         try:
-            details = route(gm, node, masks)
+            details = route(gm, node, masks, auto=mode == "auto")
         except Skip as err:
             records.append(SiteRecord(graph_index, name, loc, False, reason=f"SDPA call: {err}"))
             log.info("cupyflash: left SDPA at %s alone: %s", loc, err)

@@ -1,6 +1,7 @@
 """options={"sdpa": "route"}: F.scaled_dot_product_attention calls routed to the op where it computes the same
 (compile_backend/sdpa_sites.py), on functions and on real transformers models with attn_implementation="sdpa";
-look-alikes left alone with their reason; the default ("keep") leaves every call to SDPA."""
+look-alikes left alone with their reason; the default ("auto") routes only the calls compile_backend/sdpa_rule.py
+finds faster on the op; "keep" leaves every call to SDPA."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import compile_backend
-from compile_backend import spellings as sp
+from compile_backend import sdpa_rule, spellings as sp
 from compile_backend.sdpa_sites import ROUTED_NOTE, SDPA
 from models.harness import OP
 from reference import seed_from
@@ -178,11 +179,90 @@ def test_causal_with_dynamic_lengths_proven_equal():
     assert isinstance(op.meta["example_value"][0].shape[2], torch.SymInt)  # (out, lse): out's Nq is symbolic
 
 
-def test_default_keeps_sdpa():
-    """Without the option no call is touched: counter 0, the SDPA node still in the graph, explain lists nothing."""
-    graphs = run_and_compare(sdpa_mask, *_qkv(), _key_padding(), options={"inner": "aot_eager"}, expect=0)
+def test_keep_leaves_every_call_to_sdpa():
+    """options={"sdpa": "keep"}: no call is touched: counter 0, the SDPA node still in the graph, explain lists
+    nothing."""
+    graphs = run_and_compare(sdpa_mask, *_qkv(), _key_padding(), options={"sdpa": "keep", "inner": "aot_eager"},
+                             expect=0)
     assert [n.target for gm in graphs for n in gm.graph.nodes].count(SDPA) == 1
-    assert compile_backend.explain(sdpa_causal, *_qkv()).sites == []
+    assert compile_backend.explain(sdpa_causal, *_qkv(), options={"sdpa": "keep"}).sites == []
+
+
+def sdpa_decoder_mask(q, k, v, keep):
+    """A decoder's mask with padding, as transformers passes SDPA: causal ∧ key padding, (B, 1, Nq, Nk)."""
+    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal & keep)
+
+
+def _auto_inputs(n=512, d=64, mask="keys", dtype=torch.bfloat16):
+    q, k, v = (t.to(dtype) for t in _qkv(b=2, h=2, n_q=n, n_k=n, d=d))
+    keep = _key_padding(n_k=n, fully_masked_row=False)
+    return (q, k, v) if mask is None else (q, k, v, keep if mask == "keys" else torch.randn(2, 1, n, n).to(dtype))
+
+
+# The default's rule on a Hopper GPU (its capability faked): (function, inputs, routed, the reason's words).
+AUTO_CASES = {
+    "causal + key padding, d64": (sdpa_decoder_mask, lambda: _auto_inputs(), True, None),
+    "key padding, d128": (sdpa_mask, lambda: _auto_inputs(d=128), True, None),
+    "key padding, fp16": (sdpa_mask, lambda: _auto_inputs(dtype=torch.float16), True, None),
+    "causal flag": (sdpa_causal, lambda: _auto_inputs(mask=None), False, "as fast or faster"),
+    "dense additive mask": (sdpa_mask, lambda: _auto_inputs(mask="dense"), False, "as fast or faster"),
+    "head dim 96": (sdpa_decoder_mask, lambda: _auto_inputs(d=96), False, "head dim 96 not measured"),
+    "N 256": (sdpa_decoder_mask, lambda: _auto_inputs(n=256), False, "shortest length measured"),
+    "fp32": (sdpa_mask, lambda: _auto_inputs(dtype=torch.float32), False, "torch.float32 at head dim 64 not measured"),
+}
+
+
+@pytest.mark.parametrize("case", AUTO_CASES)
+def test_default_routes_where_the_table_says(case, monkeypatch):
+    monkeypatch.setattr(sdpa_rule, "_capability", lambda device: (9, 0))
+    fn, make, routed, reason = AUTO_CASES[case]
+    torch._dynamo.reset()  # static shapes, as a first compile sees them
+    (site,) = compile_backend.explain(fn, *make()).sites
+    assert site.fused == routed and (routed or reason in site.reason), str(site)
+
+
+@pytest.mark.parametrize("capability,reason", [(None, "(device cpu)"), ((8, 0), "sm_80")])
+def test_default_keeps_sdpa_off_hopper(capability, reason, monkeypatch):
+    monkeypatch.setattr(sdpa_rule, "_capability", lambda device: capability)
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(sdpa_decoder_mask, *_auto_inputs()).sites
+    assert not site.fused and "only on Hopper's kernels" in site.reason and reason in site.reason, str(site)
+
+
+def test_default_routed_call_runs_and_counts(monkeypatch):
+    """Through torch.compile with the default options: the routed call is counted and gives SDPA's numbers (bf16
+    against SDPA's bf16 math)."""
+    monkeypatch.setattr(sdpa_rule, "_capability", lambda device: (9, 0))
+    torch._dynamo.reset()
+    counters.clear()
+    inputs = _auto_inputs()
+    got = torch.compile(sdpa_decoder_mask, backend="cupyflash", options={"inner": "aot_eager"})(*inputs)
+    assert counters["cupyflash"]["attention_fused"] == 1
+    torch.testing.assert_close(got.float(), sdpa_decoder_mask(*inputs).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_default_on_transformers_decoders(monkeypatch):
+    """transformers' Llama written for SDPA (head dim 64, T 512, right padding): both calls routed by default, their
+    mask proven causal + key padding; Mistral's sliding layers stay SDPA's (a window beside the key mask)."""
+    transformers = pytest.importorskip("transformers")
+    from models.transformers_zoo import padding_mask
+
+    monkeypatch.setattr(sdpa_rule, "_capability", lambda device: (9, 0))
+    ids = torch.randint(4, 96, (2, 512), generator=torch.Generator().manual_seed(seed_from("auto")))
+    mask = padding_mask("right", length=512)
+    for config, fields, want in (("LlamaConfig", {}, (True, "causal + key padding")),
+                                 ("MistralConfig", {"sliding_window": 128}, (False, None))):
+        torch.manual_seed(seed_from(config))
+        made = getattr(transformers, config)(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                             max_position_embeddings=512, pad_token_id=0, **fields,
+                                             attn_implementation="sdpa")
+        model = transformers.AutoModel.from_config(made).to(torch.bfloat16).eval()
+        torch._dynamo.reset()
+        sites = compile_backend.explain(lambda i, m: model(input_ids=i, attention_mask=m), ids, mask).sites
+        assert [(s.fused, s.mask_form) for s in sites] == [want] * 2, "\n".join(map(str, sites))
+        assert want[0] or all("sliding window" in s.reason for s in sites)
 
 
 LOOKALIKES = {
