@@ -444,23 +444,18 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             acc_to_a<T>(pa[kk], st, kk);
             acc_to_a<T>(dsa[kk], dpt, kk);
         }
+        // The GEMMs' order, after FlashAttention-3/-4's backward: dV; the barrier (dS of both warpgroups in shared
+        // memory); dQ, then dK, whose GEMM runs under dQ's trip through shared memory to the bulk add below.
         fence_operands(acc_dv);
         fence_operands(acc_dk);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dv, pa[kk], TileQ::desc_mn(sdO(n), kk), 1);
-#pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(n), kk), 1);
         wgmma_commit();
 
         // dS's stores reach wgmma (the async proxy) after this fence and the barrier that both warpgroups pass.
         fence_proxy_async();
         named_sync(1, 256);
-        // dV and dK done (they ran under the barrier): Pᵀ's and dSᵀ's fragments are free before dQ's accumulators
-        // are needed; holding both spilled (d128).
-        wgmma_wait<0>();
-        fence_operands(acc_dv);
-        fence_operands(acc_dk);
         // dQ_i[:, cols] = dS[:, keys] K_j[keys, cols], this warpgroup's share (kDqByKeys): A = dS (queries x keys) is
         // dSᵀ in shared memory read MN-major; B = K_j, MN-major.
         // With Mods the warpgroup is read afresh from %tid: held from the prologue it was the one value spilled (d128)
@@ -480,9 +475,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             Wgmma<T, D / 2>::template ss<1, 1>(dq, TileDS::desc_mn(sdS(n), kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
                                                kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+#pragma unroll
+        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(n), kk), 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dQ; dK still running (it reads Q_i: the slot is released after it)
         fence_operands(dq);
-        mbar_arrive(q_empty(n));  // Q_i and dO_i are read
         // By columns, the second warpgroup's share is its columns below DHead.
         const int dq_chunks = kDqByKeys ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8;
         // Lane 0's last copy has read the warp's staging (issued an iteration ago: the wait costs nothing), the
@@ -504,6 +501,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                                 dq_chunks * DqFrag::kChunkFloats * 4);
             bulk_commit();
         }
+        wgmma_wait<0>();  // dK
+        fence_operands(acc_dv);
+        fence_operands(acc_dk);
+        mbar_arrive(q_empty(n));  // Q_i and dO_i are read
     }
     if (lane == 0) bulk_wait<0>();  // the staging stays read until the sums are out
 
