@@ -445,17 +445,31 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             acc_to_a<T>(dsa[kk], dpt, kk);
         }
         // The GEMMs' order, after FlashAttention-3/-4's backward: dV; the barrier (dS of both warpgroups in shared
-        // memory); dQ, then dK, whose GEMM runs under dQ's trip through shared memory to the bulk add below.
+        // memory); dQ, then dK, whose GEMM runs under dQ's trip through shared memory to the bulk add below. The causal
+        // and score mods' variants issue dK beside dV: their code beside dQ's accumulators and dSᵀ's fragments spilled
+        // (d128: 4-72 bytes), and causal calls gained nothing from the order (-2 to +1 %, benchmarks/NOTES.md).
+        constexpr bool kDkUnderDq = !Mods && !Causal;
+        auto issue_dk = [&] {
+#pragma unroll
+            for (int kk = 0; kk < Br / 16; ++kk)
+                Wgmma<T, DKV>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(n), kk), 1);
+        };
         fence_operands(acc_dv);
         fence_operands(acc_dk);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dv, pa[kk], TileQ::desc_mn(sdO(n), kk), 1);
+        if constexpr (!kDkUnderDq) issue_dk();
         wgmma_commit();
 
         // dS's stores reach wgmma (the async proxy) after this fence and the barrier that both warpgroups pass.
         fence_proxy_async();
         named_sync(1, 256);
+        // dV (and dK) done under the barrier: Pᵀ's fragments are free before dQ's accumulators are needed; held beside
+        // them they spilled (d128 causal).
+        wgmma_wait<0>();
+        fence_operands(acc_dv);
+        fence_operands(acc_dk);
         // dQ_i[:, cols] = dS[:, keys] K_j[keys, cols], this warpgroup's share (kDqByKeys): A = dS (queries x keys) is
         // dSᵀ in shared memory read MN-major; B = K_j, MN-major.
         // With Mods the warpgroup is read afresh from %tid: held from the prologue it was the one value spilled (d128)
@@ -475,10 +489,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             Wgmma<T, D / 2>::template ss<1, 1>(dq, TileDS::desc_mn(sdS(n), kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
                                                kk > 0);
         wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dk, dsa[kk], TileQ::desc_mn(sQ(n), kk), 1);
-        wgmma_commit();
-        wgmma_wait<1>();  // dV and dQ; dK still running (it reads Q_i: the slot is released after it)
+        if constexpr (kDkUnderDq) {
+            issue_dk();
+            wgmma_commit();
+        }
+        wgmma_wait<kDkUnderDq ? 1 : 0>();  // dQ; dK still running (it reads Q_i: the slot is released after it)
         fence_operands(dq);
         // By columns, the second warpgroup's share is its columns below DHead.
         const int dq_chunks = kDqByKeys ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8;
