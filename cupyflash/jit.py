@@ -65,7 +65,9 @@ class Variant:
     def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
         if self.kernel == "fwd_sm90":
             return tiles.sm90_forward_tiles(self.head_dim, self.mods, self.causal)
-        if self.kernel in ("bwd_sm90", "bwd_convert_dq_sm90"):
+        if self.kernel == "bwd_sm90":
+            return tiles.sm90_backward_tiles(self.head_dim, self.mods)
+        if self.kernel == "bwd_convert_dq_sm90":
             return tiles.BACKWARD_SM90[self.head_dim]
         if self.kernel not in ("fwd", "bwd"):
             return None
@@ -104,7 +106,7 @@ class Variant:
             return (f"cupyflash::flash_bwd_kernel<{tag}, {d}, {t.launch_cols(d)}, {t.Br}, {t.Bc}, {t.warps}, "
                     f"{str(t.fuse_sdp).lower()}, {flags}>")
         if self.kernel == "bwd_convert_dq_sm90":
-            return f"cupyflash::flash_bwd_convert_dq_sm90<{tag}, {t.tile_head_dim(d)}, {d}, {t.Br}>"
+            return f"cupyflash::flash_bwd_convert_dq_sm90<{tag}, {t.tile_head_dim(d)}, {d}>"
         if self.kernel == "bwd_preprocess":
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
         if self.kernel == "tile_minmax":

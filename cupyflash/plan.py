@@ -58,11 +58,10 @@ def preprocess_lanes(d: int, dtype: str) -> int:
 
 
 def dq_accum_rows(n_q: int) -> int:
-    """dQ_accum's rows per (batch, head): n_q rounded up to the Hopper backward's Q block, whose whole blocks it adds
-    (kernels_cu/flash_bwd_sm90.cuh DqFrag); the mma.sync kernels use its first B·H·n_q rows. One size for both
-    families, so a caller allocates it before the plan is known."""
-    br = next(iter(tiles.BACKWARD_SM90.values())).Br
-    return -(-n_q // br) * br
+    """dQ_accum's rows per (batch, head): n_q rounded up to the Hopper backward's largest Q block, whose whole blocks
+    it adds (kernels_cu/flash_bwd_sm90.cuh DqFrag); the mma.sync kernels use its first B·H·n_q rows. One size for
+    both families and every tile, so a caller allocates it before the plan is known."""
+    return -(-n_q // tiles.DQ_ACCUM_HEAD_ROWS) * tiles.DQ_ACCUM_HEAD_ROWS
 
 
 class BiasLayout(NamedTuple):

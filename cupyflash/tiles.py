@@ -138,6 +138,26 @@ BACKWARD_SM90 = {
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
 }
 
+# The plain and causal backward's tiles where they differ from BACKWARD_SM90's (which the score mods' variants keep):
+# d64 on 128 x 128, FlashAttention-4's (flash_attn/cute/interface.py _tile_size_bwd_sm90): each consumer warpgroup's Sᵀ
+# and dPᵀ GEMMs are m64n128 instead of m64n64, so every K/V tile in shared memory and every per-block step (the
+# barrier, the waits, the LSE / D rows) serves twice the queries, and dQ splits by rows (flash_bwd_sm90.cuh
+# kDqByRows). Two Q/dO slots: three of 128 rows pass sm_90's 227 KiB. H100 (benchmarks/results/
+# bwd-d64-128x128-NVIDIA_H100_80GB_HBM3.log): +2-4 % over 64 x 128 without a causal mask, +2-10 % causal.
+BACKWARD_SM90_PLAIN = {
+    64: Sm90Tiles(Bc=128, stages=2, Br=128),
+}
+# dQ_accum's rows per (batch, head) are Nq rounded up to this, the largest Br of the Hopper backward
+# (flash_bwd_sm90.cuh DqFrag::kHeadRows), so a caller sizes it before the plan is known.
+DQ_ACCUM_HEAD_ROWS = 128
+
+
+def sm90_backward_tiles(d: int, mods: bool) -> Sm90Tiles:
+    """The Hopper backward's tiles at head dim `d`: the plain (and causal, and key mask) variant's, or those with score
+    mods."""
+    return BACKWARD_SM90[d] if mods else BACKWARD_SM90_PLAIN.get(d, BACKWARD_SM90[d])
+
+
 BACKWARD = {  # fuse_sdp, A/B on an H100: d64 +4-9%, d128 +9-17%; d96 -2-4% (it spills there: 32 B on sm_90)
     # d32, H100 sweep (benchmarks/results/tile-sweep-NVIDIA_H100_80GB_HBM3.log, session 6): 0.80-0.93x of SDPA flash,
     # (64, 128, 8) 0.77-0.86x
@@ -209,12 +229,12 @@ def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:
     """K and V, the Q and dO slots, two dSᵀ tiles (16-bit, swizzled), LSE and D per slot (fp32; with score mods the
     rows' lo too: P = exp2((s - hi) - lo)), the mbarriers (kv_full, then full and empty per stage), with score mods
     the soft-cap derivatives of each consumer thread's Br / 2 scores (fp16), each consumer warpgroup's dQ staging
-    tile (Br rows of its columns, fp32, 16-byte aligned), and 1 KiB of alignment slack."""
+    tile (its 16 rows of its columns, fp32, 16-byte aligned), and 1 KiB of alignment slack."""
     tile_d = t.tile_head_dim(d)
     cap_grad = 256 * t.Br // 2 * 2 if mods else 0
     row_arrays = 3 if mods else 2
-    dq_cols = d if d <= tile_d // 2 else tile_d // 2  # flash_bwd_sm90.cuh kDqCols
-    dq_staging = 2 * t.Br * dq_cols * 4 + 8 * 8 + 16  # and each consumer warp's destination address
+    dq_cols = d if d <= tile_d // 2 or t.Br == 128 else tile_d // 2  # flash_bwd_sm90.cuh kDqCols
+    dq_staging = 8 * 16 * dq_cols * 4 + 8 * 8 + 16  # and each consumer warp's destination address
     return ((2 * t.Bc + 2 * t.stages * t.Br) * tile_d * 2 + 2 * t.Bc * t.Br * 2 + t.stages * row_arrays * t.Br * 4
             + 8 * (1 + 2 * t.stages) + cap_grad + dq_staging + 1024)
 

@@ -1,11 +1,13 @@
 // Backward on Hopper (sm_90a), after FlashAttention-3's (https://arxiv.org/abs/2407.08608): one thread block per
 // Bc = 128 keys of one K/V head holds K_j and V_j in shared memory and dK_j, dV_j in registers, while a producer
-// warpgroup streams the (query head, Q block) pairs that see those keys (Q_i and dO_i, Br = 64 rows, two slots)
-// with TMA. Each of two consumer warpgroups owns 64 of the keys and per Q block runs on wgmma:
+// warpgroup streams the (query head, Q block) pairs that see those keys (Q_i and dO_i, Br = 64 rows, or 128 on d64's
+// plain path as FlashAttention-4's, in two or three slots) with TMA. Each of two consumer warpgroups owns 64 of the
+// keys and per Q block runs on wgmma:
 //   Sᵀ = K Q_iᵀ and dPᵀ = V dO_iᵀ (64 keys x Br), Pᵀ = exp2(Sᵀ·scale·log2 e − LSE·log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − D_i),
 //   dV += Pᵀ dO_i and dK += dSᵀ Q_i with Pᵀ, dSᵀ as register A operands,
 //   dQ_i += dS K_j: both halves of dSᵀ go through shared memory, and each warpgroup forms D/2 of dQ_i's columns, or,
-//   where the tensors' columns fit in D/2, the sum over its 64 keys of all of them; each warp stores its 16 rows of
+//   where the tensors' columns fit in D/2, the sum over its 64 keys of all of them, or, with Br = 128, all columns of
+//   its 64 of the block's rows; each warp stores its 16 rows of
 //   them to shared memory in the accumulator's fragment order and adds them, contiguous, into the fp32 accumulator
 //   with one bulk reduce-add (the TMA engine, as FlashAttention-3's dQ_accum; flash_bwd_convert_dq_sm90 below reads
 //   that layout back).
@@ -23,47 +25,52 @@
 
 namespace cupyflash {
 
-// dQ_accum's layout on Hopper: whole Q blocks of Br rows per (batch, head) (Nq rounded up to Br), each block split
-// into the warpgroups' column shares (by columns: D/2, then DHead - D/2; by keys: all DHead, both adding), each share
-// into the consumer warps' 16-row tiles, and each tile in wgmma's accumulator order: per 8 columns (a chunk), lane l's
-// (row l/4, cols 2(l%4), +1) then (row l/4 + 8, same cols). A warp's tile is one contiguous run of 16 · share floats.
+// dQ_accum's layout on Hopper: per (batch, head) Nq rows rounded up to kHeadRows (the largest Br, so that any Q block
+// of any variant lies inside), in sub-blocks of 64 rows (one warpgroup's wgmma rows); each sub-block split into the
+// column shares of a 64-row block (by columns: D/2, then DHead - D/2; by keys: all DHead, both warpgroups adding),
+// each share into the consumer warps' 16-row tiles, and each tile in wgmma's accumulator order: per 8 columns (a
+// chunk), lane l's (row l/4, cols 2(l%4), +1) then (row l/4 + 8, same cols). A warp's tile is one contiguous run of
+// 16 · share floats. cupyflash/plan.py dq_accum_rows sizes it.
 struct DqFrag {
+    static constexpr int kRows = 64;
+    static constexpr int kHeadRows = 128;
     static constexpr int kChunkFloats = 32 * 4;  // 8 columns x 16 rows
     CF_DEVICE static int offset(int chunk, int lane) { return (chunk * 32 + lane) * 4; }
-    // The Q block's first float: (b·H + h) heads of ceil(Nq / Br) blocks, then q0 rows, before it.
-    CF_DEVICE static i64 block(i64 bh, int q0, int Nq, int Br, int DHead) {
-        return (bh * ((Nq + Br - 1) / Br) * Br + q0) * DHead;
+    // The sub-block's first float: (b·H + h) heads of Nq rounded up to kHeadRows, then q0 rows, before it.
+    CF_DEVICE static i64 block(i64 bh, int q0, int Nq) {
+        return bh * ((Nq + kHeadRows - 1) & -kHeadRows) + q0;
     }
     template <int D, int DHead>
-    CF_DEVICE static int warp_tile(int wg, int warp, int Br) {
+    CF_DEVICE static int warp_tile(int share, int warp) {
         constexpr bool by_keys = DHead <= D / 2;
-        const int share = by_keys ? DHead : wg == 0 ? D / 2 : DHead - D / 2;
-        return (by_keys || wg == 0 ? 0 : Br * (D / 2)) + warp * 16 * share;
+        const int cols = by_keys ? DHead : share == 0 ? D / 2 : DHead - D / 2;
+        return (by_keys || share == 0 ? 0 : kRows * (D / 2)) + warp * 16 * cols;
     }
 };
 
 // dQ = scale · dQ_accum in the input dtype, with the caller's strides, from the layout above: one thread per 4 floats
 // of it (two rows by two columns), so the reads are whole 16-byte runs; rows past Nq skipped. n_rows counts float4s.
-template <typename T, int D, int DHead, int Br>
+template <typename T, int D, int DHead>
 __global__ void flash_bwd_convert_dq_sm90(const ConvertDqParams<typename T::elem> params) {
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= params.n_rows) return;
     constexpr bool by_keys = DHead <= D / 2;
-    constexpr int kBlock4 = Br * DHead / 4;  // float4s per Q block
+    constexpr int kRows = DqFrag::kRows;
+    constexpr int kBlock4 = kRows * DHead / 4;  // float4s per sub-block
     const i64 block = idx / kBlock4;
     int u = (int)(idx % kBlock4);
-    const int n_blocks = (params.Nq + Br - 1) / Br;
+    const int n_blocks = (params.Nq + DqFrag::kHeadRows - 1) / DqFrag::kHeadRows * (DqFrag::kHeadRows / kRows);
     const int qb = (int)(block % n_blocks), h = (int)((block / n_blocks) % params.H);
     const int b = (int)(block / ((i64)n_blocks * params.H));
     int share = by_keys ? DHead : D / 2, col0 = 0;
-    if (!by_keys && u >= Br * (D / 2) / 4) {
-        u -= Br * (D / 2) / 4;
+    if (!by_keys && u >= kRows * (D / 2) / 4) {
+        u -= kRows * (D / 2) / 4;
         share = DHead - D / 2;
         col0 = D / 2;
     }
     const int warp = u / (4 * share), in_tile = u % (4 * share);
     const int chunk = in_tile / 32, lane = in_tile % 32;
-    const int row = qb * Br + warp * 16 + lane / 4, col = col0 + chunk * 8 + 2 * (lane % 4);
+    const int row = qb * kRows + warp * 16 + lane / 4, col = col0 + chunk * 8 + 2 * (lane % 4);
     const float4 a = reinterpret_cast<const float4*>(params.dq_accum)[idx];
     typename T::elem* dst = params.dq + b * params.dq_s.b + h * params.dq_s.h + col;
     // dq is contiguous (the op allocates it), so a column pair is one aligned 32-bit word.
@@ -98,7 +105,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     // dQ_i's split between the warpgroups: by columns (D/2 each, over all Bc keys), or where DHead fits in D/2 (d32 on
     // 64-column tiles, whose second half is zeros) by keys (64 each, over all DHead columns, both adding into them).
     constexpr bool kDqByKeys = DHead <= D / 2;
-    static_assert(Bc == 128 && Br == 64, "two consumer warpgroups of 64 keys; the LSE / D warp's two rows per lane");
+    // With Br = 128 each warpgroup forms all columns of its 64 rows (the wgmma's M), over all Bc keys, and adds them to
+    // its sub-block as two column shares.
+    constexpr bool kDqByRows = Br == 128;
+    static_assert(!kDqByRows || (DHead == D && !kDqByKeys), "by rows: two column shares of whole tiles");
+    // Br = 128 only on the plain path: the score mods hold a bit or a value per score of a thread's Br / 2 (keep bits,
+    // soft-cap derivatives), sized for 64.
+    static_assert(Bc == 128 && (Br == 64 || (Br == 128 && !Mods)), "two consumer warpgroups of 64 keys");
     using TileKV = SwTile<Bc, D>;
     using TileQ = SwTile<Br, D>;
     using TileDS = SwTile<Bc, Br>;  // dSᵀ: rows = keys, columns = queries
@@ -119,7 +132,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     // (one per row lost to red.global at d64: 16 issues per warp serialized over the lanes, benchmarks/NOTES.md);
     // then each warp's destination address (8 bytes). Its offset from sK, a constant (a base held across the loop
     // spilled at d128 with dropout), 16-byte aligned for the bulk copies.
-    constexpr int kDqCols = kDqByKeys ? DHead : D / 2;
+    constexpr int kDqCols = kDqByKeys || kDqByRows ? DHead : D / 2;
+    constexpr int kDqStaging = 8 * 16 * kDqCols;  // floats: the 8 consumer warps' tiles
     constexpr u32 kDqOffset = (2 * TileKV::bytes() + 2 * kStages * TileQ::bytes() + 2 * TileDS::bytes() +
                                kStages * kRowArrays * Br * 4 + 8 * (1 + 2 * kStages) + (Mods ? Br * 256 : 0) + 15) &
                               ~15u;
@@ -156,10 +170,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         i_begin = max(0, k0 - mods.diag - mods.right) / Br;
         i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
     }
-    // A key mask: a block outside its [lo, hi) sees no query (its dK, dV are zero); inside, each of this thread's
-    // two keys (below) is kept or not for every query.
+    // A key mask: a block outside its [lo, hi) sees no query: nothing is loaded and its dK, dV are zero (the loop
+    // bounds stay the shapes': taken from the mask, the pair count was a value spilled, d64 on 128 rows); inside,
+    // each of this thread's two keys (below) is kept or not for every query.
     const KeyRow keys{KeyMask ? key_meta + b * key_meta_sb : nullptr};
-    if (KeyMask && (k0 + Bc <= keys.lo() || k0 >= keys.hi())) i_end = i_begin;
+    const bool dead = KeyMask && (k0 + Bc <= keys.lo() || k0 >= keys.hi());
     const int n_blocks = max(0, i_end - i_begin);
     const int n_pairs = group * n_blocks;  // (query head in the group, Q block) pairs
     auto head_of = [&](int it) { return h_kv * group + it / n_blocks; };
@@ -194,8 +209,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // 168 - 40 = 2 · (232 - 168): what the consumers take (launch: 65536 / 384 = 168 each); the LSE / D warp
         // spilled on 24.
         regs_dealloc<40>();
+        if (dead) return;
         if (warp == 9) {  // LSE_i · log2 e and D_i into shared memory; rows past Nq: P = exp2(s - inf) = 0, D = 0
-            static_assert(Br == 64, "two rows per lane");
             for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
                 const int n = Mods ? n_done : it;  // pairs before this one: its slot and phase (plain: it, see below)
                 const int q0 = block_of(it) * Br;
@@ -252,12 +267,22 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         }
     }
 
-    mbar_wait(kv_full, 0);
-    for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
+    // On the plain path this thread's lane and keys are read afresh from %tid per block: held across the loop they
+    // were among the values spilled (d64 on 128 rows); the score mods' variants hold them (read afresh, d96 spilled).
+    auto thread_lane_key0 = [&] {
+        if constexpr (Mods) return make_int2(lane, key0);
+        int t;
+        asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+        return make_int2(t % 32, k0 + t / 32 * 16 + t % 32 / 4);
+    };
+    if (!dead) mbar_wait(kv_full, 0);
+    for (int n_done = 0, it = dead ? it_end : next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
         // Pairs done before this one: its slots and phases, as the producer's. The plain path, which visits every
         // pair from 0, uses it: two counters in step moved the forward's plain loop out of uniform registers.
         const int n = Mods ? n_done : it;
         const int hq = head_of(it), q0 = block_of(it) * Br;
+        const int2 lane_key0 = thread_lane_key0();
+        const int lane = lane_key0.x, key0 = lane_key0.y;
         const i64 bh = (i64)b * H + hq;
         mbar_wait(qdo_full(n), phase(n));
         // K's and V's descriptors recomputed per block from opaque bases: hoisted out of the loop, the 40 of them
@@ -266,11 +291,21 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         asm volatile("" : "+r"(k_base), "+r"(v_base));
         // Where this warp adds its dQ_i tile, parked in shared memory until then: held in registers (or formed there
         // from the block's head and row) it spilled at d128 with dropout, where the scores' Philox needs them most.
-        const u32 s_dq_dst = k_base + kDqOffset + (2 * Br * kDqCols + 2 * (wg * 4 + warp % 4)) * 4;
+        // On the plain path the warp's place is read afresh from %tid, and Nq opaque: held across the loop, their
+        // products were among the values spilled (d64 on 128 rows).
+        int wg_t = wg, warp_t = warp % 4, nq_dq = Nq;
+        if constexpr (!Mods) {
+            int t;
+            asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+            asm volatile("" : "+r"(nq_dq));
+            wg_t = t / 128;
+            warp_t = t / 32 % 4;
+        }
+        const u32 s_dq_dst = k_base + kDqOffset + (kDqStaging + 2 * (wg_t * 4 + warp_t)) * 4;
         if (lane == 0)
             st_shared_u64(s_dq_dst, reinterpret_cast<unsigned long long>(
-                                        dq_accum + DqFrag::block(bh, q0, Nq, Br, DHead) +
-                                        DqFrag::warp_tile<D, DHead>(wg, warp % 4, Br)));
+                                        dq_accum + DqFrag::block(bh, q0 + (kDqByRows ? wg_t * 64 : 0), nq_dq) * DHead +
+                                        DqFrag::warp_tile<D, DHead>(kDqByRows ? 0 : wg_t, warp_t)));
 
         float st[Br / 8][4], dpt[Br / 8][4];  // Sᵀ and dPᵀ: rows = this warpgroup's keys, columns = queries
         fence_operands(st);
@@ -291,13 +326,16 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         auto query_of = [&](int nt, int e) { return nt * 8 + 2 * (lane % 4) + (e & 1); };
         auto key_of = [&](int e) { return key0 + (e >> 1) * 8; };
         // The softmax runs under dPᵀ's GEMM, but with mods on 128-column dK/dV (d96, d128) their code (tanh, bias
-        // loads) went past the register budget beside dPᵀ's accumulators: there dPᵀ starts after Pᵀ, and the
-        // dropout mask is drawn under Sᵀ's GEMM (beside Sᵀ and dPᵀ both, its Philox rounds spilled too).
-        constexpr bool kDptUnderSoftmax = !Mods || DKV <= 64;
+        // loads) went past the register budget beside dPᵀ's accumulators, as did Sᵀ and dPᵀ of 128 queries (Br 128):
+        // there dPᵀ starts after Pᵀ, and the dropout mask is drawn under Sᵀ's GEMM (beside Sᵀ and dPᵀ both, its
+        // Philox rounds spilled too).
+        constexpr bool kDptUnderSoftmax = (!Mods || DKV <= 64) && Br == 64;
         if constexpr (kDptUnderSoftmax) issue_dpt();
         u32 keep_bits = 0xffffffffu;  // dropout: bit nt·4 + e set where the forward kept that score
-        if (Mods && mods.dropout())  // the forward's Philox words (scores.cuh)
-            keep_bits = mods.template keep_bits_t<Br / 8>(bh, key_of(0), q0 + query_of(0, 0), keep_threshold);
+        if constexpr (Mods) {  // the forward's Philox words (scores.cuh), one bit per score: Br = 64
+            if (mods.dropout())
+                keep_bits = mods.template keep_bits_t<Br / 8>(bh, key_of(0), q0 + query_of(0, 0), keep_threshold);
+        }
 
         // The plain path's masked scores, as one compare per score: those of columns below a per-row limit (keys
         // past Nk or masked by the key mask: the whole row; causal: the queries before key - diag).
@@ -353,12 +391,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
                 for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2((st[nt][e] - lse2[e & 1]) - lo[e & 1]);
             }
-            if constexpr (!kDptUnderSoftmax) {
-                fence_operands(st);
-                fence_operands(dpt);
-                wgmma_fence();
-                issue_dpt();
-            }
         } else {
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt) {
@@ -372,6 +404,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                         x = nt * 8 + 2 * (lane % 4) + c < lim[r] ? 0.f : fast_exp2(x * scale_log2 - lse2[c]);
                     }
             }
+        }
+        if constexpr (!kDptUnderSoftmax) {
+            fence_operands(st);
+            fence_operands(dpt);
+            wgmma_fence();
+            issue_dpt();
         }
         auto kept = [&](int nt, int e) { return (keep_bits >> (nt * 4 + e)) & 1u; };
         wgmma_wait<0>();  // dPᵀ
@@ -428,16 +466,23 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
 #pragma unroll
                 for (int e = 0; e < 4; ++e) dpt[nt][e] *= mods.cap_grad_at(cap_grad, nt, e);
         }
-        // dSᵀ (in dpt) to shared memory for dQ; Pᵀ and dSᵀ as A fragments for dV and dK. The row is opaque so that
-        // the 16 store addresses are recomputed per block, not hoisted and spilled.
-        u32 ds_row = key0 - k0;
-        asm volatile("" : "+r"(ds_row));
+        // dSᵀ to shared memory for dQ, each of a thread's two rows' two 16-bit values a word: on the plain path from
+        // dSᵀ's A fragment (dsa[kk]'s words are (chunk 2·kk + h, row r) at 2·h + r, acc_to_a) under dV's GEMM, the fp32
+        // registers free by then (stored from them before it, d64 on 128 rows spilled); with the score mods from the
+        // fp32 registers before the fragments are formed (the other way, d96 spilled). The row is opaque so that the
+        // store addresses are recomputed per block, not hoisted and spilled.
+        auto store_ds = [&](auto word) {
 #pragma unroll
-        for (int nt = 0; nt < Br / 8; ++nt)  // columns nt·8 + 2·(lane % 4) and the next: in chunk nt
+            for (int nt = 0; nt < Br / 8; ++nt) {  // columns nt·8 + 2·(lane % 4) and the next: in chunk nt
+                u32 ds_row = key0 - k0;
+                asm volatile("" : "+r"(ds_row));
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
-                store2_shared<T>(TileDS::chunk_at(sdS(n), ds_row + 8 * r, nt) + 4 * (lane % 4), dpt[nt][2 * r],
-                                 dpt[nt][2 * r + 1]);
+                for (int r = 0; r < 2; ++r)
+                    st_shared_u32(TileDS::chunk_at(sdS(n), ds_row + 8 * r, nt) + 4 * (lane % 4), word(nt, r));
+            }
+        };
+        if constexpr (Mods) store_ds([&](int nt, int r) { return T::pack(dpt[nt][2 * r], dpt[nt][2 * r + 1]); });
+        // Pᵀ and dSᵀ as A fragments for dV and dK.
         u32 pa[Br / 16][4], dsa[Br / 16][4];
 #pragma unroll
         for (int kk = 0; kk < Br / 16; ++kk) {
@@ -459,8 +504,15 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < Br / 16; ++kk) Wgmma<T, DKV>::template rs<1>(acc_dv, pa[kk], TileQ::desc_mn(sdO(n), kk), 1);
-        if constexpr (!kDkUnderDq) issue_dk();
+        if constexpr (Mods) issue_dk();
         wgmma_commit();
+        if constexpr (!Mods) {
+            store_ds([&](int nt, int r) { return dsa[nt / 2][2 * (nt % 2) + r]; });
+            if constexpr (!kDkUnderDq) {  // after the stores: a wgmma's A registers are not read until it is done
+                issue_dk();
+                wgmma_commit();
+            }
+        }
 
         // dS's stores reach wgmma (the async proxy) after this fence and the barrier that both warpgroups pass.
         fence_proxy_async();
@@ -478,16 +530,19 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(wg_dq));
             wg_dq /= 128;
         }
+        // By rows, A is this warpgroup's 64 queries: the dSᵀ tile's columns from 64 · wg.
+        constexpr int kDqN = kDqByRows ? D : D / 2;  // this warpgroup's dQ columns
         constexpr int kk_per_wg = kDqByKeys ? Bc / 32 : Bc / 16;
         const int kk0 = kDqByKeys ? wg_dq * kk_per_wg : 0;
-        const u32 k_cols = kDqByKeys ? k_base : k_base + wg_dq * TileKV::col_offset(D / 2);
-        float dq[D / 16][4];
+        const u32 k_cols = kDqByKeys || kDqByRows ? k_base : k_base + wg_dq * TileKV::col_offset(D / 2);
+        const u32 ds_queries = sdS(n) + (kDqByRows ? wg_dq * TileDS::col_offset(64) : 0);
+        float dq[kDqN / 8][4];
         fence_operands(dq);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kk_per_wg; ++kk)
-            Wgmma<T, D / 2>::template ss<1, 1>(dq, TileDS::desc_mn(sdS(n), kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
-                                               kk > 0);
+            Wgmma<T, kDqN>::template ss<1, 1>(dq, TileDS::desc_mn(ds_queries, kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
+                                              kk > 0);
         wgmma_commit();
         if constexpr (kDkUnderDq) {
             issue_dk();
@@ -496,7 +551,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         wgmma_wait<kDkUnderDq ? 1 : 0>();  // dQ; dK still running (it reads Q_i: the slot is released after it)
         fence_operands(dq);
         // By columns, the second warpgroup's share is its columns below DHead.
-        const int dq_chunks = kDqByKeys ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8;
+        const int dq_chunks = kDqByKeys || kDqByRows ? DHead / 8 : wg_dq == 0 ? D / 16 : (DHead - D / 2) / 8;
         // Lane 0's last copy has read the warp's staging (issued an iteration ago: the wait costs nothing), the
         // lanes store, the stores reach the copy (the async proxy) after the fence and the warp's sync. Rows past Nq
         // are added too: the accumulator holds whole Q blocks, and the conversion skips them.
@@ -505,15 +560,21 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         __syncwarp();
         const u32 at0 = sdq + DqFrag::offset(0, lane) * 4;
 #pragma unroll
-        for (int nt = 0; nt < D / 16; ++nt) {
+        for (int nt = 0; nt < kDqN / 8; ++nt) {
             if (nt < dq_chunks)
                 st_shared_f32x4(at0 + DqFrag::offset(nt, 0) * 4, dq[nt][0], dq[nt][1], dq[nt][2], dq[nt][3]);
         }
         fence_proxy_async();
         __syncwarp();
         if (lane == 0) {
-            bulk_reduce_add_f32(reinterpret_cast<float*>(lds_u64(s_dq_dst)), sdq,
-                                dq_chunks * DqFrag::kChunkFloats * 4);
+            float* dst = reinterpret_cast<float*>(lds_u64(s_dq_dst));
+            if constexpr (kDqByRows) {  // the sub-block's two column shares (DqFrag), D/2 columns each
+                constexpr u32 kShareBytes = D / 16 * DqFrag::kChunkFloats * 4;
+                bulk_reduce_add_f32(dst, sdq, kShareBytes);
+                bulk_reduce_add_f32(dst + DqFrag::kRows * (D / 2), sdq + kShareBytes, kShareBytes);
+            } else {
+                bulk_reduce_add_f32(dst, sdq, dq_chunks * DqFrag::kChunkFloats * 4);
+            }
             bulk_commit();
         }
         wgmma_wait<0>();  // dK
@@ -523,9 +584,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     }
     if (lane == 0) bulk_wait<0>();  // the staging stays read until the sums are out
 
-    // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written.
-    store_dk_dv<T, DHead>(dk + b * dk_sb + h_kv * dk_sh, dv + b * dv_sb + h_kv * dv_sh, dk_sn, dv_sn, key0, Nk, acc_dk,
-                      acc_dv, scale, lane);
+    // Epilogue: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO, rows past Nk not written. On the plain path the lane and its keys
+    // are read afresh from %tid (as above).
+    const int2 lane_key0 = thread_lane_key0();
+    store_dk_dv<T, DHead>(dk + b * dk_sb + h_kv * dk_sh, dv + b * dv_sb + h_kv * dv_sh, dk_sn, dv_sn, lane_key0.y, Nk,
+                          acc_dk, acc_dv, scale, lane_key0.x);
 }
 
 }  // namespace cupyflash

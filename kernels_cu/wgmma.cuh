@@ -226,6 +226,7 @@ CF_DEVICE void tma_tile(u32 dst, const TmaDesc& desc, int row0, int h, int b, u3
 }
 
 CF_DEVICE void st_shared_f32(u32 addr, float x) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x) : "memory"); }
+CF_DEVICE void st_shared_u32(u32 addr, u32 x) { asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory"); }
 CF_DEVICE void st_shared_u64(u32 addr, unsigned long long x) {
     asm volatile("st.shared.u64 [%0], %1;\n" ::"r"(addr), "l"(x) : "memory");
 }

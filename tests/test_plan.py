@@ -66,7 +66,8 @@ def test_hopper_takes_plain_16bit_calls_on_sm90(kernel, d, dtype, causal):
     p = plan.plan_for(_layout(kernel, dtype, d, causal=causal))
     assert (p.family, p.why) == (plan.HOPPER, "the Hopper kernel takes this call")
     assert p.variant == jit.Variant(f"{kernel}_sm90", dtype, d, causal)
-    want = tiles.sm90_forward_tiles(d, mods=False, causal=causal) if kernel == "fwd" else tiles.BACKWARD_SM90[d]
+    want = (tiles.sm90_forward_tiles(d, mods=False, causal=causal) if kernel == "fwd"
+            else tiles.sm90_backward_tiles(d, mods=False))
     assert p.tiles == want
     (step,) = [s for s in p.steps if s.variant == p.variant]
     assert step.block == (p.tiles.threads,) and p.tiles.threads == 128 * (p.tiles.consumers + 1)
@@ -233,14 +234,16 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 def test_hopper_backward_adds_dq_in_whole_q_blocks(n_q, d):
     """The Hopper backward adds dQ_accum in its fragment order, whole Q blocks of Br rows per head
-    (flash_bwd_sm90.cuh DqFrag): dQ_accum has dq_accum_rows(n_q) rows per head, all zeroed by the preprocess, and
+    (flash_bwd_sm90.cuh DqFrag): dQ_accum has dq_accum_rows(n_q) rows per head, n_q rounded up to the largest Br of
+    any variant (the plain d64's 128, the score mods' 64), all zeroed by the preprocess, and
     flash_bwd_convert_dq_sm90 reads them back, one thread per float4."""
     layout = _layout("bwd", d=d, n_q=n_q)
     p = plan.plan_for(layout)
     assert p.family == plan.HOPPER
-    br = tiles.BACKWARD_SM90[d].Br
+    largest = max(t.Br for t in (*tiles.BACKWARD_SM90.values(), *tiles.BACKWARD_SM90_PLAIN.values()))
+    assert largest == tiles.DQ_ACCUM_HEAD_ROWS
     rows = plan.dq_accum_rows(n_q)
-    assert rows % br == 0 and n_q <= rows < n_q + br
+    assert rows % p.tiles.Br == 0 and rows % largest == 0 and n_q <= rows < n_q + largest
     pre, _, conv = p.steps
     assert conv.variant == jit.Variant("bwd_convert_dq_sm90", layout.dtype, d)
     assert pre.packed.values["Nq_accum"] == rows and pre.packed.values["n_rows"] == B * H * rows
