@@ -44,7 +44,7 @@ def run_fake(op: str, target: Any, fargs: tuple, fkwargs: dict) -> Any:
         return target(*fargs, **fkwargs)
 
 
-class _Emitter:
+class Emitter:
     """Makes nodes before ``anchor``, each with its fake value, and can take them all back."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node):
@@ -72,7 +72,7 @@ def _static_int(d: Any) -> Optional[int]:
     return d if isinstance(d, int) else None
 
 
-def to_layout(emit: _Emitter, t: fx.Node, src: tuple, dst: tuple, full: bool) -> fx.Node:
+def to_layout(emit: Emitter, t: fx.Node, src: tuple, dst: tuple, full: bool) -> fx.Node:
     """Move a (batch..., X, Y) tensor whose batch dims broadcast to ``src`` into batch dims ``dst``
     (same elements, regrouped), e.g. (B·H, N, D) -> (1, B·H, N, D) or (B, H, 1, Nk) -> (1, B·H, 1, Nk).
     ``full`` widens broadcast dims (the op needs q, k, v with equal batch and heads); a bias keeps them."""
@@ -116,29 +116,29 @@ def _op_frame(qk_frame: tuple) -> tuple:
     return qk_frame if len(qk_frame) == 2 else (1, qk_frame[0]) if len(qk_frame) == 1 else (1, 1)
 
 
-def _operand(emit: _Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
+def _operand(emit: Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
     t = operand.node if operand.perm is None else emit.method("permute", operand.node, *operand.perm)
     # No copy: the op takes any strides but a contiguous last dim (it copies that case itself), and its
     # outputs are contiguous, as the matmul it replaces.
     return to_layout(emit, t, src, dst, full=True)
 
 
-def _mask_node(emit: _Emitter, mask, negate: bool) -> fx.Node:
+def mask_node(emit: Emitter, mask, negate: bool) -> fx.Node:
     """`mask` (a node or ``Not`` of one) as a graph node, negated when `negate`; logical_not only where needed."""
     node, negated = node_of(mask)
     return emit("call_function", torch.logical_not, node) if negated != negate else node
 
 
-def _key_mask(emit: _Emitter, site: Site, dst: tuple) -> Optional[fx.Node]:
+def _key_mask(emit: Emitter, site: Site, dst: tuple) -> Optional[fx.Node]:
     """The per-key terms as one boolean (B or 1, 1, 1, Nk) mask, True = keep; None without terms."""
     keep = None
     for term, frame in site.key_terms:
-        term = to_layout(emit, _mask_node(emit, term, negate=False), frame, dst, full=False)
+        term = to_layout(emit, mask_node(emit, term, negate=False), frame, dst, full=False)
         keep = term if keep is None else emit("call_function", torch.logical_and, keep, term)
     return keep
 
 
-def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], float, float]:
+def _bias(emit: Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], float, float]:
     """Emit attn_bias from the kept mask/bias steps, in program order; returns (bias, final scale, softcap).
     A key mask comes alone (matcher: no other bias beside it), as the op's boolean attn_bias, which a positive
     scale leaves as it is."""
@@ -165,13 +165,13 @@ def _bias(emit: _Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], fl
         bias = _key_mask(emit, site, dst)
     elif site.keep_mask is not None:  # alone too (matcher)
         mask, frame = site.keep_mask
-        bias = to_layout(emit, _mask_node(emit, mask, negate=True), frame, dst, full=False)
+        bias = to_layout(emit, mask_node(emit, mask, negate=True), frame, dst, full=False)
     return bias, scale, softcap
 
 
 def fuse(gm: fx.GraphModule, site: Site) -> dict:
     """Replace one site; returns details for the report or raises Skip (graph left as it was)."""
-    emit = _Emitter(gm.graph, site.pv)
+    emit = Emitter(gm.graph, site.pv)
     try:
         dst = _op_frame(site.qk_frame)
         q = _operand(emit, site.q, site.qk_frame, dst)
@@ -219,7 +219,7 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
     for node in sorted(set(site.erase), key=order.__getitem__, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
-    _erase_dead(gm.graph, site.dense_masks + ([site.k.node, site.v.node] if kv_heads else []))
+    erase_dead(gm.graph, site.dense_masks + ([site.k.node, site.v.node] if kv_heads else []))
     return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None, "kv_heads": kv_heads,
             "softcap": float(softcap), "window": tuple(site.window), "mask_form": _mask_form(site, bias),
             "token_major_out": token_major}
@@ -262,7 +262,7 @@ def _mask_form(site: Site, bias: Optional[fx.Node]) -> str:
     return " + ".join(parts) or "none"
 
 
-def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
+def erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
     """Erase the dense masks the op no longer reads, and what built only them: nodes without users, never
     placeholders, impure calls or in-place methods. Sites sharing a mask keep it until the last is fused."""
     stack, erased = list(roots), set()

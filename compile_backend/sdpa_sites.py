@@ -40,7 +40,7 @@ from . import spellings as sp
 from .masks import MaskAnalysis, StructureAnalysis, Unproven
 from .matcher import Skip, band_flags, where
 from .report import SiteRecord
-from .rewrite import _Emitter, _erase_dead, _mask_node, run_fake, to_layout
+from .rewrite import Emitter, erase_dead, mask_node, run_fake, to_layout
 from .sdpa_rule import why_keep
 
 log = logging.getLogger("cupyflash.compile")
@@ -140,7 +140,7 @@ def _mask_form(causal: bool, window: tuple, mask: Optional[torch.Tensor]) -> str
     return " + ".join(parts) or "none"
 
 
-def _proven_mask(emit: _Emitter, masks: MaskAnalysis, mask: fx.Node, q: torch.Tensor, k: torch.Tensor):
+def _proven_mask(emit: Emitter, masks: MaskAnalysis, mask: fx.Node, q: torch.Tensor, k: torch.Tensor):
     """A boolean attn_mask (True = keep) as (causal, window, key mask node or None), proven equal to the op's band
     and the conjunction of its per-key terms; or the reason it is not (a str)."""
     nq, nk, frame = q.shape[-2], k.shape[-2], tuple(q.shape[:-2])
@@ -151,7 +151,7 @@ def _proven_mask(emit: _Emitter, masks: MaskAnalysis, mask: fx.Node, q: torch.Te
         return str(err)
     keys = None
     for term in keep.keys:
-        term = to_layout(emit, _mask_node(emit, term, negate=False), frame, frame, full=False)
+        term = to_layout(emit, mask_node(emit, term, negate=False), frame, frame, full=False)
         keys = term if keys is None else emit("call_function", torch.logical_and, keys, term)
     return causal, window, keys
 
@@ -173,7 +173,7 @@ def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = Non
     if failure is not None:
         raise Skip(f"the code after it needs the layout of SDPA's output (strides {tuple(want.stride())}), not the "
                    f"op's contiguous one: {failure}")
-    emit = _Emitter(gm.graph, node)
+    emit = Emitter(gm.graph, node)
     notes, dense, window = [ROUTED_NOTE], None, (-1, -1)
     try:
         mask = args["attn_mask"]
@@ -199,7 +199,7 @@ def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = Non
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     if dense is not None:
-        _erase_dead(gm.graph, [dense])
+        erase_dead(gm.graph, [dense])
     return {"scale": scale, "causal": causal, "has_bias": mask is not None, "softcap": 0.0, "window": window,
             "mask_form": _mask_form(causal, window, fmask), "token_major_out": token_major, "notes": tuple(notes)}
 
