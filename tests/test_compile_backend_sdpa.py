@@ -222,6 +222,31 @@ def test_default_routes_where_the_table_says(case, monkeypatch):
     assert site.fused == routed and (routed or reason in site.reason), str(site)
 
 
+def sdpa_self_decoder_mask(x, keep):
+    """Self-attention on one tensor (q, k and v share their length, as a model's do) with a decoder's mask."""
+    causal = torch.ones(x.shape[-2], x.shape[-2], dtype=torch.bool).tril()
+    return F.scaled_dot_product_attention(x, x, x, attn_mask=causal & keep)
+
+
+def test_default_decides_a_dynamic_length_with_a_guard(monkeypatch):
+    """A length that turned dynamic (Dynamo's second shape) is routed by a guard on Nq >= MIN_N: lengths above it
+    run the routed graph, a shorter one compiles again and stays SDPA's."""
+    monkeypatch.setattr(sdpa_rule, "_capability", lambda device: (9, 0))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(sdpa_self_decoder_mask, backend="cupyflash", options={"inner": "aot_eager"})
+    fused, graphs = [], []
+    for n in (512, 600, 700, 300):
+        x = torch.randn(2, 2, n, 64, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+        keep = _key_padding(n_k=n, fully_masked_row=False)
+        got = compiled(x, keep)
+        torch.testing.assert_close(got.float(), sdpa_self_decoder_mask(x, keep).float(), atol=2e-2, rtol=2e-2)
+        fused.append(counters["cupyflash"]["attention_fused"])
+        graphs.append(counters["stats"]["unique_graphs"])
+    # 512 static, 600 the dynamic graph (routed, guarded), 700 reuses it, 300 a third graph left to SDPA
+    assert (fused, graphs) == ([1, 2, 2, 2], [1, 2, 2, 3]), (fused, graphs)
+
+
 @pytest.mark.parametrize("capability,reason", [(None, "(device cpu)"), ((8, 0), "sm_80")])
 def test_default_keeps_sdpa_off_hopper(capability, reason, monkeypatch):
     monkeypatch.setattr(sdpa_rule, "_capability", lambda device: capability)
