@@ -103,6 +103,13 @@ CF_DEVICE u32 smem_addr(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
+// threadIdx.x read afresh where it is called (volatile: not hoisted or merged with another read), so that what a
+// kernel derives from it (a lane, a warp's place) is recomputed there instead of held in a register across a loop.
+CF_DEVICE int fresh_tid() {
+    int t;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+    return t;
+}
 CF_DEVICE int lds_s32(u32 addr) {
     int x;
     asm volatile("ld.shared.s32 %0, [%1];" : "=r"(x) : "r"(addr));

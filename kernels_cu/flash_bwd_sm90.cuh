@@ -271,8 +271,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     // were among the values spilled (d64 on 128 rows); the score mods' variants hold them (read afresh, d96 spilled).
     auto thread_lane_key0 = [&] {
         if constexpr (Mods) return make_int2(lane, key0);
-        int t;
-        asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+        const int t = fresh_tid();
         return make_int2(t % 32, k0 + t / 32 * 16 + t % 32 / 4);
     };
     if (!dead) mbar_wait(kv_full, 0);
@@ -295,8 +294,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // products were among the values spilled (d64 on 128 rows).
         int wg_t = wg, warp_t = warp % 4, nq_dq = Nq;
         if constexpr (!Mods) {
-            int t;
-            asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+            const int t = fresh_tid();
             asm volatile("" : "+r"(nq_dq));
             wg_t = t / 128;
             warp_t = t / 32 % 4;
@@ -526,10 +524,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // dSᵀ in shared memory read MN-major; B = K_j, MN-major.
         // With Mods the warpgroup is read afresh from %tid: held from the prologue it was the one value spilled (d128)
         int wg_dq = wg;
-        if constexpr (Mods) {
-            asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(wg_dq));
-            wg_dq /= 128;
-        }
+        if constexpr (Mods) wg_dq = fresh_tid() / 128;
         // By rows, A is this warpgroup's 64 queries: the dSᵀ tile's columns from 64 · wg.
         constexpr int kDqN = kDqByRows ? D : D / 2;  // this warpgroup's dQ columns
         constexpr int kk_per_wg = kDqByKeys ? Bc / 32 : Bc / 16;
