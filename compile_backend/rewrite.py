@@ -123,17 +123,18 @@ def _operand(emit: Emitter, operand, src: tuple, dst: tuple) -> fx.Node:
     return to_layout(emit, t, src, dst, full=True)
 
 
-def mask_node(emit: Emitter, mask, negate: bool) -> fx.Node:
+def _mask_node(emit: Emitter, mask, negate: bool) -> fx.Node:
     """`mask` (a node or ``Not`` of one) as a graph node, negated when `negate`; logical_not only where needed."""
     node, negated = node_of(mask)
     return emit("call_function", torch.logical_not, node) if negated != negate else node
 
 
-def _key_mask(emit: Emitter, site: Site, dst: tuple) -> Optional[fx.Node]:
-    """The per-key terms as one boolean (B or 1, 1, 1, Nk) mask, True = keep; None without terms."""
+def key_mask(emit: Emitter, terms, dst: tuple) -> Optional[fx.Node]:
+    """Per-key terms ((term, its frame) pairs: a matcher site's, a proven SDPA mask's) as one boolean (B or 1, 1, 1,
+    Nk) mask in frame `dst`, True = keep; None without terms."""
     keep = None
-    for term, frame in site.key_terms:
-        term = to_layout(emit, mask_node(emit, term, negate=False), frame, dst, full=False)
+    for term, frame in terms:
+        term = to_layout(emit, _mask_node(emit, term, negate=False), frame, dst, full=False)
         keep = term if keep is None else emit("call_function", torch.logical_and, keep, term)
     return keep
 
@@ -162,10 +163,10 @@ def _bias(emit: Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], flo
                 b = emit("call_function", torch.neg, b)
             bias = b if bias is None else emit("call_function", torch.add, bias, b)
     if site.key_terms:
-        bias = _key_mask(emit, site, dst)
+        bias = key_mask(emit, site.key_terms, dst)
     elif site.keep_mask is not None:  # alone too (matcher)
         mask, frame = site.keep_mask
-        bias = to_layout(emit, mask_node(emit, mask, negate=True), frame, dst, full=False)
+        bias = to_layout(emit, _mask_node(emit, mask, negate=True), frame, dst, full=False)
     return bias, scale, softcap
 
 

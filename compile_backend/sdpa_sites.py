@@ -40,7 +40,7 @@ from . import spellings as sp
 from .masks import MaskAnalysis, StructureAnalysis, Unproven
 from .matcher import Skip, band_flags, where
 from .report import SiteRecord
-from .rewrite import Emitter, erase_dead, mask_node, run_fake, to_layout
+from .rewrite import Emitter, erase_dead, key_mask, run_fake
 from .sdpa_rule import why_keep
 
 log = logging.getLogger("cupyflash.compile")
@@ -149,11 +149,7 @@ def _proven_mask(emit: Emitter, masks: MaskAnalysis, mask: fx.Node, q: torch.Ten
         causal, window = band_flags(keep, nq, nk)
     except Unproven as err:
         return str(err)
-    keys = None
-    for term in keep.keys:
-        term = to_layout(emit, mask_node(emit, term, negate=False), frame, frame, full=False)
-        keys = term if keys is None else emit("call_function", torch.logical_and, keys, term)
-    return causal, window, keys
+    return causal, window, key_mask(emit, [(term, frame) for term in keep.keys], frame)
 
 
 def route(gm: fx.GraphModule, node: fx.Node, masks: Optional[MaskAnalysis] = None, auto: bool = False) -> dict:
