@@ -86,9 +86,9 @@ def profile_variant(name: str, base, batch, device, warmup: int, steps: int, out
     return stats
 
 
-def report(rows: list[dict], shape: tuple, top: int) -> str:
+def report(rows: list[dict], shape: tuple, top: int, model: str = "e2e") -> str:
     names = [r["variant"] for r in rows]
-    lines = [f"# e2e step profile, {torch.cuda.get_device_name()}, T x batch x layers = {'x'.join(map(str, shape))}",
+    lines = [f"# {model} step profile, {torch.cuda.get_device_name()}, T x batch x layers = {'x'.join(map(str, shape))}",
              "", "| variant | wall ms | GPU busy ms | busy / wall | host call ms | kernels / step |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['wall_ms']:.2f} | {r['busy_us'] / 1e3:.2f} | "

@@ -8,6 +8,7 @@ code builds its 4-D mask and SDPA gets a mask tensor. One step: forward, loss ov
 
     python benchmarks/llama_step.py                         # T 2048 x batch 4; writes benchmarks/results/llama-step-<GPU>.md
     python benchmarks/llama_step.py --seq 4096 --batch 2 --no-padding
+    python benchmarks/llama_step.py --variants inductor-sdpa cupyflash --profile out/   # + kernels per step side by side
 
 Variants: eager-sdpa, inductor-sdpa (the bar: issue 14 asks for <= 0.9x its step time), eager-eager (naive
 attention), cupyflash (the eager attention code compiled with backend="cupyflash"), cupyflash-routed-sdpa (the
@@ -31,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_train_step import step_timer  # noqa: E402
+from e2e_profile import kernel_stats, report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("eager-sdpa", "inductor-sdpa", "eager-eager", "cupyflash", "cupyflash-routed-sdpa")
@@ -85,6 +87,9 @@ def run(name: str, base_sd: dict, args, inputs: dict) -> dict:
     times = [timed(step) for _ in range(args.steps)]
     row = {"variant": name, "ms": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
            "loss0": losses[0].item(), "fused": counters["cupyflash"]["attention_fused"]}
+    if args.profile:
+        row["profile"] = profile_steps(name, step, args.steps, args.profile)
+        row["profile"].update(variant=name, wall_ms=row["ms"], host_ms=float("nan"))
     if name.startswith("cupyflash"):
         import compile_backend
         plain = build(args, "sdpa" if route else "eager")
@@ -95,6 +100,22 @@ def run(name: str, base_sd: dict, args, inputs: dict) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def profile_steps(name: str, step, steps: int, out: Path) -> dict:
+    """``steps`` steps under torch.profiler: GPU busy time and every kernel's count and µs per step."""
+    from torch.profiler import ProfilerActivity, profile
+    out.mkdir(parents=True, exist_ok=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    trace = out / f"llama-{name}.trace.json"
+    prof.export_chrome_trace(str(trace))
+    stats = kernel_stats(trace, steps)
+    trace.unlink()  # hundreds of MB; the report keeps what it says
+    return stats
 
 
 def main(argv=None) -> int:
@@ -111,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=Path)
+    p.add_argument("--profile", type=Path, help="also profile each variant's steps; the kernels side by side go to "
+                   "PROFILE/llama-profile-<T>x<batch>x<layers>.md")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("llama_step.py needs a CUDA GPU", file=sys.stderr)
@@ -124,7 +147,7 @@ def main(argv=None) -> int:
             rows.append(run(name, base_sd, args, inputs))
         except Exception as e:  # one variant's failure is a row of the table, not the end of the run
             rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:300]})
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "profile"}, flush=True)
     bar = next((r["ms"] for r in rows if r["variant"] == "inductor-sdpa" and "ms" in r), None)
     lines = [f"# transformers Llama training step on {gpu}",
              "", f"torch {torch.__version__}; bf16; T {args.seq} x batch {args.batch}, hidden {args.hidden}, "
@@ -141,6 +164,12 @@ def main(argv=None) -> int:
                      f"{r['fused']} | {', '.join(r.get('forms', []))} |")
     text = "\n".join(lines) + "\n"
     print(text)
+    profiled = [r["profile"] for r in rows if "profile" in r]
+    if profiled:
+        shape = (args.seq, args.batch, args.layers)
+        kernels = report(profiled, shape, top=40, model="transformers Llama")
+        (args.profile / f"llama-profile-{'x'.join(map(str, shape))}.md").write_text(kernels)
+        print(kernels)
     out = args.out or RESULTS / f"llama-step-{gpu.replace(' ', '_')}.md"
     out.write_text(text)
     return 0
