@@ -80,6 +80,9 @@ def main(argv=None) -> int:
                         dv=dv)
             p = cuda_path._plan(xp, "bwd", q, k, None, bufs, d ** -0.5, True, (-1, -1), 0.0, 0.0, False)
             ptrs = {key: xp.address(a) for key, a in bufs.items()}
+            add_parts = cuda_path._kv_part_ptrs(xp, p, q)  # a grouped-query split's partial dK, dV
+            if add_parts is not None:
+                bufs["kv_part"] = add_parts(ptrs)
             launch.execute(p, ptrs, stream, device)
             runs[name] = (p, ptrs, bufs, (dq.clone(), dk.clone(), dv.clone()))
         plan.K_OUTER_MAX_BYTES = limit

@@ -8,7 +8,9 @@ Inputs are checked before (cupyflash/validate.py, by the faces); `window` is the
 """
 from __future__ import annotations
 
-from . import launch, params, plan
+import math
+
+from . import jit, launch, params, plan
 from .errors import require_gpu
 from .validate import kernel_head_dim
 
@@ -111,7 +113,9 @@ def _launch(xp, p: plan.Plan, q, bias, bufs: dict, causal: bool, window: tuple, 
     device_id = xp.device_id(q)
     stream_ptr = xp.stream_ptr(device_id)
     ptrs = {name: xp.address(a) for name, a in bufs.items()}
-    held, add_keys = [], _key_mask_ptrs(xp, p, q)
+    held, add_keys, add_parts = [], _key_mask_ptrs(xp, p, q), _kv_part_ptrs(xp, p, q)
+    if add_parts is not None:
+        held.append(add_parts(ptrs))
     if add_keys is not None:
         held.append(add_keys(ptrs, bias))
     elif bias is not None:
@@ -198,6 +202,25 @@ def _key_mask_ptrs(xp, p: plan.Plan, like):
     return add
 
 
+def _kv_part_ptrs(xp, p: plan.Plan, like):
+    """For a backward plan that splits grouped-query heads (Plan.kv_part_shape), `add(ptrs)`: a new array for the
+    split's copies, the addresses of its parts (plan.SPLIT_KV_BUFS) into `ptrs`; it returns the array, to hold until
+    the kernels are enqueued. Else None."""
+    if p.kv_part_shape is None:
+        return None
+    new_part, address = xp.allocator(p.kv_part_shape, xp.dtype_name(like), like), xp.address
+    part_bytes = math.prod(p.kv_part_shape[1:]) * jit.ELEM_BYTES[xp.dtype_name(like)]
+
+    def add(ptrs: dict):
+        array = new_part()
+        at = address(array)
+        for i, name in enumerate(plan.SPLIT_KV_BUFS):
+            ptrs[name] = at + i * part_bytes
+        return array
+
+    return add
+
+
 def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple, softcap: float,
                          token_major: bool = False, keys=None):
     """For a forward with no dropout and no bias, or a boolean key mask `keys` its plan runs as the kernels' key
@@ -271,6 +294,7 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
     if any(r is not a for r, a in zip(ready, (q, k, v, out, dout))) or (keys is not None and p.mask_form != "keys"):
         return None
     address, device_id, add_keys = xp.address, xp.device_id(q), _key_mask_ptrs(xp, p, q)
+    add_parts = _kv_part_ptrs(xp, p, q)
 
     def run(dout, q, k, v, out, lse, keys=None):
         dq, dk, dv = new_dq(), new_dk(), new_dv()
@@ -280,8 +304,9 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
                 "lse": address(lse), "d_vec": at + 4 * split, "dq_accum": at, "dq": address(dq), "dk": address(dk),
                 "dv": address(dv)}
         meta = None if add_keys is None else add_keys(ptrs, keys)
+        parts = None if add_parts is None else add_parts(ptrs)
         launch.execute(p, ptrs, xp.stream_ptr(device_id), device_id)
-        del meta  # as the forward's
+        del meta, parts  # as the forward's
         return dq, dk, dv
 
     return run

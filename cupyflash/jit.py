@@ -32,12 +32,14 @@ NVRTC_OPTIONS = ("-std=c++17",)
 DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float32": "cupyflash::tf32"}
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_sm90", "bwd_preprocess", "bwd_convert_dq", "bwd_convert_dq_sm90",
-           "tile_minmax", "tile_classify", "key_mask_prep")
+           "bwd_expand_kv_sm90", "bwd_sum_kv_sm90", "tile_minmax", "tile_classify", "key_mask_prep")
 # The masks' preparation (per dtype, no head dim): kernels_cu/tile_classes.cuh, key_mask.cuh
 MASK_PREP_KERNELS = ("tile_minmax", "tile_classify", "key_mask_prep")
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
-SM90_KERNELS = ("fwd_sm90", "bwd_sm90", "bwd_convert_dq_sm90")  # wgmma / TMA: sm_90a only
+# wgmma / TMA: sm_90a only (with the Hopper backward's own helpers, in its module)
+SM90_KERNELS = ("fwd_sm90", "bwd_sm90", "bwd_convert_dq_sm90", "bwd_expand_kv_sm90", "bwd_sum_kv_sm90")
+SPLIT_KV_KERNELS = ("bwd_expand_kv_sm90", "bwd_sum_kv_sm90")  # grouped-query backward's split (plan.py)
 SM90_DTYPES = ("float16", "bfloat16")
 
 
@@ -107,6 +109,8 @@ class Variant:
                     f"{str(t.fuse_sdp).lower()}, {flags}>")
         if self.kernel == "bwd_convert_dq_sm90":
             return f"cupyflash::flash_bwd_convert_dq_sm90<{tag}, {t.tile_head_dim(d)}, {d}>"
+        if self.kernel in SPLIT_KV_KERNELS:  # any head dim: one in each Hopper module
+            return f"cupyflash::flash_{self.kernel}<{tag}>"
         if self.kernel == "bwd_preprocess":
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
         if self.kernel == "tile_minmax":
@@ -156,7 +160,8 @@ def all_variants() -> list[Variant]:
             out += [Variant(k, dtype, d, c, key_mask=True) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                              ("bwd_sm90", tiles.BACKWARD_SM90))
                     for d in table for c in (False, True)]
-            out += [Variant("bwd_convert_dq_sm90", dtype, d) for d in tiles.BACKWARD_SM90]
+            out += [Variant(k, dtype, d) for k in ("bwd_convert_dq_sm90", *SPLIT_KV_KERNELS)
+                    for d in tiles.BACKWARD_SM90]
         for d in (d for d in tiles.BACKWARD if tiles.has_backward(dtype, d)):
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

@@ -230,6 +230,10 @@ BWD_PREPROCESS = Struct("BwdPreprocessParams<u16>", (
     ("H", I32), ("Nq", I32), ("Nq_accum", I32), ("n_rows", I64), ("lse", PTR), ("row_lse", PTR)))
 CONVERT_DQ = Struct("ConvertDqParams<u16>", (
     ("dq_accum", PTR), ("dq", PTR), ("dq_s", BHN), ("H", I32), ("Nq", I32), ("n_rows", I64), ("scale", F32)))
+SPLIT_KV = Struct("SplitKvParams<u16>", (
+    ("k", PTR), ("v", PTR), ("k_split", PTR), ("v_split", PTR), ("dk_part", PTR), ("dv_part", PTR), ("dk", PTR),
+    ("dv", PTR), ("k_s", BHN), ("v_s", BHN), ("split_s", BHN), ("dk_s", BHN), ("dv_s", BHN),
+    ("H", I32), ("Nk", I32), ("DHead", I32), ("split", I32), ("n_items", I64)))
 TILE_MINMAX = Struct("TileMinmaxParams", (
     ("bias", PTR), ("bias_f32", I32), ("bias_s", BHMN),
     ("Hb", I32), ("nq", I32), ("nk", I32), ("tq", I32), ("tk", I32), ("QB", I32), ("KB", I32), ("vec16", I32),
@@ -242,7 +246,8 @@ TILE_CLASSIFY = Struct("TileClassifyParams", (
 
 KERNEL_STRUCTS = {"fwd": FWD, "fwd_sm90": FWD_SM90, "bwd": BWD, "bwd_sm90": BWD_SM90_ARGS,
                   "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ,
-                  "bwd_convert_dq_sm90": CONVERT_DQ, "tile_minmax": TILE_MINMAX,
+                  "bwd_convert_dq_sm90": CONVERT_DQ, "bwd_expand_kv_sm90": SPLIT_KV,
+                  "bwd_sum_kv_sm90": SPLIT_KV, "tile_minmax": TILE_MINMAX,
                   "tile_classify": TILE_CLASSIFY, "key_mask_prep": KEY_MASK_PREP}  # jit.KERNELS → its struct
 STRUCTS = (BHN, BHMN, ATTN, SCORE_MODS, KEY_MASK,
            *(s for s in KERNEL_STRUCTS.values() if not s.positional))  # params.cuh
@@ -365,6 +370,17 @@ def convert_dq(*, dq_accum: Buf, dq: Buf, heads: int, n_q: int, n_rows: int, sca
     """flash_bwd_convert_dq's (and _sm90's) ConvertDqParams; `n_rows` counts the kernel's work items."""
     return CONVERT_DQ.pack(dict(dq_accum=dq_accum.ptr, dq=dq.ptr, dq_s=_bhn(dq), H=heads, Nq=n_q, n_rows=n_rows,
                                 scale=scale))
+
+
+def split_kv(*, k: Buf, v: Buf, k_split: Buf, v_split: Buf, dk_part: Buf, dv_part: Buf, dk: Buf, dv: Buf,
+             shape: tuple, split: int) -> Packed:
+    """flash_bwd_expand_kv_sm90's and flash_bwd_sum_kv_sm90's SplitKvParams: K, V, dK, dV of `shape` (B, H_kv, Nk,
+    DHead), the split copies (B, H_kv · split, Nk, DHead) with one set of strides."""
+    batch, heads, n_k, d = shape
+    return SPLIT_KV.pack(dict(k=k.ptr, v=v.ptr, k_split=k_split.ptr, v_split=v_split.ptr, dk_part=dk_part.ptr,
+                              dv_part=dv_part.ptr, dk=dk.ptr, dv=dv.ptr, k_s=_bhn(k), v_s=_bhn(v),
+                              split_s=_bhn(k_split), dk_s=_bhn(dk), dv_s=_bhn(dv), H=heads, Nk=n_k, DHead=d,
+                              split=split, n_items=batch * heads * n_k * d // 8))
 
 
 def key_mask_prep(*, mask: Buf, n_k: int, words: int, meta: Buf) -> Packed:

@@ -32,6 +32,12 @@ PAIR_MAX_ROWS = 4096
 # at most this many bytes (backward_grid): a third of the smallest L2 of the GPUs measured (H100 and H200, 50 MiB).
 K_OUTER_MAX_BYTES = 16 << 20
 K_OUTER_MAX_BLOCKS = 32  # ... and K/V blocks a head at most: past them the last wave's imbalance is negligible
+# Grouped-query attention's Hopper backward splits a K/V head's query heads over thread blocks (backward_kv_split)
+# until the grid has this many: four waves of a Hopper GPU's 132 SMs.
+KV_SPLIT_MIN_BLOCKS = 4 * 132
+SPLIT_KV_THREADS = 256  # flash_bwd_expand_kv_sm90, _sum_kv_sm90: one thread per 8 columns of a key row
+# The split's copies (Plan.kv_part_shape): K and V repeated, the partial dK and dV, in this order in one array.
+SPLIT_KV_BUFS = ("k_split", "v_split", "dk_part", "dv_part")
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 ROWS_PER_BLOCK = 8  # the mma.sync dQ conversion: one warp per row
 PREPROCESS_THREADS = 256  # the backward's preprocess: lanes per row by preprocess_lanes
@@ -133,6 +139,9 @@ class Plan:
     # face makes (contiguous) before launching; "" without a boolean mask.
     mask_form: str = ""
     key_meta_shape: tuple | None = None
+    # A grouped-query backward split over thread blocks (backward_kv_split): one array of the call's dtype,
+    # (4, B, H_kv · split, Nk, D), for SPLIT_KV_BUFS in order; the face allocates it. None: no split.
+    kv_part_shape: tuple | None = None
 
     @property
     def needs(self) -> frozenset:
@@ -242,7 +251,7 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
     variant = mma
     if family == HOPPER:
         variant, mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)
-    keys, key_meta_shape, prep = None, None, ()
+    keys, key_meta_shape, prep, kv_part_shape = None, None, (), None
     if key_mask is not None:
         step, keys, key_meta_shape = _key_mask_step(layout, key_mask)
         prep = (step,)
@@ -270,7 +279,23 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
             raise ValueError("row_lse without a bias: the rebuild rule's workspace goes with a bias only "
                              "(plan.BIAS_BACKWARD_BUFS)")
         kernel_bufs = {name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")}
-        grid, outer_kv_heads = backward_grid(layout, family, t.Bc)
+        split = backward_kv_split(layout, family, t.Bc)
+        grid, outer_kv_heads = backward_grid(layout, family, t.Bc, split)
+        kv_heads, expand, sums = layout.kv_heads, (), ()
+        if split > 1:  # the kernel on K, V repeated `split` times, writing partial dK, dV (backward_kv_split)
+            kv_heads = layout.kv_heads * split
+            kv_part_shape = (len(SPLIT_KV_BUFS), batch, kv_heads, layout.n_k, d)
+            strides = tuple(math.prod(kv_part_shape[i + 1:]) for i in range(1, 5))
+            copies = {name: Buf(Slot(name), strides) for name in SPLIT_KV_BUFS}
+            kv_shape = (batch, layout.kv_heads, layout.n_k, d)
+            packed_split = params.split_kv(k=bufs["k"], v=bufs["v"], dk=bufs["dk"], dv=bufs["dv"], **copies,
+                                           shape=kv_shape, split=split)
+            split_grid = (math.ceil(math.prod(kv_shape) // 8 / SPLIT_KV_THREADS), 2)  # grid.y: K, V
+            expand, sums = ((_step(jit.Variant(kernel, layout.dtype, d), split_grid, (SPLIT_KV_THREADS,),
+                                   packed_split),) for kernel in jit.SPLIT_KV_KERNELS)
+            kernel_bufs.update(k=copies["k_split"], v=copies["v_split"], dk=copies["dk_part"],
+                               dv=copies["dv_part"])
+            common["kv_heads"] = kv_heads
         if family == HOPPER:
             packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse, outer_kv_heads=outer_kv_heads,
                                            keys=keys),)
@@ -297,16 +322,33 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
         stats = () if row_lse is None else (_stats_step(layout, bufs),)
         pre_rows = PREPROCESS_THREADS // preprocess_lanes(d, layout.dtype)  # rows per thread block
         steps = (*prep, _step(jit.Variant("bwd_preprocess", layout.dtype, d), (math.ceil(accum_rows / pre_rows),),
-                              (PREPROCESS_THREADS,), pre), *stats,
-                 *(_step(variant, grid, (t.threads,), p) for p in packed),
+                              (PREPROCESS_THREADS,), pre), *stats, *expand,
+                 *(_step(variant, grid, (t.threads,), p) for p in packed), *sums,
                  _step(*convert, conv))
     return Plan(layout, family, why, variant, t, steps, classes_shape, "" if key_mask is None else "keys",
-                key_meta_shape)
+                key_meta_shape, kv_part_shape)
 
 
-def backward_grid(layout: CallLayout, family: str, bc: int) -> tuple[tuple, int]:
+def backward_kv_split(layout: CallLayout, family: str, bc: int) -> int:
+    """Thread blocks per K/V block and K/V head of grouped-query attention's Hopper backward: 1 (one takes the
+    group's every query head, summing dK and dV in registers), or the fewest (a divisor of the group G) that give the
+    grid KV_SPLIT_MIN_BLOCKS thread blocks. Split, the kernel runs on H_kv · split K/V heads of G / split query heads
+    each, over K and V repeated `split` times (flash_bwd_expand_kv_sm90), and a last launch adds up its partial dK
+    and dV (flash_bwd_sum_kv_sm90); the kernel itself is unchanged. Unsplit, a small grid of long thread blocks: the
+    Llama step's layer (T 2048 x 4, 16 query heads on 4 K/V heads, causal + key padding: 256 thread blocks) took
+    549 µs in the kernel against 403 µs on K/V repeated to the 16 heads (1024 thread blocks; H100,
+    benchmarks/llama_step.py --profile, session 22)."""
+    batch, heads, _, _ = layout.shape
+    group = heads // layout.kv_heads
+    if family != HOPPER or group == 1:
+        return 1
+    blocks = batch * layout.kv_heads * math.ceil(layout.n_k / bc)
+    return next(s for s in range(1, group + 1) if group % s == 0 and (s == group or blocks * s >= KV_SPLIT_MIN_BLOCKS))
+
+
+def backward_grid(layout: CallLayout, family: str, bc: int, kv_split: int = 1) -> tuple[tuple, int]:
     """(grid, outer_kv_heads) of the backward's attention kernel: one thread block per (K/V block of `bc` keys, K/V
-    head, batch). In that order (K/V blocks innermost) the blocks of one head run together and share its Q and dO in
+    head, batch), with `kv_split` times the layout's K/V heads (backward_kv_split). In that order (K/V blocks innermost) the blocks of one head run together and share its Q and dO in
     L2. Under a causal mask K/V block x sees the Q blocks from x on, so each head's blocks come heaviest first and
     the last wave mixes heavy and light ones. A plain causal call on the Hopper kernel with at most
     K_OUTER_MAX_BLOCKS K/V blocks instead takes its (batch, K/V head) pairs in groups whose Q and dO fit in
@@ -320,13 +362,14 @@ def backward_grid(layout: CallLayout, family: str, bc: int) -> tuple[tuple, int]
     order: decoding the other cost them registers they do not have (4-8 B spills at d96, d128)."""
     n_blocks = math.ceil(layout.n_k / bc)
     batch, heads, n_q, d = layout.shape
-    pairs = batch * layout.kv_heads
+    kv_heads = layout.kv_heads * kv_split
+    pairs = batch * kv_heads
     if family == HOPPER and layout.causal and not _mods_any(layout) and n_blocks <= K_OUTER_MAX_BLOCKS:
-        per_pair = 2 * (heads // layout.kv_heads) * n_q * d * jit.ELEM_BYTES[layout.dtype]  # its query heads' Q, dO
+        per_pair = 2 * (heads // kv_heads) * n_q * d * jit.ELEM_BYTES[layout.dtype]  # its query heads' Q, dO
         group = max(g for g in range(1, pairs + 1) if pairs % g == 0 and (g == 1 or g * per_pair <= K_OUTER_MAX_BYTES))
         if group > 1 and pairs // group <= MAX_GRID_YZ:
-            return (group, n_blocks, pairs // group), layout.kv_heads
-    return (n_blocks, layout.kv_heads, batch), 0
+            return (group, n_blocks, pairs // group), kv_heads
+    return (n_blocks, kv_heads, batch), 0
 
 
 def _stats_step(layout: CallLayout, bufs: dict) -> Step:

@@ -48,6 +48,60 @@ struct DqFrag {
     }
 };
 
+// Grouped-query attention's backward split over `split` thread blocks per K/V head (cupyflash/plan.py
+// backward_kv_split): the attention kernel runs on H · split K/V heads of G / split query heads each, over K and V
+// repeated `split` times (flash_bwd_expand_kv_sm90), and writes partial dK and dV that flash_bwd_sum_kv_sm90 adds up.
+// One thread per 8 columns (16 bytes) of a key row of the (B, H, Nk, DHead) tensors; grid.y 0: K (dK), 1: V (dV).
+template <typename E>
+CF_DEVICE bool split_kv_item(const SplitKvParams<E>& params, int& b, int& h, int& j, int& col) {
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= params.n_items) return false;
+    constexpr int kVecs = 8;  // columns per thread
+    const int row_vecs = params.DHead / kVecs;
+    col = (int)(idx % row_vecs) * kVecs;
+    const i64 row = idx / row_vecs;  // (b, h, j), j fastest
+    j = (int)(row % params.Nk);
+    h = (int)((row / params.Nk) % params.H);
+    b = (int)(row / ((i64)params.Nk * params.H));
+    return true;
+}
+
+// k_split[b, h · split + s, j] = k[b, h, j] for every s (and v's).
+template <typename T>
+__global__ void flash_bwd_expand_kv_sm90(const SplitKvParams<typename T::elem> params) {
+    int b, h, j, col;
+    if (!split_kv_item(params, b, h, j, col)) return;
+    const bool is_v = blockIdx.y == 1;
+    const BhnStrides& in_s = is_v ? params.v_s : params.k_s;
+    const uint4 x = *reinterpret_cast<const uint4*>((is_v ? params.v : params.k) + b * in_s.b + h * in_s.h +
+                                                     j * in_s.n + col);
+    typename T::elem* dst = (is_v ? params.v_split : params.k_split) + b * params.split_s.b +
+                            (i64)h * params.split * params.split_s.h + j * params.split_s.n + col;
+    for (int s = 0; s < params.split; ++s) *reinterpret_cast<uint4*>(dst + s * params.split_s.h) = x;
+}
+
+// dk[b, h, j] = Σ_s dk_part[b, h · split + s, j] in fp32, rounded once (and dv's).
+template <typename T>
+__global__ void flash_bwd_sum_kv_sm90(const SplitKvParams<typename T::elem> params) {
+    using E = typename T::elem;
+    int b, h, j, col;
+    if (!split_kv_item(params, b, h, j, col)) return;
+    const bool is_v = blockIdx.y == 1;
+    const E* part = (is_v ? params.dv_part : params.dk_part) + b * params.split_s.b +
+                    (i64)h * params.split * params.split_s.h + j * params.split_s.n + col;
+    float acc[8] = {};
+    for (int s = 0; s < params.split; ++s) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(part + s * params.split_s.h);
+        const E* e = reinterpret_cast<const E*>(&raw);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) acc[c] += T::to_float(e[c]);
+    }
+    const BhnStrides& out_s = is_v ? params.dv_s : params.dk_s;
+    E* dst = (is_v ? params.dv : params.dk) + b * out_s.b + h * out_s.h + j * out_s.n + col;
+#pragma unroll
+    for (int c = 0; c < 8; c += 2) store2<T>(dst + c, acc[c], acc[c + 1]);
+}
+
 // dQ = scale · dQ_accum in the input dtype, with the caller's strides, from the layout above: one thread per 4 floats
 // of it (two rows by two columns), so the reads are whole 16-byte runs; rows past Nq skipped. n_rows counts float4s.
 template <typename T, int D, int DHead>

@@ -132,6 +132,23 @@ struct ConvertDqParams {
     float scale;
 };
 
+// flash_bwd_sm90.cuh flash_bwd_expand_kv_sm90 and flash_bwd_sum_kv_sm90: K, V, dK, dV (B, H, Nk, DHead) with their
+// strides, and the split copies k_split, v_split, dk_part, dv_part (B, H · split, Nk, DHead) with split_s.
+template <typename E>
+struct SplitKvParams {
+    const E* k;
+    const E* v;
+    E* k_split;
+    E* v_split;
+    const E* dk_part;
+    const E* dv_part;
+    E* dk;
+    E* dv;
+    BhnStrides k_s, v_s, split_s, dk_s, dv_s;
+    int H, Nk, DHead, split;
+    i64 n_items;  // B·H·Nk·DHead / 8
+};
+
 // tile_classes.cuh tile_minmax: tiles tq x tk of a bias (Hb heads, nq x nk), QB x KB of them per head.
 struct TileMinmaxParams {
     const void* bias;

@@ -29,7 +29,7 @@ import torch
 
 import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
-from cupyflash import cuda_path, launch, torch_op
+from cupyflash import cuda_path, launch, plan, torch_op
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_within_rule, attention_ref, draw_inputs, rounding_floor,
                        seed_from, semantics_ref, visible_mask)
 from test_gpu_features import check_features
@@ -362,3 +362,49 @@ def test_key_mask_calls_run_from_their_runners(causal, monkeypatch):
                                        (pt.dq, pt.dk, pt.dv)):
             assert_within_rule(ours, r, same, GRAD_FACTOR, rounding_floor(r, dtype), name)
         assert_rows_without_keys(keep, out, lse, dq, dk, dv, causal=causal)
+
+
+# ---- grouped-query backward split over thread blocks ----------------------------------------------------------
+
+SPLIT_CASES = [  # (B, Hq, Hkv, Nq, Nk, D, dtype, causal, key pattern or None): few thread blocks, so split
+    (2, 16, 4, 1024, 1024, 128, BF16, True, "right"),  # the Llama step's layer, shorter: split 4
+    (2, 8, 2, 333, 777, 64, FP16, False, "left"),
+    (1, 6, 2, 300, 300, 96, BF16, True, "holes"),  # group 3: split 3
+    (3, 8, 1, 200, 517, 32, BF16, True, None),  # multi-query, no mask: split 8
+]
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "unsplit"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"b{c[0]}-hq{c[1]}-hkv{c[2]}-{c[3]}x{c[4]}-d{c[5]}-{_name(c[6])}-"
+                                                   f"{'causal' if c[7] else 'full'}-{c[8] or 'nomask'}"
+                                                   for c in SPLIT_CASES])
+def test_grouped_query_backward_split_or_not(case, split, monkeypatch):
+    """plan.backward_kv_split on sm_90: with fewer than KV_SPLIT_MIN_BLOCKS thread blocks the backward runs over K/V
+    repeated per split (flash_bwd_expand_kv_sm90) and adds up its partial dK, dV (flash_bwd_sum_kv_sm90): the
+    backward plan has kv_part_shape; with KV_SPLIT_MIN_BLOCKS 0 it has none. Both within the rule, with the key
+    mask's semantics where there is one."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels run on sm_90 only")
+    batch, h_q, h_kv, n_q, n_k, head_dim, dtype, causal, pattern = case
+    monkeypatch.delenv(launch.SM90_ENV, raising=False)
+    if not split:
+        monkeypatch.setattr(plan, "KV_SPLIT_MIN_BLOCKS", 0)
+    plan.plan_for.cache_clear()  # plans of either setting are made afresh (and dropped after)
+    monkeypatch.setattr(cuda_path, "_KNOWN", {})
+    monkeypatch.setattr(torch_op, "_PLAIN_FORWARDS", {})
+    monkeypatch.setattr(torch_op, "_PLAIN_BACKWARDS", {})
+    try:
+        seed = seed_from("gqa split", *case[:6], _name(dtype), causal, pattern)
+        q, k, v, dout = draw_inputs(batch, h_q, h_kv, n_q, n_k, head_dim, dtype, "contiguous", seed)
+        if pattern is None:
+            check_features(q, k, v, dout, causal=causal)
+        else:
+            keep = key_keep(pattern, batch, n_k, seed + 1)
+            check_key_mask(q, k, v, dout, keep, keep[:, None, None, :], causal=causal)
+        backward = [p for p in cuda_path._KNOWN.values() if p.layout.kernel == "bwd"]
+        assert backward and all(p.family == "hopper" for p in backward)
+        group = h_q // h_kv
+        assert all(p.kv_part_shape == ((4, batch, h_kv * group, n_k, head_dim) if split else None)
+                   for p in backward), [p.kv_part_shape for p in backward]
+    finally:
+        plan.plan_for.cache_clear()

@@ -29,6 +29,17 @@ def _contiguous(shape) -> tuple:
     return tuple(reversed(strides))
 
 
+def _steps(p: plan.Plan) -> tuple:
+    """The plan's launches less a grouped-query split's K/V copies and dK/dV sums (tested on their own: the layouts
+    here have 4 query heads a K/V head and few thread blocks, which the Hopper backward splits,
+    plan.backward_kv_split)."""
+    return tuple(s for s in p.steps if s.variant.kernel not in jit.SPLIT_KV_KERNELS)
+
+
+def _kernels(p: plan.Plan) -> list:
+    return [s.variant.kernel for s in _steps(p)]
+
+
 def _layout(kernel="fwd", dtype="bfloat16", d=64, cc=90, causal=False, bias=None, window=(-1, -1), dropout_p=0.0,
             softcap=0.0, strides=None, addresses=None, device_id=0, sm90=True, n_q=NQ, n_k=NK):
     """A CallLayout of contiguous buffers (overrides by name in `strides` / `addresses`, modulo 16); a backward with
@@ -206,8 +217,8 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
     family; a backward without one is unchanged, its row_lse pointers null."""
     biased = plan.plan_for(_layout("bwd", dtype, 64, cc=cc, **{"bias": BIAS, **change}))
     convert = "bwd_convert_dq_sm90" if main_kernel == "bwd_sm90" else "bwd_convert_dq"
-    assert [s.variant.kernel for s in biased.steps] == ["bwd_preprocess", "fwd", main_kernel, convert]
-    pre, stats, main, _ = biased.steps
+    assert _kernels(biased) == ["bwd_preprocess", "fwd", main_kernel, convert]
+    pre, stats, main, _ = _steps(biased)
     causal = change.get("causal", False)
     assert stats.variant == jit.Variant("fwd", dtype, 64, causal, mods=True, dropout=False)
     t = stats.variant.tiles
@@ -224,9 +235,9 @@ def test_backward_with_a_bias_runs_the_stats_pass(cc, main_kernel, change, dtype
     assert _slot_names(main)["row_lse"] == "row_lse"
 
     plain = plan.plan_for(_layout("bwd", dtype, 64, cc=cc, **{k: v for k, v in change.items() if k != "bias"}))
-    assert [s.variant.kernel for s in plain.steps] == ["bwd_preprocess", main_kernel, convert]
+    assert _kernels(plain) == ["bwd_preprocess", main_kernel, convert]
     assert "row_lse" not in plain.needs
-    pre_values, main_values = plain.steps[0].packed.values, plain.steps[1].packed.values
+    pre_values, main_values = (s.packed.values for s in _steps(plain)[:2])
     assert (pre_values["lse"], pre_values["row_lse"], main_values["row_lse"]) == (0, 0, 0)
 
 
@@ -244,7 +255,7 @@ def test_hopper_backward_adds_dq_in_whole_q_blocks(n_q, d):
     assert largest == tiles.DQ_ACCUM_HEAD_ROWS
     rows = plan.dq_accum_rows(n_q)
     assert rows % p.tiles.Br == 0 and rows % largest == 0 and n_q <= rows < n_q + largest
-    pre, _, conv = p.steps
+    pre, _, conv = _steps(p)
     assert conv.variant == jit.Variant("bwd_convert_dq_sm90", layout.dtype, d)
     assert pre.packed.values["Nq_accum"] == rows and pre.packed.values["n_rows"] == B * H * rows
     assert pre.grid == (math.ceil(B * H * rows / (plan.PREPROCESS_THREADS // plan.preprocess_lanes(d, layout.dtype))),)
@@ -257,7 +268,7 @@ def test_row_lse_goes_with_the_bias():
     """Only with a bias; a bias without it (launch.LSE_REBUILD_ENV "0") plans as before the rule."""
     with_bias = _layout("bwd", bias=BIAS)
     without = plan.plan_for(with_bias._replace(bufs=with_bias.bufs[:-1]))
-    assert [s.variant.kernel for s in without.steps] == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
+    assert _kernels(without) == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
     assert "row_lse" not in without.needs
     with pytest.raises(ValueError, match="row_lse without a bias"):
         plan.plan_for(with_bias._replace(bias=None))
@@ -320,6 +331,7 @@ def test_same_layout_hits_the_cache_and_any_change_misses():
 KERNEL_NAMES = {"fwd": "flash_fwd_kernel", "fwd_sm90": "flash_fwd_sm90_kernel", "bwd": "flash_bwd_kernel",
                 "bwd_sm90": "flash_bwd_sm90_kernel", "bwd_preprocess": "flash_bwd_preprocess",
                 "bwd_convert_dq": "flash_bwd_convert_dq", "bwd_convert_dq_sm90": "flash_bwd_convert_dq_sm90",
+                "bwd_expand_kv_sm90": "flash_bwd_expand_kv_sm90", "bwd_sum_kv_sm90": "flash_bwd_sum_kv_sm90",
                 "key_mask_prep": "key_mask_prep"}
 
 
@@ -359,7 +371,8 @@ def test_every_launch_fills_its_kernels_parameters(kernel, change, monkeypatch):
     p = plan.plan_for(_layout(kernel, **change))
     ptrs = {name: ALIGNED + 4096 * i for i, name in enumerate(sorted(p.needs))}
     assert p.needs <= set(plan.BACKWARD_BUFS + plan.BIAS_BACKWARD_BUFS) | {"bias", "tile_classes", "dbias", "seed",
-                                                                          "key_mask", "key_meta"}
+                                                                          "key_mask", "key_meta",
+                                                                          *plan.SPLIT_KV_BUFS}
     for step in p.steps:
         layout = params.KERNEL_STRUCTS[step.variant.kernel]
         assert step.packed.struct is layout, step.variant.name
@@ -648,6 +661,15 @@ def test_preprocess_lanes_match_the_kernels_rule(dtype, d, lanes):
 N_Q_ALL_PAIRS = plan.K_OUTER_MAX_BYTES // (B * HKV * 2 * (H // HKV) * 64 * 2)
 
 
+@pytest.fixture
+def no_kv_split(monkeypatch):
+    """Plans without the grouped-query backward's split (plan.backward_kv_split: 1 at any grid), none cached."""
+    monkeypatch.setattr(plan, "KV_SPLIT_MIN_BLOCKS", 0)
+    plan.plan_for.cache_clear()
+    yield
+    plan.plan_for.cache_clear()
+
+
 def _decoded(grid: tuple, outer_kv_heads: int) -> list:
     """(batch, K/V head, K/V block) of each thread block, in launch order (x fastest), as the backward kernels
     decode blockIdx (kernels_cu/flash_bwd_sm90.cuh)."""
@@ -668,13 +690,13 @@ def _decoded(grid: tuple, outer_kv_heads: int) -> list:
     (True, 2 * N_Q_ALL_PAIRS + 1, {}, 1), (False, 512, {}, 1), (True, 512, dict(window=(128, 0)), 1),
     (True, 512, dict(softcap=30.0), 1), (True, 512, dict(n_k=128 * plan.K_OUTER_MAX_BLOCKS), B * HKV),
     (True, 512, dict(n_k=128 * plan.K_OUTER_MAX_BLOCKS + 1), 1)])
-def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods, group):
+def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods, group, no_kv_split):
     """plan.backward_grid: a plain causal call on the Hopper kernel takes its (batch, K/V head) pairs in the largest
     groups (dividing them) whose Q and dO fit in K_OUTER_MAX_BYTES, each group's K/V blocks outermost: grid (pairs of
     a group, K/V blocks, groups), outer_kv_heads = HKV. Groups of one (or any other call) keep (K/V blocks, K/V heads,
     batch). Either way the kernel's decoding of blockIdx visits every (batch, K/V head, K/V block) once, and with
     groups each group's first K/V block (the heaviest under the mask) before its second. The mma.sync kernel always
-    takes the first order."""
+    takes the first order. (Without the grouped-query split here: test_grouped_query_backward_splits_... below.)"""
     p = plan.plan_for(_layout("bwd", "bfloat16", 64, causal=causal, n_q=n_q, **mods))
     main = p.steps[1]
     assert p.family == plan.HOPPER
@@ -691,6 +713,67 @@ def test_small_plain_causal_backward_puts_key_blocks_outermost(causal, n_q, mods
         assert [x for _, _, x in visits[:group]] == [0] * group
     fwd = plan.plan_for(_layout("fwd", "bfloat16", 64, causal=causal, n_q=n_q, **mods))
     assert fwd.steps[0].grid[1:] == (H, B)
+
+
+@pytest.mark.parametrize("shape,n_k,kv_heads,causal,split", [
+    ((4, 16, 2048, 128), 2048, 4, True, 4),  # the Llama step's layer: 4 x 4 x 16 K/V blocks = 256 thread blocks
+    ((1, 16, 8192, 128), 8192, 4, False, 4),  # 4 x 64 = 256
+    ((2, 16, 4096, 128), 4096, 4, True, 4),  # 2 x 4 x 32 = 256, x 2 = 512 < 528: the next divisor, 4
+    ((8, 16, 8192, 128), 8192, 4, True, 1),  # 2048 thread blocks: no split
+    ((2, 24, 1024, 64), 1024, 4, True, 6),  # group 6: 2 x 4 x 8 = 64 thread blocks, x 6 = 384 < 528: the whole group
+    ((2, 24, 4096, 64), 4096, 4, True, 3),  # 2 x 4 x 32 = 256: x 2 = 512, x 3 = 768
+    ((2, 16, 512, 64), 517, 16, True, 1),  # no grouped query
+])
+def test_grouped_query_backward_splits_heads_over_thread_blocks(shape, n_k, kv_heads, causal, split):
+    """plan.backward_kv_split: a grouped-query Hopper backward with fewer than KV_SPLIT_MIN_BLOCKS thread blocks
+    splits each K/V head's query heads over the fewest thread blocks (a divisor of the group) that reach it. The
+    unchanged kernel then runs on kv_heads · split K/V heads of G / split query heads each, over copies of K and V
+    (flash_bwd_expand_kv_sm90 repeats each head `split` times) into partial dK, dV (flash_bwd_sum_kv_sm90 adds them
+    into dk and dv): four (B, H_kv · split, Nk, D) parts of the plan's kv_part array, contiguous. Its grid visits
+    every (batch, split K/V head, K/V block) once. mma.sync is never split."""
+    batch, heads, n_q, d = shape
+    q_shape, kv_shape = shape, (batch, kv_heads, n_k, d)
+    shapes = dict(q=q_shape, k=kv_shape, v=kv_shape, out=q_shape, dout=q_shape, lse=q_shape[:3], d_vec=q_shape[:3],
+                  dq_accum=(batch, heads, plan.dq_accum_rows(n_q), d), dq=q_shape, dk=kv_shape, dv=kv_shape)
+    layout = plan.CallLayout("bwd", "bfloat16", q_shape, n_k, kv_heads,
+                             tuple((n, _contiguous(shapes[n]), 0) for n in plan.BACKWARD_BUFS), causal, 0.125)
+    p = plan.plan_for(layout)
+    assert p.family == plan.HOPPER
+    n_blocks = math.ceil(n_k / p.tiles.Bc)
+    assert plan.backward_kv_split(layout, p.family, p.tiles.Bc) == split
+    assert split == 1 or batch * kv_heads * n_blocks * split >= plan.KV_SPLIT_MIN_BLOCKS or split == heads // kv_heads
+    main = next(s for s in p.steps if s.variant == p.variant)
+    assert main.packed.values["group"] == heads // kv_heads // split
+    names = {**_slot_names(main), **{path: v.name for path, v in main.packed.values.items()
+                                     if isinstance(v, params.TmaSlot)}}
+    kernels = [s.variant.kernel for s in p.steps]
+    if split == 1:
+        assert p.kv_part_shape is None and kernels == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
+        assert [names[n] for n in ("tm_k", "tm_v", "dk", "dv")] == ["k", "v", "dk", "dv"]
+    else:
+        assert p.kv_part_shape == (4, batch, kv_heads * split, n_k, d)
+        assert [names[n] for n in ("tm_k", "tm_v", "dk", "dv")] == list(plan.SPLIT_KV_BUFS)
+        part = _contiguous(p.kv_part_shape[1:])
+        assert [main.packed.values[f"dk_s{c}"] for c in "bhn"] == list(part[:3])
+        tm_k = main.packed.values["tm_k"]
+        assert tm_k.shape == (batch, kv_heads * split, n_k, d) and tm_k.strides == part
+        assert kernels == ["bwd_preprocess", "bwd_expand_kv_sm90", "bwd_sm90", "bwd_sum_kv_sm90",
+                           "bwd_convert_dq_sm90"]
+        expand, sums = p.steps[1], p.steps[3]
+        items = batch * kv_heads * n_k * d // 8
+        for step, kernel in ((expand, "bwd_expand_kv_sm90"), (sums, "bwd_sum_kv_sm90")):
+            assert step.variant == jit.Variant(kernel, "bfloat16", d)
+            assert step.grid == (math.ceil(items / plan.SPLIT_KV_THREADS), 2) and step.block == (plan.SPLIT_KV_THREADS,)
+            assert {f: step.packed.values[f] for f in ("H", "Nk", "DHead", "split", "n_items")} == dict(
+                H=kv_heads, Nk=n_k, DHead=d, split=split, n_items=items)
+            assert [step.packed.values[f"split_s.{c}"] for c in "bhn"] == list(part[:3])
+            assert _slot_names(step) == {**{n: n for n in ("k", "v", "dk", "dv")},
+                                         **{n: n for n in plan.SPLIT_KV_BUFS}}
+    visits = _decoded(main.grid, main.packed.values["outer_kv_heads"])
+    assert sorted(visits) == [(b, h, x) for b in range(batch) for h in range(kv_heads * split)
+                              for x in range(n_blocks)]
+    mma = plan.plan_for(layout._replace(compute_capability=80))
+    assert mma.kv_part_shape is None and mma.steps[1].grid[1] == kv_heads
 
 
 # ---- boolean masks: the plain Hopper kernels' key mask, or an added bias -----------------------------------------
@@ -716,12 +799,12 @@ def test_boolean_key_mask_runs_as_the_plain_hopper_kernels_key_mask(kernel, caus
     (main,) = [s for s in p.steps if s.variant == p.variant]
     meta, meta_sb = ("keys.meta", "keys.sb") if kernel == "fwd" else ("key_meta", "key_meta_sb")
     assert _slot_names(main)[meta] == "key_meta" and main.packed.values[meta_sb] == sb
-    assert [s.variant.kernel for s in p.steps] == (
+    assert _kernels(p) == (
         ["key_mask_prep", "fwd_sm90"] if kernel == "fwd" else
         ["key_mask_prep", "bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"])
     # the plain path's grid: Q-block pairs forward, the causal backward's K/V blocks outermost
     plain = plan.plan_for(_layout(kernel, d=d, causal=causal))
-    assert main.grid == plain.steps[0 if kernel == "fwd" else 1].grid
+    assert main.grid == _steps(plain)[0 if kernel == "fwd" else 1].grid
 
 
 def test_key_meta_rows_cover_a_whole_block_past_the_last_key():
@@ -826,7 +909,8 @@ def test_key_mask_op_calls_run_their_plan_without_checking_again(stubbed_hopper,
     second, tensors = calls(key_mask)
     assert [variant for variant, _ in second] == [variant for variant, _ in first]
     assert [variant.kernel for variant, _ in second] == ["key_mask_prep", "fwd_sm90", "key_mask_prep",
-                                                         "bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
+                                                         "bwd_preprocess", "bwd_expand_kv_sm90", "bwd_sm90",
+                                                         "bwd_sum_kv_sm90", "bwd_convert_dq_sm90"]
     for _, ptrs in second:
         for name in ("q", "k", "v", "out", "lse", "dq", "dk", "dv", "key_mask"):
             if name in ptrs:

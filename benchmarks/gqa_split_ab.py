@@ -1,0 +1,79 @@
+"""The grouped-query backward's split (plan.backward_kv_split) against none, on the Llama step's layouts: the op's
+backward alone, one process, the two settings in turns (split, unsplit, split again).
+
+bf16, q/k/v token-major as transformers' rotary output gives them, a boolean key mask (every other batch row half
+padded where the row says "padded"); CUDA events, median of 30 calls after 5; the largest difference of dq, dk, dv
+between the settings (the split sums its partial dK, dV in fp32 and rounds once).
+
+    python benchmarks/gqa_split_ab.py
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+
+import cupyflash.torch_op  # noqa: F401  (registers torch.ops.cupyflash.*)
+from cupyflash import cuda_path, plan, torch_op
+
+SHAPES = (  # (B, H, H_kv, N, D, causal, padded)
+    (4, 16, 4, 2048, 128, True, True), (4, 16, 4, 2048, 128, True, False), (1, 16, 4, 8192, 128, True, True),
+    (2, 32, 8, 4096, 128, True, False), (8, 32, 8, 2048, 64, True, False), (4, 16, 4, 2048, 128, False, True))
+
+def reset(min_blocks: int) -> None:
+    """plan.KV_SPLIT_MIN_BLOCKS set, every cached plan and runner dropped."""
+    plan.KV_SPLIT_MIN_BLOCKS = min_blocks
+    plan.plan_for.cache_clear()
+    cuda_path._KNOWN.clear()
+    torch_op._PLAIN_BACKWARDS.clear()
+    torch_op._PLAIN_FORWARDS.clear()
+
+def bench(b: int, h: int, hkv: int, n: int, d: int, causal: bool, pad: bool) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(b, n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) for _ in range(2))
+    keep = torch.ones(b, n, dtype=torch.bool, device="cuda")
+    if pad:
+        keep[1::2, n // 2:] = False
+    mask = keep[:, None, None, :]
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, mask, d ** -0.5, causal)
+    dout = torch.randn_like(out)
+    res = {}
+    split_min = plan.KV_SPLIT_MIN_BLOCKS
+    for name, mb in (("split", split_min), ("unsplit", 0), ("split again", split_min)):
+        reset(mb)
+        def call():
+            return torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, mask, out, lse, d ** -0.5, causal)
+
+        grads = call()
+        for _ in range(5):
+            call()
+        times = []
+        for _ in range(30):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        res[name] = (statistics.median(times), grads)
+    reset(split_min)
+    diff = max((a.float() - c.float()).abs().max().item() for a, c in zip(res["split"][1][:3], res["unsplit"][1][:3]))
+    flops = 4 * b * h * n * n * d * (0.5 if causal else 1) * 2.5
+    print(f"| {b}x{h}/{hkv} N{n} d{d} {'causal' if causal else 'full'} {'padded' if pad else 'all keys'} | "
+          + " | ".join(f"{k_} {t:.3f} ms ({flops / t / 1e9:.0f} TF/s)" for k_, (t, _) in res.items())
+          + f" | split/unsplit {res['split'][0] / res['unsplit'][0]:.3f} | max |d grads| {diff:.3g} |", flush=True)
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gqa_split_ab.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"# {torch.cuda.get_device_name()}: op backward, bf16, token-major q/k/v as the Llama step's, key mask")
+    for shape in SHAPES:
+        bench(*shape)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
