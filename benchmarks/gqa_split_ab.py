@@ -34,7 +34,8 @@ def reset(min_blocks: int) -> None:
 def bench(b: int, h: int, hkv: int, n: int, d: int, causal: bool, pad: bool, thresholds: list) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-    k, v = (torch.randn(b, n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(b, n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+            for _ in range(2))
     keep = torch.ones(b, n, dtype=torch.bool, device="cuda")
     if pad:
         keep[1::2, n // 2:] = False

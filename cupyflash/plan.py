@@ -281,7 +281,7 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
         kernel_bufs = {name: bufs[name] for name in BACKWARD_BUFS if name not in ("out", "dq")}
         split = backward_kv_split(layout, family, t.Bc)
         grid, outer_kv_heads = backward_grid(layout, family, t.Bc, split)
-        kv_heads, expand, sums = layout.kv_heads, (), ()
+        expand, sums = (), ()
         if split > 1:  # the kernel on K, V repeated `split` times, writing partial dK, dV (backward_kv_split)
             kv_heads = layout.kv_heads * split
             kv_part_shape = (len(SPLIT_KV_BUFS), batch, kv_heads, layout.n_k, d)
@@ -348,9 +348,10 @@ def backward_kv_split(layout: CallLayout, family: str, bc: int) -> int:
 
 def backward_grid(layout: CallLayout, family: str, bc: int, kv_split: int = 1) -> tuple[tuple, int]:
     """(grid, outer_kv_heads) of the backward's attention kernel: one thread block per (K/V block of `bc` keys, K/V
-    head, batch), with `kv_split` times the layout's K/V heads (backward_kv_split). In that order (K/V blocks innermost) the blocks of one head run together and share its Q and dO in
-    L2. Under a causal mask K/V block x sees the Q blocks from x on, so each head's blocks come heaviest first and
-    the last wave mixes heavy and light ones. A plain causal call on the Hopper kernel with at most
+    head, batch), with `kv_split` times the layout's K/V heads (backward_kv_split). In that order (K/V blocks
+    innermost) the blocks of one head run together and share its Q and dO in L2. Under a causal mask K/V block x
+    sees the Q blocks from x on, so each head's blocks come heaviest first and the last wave mixes heavy and light
+    ones. A plain causal call on the Hopper kernel with at most
     K_OUTER_MAX_BLOCKS K/V blocks instead takes its (batch, K/V head) pairs in groups whose Q and dO fit in
     K_OUTER_MAX_BYTES, each group's K/V blocks outermost (grid (pairs of a group, K/V blocks, groups);
     outer_kv_heads = H_kv tells the kernel): the group's heaviest blocks first, as list scheduling wants, and a
