@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 import cupyflash.torch_op  # noqa: F401  (registers torch.ops.cupyflash.*)
 from cupyflash import cuda_path, plan, torch_op
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpt_train_step import step_timer  # noqa: E402
 
 SHAPES = (  # (B, H, H_kv, N, D, causal, padded)
     (4, 16, 4, 2048, 128, True, True), (4, 16, 4, 2048, 128, True, False), (1, 16, 4, 8192, 128, True, True),
@@ -41,6 +45,7 @@ def bench(b: int, h: int, hkv: int, n: int, d: int, causal: bool, pad: bool, thr
         keep[1::2, n // 2:] = False
     mask = keep[:, None, None, :]
     out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, mask, d ** -0.5, causal)
+    timed = step_timer(torch.device("cuda"))  # CUDA events around one call, ms
     dout = torch.randn_like(out)
     res = {}
     split_min = plan.KV_SPLIT_MIN_BLOCKS
@@ -54,15 +59,7 @@ def bench(b: int, h: int, hkv: int, n: int, d: int, causal: bool, pad: bool, thr
         grads = call()
         for _ in range(5):
             call()
-        times = []
-        for _ in range(30):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        res[name] = (statistics.median(times), grads)
+        res[name] = (statistics.median(timed(call) for _ in range(30)), grads)
     reset(split_min)
     first = res[settings[0][0]]
     diff = max((a.float() - c.float()).abs().max().item() for a, c in zip(first[1][:3], res["unsplit"][1][:3]))
