@@ -282,23 +282,12 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
         split = backward_kv_split(layout, family, t.Bc)
         grid, outer_kv_heads = backward_grid(layout, family, t.Bc, split)
         expand, sums = (), ()
-        if split > 1:  # the kernel on K, V repeated `split` times, writing partial dK, dV (backward_kv_split)
-            kv_heads = layout.kv_heads * split
-            kv_part_shape = (len(SPLIT_KV_BUFS), batch, kv_heads, layout.n_k, d)
-            strides = tuple(math.prod(kv_part_shape[i + 1:]) for i in range(1, 5))
-            copies = {name: Buf(Slot(name), strides) for name in SPLIT_KV_BUFS}
-            kv_shape = (batch, layout.kv_heads, layout.n_k, d)
-            packed_split = params.split_kv(k=bufs["k"], v=bufs["v"], dk=bufs["dk"], dv=bufs["dv"], **copies,
-                                           shape=kv_shape, split=split)
-            split_grid = (math.ceil(math.prod(kv_shape) // 8 / SPLIT_KV_THREADS), 2)  # grid.y: K, V
-            expand, sums = ((_step(jit.Variant(kernel, layout.dtype, d), split_grid, (SPLIT_KV_THREADS,),
-                                   packed_split),) for kernel in jit.SPLIT_KV_KERNELS)
-            kernel_bufs.update(k=copies["k_split"], v=copies["v_split"], dk=copies["dk_part"],
-                               dv=copies["dv_part"])
-            common["kv_heads"] = kv_heads
-        if family == HOPPER:
-            packed = (params.sm90_backward(**common, **kernel_bufs, row_lse=row_lse, outer_kv_heads=outer_kv_heads,
-                                           keys=keys),)
+        if split > 1:
+            kv_part_shape, expand, sums, copies = _kv_split_steps(layout, bufs, split)
+            kernel_bufs.update(copies)
+        if family == HOPPER:  # the kernel's K/V heads: the split copies' where split
+            packed = (params.sm90_backward(**{**common, "kv_heads": layout.kv_heads * split}, **kernel_bufs,
+                                           row_lse=row_lse, outer_kv_heads=outer_kv_heads, keys=keys),)
         else:  # one launch per column range (tiles.Tiles.out_cols); dBias from the first only
             packed = tuple(params.mma_backward(**{**common, "mods": mods if col0 == 0 else
                                                   dataclasses.replace(mods, dbias=None)},
@@ -327,6 +316,24 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
                  _step(*convert, conv))
     return Plan(layout, family, why, variant, t, steps, classes_shape, "" if key_mask is None else "keys",
                 key_meta_shape, kv_part_shape)
+
+
+def _kv_split_steps(layout: CallLayout, bufs: dict, split: int) -> tuple[tuple, tuple, tuple, dict]:
+    """(kv_part_shape, the expand step, the sum step, the attention kernel's k, v, dk, dv) of a backward split
+    `split` times (backward_kv_split): the kernel reads K, V repeated per split and writes partial dK, dV, all four
+    parts of one (4, B, H_kv · split, Nk, D) array in SPLIT_KV_BUFS' order."""
+    batch, _, _, d = layout.shape
+    kv_part_shape = (len(SPLIT_KV_BUFS), batch, layout.kv_heads * split, layout.n_k, d)
+    strides = tuple(math.prod(kv_part_shape[i + 1:]) for i in range(1, 5))
+    copies = {name: Buf(Slot(name), strides) for name in SPLIT_KV_BUFS}
+    kv_shape = (batch, layout.kv_heads, layout.n_k, d)
+    packed = params.split_kv(k=bufs["k"], v=bufs["v"], dk=bufs["dk"], dv=bufs["dv"], **copies, shape=kv_shape,
+                             split=split)
+    grid = (math.ceil(math.prod(kv_shape) // 8 / SPLIT_KV_THREADS), 2)  # grid.y: K, V
+    expand, sums = ((_step(jit.Variant(kernel, layout.dtype, d), grid, (SPLIT_KV_THREADS,), packed),)
+                    for kernel in jit.SPLIT_KV_KERNELS)
+    kernel_bufs = dict(k=copies["k_split"], v=copies["v_split"], dk=copies["dk_part"], dv=copies["dv_part"])
+    return kv_part_shape, expand, sums, kernel_bufs
 
 
 def backward_kv_split(layout: CallLayout, family: str, bc: int) -> int:
