@@ -3,10 +3,10 @@
 New nodes get fake values (``example_value``) as they are made, so the op's own check
 (``why_unsupported``) runs on exactly the tensors it would receive, shapes symbolic or not; if it refuses,
 the new nodes are removed again and the site stays as written. A mask proven a band and per-key terms becomes
-the op's causal/window flags and a (B, 1, 1, Nk) boolean attn_bias, with ``rows.uniform_rows`` selecting
-eager's values for rows that may see no key; the dense mask's construction is erased once nothing reads it.
+the op's causal/window flags and a (B, 1, 1, Nk) boolean attn_bias, the op giving eager's uniform rows for rows
+that may see no key (its ``unseen_rows``); the dense mask's construction is erased once nothing reads it.
 Any other mask that eager fills with -inf or a large negative value becomes a boolean keep-mask, with eager's
-rows (NaN, or uniform) selected where the op's lse says the row saw no key (``rows.nan_rows``, ``uniform_rows``);
+rows: uniform by the op too, or NaN selected where the op's lse says the row saw no key (``rows.nan_rows``);
 an added float bias gets eager's NaN rows the same way where it holds -inf at every key of a row.
 """
 from __future__ import annotations
@@ -20,13 +20,14 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+from cupyflash import unseen_rows as unseen
 from cupyflash.torch_op import why_unsupported
 
 from . import spellings as sp
 from .masks import equal, node_of
 from .matcher import Matcher, Site, Skip, where
 from .report import SiteRecord
-from .rows import lse_unseen, nan_rows, uniform_rows, unseen_rows
+from .rows import lse_unseen, nan_rows
 
 log = logging.getLogger("cupyflash.compile")
 
@@ -190,19 +191,13 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
         left, right = site.window
         token_major = dst == site.pv_frame and site.pv_out_perm is None and _heads_swapped_by_every_user(site.pv)
         res = emit("call_function", _OP, q, k, v, bias, float(scale), bool(site.causal), window_left=left,
-                   window_right=right, softcap=float(softcap), token_major_out=token_major)
+                   window_right=right, softcap=float(softcap), token_major_out=token_major,
+                   unseen_rows=_unseen_mode(site))
         out = emit("call_function", operator.getitem, res, 0)
-        if site.keep_mask is not None:
+        if site.nan_rows:
             rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
-            if site.nan_rows:
-                out = emit("call_function", nan_rows, out, q, k, v, rows, site.unseen == "add")
-            else:
-                out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), False)
-        elif site.unseen is not None:
-            keys = bias if site.key_terms else None
-            rows = emit("call_function", unseen_rows, keys, q, k, bool(site.causal), left, right)
-            out = emit("call_function", uniform_rows, out, q, k, v, rows, float(scale), site.unseen == "add")
-        elif bias is not None and sp.meta(bias).is_floating_point():
+            out = emit("call_function", nan_rows, out, q, k, v, rows, site.unseen == "add")
+        elif site.unseen is None and bias is not None and sp.meta(bias).is_floating_point():
             # An added bias may hold -inf at every key of a row: NaN in eager, lse = +inf in the op.
             rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
             out = emit("call_function", nan_rows, out, q, k, v, rows, True, bias)
@@ -224,6 +219,15 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
     return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None, "kv_heads": kv_heads,
             "softcap": float(softcap), "window": tuple(site.window), "mask_form": _mask_form(site, bias),
             "token_major_out": token_major}
+
+
+def _unseen_mode(site: Site) -> int:
+    """The op's unseen_rows for a site whose rows may see no key under a finite fill (cupyflash/unseen_rows.py):
+    eager's uniform row, with the scores' gradient where the fill was added to them; 0 for any other site (a -inf
+    fill's NaN rows are nan_rows')."""
+    if site.unseen is None or site.nan_rows:
+        return 0
+    return unseen.UNIFORM_SCORES if site.unseen == "add" else unseen.UNIFORM
 
 
 def _heads_swapped_by_every_user(pv: fx.Node) -> bool:

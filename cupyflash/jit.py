@@ -32,9 +32,13 @@ NVRTC_OPTIONS = ("-std=c++17",)
 DTYPE_TAGS = {"float16": "cupyflash::f16", "bfloat16": "cupyflash::bf16", "float32": "cupyflash::tf32"}
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 KERNELS = ("fwd", "fwd_sm90", "bwd", "bwd_sm90", "bwd_preprocess", "bwd_convert_dq", "bwd_convert_dq_sm90",
-           "bwd_expand_kv_sm90", "bwd_sum_kv_sm90", "tile_minmax", "tile_classify", "key_mask_prep")
-# The masks' preparation (per dtype, no head dim): kernels_cu/tile_classes.cuh, key_mask.cuh
-MASK_PREP_KERNELS = ("tile_minmax", "tile_classify", "key_mask_prep")
+           "bwd_expand_kv_sm90", "bwd_sum_kv_sm90", "tile_minmax", "tile_classify", "key_mask_prep",
+           "unseen_flags", "unseen_key_sums", "unseen_fill", "unseen_sums", "unseen_kv", "unseen_dq")
+# The rows without keys (kernels_cu/unseen_rows.cuh, cupyflash/unseen_rows.py): any head dim up to 256
+UNSEEN_KERNELS = KERNELS[-6:]
+# Per dtype, no head dim, one module: the masks' preparation (kernels_cu/tile_classes.cuh, key_mask.cuh) and the
+# rows without keys
+PER_DTYPE_KERNELS = ("tile_minmax", "tile_classify", "key_mask_prep", *UNSEEN_KERNELS)
 # (mods, dropout) compiled into the fwd/bwd kernels: plain, bias/window, bias/window + dropout.
 FEATURE_SETS = ((False, False), (True, False), (True, True))
 # wgmma / TMA: sm_90a only (with the Hopper backward's own helpers, in its module)
@@ -82,7 +86,7 @@ class Variant:
     @property
     def name(self) -> str:
         short = {"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}[self.dtype]
-        if self.kernel in MASK_PREP_KERNELS:
+        if self.kernel in PER_DTYPE_KERNELS:
             return f"{self.kernel}_{short}"
         return (f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
                 + ("_mods" if self.mods else "") + ("_dropout" if self.dropout else "")
@@ -115,6 +119,8 @@ class Variant:
             return f"cupyflash::flash_bwd_preprocess<{tag}, {d}>"
         if self.kernel == "tile_minmax":
             return f"cupyflash::tile_minmax<{tag}>"
+        if self.kernel in UNSEEN_KERNELS:
+            return f"cupyflash::{self.kernel}<{tag}>"
         if self.kernel in ("tile_classify", "key_mask_prep"):
             return f"cupyflash::{self.kernel}"
         return f"cupyflash::flash_bwd_convert_dq<{tag}, {d}>"
@@ -135,9 +141,9 @@ class Variant:
     @property
     def module_key(self) -> tuple:
         """Variants compiled together into one RawModule: one pass (forward / backward) of one dtype and head dim,
-        the Hopper kernels (both passes, flash_attn_sm90.cu) of one dtype and head dim, or the bias tile
-        classification of one dtype."""
-        if self.kernel in MASK_PREP_KERNELS:
+        the Hopper kernels (both passes, flash_attn_sm90.cu) of one dtype and head dim, or the per-dtype kernels
+        (PER_DTYPE_KERNELS) of one dtype."""
+        if self.kernel in PER_DTYPE_KERNELS:
             return ("tiles", self.dtype, 0)
         if self.kernel in SM90_KERNELS:
             return ("sm90", self.dtype, self.head_dim)
@@ -147,7 +153,7 @@ class Variant:
 def all_variants() -> list[Variant]:
     out = []
     for dtype in DTYPE_TAGS:
-        out += [Variant(k, dtype, 0) for k in MASK_PREP_KERNELS]
+        out += [Variant(k, dtype, 0) for k in PER_DTYPE_KERNELS]
         for d in tiles.FORWARD:
             out += [Variant("fwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
         if dtype in SM90_DTYPES:

@@ -137,8 +137,13 @@ def execute(plan, ptrs: dict, stream_ptr: int, device_id: int) -> None:
     device address, for each name in plan.needs)."""
     if plan.family != "hopper":
         log.debug("%s on mma.sync: %s", "forward" if plan.layout.kernel == "fwd" else "backward", plan.why)
+    run_steps(plan.steps, ptrs, stream_ptr, device_id)
+
+
+def run_steps(steps, ptrs: dict, stream_ptr: int, device_id: int) -> None:
+    """Launches plan Steps (cupyflash/plan.py) in order on the stream, with the call's addresses."""
     with _device(device_id):
-        for step in plan.steps:
+        for step in steps:
             _run_step(step, ptrs, stream_ptr, device_id)
 
 

@@ -240,6 +240,12 @@ TILE_MINMAX = Struct("TileMinmaxParams", (
     ("tile_min", PTR), ("tile_max", PTR), ("row_keeps", PTR)))
 KEY_MASK_PREP = Struct("KeyMaskPrepParams", (
     ("mask", PTR), ("mask_sb", I64), ("mask_sn", I64), ("Nk", I32), ("words", I32), ("meta", PTR), ("meta_sb", I64)))
+UNSEEN_ROWS = Struct("UnseenRowsParams<u16>", (
+    ("q", PTR), ("k", PTR), ("v", PTR), ("dout", PTR), ("out", PTR), ("dq", PTR), ("dk", PTR), ("dv", PTR),
+    ("lse", PTR), ("ws", PTR),
+    *[(f"{t}_s", BHN) for t in ("q", "k", "v", "do", "o", "dq", "dk", "dv")],
+    ("H", I32), ("Hkv", I32), ("Nq", I32), ("Nk", I32), ("D", I32), ("Dv", I32), ("ws_per", I64), ("scale", F32),
+    ("mode", I32)))
 TILE_CLASSIFY = Struct("TileClassifyParams", (
     ("tile_min", PTR), ("tile_max", PTR), ("row_keeps", PTR), ("nq", I32), ("tq", I32), ("QB", I32), ("KB", I32),
     ("n_tiles", I64), ("window", I32), ("classes", PTR)))
@@ -248,7 +254,8 @@ KERNEL_STRUCTS = {"fwd": FWD, "fwd_sm90": FWD_SM90, "bwd": BWD, "bwd_sm90": BWD_
                   "bwd_preprocess": BWD_PREPROCESS, "bwd_convert_dq": CONVERT_DQ,
                   "bwd_convert_dq_sm90": CONVERT_DQ, "bwd_expand_kv_sm90": SPLIT_KV,
                   "bwd_sum_kv_sm90": SPLIT_KV, "tile_minmax": TILE_MINMAX,
-                  "tile_classify": TILE_CLASSIFY, "key_mask_prep": KEY_MASK_PREP}  # jit.KERNELS → its struct
+                  "tile_classify": TILE_CLASSIFY, "key_mask_prep": KEY_MASK_PREP,
+                  **dict.fromkeys(jit.UNSEEN_KERNELS, UNSEEN_ROWS)}  # jit.KERNELS → its struct
 STRUCTS = (BHN, BHMN, ATTN, SCORE_MODS, KEY_MASK,
            *(s for s in KERNEL_STRUCTS.values() if not s.positional))  # params.cuh
 
@@ -388,3 +395,24 @@ def key_mask_prep(*, mask: Buf, n_k: int, words: int, meta: Buf) -> Packed:
     broadcast dims), `meta` its meta rows of 4 + `words` ints (strides (rows' stride,))."""
     return KEY_MASK_PREP.pack(dict(mask=mask.ptr, mask_sb=mask.strides[0], mask_sn=mask.strides[3], Nk=n_k,
                                    words=words, meta=meta.ptr, meta_sb=meta.strides[0]))
+
+
+def unseen_rows(*, bufs: dict, shape: tuple, kv_heads: int, n_k: int, d_v: int, ws_per: int, scale: float,
+                mode: int) -> Packed:
+    """The rows-without-keys kernels' UnseenRowsParams: `bufs` the Bufs of the pass (q, k, v, lse, ws and out, or
+    dout, dq, dk, dv); those it lacks are null (the kernels of that pass do not read them)."""
+    batch, heads, n_q, d = shape
+
+    def ptr(name):
+        return _optional(bufs.get(name))
+
+    def strides(name):
+        return (0, 0, 0) if name not in bufs else _bhn(bufs[name])
+
+    return UNSEEN_ROWS.pack(dict(**{name: ptr(name) for name in ("q", "k", "v", "dout", "out", "dq", "dk", "dv",
+                                                                  "lse", "ws")},
+                                 **{f"{t}_s": strides(name) for t, name in (("q", "q"), ("k", "k"), ("v", "v"),
+                                                                             ("do", "dout"), ("o", "out"),
+                                                                             ("dq", "dq"), ("dk", "dk"), ("dv", "dv"))},
+                                 H=heads, Hkv=kv_heads, Nq=n_q, Nk=n_k, D=d, Dv=d_v, ws_per=ws_per, scale=scale,
+                                 mode=mode))

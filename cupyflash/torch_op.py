@@ -17,6 +17,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import cpu_attention
+from . import unseen_rows as unseen
 from .array_ops import token_major_strides
 from .tiles import no_backward_why
 from .validate import (GPU_DTYPES, GPU_HEAD_DIMS, TF32_HOW, TensorInfo, check_attention_inputs,
@@ -119,19 +120,32 @@ def why_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
                    scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
                    dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, softcap: float = 0.0,
-                   token_major_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   token_major_out: bool = False, unseen_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, H, Nq, D), lse (B, H, Nq) fp32), both contiguous whatever the strides of q, k, v (as
     a matmul's output would be); with ``token_major_out`` out's memory is (B, Nq, H, D), as SDPA's
     (array_ops.token_major_strides): ``out.transpose(1, 2)`` is then contiguous. ``dropout_seed``: one int64
     element on q's device, read by the kernels on the device (never synchronised to the host). Semantics:
-    cupyflash/cpu_attention.py."""
+    cupyflash/cpu_attention.py; ``unseen_rows`` (cupyflash/unseen_rows.py): 0, a row that sees no key is 0 (lse
+    +inf); 1 or 2, it is eager's row under a finite mask fill, uniform over all keys (lse still +inf), with the
+    gradients of a fill that replaced the scores (1) or was added to them (2)."""
     return _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap,
-                    token_major_out)
+                    token_major_out, unseen_rows)
 
 
 def _forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap,
-             token_major_out=False):
+             token_major_out=False, unseen_rows=0):
     """flash_attn_fwd's body, which flash_attention runs too (in _EagerAttention with gradients)."""
+    out, lse = _attention_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p,
+                                  dropout_seed, softcap, token_major_out)
+    if unseen_rows:
+        unseen.check_mode(unseen_rows, dropout_p)
+        unseen.fill(out, lse, v, unseen_rows)
+    return out, lse
+
+
+def _attention_forward(q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap,
+                       token_major_out):
+    """The attention's out and lse (rows without keys 0, lse +inf)."""
     key = None
     if dropout_p == 0.0 and dropout_seed is None and (attn_bias is None or _key_mask_like(attn_bias)):
         key = _plain_key((q, k, v, attn_bias), (scale, causal, window_left, window_right, softcap, token_major_out))
@@ -240,9 +254,10 @@ def _cuda_attention():
 
 @flash_attn_fwd.register_fake
 def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0, dropout_seed=None,
-      softcap=0.0, token_major_out=False):
+      softcap=0.0, token_major_out=False, unseen_rows=0):
     # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
+    unseen.check_mode(unseen_rows, dropout_p)
     return _new_out(q, v, token_major_out), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -250,17 +265,29 @@ def _(q, k, v, attn_bias, scale, causal, window_left=-1, window_right=-1, dropou
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attn_bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
                    causal: bool, window_left: int = -1, window_right: int = -1, dropout_p: float = 0.0,
-                   dropout_seed: Optional[torch.Tensor] = None, bias_grad: bool = False, softcap: float = 0.0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   dropout_seed: Optional[torch.Tensor] = None, bias_grad: bool = False, softcap: float = 0.0,
+                   unseen_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias contiguous, empty unless bias_grad);
-    dq, dk, dv (B, H, N, D) tensors whose memory is (B, N, H, D) (array_ops.token_major_strides)."""
+    dq, dk, dv (B, H, N, D) tensors whose memory is (B, N, H, D) (array_ops.token_major_strides). ``unseen_rows``:
+    the forward's."""
     return _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
-                     dropout_seed, bias_grad, softcap)
+                     dropout_seed, bias_grad, softcap, unseen_rows)
 
 
 def _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p, dropout_seed,
-              bias_grad, softcap):
+              bias_grad, softcap, unseen_rows=0):
     """flash_attn_bwd's body, which _EagerAttention's backward runs too."""
+    dq, dk, dv, dbias = _attention_backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left,
+                                            window_right, dropout_p, dropout_seed, bias_grad, softcap)
+    if unseen_rows:
+        unseen.check_mode(unseen_rows, dropout_p)
+        unseen.backward(dq, dk, dv, dout, q, k, v, lse, scale, unseen_rows)
+    return dq, dk, dv, dbias
+
+
+def _attention_backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
+                        dropout_seed, bias_grad, softcap):
+    """The attention's gradients (rows without keys add nothing)."""
     key = None
     if (dropout_p == 0.0 and dropout_seed is None and not bias_grad
             and (attn_bias is None or _key_mask_like(attn_bias))):
@@ -342,10 +369,11 @@ def _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_l
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0,
-      dropout_seed=None, bias_grad=False, softcap=0.0):
+      dropout_seed=None, bias_grad=False, softcap=0.0, unseen_rows=0):
     # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
                     bias_grad, softcap)
+    unseen.check_mode(unseen_rows, dropout_p)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
     return (*(_token_major_empty(t.shape, t) for t in (q, k, v)), dbias)
 
@@ -359,6 +387,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.scale, ctx.causal, ctx.window, ctx.dropout_p = scale, causal, (window_left, window_right), dropout_p
     ctx.softcap = softcap
+    ctx.unseen_rows = inputs[12] if len(inputs) > 12 else 0
 
 
 def _gradients(ctx, dout, backward_pass):
@@ -368,7 +397,7 @@ def _gradients(ctx, dout, backward_pass):
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = backward_pass(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, attn_bias,
                                       out, lse, ctx.scale, ctx.causal, *ctx.window, ctx.dropout_p, dropout_seed,
-                                      bias_grad, ctx.softcap)
+                                      bias_grad, ctx.softcap, ctx.unseen_rows)
     return dq, dk, dv, dbias if bias_grad else None, *[None] * (len(ctx.needs_input_grad) - 4)
 
 

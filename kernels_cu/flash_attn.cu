@@ -4,3 +4,4 @@
 #include "flash_bwd.cuh"
 #include "tile_classes.cuh"
 #include "key_mask.cuh"
+#include "unseen_rows.cuh"

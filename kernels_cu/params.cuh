@@ -149,6 +149,27 @@ struct SplitKvParams {
     i64 n_items;  // B·H·Nk·DHead / 8
 };
 
+// unseen_rows.cuh: every kernel (each reads what it needs). ws: the fp32 workspace, ws_per floats per (batch, K/V
+// head); mode 1: uniform rows (replaced scores), 2: with the scores' gradient (an added fill).
+template <typename E>
+struct UnseenRowsParams {
+    const E* q;
+    const E* k;
+    const E* v;
+    const E* dout;
+    E* out;
+    E* dq;
+    E* dk;
+    E* dv;
+    const float* lse;
+    float* ws;
+    BhnStrides q_s, k_s, v_s, do_s, o_s, dq_s, dk_s, dv_s;
+    int H, Hkv, Nq, Nk, D, Dv;
+    i64 ws_per;
+    float scale;
+    int mode;
+};
+
 // tile_classes.cuh tile_minmax: tiles tq x tk of a bias (Hb heads, nq x nk), QB x KB of them per head.
 struct TileMinmaxParams {
     const void* bias;

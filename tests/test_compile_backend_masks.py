@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import compile_backend  # noqa: E402
-from compile_backend.rows import uniform_rows, unseen_rows  # noqa: E402
+from cupyflash.unseen_rows import UNIFORM_SCORES  # noqa: E402
 from models.harness import compile_and_compare  # noqa: E402
 from reference import assert_within_rule, rounding_floor  # noqa: E402
 
@@ -109,9 +109,8 @@ def test_llama_causal_and_key_padding(padding):
 
 
 def test_llama_left_padding_under_inductor():
-    """The rows without a key as Inductor compiles them (the other tests run aot_eager): the correction's
-    autograd.Function (rows._ScoresGradient) traced into Inductor's forward and backward graphs, gradients as
-    eager's."""
+    """The rows without a key as Inductor compiles them (the other tests run aot_eager): the op's unseen_rows in
+    Inductor's forward and backward graphs, gradients as eager's."""
     model = _model("llama", layers=2)
     ids, mask = _inputs("left")
     compile_and_compare(model, ids, mask, expect=2, inner="inductor", atol=1e-5, rtol=1e-5)
@@ -194,7 +193,8 @@ def test_bf16_left_padding_within_the_rule(name):
 
 def _uniform_rows_case(kv_heads, n_k, dtype, seed=0):
     """q (2, 4, 6, D) and k, v (2, kv_heads, n_k, D) in ``dtype``; sequence 1 left-padded so its first 4 rows see
-    no key under a causal mask: eager's output (fp64 math on the given values) and the op's with uniform_rows."""
+    no key under a causal mask: eager's output (fp64 math on the given values, the fill added) and the op's with
+    unseen_rows = UNIFORM_SCORES."""
     torch.manual_seed(seed)
     q = torch.randn(2, 4, 6, 8, dtype=torch.float64).to(dtype).requires_grad_()
     k, v = (torch.randn(2, kv_heads, n_k, 8, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(2))
@@ -210,16 +210,15 @@ def _uniform_rows_case(kv_heads, n_k, dtype, seed=0):
         scores = (q @ k.transpose(-1, -2) * scale + bias).to(torch.promote_types(q.dtype, torch.float32))
         return torch.softmax(scores, -1).to(q.dtype) @ v  # as transformers' eager_attention_forward
 
-    out = OP(q, k, v, pad[:, None, None, :], scale, True)[0]
-    rows = unseen_rows(pad[:, None, None, :], q, k, True, -1, -1)
-    assert rows.squeeze(-1).squeeze(1).tolist() == [[False] * 6, [True] * 4 + [False] * 2]
-    return (q, k, v), eager, uniform_rows(out, q, k, v, rows, scale, True)
+    out, lse = OP(q, k, v, pad[:, None, None, :], scale, True, unseen_rows=UNIFORM_SCORES)
+    assert torch.isposinf(lse).all(1).tolist() == [[False] * 6, [True] * 4 + [False] * 2]
+    return (q, k, v), eager, out
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA 2", "MQA"])
 def test_unseen_rows_match_eager_in_fp64(kv_heads):
-    """The claim behind uniform_rows: with eager's finite fill, a row with no key is uniform over all Nk keys and
-    its q/k/v gradients are exactly those of corr_i = ō + B_i − sg(B_i), grouped-query heads included."""
+    """The op's unseen_rows (cupyflash/unseen_rows.py) on the CPU path: with eager's finite fill added, a row with
+    no key is uniform over all Nk keys, with eager's q/k/v gradients, grouped-query heads included."""
     inputs, eager, got = _uniform_rows_case(kv_heads, 6, torch.float64)
     want = eager(*inputs)
     dout = torch.randn_like(want)
@@ -231,9 +230,8 @@ def test_unseen_rows_match_eager_in_fp64(kv_heads):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_k", [6, 3000])
 def test_unseen_rows_in_16_bit_within_the_rule(dtype, n_k):
-    """uniform_rows forms its correction's GEMMs in q's dtype: output and q/k/v gradients within the rule against
-    fp64 math, beside eager's own error in that dtype; at Nk = 3000 too, where Kᵀ V summed unscaled leaves
-    fp16's range."""
+    """The op's unseen rows in 16-bit: output and q/k/v gradients within the rule against fp64 math, beside eager's
+    own error in that dtype; at Nk = 3000 too, where Kᵀ V summed unscaled leaves fp16's range."""
     inputs, eager, got = _uniform_rows_case(2, n_k, dtype, seed=1)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     ref = eager(*ref_inputs)
