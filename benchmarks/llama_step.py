@@ -8,6 +8,7 @@ code builds its 4-D mask and SDPA gets a mask tensor. One step: forward, loss ov
 
     python benchmarks/llama_step.py                         # T 2048 x batch 4; writes benchmarks/results/llama-step-<GPU>.md
     python benchmarks/llama_step.py --seq 4096 --batch 2 --no-padding
+    python benchmarks/llama_step.py --padding-side left        # rows that see no key: eager's uniform rows
     python benchmarks/llama_step.py --variants inductor-sdpa cupyflash --profile out/   # + kernels per step side by side
 
 Variants: eager-sdpa, inductor-sdpa (the bar: issue 14 asks for <= 0.9x its step time), eager-eager (naive
@@ -53,8 +54,8 @@ def batch(args) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, args.vocab, (args.batch, args.seq), generator=gen)
     mask = torch.ones_like(ids)
-    if args.padding:
-        mask[1::2, -args.seq // 2:] = 0  # every other row half padding: a quarter of the tokens
+    if args.padding:  # every other row half padding: a quarter of the tokens
+        mask[1::2, (-args.seq // 2 if args.padding_side == "right" else 0):][:, :args.seq // 2] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {k: v.cuda() for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
 
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--no-padding", dest="padding", action="store_false")
+    p.add_argument("--padding-side", choices=("right", "left"), default="right",
+                   help="left: the padded rows' first queries see no key under the causal mask (eager's uniform rows)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -152,7 +155,8 @@ def main(argv=None) -> int:
     lines = [f"# transformers Llama training step on {gpu}",
              "", f"torch {torch.__version__}; bf16; T {args.seq} x batch {args.batch}, hidden {args.hidden}, "
              f"{args.heads} heads / {args.kv_heads} kv heads (head dim {args.hidden // args.heads}), {args.layers} layers; "
-             f"{'right padding on every other row' if args.padding else 'no padding'}; median of {args.steps} steps.",
+             f"{args.padding_side + ' padding on every other row' if args.padding else 'no padding'}; median of {args.steps} "
+             "steps.",
              "", "| variant | step ms | / inductor-sdpa | peak GiB | first loss | fused sites | mask forms |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -68,6 +68,17 @@ def main():
                    for n, d in ((130, d_q), (77, d_q), (77, d_v)))
         out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, d_q ** -0.5, True)
         torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, None, out, lse, d_q ** -0.5, True)
+    # Rows that see no key given eager's uniform rows (cupyflash/unseen_rows.py, kernels_cu/unseen_rows.cuh): left
+    # padding under a causal mask, grouped-query heads, both modes, v with its own head dim.
+    for mode in (1, 2):
+        for d_q, d_v in ((64, 64), (40, 72)):
+            q = torch.randn(3, 4, 130, d_q, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(3, 2, 300, d, device="cuda", dtype=torch.bfloat16) for d in (d_q, d_v))
+            keep = torch.arange(300, device="cuda") >= torch.tensor([0, 200, 299], device="cuda")[:, None]
+            mask = keep[:, None, None, :]
+            out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, mask, 0.125, True, unseen_rows=mode)
+            torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, mask, out, lse, 0.125, True,
+                                               unseen_rows=mode)
     torch.cuda.synchronize()
     print("sanitize cases done")
 
