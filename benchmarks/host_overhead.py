@@ -67,6 +67,11 @@ def install_cpu_stub() -> None:
         driver.launch = lambda *args: None
     tma._encode_fn = lambda: (lambda *args: 0)
     torch_op._impl = lambda q: cuda_attention
+    try:
+        from cupyflash import unseen_rows
+        unseen_rows._on_cuda = lambda t: True
+    except ImportError:  # a tree from before the op's unseen_rows
+        pass
 
 
 def stub_rows(causal: bool = True) -> dict:
@@ -77,9 +82,9 @@ def stub_rows(causal: bool = True) -> dict:
     fwd_op, bwd_op = torch.ops.cupyflash.flash_attn_fwd.default, torch.ops.cupyflash.flash_attn_bwd.default
     scale = 0.125
 
-    def op_fwd_bwd(keys=None):
-        out, lse = fwd_op(q, k, v, keys, scale, causal)
-        return bwd_op(g, q, k, v, keys, out, lse, scale, causal)
+    def op_fwd_bwd(keys=None, unseen_rows=0):
+        out, lse = fwd_op(q, k, v, keys, scale, causal, unseen_rows=unseen_rows)
+        return bwd_op(g, q, k, v, keys, out, lse, scale, causal, unseen_rows=unseen_rows)
 
     keys = torch.ones(1, 1, 1, 128, dtype=torch.bool)  # a key padding mask, the plain kernels' key mask on sm_90
     return {
@@ -90,6 +95,7 @@ def stub_rows(causal: bool = True) -> dict:
         "op fwd (Inductor's call)": lambda: fwd_op(q, k, v, None, scale, causal),
         "op fwd + bwd (Inductor's calls)": op_fwd_bwd,
         "op fwd + bwd, key padding mask": lambda: op_fwd_bwd(keys),
+        "op fwd + bwd, key padding, unseen_rows 2": lambda: op_fwd_bwd(keys, 2),
     }
 
 

@@ -137,14 +137,18 @@ def execute(plan, ptrs: dict, stream_ptr: int, device_id: int) -> None:
     device address, for each name in plan.needs)."""
     if plan.family != "hopper":
         log.debug("%s on mma.sync: %s", "forward" if plan.layout.kernel == "fwd" else "backward", plan.why)
-    run_steps(plan.steps, ptrs, stream_ptr, device_id)
+    with _device(device_id):
+        for step in plan.steps:
+            _run_step(step, ptrs, stream_ptr, device_id)
 
 
-def run_steps(steps, ptrs: dict, stream_ptr: int, device_id: int) -> None:
-    """Launches plan Steps (cupyflash/plan.py) in order on the stream, with the call's addresses."""
+def run_sharing_params(steps, ptrs: dict, stream_ptr: int, device_id: int) -> None:
+    """Launches plan Steps (cupyflash/plan.py) whose kernels take one parameter struct, the same bytes: filled with
+    the call's addresses once, for every launch (the driver copies it at each)."""
+    params = steps[0].arg_block.params(ptrs)
     with _device(device_id):
         for step in steps:
-            _run_step(step, ptrs, stream_ptr, device_id)
+            driver.launch(_function(step.variant, device_id)[1], step.dims, step.shared_bytes, stream_ptr, params)
 
 
 def tile_grid(bias_shape: tuple, br: int, bc: int) -> tuple:

@@ -51,7 +51,7 @@ def fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, mode: int) -> No
     `mode` one of MODES (check_mode)."""
     if not mode or out.numel() == 0 or v.shape[2] == 0:  # no key: eager's row of an empty softmax is 0, as ours
         return
-    if out.device.type == "cuda":
+    if _on_cuda(out):
         _launch("fwd", mode, dict(out=out, v=v, lse=lse), out.shape[:3] + (0,), v, 1.0)
         return
     rows = torch.isposinf(lse).unsqueeze(-1)  # (B, H, Nq, 1)
@@ -64,7 +64,7 @@ def backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dout: torch.T
     """Adds the unseen rows' gradients (module docstring) to the op's dq, dk, dv in place."""
     if not mode or q.numel() == 0 or v.shape[2] == 0:
         return
-    if q.device.type == "cuda":
+    if _on_cuda(q):
         _launch("bwd", mode, dict(q=q, k=k, v=v, dout=dout, dq=dq, dk=dk, dv=dv, lse=lse), q.shape, v, scale)
         return
     cdt = compute_dtype(q.dtype)
@@ -85,6 +85,11 @@ def backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dout: torch.T
     dq.copy_(torch.where(rows, dq_rows.to(dq.dtype), dq))
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    """Whether the kernels run (benchmarks/host_overhead.py's CPU stub sends CPU tensors to them too)."""
+    return t.device.type == "cuda"
+
+
 def _grouped(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, Hkv, ...) → (B, H, ...): K/V head h serves query heads h·G … h·G + G − 1."""
     return x.repeat_interleave(heads // x.shape[1], dim=1)
@@ -99,14 +104,16 @@ def _launch(kernel: str, mode: int, tensors: dict, shape: tuple, v: torch.Tensor
     if max(shape[3], v.shape[3]) > MAX_HEAD_DIM:
         raise ValueError(f"unseen_rows: head dim {max(shape[3], v.shape[3])}; the kernels take up to {MAX_HEAD_DIM}")
     lse = tensors["lse"] = tensors["lse"].contiguous()  # unseen_flags reads a K/V head's rows as one run
-    strides = tuple((name, t.stride()) for name, t in tensors.items())
+    strides, ptrs = [], {}
+    for name, t in tensors.items():
+        strides.append((name, t.stride()))
+        ptrs[name] = t.data_ptr()
     steps, ws_floats = _steps(kernel, mode, _TORCH.dtype_name(v), tuple(shape), v.shape[1], v.shape[2], v.shape[3],
-                              strides, float(scale))
+                              tuple(strides), float(scale))
     ws = torch.zeros(ws_floats, dtype=torch.float32, device=v.device)
-    ptrs = {name: t.data_ptr() for name, t in tensors.items()}
     ptrs["ws"] = ws.data_ptr()
-    device_id = v.device.index
-    launch.run_steps(steps, ptrs, _TORCH.stream_ptr(device_id), device_id)
+    device_id = v.device.index or 0
+    launch.run_sharing_params(steps, ptrs, _TORCH.stream_ptr(device_id), device_id)
     del ws, lse  # freed only now, after the kernels that use them are enqueued
 
 
@@ -120,7 +127,8 @@ def ws_per_head(d: int, d_v: int, kernel: str, mode: int) -> int:
 @functools.lru_cache(maxsize=256)
 def _steps(kernel: str, mode: int, dtype: str, shape: tuple, kv_heads: int, n_k: int, d_v: int, strides: tuple,
            scale: float) -> tuple[tuple, int]:
-    """(the pass's Steps, workspace floats) for a layout: made once, each call writes its addresses."""
+    """(the pass's Steps, workspace floats) for a layout: made once, each call writes its addresses into the one
+    parameter struct they share (launch.run_sharing_params)."""
     batch, heads, n_q, d = shape
     ws_per = ws_per_head(d, d_v, kernel, mode)
     bufs = {name: Buf(Slot(name), s) for name, s in strides}
