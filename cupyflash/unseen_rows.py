@@ -32,6 +32,7 @@ UNIFORM, UNIFORM_SCORES = 1, 2
 MODES = (0, UNIFORM, UNIFORM_SCORES)
 THREADS = 256  # kernels_cu/unseen_rows.cuh kUnseenThreads
 ROWS_PER_BLOCK = 128  # ... kUnseenRowsPerBlock
+SUM_ROWS = 512  # ... kUnseenSumRows
 KEYS_PER_BLOCK = 256  # ... kUnseenKeysPerBlock
 FLAG_ROWS = 4 * THREADS  # unseen_flags: lse values per thread block
 MAX_HEAD_DIM = 256  # the kernels' shared-memory rows
@@ -140,8 +141,8 @@ def _steps(kernel: str, mode: int, dtype: str, shape: tuple, kv_heads: int, n_k:
     grids = {"unseen_flags": (math.ceil(group * n_q / FLAG_ROWS), kv_heads, batch),
              "unseen_key_sums": (math.ceil(n_k / KEYS_PER_BLOCK), kv_heads, batch),
              "unseen_kv": (math.ceil(n_k / KEYS_PER_BLOCK), kv_heads, batch),
-             **dict.fromkeys(("unseen_fill", "unseen_sums", "unseen_dq"), (math.ceil(n_q / ROWS_PER_BLOCK), heads,
-                                                                           batch))}
+             "unseen_sums": (math.ceil(n_q / SUM_ROWS), heads, batch),
+             **dict.fromkeys(("unseen_fill", "unseen_dq"), (math.ceil(n_q / ROWS_PER_BLOCK), heads, batch))}
     if kernel == "fwd":
         order = ("unseen_flags", "unseen_key_sums", "unseen_fill")
     elif mode == UNIFORM:

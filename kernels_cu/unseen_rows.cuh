@@ -14,9 +14,15 @@
 namespace cupyflash {
 
 constexpr int kUnseenThreads = 256;
-constexpr int kUnseenRowsPerBlock = 128;  // unseen_fill, unseen_sums, unseen_dq: query rows per thread block
+constexpr int kUnseenRowsPerBlock = 128;  // unseen_fill, unseen_dq: query rows per thread block
+constexpr int kUnseenSumRows = 512;       // unseen_sums: query rows per thread block
 constexpr int kUnseenKeysPerBlock = 256;  // unseen_key_sums, unseen_kv: keys per thread block
-constexpr int kUnseenStage = 16;          // rows or keys staged in shared memory at a time (D, Dv <= 256: 32 KiB)
+constexpr int kUnseenStage = 16;          // rows or keys staged in shared memory at a time (D, Dv <= 256: 16 KiB)
+// The (Dv x D) sums vk and gq: each thread holds kUnseenAcc of a pass's kUnseenPass entries in registers over the
+// block's rows or keys and adds them to the workspace once (a D x D pass per stage of 16 rows made ~30 M atomics a
+// Llama layer with left padding); D·Dv > kUnseenPass (head dims above 128) takes more than one pass.
+constexpr int kUnseenAcc = 64;
+constexpr int kUnseenPass = kUnseenAcc * kUnseenThreads;
 
 struct UnseenWs {
     float* base;
@@ -48,8 +54,33 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_flags(const UnseenRowsP
     if (__syncthreads_or(any) && threadIdx.x == 0) *unseen_ws(p, b, g).flag() = 1.f;
 }
 
+// acc[m] += Σ_r a[r][x / D] · b[r][x % D] for the thread's entries x of pass `pass` (kUnseenAcc of them) over
+// staged rows a (Dv wide) and b (D wide).
+CF_DEVICE void unseen_outer(float (&acc)[kUnseenAcc], const float (*a)[256], const float (*b)[256], int pass, int D,
+                            int Dv) {
+#pragma unroll
+    for (int m = 0; m < kUnseenAcc; ++m) {
+        const int x = pass * kUnseenPass + m * kUnseenThreads + threadIdx.x;
+        if (x >= D * Dv) break;
+        const int e = x / D, c = x % D;
+        float sum = 0.f;
+#pragma unroll
+        for (int r = 0; r < kUnseenStage; ++r) sum += a[r][e] * b[r][c];
+        acc[m] += sum;
+    }
+}
+
+CF_DEVICE void unseen_add(float* dst, const float (&acc)[kUnseenAcc], int pass, int D, int Dv) {
+#pragma unroll
+    for (int m = 0; m < kUnseenAcc; ++m) {
+        const int x = pass * kUnseenPass + m * kUnseenThreads + threadIdx.x;
+        if (x >= D * Dv) break;
+        atomicAdd(dst + x, acc[m]);
+    }
+}
+
 // grid (ceil(Nk / kUnseenKeysPerBlock), Hkv, B): v_sum += Σ_j v_j over the block's keys; with mode 2 also k_sum and
-// vk[e][a] += Σ_j v_j[e] k_j[a], from keys staged kUnseenStage at a time in fp32.
+// vk[e][a] += Σ_j v_j[e] k_j[a], from keys staged kUnseenStage at a time in fp32 (zero past Nk).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRowsParams<typename T::elem> p) {
     const int g = blockIdx.y, b = blockIdx.z;
@@ -58,39 +89,36 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRo
     __shared__ float s_v[kUnseenStage][256], s_k[kUnseenStage][256];
     const int j0 = blockIdx.x * kUnseenKeysPerBlock, j_end = min(j0 + kUnseenKeysPerBlock, p.Nk);
     const bool gram = p.mode == 2;
+    const int t = threadIdx.x, passes = gram ? (p.D * p.Dv + kUnseenPass - 1) / kUnseenPass : 1;
     const auto* v = p.v + b * p.v_s.b + g * p.v_s.h;
     const auto* k = p.k + b * p.k_s.b + g * p.k_s.h;
-    for (int js = j0; js < j_end; js += kUnseenStage) {
-        const int n = min(kUnseenStage, j_end - js);
-        __syncthreads();  // the previous stage is read
-        for (int x = threadIdx.x; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
-            const int r = x / p.Dv, e = x % p.Dv;
-            s_v[r][e] = r < n ? T::to_float(v[(js + r) * p.v_s.n + e]) : 0.f;
-        }
-        if (gram) {
-            for (int x = threadIdx.x; x < kUnseenStage * p.D; x += kUnseenThreads) {
-                const int r = x / p.D, a = x % p.D;
-                s_k[r][a] = r < n ? T::to_float(k[(js + r) * p.k_s.n + a]) : 0.f;
+    for (int pass = 0; pass < passes; ++pass) {
+        float acc[kUnseenAcc] = {}, v_sum = 0.f, k_sum = 0.f;
+        for (int js = j0; js < j_end; js += kUnseenStage) {
+            const int n = min(kUnseenStage, j_end - js);
+            __syncthreads();  // the previous stage is read
+            for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
+                const int r = x / p.Dv, e = x % p.Dv;
+                s_v[r][e] = r < n ? T::to_float(v[(js + r) * p.v_s.n + e]) : 0.f;
             }
+            if (gram) {
+                for (int x = t; x < kUnseenStage * p.D; x += kUnseenThreads) {
+                    const int r = x / p.D, a = x % p.D;
+                    s_k[r][a] = r < n ? T::to_float(k[(js + r) * p.k_s.n + a]) : 0.f;
+                }
+            }
+            __syncthreads();
+            if (pass == 0) {
+                for (int r = 0; r < kUnseenStage; ++r) {
+                    if (t < p.Dv) v_sum += s_v[r][t];
+                    if (gram && t < p.D) k_sum += s_k[r][t];
+                }
+            }
+            if (gram) unseen_outer(acc, s_v, s_k, pass, p.D, p.Dv);
         }
-        __syncthreads();
-        for (int e = threadIdx.x; e < p.Dv; e += kUnseenThreads) {
-            float acc = 0.f;
-            for (int r = 0; r < n; ++r) acc += s_v[r][e];
-            atomicAdd(ws.v_sum() + e, acc);
-        }
-        if (!gram) continue;
-        for (int a = threadIdx.x; a < p.D; a += kUnseenThreads) {
-            float acc = 0.f;
-            for (int r = 0; r < n; ++r) acc += s_k[r][a];
-            atomicAdd(ws.k_sum() + a, acc);
-        }
-        for (int x = threadIdx.x; x < p.Dv * p.D; x += kUnseenThreads) {
-            const int e = x / p.D, a = x % p.D;
-            float acc = 0.f;
-            for (int r = 0; r < n; ++r) acc += s_v[r][e] * s_k[r][a];
-            atomicAdd(ws.vk() + x, acc);
-        }
+        if (pass == 0 && t < p.Dv) atomicAdd(ws.v_sum() + t, v_sum);
+        if (pass == 0 && gram && t < p.D) atomicAdd(ws.k_sum() + t, k_sum);
+        if (gram) unseen_add(ws.vk(), acc, pass, p.D, p.Dv);
     }
 }
 
@@ -110,8 +138,8 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_fill(const UnseenRowsPa
     }
 }
 
-// grid (ceil(Nq / kUnseenRowsPerBlock), H, B): gsum += Σ_i dO_i over the unseen rows; with mode 2 also
-// gq[e][a] += Σ_i dO_i[e] q_i[a]. Rows staged kUnseenStage at a time, an unseen row's values, others' zero.
+// grid (ceil(Nq / kUnseenSumRows), H, B): gsum += Σ_i dO_i over the unseen rows; with mode 2 also
+// gq[e][a] += Σ_i dO_i[e] q_i[a]. Rows staged kUnseenStage at a time: an unseen row's values, others' zero.
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsParams<typename T::elem> p) {
     const int h = blockIdx.y, b = blockIdx.z;
@@ -123,94 +151,118 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
     const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h;
     const auto* q = p.q + b * p.q_s.b + h * p.q_s.h;
     const bool gram = p.mode == 2;
-    const int i0 = blockIdx.x * kUnseenRowsPerBlock, i_end = min(i0 + kUnseenRowsPerBlock, p.Nq);
-    for (int is = i0; is < i_end; is += kUnseenStage) {
-        const int r = threadIdx.x;
-        const bool mine = r < kUnseenStage && is + r < i_end && unseen(lse[is + r]);
-        if (!__syncthreads_or(mine)) continue;  // also: the previous stage is read
-        if (r < kUnseenStage) s_row[r] = mine;
-        __syncthreads();
-        for (int x = threadIdx.x; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
-            const int rr = x / p.Dv, e = x % p.Dv;
-            s_do[rr][e] = s_row[rr] ? T::to_float(dout[(is + rr) * p.do_s.n + e]) : 0.f;
-        }
-        if (gram) {
-            for (int x = threadIdx.x; x < kUnseenStage * p.D; x += kUnseenThreads) {
-                const int rr = x / p.D, a = x % p.D;
-                s_q[rr][a] = s_row[rr] ? T::to_float(q[(is + rr) * p.q_s.n + a]) : 0.f;
+    const int t = threadIdx.x, passes = gram ? (p.D * p.Dv + kUnseenPass - 1) / kUnseenPass : 1;
+    const int i0 = blockIdx.x * kUnseenSumRows, i_end = min(i0 + kUnseenSumRows, p.Nq);
+    for (int pass = 0; pass < passes; ++pass) {
+        float acc[kUnseenAcc] = {}, gsum = 0.f;
+        bool any = false;
+        for (int is = i0; is < i_end; is += kUnseenStage) {
+            const bool mine = t < kUnseenStage && is + t < i_end && unseen(lse[is + t]);
+            if (!__syncthreads_or(mine)) continue;  // also: the previous stage is read
+            any = true;
+            if (t < kUnseenStage) s_row[t] = mine;
+            __syncthreads();
+            for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
+                const int r = x / p.Dv, e = x % p.Dv;
+                s_do[r][e] = s_row[r] ? T::to_float(dout[(is + r) * p.do_s.n + e]) : 0.f;
             }
+            if (gram) {
+                for (int x = t; x < kUnseenStage * p.D; x += kUnseenThreads) {
+                    const int r = x / p.D, a = x % p.D;
+                    s_q[r][a] = s_row[r] ? T::to_float(q[(is + r) * p.q_s.n + a]) : 0.f;
+                }
+            }
+            __syncthreads();
+            if (pass == 0 && t < p.Dv) {
+                for (int r = 0; r < kUnseenStage; ++r) gsum += s_do[r][t];
+            }
+            if (gram) unseen_outer(acc, s_do, s_q, pass, p.D, p.Dv);
         }
-        __syncthreads();
-        for (int e = threadIdx.x; e < p.Dv; e += kUnseenThreads) {
-            float acc = 0.f;
-            for (int rr = 0; rr < kUnseenStage; ++rr) acc += s_do[rr][e];
-            atomicAdd(ws.gsum() + e, acc);
-        }
-        if (!gram) continue;
-        for (int x = threadIdx.x; x < p.Dv * p.D; x += kUnseenThreads) {
-            const int e = x / p.D, a = x % p.D;
-            float acc = 0.f;
-            for (int rr = 0; rr < kUnseenStage; ++rr) acc += s_do[rr][e] * s_q[rr][a];
-            atomicAdd(ws.gq() + x, acc);
-        }
+        if (!any) return;  // the same in every thread
+        if (pass == 0 && t < p.Dv) atomicAdd(ws.gsum() + t, gsum);
+        if (gram) unseen_add(ws.gq(), acc, pass, p.D, p.Dv);
     }
 }
 
-// grid (ceil(Nk / kUnseenKeysPerBlock), Hkv, B): dv_j += gsum / Nk; with mode 2 also
-// dk_j[a] += (scale / Nk) Σ_e gq[e][a] (v_j[e] − v̄[e]). One key row per warp for dv, per block for dk.
+// grid (ceil(Nk / kUnseenKeysPerBlock), Hkv, B): dv_j += gsum / Nk, one key row per warp; with mode 2 also
+// dk_j[a] += (scale / Nk) Σ_e gq[e][a] c_j[e], c_j = v_j − v̄, for keys staged kUnseenStage at a time (each gq
+// entry read once a stage).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_kv(const UnseenRowsParams<typename T::elem> p) {
     const int g = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, g);
     if (*ws.flag() == 0.f) return;
     const float inv_nk = 1.f / p.Nk;
+    const int t = threadIdx.x;
     const int j0 = blockIdx.x * kUnseenKeysPerBlock, j_end = min(j0 + kUnseenKeysPerBlock, p.Nk);
-    for (int j = j0 + threadIdx.x / 32; j < j_end; j += kUnseenThreads / 32) {
+    for (int j = j0 + t / 32; j < j_end; j += kUnseenThreads / 32) {
         auto* dv = p.dv + b * p.dv_s.b + g * p.dv_s.h + j * p.dv_s.n;
-        for (int e = threadIdx.x % 32; e < p.Dv; e += 32) dv[e] = T::from_float(T::to_float(dv[e]) +
-                                                                                ws.gsum()[e] * inv_nk);
+        for (int e = t % 32; e < p.Dv; e += 32) dv[e] = T::from_float(T::to_float(dv[e]) + ws.gsum()[e] * inv_nk);
     }
     if (p.mode != 2) return;
-    __shared__ float s_c[256];
+    __shared__ float s_c[kUnseenStage][256];
     const auto* v = p.v + b * p.v_s.b + g * p.v_s.h;
-    for (int j = j0; j < j_end; ++j) {
-        __syncthreads();  // the previous key's c is read
-        for (int e = threadIdx.x; e < p.Dv; e += kUnseenThreads) {
-            s_c[e] = T::to_float(v[j * p.v_s.n + e]) - ws.v_sum()[e] * inv_nk;
+    for (int js = j0; js < j_end; js += kUnseenStage) {
+        const int n = min(kUnseenStage, j_end - js);
+        __syncthreads();  // the previous stage is read
+        for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
+            const int r = x / p.Dv, e = x % p.Dv;
+            s_c[r][e] = r < n ? T::to_float(v[(js + r) * p.v_s.n + e]) - ws.v_sum()[e] * inv_nk : 0.f;
         }
         __syncthreads();
-        auto* dk = p.dk + b * p.dk_s.b + g * p.dk_s.h + j * p.dk_s.n;
-        for (int a = threadIdx.x; a < p.D; a += kUnseenThreads) {
-            float acc = 0.f;
-            for (int e = 0; e < p.Dv; ++e) acc += ws.gq()[e * p.D + a] * s_c[e];
-            dk[a] = T::from_float(T::to_float(dk[a]) + p.scale * inv_nk * acc);
+        for (int a = t; a < p.D; a += kUnseenThreads) {
+            float acc[kUnseenStage] = {};
+            for (int e = 0; e < p.Dv; ++e) {
+                const float gq = ws.gq()[e * p.D + a];
+#pragma unroll
+                for (int r = 0; r < kUnseenStage; ++r) acc[r] += gq * s_c[r][e];
+            }
+            for (int r = 0; r < n; ++r) {
+                auto* dk = p.dk + b * p.dk_s.b + g * p.dk_s.h + (js + r) * p.dk_s.n;
+                dk[a] = T::from_float(T::to_float(dk[a]) + p.scale * inv_nk * acc[r]);
+            }
         }
     }
 }
 
 // grid (ceil(Nq / kUnseenRowsPerBlock), H, B), mode 2: dq_i[a] = scale · Σ_e dO_i[e] M[e][a] in the unseen rows
-// (where the attention kernels wrote 0), M[e][a] = (vk[e][a] − v_sum[e] · k_sum[a] / Nk) / Nk. One row at a time.
+// (where the attention kernels wrote 0), M[e][a] = (vk[e][a] − v_sum[e] · k_sum[a] / Nk) / Nk, for rows staged
+// kUnseenStage at a time (each M entry formed once a stage).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_dq(const UnseenRowsParams<typename T::elem> p) {
     const int h = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, h / (p.H / p.Hkv));
     if (*ws.flag() == 0.f) return;
-    __shared__ float s_do[256];
+    __shared__ float s_do[kUnseenStage][256];
+    __shared__ bool s_row[kUnseenStage];
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
+    const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h;
     const float inv_nk = 1.f / p.Nk;
-    const int i_end = min((int)(blockIdx.x + 1) * kUnseenRowsPerBlock, p.Nq);
-    for (int i = blockIdx.x * kUnseenRowsPerBlock; i < i_end; ++i) {
-        if (!unseen(lse[i])) continue;  // the same in every thread
-        __syncthreads();  // the previous row's dO is read
-        const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h + i * p.do_s.n;
-        for (int e = threadIdx.x; e < p.Dv; e += kUnseenThreads) s_do[e] = T::to_float(dout[e]);
+    const int t = threadIdx.x;
+    const int i0 = blockIdx.x * kUnseenRowsPerBlock, i_end = min(i0 + kUnseenRowsPerBlock, p.Nq);
+    for (int is = i0; is < i_end; is += kUnseenStage) {
+        const bool mine = t < kUnseenStage && is + t < i_end && unseen(lse[is + t]);
+        if (!__syncthreads_or(mine)) continue;  // also: the previous stage is read
+        if (t < kUnseenStage) s_row[t] = mine;
         __syncthreads();
-        auto* dq = p.dq + b * p.dq_s.b + h * p.dq_s.h + i * p.dq_s.n;
-        for (int a = threadIdx.x; a < p.D; a += kUnseenThreads) {
+        for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
+            const int r = x / p.Dv, e = x % p.Dv;
+            s_do[r][e] = s_row[r] ? T::to_float(dout[(is + r) * p.do_s.n + e]) : 0.f;
+        }
+        __syncthreads();
+        for (int a = t; a < p.D; a += kUnseenThreads) {
             const float k_mean = ws.k_sum()[a] * inv_nk;
-            float acc = 0.f;
-            for (int e = 0; e < p.Dv; ++e) acc += s_do[e] * (ws.vk()[e * p.D + a] - ws.v_sum()[e] * k_mean);
-            dq[a] = T::from_float(p.scale * inv_nk * acc);
+            float acc[kUnseenStage] = {};
+            for (int e = 0; e < p.Dv; ++e) {
+                const float m = ws.vk()[e * p.D + a] - ws.v_sum()[e] * k_mean;
+#pragma unroll
+                for (int r = 0; r < kUnseenStage; ++r) acc[r] += s_do[r][e] * m;
+            }
+#pragma unroll
+            for (int r = 0; r < kUnseenStage; ++r) {
+                if (s_row[r]) p.dq[b * p.dq_s.b + h * p.dq_s.h + (is + r) * p.dq_s.n + a] =
+                    T::from_float(p.scale * inv_nk * acc[r]);
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ import torch
 
 import cupyflash.torch_op  # noqa: F401  (registers torch.ops.cupyflash.*)
 from cupyflash import launch
+from cupyflash import unseen_rows as unseen
 from cupyflash.unseen_rows import UNIFORM, UNIFORM_SCORES
 from reference import assert_within_rule, nbytes, poison_cuda_allocator, rounding_floor, seed_from
 from test_unseen_rows import eager, left_padded_keep
@@ -74,3 +75,29 @@ def test_no_unseen_row_changes_nothing(mode):
     assert torch.equal(out, base[0]) and torch.equal(lse, base[1])
     grads = BWD(dout, q, k, v, keys, out, lse, 0.125, True, unseen_rows=mode)[:3]
     assert all(torch.equal(a, b) for a, b in zip(grads, BWD(dout, q, k, v, keys, out, lse, 0.125, True)[:3]))
+
+
+@pytest.mark.parametrize("d, d_v", [(64, 64), (40, 72), (192, 192), (256, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+def test_kernels_match_the_torch_formulas(d, d_v, dtype):
+    """The kernels alone (cupyflash.unseen_rows.fill / backward on CUDA tensors) against the same formulas in torch
+    on the CPU, both modes, at any head dim up to 256 (more than one pass of the Dv x D sums from 192 on), v with its
+    own head dim, rows without keys scattered over heads and batch rows, one K/V head without any."""
+    gen = torch.Generator().manual_seed(seed_from(d, d_v, dtype))
+    batch, heads, kv_heads, n_q, n_k = 2, 6, 3, 300, 333
+    q, dout, out, dq = (torch.randn(batch, heads, n_q, width, generator=gen).to(dtype)
+                        for width in (d, d_v, d_v, d))
+    k, v, dk, dv = (torch.randn(batch, kv_heads, n_k, width, generator=gen).to(dtype) for width in (d, d_v, d, d_v))
+    lse = torch.randn(batch, heads, n_q, generator=gen)
+    lse[torch.rand(lse.shape, generator=gen) < 0.3] = float("inf")
+    lse[1, 2:4] = 1.0  # batch row 1, K/V head 1: every row sees a key
+    for mode in (UNIFORM, UNIFORM_SCORES):
+        cpu = [t.clone() for t in (out, dq, dk, dv)]
+        gpu = [t.cuda() for t in (out, dq, dk, dv)]
+        unseen.fill(cpu[0], lse, v, mode)
+        unseen.fill(gpu[0], lse.cuda(), v.cuda(), mode)
+        unseen.backward(*cpu[1:], dout, q, k, v, lse, 0.3, mode)
+        unseen.backward(*gpu[1:], *(t.cuda() for t in (dout, q, k, v, lse)), 0.3, mode)
+        for name, c, g in zip(("out", "dq", "dk", "dv"), cpu, gpu):
+            tol = 2e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(g.cpu(), c, atol=tol, rtol=tol, msg=lambda m: f"mode {mode}, {name}: {m}")

@@ -111,8 +111,9 @@ def test_planned_launches(kernel, mode, order):
     assert all(s.variant.kernel in jit.UNSEEN_KERNELS and s.block == (unseen.THREADS,) for s in steps)
     grids = {s.variant.kernel: s.grid for s in steps}
     assert grids["unseen_flags"] == (4 * 2048 // unseen.FLAG_ROWS, 4, 4)  # the K/V head's 4 query heads' rows
-    for name in ("unseen_fill", "unseen_sums", "unseen_dq"):
+    for name in ("unseen_fill", "unseen_dq"):
         assert grids.get(name, (16, 16, 4)) == (2048 // unseen.ROWS_PER_BLOCK, 16, 4)
+    assert grids.get("unseen_sums", (4, 16, 4)) == (2048 // unseen.SUM_ROWS, 16, 4)
     for name in ("unseen_key_sums", "unseen_kv"):
         assert grids.get(name, (8, 4, 4)) == (2048 // unseen.KEYS_PER_BLOCK, 4, 4)
     values = steps[0].packed.values
