@@ -32,8 +32,8 @@ UNIFORM, UNIFORM_SCORES = 1, 2
 MODES = (0, UNIFORM, UNIFORM_SCORES)
 THREADS = 256  # kernels_cu/unseen_rows.cuh kUnseenThreads
 ROWS_PER_BLOCK = 128  # ... kUnseenRowsPerBlock
-SUM_ROWS = 512  # ... kUnseenSumRows
-KEYS_PER_BLOCK = 256  # ... kUnseenKeysPerBlock
+SUM_ROWS = 256  # ... kUnseenSumRows
+KEYS_PER_BLOCK = 128  # ... kUnseenKeysPerBlock
 FLAG_ROWS = 4 * THREADS  # unseen_flags: lse values per thread block
 MAX_HEAD_DIM = 256  # the kernels' shared-memory rows
 

@@ -15,14 +15,20 @@ namespace cupyflash {
 
 constexpr int kUnseenThreads = 256;
 constexpr int kUnseenRowsPerBlock = 128;  // unseen_fill, unseen_dq: query rows per thread block
-constexpr int kUnseenSumRows = 512;       // unseen_sums: query rows per thread block
-constexpr int kUnseenKeysPerBlock = 256;  // unseen_key_sums, unseen_kv: keys per thread block
-constexpr int kUnseenStage = 16;          // rows or keys staged in shared memory at a time (D, Dv <= 256: 16 KiB)
-// The (Dv x D) sums vk and gq: each thread holds kUnseenAcc of a pass's kUnseenPass entries in registers over the
-// block's rows or keys and adds them to the workspace once (a D x D pass per stage of 16 rows made ~30 M atomics a
-// Llama layer with left padding); D·Dv > kUnseenPass (head dims above 128) takes more than one pass.
-constexpr int kUnseenAcc = 64;
-constexpr int kUnseenPass = kUnseenAcc * kUnseenThreads;
+constexpr int kUnseenSumRows = 256;       // unseen_sums: query rows per thread block
+constexpr int kUnseenKeysPerBlock = 128;  // unseen_key_sums, unseen_kv: keys per thread block
+constexpr int kUnseenStage = 16;          // rows or keys staged in shared memory at a time (D, Dv <= 256)
+// The Dv x D sums vk and gq as outer products of staged rows: each thread holds an 8 x 8 tile of a pass's 256 tiles
+// in registers over the block's rows or keys (four 16-byte shared loads a row for 64 FMAs) and adds it to the
+// workspace once. The first form (each thread a strided 64 entries, two shared loads an FMA, atomics per stage) took
+// 0.75 ms a call on the Llama layer with left padding (H100; results/llama-profile-left-padding-…md).
+constexpr int kUnseenTile = 8;
+// dk and dq as small GEMMs (rows x Dv times Dv x D): 64 rows x 128 columns a pass, each thread 4 x 8, the operands
+// staged 16 of Dv at a time; the first form read gq or M from global memory one entry at a time (latency-bound:
+// 0.37 and 0.19 ms a call).
+constexpr int kUnseenGemmRows = 64;
+constexpr int kUnseenGemmCols = 128;
+constexpr int kUnseenGemmK = 16;
 
 struct UnseenWs {
     float* base;
@@ -54,28 +60,48 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_flags(const UnseenRowsP
     if (__syncthreads_or(any) && threadIdx.x == 0) *unseen_ws(p, b, g).flag() = 1.f;
 }
 
-// acc[m] += Σ_r a[r][x / D] · b[r][x % D] for the thread's entries x of pass `pass` (kUnseenAcc of them) over
-// staged rows a (Dv wide) and b (D wide).
-CF_DEVICE void unseen_outer(float (&acc)[kUnseenAcc], const float (*a)[256], const float (*b)[256], int pass, int D,
-                            int Dv) {
+// The thread's tile of pass `pass` over the Dv x D sum: its first entry (e0, c0); false past the last tile.
+CF_DEVICE bool unseen_tile(int pass, int D, int Dv, int& e0, int& c0) {
+    const int col_tiles = (D + kUnseenTile - 1) / kUnseenTile;
+    const int tile = pass * kUnseenThreads + threadIdx.x;
+    e0 = tile / col_tiles * kUnseenTile;
+    c0 = tile % col_tiles * kUnseenTile;
+    return e0 < Dv;
+}
+
+CF_DEVICE int unseen_passes(int D, int Dv) {
+    const int tiles = (D + kUnseenTile - 1) / kUnseenTile * ((Dv + kUnseenTile - 1) / kUnseenTile);
+    return (tiles + kUnseenThreads - 1) / kUnseenThreads;
+}
+
+// acc[i][j] += Σ_r a[r][e0 + i] · b[r][c0 + j] over the staged rows (columns past Dv or D hold stale values: they
+// reach only the tile's entries past them, which unseen_tile_add drops).
+CF_DEVICE void unseen_outer(float (&acc)[kUnseenTile][kUnseenTile], const float (*a)[256], const float (*b)[256],
+                            int e0, int c0) {
+#pragma unroll 4
+    for (int r = 0; r < kUnseenStage; ++r) {
+        const float4 a0 = *reinterpret_cast<const float4*>(&a[r][e0]);
+        const float4 a1 = *reinterpret_cast<const float4*>(&a[r][e0 + 4]);
+        const float4 b0 = *reinterpret_cast<const float4*>(&b[r][c0]);
+        const float4 b1 = *reinterpret_cast<const float4*>(&b[r][c0 + 4]);
+        const float av[kUnseenTile] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        const float bv[kUnseenTile] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-    for (int m = 0; m < kUnseenAcc; ++m) {
-        const int x = pass * kUnseenPass + m * kUnseenThreads + threadIdx.x;
-        if (x >= D * Dv) break;
-        const int e = x / D, c = x % D;
-        float sum = 0.f;
+        for (int i = 0; i < kUnseenTile; ++i) {
 #pragma unroll
-        for (int r = 0; r < kUnseenStage; ++r) sum += a[r][e] * b[r][c];
-        acc[m] += sum;
+            for (int j = 0; j < kUnseenTile; ++j) acc[i][j] += av[i] * bv[j];
+        }
     }
 }
 
-CF_DEVICE void unseen_add(float* dst, const float (&acc)[kUnseenAcc], int pass, int D, int Dv) {
+CF_DEVICE void unseen_tile_add(float* dst, const float (&acc)[kUnseenTile][kUnseenTile], int e0, int c0, int D,
+                               int Dv) {
 #pragma unroll
-    for (int m = 0; m < kUnseenAcc; ++m) {
-        const int x = pass * kUnseenPass + m * kUnseenThreads + threadIdx.x;
-        if (x >= D * Dv) break;
-        atomicAdd(dst + x, acc[m]);
+    for (int i = 0; i < kUnseenTile; ++i) {
+#pragma unroll
+        for (int j = 0; j < kUnseenTile; ++j) {
+            if (e0 + i < Dv && c0 + j < D) atomicAdd(dst + (e0 + i) * D + c0 + j, acc[i][j]);
+        }
     }
 }
 
@@ -86,14 +112,17 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRo
     const int g = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, g);
     if (*ws.flag() == 0.f) return;
-    __shared__ float s_v[kUnseenStage][256], s_k[kUnseenStage][256];
+    __shared__ __align__(16) float s_v[kUnseenStage][256];
+    __shared__ __align__(16) float s_k[kUnseenStage][256];
     const int j0 = blockIdx.x * kUnseenKeysPerBlock, j_end = min(j0 + kUnseenKeysPerBlock, p.Nk);
     const bool gram = p.mode == 2;
-    const int t = threadIdx.x, passes = gram ? (p.D * p.Dv + kUnseenPass - 1) / kUnseenPass : 1;
+    const int t = threadIdx.x, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
     const auto* v = p.v + b * p.v_s.b + g * p.v_s.h;
     const auto* k = p.k + b * p.k_s.b + g * p.k_s.h;
     for (int pass = 0; pass < passes; ++pass) {
-        float acc[kUnseenAcc] = {}, v_sum = 0.f, k_sum = 0.f;
+        float acc[kUnseenTile][kUnseenTile] = {}, v_sum = 0.f, k_sum = 0.f;
+        int e0, c0;
+        const bool tiled = gram && unseen_tile(pass, p.D, p.Dv, e0, c0);
         for (int js = j0; js < j_end; js += kUnseenStage) {
             const int n = min(kUnseenStage, j_end - js);
             __syncthreads();  // the previous stage is read
@@ -114,11 +143,51 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRo
                     if (gram && t < p.D) k_sum += s_k[r][t];
                 }
             }
-            if (gram) unseen_outer(acc, s_v, s_k, pass, p.D, p.Dv);
+            if (tiled) unseen_outer(acc, s_v, s_k, e0, c0);
         }
         if (pass == 0 && t < p.Dv) atomicAdd(ws.v_sum() + t, v_sum);
         if (pass == 0 && gram && t < p.D) atomicAdd(ws.k_sum() + t, k_sum);
-        if (gram) unseen_add(ws.vk(), acc, pass, p.D, p.Dv);
+        if (tiled) unseen_tile_add(ws.vk(), acc, e0, c0, p.D, p.Dv);
+    }
+}
+
+// out rows x columns [c_base, c_base + kUnseenGemmCols) of Σ_e A[row][e] B[e][col] over e < Dv into the thread's
+// rows 4 · (t / 16) + i and columns c_base + 8 · (t % 16) + j; load_a(row, e) and load_b(e, col) give fp32 values
+// (0 where out of range).
+template <typename LoadA, typename LoadB>
+CF_DEVICE void unseen_gemm(float (&acc)[4][8], int Dv, LoadA load_a, LoadB load_b) {
+    __shared__ __align__(16) float s_a[kUnseenGemmK][kUnseenGemmRows + 4];  // e-major: a thread's 4 rows in one load
+    __shared__ __align__(16) float s_b[kUnseenGemmK][kUnseenGemmCols];
+    const int t = threadIdx.x, r0 = 4 * (t / 16), c0 = 8 * (t % 16);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    }
+    for (int k0 = 0; k0 < Dv; k0 += kUnseenGemmK) {
+        __syncthreads();  // the previous chunk is read
+        for (int x = t; x < kUnseenGemmRows * kUnseenGemmK; x += kUnseenThreads) {
+            const int r = x / kUnseenGemmK, e = x % kUnseenGemmK;  // a row's 16 values from consecutive threads
+            s_a[e][r] = k0 + e < Dv ? load_a(r, k0 + e) : 0.f;
+        }
+        for (int x = t; x < kUnseenGemmK * kUnseenGemmCols; x += kUnseenThreads) {
+            const int e = x / kUnseenGemmCols, c = x % kUnseenGemmCols;
+            s_b[e][c] = k0 + e < Dv ? load_b(k0 + e, c) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int e = 0; e < kUnseenGemmK; ++e) {
+            const float4 a = *reinterpret_cast<const float4*>(&s_a[e][r0]);
+            const float4 b0 = *reinterpret_cast<const float4*>(&s_b[e][c0]);
+            const float4 b1 = *reinterpret_cast<const float4*>(&s_b[e][c0 + 4]);
+            const float av[4] = {a.x, a.y, a.z, a.w};
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[i][j] += av[i] * bv[j];
+            }
+        }
     }
 }
 
@@ -145,16 +214,19 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
     const int h = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, h / (p.H / p.Hkv));
     if (*ws.flag() == 0.f) return;
-    __shared__ float s_do[kUnseenStage][256], s_q[kUnseenStage][256];
+    __shared__ __align__(16) float s_do[kUnseenStage][256];
+    __shared__ __align__(16) float s_q[kUnseenStage][256];
     __shared__ bool s_row[kUnseenStage];
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
     const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h;
     const auto* q = p.q + b * p.q_s.b + h * p.q_s.h;
     const bool gram = p.mode == 2;
-    const int t = threadIdx.x, passes = gram ? (p.D * p.Dv + kUnseenPass - 1) / kUnseenPass : 1;
+    const int t = threadIdx.x, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
     const int i0 = blockIdx.x * kUnseenSumRows, i_end = min(i0 + kUnseenSumRows, p.Nq);
     for (int pass = 0; pass < passes; ++pass) {
-        float acc[kUnseenAcc] = {}, gsum = 0.f;
+        float acc[kUnseenTile][kUnseenTile] = {}, gsum = 0.f;
+        int e0, c0;
+        const bool tiled = gram && unseen_tile(pass, p.D, p.Dv, e0, c0);
         bool any = false;
         for (int is = i0; is < i_end; is += kUnseenStage) {
             const bool mine = t < kUnseenStage && is + t < i_end && unseen(lse[is + t]);
@@ -176,17 +248,16 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
             if (pass == 0 && t < p.Dv) {
                 for (int r = 0; r < kUnseenStage; ++r) gsum += s_do[r][t];
             }
-            if (gram) unseen_outer(acc, s_do, s_q, pass, p.D, p.Dv);
+            if (tiled) unseen_outer(acc, s_do, s_q, e0, c0);
         }
         if (!any) return;  // the same in every thread
         if (pass == 0 && t < p.Dv) atomicAdd(ws.gsum() + t, gsum);
-        if (gram) unseen_add(ws.gq(), acc, pass, p.D, p.Dv);
+        if (tiled) unseen_tile_add(ws.gq(), acc, e0, c0, p.D, p.Dv);
     }
 }
 
 // grid (ceil(Nk / kUnseenKeysPerBlock), Hkv, B): dv_j += gsum / Nk, one key row per warp; with mode 2 also
-// dk_j[a] += (scale / Nk) Σ_e gq[e][a] c_j[e], c_j = v_j − v̄, for keys staged kUnseenStage at a time (each gq
-// entry read once a stage).
+// dk_j[a] += (scale / Nk) Σ_e c_j[e] gq[e][a], c_j = v_j − v̄ (unseen_gemm).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_kv(const UnseenRowsParams<typename T::elem> p) {
     const int g = blockIdx.y, b = blockIdx.z;
@@ -200,68 +271,66 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_kv(const UnseenRowsPara
         for (int e = t % 32; e < p.Dv; e += 32) dv[e] = T::from_float(T::to_float(dv[e]) + ws.gsum()[e] * inv_nk);
     }
     if (p.mode != 2) return;
-    __shared__ float s_c[kUnseenStage][256];
     const auto* v = p.v + b * p.v_s.b + g * p.v_s.h;
-    for (int js = j0; js < j_end; js += kUnseenStage) {
-        const int n = min(kUnseenStage, j_end - js);
-        __syncthreads();  // the previous stage is read
-        for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
-            const int r = x / p.Dv, e = x % p.Dv;
-            s_c[r][e] = r < n ? T::to_float(v[(js + r) * p.v_s.n + e]) - ws.v_sum()[e] * inv_nk : 0.f;
-        }
-        __syncthreads();
-        for (int a = t; a < p.D; a += kUnseenThreads) {
-            float acc[kUnseenStage] = {};
-            for (int e = 0; e < p.Dv; ++e) {
-                const float gq = ws.gq()[e * p.D + a];
+    auto* dk = p.dk + b * p.dk_s.b + g * p.dk_s.h;
+    for (int js = j0; js < j_end; js += kUnseenGemmRows) {
+        for (int c_base = 0; c_base < p.D; c_base += kUnseenGemmCols) {
+            float acc[4][8];
+            unseen_gemm(acc, p.Dv,
+                        [&](int r, int e) {
+                            return js + r < j_end ? T::to_float(v[(js + r) * p.v_s.n + e]) - ws.v_sum()[e] * inv_nk
+                                                  : 0.f;
+                        },
+                        [&](int e, int c) { return c_base + c < p.D ? ws.gq()[e * p.D + c_base + c] : 0.f; });
+            const int r0 = 4 * (t / 16), c0 = c_base + 8 * (t % 16);
 #pragma unroll
-                for (int r = 0; r < kUnseenStage; ++r) acc[r] += gq * s_c[r][e];
-            }
-            for (int r = 0; r < n; ++r) {
-                auto* dk = p.dk + b * p.dk_s.b + g * p.dk_s.h + (js + r) * p.dk_s.n;
-                dk[a] = T::from_float(T::to_float(dk[a]) + p.scale * inv_nk * acc[r]);
+            for (int i = 0; i < 4; ++i) {
+                if (js + r0 + i >= j_end) continue;
+                auto* row = dk + (js + r0 + i) * p.dk_s.n;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if (c0 + j < p.D) row[c0 + j] = T::from_float(T::to_float(row[c0 + j]) + p.scale * inv_nk * acc[i][j]);
+                }
             }
         }
     }
 }
 
-// grid (ceil(Nq / kUnseenRowsPerBlock), H, B), mode 2: dq_i[a] = scale · Σ_e dO_i[e] M[e][a] in the unseen rows
-// (where the attention kernels wrote 0), M[e][a] = (vk[e][a] − v_sum[e] · k_sum[a] / Nk) / Nk, for rows staged
-// kUnseenStage at a time (each M entry formed once a stage).
+// grid (ceil(Nq / kUnseenRowsPerBlock), H, B), mode 2: dq_i[a] = (scale / Nk) Σ_e dO_i[e] (vk[e][a] − v_sum[e] ·
+// k_sum[a] / Nk) in the unseen rows (where the attention kernels wrote 0), by unseen_gemm over 64 rows at a time.
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_dq(const UnseenRowsParams<typename T::elem> p) {
     const int h = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, h / (p.H / p.Hkv));
     if (*ws.flag() == 0.f) return;
-    __shared__ float s_do[kUnseenStage][256];
-    __shared__ bool s_row[kUnseenStage];
+    __shared__ bool s_row[kUnseenGemmRows];
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
     const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h;
+    auto* dq = p.dq + b * p.dq_s.b + h * p.dq_s.h;
     const float inv_nk = 1.f / p.Nk;
     const int t = threadIdx.x;
     const int i0 = blockIdx.x * kUnseenRowsPerBlock, i_end = min(i0 + kUnseenRowsPerBlock, p.Nq);
-    for (int is = i0; is < i_end; is += kUnseenStage) {
-        const bool mine = t < kUnseenStage && is + t < i_end && unseen(lse[is + t]);
-        if (!__syncthreads_or(mine)) continue;  // also: the previous stage is read
-        if (t < kUnseenStage) s_row[t] = mine;
-        __syncthreads();
-        for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
-            const int r = x / p.Dv, e = x % p.Dv;
-            s_do[r][e] = s_row[r] ? T::to_float(dout[(is + r) * p.do_s.n + e]) : 0.f;
-        }
-        __syncthreads();
-        for (int a = t; a < p.D; a += kUnseenThreads) {
-            const float k_mean = ws.k_sum()[a] * inv_nk;
-            float acc[kUnseenStage] = {};
-            for (int e = 0; e < p.Dv; ++e) {
-                const float m = ws.vk()[e * p.D + a] - ws.v_sum()[e] * k_mean;
+    for (int is = i0; is < i_end; is += kUnseenGemmRows) {
+        const bool mine = t < kUnseenGemmRows && is + t < i_end && unseen(lse[is + t]);
+        if (!__syncthreads_or(mine)) continue;  // also: the previous rows' flags are read
+        if (t < kUnseenGemmRows) s_row[t] = mine;
+        for (int c_base = 0; c_base < p.D; c_base += kUnseenGemmCols) {
+            float acc[4][8];
+            unseen_gemm(acc, p.Dv,  // its first barrier publishes s_row
+                        [&](int r, int e) { return s_row[r] ? T::to_float(dout[(is + r) * p.do_s.n + e]) : 0.f; },
+                        [&](int e, int c) {
+                            const int a = c_base + c;
+                            return a < p.D ? ws.vk()[e * p.D + a] - ws.v_sum()[e] * ws.k_sum()[a] * inv_nk : 0.f;
+                        });
+            const int r0 = 4 * (t / 16), c0 = c_base + 8 * (t % 16);
 #pragma unroll
-                for (int r = 0; r < kUnseenStage; ++r) acc[r] += s_do[r][e] * m;
-            }
+            for (int i = 0; i < 4; ++i) {
+                if (!s_row[r0 + i]) continue;
+                auto* row = dq + (is + r0 + i) * p.dq_s.n;
 #pragma unroll
-            for (int r = 0; r < kUnseenStage; ++r) {
-                if (s_row[r]) p.dq[b * p.dq_s.b + h * p.dq_s.h + (is + r) * p.dq_s.n + a] =
-                    T::from_float(p.scale * inv_nk * acc[r]);
+                for (int j = 0; j < 8; ++j) {
+                    if (c0 + j < p.D) row[c0 + j] = T::from_float(p.scale * inv_nk * acc[i][j]);
+                }
             }
         }
     }

@@ -111,11 +111,13 @@ def test_planned_launches(kernel, mode, order):
     assert all(s.variant.kernel in jit.UNSEEN_KERNELS and s.block == (unseen.THREADS,) for s in steps)
     grids = {s.variant.kernel: s.grid for s in steps}
     assert grids["unseen_flags"] == (4 * 2048 // unseen.FLAG_ROWS, 4, 4)  # the K/V head's 4 query heads' rows
-    for name in ("unseen_fill", "unseen_dq"):
-        assert grids.get(name, (16, 16, 4)) == (2048 // unseen.ROWS_PER_BLOCK, 16, 4)
-    assert grids.get("unseen_sums", (4, 16, 4)) == (2048 // unseen.SUM_ROWS, 16, 4)
-    for name in ("unseen_key_sums", "unseen_kv"):
-        assert grids.get(name, (8, 4, 4)) == (2048 // unseen.KEYS_PER_BLOCK, 4, 4)
+    rows_per_block = {"unseen_fill": unseen.ROWS_PER_BLOCK, "unseen_dq": unseen.ROWS_PER_BLOCK,
+                      "unseen_sums": unseen.SUM_ROWS}
+    for name, grid in grids.items():
+        if name in rows_per_block:
+            assert grid == (2048 // rows_per_block[name], 16, 4), name
+        elif name != "unseen_flags":
+            assert grid == (2048 // unseen.KEYS_PER_BLOCK, 4, 4), name
     values = steps[0].packed.values
     assert steps[0].packed.struct is params.UNSEEN_ROWS
     # the forward's key sums need v̄ alone: mode 1 in its struct whatever the op's mode
