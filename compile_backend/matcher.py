@@ -373,7 +373,7 @@ class Matcher:
             unseen = bool(keep.keys) or not _rows_see_a_key(keep, nq, nk)
             if unseen:
                 # Eager gives such a row softmax over equal scores: uniform over all Nk keys (finite fill),
-                # or NaN (-inf). The op gives 0; the rewrite selects eager's row instead (uniform_rows).
+                # or NaN (-inf). The op gives eager's uniform row when asked (its unseen_rows: rewrite._unseen_mode).
                 if value == -math.inf:
                     raise Unproven("a -inf mask where a row may see no key (eager gives NaN there)")
                 if step.kind == "add" and value > EXACT_FILL:
