@@ -45,7 +45,7 @@ EXPECTED_FORM: dict[str, Counter] = {
     "qwen2": Counter({_CAUSAL_PAD: 2}),
     "qwen3": Counter({_CAUSAL_PAD: 2}),
     # Soft-cap beside padding stays dense: on rows that see no key, eager's gradient goes through tanh' of every
-    # score, which the uniform-row correction (compile_backend/rows.py) has no small exact form for.
+    # score, which the op's uniform rows (cupyflash/unseen_rows.py) have no small exact form for.
     "gemma2": Counter({"bias": 2}),
     "gemma3": Counter({_WINDOW_PAD: 1, _CAUSAL_PAD: 1}),
     "phi3": Counter({_CAUSAL_PAD: 2}),
@@ -236,7 +236,7 @@ class FamilyChecks:
 
     def test_real_token_gradients_within_rule(self, family, padding):
         """The loss of real tokens only, as training masks padding out of it: no gradient reaches the rows that
-        see no key, so this checks the real tokens apart from the uniform rows' correction."""
+        see no key, so this checks the real tokens apart from the uniform rows' gradients."""
         _check_gradients(family, padding, real_tokens_only=True)
 
     def test_generate_with_kv_cache(self, family):
