@@ -127,3 +127,36 @@ def test_planned_launches(kernel, mode, order):
     assert (values["H"], values["Hkv"], values["Nq"], values["Nk"], values["Dv"]) == (16, 4, 2048, 2048, 128)
     slots = {slot.name for _, slot in steps[0].packed.slots}
     assert slots == {*TENSORS[kernel], "ws"}
+
+
+def test_launch_fills_one_struct_for_the_pass(monkeypatch):
+    """The CUDA path's host side with the driver stubbed: each kernel of the pass launched in order on torch's
+    stream with its grid, all from one parameter struct holding the call's addresses (the workspace's included)."""
+    import contextlib
+    import struct
+
+    from cupyflash import driver, launch
+
+    launched = []
+    monkeypatch.setattr(launch, "_device", lambda device_id: contextlib.nullcontext())
+    monkeypatch.setattr(launch, "_function", lambda variant, device_id: (None, variant.kernel))
+    monkeypatch.setattr(driver, "launch", lambda fn, dims, shared, stream, params: launched.append(
+        (fn, dims, stream, bytes(params.bytes))))
+    monkeypatch.setattr(unseen._TORCH, "stream_ptr", lambda device_id: 1234)
+    q, dout, dq = (torch.randn(2, 4, 33, 16) for _ in range(3))
+    k, v, dk, dv = (torch.randn(2, 2, 40, 16) for _ in range(4))
+    lse = torch.zeros(2, 4, 33)
+    unseen._launch("bwd", UNIFORM_SCORES, dict(q=q, k=k, v=v, dout=dout, dq=dq, dk=dk, dv=dv, lse=lse), q.shape, v,
+                   0.3)
+    steps, _ = unseen._steps("bwd", UNIFORM_SCORES, "float32", tuple(q.shape), 2, 40, 16,
+                             tuple((n, t.stride()) for n, t in dict(q=q, k=k, v=v, dout=dout, dq=dq, dk=dk, dv=dv,
+                                                                     lse=lse).items()), 0.3)
+    assert [fn for fn, *_ in launched] == [s.variant.kernel for s in steps]
+    assert [dims for _, dims, *_ in launched] == [s.dims for s in steps]
+    assert {stream for *_, stream, _ in launched} == {1234}
+    assert len({raw for *_, raw in launched}) == 1  # one struct, the same bytes for every launch
+    raw = launched[0][3]
+    offsets = params.UNSEEN_ROWS.offsets
+    for name, t in dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, dout=dout, lse=lse).items():
+        assert struct.unpack_from("<Q", raw, offsets[name])[0] == t.data_ptr(), name
+    assert struct.unpack_from("<Q", raw, offsets["ws"])[0] != 0
