@@ -399,20 +399,14 @@ def key_mask_prep(*, mask: Buf, n_k: int, words: int, meta: Buf) -> Packed:
 
 def unseen_rows(*, bufs: dict, shape: tuple, kv_heads: int, n_k: int, d_v: int, ws_per: int, scale: float,
                 mode: int) -> Packed:
-    """The rows-without-keys kernels' UnseenRowsParams: `bufs` the Bufs of the pass (q, k, v, lse, ws and out, or
-    dout, dq, dk, dv); those it lacks are null (the kernels of that pass do not read them)."""
+    """The rows-without-keys kernels' UnseenRowsParams: `bufs` the Bufs of the pass (the forward's out, v, lse; the
+    backward's q, k, v, dout, dq, dk, dv, lse; and ws); those it lacks are null (that pass's kernels do not read
+    them)."""
     batch, heads, n_q, d = shape
-
-    def ptr(name):
-        return _optional(bufs.get(name))
-
-    def strides(name):
-        return (0, 0, 0) if name not in bufs else _bhn(bufs[name])
-
-    return UNSEEN_ROWS.pack(dict(**{name: ptr(name) for name in ("q", "k", "v", "dout", "out", "dq", "dk", "dv",
-                                                                  "lse", "ws")},
-                                 **{f"{t}_s": strides(name) for t, name in (("q", "q"), ("k", "k"), ("v", "v"),
-                                                                             ("do", "dout"), ("o", "out"),
-                                                                             ("dq", "dq"), ("dk", "dk"), ("dv", "dv"))},
+    tensors = ("q", "k", "v", "dout", "out", "dq", "dk", "dv")
+    stride_fields = {"dout": "do_s", "out": "o_s"}  # the others' are name + "_s"
+    return UNSEEN_ROWS.pack(dict(**{name: _optional(bufs.get(name)) for name in (*tensors, "lse", "ws")},
+                                 **{stride_fields.get(name, f"{name}_s"): _bhn(bufs[name]) if name in bufs
+                                    else (0, 0, 0) for name in tensors},
                                  H=heads, Hkv=kv_heads, Nq=n_q, Nk=n_k, D=d, Dv=d_v, ws_per=ws_per, scale=scale,
                                  mode=mode))
