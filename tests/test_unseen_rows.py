@@ -146,17 +146,16 @@ def test_launch_fills_one_struct_for_the_pass(monkeypatch):
     q, dout, dq = (torch.randn(2, 4, 33, 16) for _ in range(3))
     k, v, dk, dv = (torch.randn(2, 2, 40, 16) for _ in range(4))
     lse = torch.zeros(2, 4, 33)
-    unseen._launch("bwd", UNIFORM_SCORES, dict(q=q, k=k, v=v, dout=dout, dq=dq, dk=dk, dv=dv, lse=lse), q.shape, v,
-                   0.3)
+    bufs = dict(q=q, k=k, v=v, dout=dout, dq=dq, dk=dk, dv=dv, lse=lse)
+    unseen._launch("bwd", UNIFORM_SCORES, bufs, q.shape, v, 0.3)
     steps, _ = unseen._steps("bwd", UNIFORM_SCORES, "float32", tuple(q.shape), 2, 40, 16,
-                             tuple((n, t.stride()) for n, t in dict(q=q, k=k, v=v, dout=dout, dq=dq, dk=dk, dv=dv,
-                                                                     lse=lse).items()), 0.3)
+                             tuple((n, t.stride()) for n, t in bufs.items()), 0.3)
     assert [fn for fn, *_ in launched] == [s.variant.kernel for s in steps]
     assert [dims for _, dims, *_ in launched] == [s.dims for s in steps]
     assert {stream for *_, stream, _ in launched} == {1234}
     assert len({raw for *_, raw in launched}) == 1  # one struct, the same bytes for every launch
     raw = launched[0][3]
     offsets = params.UNSEEN_ROWS.offsets
-    for name, t in dict(q=q, k=k, v=v, dq=dq, dk=dk, dv=dv, dout=dout, lse=lse).items():
+    for name, t in bufs.items():
         assert struct.unpack_from("<Q", raw, offsets[name])[0] == t.data_ptr(), name
     assert struct.unpack_from("<Q", raw, offsets["ws"])[0] != 0
