@@ -97,6 +97,12 @@ struct tf32 {
     }
 };
 
+// A compile-time flag as a value, for generic lambdas that one body instantiates twice (NVRTC has no <type_traits>).
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+
 // ---- shared memory ----
 CF_DEVICE u32 smem_addr(const void* p) {
     u32 a;
@@ -110,6 +116,11 @@ CF_DEVICE int fresh_tid() {
     asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
     return t;
 }
+// This thread's warpgroup as a warp-uniform value: broadcast from lane 0, which tells ptxas every lane holds the
+// same (as CUTLASS's canonical_warp_group_idx), so what is formed from it (wgmma descriptors, shared addresses) lives
+// in uniform registers. Derived from tid / 128 it is a per-thread value to ptxas, and every wgmma descriptor formed
+// from it was built in vector registers and moved over with R2UR (ncu, session 24).
+CF_DEVICE int warpgroup_uniform(int tid) { return __shfl_sync(0xffffffffu, tid / 128, 0); }
 CF_DEVICE int lds_s32(u32 addr) {
     int x;
     asm volatile("ld.shared.s32 %0, [%1];" : "=r"(x) : "r"(addr));

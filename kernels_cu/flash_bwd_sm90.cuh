@@ -209,7 +209,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const int k0 = (kv ? blockIdx.y : blockIdx.x) * Bc;
     const int h_kv = kv ? bh_kv % kv : blockIdx.y, b = kv ? bh_kv / kv : blockIdx.z;
     const int H = (kv ? kv : gridDim.y) * group;  // H: query heads
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = Mods ? warp / 4 : warpgroup_uniform(tid);
+    // (The score mods' variants keep a per-thread warpgroup index: uniform, d96's spilled 8 B in the loop.)
     const int diag = Nk - Nq;
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(
         ScoreModParams{bias, {bias_sb, bias_sh, bias_sm, bias_sn}, bias_f32, tile_cls, {cls_sb, cls_sh, cls_sm, cls_sn},
@@ -322,9 +323,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     }
 
     // On the plain path this thread's lane and keys are read afresh from %tid per block: held across the loop they
-    // were among the values spilled (d64 on 128 rows); the score mods' variants hold them (read afresh, d96 spilled).
+    // were among the values spilled (d64 on 128 rows); the score mods' variants hold them (read afresh, d96 spilled),
+    // but for dropout's (held, d96 and d128 spilled 12 B once the descriptors were formed by addition).
     auto thread_lane_key0 = [&] {
-        if constexpr (Mods) return make_int2(lane, key0);
+        if constexpr (Mods && !Dropout) return make_int2(lane, key0);
         const int t = fresh_tid();
         return make_int2(t % 32, k0 + t / 32 * 16 + t % 32 / 4);
     };
@@ -390,14 +392,20 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         }
 
         // The plain path's masked scores, as one compare per score: those of columns below a per-row limit (keys
-        // past Nk or masked by the key mask: the whole row; causal: the queries before key - diag).
+        // past Nk or masked by the key mask: the whole row; causal: the queries before key - diag), taken relative to
+        // this lane's first column so that each compare is against a constant. Only blocks that can hold a masked
+        // score compare at all: the others (no key mask, keys below Nk, causal: the block's last key seen by its first
+        // query) are most blocks, and their compares and selects were a third of the softmax's instructions.
         int lim[2];
+        bool masked = false;
         if constexpr (!Mods) {
+            masked = KeyMask || k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + diag);
 #pragma unroll
             for (int r = 0; r < 2; ++r)
-                lim[r] = (KeyMask ? (key_dead >> r) & 1u : key0 + 8 * r >= Nk) ? Br
-                         : Causal                                                ? key0 + 8 * r - diag - q0
-                                                                                 : 0;
+                lim[r] = ((KeyMask ? (key_dead >> r) & 1u : key0 + 8 * r >= Nk) ? Br
+                          : Causal                                                ? key0 + 8 * r - diag - q0
+                                                                                  : 0) -
+                         2 * (lane % 4);
         }
         if constexpr (kDptUnderSoftmax)
             wgmma_wait<1>();  // Sᵀ; dPᵀ still running
@@ -444,18 +452,25 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                 for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2((st[nt][e] - lse2[e & 1]) - lo[e & 1]);
             }
         } else {
+            auto exp_scores = [&](auto with_mask) {
 #pragma unroll
-            for (int nt = 0; nt < Br / 8; ++nt) {
-                float lse2[2];
-                lds_f32x2(lse2[0], lse2[1], sLse(n) + 4 * (nt * 8 + 2 * (lane % 4)));
+                for (int nt = 0; nt < Br / 8; ++nt) {
+                    float lse2[2];
+                    lds_f32x2(lse2[0], lse2[1], sLse(n) + 4 * (nt * 8 + 2 * (lane % 4)));
 #pragma unroll
-                for (int c = 0; c < 2; ++c)
+                    for (int c = 0; c < 2; ++c)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        float& x = st[nt][2 * r + c];
-                        x = nt * 8 + 2 * (lane % 4) + c < lim[r] ? 0.f : fast_exp2(x * scale_log2 - lse2[c]);
-                    }
-            }
+                        for (int r = 0; r < 2; ++r) {
+                            float& x = st[nt][2 * r + c];
+                            x = fast_exp2(x * scale_log2 - lse2[c]);
+                            if constexpr (decltype(with_mask)::value) x = nt * 8 + c < lim[r] ? 0.f : x;
+                        }
+                }
+            };
+            if (masked)
+                exp_scores(Flag<true>{});
+            else
+                exp_scores(Flag<false>{});
         }
         if constexpr (!kDptUnderSoftmax) {
             fence_operands(st);

@@ -31,22 +31,28 @@ struct SwTile {
 };
 // Matrix descriptor: start address, leading and stride byte offsets (LBO, SBO; their meaning per operand major-ness
 // at the callers), each stored >> 4, and the 128-byte swizzle (mode 1 in bits 62-63); atoms are 1024-byte aligned,
-// so the base offset field stays 0.
-CF_DEVICE u64 smem_desc_sw128(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
+// so the base offset field stays 0. `units` is the operand's start from the 1024-byte aligned tile `base` in 16-byte
+// units. The fields are added, not masked and shifted: shared-window addresses are below 2^18 (227 KiB), so the start
+// field (14 bits) never carries into LBO, and a descriptor is its tile's (base >> 4) plus a constant per k step. With
+// `base` warp-uniform that is one uniform add per wgmma operand; formed as (addr & 0x3FFFF) >> 4 | ... per wgmma, from
+// a warpgroup index ptxas took for a per-thread value, each backward wgmma cost ~12 instructions and 4 R2UR moves
+// (ncu on an H100, session 24: 2.3x FlashAttention-4's instruction count for the same backward).
+CF_DEVICE u64 smem_desc_sw128(u32 base, u32 units, u32 lbo, u32 sbo) {
+    const u32 lo = (base >> 4) + units + ((lbo >> 4) << 16);
+    return ((u64)((sbo >> 4) | (1u << 30)) << 32) | lo;
 }
 
 // K-major: SBO = 1024 (8-row atoms), LBO unused (one k16 step, 32 bytes, stays inside the 128-byte panel: the start
 // address moves 32 bytes per step and the hardware applies the XOR on the address bits).
 template <int Rows, int Cols>
 CF_DEVICE u64 SwTile<Rows, Cols>::desc_k(u32 base, int row0, int kk) {
-    return smem_desc_sw128(base + (kk / 4) * Rows * 128 + row0 * 128 + (kk % 4) * 32, 16, 1024);
+    return smem_desc_sw128(base, row0 * 8 + (kk / 4) * Rows * 8 + (kk % 4) * 2, 16, 1024);
 }
 // MN-major (PTX ISA canonical layout ((8 elems, 8, m), (8, k)) : ((1, 8, LBO), (64, SBO))): LBO = the 64-column panel
 // stride, SBO = 1024 (8 rows of K); a k16 step is 16 rows, 2048 bytes.
 // (The other order, LBO = 1024 and SBO = the panel stride, read past the tile: illegal address on an H100.)
 template <int Rows, int Cols>
-CF_DEVICE u64 SwTile<Rows, Cols>::desc_mn(u32 base, int kk) { return smem_desc_sw128(base + kk * 2048, Rows * 128, 1024); }
+CF_DEVICE u64 SwTile<Rows, Cols>::desc_mn(u32 base, int kk) { return smem_desc_sw128(base, kk * 128, Rows * 128, 1024); }
 
 // wgmma reads registers and shared memory asynchronously: fence before the first MMA of a group (orders the
 // warpgroup's earlier register writes, e.g. of accumulators or A fragments, before the MMAs read them), commit
