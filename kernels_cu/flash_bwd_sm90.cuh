@@ -537,15 +537,17 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // dSᵀ's A fragment (dsa[kk]'s words are (chunk 2·kk + h, row r) at 2·h + r, acc_to_a) under dV's GEMM, the fp32
         // registers free by then (stored from them before it, d64 on 128 rows spilled); with the score mods from the
         // fp32 registers before the fragments are formed (the other way, d96 spilled). The row is opaque so that the
-        // store addresses are recomputed per block, not hoisted and spilled.
+        // store addresses are recomputed per block, not hoisted and spilled; each is one OR (TileDS::chunk_or: by
+        // chunk_at per store they took three instructions each), and row + 8 is the next swizzle atom, 1024 bytes on.
         auto store_ds = [&](auto word) {
+            u32 ds_row = key0 - k0;
+            asm volatile("" : "+r"(ds_row));
+            const u32 row_lane = (sdS(n) + ds_row * 128) | (4 * (lane % 4)), swz = (ds_row % 8) << 4;
 #pragma unroll
             for (int nt = 0; nt < Br / 8; ++nt) {  // columns nt·8 + 2·(lane % 4) and the next: in chunk nt
-                u32 ds_row = key0 - k0;
-                asm volatile("" : "+r"(ds_row));
+                const u32 at = TileDS::chunk_or(row_lane, swz, nt);
 #pragma unroll
-                for (int r = 0; r < 2; ++r)
-                    st_shared_u32(TileDS::chunk_at(sdS(n), ds_row + 8 * r, nt) + 4 * (lane % 4), word(nt, r));
+                for (int r = 0; r < 2; ++r) st_shared_u32(at + 1024 * r, word(nt, r));
             }
         };
         if constexpr (Mods) store_ds([&](int nt, int r) { return T::pack(dpt[nt][2 * r], dpt[nt][2 * r + 1]); });

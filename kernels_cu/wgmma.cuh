@@ -23,6 +23,12 @@ struct SwTile {
     static CF_DEVICE u32 chunk_at(u32 base, u32 row, u32 chunk) {
         return base + (chunk / 8) * Rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
     }
+    // chunk_at's address as one OR where the row's part is formed once for all its chunks: `row_lane` is the row's
+    // start (bits 7 and up: a 1024-byte aligned tile, 128 bytes a row) with a byte offset below 16 (bits 0-3), `swz` is
+    // (row % 8) << 4, and the chunk's swizzled place takes bits 4-6.
+    static CF_DEVICE u32 chunk_or(u32 row_lane, u32 swz, int chunk) {
+        return (row_lane | (((chunk % 8) << 4) ^ swz)) + (chunk / 8) * Rows * 128;
+    }
     // The byte offset of column `col` in row 0: its panel, then 2 bytes a column. An operand that starts there (dQ's
     // B, a warpgroup's half of K's columns) takes it on its base; the hardware applies the XOR on the address bits.
     __host__ __device__ static constexpr u32 col_offset(int col) { return (col / 64) * Rows * 128 + (col % 64) * 2; }
