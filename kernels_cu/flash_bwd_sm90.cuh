@@ -184,8 +184,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     // Per consumer warp, its 16 rows of the warpgroup's dQ_i share (kDqCols fp32 each) in fragment order (DqFrag): a
     // lane's 4 values of each 8 columns together, so the stores are conflict-free and the warp's add is one bulk copy
     // (one per row lost to red.global at d64: 16 issues per warp serialized over the lanes, benchmarks/NOTES.md);
-    // then each warp's destination address (8 bytes). Its offset from sK, a constant (a base held across the loop
-    // spilled at d128 with dropout), 16-byte aligned for the bulk copies.
+    // then the destinations in dQ_accum (8 bytes each): with the score mods each warp's, on the plain path each Q/dO
+    // slot's first row, which the LSE / D warp writes beside the slot's rows. Its offset from sK, a constant (a base held
+    // across the loop spilled at d128 with dropout), 16-byte aligned for the bulk copies.
     constexpr int kDqCols = kDqByKeys || kDqByRows ? DHead : D / 2;
     constexpr int kDqStaging = 8 * 16 * kDqCols;  // floats: the 8 consumer warps' tiles
     constexpr u32 kDqOffset = (2 * TileKV::bytes() + 2 * kStages * TileQ::bytes() + 2 * TileDS::bytes() +
@@ -199,6 +200,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     auto qdo_full = [&](int it) { return bars + 8 * (1 + it % kStages); };
     auto q_empty = [&](int it) { return bars + 8 * (1 + kStages + it % kStages); };
     auto phase = [](int it) { return (it / kStages) & 1; };
+    auto s_dq_slot = [&](u32 base, int i) { return base + kDqOffset + (kDqStaging + 2 * i) * 4; };
 
     // The thread block's K/V block, K/V head and batch, from the grid's order. outer_kv_heads 0: (K/V blocks, K/V heads,
     // batch); else the number of K/V heads, and the grid is (pairs of a group, K/V blocks, groups) over the B·H_kv
@@ -269,8 +271,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
                 const int n = Mods ? n_done : it;  // pairs before this one: its slot and phase (plain: it, see below)
                 const int q0 = block_of(it) * Br;
-                const i64 row0 = ((i64)b * H + head_of(it)) * Nq + q0;
+                const i64 bh = (i64)b * H + head_of(it), row0 = bh * Nq + q0;
                 mbar_wait(q_empty(n), phase(n) ^ 1);
+                if (!Mods && lane == 0)  // the plain path's Q block in dQ_accum (its warps add their tiles' offsets)
+                    st_shared_u64(s_dq_slot(sK, n % kStages),
+                                  reinterpret_cast<unsigned long long>(dq_accum + DqFrag::block(bh, q0, Nq) * DHead));
                 const u32 dst = sLse(n) + 4 * lane;
 #pragma unroll
                 for (int r = 0; r < Br; r += 32) {
@@ -344,22 +349,15 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // spilled (184 bytes on d128).
         u32 k_base = sK, v_base = sV;
         asm volatile("" : "+r"(k_base), "+r"(v_base));
-        // Where this warp adds its dQ_i tile, parked in shared memory until then: held in registers (or formed there
-        // from the block's head and row) it spilled at d128 with dropout, where the scores' Philox needs them most.
-        // On the plain path the warp's place is read afresh from %tid, and Nq opaque: held across the loop, their
-        // products were among the values spilled (d64 on 128 rows).
-        int wg_t = wg, warp_t = warp % 4, nq_dq = Nq;
-        if constexpr (!Mods) {
-            const int t = fresh_tid();
-            asm volatile("" : "+r"(nq_dq));
-            wg_t = t / 128;
-            warp_t = t / 32 % 4;
-        }
-        const u32 s_dq_dst = k_base + kDqOffset + (kDqStaging + 2 * (wg_t * 4 + warp_t)) * 4;
-        if (lane == 0)
-            st_shared_u64(s_dq_dst, reinterpret_cast<unsigned long long>(
-                                        dq_accum + DqFrag::block(bh, q0 + (kDqByRows ? wg_t * 64 : 0), nq_dq) * DHead +
-                                        DqFrag::warp_tile<D, DHead>(kDqByRows ? 0 : wg_t, warp_t)));
+        // With the score mods, where this warp adds its dQ_i tile, parked in shared memory until then: held in
+        // registers (or formed there from the block's head and row) it spilled at d128 with dropout, where the scores'
+        // Philox needs them most. (The plain path's comes from the LSE / D warp: formed here, lane 0's division of the
+        // pair into head and block and its 64-bit products were ~60 instructions of each warp's loop; the mods
+        // variants spilled 8 B at d96 without it.)
+        if (Mods && lane == 0)
+            st_shared_u64(s_dq_slot(k_base, wg * 4 + warp % 4),
+                          reinterpret_cast<unsigned long long>(dq_accum + DqFrag::block(bh, q0, Nq) * DHead +
+                                                               DqFrag::warp_tile<D, DHead>(wg, warp % 4)));
 
         float st[Br / 8][4], dpt[Br / 8][4];  // Sᵀ and dPᵀ: rows = this warpgroup's keys, columns = queries
         fence_operands(st);
@@ -633,7 +631,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         fence_proxy_async();
         __syncwarp();
         if (lane == 0) {
-            float* dst = reinterpret_cast<float*>(lds_u64(s_dq_dst));
+            float* dst;
+            if constexpr (Mods) {
+                dst = reinterpret_cast<float*>(lds_u64(s_dq_slot(k_base, wg_dq * 4 + warp % 4)));
+            } else {  // the Q block's place, this warp's tile in it from its warpgroup and warp, read afresh (DqFrag)
+                const int t = fresh_tid();
+                dst = reinterpret_cast<float*>(lds_u64(s_dq_slot(k_base, n % kStages))) +
+                      (kDqByRows ? t / 128 * 64 * DHead : 0) + DqFrag::warp_tile<D, DHead>(kDqByRows ? 0 : t / 128, t / 32 % 4);
+            }
             if constexpr (kDqByRows) {  // the sub-block's two column shares (DqFrag), D/2 columns each
                 constexpr u32 kShareBytes = D / 16 * DqFrag::kChunkFloats * 4;
                 bulk_reduce_add_f32(dst, sdq, kShareBytes);
