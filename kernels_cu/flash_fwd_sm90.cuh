@@ -61,7 +61,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const int n_tiles = !Mods && gridDim.x < n_qb && x < n_qb - 1 - x ? 2 : 1;
     auto q0_of = [&](int tile) { return (tile == 0 ? n_qb - 1 - x : x) * Br; };
     const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warpgroup_uniform(tid);
     const int diag = params.attn.Nk - params.attn.Nq;
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(params.mods, params.attn.Nq, params.attn.Nk);
     // The K/V blocks a Q block visits, in the one order the producer loads them and the consumers use them:
