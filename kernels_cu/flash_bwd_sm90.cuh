@@ -211,8 +211,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     const int k0 = (kv ? blockIdx.y : blockIdx.x) * Bc;
     const int h_kv = kv ? bh_kv % kv : blockIdx.y, b = kv ? bh_kv / kv : blockIdx.z;
     const int H = (kv ? kv : gridDim.y) * group;  // H: query heads
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = Mods ? warp / 4 : warpgroup_uniform(tid);
-    // (The score mods' variants keep a per-thread warpgroup index: uniform, d96's spilled 8 B in the loop.)
+    // The warpgroup index warp-uniform (its descriptors in uniform registers) but where the score mods' variants then
+    // spilled: d96's (8 B in the loop) and dropout's (4-8 B) keep a per-thread one.
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wg = Mods && (DHead != D || Dropout) ? warp / 4 : warpgroup_uniform(tid);
     const int diag = Nk - Nq;
     const auto mods = make_score_mods<T, Causal, Mods, Dropout>(
         ScoreModParams{bias, {bias_sb, bias_sh, bias_sm, bias_sn}, bias_f32, tile_cls, {cls_sb, cls_sh, cls_sm, cls_sn},
