@@ -225,8 +225,8 @@ class CompileReport:
     stack_bytes: int
     shared_bytes: int
     symbol: str = ""  # the mangled kernel name in the cubin
-    # ptxas made every wgmma of the kernel wait for the previous one (its C7514 / C7515 "Potential Performance Loss"
-    # remarks): the Hopper kernels' GEMMs then no longer overlap each other or the softmax
+    # ptxas made every wgmma of the kernel wait for the previous one (its C7512 / C7514 / C7515 "Potential Performance
+    # Loss" remarks): the Hopper kernels' GEMMs then no longer overlap each other or the softmax
     serialized_wgmma: bool = False
 
     def __str__(self) -> str:
@@ -237,8 +237,8 @@ class CompileReport:
 
 _PTXAS_FUNC = re.compile(r"Function properties for (\S+)\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads.*?Used (\d+) registers", re.S)
-_PTXAS_SERIALIZED = re.compile(r"\((C751[45])\) Potential Performance Loss: wgmma\.mma_async instructions are "
-                               r"serialized.*? in the function '(\S+)'")
+_PTXAS_SERIALIZED = re.compile(r"\((C751\d)\) Potential Performance Loss: wgmma\.mma_async instructions are "
+                               r"serialized.*? (?:in|for) the function '(\S+)'")
 
 
 def _nvrtc():
