@@ -46,6 +46,12 @@ struct DqFrag {
         const int cols = by_keys ? DHead : share == 0 ? D / 2 : DHead - D / 2;
         return (by_keys || share == 0 ? 0 : kRows * (D / 2)) + warp * 16 * cols;
     }
+    // Consumer warp `warp` of warpgroup `wg`: its tile's first float from the Q block's. By rows (Br = 128: each
+    // warpgroup forms all columns of its 64 rows) in its warpgroup's sub-block, else in its warpgroup's share.
+    template <int D, int DHead, bool ByRows>
+    CF_DEVICE static int warp_at(int wg, int warp) {
+        return ByRows ? wg * kRows * DHead + warp_tile<D, DHead>(0, warp) : warp_tile<D, DHead>(wg, warp);
+    }
 };
 
 // Grouped-query attention's backward split over `split` thread blocks per K/V head (cupyflash/plan.py
@@ -185,8 +191,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
     // lane's 4 values of each 8 columns together, so the stores are conflict-free and the warp's add is one bulk copy
     // (one per row lost to red.global at d64: 16 issues per warp serialized over the lanes, benchmarks/NOTES.md);
     // then the destinations in dQ_accum (8 bytes each): with the score mods each warp's, on the plain path each Q/dO
-    // slot's first row, which the LSE / D warp writes beside the slot's rows. Its offset from sK, a constant (a base held
-    // across the loop spilled at d128 with dropout), 16-byte aligned for the bulk copies.
+    // slot's first row, which the LSE / D warp writes beside the slot's rows. Its offset from sK, a constant (a base
+    // held across the loop spilled at d128 with dropout), 16-byte aligned for the bulk copies.
     constexpr int kDqCols = kDqByKeys || kDqByRows ? DHead : D / 2;
     constexpr int kDqStaging = 8 * 16 * kDqCols;  // floats: the 8 consumer warps' tiles
     constexpr u32 kDqOffset = (2 * TileKV::bytes() + 2 * kStages * TileQ::bytes() + 2 * TileDS::bytes() +
@@ -359,7 +365,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         if (Mods && lane == 0)
             st_shared_u64(s_dq_slot(k_base, wg * 4 + warp % 4),
                           reinterpret_cast<unsigned long long>(dq_accum + DqFrag::block(bh, q0, Nq) * DHead +
-                                                               DqFrag::warp_tile<D, DHead>(wg, warp % 4)));
+                                                               DqFrag::warp_at<D, DHead, kDqByRows>(wg, warp % 4)));
 
         float st[Br / 8][4], dpt[Br / 8][4];  // Sᵀ and dPᵀ: rows = this warpgroup's keys, columns = queries
         fence_operands(st);
@@ -639,7 +645,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             } else {  // the Q block's place, this warp's tile in it from its warpgroup and warp, read afresh (DqFrag)
                 const int t = fresh_tid();
                 dst = reinterpret_cast<float*>(lds_u64(s_dq_slot(k_base, n % kStages))) +
-                      (kDqByRows ? t / 128 * 64 * DHead : 0) + DqFrag::warp_tile<D, DHead>(kDqByRows ? 0 : t / 128, t / 32 % 4);
+                      DqFrag::warp_at<D, DHead, kDqByRows>(t / 128, t / 32 % 4);
             }
             if constexpr (kDqByRows) {  // the sub-block's two column shares (DqFrag), D/2 columns each
                 constexpr u32 kShareBytes = D / 16 * DqFrag::kChunkFloats * 4;
