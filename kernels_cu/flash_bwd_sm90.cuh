@@ -592,11 +592,16 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // dS's stores reach wgmma (the async proxy) after this fence and the barrier that both warpgroups pass.
         fence_proxy_async();
         named_sync(1, 256);
-        // dV (and dK) done under the barrier: Pᵀ's fragments are free before dQ's accumulators are needed; held beside
-        // them they spilled (d128 causal).
-        wgmma_wait<0>();
-        fence_operands(acc_dv);
-        fence_operands(acc_dk);
+        // Where dK waits for dQ (kDkUnderDq), dQ is issued before dV's wait, so that the tensor pipe does not drain
+        // between them (FlashAttention-4's order: its dQ GEMM waits with wg_wait = 1 after this barrier); Pᵀ's
+        // fragments then stay live beside dQ's accumulators. Elsewhere dV (and dK) are done under the barrier: Pᵀ's
+        // fragments are free before dQ's accumulators are needed; held beside them they spilled (d128 causal).
+        constexpr bool kDqBeforeDvWait = kDkUnderDq;
+        if constexpr (!kDqBeforeDvWait) {
+            wgmma_wait<0>();
+            fence_operands(acc_dv);
+            fence_operands(acc_dk);
+        }
         // dQ_i[:, cols] = dS[:, keys] K_j[keys, cols], this warpgroup's share (kDqByKeys): A = dS (queries x keys) is
         // dSᵀ in shared memory read MN-major; B = K_j, MN-major.
         // With Mods the warpgroup is read afresh from %tid: held from the prologue it was the one value spilled (d128)
@@ -616,6 +621,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
             Wgmma<T, kDqN>::template ss<1, 1>(dq, TileDS::desc_mn(ds_queries, kk0 + kk), TileKV::desc_mn(k_cols, kk0 + kk),
                                               kk > 0);
         wgmma_commit();
+        if constexpr (kDqBeforeDvWait) {
+            wgmma_wait<1>();  // dV; dQ still running
+            fence_operands(acc_dv);
+        }
         if constexpr (kDkUnderDq) {
             issue_dk();
             wgmma_commit();
