@@ -592,11 +592,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
         // dS's stores reach wgmma (the async proxy) after this fence and the barrier that both warpgroups pass.
         fence_proxy_async();
         named_sync(1, 256);
-        // Where dK waits for dQ (kDkUnderDq), dQ is issued before dV's wait, so that the tensor pipe does not drain
-        // between them (FlashAttention-4's order: its dQ GEMM waits with wg_wait = 1 after this barrier); Pᵀ's
-        // fragments then stay live beside dQ's accumulators. Elsewhere dV (and dK) are done under the barrier: Pᵀ's
-        // fragments are free before dQ's accumulators are needed; held beside them they spilled (d128 causal).
-        constexpr bool kDqBeforeDvWait = kDkUnderDq;
+        // On the plain path dQ is issued before dV's (and the causal variants' dK's) wait, so that the tensor pipe
+        // does not drain between them (FlashAttention-4's order: its dQ GEMM waits with wg_wait = 1 after this
+        // barrier), Pᵀ's fragments live beside dQ's accumulators (compiled spill-free in session 25; before the
+        // descriptors left the per-thread path, the d128 causal variant spilled so). With the score mods dV and dK are
+        // done under the barrier, before dQ's accumulators are needed.
+        constexpr bool kDqBeforeDvWait = !Mods;
         if constexpr (!kDqBeforeDvWait) {
             wgmma_wait<0>();
             fence_operands(acc_dv);
@@ -622,8 +623,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                                               kk > 0);
         wgmma_commit();
         if constexpr (kDqBeforeDvWait) {
-            wgmma_wait<1>();  // dV; dQ still running
+            wgmma_wait<1>();  // dV (and, causal, dK); dQ still running
             fence_operands(acc_dv);
+            fence_operands(acc_dk);
         }
         if constexpr (kDkUnderDq) {
             issue_dk();
