@@ -19,7 +19,7 @@ Semantics shared with the kernels:
 - a query row that sees no key gives out = 0 and lse = +inf (FlashAttention's convention: the backward then
   recomputes P = exp(S - lse) = 0 for it);
 - grouped-query attention: q has a multiple of k/v's heads, query head h uses K/V head h // group;
-- dropout drops P after the softmax with the kernels' Philox4x32-10 words (`dropout_keep`), so CPU and GPU
+- dropout drops P after the softmax with the kernels' Philox4x32-7 words (`dropout_keep`), so CPU and GPU
   drop the same elements for the same seed.
 
 The backward's P, and rows masked only by biases <= -1e30 (the "rebuild rule"): the backward recomputes
@@ -66,11 +66,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+PHILOX_ROUNDS = 7  # kernels_cu/scores.cuh kPhiloxRounds
+
+
 def _philox(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on uint64 numpy arrays holding 32-bit words (products of two words fit in 64 bits)."""
+    """Philox4x32-7 (kernels_cu/scores.cuh kPhiloxRounds) on uint64 numpy arrays holding 32-bit words (products of two
+    words fit in 64 bits)."""
     mask = np.uint64(0xFFFFFFFF)
     k0, k1 = np.uint64(k0), np.uint64(k1)
-    for _ in range(10):
+    for _ in range(PHILOX_ROUNDS):
         p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
         c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask)
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
