@@ -34,6 +34,7 @@ THREADS = 256  # kernels_cu/unseen_rows.cuh kUnseenThreads
 ROWS_PER_BLOCK = 128  # ... kUnseenRowsPerBlock
 SUM_ROWS = 256  # ... kUnseenSumRows
 KEYS_PER_BLOCK = 128  # ... kUnseenKeysPerBlock
+KV_KEYS = 64  # ... kUnseenKvKeys
 FLAG_ROWS = 4 * THREADS  # unseen_flags: lse values per thread block
 MAX_HEAD_DIM = 256  # the kernels' shared-memory rows
 
@@ -140,7 +141,7 @@ def _steps(kernel: str, mode: int, dtype: str, shape: tuple, kv_heads: int, n_k:
     group = heads // kv_heads
     grids = {"unseen_flags": (math.ceil(group * n_q / FLAG_ROWS), kv_heads, batch),
              "unseen_key_sums": (math.ceil(n_k / KEYS_PER_BLOCK), kv_heads, batch),
-             "unseen_kv": (math.ceil(n_k / KEYS_PER_BLOCK), kv_heads, batch),
+             "unseen_kv": (math.ceil(n_k / KV_KEYS), kv_heads, batch),
              "unseen_sums": (math.ceil(n_q / SUM_ROWS), heads, batch),
              **dict.fromkeys(("unseen_fill", "unseen_dq"), (math.ceil(n_q / ROWS_PER_BLOCK), heads, batch))}
     if kernel == "fwd":

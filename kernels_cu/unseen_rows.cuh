@@ -16,8 +16,13 @@ namespace cupyflash {
 constexpr int kUnseenThreads = 256;
 constexpr int kUnseenRowsPerBlock = 128;  // unseen_fill, unseen_dq: query rows per thread block
 constexpr int kUnseenSumRows = 256;       // unseen_sums: query rows per thread block
-constexpr int kUnseenKeysPerBlock = 128;  // unseen_key_sums, unseen_kv: keys per thread block
+constexpr int kUnseenKeysPerBlock = 128;  // unseen_key_sums: keys per thread block
+constexpr int kUnseenKvKeys = 64;         // unseen_kv: keys per thread block (one unseen_gemm row block)
 constexpr int kUnseenStage = 16;          // rows or keys staged in shared memory at a time (D, Dv <= 256)
+// Every kernel loads its rows a stage (or a GEMM's k chunk) ahead of their use, into registers, and converts and
+// stores them to shared memory only when the stage before is done: the loads are in flight while the block
+// multiplies. The first forms loaded, converted and stored element by element, each load's latency exposed: about
+// 0.7 ms a call at the Llama layer's shape with left padding (H100; results/llama-profile-left-padding-…md).
 // The Dv x D sums vk and gq as outer products of staged rows: each thread holds an 8 x 8 tile of a pass's 256 tiles
 // in registers over the block's rows or keys (four 16-byte shared loads a row for 64 FMAs) and adds it to the
 // workspace once. The first form (each thread a strided 64 entries, two shared loads an FMA, atomics per stage) took
@@ -105,6 +110,31 @@ CF_DEVICE void unseen_tile_add(float* dst, const float (&acc)[kUnseenTile][kUnse
     }
 }
 
+// A stage of kUnseenStage rows as thread t holds it: column t of each row (nothing where t is past the width),
+// raw until stored to shared memory (UnseenStage::load issues the loads; the first use waits for them).
+template <typename T>
+struct UnseenStage {
+    using E = typename T::elem;
+    E x[kUnseenStage];
+    // Rows r whose bit is set in `rows` are read from col + r · row_stride; the others are 0.
+    CF_DEVICE void load(const E* col, i64 row_stride, bool in_width, unsigned rows) {
+#pragma unroll
+        for (int r = 0; r < kUnseenStage; ++r) x[r] = in_width && (rows >> r & 1u) ? col[r * row_stride] : E(0);
+    }
+    CF_DEVICE float at(int r) const { return T::to_float(x[r]); }
+    CF_DEVICE void store(float (*s)[256], int t, bool in_width) const {
+        if (!in_width) return;
+#pragma unroll
+        for (int r = 0; r < kUnseenStage; ++r) s[r][t] = at(r);
+    }
+};
+
+// The stage's rows r with r0 + r < end, as UnseenStage::load's bits.
+CF_DEVICE unsigned unseen_stage_rows(int r0, int end) {
+    const int n = min(kUnseenStage, end - r0);
+    return n > 0 ? (1u << n) - 1u : 0u;
+}
+
 // grid (ceil(Nk / kUnseenKeysPerBlock), Hkv, B): v_sum += Σ_j v_j over the block's keys; with mode 2 also k_sum and
 // vk[e][a] += Σ_j v_j[e] k_j[a], from keys staged kUnseenStage at a time in fp32 (zero past Nk).
 template <typename T>
@@ -117,63 +147,92 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRo
     const int j0 = blockIdx.x * kUnseenKeysPerBlock, j_end = min(j0 + kUnseenKeysPerBlock, p.Nk);
     const bool gram = p.mode == 2;
     const int t = threadIdx.x, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
-    const auto* v = p.v + b * p.v_s.b + g * p.v_s.h;
-    const auto* k = p.k + b * p.k_s.b + g * p.k_s.h;
+    const bool in_v = t < p.Dv, in_k = gram && t < p.D;
+    const auto* v = p.v + b * p.v_s.b + g * p.v_s.h + t;  // column t
+    const auto* k = p.k + b * p.k_s.b + g * p.k_s.h + t;
     for (int pass = 0; pass < passes; ++pass) {
         float acc[kUnseenTile][kUnseenTile] = {}, v_sum = 0.f, k_sum = 0.f;
         int e0, c0;
         const bool tiled = gram && unseen_tile(pass, p.D, p.Dv, e0, c0);
+        UnseenStage<T> sv, sk;
+        const auto fetch = [&](int js) {
+            const unsigned rows = unseen_stage_rows(js, j_end);
+            sv.load(v + js * p.v_s.n, p.v_s.n, in_v, rows);
+            sk.load(k + js * p.k_s.n, p.k_s.n, in_k, rows);
+        };
+        fetch(j0);
         for (int js = j0; js < j_end; js += kUnseenStage) {
-            const int n = min(kUnseenStage, j_end - js);
-            __syncthreads();  // the previous stage is read
-            for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
-                const int r = x / p.Dv, e = x % p.Dv;
-                s_v[r][e] = r < n ? T::to_float(v[(js + r) * p.v_s.n + e]) : 0.f;
+            if (pass == 0) {
+#pragma unroll
+                for (int r = 0; r < kUnseenStage; ++r) {
+                    v_sum += sv.at(r);
+                    k_sum += sk.at(r);
+                }
             }
             if (gram) {
-                for (int x = t; x < kUnseenStage * p.D; x += kUnseenThreads) {
-                    const int r = x / p.D, a = x % p.D;
-                    s_k[r][a] = r < n ? T::to_float(k[(js + r) * p.k_s.n + a]) : 0.f;
-                }
+                __syncthreads();  // the previous stage is read
+                sv.store(s_v, t, in_v);
+                sk.store(s_k, t, in_k);
             }
-            __syncthreads();
-            if (pass == 0) {
-                for (int r = 0; r < kUnseenStage; ++r) {
-                    if (t < p.Dv) v_sum += s_v[r][t];
-                    if (gram && t < p.D) k_sum += s_k[r][t];
-                }
+            if (js + kUnseenStage < j_end) fetch(js + kUnseenStage);
+            if (gram) {
+                __syncthreads();
+                if (tiled) unseen_outer(acc, s_v, s_k, e0, c0);
             }
-            if (tiled) unseen_outer(acc, s_v, s_k, e0, c0);
         }
-        if (pass == 0 && t < p.Dv) atomicAdd(ws.v_sum() + t, v_sum);
-        if (pass == 0 && gram && t < p.D) atomicAdd(ws.k_sum() + t, k_sum);
+        if (pass == 0 && in_v) atomicAdd(ws.v_sum() + t, v_sum);
+        if (pass == 0 && in_k) atomicAdd(ws.k_sum() + t, k_sum);
         if (tiled) unseen_tile_add(ws.vk(), acc, e0, c0, p.D, p.Dv);
     }
 }
 
 // out rows x columns [c_base, c_base + kUnseenGemmCols) of Σ_e A[row][e] B[e][col] over e < Dv into the thread's
-// rows 4 · (t / 16) + i and columns c_base + 8 · (t % 16) + j; load_a(row, e) and load_b(e, col) give fp32 values
-// (0 where out of range).
-template <typename LoadA, typename LoadB>
-CF_DEVICE void unseen_gemm(float (&acc)[4][8], int Dv, LoadA load_a, LoadB load_b) {
+// rows 4 · (t / 16) + i and columns c_base + 8 · (t % 16) + j. A[row][e] = finish_a(fetch_a(row, e), row, e), from
+// an element of the inputs' type; B[e][col] = finish_b(fetch_b(e, col), e, col), from an fp32 workspace entry. The
+// fetches are issued one chunk of kUnseenGemmK ahead of their use, the finishing arithmetic done when the chunk is
+// stored to shared memory (0 past Dv).
+template <typename T, typename FetchA, typename FinishA, typename FetchB, typename FinishB>
+CF_DEVICE void unseen_gemm(float (&acc)[4][8], int Dv, FetchA fetch_a, FinishA finish_a, FetchB fetch_b,
+                           FinishB finish_b) {
     __shared__ __align__(16) float s_a[kUnseenGemmK][kUnseenGemmRows + 4];  // e-major: a thread's 4 rows in one load
     __shared__ __align__(16) float s_b[kUnseenGemmK][kUnseenGemmCols];
+    constexpr int kA = kUnseenGemmRows * kUnseenGemmK / kUnseenThreads;  // a thread's A and B entries of a chunk
+    constexpr int kB = kUnseenGemmK * kUnseenGemmCols / kUnseenThreads;
+    using E = typename T::elem;
     const int t = threadIdx.x, r0 = 4 * (t / 16), c0 = 8 * (t % 16);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
     }
+    E a_raw[kA];
+    float b_raw[kB];
+    const auto fetch = [&](int k0) {
+#pragma unroll
+        for (int i = 0; i < kA; ++i) {  // a row's 16 values from consecutive threads
+            const int x = t + i * kUnseenThreads, r = x / kUnseenGemmK, e = k0 + x % kUnseenGemmK;
+            a_raw[i] = e < Dv ? fetch_a(r, e) : E(0);
+        }
+#pragma unroll
+        for (int i = 0; i < kB; ++i) {
+            const int x = t + i * kUnseenThreads, e = k0 + x / kUnseenGemmCols, c = x % kUnseenGemmCols;
+            b_raw[i] = e < Dv ? fetch_b(e, c) : 0.f;
+        }
+    };
+    fetch(0);
     for (int k0 = 0; k0 < Dv; k0 += kUnseenGemmK) {
         __syncthreads();  // the previous chunk is read
-        for (int x = t; x < kUnseenGemmRows * kUnseenGemmK; x += kUnseenThreads) {
-            const int r = x / kUnseenGemmK, e = x % kUnseenGemmK;  // a row's 16 values from consecutive threads
-            s_a[e][r] = k0 + e < Dv ? load_a(r, k0 + e) : 0.f;
+#pragma unroll
+        for (int i = 0; i < kA; ++i) {
+            const int x = t + i * kUnseenThreads, r = x / kUnseenGemmK, e = x % kUnseenGemmK;
+            s_a[e][r] = k0 + e < Dv ? finish_a(T::to_float(a_raw[i]), r, k0 + e) : 0.f;
         }
-        for (int x = t; x < kUnseenGemmK * kUnseenGemmCols; x += kUnseenThreads) {
-            const int e = x / kUnseenGemmCols, c = x % kUnseenGemmCols;
-            s_b[e][c] = k0 + e < Dv ? load_b(k0 + e, c) : 0.f;
+#pragma unroll
+        for (int i = 0; i < kB; ++i) {
+            const int x = t + i * kUnseenThreads, e = x / kUnseenGemmCols, c = x % kUnseenGemmCols;
+            s_b[e][c] = k0 + e < Dv ? finish_b(b_raw[i], k0 + e, c) : 0.f;
         }
+        if (k0 + kUnseenGemmK < Dv) fetch(k0 + kUnseenGemmK);
         __syncthreads();
 #pragma unroll 4
         for (int e = 0; e < kUnseenGemmK; ++e) {
@@ -208,7 +267,8 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_fill(const UnseenRowsPa
 }
 
 // grid (ceil(Nq / kUnseenSumRows), H, B): gsum += Σ_i dO_i over the unseen rows; with mode 2 also
-// gq[e][a] += Σ_i dO_i[e] q_i[a]. Rows staged kUnseenStage at a time: an unseen row's values, others' zero.
+// gq[e][a] += Σ_i dO_i[e] q_i[a]. Rows staged kUnseenStage at a time: an unseen row's values, others' zero; a stage
+// without one is skipped (every thread reads the same lse, so the skip is uniform).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsParams<typename T::elem> p) {
     const int h = blockIdx.y, b = blockIdx.z;
@@ -216,72 +276,93 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
     if (*ws.flag() == 0.f) return;
     __shared__ __align__(16) float s_do[kUnseenStage][256];
     __shared__ __align__(16) float s_q[kUnseenStage][256];
-    __shared__ bool s_row[kUnseenStage];
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
-    const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h;
-    const auto* q = p.q + b * p.q_s.b + h * p.q_s.h;
     const bool gram = p.mode == 2;
     const int t = threadIdx.x, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
+    const bool in_do = t < p.Dv, in_q = gram && t < p.D;
+    const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h + t;  // column t
+    const auto* q = p.q + b * p.q_s.b + h * p.q_s.h + t;
     const int i0 = blockIdx.x * kUnseenSumRows, i_end = min(i0 + kUnseenSumRows, p.Nq);
     for (int pass = 0; pass < passes; ++pass) {
         float acc[kUnseenTile][kUnseenTile] = {}, gsum = 0.f;
         int e0, c0;
         const bool tiled = gram && unseen_tile(pass, p.D, p.Dv, e0, c0);
+        UnseenStage<T> sd, sq;
+        unsigned rows;  // the fetched stage's unseen rows
+        const auto fetch = [&](int is) {
+            rows = 0u;
+#pragma unroll
+            for (int r = 0; r < kUnseenStage; ++r) rows |= (is + r < i_end && unseen(lse[is + r]) ? 1u : 0u) << r;
+            if (!rows) return;
+            sd.load(dout + is * p.do_s.n, p.do_s.n, in_do, rows);
+            sq.load(q + is * p.q_s.n, p.q_s.n, in_q, rows);
+        };
         bool any = false;
+        fetch(i0);
         for (int is = i0; is < i_end; is += kUnseenStage) {
-            const bool mine = t < kUnseenStage && is + t < i_end && unseen(lse[is + t]);
-            if (!__syncthreads_or(mine)) continue;  // also: the previous stage is read
-            any = true;
-            if (t < kUnseenStage) s_row[t] = mine;
-            __syncthreads();
-            for (int x = t; x < kUnseenStage * p.Dv; x += kUnseenThreads) {
-                const int r = x / p.Dv, e = x % p.Dv;
-                s_do[r][e] = s_row[r] ? T::to_float(dout[(is + r) * p.do_s.n + e]) : 0.f;
-            }
-            if (gram) {
-                for (int x = t; x < kUnseenStage * p.D; x += kUnseenThreads) {
-                    const int r = x / p.D, a = x % p.D;
-                    s_q[r][a] = s_row[r] ? T::to_float(q[(is + r) * p.q_s.n + a]) : 0.f;
+            const bool here = rows != 0u;
+            if (here) {
+                any = true;
+                if (pass == 0) {
+#pragma unroll
+                    for (int r = 0; r < kUnseenStage; ++r) gsum += sd.at(r);
+                }
+                if (gram) {
+                    __syncthreads();  // the previous stage is read
+                    sd.store(s_do, t, in_do);
+                    sq.store(s_q, t, in_q);
                 }
             }
-            __syncthreads();
-            if (pass == 0 && t < p.Dv) {
-                for (int r = 0; r < kUnseenStage; ++r) gsum += s_do[r][t];
+            if (is + kUnseenStage < i_end) fetch(is + kUnseenStage);
+            if (here && gram) {
+                __syncthreads();
+                if (tiled) unseen_outer(acc, s_do, s_q, e0, c0);
             }
-            if (tiled) unseen_outer(acc, s_do, s_q, e0, c0);
         }
         if (!any) return;  // the same in every thread
-        if (pass == 0 && t < p.Dv) atomicAdd(ws.gsum() + t, gsum);
+        if (pass == 0 && in_do) atomicAdd(ws.gsum() + t, gsum);
         if (tiled) unseen_tile_add(ws.gq(), acc, e0, c0, p.D, p.Dv);
     }
 }
 
-// grid (ceil(Nk / kUnseenKeysPerBlock), Hkv, B): dv_j += gsum / Nk, one key row per warp; with mode 2 also
-// dk_j[a] += (scale / Nk) Σ_e c_j[e] gq[e][a], c_j = v_j − v̄ (unseen_gemm).
+// grid (ceil(Nk / kUnseenKvKeys), Hkv, B): dv_j += gsum / Nk; with mode 2 also dk_j[a] += (scale / Nk) Σ_e c_j[e]
+// gq[e][a], c_j = v_j − v̄ (unseen_gemm).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_kv(const UnseenRowsParams<typename T::elem> p) {
     const int g = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, g);
     if (*ws.flag() == 0.f) return;
+    __shared__ float s_vbar[256];
     const float inv_nk = 1.f / p.Nk;
     const int t = threadIdx.x;
-    const int j0 = blockIdx.x * kUnseenKeysPerBlock, j_end = min(j0 + kUnseenKeysPerBlock, p.Nk);
-    for (int j = j0 + t / 32; j < j_end; j += kUnseenThreads / 32) {
-        auto* dv = p.dv + b * p.dv_s.b + g * p.dv_s.h + j * p.dv_s.n;
-        for (int e = t % 32; e < p.Dv; e += 32) dv[e] = T::from_float(T::to_float(dv[e]) + ws.gsum()[e] * inv_nk);
+    const int j0 = blockIdx.x * kUnseenKvKeys, j_end = min(j0 + kUnseenKvKeys, p.Nk);
+    if (t < p.Dv) {  // column t of the block's rows of dv, a stage's loads in flight at once
+        const float g_t = ws.gsum()[t] * inv_nk;
+        auto* dv = p.dv + b * p.dv_s.b + g * p.dv_s.h + t;
+        UnseenStage<T> st;
+        for (int js = j0; js < j_end; js += kUnseenStage) {
+            const unsigned rows = unseen_stage_rows(js, j_end);
+            st.load(dv + js * p.dv_s.n, p.dv_s.n, true, rows);
+#pragma unroll
+            for (int r = 0; r < kUnseenStage; ++r) {
+                if (rows >> r & 1u) dv[(js + r) * p.dv_s.n] = T::from_float(st.at(r) + g_t);
+            }
+        }
     }
     if (p.mode != 2) return;
+    if (t < p.Dv) s_vbar[t] = ws.v_sum()[t] * inv_nk;  // published by unseen_gemm's first barrier
     const auto* v = p.v + b * p.v_s.b + g * p.v_s.h;
     auto* dk = p.dk + b * p.dk_s.b + g * p.dk_s.h;
+    const float* gq = ws.gq();
     for (int js = j0; js < j_end; js += kUnseenGemmRows) {
         for (int c_base = 0; c_base < p.D; c_base += kUnseenGemmCols) {
             float acc[4][8];
-            unseen_gemm(acc, p.Dv,
-                        [&](int r, int e) {
-                            return js + r < j_end ? T::to_float(v[(js + r) * p.v_s.n + e]) - ws.v_sum()[e] * inv_nk
-                                                  : 0.f;
-                        },
-                        [&](int e, int c) { return c_base + c < p.D ? ws.gq()[e * p.D + c_base + c] : 0.f; });
+            unseen_gemm<T>(
+                acc, p.Dv,
+                [&](int r, int e) { return js + r < j_end ? v[(js + r) * p.v_s.n + e] : typename T::elem(0); },
+                [&](float x, int r, int e) { return js + r < j_end ? x - s_vbar[e] : 0.f; },
+                [&](int e, int c) { return c_base + c < p.D ? gq[e * p.D + c_base + c] : 0.f; },
+                [](float x, int, int) { return x; });
             const int r0 = 4 * (t / 16), c0 = c_base + 8 * (t % 16);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -304,24 +385,29 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_dq(const UnseenRowsPara
     const UnseenWs ws = unseen_ws(p, b, h / (p.H / p.Hkv));
     if (*ws.flag() == 0.f) return;
     __shared__ bool s_row[kUnseenGemmRows];
+    __shared__ float s_vbar[256], s_ksum[256];
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
     const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h;
     auto* dq = p.dq + b * p.dq_s.b + h * p.dq_s.h;
     const float inv_nk = 1.f / p.Nk;
     const int t = threadIdx.x;
+    if (t < p.Dv) s_vbar[t] = ws.v_sum()[t] * inv_nk;  // published by unseen_gemm's first barrier
+    if (t < p.D) s_ksum[t] = ws.k_sum()[t];
+    const float* vk = ws.vk();
     const int i0 = blockIdx.x * kUnseenRowsPerBlock, i_end = min(i0 + kUnseenRowsPerBlock, p.Nq);
     for (int is = i0; is < i_end; is += kUnseenGemmRows) {
         const bool mine = t < kUnseenGemmRows && is + t < i_end && unseen(lse[is + t]);
         if (!__syncthreads_or(mine)) continue;  // also: the previous rows' flags are read
         if (t < kUnseenGemmRows) s_row[t] = mine;
+        __syncthreads();  // unseen_gemm's first loads read s_row
         for (int c_base = 0; c_base < p.D; c_base += kUnseenGemmCols) {
             float acc[4][8];
-            unseen_gemm(acc, p.Dv,  // its first barrier publishes s_row
-                        [&](int r, int e) { return s_row[r] ? T::to_float(dout[(is + r) * p.do_s.n + e]) : 0.f; },
-                        [&](int e, int c) {
-                            const int a = c_base + c;
-                            return a < p.D ? ws.vk()[e * p.D + a] - ws.v_sum()[e] * ws.k_sum()[a] * inv_nk : 0.f;
-                        });
+            unseen_gemm<T>(
+                acc, p.Dv,
+                [&](int r, int e) { return s_row[r] ? dout[(is + r) * p.do_s.n + e] : typename T::elem(0); },
+                [](float x, int, int) { return x; },
+                [&](int e, int c) { return c_base + c < p.D ? vk[e * p.D + c_base + c] : 0.f; },
+                [&](float x, int e, int c) { return c_base + c < p.D ? x - s_vbar[e] * s_ksum[c_base + c] : 0.f; });
             const int r0 = 4 * (t / 16), c0 = c_base + 8 * (t % 16);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {

@@ -116,6 +116,8 @@ def test_planned_launches(kernel, mode, order):
     for name, grid in grids.items():
         if name in rows_per_block:
             assert grid == (2048 // rows_per_block[name], 16, 4), name
+        elif name == "unseen_kv":
+            assert grid == (2048 // unseen.KV_KEYS, 4, 4), name
         elif name != "unseen_flags":
             assert grid == (2048 // unseen.KEYS_PER_BLOCK, 4, 4), name
     values = steps[0].packed.values
