@@ -267,42 +267,44 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_fill(const UnseenRowsPa
 }
 
 // grid (ceil(Nq / kUnseenSumRows), H, B): gsum += Σ_i dO_i over the unseen rows; with mode 2 also
-// gq[e][a] += Σ_i dO_i[e] q_i[a]. Rows staged kUnseenStage at a time: an unseen row's values, others' zero; a stage
-// without one is skipped (every thread reads the same lse, so the skip is uniform).
+// gq[e][a] += Σ_i dO_i[e] q_i[a]. Rows staged kUnseenStage at a time: an unseen row's values, others' zero. The
+// block's unseen rows are found first, one lse per thread: a block without any returns at once, and stages without
+// one are skipped (the same in every thread).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsParams<typename T::elem> p) {
+    static_assert(kUnseenSumRows == kUnseenThreads && kUnseenStage == 16, "a stage's rows are half a warp's ballot");
     const int h = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, h / (p.H / p.Hkv));
     if (*ws.flag() == 0.f) return;
     __shared__ __align__(16) float s_do[kUnseenStage][256];
     __shared__ __align__(16) float s_q[kUnseenStage][256];
+    __shared__ unsigned s_rows[kUnseenThreads / 32];  // bit r of word w: row i0 + 32w + r is unseen
+    const int t = threadIdx.x;
+    const int i0 = blockIdx.x * kUnseenSumRows, i_end = min(i0 + kUnseenSumRows, p.Nq);
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
+    const unsigned ballot = __ballot_sync(0xffffffffu, i0 + t < i_end && unseen(lse[i0 + t]));
+    if (t % 32 == 0) s_rows[t / 32] = ballot;
+    if (!__syncthreads_or(ballot != 0u)) return;
     const bool gram = p.mode == 2;
-    const int t = threadIdx.x, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
+    const int passes = gram ? unseen_passes(p.D, p.Dv) : 1;
     const bool in_do = t < p.Dv, in_q = gram && t < p.D;
     const auto* dout = p.dout + b * p.do_s.b + h * p.do_s.h + t;  // column t
     const auto* q = p.q + b * p.q_s.b + h * p.q_s.h + t;
-    const int i0 = blockIdx.x * kUnseenSumRows, i_end = min(i0 + kUnseenSumRows, p.Nq);
+    const auto stage_rows = [&](int is) { return s_rows[(is - i0) / 32] >> ((is - i0) % 32) & 0xffffu; };
     for (int pass = 0; pass < passes; ++pass) {
         float acc[kUnseenTile][kUnseenTile] = {}, gsum = 0.f;
         int e0, c0;
         const bool tiled = gram && unseen_tile(pass, p.D, p.Dv, e0, c0);
         UnseenStage<T> sd, sq;
-        unsigned rows;  // the fetched stage's unseen rows
         const auto fetch = [&](int is) {
-            rows = 0u;
-#pragma unroll
-            for (int r = 0; r < kUnseenStage; ++r) rows |= (is + r < i_end && unseen(lse[is + r]) ? 1u : 0u) << r;
-            if (!rows) return;
+            const unsigned rows = stage_rows(is);
             sd.load(dout + is * p.do_s.n, p.do_s.n, in_do, rows);
             sq.load(q + is * p.q_s.n, p.q_s.n, in_q, rows);
         };
-        bool any = false;
         fetch(i0);
         for (int is = i0; is < i_end; is += kUnseenStage) {
-            const bool here = rows != 0u;
+            const bool here = stage_rows(is) != 0u;
             if (here) {
-                any = true;
                 if (pass == 0) {
 #pragma unroll
                     for (int r = 0; r < kUnseenStage; ++r) gsum += sd.at(r);
@@ -319,7 +321,6 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
                 if (tiled) unseen_outer(acc, s_do, s_q, e0, c0);
             }
         }
-        if (!any) return;  // the same in every thread
         if (pass == 0 && in_do) atomicAdd(ws.gsum() + t, gsum);
         if (tiled) unseen_tile_add(ws.gq(), acc, e0, c0, p.D, p.Dv);
     }
