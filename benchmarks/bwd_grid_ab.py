@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from cupyflash.errors import gpu_missing
+
 SHAPES = ((8, 12, 12, 512, 64), (16, 12, 12, 1024, 64), (8, 12, 12, 2048, 64), (4, 12, 12, 4096, 64),
           (1, 12, 12, 16384, 64), (8, 16, 16, 1024, 128), (4, 16, 16, 2048, 128),
           (4, 16, 4, 2048, 128))  # (B, H, H_kv, N, D); the last: the Llama step's grouped-query attention
@@ -44,8 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no GPU", file=sys.stderr)
+    if gpu_missing("bwd_grid_ab.py"):
         return 2
     from cupyflash import cuda_path, launch, plan
     from cupyflash.array_ops import ops_for

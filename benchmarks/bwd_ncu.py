@@ -17,22 +17,21 @@ import sys
 import torch
 
 from cupyflash import bench_impls
+from cupyflash.bench import DTYPES
 from cupyflash.bench_shapes import bench_shape
-from cupyflash.errors import gpu_unavailable_reason
+from cupyflash.errors import gpu_missing
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="d128,d128c")
     parser.add_argument("--seqlen", type=int, default=4096)
-    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--impls", default="cupyflash,fa4")
     args = parser.parse_args(argv)
-    reason = gpu_unavailable_reason()
-    if reason:
-        print(f"no GPU: {reason}", file=sys.stderr)
+    if gpu_missing("bwd_ncu.py"):
         return 2
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dtype = getattr(torch, DTYPES[args.dtype])
     cudart = torch.cuda.cudart()
     for case in args.cases.split(","):
         causal = case.endswith("c")

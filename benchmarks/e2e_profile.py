@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from cupyflash.errors import gpu_missing
 from e2e_step import RESULTS, VARIANTS, _shape, build_models, make_batch, train_step
 from gpt_train_step import step_timer
 
@@ -120,8 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", type=Path, default=None, help="traces and report (default results/e2e-profile-<GPU>)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("e2e_profile needs a CUDA GPU", file=sys.stderr)
+    if gpu_missing("e2e_profile.py"):
         return 2
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name().replace(" ", "_")

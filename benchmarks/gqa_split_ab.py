@@ -19,6 +19,7 @@ import torch
 
 import cupyflash.torch_op  # noqa: F401  (registers torch.ops.cupyflash.*)
 from cupyflash import cuda_path, plan, torch_op
+from cupyflash.errors import gpu_missing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_train_step import step_timer  # noqa: E402
@@ -73,8 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-blocks", type=int, nargs="+", default=[plan.KV_SPLIT_MIN_BLOCKS],
                    help="plan.KV_SPLIT_MIN_BLOCKS settings to time (beside 0: never split)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gqa_split_ab.py needs a CUDA GPU", file=sys.stderr)
+    if gpu_missing("gqa_split_ab.py"):
         return 2
     print(f"# {torch.cuda.get_device_name()}: op backward, bf16, token-major q/k/v as the Llama step's, key mask")
     for shape in SHAPES:

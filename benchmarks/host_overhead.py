@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import cupyflash
 from cupyflash import cuda_attention, launch
-from cupyflash.errors import gpu_unavailable_reason
+from cupyflash.errors import gpu_missing
 
 
 def per_call_us(fn, n: int = 400, sync=None) -> float:
@@ -153,9 +153,7 @@ def main(argv=None) -> int:
                                                                 "stubbed (no GPU needed)")
     if parser.parse_args(argv).cpu_stub:
         return main_cpu_stub()
-    reason = gpu_unavailable_reason()
-    if reason:
-        print(f"no GPU: {reason}", file=sys.stderr)
+    if gpu_missing("host_overhead.py"):
         return 2
     q, k, v, g = (torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -236,11 +236,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cupyflash.errors import gpu_unavailable_reason
+    from cupyflash.errors import gpu_missing
 
-    reason = gpu_unavailable_reason()
-    if reason:
-        print(f"no GPU: {reason}", file=sys.stderr)
+    if gpu_missing("host_profile.py"):
         return 2
     import cupyflash.torch_op  # noqa: F401  registers torch.ops.cupyflash.*
 

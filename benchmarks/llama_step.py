@@ -31,6 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from cupyflash.errors import gpu_missing
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_train_step import step_timer  # noqa: E402
 from e2e_profile import kernel_stats, report  # noqa: E402
@@ -138,8 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=Path, help="also profile each variant's steps; the kernels side by side go to "
                    "PROFILE/llama-profile-<T>x<batch>x<layers>.md")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("llama_step.py needs a CUDA GPU", file=sys.stderr)
+    if gpu_missing("llama_step.py"):
         return 2
     gpu = torch.cuda.get_device_name()
     inputs = batch(args)

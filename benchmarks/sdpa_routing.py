@@ -171,11 +171,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cupyflash.errors import gpu_unavailable_reason
+    from cupyflash.errors import gpu_missing
 
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        print(f"sdpa_routing: needs a CUDA GPU: {reason}", file=sys.stderr)
+    if gpu_missing("sdpa_routing.py"):
         return 2
     import torch
 

@@ -16,23 +16,22 @@ import sys
 import torch
 
 from cupyflash import bench_impls, launch
+from cupyflash.bench import DTYPES
 from cupyflash.bench_shapes import attention_flops, bench_shape
-from cupyflash.errors import gpu_unavailable_reason
+from cupyflash.errors import gpu_missing
 from cupyflash.gpu_timing import median_timer
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--head-dims", default="128,64")
     parser.add_argument("--seqlens", default="1024,4096,16384")
     parser.add_argument("--passes", default="fwd,bwd")
     args = parser.parse_args(argv)
-    reason = gpu_unavailable_reason()
-    if reason:
-        print(f"no GPU: {reason}", file=sys.stderr)
+    if gpu_missing("sm90_ab.py"):
         return 2
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dtype = getattr(torch, DTYPES[args.dtype])
     method, bench = median_timer()
     print(f"# {torch.cuda.get_device_name()}, {args.dtype}, {method}; TFLOP/s")
     for d in (int(x) for x in args.head_dims.split(",")):

@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,15 @@ def _checked_device(device_id: int) -> GPUInfo:
         raise UnsupportedGPUError(f"GPU {device_id} ({info.name}) is {info.arch}, and the cupyflash kernels need "
                                   f"sm_80 (Ampere) or newer; use a newer GPU or CPU tensors.")
     return info
+
+
+def gpu_missing(script: str) -> bool:
+    """For a GPU-only script's main(): prints "<script> needs a CUDA GPU: <why>" to stderr and returns True where
+    gpu_unavailable_reason() gives a reason (the script then exits with status 2)."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(f"{script} needs a CUDA GPU: {reason}", file=sys.stderr)
+    return reason is not None
 
 
 def gpu_unavailable_reason() -> str | None:

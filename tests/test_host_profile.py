@@ -21,7 +21,7 @@ def test_arguments(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
 def test_no_gpu_exits_with_the_reason(capsys):
     assert host_profile.main([]) == 2
-    assert capsys.readouterr().err.startswith("no GPU: ")
+    assert capsys.readouterr().err.startswith("host_profile.py needs a CUDA GPU: ")
 
 
 def test_profile_analysis_and_summary(monkeypatch, tmp_path):
