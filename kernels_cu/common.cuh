@@ -382,6 +382,13 @@ CF_DEVICE void mma_ab(float (*c)[N / 8][4], AFrag a_frag, u32 sB, int b_col0, in
 }
 
 // ---- fp32 reductions into global memory ----
+#if __CUDA_ARCH__ >= 900
+// p[0..3] += (x, y, z, w) in one reduction, p 16-byte aligned (red.global.add.v4.f32, PTX ISA 8.1: sm_90 on).
+CF_DEVICE void red_add_v4(float* p, float x, float y, float z, float w) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x), "f"(y), "f"(z), "f"(w) : "memory");
+}
+#endif
+
 // dst[row, col] += c for a warp's m16n8 accumulator tiles c[NT] (fp32, 16 rows x 8·NT columns): dst is the tile's
 // (0, 0), rows `stride` floats apart, 16-byte aligned; rows 0-7 are added iff ok0, rows 8-15 iff ok1 (the lane's
 // rows lane/4 and lane/4 + 8), and only the tiles before nt_end (a run-time bound: the Hopper backward's second
@@ -407,9 +414,7 @@ CF_DEVICE void red_add_tile(float* dst, i64 stride, const float (*c)[4], bool ok
         const float got0 = __shfl_xor_sync(0xffffffffu, r ? c[nt][0] : c[nt][2], 1);  // the partner's pair of row r
         const float got1 = __shfl_xor_sync(0xffffffffu, r ? c[nt][1] : c[nt][3], 1);
         if (ok && nt < nt_end)
-            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + nt * 8), "f"(r ? got0 : own0),
-                         "f"(r ? got1 : own1), "f"(r ? own0 : got0), "f"(r ? own1 : got1)
-                         : "memory");
+            red_add_v4(p + nt * 8, r ? got0 : own0, r ? got1 : own1, r ? own0 : got0, r ? own1 : got1);
     }
 #else
 #pragma unroll

@@ -100,8 +100,8 @@ CF_DEVICE void unseen_outer(float (&acc)[kUnseenTile][kUnseenTile], const float 
 }
 
 // dst[(e0 + i) · D + c0 + j] += acc[i][j] inside Dv x D. On sm_90, a row's 8 entries as two 16-byte reductions
-// (red.global.add.v4.f32, PTX ISA 8.1) where D and Dv are multiples of 4, which aligns them (UnseenWs: every sum
-// then starts on a 16-byte boundary, ws_per a multiple of 4): a quarter of the reductions.
+// (red_add_v4) where D and Dv are multiples of 4, which aligns them (UnseenWs: every sum then starts on a 16-byte
+// boundary, ws_per a multiple of 4): a quarter of the reductions.
 CF_DEVICE void unseen_tile_add(float* dst, const float (&acc)[kUnseenTile][kUnseenTile], int e0, int c0, int D,
                                int Dv) {
 #if __CUDA_ARCH__ >= 900
@@ -111,9 +111,7 @@ CF_DEVICE void unseen_tile_add(float* dst, const float (&acc)[kUnseenTile][kUnse
 #pragma unroll
             for (int j = 0; j < kUnseenTile; j += 4) {
                 if (e0 + i < Dv && c0 + j < D)  // c0 + j + 3 < D too: D and c0 + j are multiples of 4
-                    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst + (e0 + i) * D + c0 + j),
-                                 "f"(acc[i][j]), "f"(acc[i][j + 1]), "f"(acc[i][j + 2]), "f"(acc[i][j + 3])
-                                 : "memory");
+                    red_add_v4(dst + (e0 + i) * D + c0 + j, acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3]);
             }
         }
         return;
