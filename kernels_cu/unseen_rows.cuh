@@ -23,14 +23,14 @@ constexpr int kUnseenStage = 16;          // rows or keys staged in shared memor
 // stores them to shared memory only when the stage before is done: the loads are in flight while the block
 // multiplies. The first forms loaded, converted and stored element by element, each load's latency exposed: about
 // 0.7 ms a call at the Llama layer's shape with left padding (H100; results/llama-profile-left-padding-…md).
-// The Dv x D sums vk and gq as outer products of staged rows: each thread holds an 8 x 8 tile of a pass's 256 tiles
-// in registers over the block's rows or keys (four 16-byte shared loads a row for 64 FMAs) and adds it to the
-// workspace once. The first form (each thread a strided 64 entries, two shared loads an FMA, atomics per stage) took
-// 0.75 ms a call on the Llama layer with left padding (H100; results/llama-profile-left-padding-…md).
-constexpr int kUnseenTile = 8;
-// dk and dq as small GEMMs (rows x Dv times Dv x D): 64 rows x 128 columns a pass, each thread 4 x 8, the operands
-// staged 16 of Dv at a time; the first form read gq or M from global memory one entry at a time (latency-bound:
-// 0.37 and 0.19 ms a call).
+// The products run on the tensor cores (mma.sync through common.cuh's fragment loads; TF32 for fp32), fp32
+// accumulators. The Dv x D sums vk and gq: a stage's 16 rows are one k16 step of Aᵀ B, in passes of 128 x 128 of
+// the sum, each warp 16 of its rows (register-tiled outer products on the CUDA cores took 56 µs a launch of
+// unseen_sums at the Llama layer's shape with left padding, H100; results/session26-…md).
+constexpr int kUnseenSumTile = 128;
+// dk and dq as GEMMs (rows x Dv times Dv x D): 64 rows x 128 columns a pass, warps 4 x 2 of 16 x 64, the operands
+// staged 16 of Dv at a time as the inputs' type (71 and 42 µs a launch of unseen_dq and unseen_kv on the CUDA cores;
+// 32 at a time held 160-190 registers, the fetched entries' addresses).
 constexpr int kUnseenGemmRows = 64;
 constexpr int kUnseenGemmCols = 128;
 constexpr int kUnseenGemmK = 16;
@@ -65,63 +65,53 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_flags(const UnseenRowsP
     if (__syncthreads_or(any) && threadIdx.x == 0) *unseen_ws(p, b, g).flag() = 1.f;
 }
 
-// The thread's tile of pass `pass` over the Dv x D sum: its first entry (e0, c0); false past the last tile.
-CF_DEVICE bool unseen_tile(int pass, int D, int Dv, int& e0, int& c0) {
-    const int col_tiles = (D + kUnseenTile - 1) / kUnseenTile;
-    const int tile = pass * kUnseenThreads + threadIdx.x;
-    e0 = tile / col_tiles * kUnseenTile;
-    c0 = tile % col_tiles * kUnseenTile;
-    return e0 < Dv;
-}
-
+// Pass `pass` of a Dv x D sum: its first row e_base and column c_base.
 CF_DEVICE int unseen_passes(int D, int Dv) {
-    const int tiles = (D + kUnseenTile - 1) / kUnseenTile * ((Dv + kUnseenTile - 1) / kUnseenTile);
-    return (tiles + kUnseenThreads - 1) / kUnseenThreads;
+    return (Dv + kUnseenSumTile - 1) / kUnseenSumTile * ((D + kUnseenSumTile - 1) / kUnseenSumTile);
+}
+CF_DEVICE void unseen_pass(int pass, int D, int& e_base, int& c_base) {
+    const int col_passes = (D + kUnseenSumTile - 1) / kUnseenSumTile;
+    e_base = pass / col_passes * kUnseenSumTile;
+    c_base = pass % col_passes * kUnseenSumTile;
 }
 
-// acc[i][j] += Σ_r a[r][e0 + i] · b[r][c0 + j] over the staged rows (columns past Dv or D hold stale values: they
-// reach only the tile's entries past them, which unseen_tile_add drops).
-CF_DEVICE void unseen_outer(float (&acc)[kUnseenTile][kUnseenTile], const float (*a)[256], const float (*b)[256],
-                            int e0, int c0) {
-#pragma unroll 4
-    for (int r = 0; r < kUnseenStage; ++r) {
-        const float4 a0 = *reinterpret_cast<const float4*>(&a[r][e0]);
-        const float4 a1 = *reinterpret_cast<const float4*>(&a[r][e0 + 4]);
-        const float4 b0 = *reinterpret_cast<const float4*>(&b[r][c0]);
-        const float4 b1 = *reinterpret_cast<const float4*>(&b[r][c0 + 4]);
-        const float av[kUnseenTile] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        const float bv[kUnseenTile] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+// c += Σ_r a_r[e_row0 + i] b_r[c_base + j] over a stage's 16 rows (i < 16, j < 128: the warp's m16 x n128), a and b
+// stored [row][column] (Tile<T, 256>): Aᵀ's fragments come transposed by ldmatrix (load_a_km), B's by load_b_kn.
+// Columns past Dv or D hold stale values; they reach only the sum's entries past them, which unseen_sum_add drops.
+template <typename T>
+CF_DEVICE void unseen_outer(float (&c)[kUnseenSumTile / 8][4], u32 s_a, u32 s_b, int e_row0, int c_base, int lane) {
+    u32 a[T::kARegs];
+    load_a_km<T, 256>(a, s_a, 0, e_row0, lane);
 #pragma unroll
-        for (int i = 0; i < kUnseenTile; ++i) {
-#pragma unroll
-            for (int j = 0; j < kUnseenTile; ++j) acc[i][j] += av[i] * bv[j];
-        }
+    for (int np = 0; np < kUnseenSumTile / 16; ++np) {
+        u32 b[2 * T::kBRegs];
+        load_b_kn<T, 256>(b, s_b, 0, c_base + 16 * np, lane);
+        T::mma16(c[2 * np], a, b);
+        T::mma16(c[2 * np + 1], a, b + T::kBRegs);
     }
 }
 
-// dst[(e0 + i) · D + c0 + j] += acc[i][j] inside Dv x D. On sm_90, a row's 8 entries as two 16-byte reductions
-// (red_add_v4) where D and Dv are multiples of 4, which aligns them (UnseenWs: every sum then starts on a 16-byte
-// boundary, ws_per a multiple of 4): a quarter of the reductions.
-CF_DEVICE void unseen_tile_add(float* dst, const float (&acc)[kUnseenTile][kUnseenTile], int e0, int c0, int D,
-                               int Dv) {
-#if __CUDA_ARCH__ >= 900
-    if (D % 4 == 0 && Dv % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < kUnseenTile; ++i) {
-#pragma unroll
-            for (int j = 0; j < kUnseenTile; j += 4) {
-                if (e0 + i < Dv && c0 + j < D)  // c0 + j + 3 < D too: D and c0 + j are multiples of 4
-                    red_add_v4(dst + (e0 + i) * D + c0 + j, acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3]);
-            }
-        }
+// dst[e][a] += c (unseen_outer's tile of rows e_row0.., columns c_base..) inside Dv x D: red_add_tile's vector
+// reductions where D and Dv are multiples of 8 (every sum of UnseenWs then starts 16-byte aligned, rows D apart),
+// else one atomic per entry.
+CF_DEVICE void unseen_sum_add(float* dst, const float (&c)[kUnseenSumTile / 8][4], int e_row0, int c_base, int D,
+                              int Dv, int lane) {
+    constexpr int kNt = kUnseenSumTile / 8;
+    const int row = e_row0 + lane / 4;
+    if (D % 8 == 0 && Dv % 8 == 0) {
+        red_add_tile<kNt>(dst + (i64)e_row0 * D + c_base, D, c, row < Dv, row + 8 < Dv, lane,
+                          min(kNt, (D - c_base) / 8));
         return;
     }
-#endif
 #pragma unroll
-    for (int i = 0; i < kUnseenTile; ++i) {
+    for (int nt = 0; nt < kNt; ++nt) {
 #pragma unroll
-        for (int j = 0; j < kUnseenTile; ++j) {
-            if (e0 + i < Dv && c0 + j < D) atomicAdd(dst + (e0 + i) * D + c0 + j, acc[i][j]);
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int e = row + 8 * h, col = c_base + 8 * nt + 2 * (lane % 4) + j;
+                if (e < Dv && col < D) atomicAdd(dst + (i64)e * D + col, c[nt][2 * h + j]);
+            }
         }
     }
 }
@@ -138,10 +128,11 @@ struct UnseenStage {
         for (int r = 0; r < kUnseenStage; ++r) x[r] = in_width && (rows >> r & 1u) ? col[r * row_stride] : E(0);
     }
     CF_DEVICE float at(int r) const { return T::to_float(x[r]); }
-    CF_DEVICE void store(float (*s)[256], int t, bool in_width) const {
+    // into rows 0 .. kUnseenStage - 1 of a Tile<T, 256> at s, column t
+    CF_DEVICE void store(unsigned char* s, int t, bool in_width) const {
         if (!in_width) return;
 #pragma unroll
-        for (int r = 0; r < kUnseenStage; ++r) s[r][t] = at(r);
+        for (int r = 0; r < kUnseenStage; ++r) reinterpret_cast<E*>(s + r * Tile<T, 256>::kRowBytes)[t] = x[r];
     }
 };
 
@@ -158,18 +149,21 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRo
     const int g = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, g);
     if (*ws.flag() == 0.f) return;
-    __shared__ __align__(16) float s_v[kUnseenStage][256];
-    __shared__ __align__(16) float s_k[kUnseenStage][256];
+    using Tl = Tile<T, 256>;
+    __shared__ __align__(16) unsigned char s_v[Tl::template bytes<kUnseenStage>()];
+    __shared__ __align__(16) unsigned char s_k[Tl::template bytes<kUnseenStage>()];
     const int j0 = blockIdx.x * kUnseenKeysPerBlock, j_end = min(j0 + kUnseenKeysPerBlock, p.Nk);
     const bool gram = p.mode == 2;
-    const int t = threadIdx.x, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
     const bool in_v = t < p.Dv, in_k = gram && t < p.D;
     const auto* v = p.v + b * p.v_s.b + g * p.v_s.h + t;  // column t
     const auto* k = p.k + b * p.k_s.b + g * p.k_s.h + t;
     for (int pass = 0; pass < passes; ++pass) {
-        float acc[kUnseenTile][kUnseenTile] = {}, v_sum = 0.f, k_sum = 0.f;
-        int e0, c0;
-        const bool tiled = gram && unseen_tile(pass, p.D, p.Dv, e0, c0);
+        float c[kUnseenSumTile / 8][4] = {}, v_sum = 0.f, k_sum = 0.f;
+        int e_base, c_base;
+        unseen_pass(pass, p.D, e_base, c_base);
+        const int e_row0 = e_base + 16 * warp;
+        const bool tiled = gram && e_row0 < p.Dv;  // the same in the warp
         UnseenStage<T> sv, sk;
         const auto fetch = [&](int js) {
             const unsigned rows = unseen_stage_rows(js, j_end);
@@ -193,34 +187,34 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRo
             if (js + kUnseenStage < j_end) fetch(js + kUnseenStage);
             if (gram) {
                 __syncthreads();
-                if (tiled) unseen_outer(acc, s_v, s_k, e0, c0);
+                if (tiled) unseen_outer<T>(c, smem_addr(s_v), smem_addr(s_k), e_row0, c_base, lane);
             }
         }
         if (pass == 0 && in_v) atomicAdd(ws.v_sum() + t, v_sum);
         if (pass == 0 && in_k) atomicAdd(ws.k_sum() + t, k_sum);
-        if (tiled) unseen_tile_add(ws.vk(), acc, e0, c0, p.D, p.Dv);
+        if (tiled) unseen_sum_add(ws.vk(), c, e_row0, c_base, p.D, p.Dv, lane);
     }
 }
 
-// out rows x columns [c_base, c_base + kUnseenGemmCols) of Σ_e A[row][e] B[e][col] over e < Dv into the thread's
-// rows 4 · (t / 16) + i and columns c_base + 8 · (t % 16) + j. A[row][e] = finish_a(fetch_a(row, e), row, e), from
-// an element of the inputs' type; B[e][col] = finish_b(fetch_b(e, col), e, col), from an fp32 workspace entry. The
-// fetches are issued one chunk of kUnseenGemmK ahead of their use, the finishing arithmetic done when the chunk is
-// stored to shared memory (0 past Dv).
+// c (rows 16 · (warp % 4) + lane / 4 (+ 8), columns c_base + 64 · (warp / 4) + 8 · nt + 2 · (lane % 4) (+ 1): the
+// m16n8 layout of each warp's 16 x 64 of the block's 64 x 128) = Σ_e A[row][e] B[e][col] over e < Dv, with
+// A[row][e] = finish_a(fetch_a(row, e), row, e) from an element of the inputs' type and B[e][col] =
+// finish_b(fetch_b(e, col), e, col) from an fp32 workspace entry. The fetches are issued one chunk of kUnseenGemmK
+// ahead of their use, the finishing arithmetic done when the chunk is stored to shared memory in the inputs' type
+// (0 past Dv).
 template <typename T, typename FetchA, typename FinishA, typename FetchB, typename FinishB>
-CF_DEVICE void unseen_gemm(float (&acc)[4][8], int Dv, FetchA fetch_a, FinishA finish_a, FetchB fetch_b,
+CF_DEVICE void unseen_gemm(float (&c)[8][4], int Dv, FetchA fetch_a, FinishA finish_a, FetchB fetch_b,
                            FinishB finish_b) {
-    __shared__ __align__(16) float s_a[kUnseenGemmK][kUnseenGemmRows + 4];  // e-major: a thread's 4 rows in one load
-    __shared__ __align__(16) float s_b[kUnseenGemmK][kUnseenGemmCols];
+    using E = typename T::elem;
+    using TA = Tile<T, kUnseenGemmK>;    // [row][e]
+    using TB = Tile<T, kUnseenGemmCols>;  // [e][col]
+    __shared__ __align__(16) unsigned char s_a[TA::template bytes<kUnseenGemmRows>()];
+    __shared__ __align__(16) unsigned char s_b[TB::template bytes<kUnseenGemmK>()];
     constexpr int kA = kUnseenGemmRows * kUnseenGemmK / kUnseenThreads;  // a thread's A and B entries of a chunk
     constexpr int kB = kUnseenGemmK * kUnseenGemmCols / kUnseenThreads;
-    using E = typename T::elem;
-    const int t = threadIdx.x, r0 = 4 * (t / 16), c0 = 8 * (t % 16);
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32, row0 = 16 * (warp % 4), col0 = 64 * (warp / 4);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
-    }
+    for (int nt = 0; nt < 8; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
     E a_raw[kA];
     float b_raw[kB];
     const auto fetch = [&](int k0) {
@@ -231,8 +225,8 @@ CF_DEVICE void unseen_gemm(float (&acc)[4][8], int Dv, FetchA fetch_a, FinishA f
         }
 #pragma unroll
         for (int i = 0; i < kB; ++i) {
-            const int x = t + i * kUnseenThreads, e = k0 + x / kUnseenGemmCols, c = x % kUnseenGemmCols;
-            b_raw[i] = e < Dv ? fetch_b(e, c) : 0.f;
+            const int x = t + i * kUnseenThreads, e = k0 + x / kUnseenGemmCols, col = x % kUnseenGemmCols;
+            b_raw[i] = e < Dv ? fetch_b(e, col) : 0.f;
         }
     };
     fetch(0);
@@ -241,30 +235,35 @@ CF_DEVICE void unseen_gemm(float (&acc)[4][8], int Dv, FetchA fetch_a, FinishA f
 #pragma unroll
         for (int i = 0; i < kA; ++i) {
             const int x = t + i * kUnseenThreads, r = x / kUnseenGemmK, e = x % kUnseenGemmK;
-            s_a[e][r] = k0 + e < Dv ? finish_a(T::to_float(a_raw[i]), r, k0 + e) : 0.f;
+            reinterpret_cast<E*>(s_a + r * TA::kRowBytes)[e] =
+                T::from_float(k0 + e < Dv ? finish_a(T::to_float(a_raw[i]), r, k0 + e) : 0.f);
         }
 #pragma unroll
         for (int i = 0; i < kB; ++i) {
-            const int x = t + i * kUnseenThreads, e = x / kUnseenGemmCols, c = x % kUnseenGemmCols;
-            s_b[e][c] = k0 + e < Dv ? finish_b(b_raw[i], k0 + e, c) : 0.f;
+            const int x = t + i * kUnseenThreads, e = x / kUnseenGemmCols, col = x % kUnseenGemmCols;
+            reinterpret_cast<E*>(s_b + e * TB::kRowBytes)[col] =
+                T::from_float(k0 + e < Dv ? finish_b(b_raw[i], k0 + e, col) : 0.f);
         }
         if (k0 + kUnseenGemmK < Dv) fetch(k0 + kUnseenGemmK);
         __syncthreads();
-#pragma unroll 4
-        for (int e = 0; e < kUnseenGemmK; ++e) {
-            const float4 a = *reinterpret_cast<const float4*>(&s_a[e][r0]);
-            const float4 b0 = *reinterpret_cast<const float4*>(&s_b[e][c0]);
-            const float4 b1 = *reinterpret_cast<const float4*>(&s_b[e][c0 + 4]);
-            const float av[4] = {a.x, a.y, a.z, a.w};
-            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+        for (int kk = 0; kk < kUnseenGemmK / 16; ++kk) {
+            u32 a[T::kARegs];
+            load_a<T, kUnseenGemmK>(a, smem_addr(s_a), row0, 16 * kk, lane);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] += av[i] * bv[j];
+            for (int np = 0; np < 4; ++np) {
+                u32 bf[2 * T::kBRegs];
+                load_b_kn<T, kUnseenGemmCols>(bf, smem_addr(s_b), 16 * kk, col0 + 16 * np, lane);
+                T::mma16(c[2 * np], a, bf);
+                T::mma16(c[2 * np + 1], a, bf + T::kBRegs);
             }
         }
     }
 }
+
+// Where unseen_gemm's c[nt][2h + j] lies in the block's 64 x 128: row and column.
+CF_DEVICE int unseen_gemm_row(int h) { return 16 * (threadIdx.x / 32 % 4) + threadIdx.x % 32 / 4 + 8 * h; }
+CF_DEVICE int unseen_gemm_col(int nt, int j) { return 64 * (threadIdx.x / 128) + 8 * nt + 2 * (threadIdx.x % 4) + j; }
 
 // grid (ceil(Nq / kUnseenRowsPerBlock), H, B): out_i = v̄ in the unseen rows, one warp per row.
 template <typename T>
@@ -292,10 +291,11 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
     const int h = blockIdx.y, b = blockIdx.z;
     const UnseenWs ws = unseen_ws(p, b, h / (p.H / p.Hkv));
     if (*ws.flag() == 0.f) return;
-    __shared__ __align__(16) float s_do[kUnseenStage][256];
-    __shared__ __align__(16) float s_q[kUnseenStage][256];
+    using Tl = Tile<T, 256>;
+    __shared__ __align__(16) unsigned char s_do[Tl::template bytes<kUnseenStage>()];
+    __shared__ __align__(16) unsigned char s_q[Tl::template bytes<kUnseenStage>()];
     __shared__ unsigned s_rows[kUnseenThreads / 32];  // bit r of word w: row i0 + 32w + r is unseen
-    const int t = threadIdx.x;
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32;
     const int i0 = blockIdx.x * kUnseenSumRows, i_end = min(i0 + kUnseenSumRows, p.Nq);
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
     const unsigned ballot = __ballot_sync(0xffffffffu, i0 + t < i_end && unseen(lse[i0 + t]));
@@ -308,9 +308,11 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
     const auto* q = p.q + b * p.q_s.b + h * p.q_s.h + t;
     const auto stage_rows = [&](int is) { return s_rows[(is - i0) / 32] >> ((is - i0) % 32) & 0xffffu; };
     for (int pass = 0; pass < passes; ++pass) {
-        float acc[kUnseenTile][kUnseenTile] = {}, gsum = 0.f;
-        int e0, c0;
-        const bool tiled = gram && unseen_tile(pass, p.D, p.Dv, e0, c0);
+        float c[kUnseenSumTile / 8][4] = {}, gsum = 0.f;
+        int e_base, c_base;
+        unseen_pass(pass, p.D, e_base, c_base);
+        const int e_row0 = e_base + 16 * warp;
+        const bool tiled = gram && e_row0 < p.Dv;  // the same in the warp
         UnseenStage<T> sd, sq;
         const auto fetch = [&](int is) {
             const unsigned rows = stage_rows(is);
@@ -334,11 +336,11 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
             if (is + kUnseenStage < i_end) fetch(is + kUnseenStage);
             if (here && gram) {
                 __syncthreads();
-                if (tiled) unseen_outer(acc, s_do, s_q, e0, c0);
+                if (tiled) unseen_outer<T>(c, smem_addr(s_do), smem_addr(s_q), e_row0, c_base, lane);
             }
         }
         if (pass == 0 && in_do) atomicAdd(ws.gsum() + t, gsum);
-        if (tiled) unseen_tile_add(ws.gq(), acc, e0, c0, p.D, p.Dv);
+        if (tiled) unseen_sum_add(ws.gq(), c, e_row0, c_base, p.D, p.Dv, lane);
     }
 }
 
@@ -373,21 +375,26 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_kv(const UnseenRowsPara
     const float* gq = ws.gq();
     for (int js = j0; js < j_end; js += kUnseenGemmRows) {
         for (int c_base = 0; c_base < p.D; c_base += kUnseenGemmCols) {
-            float acc[4][8];
+            float c[8][4];
             unseen_gemm<T>(
-                acc, p.Dv,
+                c, p.Dv,
                 [&](int r, int e) { return js + r < j_end ? v[(js + r) * p.v_s.n + e] : typename T::elem(0); },
                 [&](float x, int r, int e) { return js + r < j_end ? x - s_vbar[e] : 0.f; },
                 [&](int e, int c) { return c_base + c < p.D ? gq[e * p.D + c_base + c] : 0.f; },
                 [](float x, int, int) { return x; });
-            const int r0 = 4 * (t / 16), c0 = c_base + 8 * (t % 16);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if (js + r0 + i >= j_end) continue;
-                auto* row = dk + (js + r0 + i) * p.dk_s.n;
+            for (int h = 0; h < 2; ++h) {
+                const int j = js + unseen_gemm_row(h);
+                if (j >= j_end) continue;
+                auto* row = dk + j * p.dk_s.n + c_base;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    if (c0 + j < p.D) row[c0 + j] = T::from_float(T::to_float(row[c0 + j]) + p.scale * inv_nk * acc[i][j]);
+                for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) {
+                        const int col = unseen_gemm_col(nt, x);
+                        if (c_base + col < p.D)
+                            row[col] = T::from_float(T::to_float(row[col]) + p.scale * inv_nk * c[nt][2 * h + x]);
+                    }
                 }
             }
         }
@@ -418,21 +425,25 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_dq(const UnseenRowsPara
         if (t < kUnseenGemmRows) s_row[t] = mine;
         __syncthreads();  // unseen_gemm's first loads read s_row
         for (int c_base = 0; c_base < p.D; c_base += kUnseenGemmCols) {
-            float acc[4][8];
+            float c[8][4];
             unseen_gemm<T>(
-                acc, p.Dv,
+                c, p.Dv,
                 [&](int r, int e) { return s_row[r] ? dout[(is + r) * p.do_s.n + e] : typename T::elem(0); },
                 [](float x, int, int) { return x; },
                 [&](int e, int c) { return c_base + c < p.D ? vk[e * p.D + c_base + c] : 0.f; },
                 [&](float x, int e, int c) { return c_base + c < p.D ? x - s_vbar[e] * s_ksum[c_base + c] : 0.f; });
-            const int r0 = 4 * (t / 16), c0 = c_base + 8 * (t % 16);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if (!s_row[r0 + i]) continue;
-                auto* row = dq + (is + r0 + i) * p.dq_s.n;
+            for (int h = 0; h < 2; ++h) {
+                const int r = unseen_gemm_row(h);
+                if (!s_row[r]) continue;
+                auto* row = dq + (is + r) * p.dq_s.n + c_base;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    if (c0 + j < p.D) row[c0 + j] = T::from_float(p.scale * inv_nk * acc[i][j]);
+                for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) {
+                        const int col = unseen_gemm_col(nt, x);
+                        if (c_base + col < p.D) row[col] = T::from_float(p.scale * inv_nk * c[nt][2 * h + x]);
+                    }
                 }
             }
         }

@@ -99,5 +99,5 @@ def test_kernels_match_the_torch_formulas(d, d_v, dtype):
         unseen.backward(*cpu[1:], dout, q, k, v, lse, 0.3, mode)
         unseen.backward(*gpu[1:], *(t.cuda() for t in (dout, q, k, v, lse)), 0.3, mode)
         for name, c, g in zip(("out", "dq", "dk", "dv"), cpu, gpu):
-            tol = 2e-5 if dtype == torch.float32 else 1e-2
+            tol = 2e-3 if dtype == torch.float32 else 1e-2  # fp32: TF32 tensor cores, as the attention kernels'
             torch.testing.assert_close(g.cpu(), c, atol=tol, rtol=tol, msg=lambda m: f"mode {mode}, {name}: {m}")
