@@ -142,8 +142,57 @@ CF_DEVICE unsigned unseen_stage_rows(int r0, int end) {
     return n > 0 ? (1u << n) - 1u : 0u;
 }
 
+// Pass `pass` of unseen_key_sums and unseen_sums over rows r0 .. end of two tensors a (Dv wide) and b (D wide),
+// thread t reading column t of each (a_col, b_col: the column's entry in row 0; in_a, in_b: t within the width), a
+// stage of kUnseenStage rows loaded ahead of its use: on pass 0 a_sum += Σ a (SumB: b_sum += Σ b too); with `gram`
+// its warp's tile of the pass's 128 x 128 of Aᵀ B, staged through s_a and s_b, added into the Dv x D sum `dst`.
+// rows_of(r) gives the rows of the stage from r as UnseenStage::load's bits; a stage without any is skipped (the same
+// in every thread).
+template <typename T, bool SumB, typename RowsOf>
+CF_DEVICE void unseen_sum_pass(int pass, float* dst, float& a_sum, float& b_sum, const typename T::elem* a_col,
+                               i64 a_sn, bool in_a, const typename T::elem* b_col, i64 b_sn, bool in_b, int r0, int end,
+                               RowsOf rows_of, bool gram, int D, int Dv, unsigned char* s_a, unsigned char* s_b) {
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+    const bool sums = pass == 0;
+    float c[kUnseenSumTile / 8][4] = {};
+    int e_base, c_base;
+    unseen_pass(pass, D, e_base, c_base);
+    const int e_row0 = e_base + 16 * warp;
+    const bool tiled = gram && e_row0 < Dv;  // the same in the warp
+    UnseenStage<T> sa, sb;
+    const auto fetch = [&](int r) {
+        const unsigned rows = rows_of(r);
+        sa.load(a_col + r * a_sn, a_sn, in_a, rows);
+        sb.load(b_col + r * b_sn, b_sn, in_b, rows);
+    };
+    fetch(r0);
+    for (int rs = r0; rs < end; rs += kUnseenStage) {
+        const bool here = rows_of(rs) != 0u;
+        if (here) {
+            if (sums) {
+#pragma unroll
+                for (int r = 0; r < kUnseenStage; ++r) {
+                    a_sum += sa.at(r);
+                    if (SumB) b_sum += sb.at(r);
+                }
+            }
+            if (gram) {
+                __syncthreads();  // the previous stage is read
+                sa.store(s_a, t, in_a);
+                sb.store(s_b, t, in_b);
+            }
+        }
+        if (rs + kUnseenStage < end) fetch(rs + kUnseenStage);
+        if (here && gram) {
+            __syncthreads();
+            if (tiled) unseen_outer<T>(c, smem_addr(s_a), smem_addr(s_b), e_row0, c_base, lane);
+        }
+    }
+    if (tiled) unseen_sum_add(dst, c, e_row0, c_base, D, Dv, lane);
+}
+
 // grid (ceil(Nk / kUnseenKeysPerBlock), Hkv, B): v_sum += Σ_j v_j over the block's keys; with mode 2 also k_sum and
-// vk[e][a] += Σ_j v_j[e] k_j[a], from keys staged kUnseenStage at a time in fp32 (zero past Nk).
+// vk[e][a] += Σ_j v_j[e] k_j[a] (unseen_sum_pass; zero past Nk).
 template <typename T>
 __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRowsParams<typename T::elem> p) {
     const int g = blockIdx.y, b = blockIdx.z;
@@ -154,45 +203,16 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_key_sums(const UnseenRo
     __shared__ __align__(16) unsigned char s_k[Tl::template bytes<kUnseenStage>()];
     const int j0 = blockIdx.x * kUnseenKeysPerBlock, j_end = min(j0 + kUnseenKeysPerBlock, p.Nk);
     const bool gram = p.mode == 2;
-    const int t = threadIdx.x, warp = t / 32, lane = t % 32, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
+    const int t = threadIdx.x, passes = gram ? unseen_passes(p.D, p.Dv) : 1;
     const bool in_v = t < p.Dv, in_k = gram && t < p.D;
     const auto* v = p.v + b * p.v_s.b + g * p.v_s.h + t;  // column t
     const auto* k = p.k + b * p.k_s.b + g * p.k_s.h + t;
     for (int pass = 0; pass < passes; ++pass) {
-        float c[kUnseenSumTile / 8][4] = {}, v_sum = 0.f, k_sum = 0.f;
-        int e_base, c_base;
-        unseen_pass(pass, p.D, e_base, c_base);
-        const int e_row0 = e_base + 16 * warp;
-        const bool tiled = gram && e_row0 < p.Dv;  // the same in the warp
-        UnseenStage<T> sv, sk;
-        const auto fetch = [&](int js) {
-            const unsigned rows = unseen_stage_rows(js, j_end);
-            sv.load(v + js * p.v_s.n, p.v_s.n, in_v, rows);
-            sk.load(k + js * p.k_s.n, p.k_s.n, in_k, rows);
-        };
-        fetch(j0);
-        for (int js = j0; js < j_end; js += kUnseenStage) {
-            if (pass == 0) {
-#pragma unroll
-                for (int r = 0; r < kUnseenStage; ++r) {
-                    v_sum += sv.at(r);
-                    k_sum += sk.at(r);
-                }
-            }
-            if (gram) {
-                __syncthreads();  // the previous stage is read
-                sv.store(s_v, t, in_v);
-                sk.store(s_k, t, in_k);
-            }
-            if (js + kUnseenStage < j_end) fetch(js + kUnseenStage);
-            if (gram) {
-                __syncthreads();
-                if (tiled) unseen_outer<T>(c, smem_addr(s_v), smem_addr(s_k), e_row0, c_base, lane);
-            }
-        }
+        float v_sum = 0.f, k_sum = 0.f;
+        unseen_sum_pass<T, true>(pass, ws.vk(), v_sum, k_sum, v, p.v_s.n, in_v, k, p.k_s.n, in_k, j0, j_end,
+                                 [&](int js) { return unseen_stage_rows(js, j_end); }, gram, p.D, p.Dv, s_v, s_k);
         if (pass == 0 && in_v) atomicAdd(ws.v_sum() + t, v_sum);
         if (pass == 0 && in_k) atomicAdd(ws.k_sum() + t, k_sum);
-        if (tiled) unseen_sum_add(ws.vk(), c, e_row0, c_base, p.D, p.Dv, lane);
     }
 }
 
@@ -295,7 +315,7 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
     __shared__ __align__(16) unsigned char s_do[Tl::template bytes<kUnseenStage>()];
     __shared__ __align__(16) unsigned char s_q[Tl::template bytes<kUnseenStage>()];
     __shared__ unsigned s_rows[kUnseenThreads / 32];  // bit r of word w: row i0 + 32w + r is unseen
-    const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+    const int t = threadIdx.x;
     const int i0 = blockIdx.x * kUnseenSumRows, i_end = min(i0 + kUnseenSumRows, p.Nq);
     const float* lse = p.lse + ((i64)b * p.H + h) * p.Nq;
     const unsigned ballot = __ballot_sync(0xffffffffu, i0 + t < i_end && unseen(lse[i0 + t]));
@@ -308,39 +328,10 @@ __global__ void __launch_bounds__(kUnseenThreads) unseen_sums(const UnseenRowsPa
     const auto* q = p.q + b * p.q_s.b + h * p.q_s.h + t;
     const auto stage_rows = [&](int is) { return s_rows[(is - i0) / 32] >> ((is - i0) % 32) & 0xffffu; };
     for (int pass = 0; pass < passes; ++pass) {
-        float c[kUnseenSumTile / 8][4] = {}, gsum = 0.f;
-        int e_base, c_base;
-        unseen_pass(pass, p.D, e_base, c_base);
-        const int e_row0 = e_base + 16 * warp;
-        const bool tiled = gram && e_row0 < p.Dv;  // the same in the warp
-        UnseenStage<T> sd, sq;
-        const auto fetch = [&](int is) {
-            const unsigned rows = stage_rows(is);
-            sd.load(dout + is * p.do_s.n, p.do_s.n, in_do, rows);
-            sq.load(q + is * p.q_s.n, p.q_s.n, in_q, rows);
-        };
-        fetch(i0);
-        for (int is = i0; is < i_end; is += kUnseenStage) {
-            const bool here = stage_rows(is) != 0u;
-            if (here) {
-                if (pass == 0) {
-#pragma unroll
-                    for (int r = 0; r < kUnseenStage; ++r) gsum += sd.at(r);
-                }
-                if (gram) {
-                    __syncthreads();  // the previous stage is read
-                    sd.store(s_do, t, in_do);
-                    sq.store(s_q, t, in_q);
-                }
-            }
-            if (is + kUnseenStage < i_end) fetch(is + kUnseenStage);
-            if (here && gram) {
-                __syncthreads();
-                if (tiled) unseen_outer<T>(c, smem_addr(s_do), smem_addr(s_q), e_row0, c_base, lane);
-            }
-        }
+        float gsum = 0.f, q_sum_unused = 0.f;
+        unseen_sum_pass<T, false>(pass, ws.gq(), gsum, q_sum_unused, dout, p.do_s.n, in_do, q, p.q_s.n, in_q, i0,
+                                  i_end, stage_rows, gram, p.D, p.Dv, s_do, s_q);
         if (pass == 0 && in_do) atomicAdd(ws.gsum() + t, gsum);
-        if (tiled) unseen_sum_add(ws.gq(), c, e_row0, c_base, p.D, p.Dv, lane);
     }
 }
 
