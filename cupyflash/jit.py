@@ -168,6 +168,8 @@ def all_variants() -> list[Variant]:
                     for d in table for c in (False, True)]
             out += [Variant(k, dtype, d) for k in ("bwd_convert_dq_sm90", *SPLIT_KV_KERNELS)
                     for d in tiles.BACKWARD_SM90]
+            # the Hopper backward's preprocess at head dims mma.sync has no kernel for (in flash_attn.cu's module)
+            out += [Variant("bwd_preprocess", dtype, d) for d in tiles.BACKWARD_SM90 if d not in tiles.BACKWARD]
         for d in (d for d in tiles.BACKWARD if tiles.has_backward(dtype, d)):
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

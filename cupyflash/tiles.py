@@ -91,11 +91,19 @@ FORWARD_SM90 = {
     # took Q blocks in pairs and its Philox words served four scores (session 16): dropout at d32 runs on mma.sync.
     32: Sm90Tiles(Bc=128, stages=2, pad_to=64, dropout=False),
     64: Sm90Tiles(Bc=128, stages=2),
+    # Head dims with no mma.sync kernel (Phi-2's 80; 160, and 192 of MLA-style models): the Hopper kernels run them
+    # on 128- and 256-column tiles with no copies and no zero columns in O = P V (wgmma.cuh head_cols); elsewhere
+    # (mma.sync) they run zero-padded by copies to the next of tiles.FORWARD's (plan.PADDED). Before, as padded
+    # copies on 128 and 256 columns (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
+    # of FlashAttention-4's forward.
+    80: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
     # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
     # 145-301 in the same run
     96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
+    160: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256),
+    192: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256),
     # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
     # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
     # runs on mma.sync (BACKWARD_SM90 has no d256), from this forward's LSE as from its own. H100, same run
@@ -119,6 +127,8 @@ FORWARD_SM90_PLAIN = {
     (128, False): Sm90Tiles(Bc=176, stages=2),
     (256, False): Sm90Tiles(Bc=80, stages=2, dropout=False),
     (256, True): Sm90Tiles(Bc=80, stages=2, dropout=False),
+    # d160 and d192 on d256's tiles (FORWARD_SM90's note)
+    **{(d, causal): Sm90Tiles(Bc=80, stages=2, dropout=False, pad_to=256) for d in (160, 192) for causal in (False, True)},
 }
 
 
@@ -134,6 +144,7 @@ def sm90_forward_tiles(d: int, mods: bool, causal: bool) -> Sm90Tiles:
 BACKWARD_SM90 = {
     32: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=64),
     64: Sm90Tiles(Bc=128, stages=3, Br=64),  # 3 Q/dO slots: +1-4 % over 2, +12 % causal at N 1024 (H100, NOTES)
+    80: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),  # no mma.sync kernel: FORWARD_SM90's note
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
 }

@@ -158,6 +158,32 @@ def test_head_dim_256_forward_on_hopper_its_backward_and_dropout_on_mma_sync(dty
     assert f"fwd_sm90_{short}_d256_mods" in compiled and f"fwd_sm90_{short}_d256_mods_dropout" not in compiled
 
 
+@pytest.mark.parametrize("kernel,d", [("fwd", 80), ("fwd", 160), ("fwd", 192), ("bwd", 80)])
+def test_head_dims_only_the_hopper_kernels_have(kernel, d):
+    """Head dims with a Hopper kernel and no mma.sync one run as they are on sm_90 (tiles of 128 or 256 columns, the
+    tensors' own DHead in the variant); where the Hopper kernel declines the call its plan says PADDED (no steps) and
+    the faces pad to validate.kernel_head_dim's, as every head dim between the kernels'."""
+    assert plan.hopper_only(kernel, d) and not plan.mma_sync_takes(kernel, "bfloat16", d)
+    p = plan.plan_for(_layout(kernel, "bfloat16", d, causal=True))
+    assert p.family == plan.HOPPER and p.variant.head_dim == d and p.tiles.tile_head_dim(d) in (128, 256)
+    assert p.steps and all(s.variant.head_dim == d for s in p.steps if s.variant.kernel not in jit.SPLIT_KV_KERNELS)
+    assert p.variant in jit.all_variants()
+    for layout, why in [(_layout(kernel, "bfloat16", d, cc=80), "sm_80: wgmma"),
+                        (_layout(kernel, "float32", d), "dtype float32"),
+                        (_layout(kernel, "bfloat16", d, addresses=dict(k=8)), "k: its data pointer")]:
+        padded = plan.plan_for(layout)
+        assert (padded.family, padded.steps, padded.variant) == (plan.PADDED, (), None)
+        assert padded.why.startswith(why) and padded.why.endswith(f"mma.sync has no head_dim {d} kernel")
+    if kernel == "fwd" and d > 128:
+        assert plan.plan_for(_layout(kernel, "bfloat16", d, dropout_p=0.1)).family == plan.PADDED
+
+
+def test_head_dims_above_128_have_no_hopper_backward():
+    for d in (160, 192):
+        assert not plan.hopper_only("bwd", d)
+        assert plan.plan_for(_layout("bwd", "bfloat16", 256)).family == plan.MMA_SYNC
+
+
 def test_hopper_backward_reads_dout_through_tma_too():
     assert plan.plan_for(_layout("fwd", addresses=dict(dout=8))).family == plan.HOPPER  # no dout in the forward
     p = plan.plan_for(_layout("bwd", addresses=dict(dout=8)))
@@ -482,6 +508,31 @@ def test_head_dims_between_the_kernels_run_zero_padded(stubbed_device, head_dim,
     else:
         with pytest.raises(NotImplementedError, match=f"head_dim {head_dim} has a forward kernel only"):
             cuda_attention.backward(torch.randn_like(q), q, k, v, None, out, lse, 0.125, True)
+
+
+@pytest.mark.parametrize("head_dim,bwd_d", [(80, 80), (160, 256), (192, 256)])
+def test_hopper_only_head_dims_run_without_copies_on_sm90(stubbed_hopper, head_dim, bwd_d):
+    """On sm_90, d80 / d160 / d192 reach the Hopper kernels at their own head dim with the tensors' own addresses
+    (no padded copies); the backward of d160 / d192 (no Hopper kernel) runs padded to 256 on mma.sync. Grouped-query
+    K/V and a transposed q, as models give them."""
+    launched = stubbed_hopper
+    q = torch.randn(2, 40, 4, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # (B, H, N, D) of (B, N, H, D) memory
+    k, v = (torch.randn(2, 2, 40, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = cuda_attention.forward(q, k, v, None, 0.125, True)
+    (variant, ptrs), = launched
+    assert variant == jit.Variant("fwd_sm90", "bfloat16", head_dim, True)
+    assert [ptrs[n] for n in ("q", "k", "v", "out")] == [t.data_ptr() for t in (q, k, v, out)]
+    assert out.shape == q.shape
+    launched.clear()
+    dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(out), q, k, v, None, out, lse, 0.125, True)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    kernels = [variant.kernel for variant, _ in launched if variant.kernel not in jit.SPLIT_KV_KERNELS]
+    if bwd_d == head_dim:
+        assert kernels == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
+        assert launched[kernels.index("bwd_sm90")][1]["q"] == q.data_ptr()
+    else:
+        assert kernels[0] == "bwd_preprocess" and "bwd_sm90" not in kernels and "bwd" in kernels
+    assert all(variant.head_dim == bwd_d for variant, _ in launched if variant.kernel not in jit.SPLIT_KV_KERNELS)
 
 
 def test_value_head_dim_other_than_q_runs_both_padded_to_one(stubbed_device):

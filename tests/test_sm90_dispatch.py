@@ -49,8 +49,8 @@ def test_takes_plain_16bit_calls_on_sm90(d, dtype):
     assert _why(d=d, q=_buf((B, H, NQ, d), "transposed")) is None
 
 
-def test_the_forward_takes_the_backwards_head_dims_and_256():
-    assert sorted(FORWARD_SM90) == sorted([*BACKWARD_SM90, 256])
+def test_the_forward_takes_the_backwards_head_dims_and_those_above_128():
+    assert sorted(FORWARD_SM90) == sorted([*BACKWARD_SM90, 160, 192, 256])
     common = dict(dtype="bfloat16", shape=(B, H, NQ, 256), n_k=NK, kv_heads=HKV, compute_capability=90,
                   q_like={"q": _buf((B, H, NQ, 256))},
                   kv={"k": _buf((B, HKV, NK, 256)), "v": _buf((B, HKV, NK, 256), "transposed")})
@@ -72,7 +72,7 @@ def test_size_one_dims_may_have_any_stride():
     (dict(cc=100), "sm_100"),
     (dict(dtype="float32"), "dtype float32"),
     (dict(d=256), "head_dim 256"),
-    (dict(d=80), "head_dim 80"),
+    (dict(d=112), "head_dim 112"),
     (dict(q=launch.Buf(ALIGNED + 8, (H * NQ * 128, NQ * 128, 128, 1))), "q: its data pointer"),
     (dict(k=launch.Buf(ALIGNED, (HKV * NK * 132, NK * 132, 132, 1))), "k: strides"),
     (dict(v=launch.Buf(ALIGNED, (HKV * NK * 128, NK * 128, 1, NK))), "v: its last dimension"),
