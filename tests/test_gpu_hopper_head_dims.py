@@ -1,7 +1,8 @@
 """Head dims the Hopper kernels run as they are where mma.sync pads them (80, 160, 192: tiles.FORWARD_SM90's note),
-and d96, whose O = P V and dK, dV GEMMs now compute its own 96 columns (wgmma.cuh head_cols): the op against the fp32
-reference with the tolerance rule, over odd lengths, Nq != Nk, grouped-query heads, transposed views and every score
-mod, each call checked to run on the Hopper kernels (no "on mma.sync" in the launch log) at its own head dim."""
+d96, whose O = P V and dK, dV GEMMs compute its own 96 columns (wgmma.cuh head_cols), and the wide backward above 128
+(flash_bwd_sm90_wide.cuh: 160, 192, 256): the op against the fp32 reference with the tolerance rule, over odd
+lengths, Nq != Nk, grouped-query heads, transposed views and every score mod, each call checked to run on the Hopper
+kernels (no "on mma.sync" in the launch log; above 128 the backward with score mods does) at its own head dim."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,6 @@ from test_gpu_features import _dropout_seed, _is_hopper, check_features, draw_bi
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _is_hopper(), reason="the Hopper kernels run on sm_90 only")]
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-BACKWARD_ON_HOPPER = (80, 96)  # 160 and 192: the backward runs padded to 256 on mma.sync
 
 
 def _on_mma_sync(caplog) -> list:
@@ -27,10 +27,13 @@ def _check(caplog, head_dim, q, k, v, dout, bias=None, **features):
     with caplog.at_level("DEBUG", logger="cupyflash.launch"):
         check_features(q, k, v, dout, bias, **features)
     fallbacks = _on_mma_sync(caplog)
-    if head_dim in BACKWARD_ON_HOPPER:
-        assert fallbacks == [], fallbacks
+    mods = any(v not in (None, 0.0, (-1, -1), False) for k, v in features.items() if k not in ("causal", "seed"))
+    mods = mods or (bias is not None and bias.dtype != torch.bool) or (bias is not None and bias.shape[2] != 1)
+    if head_dim > 128 and mods:  # the wide backward has no score mods: the backward runs on mma.sync
+        assert fallbacks and all(m.startswith("backward on mma.sync: score mods at head_dim 256") for m in fallbacks), \
+            fallbacks
     else:
-        assert fallbacks and all(m.startswith("backward on mma.sync: head_dim 256") for m in fallbacks), fallbacks
+        assert fallbacks == [], fallbacks
     forwards = [p for p in cuda_path._KNOWN.values() if p.layout.kernel == "fwd"]
     assert forwards and all(p.family == plan.HOPPER and p.variant.head_dim == head_dim for p in forwards)
 
@@ -40,7 +43,7 @@ LENGTHS = ((1, 1), (17, 17), (113, 203), (203, 113), (1023, 1024))
 
 def _sweep():
     cases = []
-    for i, (d, (n_q, n_k), causal) in enumerate((d, nl, c) for d in (80, 96, 160, 192) for nl in LENGTHS
+    for i, (d, (n_q, n_k), causal) in enumerate((d, nl, c) for d in (80, 96, 160, 192, 256) for nl in LENGTHS
                                                  for c in (False, True)):
         dtype, layout = (FP16, "contiguous") if i % 2 else (BF16, "transposed")
         h_q, h_kv = ((3, 3), (4, 2), (4, 1))[i % 3]
@@ -65,6 +68,8 @@ MODS_CASES = [  # (head_dim, dtype, causal, (Nq, Nk), bias (shape, dtype) or Non
     (160, BF16, False, (113, 203), ("BHQK", BF16), (48, 8), 5.0, 0.0),
     (192, BF16, True, (203, 113), ("11QK", FP32), (64, 0), 5.0, 0.0),
     (192, FP16, False, (17, 17), None, (-1, -1), 5.0, 0.0),
+    (256, BF16, False, (113, 203), ("padding", torch.bool), (-1, -1), 0.0, 0.0),
+    (256, FP16, True, (203, 113), ("padding", torch.bool), (-1, -1), 0.0, 0.0),
 ]
 
 
