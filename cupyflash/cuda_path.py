@@ -152,8 +152,23 @@ def _as_is(xp, kernel: str, q, v) -> bool:
         return False
     if d == _kernel_head_dim(q, v):
         return True
-    return (plan.hopper_only(kernel, d) and xp.dtype_name(q) in jit.SM90_DTYPES and plan.sm90_enabled()
+    return plan.hopper_only(kernel, d) and _on_hopper(xp, q)
+
+
+def _on_hopper(xp, q) -> bool:
+    """Whether q's GPU and dtype are the Hopper kernels' (and CUPYFLASH_SM90 leaves them on)."""
+    return (xp.dtype_name(q) in jit.SM90_DTYPES and plan.sm90_enabled()
             and require_gpu(xp.device_id(q)).compute_capability == 90)
+
+
+def _padded_head_dim(xp, kernel: str, q, v, declined: bool) -> int:
+    """The head dim a call of pass `kernel` runs zero-padded to: on Hopper the next one its kernels take as it is
+    (d136 on 160 columns, not 256), else, or where a plan declined the call at its head dim (plan.PADDED), the next
+    mma.sync one."""
+    kernel_d = _kernel_head_dim(q, v)
+    if declined or not _on_hopper(xp, q):
+        return kernel_d
+    return next((h for h in plan.hopper_only_dims(kernel) if max(q.shape[3], v.shape[3]) <= h < kernel_d), kernel_d)
 
 
 def _out_allocator(xp, shape, dtype: str, like, token_major: bool):
@@ -171,7 +186,8 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
     """(out, lse): out (B, H, Nq, v's head dim), contiguous or with `token_major` in (B, N, H, D) memory
     (array_ops.token_major_strides); lse (B, H, Nq) fp32."""
     if q.shape[3] and not _as_is(xp, "fwd", q, v):
-        return _padded_forward(xp, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap, token_major)
+        return _padded_forward(xp, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap, token_major,
+                               declined=False)
     with xp.on_device(q):
         out = _out_allocator(xp, q.shape, xp.dtype_name(q), q, token_major)()
         lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
@@ -194,9 +210,10 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
     return out, lse
 
 
-def _padded_forward(xp, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap, token_major):
-    """forward on q, k, v zero-padded to the mma.sync kernels' head dim, out sliced back to v's."""
-    kernel_d = _kernel_head_dim(q, v)
+def _padded_forward(xp, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap, token_major,
+                    declined=True):
+    """forward on q, k, v zero-padded to _padded_head_dim's head dim, out sliced back to v's."""
+    kernel_d = _padded_head_dim(xp, "fwd", q, v, declined)
     out, lse = forward(xp, *(_pad_head(xp, a, kernel_d) for a in (q, k, v)), attn_bias, scale, causal, window,
                        dropout_p, seed, softcap)
     d_v = v.shape[3]
@@ -343,7 +360,7 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
     in its dtype, or None."""
     if q.shape[3] and not _as_is(xp, "bwd", q, v):
         return _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed,
-                                bias_grad, softcap)
+                                bias_grad, softcap, declined=False)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.grad_allocator(a)() for a in (q, k, v))  # as the op's fake
@@ -385,9 +402,9 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
 
 
 def _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed, bias_grad,
-                     softcap):
-    """backward on the arrays zero-padded to the mma.sync kernels' head dim, the gradients sliced back."""
-    kernel_d = _kernel_head_dim(q, v)
+                     softcap, declined=True):
+    """backward on the arrays zero-padded to _padded_head_dim's head dim, the gradients sliced back."""
+    kernel_d = _padded_head_dim(xp, "bwd", q, v, declined)
     launch.require_backward(max(q.shape[3], v.shape[3]), xp.dtype_name(q))
     padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
     dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal, window,

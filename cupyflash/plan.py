@@ -236,6 +236,14 @@ def hopper_only(kernel: str, head_dim: int) -> bool:
     return head_dim in table and head_dim not in (tiles.FORWARD if kernel == "fwd" else tiles.BACKWARD)
 
 
+@functools.cache
+def hopper_only_dims(kernel: str) -> tuple[int, ...]:
+    """The head dims of hopper_only(kernel, ·), ascending: where a call between the mma.sync kernels' head dims runs
+    padded on Hopper."""
+    return tuple(sorted(d for d in (tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90)
+                        if hopper_only(kernel, d)))
+
+
 def key_meta_words(n_k: int) -> int:
     """Words of a key mask's meta row (kernels_cu/key_mask.cuh): Nk + KEY_MASK_TAIL keys, a multiple of 4 (16-byte
     rows)."""

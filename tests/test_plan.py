@@ -550,6 +550,26 @@ def test_hopper_only_head_dims_run_without_copies_on_sm90(stubbed_hopper, head_d
     assert all(variant.head_dim == head_dim for variant, _ in launched)
 
 
+@pytest.mark.parametrize("head_dim,hopper_d", [(72, 80), (104, 128), (136, 160), (176, 192), (200, 256)])
+def test_head_dims_between_run_padded_to_the_next_hopper_one(stubbed_hopper, head_dim, hopper_d):
+    """On sm_90 a head dim no kernel has runs padded to the next the Hopper kernels take as it is (d136 on 160
+    columns, not mma.sync's 256), both passes; where the Hopper plan declines it there (dropout above 128), on to
+    mma.sync's."""
+    launched = stubbed_hopper
+    q, k, v = (torch.randn(2, 2, 40, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = cuda_attention.forward(q, k, v, None, 0.125, True)
+    assert [(variant.kernel, variant.head_dim) for variant, _ in launched] == [("fwd_sm90", hopper_d)]
+    launched.clear()
+    dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(out), q, k, v, None, out, lse, 0.125, True)
+    assert (out.shape, dq.shape, dk.shape, dv.shape) == (q.shape, q.shape, k.shape, v.shape)
+    assert "bwd_sm90" in [variant.kernel for variant, _ in launched]
+    assert {variant.head_dim for variant, _ in launched} == {hopper_d}
+    if hopper_d > 128:
+        launched.clear()
+        cuda_attention.forward(q, k, v, None, 0.125, False, dropout_p=0.1, seed=torch.tensor(1))
+        assert [(variant.kernel, variant.head_dim) for variant, _ in launched] == [("fwd", 256)]
+
+
 def test_value_head_dim_other_than_q_runs_both_padded_to_one(stubbed_device):
     q, k = torch.randn(2, 4, 33, 40, dtype=torch.bfloat16), torch.randn(2, 2, 40, 40, dtype=torch.bfloat16)
     v = torch.randn(2, 2, 40, 72, dtype=torch.bfloat16)
