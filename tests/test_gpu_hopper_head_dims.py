@@ -21,7 +21,7 @@ def _on_mma_sync(caplog) -> list:
     return [r.getMessage() for r in caplog.records if "on mma.sync" in r.getMessage()]
 
 
-def _check(caplog, head_dim, q, k, v, dout, bias=None, **features):
+def _check(caplog, head_dim, q, k, v, dout, bias=None, runs_at=None, **features):
     cuda_path._KNOWN.clear()
     caplog.clear()
     with caplog.at_level("DEBUG", logger="cupyflash.launch"):
@@ -35,7 +35,15 @@ def _check(caplog, head_dim, q, k, v, dout, bias=None, **features):
     else:
         assert fallbacks == [], fallbacks
     forwards = [p for p in cuda_path._KNOWN.values() if p.layout.kernel == "fwd"]
-    assert forwards and all(p.family == plan.HOPPER and p.variant.head_dim == head_dim for p in forwards)
+    assert forwards and all(p.family == plan.HOPPER and p.variant.head_dim == (runs_at or head_dim) for p in forwards)
+
+
+@pytest.mark.parametrize("head_dim,runs_at", [(72, 80), (136, 160), (176, 192)])
+def test_head_dims_between_run_padded_to_the_next_hopper_one(caplog, head_dim, runs_at):
+    """cuda_path._padded_head_dim: d136 runs on the Hopper kernels' 160 columns (both passes), not on mma.sync's 256."""
+    seed = seed_from("hopper head dims between", head_dim)
+    q, k, v, dout = draw_inputs(2, 4, 2, 113, 203, head_dim, BF16, "transposed", seed)
+    _check(caplog, head_dim, q, k, v, dout, runs_at=runs_at, causal=True)
 
 
 LENGTHS = ((1, 1), (17, 17), (113, 203), (203, 113), (1023, 1024))
