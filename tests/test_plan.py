@@ -550,6 +550,22 @@ def test_hopper_only_head_dims_run_without_copies_on_sm90(stubbed_hopper, head_d
     assert all(variant.head_dim == head_dim for variant, _ in launched)
 
 
+def test_hopper_only_head_dim_backward_with_a_bias_runs_padded(stubbed_hopper):
+    """A bias's backward runs the rebuild rule's stats pass on the mma.sync forward (plan._stats_step), which has no
+    d80 kernel: the Hopper forward takes d80 with a bias as it is, its backward runs padded to 96 (plan.PADDED)."""
+    launched = stubbed_hopper
+    q, k, v = (torch.randn(2, 2, 40, 80, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(1, 2, 40, 40, dtype=torch.bfloat16)
+    out, lse = cuda_attention.forward(q, k, v, bias, 0.125, False)
+    assert [(variant.kernel, variant.head_dim) for variant, _ in launched if variant.kernel.startswith("fwd")] == \
+        [("fwd_sm90", 80)]
+    launched.clear()
+    dq, dk, dv, dbias = cuda_attention.backward(torch.randn_like(out), q, k, v, bias, out, lse, 0.125, False,
+                                                bias_grad=True)
+    assert (dq.shape, dk.shape, dv.shape, dbias.shape) == (q.shape, k.shape, v.shape, bias.shape)
+    assert {variant.head_dim for variant, _ in launched if variant.kernel in ("fwd", "bwd", "bwd_sm90")} == {96}
+
+
 @pytest.mark.parametrize("head_dim,hopper_d", [(72, 80), (104, 128), (136, 160), (176, 192), (200, 256)])
 def test_head_dims_between_run_padded_to_the_next_hopper_one(stubbed_hopper, head_dim, hopper_d):
     """On sm_90 a head dim no kernel has runs padded to the next the Hopper kernels take as it is (d136 on 160
