@@ -101,7 +101,8 @@ FORWARD_SM90 = {
     # on 128- and 256-column tiles with no copies and no zero columns in O = P V (wgmma.cuh head_cols); elsewhere
     # (mma.sync) they run zero-padded by copies to the next of tiles.FORWARD's (plan.PADDED). Before, as padded
     # copies on 128 and 256 columns (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
-    # of FlashAttention-4's forward.
+    # of FlashAttention-4's forward; as they are (session28-NVIDIA_H100_80GB_HBM3.md): d80 0.89-0.92x, d192 0.85-0.88x,
+    # d160 0.84x causal and 0.60x without a causal mask (FORWARD_SM90_PLAIN's 128 x 80 there: benchmarks/NOTES.md).
     80: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
     # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
@@ -155,7 +156,8 @@ BACKWARD_SM90 = {
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
     # Above 128 (Gemma's 256; 160, 192) FlashAttention-4's d256 tile, 64 x 64 (flash_bwd_sm90_wide.cuh), plain and
     # causal and with the key mask; with score mods (and dropout) on mma.sync. Before it the backward at these head
-    # dims ran on mma.sync at 0.14-0.33x of FA4 (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md).
+    # dims ran on mma.sync at 0.14-0.33x of FA4 (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md);
+    # on it (session28-NVIDIA_H100_80GB_HBM3.md, same N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
     **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, mods=False, wide=True)
        for d in (160, 192, 256)},
 }
