@@ -138,9 +138,37 @@ def _pad_head(xp, a, d: int):
 
 
 def _kernel_head_dim(q, v) -> int:
-    """The kernels' head dim for q, k (q's head dim) and v: zero padding makes them one (exact: zero columns add
-    nothing to q·k, and v's give output columns that are sliced off)."""
+    """The mma.sync kernels' head dim for q, k (q's head dim) and v: zero padding makes them one (exact: zero columns
+    add nothing to q·k, and v's give output columns that are sliced off)."""
     return kernel_head_dim(max(q.shape[3], v.shape[3]))
+
+
+def _as_is(xp, kernel: str, q, v) -> bool:
+    """Whether pass `kernel` plans q, k, v at their own head dim: one the mma.sync kernels have, or one only the
+    Hopper kernels have (plan.hopper_only) on a GPU and dtype they run (the plan may still decline the call's
+    layout: plan.PADDED)."""
+    d = q.shape[3]
+    if d != v.shape[3]:
+        return False
+    if d == _kernel_head_dim(q, v):
+        return True
+    return plan.hopper_only(kernel, d) and _on_hopper(xp, q)
+
+
+def _on_hopper(xp, q) -> bool:
+    """Whether q's GPU and dtype are the Hopper kernels' (and CUPYFLASH_SM90 leaves them on)."""
+    return (xp.dtype_name(q) in jit.SM90_DTYPES and plan.sm90_enabled()
+            and require_gpu(xp.device_id(q)).compute_capability == 90)
+
+
+def _padded_head_dim(xp, kernel: str, q, v, declined: bool) -> int:
+    """The head dim a call of pass `kernel` runs zero-padded to: on Hopper the next one its kernels take as it is
+    (d136 on 160 columns, not 256), else, or where a plan declined the call at its head dim (plan.PADDED), the next
+    mma.sync one."""
+    kernel_d = _kernel_head_dim(q, v)
+    if declined or not _on_hopper(xp, q):
+        return kernel_d
+    return next((h for h in plan.hopper_only_dims(kernel) if max(q.shape[3], v.shape[3]) <= h < kernel_d), kernel_d)
 
 
 def _out_allocator(xp, shape, dtype: str, like, token_major: bool):
@@ -157,13 +185,9 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
             softcap: float = 0.0, token_major: bool = False):
     """(out, lse): out (B, H, Nq, v's head dim), contiguous or with `token_major` in (B, N, H, D) memory
     (array_ops.token_major_strides); lse (B, H, Nq) fp32."""
-    kernel_d = _kernel_head_dim(q, v)
-    if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
-        out, lse = forward(xp, *(_pad_head(xp, a, kernel_d) for a in (q, k, v)), attn_bias, scale, causal, window,
-                           dropout_p, seed, softcap)
-        d_v = v.shape[3]
-        return _unpad_head(xp, out, d_v, _out_allocator(xp, (*out.shape[:3], d_v), xp.dtype_name(out), out,
-                                                         token_major)), lse
+    if q.shape[3] and not _as_is(xp, "fwd", q, v):
+        return _padded_forward(xp, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap, token_major,
+                               declined=False)
     with xp.on_device(q):
         out = _out_allocator(xp, q.shape, xp.dtype_name(q), q, token_major)()
         lse = xp.empty(q.shape[:-1], "float32", q)  # (B, H, Nq)
@@ -176,15 +200,31 @@ def forward(xp, q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1),
             return _plan(xp, "fwd", ready[0], ready[1], bias, dict(zip("qkv", ready), out=out, lse=lse), scale,
                          causal, window, dropout_p, softcap, False)
 
-        p, (q, k, v) = _planned(xp, "fwd", (q, k, v), bias, (scale, causal, window, dropout_p, softcap, token_major),
-                                build)
+        p, ready = _planned(xp, "fwd", (q, k, v), bias, (scale, causal, window, dropout_p, softcap, token_major),
+                            build)
+        if p.family == plan.PADDED:
+            return _padded_forward(xp, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap,
+                                   token_major)
+        q, k, v = ready
         _launch(xp, p, q, bias, dict(q=q, k=k, v=v, out=out, lse=lse), causal, window, seed)
     return out, lse
 
 
-def _taken_as_is(q, k, v) -> bool:
-    """Whether the kernels take these arrays without head padding (and none is empty): what a plain runner needs."""
-    return 0 not in q.shape and 0 not in k.shape and (q.shape[3], v.shape[3]) == (_kernel_head_dim(q, v),) * 2
+def _padded_forward(xp, q, k, v, attn_bias, scale, causal, window, dropout_p, seed, softcap, token_major,
+                    declined=True):
+    """forward on q, k, v zero-padded to _padded_head_dim's head dim, out sliced back to v's."""
+    kernel_d = _padded_head_dim(xp, "fwd", q, v, declined)
+    out, lse = forward(xp, *(_pad_head(xp, a, kernel_d) for a in (q, k, v)), attn_bias, scale, causal, window,
+                       dropout_p, seed, softcap)
+    d_v = v.shape[3]
+    return _unpad_head(xp, out, d_v, _out_allocator(xp, (*out.shape[:3], d_v), xp.dtype_name(out), out,
+                                                     token_major)), lse
+
+
+def _taken_as_is(xp, kernel: str, q, k, v) -> bool:
+    """Whether pass `kernel` plans these arrays without head padding (and none is empty): what a plain runner needs
+    (which then checks that its plan is not plan.PADDED)."""
+    return 0 not in q.shape and 0 not in k.shape and _as_is(xp, kernel, q, v)
 
 
 def _key_mask_ptrs(xp, p: plan.Plan, like):
@@ -228,7 +268,7 @@ def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple,
     its plan, launched on new outputs (out laid out as forward's), for later calls with the same call key
     (torch_op's, which its checks passed); else None."""
     window = tuple(window)
-    if not _taken_as_is(q, k, v):
+    if not _taken_as_is(xp, "fwd", q, k, v):
         return None
     # The call key fixes the shapes, dtype and device: each call allocates and launches with these bound.
     new_out = _out_allocator(xp, q.shape, xp.dtype_name(q), q, token_major)
@@ -240,7 +280,8 @@ def plain_forward_runner(xp, q, k, v, scale: float, causal: bool, window: tuple,
                      window, 0.0, softcap, False)
 
     p, ready = _planned(xp, "fwd", (q, k, v), keys, (scale, causal, window, 0.0, softcap, token_major), build)
-    if any(r is not a for r, a in zip(ready, (q, k, v))) or (keys is not None and p.mask_form != "keys"):
+    if (p.family == plan.PADDED or any(r is not a for r, a in zip(ready, (q, k, v)))
+            or (keys is not None and p.mask_form != "keys")):
         return None
     address, device_id, add_keys = xp.address, xp.device_id(q), _key_mask_ptrs(xp, p, q)
 
@@ -277,7 +318,7 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
     """The backward's counterpart of plain_forward_runner: `run(dout, q, k, v, out, lse, keys) -> (dq, dk, dv)`, or
     None."""
     window = tuple(window)
-    if not _taken_as_is(q, k, v) or xp.contiguous(lse) is not lse:
+    if not _taken_as_is(xp, "bwd", q, k, v) or xp.contiguous(lse) is not lse:
         return None
     # Outputs and workspace, new at each call, in the layouts the plan was made with (the call key fixes them).
     new_dq, new_dk, new_dv = (xp.grad_allocator(a) for a in (q, k, v))
@@ -291,7 +332,8 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
 
     options = (xp.signature(lse), scale, causal, window, 0.0, softcap, False, False)  # as backward's (no rebuild)
     p, ready = _planned(xp, "bwd", (q, k, v, out, dout), keys, options, build)
-    if any(r is not a for r, a in zip(ready, (q, k, v, out, dout))) or (keys is not None and p.mask_form != "keys"):
+    if (p.family == plan.PADDED or any(r is not a for r, a in zip(ready, (q, k, v, out, dout)))
+            or (keys is not None and p.mask_form != "keys")):
         return None
     address, device_id, add_keys = xp.address, xp.device_id(q), _key_mask_ptrs(xp, p, q)
     add_parts = _kv_part_ptrs(xp, p, q)
@@ -316,14 +358,9 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
              dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
     """(dq, dk, dv, dbias): shaped like q, k, v, in the layouts of xp.grad_allocator; dbias shaped like attn_bias
     in its dtype, or None."""
-    kernel_d = _kernel_head_dim(q, v)
-    if q.shape[3] and (q.shape[3], v.shape[3]) != (kernel_d, kernel_d):
-        launch.require_backward(max(q.shape[3], v.shape[3]), xp.dtype_name(q))
-        padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
-        dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal,
-                                     window, dropout_p, seed, bias_grad, softcap)
-        return (*(_unpad_head(xp, g, t.shape[3], xp.grad_allocator(t)) for g, t in ((dq, q), (dk, k), (dv, v))),
-                dbias)
+    if q.shape[3] and not _as_is(xp, "bwd", q, v):
+        return _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed,
+                                bias_grad, softcap, declined=False)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.grad_allocator(a)() for a in (q, k, v))  # as the op's fake
@@ -357,5 +394,19 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
 
         options = (xp.signature(lse), scale, causal, window, dropout_p, softcap, bias_grad, rebuild)
         p, ready = _planned(xp, "bwd", (q, k, v, out, dout), bias, options, build)
+        if p.family == plan.PADDED:
+            return _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed,
+                                    bias_grad, softcap)
         _launch(xp, p, ready[0], bias, bufs(*ready), causal, window, seed, dbias)
     return dq, dk, dv, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias))
+
+
+def _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed, bias_grad,
+                     softcap, declined=True):
+    """backward on the arrays zero-padded to _padded_head_dim's head dim, the gradients sliced back."""
+    kernel_d = _padded_head_dim(xp, "bwd", q, v, declined)
+    launch.require_backward(max(q.shape[3], v.shape[3]), xp.dtype_name(q))
+    padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
+    dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal, window,
+                                 dropout_p, seed, bias_grad, softcap)
+    return (*(_unpad_head(xp, g, t.shape[3], xp.grad_allocator(t)) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)

@@ -105,7 +105,8 @@ class Variant:
                     f"{str(self.causal).lower()}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}, "
                     f"{str(self.key_mask).lower()}>")
         if self.kernel == "bwd_sm90":
-            return (f"cupyflash::flash_bwd_sm90_kernel<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
+            kernel = "flash_bwd_sm90_wide_kernel" if t.wide else "flash_bwd_sm90_kernel"
+            return (f"cupyflash::{kernel}<{tag}, {t.tile_head_dim(d)}, {d}, {str(self.causal).lower()}, "
                     f"{t.Br}, {t.Bc}, {t.stages}, {str(self.mods).lower()}, {str(self.dropout).lower()}, "
                     f"{str(self.key_mask).lower()}>")
         if self.kernel == "bwd":
@@ -161,13 +162,15 @@ def all_variants() -> list[Variant]:
             out += [Variant(k, dtype, d, c, m, p) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                     ("bwd_sm90", tiles.BACKWARD_SM90))
                     for d in table for c in (False, True) for m, p in FEATURE_SETS
-                    if not (c and m) and (table[d].dropout or not p)]
+                    if not (c and m) and (table[d].mods or not m) and (table[d].dropout or not p)]
             # the key mask goes with the plain path only (plan.py)
             out += [Variant(k, dtype, d, c, key_mask=True) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                              ("bwd_sm90", tiles.BACKWARD_SM90))
                     for d in table for c in (False, True)]
             out += [Variant(k, dtype, d) for k in ("bwd_convert_dq_sm90", *SPLIT_KV_KERNELS)
                     for d in tiles.BACKWARD_SM90]
+            # the Hopper backward's preprocess at head dims mma.sync has no kernel for (in flash_attn.cu's module)
+            out += [Variant("bwd_preprocess", dtype, d) for d in tiles.BACKWARD_SM90 if d not in tiles.BACKWARD]
         for d in (d for d in tiles.BACKWARD if tiles.has_backward(dtype, d)):
             out += [Variant("bwd", dtype, d, c, m, p) for c in (False, True) for m, p in FEATURE_SETS]
             out += [Variant("bwd_preprocess", dtype, d), Variant("bwd_convert_dq", dtype, d)]

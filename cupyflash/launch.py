@@ -93,12 +93,13 @@ def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_head
     # A buffer's address matters only modulo 16 (TMA's alignment), so the answer is cached by layout: it was 7.6 µs
     # of an H100 host's ~125 per forward.
     layouts = tuple(tuple((name, buf.strides, buf.ptr % 16) for name, buf in names.items()) for names in (q_like, kv))
-    return _sm90_reason(kernel, dtype, tuple(shape), n_k, kv_heads, layouts, mods.dropout_p > 0, compute_capability)
+    return _sm90_reason(kernel, dtype, tuple(shape), n_k, kv_heads, layouts, mods.any, mods.dropout_p > 0,
+                        compute_capability)
 
 
 @functools.lru_cache(maxsize=1024)
-def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int, layouts: tuple, dropout: bool,
-                 compute_capability: int) -> str | None:
+def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int, layouts: tuple, mods: bool,
+                 dropout: bool, compute_capability: int) -> str | None:
     """sm90_unsupported's answer; `layouts`: ((name, strides, address % 16) of each q-like buffer, then of k, v)."""
     batch, heads, n_q, d = shape
     table = FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90
@@ -108,6 +109,8 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
         return f"dtype {dtype}: it takes {' and '.join(jit.SM90_DTYPES)}"
     if d not in table:
         return f"head_dim {d}: it takes {tuple(table)}"
+    if mods and not table[d].mods:
+        return f"score mods at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.mods)"
     if dropout and not table[d].dropout:
         return f"dropout at head_dim {d}: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)"
     if 0 in shape:

@@ -23,6 +23,9 @@ from .launch import ScoreMods
 from .params import Buf, Slot, TmaSlot
 
 HOPPER, MMA_SYNC = "hopper", "mma.sync"
+# A call at a head dim only the Hopper kernels have (tiles.FORWARD_SM90 / BACKWARD_SM90 beside tiles.FORWARD /
+# BACKWARD) that they decline: the face runs it zero-padded to validate.kernel_head_dim's on mma.sync; no steps.
+PADDED = "padded"
 # The Hopper forward without score mods, up to this many query rows: each thread block takes Q blocks n - 1 - x and x
 # (equal work under a causal mask; the second loads under the first's last GEMMs and epilogue); past it one Q block
 # per thread block. H200, bf16, pairs against one (results/fwd-pairs-ab-NVIDIA_H200.log): N 512 +2-14 %, 1024 +4-8 %,
@@ -128,9 +131,9 @@ class Step:
 @dataclass(frozen=True)
 class Plan:
     layout: CallLayout
-    family: str  # HOPPER or MMA_SYNC
+    family: str  # HOPPER, MMA_SYNC or PADDED
     why: str  # why this family: what the Hopper kernel declined, or that it takes the call
-    variant: jit.Variant  # the attention kernel (the pass's main launch)
+    variant: jit.Variant | None  # the attention kernel (the pass's main launch); None where PADDED
     tiles: object  # tiles.Tiles or tiles.Sm90Tiles of `variant`: the bias's tile classes use them
     steps: tuple  # the launches, in order
     tile_classes_shape: tuple | None  # (Bb, Hb, QB, KB) int8 classes of the bias for `tiles`, or None
@@ -221,6 +224,26 @@ def plan_for(layout: CallLayout) -> Plan:
     return _build(layout)
 
 
+def mma_sync_takes(kernel: str, dtype: str, head_dim: int) -> bool:
+    """Whether an mma.sync kernel of pass `kernel` runs `head_dim` as it is (the Hopper kernels have more)."""
+    return head_dim in tiles.FORWARD if kernel == "fwd" else tiles.has_backward(dtype, head_dim)
+
+
+def hopper_only(kernel: str, head_dim: int) -> bool:
+    """Whether `head_dim` has a Hopper kernel of pass `kernel` and no mma.sync one: a call there is planned as it is,
+    and runs padded where the plan says PADDED."""
+    table = tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90
+    return head_dim in table and head_dim not in (tiles.FORWARD if kernel == "fwd" else tiles.BACKWARD)
+
+
+@functools.cache
+def hopper_only_dims(kernel: str) -> tuple[int, ...]:
+    """The head dims of hopper_only(kernel, ·), ascending: where a call between the mma.sync kernels' head dims runs
+    padded on Hopper."""
+    return tuple(sorted(d for d in (tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90)
+                        if hopper_only(kernel, d)))
+
+
 def key_meta_words(n_k: int) -> int:
     """Words of a key mask's meta row (kernels_cu/key_mask.cuh): Nk + KEY_MASK_TAIL keys, a multiple of 4 (16-byte
     rows)."""
@@ -242,12 +265,19 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
     if layout.kernel == "bwd":
         launch.require_backward(layout.shape[3], layout.dtype)
     batch, heads, n_q, d = layout.shape
-    mma = jit.Variant(layout.kernel, layout.dtype, d, layout.causal, _mods_any(layout), layout.dropout_p > 0)
+    mma = None
+    if mma_sync_takes(layout.kernel, layout.dtype, d):
+        mma = jit.Variant(layout.kernel, layout.dtype, d, layout.causal, _mods_any(layout), layout.dropout_p > 0)
     # The bias is classified in the tiles of the kernel that reads it: on the mma.sync tiles first (the family
     # is not known yet), again below if the Hopper kernel takes the call.
-    classes_shape = None if layout.bias is None else _classes_shape(layout.bias.shape, mma.tiles)
+    classes_shape = None if layout.bias is None or mma is None else _classes_shape(layout.bias.shape, mma.tiles)
     mods = _score_mods(layout, classes_shape)
     family, why = choose_family(layout, mods)
+    if family == MMA_SYNC and mma is None:
+        return Plan(layout, PADDED, f"{why}; mma.sync has no head_dim {d} kernel", None, None, (), None)
+    if any(name == "row_lse" for name, _, _ in layout.bufs) and d not in tiles.FORWARD:
+        return Plan(layout, PADDED, f"the rebuild rule's stats pass runs on the mma.sync forward, which has no "
+                                    f"head_dim {d} kernel", None, None, (), None)
     variant = mma
     if family == HOPPER:
         variant, mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)

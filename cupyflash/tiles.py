@@ -71,6 +71,12 @@ class Sm90Tiles:
     # (launch.sm90_unsupported says so) and CI does not compile them.
     dropout: bool = True
     consumers: int = 2
+    # Whether the score mods' variants run here (bias, window, soft-cap); False: such calls run on mma.sync, as for
+    # `dropout`. The wide backward (below) has none.
+    mods: bool = True
+    # The backward above head dim 128 (flash_bwd_sm90_wide.cuh): each consumer warpgroup forms Sᵀ and dPᵀ for half
+    # the queries and dK, dV, dQ for half the columns, P and dS through shared memory.
+    wide: bool = False
 
     def tile_head_dim(self, d: int) -> int:
         return self.pad_to or d
@@ -91,14 +97,23 @@ FORWARD_SM90 = {
     # took Q blocks in pairs and its Philox words served four scores (session 16): dropout at d32 runs on mma.sync.
     32: Sm90Tiles(Bc=128, stages=2, pad_to=64, dropout=False),
     64: Sm90Tiles(Bc=128, stages=2),
+    # Head dims with no mma.sync kernel (Phi-2's 80; 160, and 192 of MLA-style models): the Hopper kernels run them
+    # on 128- and 256-column tiles with no copies and no zero columns in O = P V (wgmma.cuh head_cols); elsewhere
+    # (mma.sync) they run zero-padded by copies to the next of tiles.FORWARD's (plan.PADDED). Before, as padded
+    # copies on 128 and 256 columns (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
+    # of FlashAttention-4's forward; as they are (session28-NVIDIA_H100_80GB_HBM3.md): d80 0.89-0.92x, d192 0.85-0.88x,
+    # d160 0.84x causal and 0.60x without a causal mask (FORWARD_SM90_PLAIN's 128 x 80 there: benchmarks/NOTES.md).
+    80: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
     # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
     # 145-301 in the same run
     96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
+    160: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256),
+    192: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256),
     # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
     # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
-    # runs on mma.sync (BACKWARD_SM90 has no d256), from this forward's LSE as from its own. H100, same run
+    # with score mods runs on mma.sync (BACKWARD_SM90's wide kernel has none), from this forward's LSE. H100, same run
     # (benchmarks/results/fwd-d256-sm90-NVIDIA_H100_80GB_HBM3.log): 531-629 TFLOP/s, causal 371-628, 3.2-3.4x the
     # mma.sync forward, 0.83-0.90x of FlashAttention-4 at N >= 4096
     256: Sm90Tiles(Bc=64, stages=2, dropout=False),
@@ -119,6 +134,8 @@ FORWARD_SM90_PLAIN = {
     (128, False): Sm90Tiles(Bc=176, stages=2),
     (256, False): Sm90Tiles(Bc=80, stages=2, dropout=False),
     (256, True): Sm90Tiles(Bc=80, stages=2, dropout=False),
+    # d160 and d192 on d256's tiles (FORWARD_SM90's note)
+    **{(d, causal): Sm90Tiles(Bc=80, stages=2, dropout=False, pad_to=256) for d in (160, 192) for causal in (False, True)},
 }
 
 
@@ -134,8 +151,15 @@ def sm90_forward_tiles(d: int, mods: bool, causal: bool) -> Sm90Tiles:
 BACKWARD_SM90 = {
     32: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=64),
     64: Sm90Tiles(Bc=128, stages=3, Br=64),  # 3 Q/dO slots: +1-4 % over 2, +12 % causal at N 1024 (H100, NOTES)
+    80: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),  # no mma.sync kernel: FORWARD_SM90's note
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
+    # Above 128 (Gemma's 256; 160, 192) FlashAttention-4's d256 tile, 64 x 64 (flash_bwd_sm90_wide.cuh), plain and
+    # causal and with the key mask; with score mods (and dropout) on mma.sync. Before it the backward at these head
+    # dims ran on mma.sync at 0.14-0.33x of FA4 (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md);
+    # on it (session28-NVIDIA_H100_80GB_HBM3.md, same N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
+    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, mods=False, wide=True)
+       for d in (160, 192, 256)},
 }
 
 # The plain and causal backward's tiles where they differ from BACKWARD_SM90's (which the score mods' variants keep):
@@ -231,6 +255,9 @@ def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:
     the soft-cap derivatives of each consumer thread's Br / 2 scores (fp16), each consumer warpgroup's dQ staging
     tile (its 16 rows of its columns, fp32, 16-byte aligned), and 1 KiB of alignment slack."""
     tile_d = t.tile_head_dim(d)
+    if t.wide:  # K and V, the Q and dO slots, two Pᵀ and two dSᵀ tiles, LSE and D per slot, the mbarriers
+        return ((2 * t.Bc + 2 * t.stages * t.Br) * tile_d * 2 + 4 * t.Bc * t.Br * 2 + t.stages * 2 * t.Br * 4
+                + 8 * (1 + 2 * t.stages) + 1024)
     cap_grad = 256 * t.Br // 2 * 2 if mods else 0
     row_arrays = 3 if mods else 2
     dq_cols = d if d <= tile_d // 2 or t.Br == 128 else tile_d // 2  # flash_bwd_sm90.cuh kDqCols

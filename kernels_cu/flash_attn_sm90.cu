@@ -2,3 +2,4 @@
 // TMA and setmaxnreg exist only there), inlining its local headers as for flash_attn.cu.
 #include "flash_fwd_sm90.cuh"
 #include "flash_bwd_sm90.cuh"
+#include "flash_bwd_sm90_wide.cuh"

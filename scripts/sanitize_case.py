@@ -14,7 +14,7 @@ from cupyflash import launch
 
 def main():
     torch.manual_seed(0)
-    for d in (32, 64, 96, 128, 256):
+    for d in (32, 64, 80, 96, 128, 160, 192, 256):  # 80, 160, 192: head dims only the Hopper kernels have
         for causal in (False, True):
             for n_q, n_k in ((77, 130), (130, 77), (390, 260)):  # 390: Q blocks in pairs and one alone (Hopper)
                 q = torch.randn(1, 2, n_q, d, device="cuda", dtype=torch.float16)

@@ -149,7 +149,7 @@ def test_head_dims_between_the_kernels(dtype, layout, head_dim, causal):
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_token_major_out(head_dim, with_bias, causal):
     """token_major_out=True: out in (B, Nq, H, D) memory with the contiguous call's values (the same kernels write
-    through other strides), on the plain runner (the second call) and the general path (a bias, head padding: d80);
+    through other strides), on the plain runner (the second call) and the general path (a bias; d80, which mma.sync pads);
     the backward from it gives the contiguous out's gradients (dq to a few ulps: its fp32 adds run in any order)."""
     q, k, v, dout = make_inputs(BATCH, HEADS, 203, 113, head_dim, BF16, "transposed",
                                 seed_from(head_dim, with_bias, causal))

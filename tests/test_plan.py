@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cupyflash
-from cupyflash import cuda_attention, errors, jit, launch, params, plan, tiles, tma, torch_op
+from cupyflash import cuda_attention, errors, jit, launch, params, plan, tiles, tma, torch_op, validate
 
 B, H, HKV, NQ, NK = 2, 8, 2, 300, 517
 ALIGNED = 1 << 20
@@ -122,7 +122,7 @@ TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as m
     (dict(cc=89), r"^sm_89"),
     (dict(cc=100), r"^sm_100"),
     (dict(dtype="float32"), r"^dtype float32: it takes float16 and bfloat16$"),
-    (dict(d=256, dropout_p=0.1), r"^(dropout at )?head_dim 256"),  # fwd: dropout; bwd: no Hopper d256
+    (dict(d=256, dropout_p=0.1), r"^(dropout|score mods) at head_dim 256"),  # fwd: dropout; bwd: no score mods
     (dict(addresses=dict(q=8)), r"^q: its data pointer is not 16-byte aligned$"),
     (dict(addresses=dict(v=2)), r"^v: its data pointer"),
     (dict(strides=dict(k=(HKV * NK * 68, NK * 68, 68, 1))), r"^k: strides"),
@@ -140,22 +140,67 @@ def test_hopper_declined_says_why_and_mma_sync_runs(kernel, change, pattern):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_head_dim_256_forward_on_hopper_its_backward_and_dropout_on_mma_sync(dtype):
-    """d256: the Hopper forward (80-key blocks plain or causal, 64 with score mods), its backward on mma.sync, and
-    dropout on mma.sync (its Hopper variant spilled, so it is neither planned nor compiled)."""
+def test_head_dim_256_on_hopper_and_dropout_on_mma_sync(dtype):
+    """d256: the Hopper forward (80-key blocks plain or causal, 64 with score mods), the wide Hopper backward, and
+    dropout on mma.sync (its Hopper forward variant spilled, so it is neither planned nor compiled)."""
     fwd = plan.plan_for(_layout("fwd", dtype, 256, causal=True))
     assert fwd.family == plan.HOPPER and fwd.tiles == tiles.FORWARD_SM90_PLAIN[256, True] and fwd.tiles.Bc == 80
     assert fwd.steps[0].shared_bytes == fwd.variant.shared_bytes <= 232448  # sm_90's opt-in shared memory
     windowed = plan.plan_for(_layout("fwd", dtype, 256, window=(32, 0)))
     assert windowed.family == plan.HOPPER and windowed.tiles == tiles.FORWARD_SM90[256] and windowed.tiles.Bc == 64
     bwd = plan.plan_for(_layout("bwd", dtype, 256, causal=True))
-    assert bwd.family == plan.MMA_SYNC and bwd.why.startswith("head_dim 256: it takes")
+    assert bwd.family == plan.HOPPER and bwd.tiles.wide
     dropped = plan.plan_for(_layout("fwd", dtype, 256, dropout_p=0.1))
     assert dropped.family == plan.MMA_SYNC
     assert dropped.why == "dropout at head_dim 256: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)"
     compiled = {v.name for v in jit.all_variants()}
     short = {"float16": "f16", "bfloat16": "bf16"}[dtype]
     assert f"fwd_sm90_{short}_d256_mods" in compiled and f"fwd_sm90_{short}_d256_mods_dropout" not in compiled
+
+
+@pytest.mark.parametrize("kernel,d", [("fwd", 80), ("fwd", 160), ("fwd", 192), ("bwd", 80), ("bwd", 160), ("bwd", 192)])
+def test_head_dims_only_the_hopper_kernels_have(kernel, d):
+    """Head dims with a Hopper kernel and no mma.sync one run as they are on sm_90 (tiles of 128 or 256 columns, the
+    tensors' own DHead in the variant); where the Hopper kernel declines the call its plan says PADDED (no steps) and
+    the faces pad to validate.kernel_head_dim's, as every head dim between the kernels'."""
+    assert plan.hopper_only(kernel, d) and not plan.mma_sync_takes(kernel, "bfloat16", d)
+    p = plan.plan_for(_layout(kernel, "bfloat16", d, causal=True))
+    assert p.family == plan.HOPPER and p.variant.head_dim == d and p.tiles.tile_head_dim(d) in (128, 256)
+    assert p.steps and all(s.variant.head_dim == d for s in p.steps if s.variant.kernel not in jit.SPLIT_KV_KERNELS)
+    assert p.variant in jit.all_variants()
+    declined = [(_layout(kernel, "bfloat16", d, cc=80), "sm_80: wgmma"),
+                (_layout(kernel, "bfloat16", d, addresses=dict(k=8)), "k: its data pointer")]
+    if kernel == "fwd" or tiles.has_backward("float32", validate.kernel_head_dim(d)):
+        declined.append((_layout(kernel, "float32", d), "dtype float32"))
+    else:  # no TF32 backward above 128 at all
+        with pytest.raises(NotImplementedError, match=f"head_dim {d} in float32 has a forward kernel only"):
+            plan.plan_for(_layout(kernel, "float32", d))
+    for layout, why in declined:
+        padded = plan.plan_for(layout)
+        assert (padded.family, padded.steps, padded.variant) == (plan.PADDED, (), None)
+        assert padded.why.startswith(why) and padded.why.endswith(f"mma.sync has no head_dim {d} kernel")
+    if kernel == "fwd" and d > 128:
+        assert plan.plan_for(_layout(kernel, "bfloat16", d, dropout_p=0.1)).family == plan.PADDED
+
+
+@pytest.mark.parametrize("d", [160, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
+    """d160 / d192 / d256: the wide Hopper backward (flash_bwd_sm90_wide.cuh, 64 x 64 blocks, 256-column tiles), plain,
+    causal or with the key mask; with score mods on mma.sync (d256) or, where mma.sync has no kernel, PADDED."""
+    p = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal))
+    assert p.family == plan.HOPPER and p.tiles.wide and (p.tiles.Br, p.tiles.Bc) == (64, 64)
+    assert p.variant.expression.startswith("cupyflash::flash_bwd_sm90_wide_kernel<cupyflash::bf16, 256, ")
+    (main,) = [s for s in p.steps if s.variant == p.variant]
+    assert main.shared_bytes == p.variant.shared_bytes <= 232448 and main.block == (384,)
+    assert main.grid[0] * main.grid[1] * main.grid[2] == B * HKV * math.ceil(NK / 64) * plan.backward_kv_split(
+        _layout("bwd", "bfloat16", d, causal=causal), plan.HOPPER, 64)
+    assert plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal, bias=KEY_MASK)).mask_form == "keys"
+    windowed = plan.plan_for(_layout("bwd", "bfloat16", d, window=(32, 0)))
+    assert windowed.why.startswith(f"score mods at head_dim {d}")
+    assert windowed.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
+    compiled = {v.name for v in jit.all_variants()}
+    assert f"bwd_sm90_bf16_d{d}_causal_keys" in compiled and f"bwd_sm90_bf16_d{d}_mods" not in compiled
 
 
 def test_hopper_backward_reads_dout_through_tma_too():
@@ -482,6 +527,63 @@ def test_head_dims_between_the_kernels_run_zero_padded(stubbed_device, head_dim,
     else:
         with pytest.raises(NotImplementedError, match=f"head_dim {head_dim} has a forward kernel only"):
             cuda_attention.backward(torch.randn_like(q), q, k, v, None, out, lse, 0.125, True)
+
+
+@pytest.mark.parametrize("head_dim", [80, 160, 192])
+def test_hopper_only_head_dims_run_without_copies_on_sm90(stubbed_hopper, head_dim):
+    """On sm_90, d80 / d160 / d192 reach the Hopper kernels of both passes at their own head dim with the tensors' own
+    addresses (no padded copies). Grouped-query K/V and a transposed q, as models give them."""
+    launched = stubbed_hopper
+    q = torch.randn(2, 40, 4, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # (B, H, N, D) of (B, N, H, D) memory
+    k, v = (torch.randn(2, 2, 40, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = cuda_attention.forward(q, k, v, None, 0.125, True)
+    (variant, ptrs), = launched
+    assert variant == jit.Variant("fwd_sm90", "bfloat16", head_dim, True)
+    assert [ptrs[n] for n in ("q", "k", "v", "out")] == [t.data_ptr() for t in (q, k, v, out)]
+    assert out.shape == q.shape
+    launched.clear()
+    dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(out), q, k, v, None, out, lse, 0.125, True)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    kernels = [(variant.kernel, ptrs) for variant, ptrs in launched if variant.kernel not in jit.SPLIT_KV_KERNELS]
+    assert [k for k, _ in kernels] == ["bwd_preprocess", "bwd_sm90", "bwd_convert_dq_sm90"]
+    assert kernels[1][1]["dout"] != 0 and kernels[0][1]["dout"] == kernels[1][1]["dout"]
+    assert all(variant.head_dim == head_dim for variant, _ in launched)
+
+
+def test_hopper_only_head_dim_backward_with_a_bias_runs_padded(stubbed_hopper):
+    """A bias's backward runs the rebuild rule's stats pass on the mma.sync forward (plan._stats_step), which has no
+    d80 kernel: the Hopper forward takes d80 with a bias as it is, its backward runs padded to 96 (plan.PADDED)."""
+    launched = stubbed_hopper
+    q, k, v = (torch.randn(2, 2, 40, 80, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(1, 2, 40, 40, dtype=torch.bfloat16)
+    out, lse = cuda_attention.forward(q, k, v, bias, 0.125, False)
+    assert [(variant.kernel, variant.head_dim) for variant, _ in launched if variant.kernel.startswith("fwd")] == \
+        [("fwd_sm90", 80)]
+    launched.clear()
+    dq, dk, dv, dbias = cuda_attention.backward(torch.randn_like(out), q, k, v, bias, out, lse, 0.125, False,
+                                                bias_grad=True)
+    assert (dq.shape, dk.shape, dv.shape, dbias.shape) == (q.shape, k.shape, v.shape, bias.shape)
+    assert {variant.head_dim for variant, _ in launched if variant.kernel in ("fwd", "bwd", "bwd_sm90")} == {96}
+
+
+@pytest.mark.parametrize("head_dim,hopper_d", [(72, 80), (104, 128), (136, 160), (176, 192), (200, 256)])
+def test_head_dims_between_run_padded_to_the_next_hopper_one(stubbed_hopper, head_dim, hopper_d):
+    """On sm_90 a head dim no kernel has runs padded to the next the Hopper kernels take as it is (d136 on 160
+    columns, not mma.sync's 256), both passes; where the Hopper plan declines it there (dropout above 128), on to
+    mma.sync's."""
+    launched = stubbed_hopper
+    q, k, v = (torch.randn(2, 2, 40, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = cuda_attention.forward(q, k, v, None, 0.125, True)
+    assert [(variant.kernel, variant.head_dim) for variant, _ in launched] == [("fwd_sm90", hopper_d)]
+    launched.clear()
+    dq, dk, dv, _ = cuda_attention.backward(torch.randn_like(out), q, k, v, None, out, lse, 0.125, True)
+    assert (out.shape, dq.shape, dk.shape, dv.shape) == (q.shape, q.shape, k.shape, v.shape)
+    assert "bwd_sm90" in [variant.kernel for variant, _ in launched]
+    assert {variant.head_dim for variant, _ in launched} == {hopper_d}
+    if hopper_d > 128:
+        launched.clear()
+        cuda_attention.forward(q, k, v, None, 0.125, False, dropout_p=0.1, seed=torch.tensor(1))
+        assert [(variant.kernel, variant.head_dim) for variant, _ in launched] == [("fwd", 256)]
 
 
 def test_value_head_dim_other_than_q_runs_both_padded_to_one(stubbed_device):
@@ -824,7 +926,7 @@ def test_key_meta_rows_cover_a_whole_block_past_the_last_key():
     ("fwd", dict(bias=KEY_MASK, dropout_p=0.1), "dropout"),
     ("bwd", dict(bias=KEY_MASK, cc=80), "mma.sync"),
     ("fwd", dict(bias=KEY_MASK, sm90=False), "mma.sync"),
-    ("bwd", dict(bias=KEY_MASK, d=256), "no Hopper backward at d256"),
+    ("bwd", dict(bias=KEY_MASK, d=256, window=(32, 0)), "no score mods on the wide Hopper backward"),
 ])
 def test_other_boolean_masks_run_as_an_added_bias(kernel, change, why):
     """Plan.mask_form "bias": the face turns the mask into 0 / -inf, contiguous, as the plan's layout says."""

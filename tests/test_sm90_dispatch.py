@@ -25,7 +25,7 @@ def _buf(shape, layout="contiguous", ptr=ALIGNED):
 def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None, v=None, dout=None, kernel="bwd",
          forward=None):
     """The backward's answer (it reads dout too); the forward's is checked to agree where dout plays no part and
-    the backward has the head dim (d256 is forward-only), or to be `forward` where given."""
+    the backward takes the call (above 128 it has no score mods), or to be `forward` where given."""
     q = q or _buf((B, H, NQ, d))
     k = k or _buf((B, HKV, NK, d))
     v = v or _buf((B, HKV, NK, d), "transposed")
@@ -36,7 +36,8 @@ def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None
     bwd = launch.sm90_unsupported("bwd", q_like={"q": q, "dout": dout}, **common)
     if forward is not None:
         assert fwd == forward, fwd
-    elif not (fwd is None and bwd is not None and (bwd.startswith("dout") or d not in BACKWARD_SM90)):
+    elif not (fwd is None and bwd is not None and (bwd.startswith("dout") or d not in BACKWARD_SM90)) and not (
+            fwd is None and bwd is not None and bwd.startswith("score mods")):
         # the same reason; a head dim's names each pass's own table
         assert fwd == bwd or (fwd.startswith("head_dim") and fwd.split(":")[0] == bwd.split(":")[0]), (fwd, bwd)
     return bwd
@@ -49,8 +50,8 @@ def test_takes_plain_16bit_calls_on_sm90(d, dtype):
     assert _why(d=d, q=_buf((B, H, NQ, d), "transposed")) is None
 
 
-def test_the_forward_takes_the_backwards_head_dims_and_256():
-    assert sorted(FORWARD_SM90) == sorted([*BACKWARD_SM90, 256])
+def test_both_passes_take_the_same_head_dims():
+    assert sorted(FORWARD_SM90) == sorted(BACKWARD_SM90)
     common = dict(dtype="bfloat16", shape=(B, H, NQ, 256), n_k=NK, kv_heads=HKV, compute_capability=90,
                   q_like={"q": _buf((B, H, NQ, 256))},
                   kv={"k": _buf((B, HKV, NK, 256)), "v": _buf((B, HKV, NK, 256), "transposed")})
@@ -71,8 +72,8 @@ def test_size_one_dims_may_have_any_stride():
     (dict(cc=80), "sm_80"),
     (dict(cc=100), "sm_100"),
     (dict(dtype="float32"), "dtype float32"),
-    (dict(d=256), "head_dim 256"),
-    (dict(d=80), "head_dim 80"),
+    (dict(d=224), "head_dim 224"),
+    (dict(d=112), "head_dim 112"),
     (dict(q=launch.Buf(ALIGNED + 8, (H * NQ * 128, NQ * 128, 128, 1))), "q: its data pointer"),
     (dict(k=launch.Buf(ALIGNED, (HKV * NK * 132, NK * 132, 132, 1))), "k: strides"),
     (dict(v=launch.Buf(ALIGNED, (HKV * NK * 128, NK * 128, 1, NK))), "v: its last dimension"),
@@ -122,13 +123,15 @@ BIAS_WITH_GRAD = dataclasses.replace(SCORE_MODS["bias"], dbias=launch.Buf(ALIGNE
 @pytest.mark.parametrize("mod", sorted(SCORE_MODS))
 @pytest.mark.parametrize("d", sorted(BACKWARD_SM90))
 def test_takes_score_mods(mod, d):
-    """Every score mod on the Hopper kernels of both passes; dropout's forward on mma.sync at a head dim whose Hopper
-    variant spilled (d32: tiles.Sm90Tiles.dropout), its backward still on Hopper."""
+    """Every score mod on the Hopper kernels of both passes up to head dim 128; dropout's forward on mma.sync at a
+    head dim whose Hopper variant spilled (tiles.Sm90Tiles.dropout: d32, and above 128), its backward still on Hopper
+    up to 128; above 128 the wide backward has no score mods (tiles.Sm90Tiles.mods)."""
     spilled = mod == "dropout" and not FORWARD_SM90[d].dropout
     forward = (f"dropout at head_dim {d}: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)" if spilled
                else None)
-    assert _why(d=d, mods=SCORE_MODS[mod], forward=forward) is None
-    assert spilled == (mod == "dropout" and d == 32)
+    backward = None if d <= 128 else f"score mods at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.mods)"
+    assert _why(d=d, mods=SCORE_MODS[mod], forward=forward) == backward
+    assert spilled == (mod == "dropout" and d in (32, 160, 192, 256))
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
