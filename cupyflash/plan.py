@@ -209,6 +209,12 @@ def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
     return MMA_SYNC, why_not
 
 
+def _hopper_takes_key_mask(layout: CallLayout) -> bool:
+    """Whether the Hopper kernel of the layout's pass has a key mask variant at its head dim (Sm90Tiles.key_mask, as
+    jit.all_variants compiles them)."""
+    return (tiles.FORWARD_SM90 if layout.kernel == "fwd" else tiles.BACKWARD_SM90)[layout.shape[3]].key_mask
+
+
 @functools.lru_cache(maxsize=1024)
 def plan_for(layout: CallLayout) -> Plan:
     """The call's Plan (see the module's docstring); raises NotImplementedError for a head dim with no backward.
@@ -217,7 +223,8 @@ def plan_for(layout: CallLayout) -> Plan:
     bias = layout.bias
     if bias is not None and bias.mask:
         plain = layout._replace(bias=None)
-        if bias.shape[1:3] == (1, 1) and not _mods_any(plain) and choose_family(plain, ScoreMods())[0] == HOPPER:
+        if (bias.shape[1:3] == (1, 1) and not _mods_any(plain) and choose_family(plain, ScoreMods())[0] == HOPPER
+                and _hopper_takes_key_mask(plain)):
             return _build(plain, key_mask=bias)
         additive = BiasLayout(bias.shape, dbias_strides(bias.shape), f32=False)
         return dataclasses.replace(_build(layout._replace(bias=additive)), mask_form="bias")
@@ -275,9 +282,6 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
     family, why = choose_family(layout, mods)
     if family == MMA_SYNC and mma is None:
         return Plan(layout, PADDED, f"{why}; mma.sync has no head_dim {d} kernel", None, None, (), None)
-    if any(name == "row_lse" for name, _, _ in layout.bufs) and d not in tiles.FORWARD:
-        return Plan(layout, PADDED, f"the rebuild rule's stats pass runs on the mma.sync forward, which has no "
-                                    f"head_dim {d} kernel", None, None, (), None)
     variant = mma
     if family == HOPPER:
         variant, mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)

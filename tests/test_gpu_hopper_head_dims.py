@@ -2,13 +2,15 @@
 d96, whose O = P V and dK, dV GEMMs compute its own 96 columns (wgmma.cuh head_cols), and the wide backward above 128
 (flash_bwd_sm90_wide.cuh: 160, 192, 256): the op against the fp32 reference with the tolerance rule, over odd
 lengths, Nq != Nk, grouped-query heads, transposed views and every score mod, each call checked to run on the Hopper
-kernels (no "on mma.sync" in the launch log; above 128 the backward with score mods does) at its own head dim."""
+kernels (no "on mma.sync" in the launch log; above 128 the backward with score mods or a key mask does) at its own
+head dim, or where the tables do not take a call's score mods or key mask there yet, padded (tiles.FORWARD_SM90)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cupyflash import cuda_path, plan
+from cupyflash import cuda_path, plan, tiles
+from cupyflash.validate import kernel_head_dim
 from reference import draw_inputs, seed_from
 from test_gpu_features import _dropout_seed, _is_hopper, check_features, draw_bias, padding_mask
 
@@ -22,20 +24,28 @@ def _on_mma_sync(caplog) -> list:
 
 
 def _check(caplog, head_dim, q, k, v, dout, bias=None, runs_at=None, **features):
+    """check_features, then where each pass ran: the forward on the Hopper kernels at `runs_at` (by default head_dim,
+    or where its Hopper tiles decline the call's score mods or key mask, padded to mma.sync's next head dim), the
+    backward on mma.sync only where its Hopper tiles there decline them too (tiles.Sm90Tiles.mods, .key_mask)."""
     cuda_path._KNOWN.clear()
     caplog.clear()
     with caplog.at_level("DEBUG", logger="cupyflash.launch"):
         check_features(q, k, v, dout, bias, **features)
     fallbacks = _on_mma_sync(caplog)
+    keys = bias is not None and bias.dtype == torch.bool and bias.shape[2] == 1
     mods = any(v not in (None, 0.0, (-1, -1), False) for k, v in features.items() if k not in ("causal", "seed"))
-    mods = mods or (bias is not None and bias.dtype != torch.bool) or (bias is not None and bias.shape[2] != 1)
-    if head_dim > 128 and mods:  # the wide backward has no score mods: the backward runs on mma.sync
-        assert fallbacks and all(m.startswith("backward on mma.sync: score mods at head_dim 256") for m in fallbacks), \
-            fallbacks
+    mods = mods or (bias is not None and not keys)
+    if runs_at is None:
+        t = tiles.FORWARD_SM90[head_dim]
+        runs_at = head_dim if not (mods and not t.mods or keys and not t.key_mask) else kernel_head_dim(head_dim)
+    t = tiles.BACKWARD_SM90[runs_at]
+    if mods and not t.mods or keys and not t.key_mask:
+        assert fallbacks and all(m.startswith(f"backward on mma.sync: score mods at head_dim {runs_at}")
+                                 for m in fallbacks), fallbacks
     else:
         assert fallbacks == [], fallbacks
-    forwards = [p for p in cuda_path._KNOWN.values() if p.layout.kernel == "fwd"]
-    assert forwards and all(p.family == plan.HOPPER and p.variant.head_dim == (runs_at or head_dim) for p in forwards)
+    forwards = [p for p in cuda_path._KNOWN.values() if p.layout.kernel == "fwd" and p.family != plan.PADDED]
+    assert forwards and all(p.family == plan.HOPPER and p.variant.head_dim == runs_at for p in forwards)
 
 
 @pytest.mark.parametrize("head_dim,runs_at", [(72, 80), (136, 160), (176, 192)])

@@ -186,8 +186,9 @@ def test_head_dims_only_the_hopper_kernels_have(kernel, d):
 @pytest.mark.parametrize("d", [160, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
-    """d160 / d192 / d256: the wide Hopper backward (flash_bwd_sm90_wide.cuh, 64 x 64 blocks, 256-column tiles), plain,
-    causal or with the key mask; with score mods on mma.sync (d256) or, where mma.sync has no kernel, PADDED."""
+    """d160 / d192 / d256: the wide Hopper backward (flash_bwd_sm90_wide.cuh, 64 x 64 blocks, 256-column tiles), plain
+    or causal; a key mask as a bias (its key-mask variant has not run on a GPU: tiles.Sm90Tiles.key_mask) and score
+    mods on mma.sync (d256) or, where mma.sync has no kernel, PADDED."""
     p = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal))
     assert p.family == plan.HOPPER and p.tiles.wide and (p.tiles.Br, p.tiles.Bc) == (64, 64)
     assert p.variant.expression.startswith("cupyflash::flash_bwd_sm90_wide_kernel<cupyflash::bf16, 256, ")
@@ -195,12 +196,14 @@ def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
     assert main.shared_bytes == p.variant.shared_bytes <= 232448 and main.block == (384,)
     assert main.grid[0] * main.grid[1] * main.grid[2] == B * HKV * math.ceil(NK / 64) * plan.backward_kv_split(
         _layout("bwd", "bfloat16", d, causal=causal), plan.HOPPER, 64)
-    assert plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal, bias=KEY_MASK)).mask_form == "keys"
+    masked = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal, bias=KEY_MASK))
+    assert masked.mask_form == "bias" and masked.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
     windowed = plan.plan_for(_layout("bwd", "bfloat16", d, window=(32, 0)))
     assert windowed.why.startswith(f"score mods at head_dim {d}")
     assert windowed.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
     compiled = {v.name for v in jit.all_variants()}
-    assert f"bwd_sm90_bf16_d{d}_causal_keys" in compiled and f"bwd_sm90_bf16_d{d}_mods" not in compiled
+    assert f"bwd_sm90_bf16_d{d}_causal" in compiled
+    assert not {f"bwd_sm90_bf16_d{d}_causal_keys", f"bwd_sm90_bf16_d{d}_mods"} & compiled
 
 
 def test_hopper_backward_reads_dout_through_tma_too():
@@ -550,15 +553,16 @@ def test_hopper_only_head_dims_run_without_copies_on_sm90(stubbed_hopper, head_d
     assert all(variant.head_dim == head_dim for variant, _ in launched)
 
 
-def test_hopper_only_head_dim_backward_with_a_bias_runs_padded(stubbed_hopper):
-    """A bias's backward runs the rebuild rule's stats pass on the mma.sync forward (plan._stats_step), which has no
-    d80 kernel: the Hopper forward takes d80 with a bias as it is, its backward runs padded to 96 (plan.PADDED)."""
+def test_hopper_only_head_dim_with_a_bias_runs_padded(stubbed_hopper):
+    """d80's score mods have not run on a GPU (tiles.FORWARD_SM90's note): with a bias both passes run padded to 96,
+    the backward with the rebuild rule's stats pass on the mma.sync forward (plan._stats_step), which has no d80
+    kernel."""
     launched = stubbed_hopper
     q, k, v = (torch.randn(2, 2, 40, 80, dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 2, 40, 40, dtype=torch.bfloat16)
     out, lse = cuda_attention.forward(q, k, v, bias, 0.125, False)
     assert [(variant.kernel, variant.head_dim) for variant, _ in launched if variant.kernel.startswith("fwd")] == \
-        [("fwd_sm90", 80)]
+        [("fwd_sm90", 96)]
     launched.clear()
     dq, dk, dv, dbias = cuda_attention.backward(torch.randn_like(out), q, k, v, bias, out, lse, 0.125, False,
                                                 bias_grad=True)
