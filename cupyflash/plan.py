@@ -282,6 +282,9 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
     family, why = choose_family(layout, mods)
     if family == MMA_SYNC and mma is None:
         return Plan(layout, PADDED, f"{why}; mma.sync has no head_dim {d} kernel", None, None, (), None)
+    if any(name == "row_lse" for name, _, _ in layout.bufs) and d not in tiles.FORWARD:
+        return Plan(layout, PADDED, f"the rebuild rule's stats pass runs on the mma.sync forward, which has no "
+                                    f"head_dim {d} kernel", None, None, (), None)
     variant = mma
     if family == HOPPER:
         variant, mods = launch.sm90_variant(layout.kernel, layout.dtype, d, layout.causal, mods)

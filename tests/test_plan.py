@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import math
 import os
 import re
@@ -553,21 +554,32 @@ def test_hopper_only_head_dims_run_without_copies_on_sm90(stubbed_hopper, head_d
     assert all(variant.head_dim == head_dim for variant, _ in launched)
 
 
-def test_hopper_only_head_dim_with_a_bias_runs_padded(stubbed_hopper):
-    """d80's score mods have not run on a GPU (tiles.FORWARD_SM90's note): with a bias both passes run padded to 96,
-    the backward with the rebuild rule's stats pass on the mma.sync forward (plan._stats_step), which has no d80
-    kernel."""
+@pytest.mark.parametrize("d80_mods", [False, True])
+def test_hopper_only_head_dim_with_a_bias_runs_padded(stubbed_hopper, monkeypatch, d80_mods):
+    """d80's score mods have not run on a GPU (tiles.FORWARD_SM90's note): with a bias both passes run padded to 96.
+    With them on (`d80_mods`), the forward runs at 80 and the backward still at 96: its rebuild rule's stats pass is
+    the mma.sync forward's (plan._stats_step), which has no d80 kernel."""
+    from cupyflash import cuda_path
+
+    monkeypatch.setattr(cuda_path, "_KNOWN", {})
+    if d80_mods:
+        for table in (tiles.FORWARD_SM90, tiles.BACKWARD_SM90):
+            monkeypatch.setitem(table, 80, dataclasses.replace(table[80], mods=True))
+        launch._sm90_reason.cache_clear()
+        plan.plan_for.cache_clear()
     launched = stubbed_hopper
     q, k, v = (torch.randn(2, 2, 40, 80, dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 2, 40, 40, dtype=torch.bfloat16)
     out, lse = cuda_attention.forward(q, k, v, bias, 0.125, False)
     assert [(variant.kernel, variant.head_dim) for variant, _ in launched if variant.kernel.startswith("fwd")] == \
-        [("fwd_sm90", 96)]
+        [("fwd_sm90", 80 if d80_mods else 96)]
     launched.clear()
     dq, dk, dv, dbias = cuda_attention.backward(torch.randn_like(out), q, k, v, bias, out, lse, 0.125, False,
                                                 bias_grad=True)
     assert (dq.shape, dk.shape, dv.shape, dbias.shape) == (q.shape, k.shape, v.shape, bias.shape)
     assert {variant.head_dim for variant, _ in launched if variant.kernel in ("fwd", "bwd", "bwd_sm90")} == {96}
+    launch._sm90_reason.cache_clear()
+    plan.plan_for.cache_clear()
 
 
 @pytest.mark.parametrize("head_dim,hopper_d", [(72, 80), (104, 128), (136, 160), (176, 192), (200, 256)])
