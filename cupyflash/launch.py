@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from . import driver, jit, params, tiles, tma
 from .params import Buf
 from .validate import kernel_head_dim
-from .tiles import BACKWARD_SM90, FORWARD_SM90
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
                  dropout: bool, compute_capability: int) -> str | None:
     """sm90_unsupported's answer; `layouts`: ((name, strides, address % 16) of each q-like buffer, then of k, v)."""
     batch, heads, n_q, d = shape
-    table = FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90
+    table = tiles.sm90_table(kernel)
     if compute_capability != 90:
         return f"sm_{compute_capability}: wgmma and TMA are sm_90a instructions"
     if dtype not in jit.SM90_DTYPES:

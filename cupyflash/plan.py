@@ -212,7 +212,7 @@ def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
 def _hopper_takes_key_mask(layout: CallLayout) -> bool:
     """Whether the Hopper kernel of the layout's pass has a key mask variant at its head dim (Sm90Tiles.key_mask, as
     jit.all_variants compiles them)."""
-    return (tiles.FORWARD_SM90 if layout.kernel == "fwd" else tiles.BACKWARD_SM90)[layout.shape[3]].key_mask
+    return tiles.sm90_table(layout.kernel)[layout.shape[3]].key_mask
 
 
 @functools.lru_cache(maxsize=1024)
@@ -233,22 +233,20 @@ def plan_for(layout: CallLayout) -> Plan:
 
 def mma_sync_takes(kernel: str, dtype: str, head_dim: int) -> bool:
     """Whether an mma.sync kernel of pass `kernel` runs `head_dim` as it is (the Hopper kernels have more)."""
-    return head_dim in tiles.FORWARD if kernel == "fwd" else tiles.has_backward(dtype, head_dim)
+    return head_dim in tiles.table(kernel) if kernel == "fwd" else tiles.has_backward(dtype, head_dim)
 
 
 def hopper_only(kernel: str, head_dim: int) -> bool:
     """Whether `head_dim` has a Hopper kernel of pass `kernel` and no mma.sync one: a call there is planned as it is,
     and runs padded where the plan says PADDED."""
-    table = tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90
-    return head_dim in table and head_dim not in (tiles.FORWARD if kernel == "fwd" else tiles.BACKWARD)
+    return head_dim in tiles.sm90_table(kernel) and head_dim not in tiles.table(kernel)
 
 
 @functools.cache
 def hopper_only_dims(kernel: str) -> tuple[int, ...]:
     """The head dims of hopper_only(kernel, ·), ascending: where a call between the mma.sync kernels' head dims runs
     padded on Hopper."""
-    return tuple(sorted(d for d in (tiles.FORWARD_SM90 if kernel == "fwd" else tiles.BACKWARD_SM90)
-                        if hopper_only(kernel, d)))
+    return tuple(sorted(d for d in tiles.sm90_table(kernel) if hopper_only(kernel, d)))
 
 
 def key_meta_words(n_k: int) -> int:

@@ -160,9 +160,9 @@ BACKWARD_SM90 = {
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
     # Above 128 (Gemma's 256; 160, 192) FlashAttention-4's d256 tile, 64 x 64 (flash_bwd_sm90_wide.cuh), plain and
     # causal (its key mask variant has not run on a GPU yet: a key mask runs as a bias, on mma.sync); with score mods
-    # (and dropout) on mma.sync. Before it the backward at these head
-    # dims ran on mma.sync at 0.14-0.33x of FA4 (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md);
-    # on it (session28-NVIDIA_H100_80GB_HBM3.md, same N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
+    # (and dropout) on mma.sync. Before it the backward at these head dims ran on mma.sync at 0.14-0.33x of FA4 (H100,
+    # N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md); on it (session28-NVIDIA_H100_80GB_HBM3.md, same
+    # N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
     **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, mods=False, key_mask=False,
                     wide=True)
        for d in (160, 192, 256)},
@@ -232,6 +232,16 @@ def no_backward_why(dtype: str, head_dim: int, kernel_d: int | None) -> str | No
     return None
 
 
+def table(kernel: str) -> dict:
+    """The mma.sync kernels' tiles of pass `kernel` ("fwd" / "bwd") by head dim: the head dims they have."""
+    return FORWARD if kernel == "fwd" else BACKWARD
+
+
+def sm90_table(kernel: str) -> dict:
+    """The Hopper kernels' tiles of pass `kernel` ("fwd" / "bwd") by head dim: the head dims they have."""
+    return FORWARD_SM90 if kernel == "fwd" else BACKWARD_SM90
+
+
 def for_pass(kernel: str, dtype: str, head_dim: int, plain: bool = False) -> Tiles:
     """The tiles of pass `kernel` ("fwd" / "bwd") for `dtype` and `head_dim`: the one lookup every launch uses.
     `plain`: the variant has no causal mask and no score modification (jit.Variant: not causal, not mods)."""
@@ -239,7 +249,7 @@ def for_pass(kernel: str, dtype: str, head_dim: int, plain: bool = False) -> Til
         return TF32[(kernel, head_dim)]
     if kernel == "fwd" and plain and head_dim in FORWARD_PLAIN:
         return FORWARD_PLAIN[head_dim]
-    return (FORWARD if kernel == "fwd" else BACKWARD)[head_dim]
+    return table(kernel)[head_dim]
 
 
 def forward_smem_bytes(d: int, t: Tiles, elem_bytes: int = 2) -> int:
