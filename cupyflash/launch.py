@@ -93,12 +93,12 @@ def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_head
     # of an H100 host's ~125 per forward.
     layouts = tuple(tuple((name, buf.strides, buf.ptr % 16) for name, buf in names.items()) for names in (q_like, kv))
     return _sm90_reason(kernel, dtype, tuple(shape), n_k, kv_heads, layouts, mods.any, mods.dropout_p > 0,
-                        compute_capability)
+                        mods.bias is not None, compute_capability)
 
 
 @functools.lru_cache(maxsize=1024)
 def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int, layouts: tuple, mods: bool,
-                 dropout: bool, compute_capability: int) -> str | None:
+                 dropout: bool, bias: bool, compute_capability: int) -> str | None:
     """sm90_unsupported's answer; `layouts`: ((name, strides, address % 16) of each q-like buffer, then of k, v)."""
     batch, heads, n_q, d = shape
     table = tiles.sm90_table(kernel)
@@ -110,7 +110,11 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
         return f"head_dim {d}: it takes {tuple(table)}"
     if mods and not table[d].mods:
         return f"score mods at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.mods)"
+    if bias and not table[d].bias:
+        return f"a bias at head_dim {d}: its Hopper kernel's score mods have none (tiles.Sm90Tiles.bias)"
     if dropout and not table[d].dropout:
+        if table[d].wide:
+            return f"dropout at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.dropout)"
         return f"dropout at head_dim {d}: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)"
     if 0 in shape:
         return f"an empty tensor {shape}"

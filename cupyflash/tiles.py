@@ -72,8 +72,9 @@ class Sm90Tiles:
     dropout: bool = True
     consumers: int = 2
     # Whether the score mods' variants run here (bias, window, soft-cap); False: such calls run on mma.sync, as for
-    # `dropout`. The wide backward (below) has none.
+    # `dropout`. `bias`: whether they take a bias tensor too (the wide backward's take the window and soft-capping).
     mods: bool = True
+    bias: bool = True
     # Whether the key mask's variant (kernels_cu/key_mask.cuh) runs here; False: a boolean key mask runs as an added
     # bias, as beside a score mod (plan.plan_for), and CI does not compile the variant.
     key_mask: bool = True
@@ -159,11 +160,11 @@ BACKWARD_SM90 = {
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
     # Above 128 (Gemma's 256; 160, 192) FlashAttention-4's d256 tile, 64 x 64 (flash_bwd_sm90_wide.cuh), plain and
-    # causal (its key mask variant has not run on a GPU yet: a key mask runs as a bias, on mma.sync); with score mods
-    # (and dropout) on mma.sync. Before it the backward at these head dims ran on mma.sync at 0.14-0.33x of FA4 (H100,
-    # N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md); on it (session28-NVIDIA_H100_80GB_HBM3.md, same
-    # N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
-    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, mods=False, key_mask=False,
+    # causal, with a window and soft-capping (Gemma 2 and 3); its key mask variant has not run on a GPU yet (a key mask
+    # runs as a bias); a bias and dropout on mma.sync. Before it the backward at these head dims ran on mma.sync at
+    # 0.14-0.33x of FA4 (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md); on it
+    # (session28-NVIDIA_H100_80GB_HBM3.md, same N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
+    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, bias=False, key_mask=False,
                     wide=True)
        for d in (160, 192, 256)},
 }

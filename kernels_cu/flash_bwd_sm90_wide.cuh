@@ -16,9 +16,10 @@
 //      reductions from registers (a staging tile for a bulk add would take 64 KiB of shared memory, which the two
 //      Q/dO slots hold here).
 // dK and dV, 64 keys by the share's columns in fp32 registers (128 + 128 a thread at d256), are stored at the end.
-// The plain path only (a causal mask, the key mask of key_mask.cuh): with score mods the backward at these head dims
-// runs on mma.sync (cupyflash/tiles.py BACKWARD_SM90, `mods`). Parameters: flash_bwd_sm90_kernel's, in its order
-// (cupyflash/params.py BWD_SM90_ARGS; checked below), the score mods' unread.
+// The plain path (a causal mask, the key mask of key_mask.cuh) and, with Mods, a window and soft-capping (Gemma 2 and
+// 3 at d256; scores.cuh): a bias and dropout run on mma.sync (cupyflash/tiles.py BACKWARD_SM90, `bias`, `dropout`),
+// so the rebuild rule's rows (a bias's) never come here. Parameters: flash_bwd_sm90_kernel's, in its order
+// (cupyflash/params.py BWD_SM90_ARGS; checked below), the bias's and dropout's unread.
 #pragma once
 #include "flash_bwd_sm90.cuh"
 
@@ -45,7 +46,7 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
                            const float2* __restrict__ row_lse, int outer_kv_heads, const int* key_meta,
                            i64 key_meta_sb) {
     static_assert(D == 256 && DHead > D / 2 && DHead <= D && DHead % 8 == 0, "head dims 136 .. 256 on 256 columns");
-    static_assert(!Mods && !Dropout, "the plain path (and the key mask) only");
+    static_assert(!Dropout && !(Mods && KeyMask), "no dropout; beside a score mod the key mask is a bias (plan.py)");
     static_assert(Br == 64 && Bc == 64 && kStages == 2, "64 x 64 blocks, two Q/dO slots: 231464 B of shared memory");
     constexpr int kQueries = Br / 2;                 // Sᵀ's and dPᵀ's queries per warpgroup
     constexpr int kCols0 = D / 2;                    // the first warpgroup's column share (DqFrag: by columns)
@@ -73,8 +74,9 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
     auto q_empty = [&](int it) { return bars + 8 * (1 + kStages + it % kStages); };
     auto phase = [](int it) { return (it / kStages) & 1; };
 
-    // The block's K/V block, K/V head and batch, from the grid's order (flash_bwd_sm90.cuh, plan.py backward_grid).
-    const int kv = outer_kv_heads;
+    // The block's K/V block, K/V head and batch, from the grid's order (flash_bwd_sm90.cuh, plan.py backward_grid:
+    // the score mods' variants take the first).
+    const int kv = Mods ? 0 : outer_kv_heads;
     const int bh_kv = blockIdx.z * gridDim.x + blockIdx.x;
     const int k0 = (kv ? blockIdx.y : blockIdx.x) * Bc;
     const int h_kv = kv ? bh_kv % kv : blockIdx.y, b = kv ? bh_kv / kv : blockIdx.z;
@@ -82,8 +84,20 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wg = warpgroup_uniform(tid);
     const int diag = Nk - Nq;
-    const int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
-    const int n_blocks = max(0, ceil_div(Nq, Br) - i_begin);
+    const auto mods = make_score_mods<T, Causal, Mods, false>(
+        ScoreModParams{bias, {bias_sb, bias_sh, bias_sm, bias_sn}, bias_f32, tile_cls, {cls_sb, cls_sh, cls_sm, cls_sn},
+                       cls_tq, cls_tk, dbias, {dbias_sb, dbias_sh, dbias_sm, dbias_sn}, win_left, win_right,
+                       keep_threshold, inv_keep, seed, cap_in, cap_out},
+        Nq, Nk);
+    // Query blocks that see a key of this block: causal, i + diag >= k0 for some row i of the block; with Mods,
+    // i + diag - left <= j <= i + diag + right for some key j of the block (flash_bwd_sm90.cuh's).
+    int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
+    int i_end = ceil_div(Nq, Br);
+    if constexpr (Mods) {
+        i_begin = max(0, k0 - mods.diag - mods.right) / Br;
+        i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
+    }
+    const int n_blocks = max(0, i_end - i_begin);
     const int n_pairs = group * n_blocks;  // (query head in the group, Q block) pairs
     auto head_of = [&](int it) { return h_kv * group + it / n_blocks; };
     auto block_of = [&](int it) { return i_begin + it % n_blocks; };
@@ -186,23 +200,46 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
             wgmma_commit();
             // Element (nt, 2r + c): key key0 + 8r, query q0 + query_of(nt, c), its row in the stage's arrays
             auto query_of = [&](int nt, int c) { return kQueries * wg + nt * 8 + 2 * (lane % 4) + c; };
-            const bool masked = KeyMask || k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + kQueries * wg + diag);
+            u32 cap_grad[kQueries / 8][2];  // soft-capping: 1 - tanh² of each score (scores.cuh scale_scores)
             wgmma_wait<1>();  // Sᵀ; dPᵀ still running
             fence_operands(st);
+            if constexpr (Mods) {
+                // Pᵀ = exp2(logit - LSE) with the logits as flash_bwd_sm90.cuh's: cap, then the visibility mask on
+                // the blocks that cross the sequence end or a window edge (rows past Nq have LSE +inf, so P = 0).
+                mods.template scale_scores<T, kQueries / 8>(st, scale_log2, cap_grad);
+                const int qw0 = q0 + kQueries * wg;  // this warpgroup's first query
+                if (k0 + Bc > Nk || k0 + Bc - 1 > qw0 + mods.diag + mods.right ||
+                    k0 < qw0 + kQueries - 1 + mods.diag - mods.left) {
 #pragma unroll
-            for (int nt = 0; nt < kQueries / 8; ++nt) {
-                float lse2[2];
-                lds_f32x2(lse2[0], lse2[1], sLse(it) + 4 * query_of(nt, 0));
+                    for (int nt = 0; nt < kQueries / 8; ++nt)
 #pragma unroll
-                for (int c = 0; c < 2; ++c)
+                        for (int e = 0; e < 4; ++e)
+                            if (!mods.visible(q0 + query_of(nt, e & 1), key0 + 8 * (e >> 1))) st[nt][e] = -inf_f();
+                }
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        float& x = st[nt][2 * r + c];
-                        x = fast_exp2(x * scale_log2 - lse2[c]);
-                        if (masked && (((key_dead >> r) & 1u) ||
-                                       (Causal && q0 + query_of(nt, c) + diag < key0 + 8 * r)))
-                            x = 0.f;
-                    }
+                for (int nt = 0; nt < kQueries / 8; ++nt) {
+                    float lse2[2];
+                    lds_f32x2(lse2[0], lse2[1], sLse(it) + 4 * query_of(nt, 0));
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2(st[nt][e] - lse2[e & 1]);
+                }
+            } else {
+                const bool masked = KeyMask || k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + kQueries * wg + diag);
+#pragma unroll
+                for (int nt = 0; nt < kQueries / 8; ++nt) {
+                    float lse2[2];
+                    lds_f32x2(lse2[0], lse2[1], sLse(it) + 4 * query_of(nt, 0));
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            float& x = st[nt][2 * r + c];
+                            x = fast_exp2(x * scale_log2 - lse2[c]);
+                            if (masked && (((key_dead >> r) & 1u) ||
+                                           (Causal && q0 + query_of(nt, c) + diag < key0 + 8 * r)))
+                                x = 0.f;
+                        }
+                }
             }
             wgmma_wait<0>();  // dPᵀ
             fence_operands(dpt);
@@ -213,7 +250,11 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
 #pragma unroll
                 for (int c = 0; c < 2; ++c)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) dpt[nt][2 * r + c] = st[nt][2 * r + c] * (dpt[nt][2 * r + c] - d_i[c]);
+                    for (int r = 0; r < 2; ++r) {
+                        float& ds = dpt[nt][2 * r + c];
+                        ds = st[nt][2 * r + c] * (ds - d_i[c]);
+                        if (Mods && mods.softcap()) ds *= decltype(mods)::cap_grad_at(cap_grad, nt, 2 * r + c);
+                    }
             }
             // Pᵀ and dSᵀ into the block's tiles: this lane's two keys (rows), columns query_of(nt, 0) and the next
             // (one 32-bit word in chunk 4·wg + nt); row + 8 is the next swizzle atom, 1024 bytes on.

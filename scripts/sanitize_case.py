@@ -39,6 +39,14 @@ def main():
         out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, d ** -0.5, False, 50, 10, 0.1, seed, 5.0)
         torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, bias, out, lse, d ** -0.5, False, 50, 10,
                                            0.1, seed, True, 5.0)
+    # The wide Hopper backward's window and soft-capping (flash_bwd_sm90_wide.cuh with Mods; the forward at d160 pads
+    # to 256).
+    for d in (160, 256):
+        q = torch.randn(2, 4, 130, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 2, 77, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, d ** -0.5, False, 50, 10, 0.0, None, 5.0)
+        torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, None, out, lse, d ** -0.5, False, 50, 10,
+                                           0.0, None, False, 5.0)
     # The rebuild rule (launch.LSE_REBUILD_ENV): rows whose every key has a -1e9 bias run the forward's stats pass
     # and the backward reads their (hi, lo) pairs; on Hopper both backward families.
     for sm90 in ("1", "0"):

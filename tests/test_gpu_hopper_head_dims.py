@@ -26,7 +26,8 @@ def _on_mma_sync(caplog) -> list:
 def _check(caplog, head_dim, q, k, v, dout, bias=None, runs_at=None, **features):
     """check_features, then where each pass ran: the forward on the Hopper kernels at `runs_at` (by default head_dim,
     or where its Hopper tiles decline the call's score mods or key mask, padded to mma.sync's next head dim), the
-    backward on mma.sync only where its Hopper tiles there decline them too (tiles.Sm90Tiles.mods, .key_mask)."""
+    backward on mma.sync only where its Hopper tiles there decline them too (tiles.Sm90Tiles.mods, .bias, .dropout,
+    .key_mask)."""
     cuda_path._KNOWN.clear()
     caplog.clear()
     with caplog.at_level("DEBUG", logger="cupyflash.launch"):
@@ -39,8 +40,10 @@ def _check(caplog, head_dim, q, k, v, dout, bias=None, runs_at=None, **features)
         t = tiles.FORWARD_SM90[head_dim]
         runs_at = head_dim if not (mods and not t.mods or keys and not t.key_mask) else kernel_head_dim(head_dim)
     t = tiles.BACKWARD_SM90[runs_at]
-    if mods and not t.mods or keys and not t.key_mask:
-        assert fallbacks and all(m.startswith(f"backward on mma.sync: score mods at head_dim {runs_at}")
+    dropout = features.get("dropout_p", 0.0) > 0
+    added_bias = bias is not None and not keys
+    if mods and not t.mods or added_bias and not t.bias or dropout and not t.dropout or keys and not t.key_mask:
+        assert fallbacks and all(m.startswith("backward on mma.sync: ") and f"at head_dim {runs_at}:" in m
                                  for m in fallbacks), fallbacks
     else:
         assert fallbacks == [], fallbacks
@@ -88,6 +91,12 @@ MODS_CASES = [  # (head_dim, dtype, causal, (Nq, Nk), bias (shape, dtype) or Non
     (192, FP16, False, (17, 17), None, (-1, -1), 5.0, 0.0),
     (256, BF16, False, (113, 203), ("padding", torch.bool), (-1, -1), 0.0, 0.0),
     (256, FP16, True, (203, 113), ("padding", torch.bool), (-1, -1), 0.0, 0.0),
+    # the wide backward's window and soft-capping (Gemma 2 and 3 at d256)
+    (256, BF16, True, (203, 113), None, (64, 0), 0.0, 0.0),
+    (256, FP16, False, (113, 203), None, (-1, -1), 30.0, 0.0),
+    (256, BF16, False, (1023, 1024), None, (256, 128), 50.0, 0.0),
+    (256, BF16, True, (97, 97), None, (-1, -1), 50.0, 0.0),
+    (160, BF16, False, (113, 203), None, (48, 8), 5.0, 0.0),
 ]
 
 

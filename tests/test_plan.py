@@ -187,9 +187,10 @@ def test_head_dims_only_the_hopper_kernels_have(kernel, d):
 @pytest.mark.parametrize("d", [160, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
-    """d160 / d192 / d256: the wide Hopper backward (flash_bwd_sm90_wide.cuh, 64 x 64 blocks, 256-column tiles), plain
-    or causal; a key mask as a bias (its key-mask variant has not run on a GPU: tiles.Sm90Tiles.key_mask) and score
-    mods on mma.sync (d256) or, where mma.sync has no kernel, PADDED."""
+    """d160 / d192 / d256: the wide Hopper backward (flash_bwd_sm90_wide.cuh, 64 x 64 blocks, 256-column tiles), plain,
+    causal, with a window or soft-capping (its mods variant, no causal one: a causal window is right = 0); a key mask
+    as a bias (its key-mask variant has not run on a GPU: tiles.Sm90Tiles.key_mask), and a bias on mma.sync (d256)
+    or, where mma.sync has no kernel, PADDED."""
     p = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal))
     assert p.family == plan.HOPPER and p.tiles.wide and (p.tiles.Br, p.tiles.Bc) == (64, 64)
     assert p.variant.expression.startswith("cupyflash::flash_bwd_sm90_wide_kernel<cupyflash::bf16, 256, ")
@@ -199,12 +200,13 @@ def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
         _layout("bwd", "bfloat16", d, causal=causal), plan.HOPPER, 64)
     masked = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal, bias=KEY_MASK))
     assert masked.mask_form == "bias" and masked.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
-    windowed = plan.plan_for(_layout("bwd", "bfloat16", d, window=(32, 0)))
-    assert windowed.why.startswith(f"score mods at head_dim {d}")
-    assert windowed.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
+    for change in (dict(window=(32, 0)), dict(softcap=30.0), dict(causal=True, window=(32, 0))):
+        p = plan.plan_for(_layout("bwd", "bfloat16", d, **change))
+        assert p.family == plan.HOPPER and p.tiles.wide and p.variant.mods and not p.variant.causal
+    assert masked.why.startswith(f"a bias at head_dim {d}")
     compiled = {v.name for v in jit.all_variants()}
-    assert f"bwd_sm90_bf16_d{d}_causal" in compiled
-    assert not {f"bwd_sm90_bf16_d{d}_causal_keys", f"bwd_sm90_bf16_d{d}_mods"} & compiled
+    assert {f"bwd_sm90_bf16_d{d}_causal", f"bwd_sm90_bf16_d{d}_mods"} <= compiled
+    assert not {f"bwd_sm90_bf16_d{d}_causal_keys", f"bwd_sm90_bf16_d{d}_mods_dropout"} & compiled
 
 
 def test_hopper_backward_reads_dout_through_tma_too():

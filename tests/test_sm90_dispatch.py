@@ -25,7 +25,7 @@ def _buf(shape, layout="contiguous", ptr=ALIGNED):
 def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None, v=None, dout=None, kernel="bwd",
          forward=None):
     """The backward's answer (it reads dout too); the forward's is checked to agree where dout plays no part and
-    the backward takes the call (above 128 it has no score mods), or to be `forward` where given."""
+    the backward takes the call (above 128 it takes no bias and no dropout), or to be `forward` where given."""
     q = q or _buf((B, H, NQ, d))
     k = k or _buf((B, HKV, NK, d))
     v = v or _buf((B, HKV, NK, d), "transposed")
@@ -37,7 +37,7 @@ def _why(d=128, dtype="bfloat16", cc=90, mods=launch.ScoreMods(), q=None, k=None
     if forward is not None:
         assert fwd == forward, fwd
     elif not (fwd is None and bwd is not None and (bwd.startswith("dout") or d not in BACKWARD_SM90)) and not (
-            fwd is None and bwd is not None and bwd.startswith("score mods")):
+            fwd is None and bwd is not None and bwd.startswith(("score mods", "a bias", "dropout"))):
         # the same reason; a head dim's names each pass's own table
         assert fwd == bwd or (fwd.startswith("head_dim") and fwd.split(":")[0] == bwd.split(":")[0]), (fwd, bwd)
     return bwd
@@ -125,14 +125,18 @@ BIAS_WITH_GRAD = dataclasses.replace(SCORE_MODS["bias"], dbias=launch.Buf(ALIGNE
 def test_takes_score_mods(mod, d):
     """Every score mod on the Hopper kernels of both passes at head dims 32-128 but 80; dropout's forward on mma.sync
     at a head dim whose Hopper variant spilled (tiles.Sm90Tiles.dropout: d32, d256), its backward still on Hopper up to
-    128; above 128 the wide backward has no score mods, and at 80, 160, 192 (not yet run on a GPU with them) neither
-    pass takes them (tiles.Sm90Tiles.mods)."""
+    128; above 128 the wide backward takes a window and soft-capping, not a bias or dropout (Sm90Tiles.bias,
+    .dropout); at 80, 160, 192 (not yet run on a GPU with them) the forward takes none (tiles.Sm90Tiles.mods)."""
     none = f"score mods at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.mods)"
     spilled = mod == "dropout" and not FORWARD_SM90[d].dropout
     forward = (none if not FORWARD_SM90[d].mods else
                f"dropout at head_dim {d}: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)" if spilled
                else None)
-    assert _why(d=d, mods=SCORE_MODS[mod], forward=forward) == (none if d == 80 or d > 128 else None)
+    backward = none if d == 80 else None
+    if d > 128:
+        backward = {"bias": f"a bias at head_dim {d}: its Hopper kernel's score mods have none (tiles.Sm90Tiles.bias)",
+                    "dropout": f"dropout at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.dropout)"}.get(mod)
+    assert _why(d=d, mods=SCORE_MODS[mod], forward=forward) == backward
     assert spilled == (mod == "dropout" and d in (32, 160, 192, 256))
     assert FORWARD_SM90[d].mods == (d not in (80, 160, 192))
 
