@@ -227,14 +227,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_constan
                        cls_tq, cls_tk, dbias, {dbias_sb, dbias_sh, dbias_sm, dbias_sn}, win_left, win_right,
                        keep_threshold, inv_keep, seed, cap_in, cap_out},
         Nq, Nk);
-    // Query blocks that see a key of this block: causal, i + diag >= k0 for some row i of the block; with Mods,
-    // i + diag - left <= j <= i + diag + right for some key j of the block.
-    int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
-    int i_end = ceil_div(Nq, Br);
-    if constexpr (Mods) {
-        i_begin = max(0, k0 - mods.diag - mods.right) / Br;
-        i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
-    }
+    const int2 seen = mods.template q_blocks_seeing<Causal, Br, Bc>(k0);  // the Q blocks that see this block's keys
+    const int i_begin = seen.x, i_end = seen.y;
     // A key mask: a block outside its [lo, hi) sees no query: nothing is loaded and its dK, dV are zero (the loop
     // bounds stay the shapes': taken from the mask, the pair count was a value spilled, d64 on 128 rows); inside,
     // each of this thread's two keys (below) is kept or not for every query.

@@ -89,14 +89,8 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
                        cls_tq, cls_tk, dbias, {dbias_sb, dbias_sh, dbias_sm, dbias_sn}, win_left, win_right,
                        keep_threshold, inv_keep, seed, cap_in, cap_out},
         Nq, Nk);
-    // Query blocks that see a key of this block: causal, i + diag >= k0 for some row i of the block; with Mods,
-    // i + diag - left <= j <= i + diag + right for some key j of the block (flash_bwd_sm90.cuh's).
-    int i_begin = Causal ? max(0, k0 - diag) / Br : 0;
-    int i_end = ceil_div(Nq, Br);
-    if constexpr (Mods) {
-        i_begin = max(0, k0 - mods.diag - mods.right) / Br;
-        i_end = ceil_div(min(Nq, max(0, k0 + Bc - mods.diag + mods.left)), Br);
-    }
+    const int2 seen = mods.template q_blocks_seeing<Causal, Br, Bc>(k0);  // the Q blocks that see this block's keys
+    const int i_begin = seen.x, i_end = seen.y;
     const int n_blocks = max(0, i_end - i_begin);
     const int n_pairs = group * n_blocks;  // (query head in the group, Q block) pairs
     auto head_of = [&](int it) { return h_kv * group + it / n_blocks; };

@@ -108,6 +108,16 @@ struct ScoreMods {
 
     CF_DEVICE bool has_bias() const { return Enabled && bias != nullptr; }
 
+    // The Q blocks [x, y) of Br rows that see a key of the Bc keys from k0 (the backward's loop over them): causal,
+    // i + diag >= k0 for some row i of the block; with the mods on, i + diag - left <= j <= i + diag + right for some
+    // key j of them.
+    template <bool Causal, int Br, int Bc>
+    CF_DEVICE int2 q_blocks_seeing(int k0) const {
+        if constexpr (Enabled)
+            return make_int2(max(0, k0 - diag - right) / Br, ceil_div(min(Nq, max(0, k0 + Bc - diag + left)), Br));
+        return make_int2(Causal ? max(0, k0 - diag) / Br : 0, ceil_div(Nq, Br));
+    }
+
     CF_DEVICE int tile_class(int b, int h, int q_block, int k_block) const {
         if (!Enabled || tile_cls == nullptr) return kTileRead;
         return tile_cls[b * cls_sb + h * cls_sh + q_block * cls_sm + k_block * cls_sn];
