@@ -107,15 +107,14 @@ FORWARD_SM90 = {
     # copies on 128 and 256 columns (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
     # of FlashAttention-4's forward; as they are (session28-NVIDIA_H100_80GB_HBM3.md): d80 0.89-0.92x, d192 0.85-0.88x,
     # d160 0.84x causal and 0.60x without a causal mask (FORWARD_SM90_PLAIN's 128 x 80 there: benchmarks/NOTES.md).
-    # Their score mods' variants (and at 160 and 192 the key mask's) have not run on a GPU yet (session 28's run
-    # stopped before those cases of tests/test_gpu_hopper_head_dims.py): such calls run padded to 96 and 256.
-    80: Sm90Tiles(Bc=128, stages=2, pad_to=128, mods=False),
+    # Their score mods' and key mask's variants ran on a GPU in session 29 (tests/test_gpu_hopper_head_dims.py, H100).
+    80: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
     # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
     # 145-301 in the same run
     96: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2),
-    **{d: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256, mods=False, key_mask=False) for d in (160, 192)},
+    **{d: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256) for d in (160, 192)},
     # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
     # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
     # with score mods runs on mma.sync (BACKWARD_SM90's wide kernel has none), from this forward's LSE. H100, same run
@@ -156,15 +155,14 @@ def sm90_forward_tiles(d: int, mods: bool, causal: bool) -> Sm90Tiles:
 BACKWARD_SM90 = {
     32: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=64),
     64: Sm90Tiles(Bc=128, stages=3, Br=64),  # 3 Q/dO slots: +1-4 % over 2, +12 % causal at N 1024 (H100, NOTES)
-    80: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128, mods=False),  # no mma.sync kernel: FORWARD_SM90's note
+    80: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),  # no mma.sync kernel: FORWARD_SM90's note
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
     # Above 128 (Gemma's 256; 160, 192) FlashAttention-4's d256 tile, 64 x 64 (flash_bwd_sm90_wide.cuh), plain and
-    # causal, with a window and soft-capping (Gemma 2 and 3); its key mask variant has not run on a GPU yet (a key mask
-    # runs as a bias); a bias and dropout on mma.sync. Before it the backward at these head dims ran on mma.sync at
+    # causal, with a key mask, a window and soft-capping (Gemma 2 and 3); a bias and dropout on mma.sync. Before it the backward at these head dims ran on mma.sync at
     # 0.14-0.33x of FA4 (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md); on it
     # (session28-NVIDIA_H100_80GB_HBM3.md, same N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
-    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, bias=False, key_mask=False,
+    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, bias=False,
                     wide=True)
        for d in (160, 192, 256)},
 }

@@ -43,7 +43,9 @@ def _check(caplog, head_dim, q, k, v, dout, bias=None, runs_at=None, **features)
     dropout = features.get("dropout_p", 0.0) > 0
     added_bias = bias is not None and not keys
     if mods and not t.mods or added_bias and not t.bias or dropout and not t.dropout or keys and not t.key_mask:
-        assert fallbacks and all(m.startswith("backward on mma.sync: ") and f"at head_dim {runs_at}:" in m
+        # The declined backward goes to mma.sync's next head dim, and the reason names it there (d160's bias: 256)
+        at = kernel_head_dim(runs_at)
+        assert fallbacks and all(m.startswith("backward on mma.sync: ") and f"at head_dim {at}:" in m
                                  for m in fallbacks), fallbacks
     else:
         assert fallbacks == [], fallbacks

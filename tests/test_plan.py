@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import math
 import os
 import re
@@ -188,9 +187,8 @@ def test_head_dims_only_the_hopper_kernels_have(kernel, d):
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
     """d160 / d192 / d256: the wide Hopper backward (flash_bwd_sm90_wide.cuh, 64 x 64 blocks, 256-column tiles), plain,
-    causal, with a window or soft-capping (its mods variant, no causal one: a causal window is right = 0); a key mask
-    as a bias (its key-mask variant has not run on a GPU: tiles.Sm90Tiles.key_mask), and a bias on mma.sync (d256)
-    or, where mma.sync has no kernel, PADDED."""
+    causal, with a window or soft-capping (its mods variant, no causal one: a causal window is right = 0) or a key
+    mask (its key-mask variant); a bias on mma.sync (d256) or, where mma.sync has no kernel, PADDED."""
     p = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal))
     assert p.family == plan.HOPPER and p.tiles.wide and (p.tiles.Br, p.tiles.Bc) == (64, 64)
     assert p.variant.expression.startswith("cupyflash::flash_bwd_sm90_wide_kernel<cupyflash::bf16, 256, ")
@@ -199,14 +197,17 @@ def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
     assert main.grid[0] * main.grid[1] * main.grid[2] == B * HKV * math.ceil(NK / 64) * plan.backward_kv_split(
         _layout("bwd", "bfloat16", d, causal=causal), plan.HOPPER, 64)
     masked = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal, bias=KEY_MASK))
-    assert masked.mask_form == "bias" and masked.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
+    assert masked.mask_form == "keys" and masked.family == plan.HOPPER and masked.tiles.wide
+    assert masked.variant.name == f"bwd_sm90_bf16_d{d}{'_causal' if causal else ''}_keys"
+    biased = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal, bias=BIAS))
+    assert biased.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
     for change in (dict(window=(32, 0)), dict(softcap=30.0), dict(causal=True, window=(32, 0))):
         p = plan.plan_for(_layout("bwd", "bfloat16", d, **change))
         assert p.family == plan.HOPPER and p.tiles.wide and p.variant.mods and not p.variant.causal
-    assert masked.why.startswith(f"a bias at head_dim {d}")
+    assert biased.why.startswith(f"a bias at head_dim {d}")
     compiled = {v.name for v in jit.all_variants()}
-    assert {f"bwd_sm90_bf16_d{d}_causal", f"bwd_sm90_bf16_d{d}_mods"} <= compiled
-    assert not {f"bwd_sm90_bf16_d{d}_causal_keys", f"bwd_sm90_bf16_d{d}_mods_dropout"} & compiled
+    assert {f"bwd_sm90_bf16_d{d}_causal", f"bwd_sm90_bf16_d{d}_mods", f"bwd_sm90_bf16_d{d}_causal_keys"} <= compiled
+    assert f"bwd_sm90_bf16_d{d}_mods_dropout" not in compiled
 
 
 def test_hopper_backward_reads_dout_through_tma_too():
@@ -556,32 +557,23 @@ def test_hopper_only_head_dims_run_without_copies_on_sm90(stubbed_hopper, head_d
     assert all(variant.head_dim == head_dim for variant, _ in launched)
 
 
-@pytest.mark.parametrize("d80_mods", [False, True])
-def test_hopper_only_head_dim_with_a_bias_runs_padded(stubbed_hopper, monkeypatch, d80_mods):
-    """d80's score mods have not run on a GPU (tiles.FORWARD_SM90's note): with a bias both passes run padded to 96.
-    With them on (`d80_mods`), the forward runs at 80 and the backward still at 96: its rebuild rule's stats pass is
-    the mma.sync forward's (plan._stats_step), which has no d80 kernel."""
+def test_hopper_only_head_dim_with_a_bias_runs_its_backward_padded(stubbed_hopper, monkeypatch):
+    """d80 with a bias: the forward runs at 80 on the Hopper kernel, the backward at 96: its rebuild rule's stats pass
+    is the mma.sync forward's (plan._stats_step), which has no d80 kernel."""
     from cupyflash import cuda_path
 
     monkeypatch.setattr(cuda_path, "_KNOWN", {})
-    if d80_mods:
-        for table in (tiles.FORWARD_SM90, tiles.BACKWARD_SM90):
-            monkeypatch.setitem(table, 80, dataclasses.replace(table[80], mods=True))
-        launch._sm90_reason.cache_clear()
-        plan.plan_for.cache_clear()
     launched = stubbed_hopper
     q, k, v = (torch.randn(2, 2, 40, 80, dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 2, 40, 40, dtype=torch.bfloat16)
     out, lse = cuda_attention.forward(q, k, v, bias, 0.125, False)
     assert [(variant.kernel, variant.head_dim) for variant, _ in launched if variant.kernel.startswith("fwd")] == \
-        [("fwd_sm90", 80 if d80_mods else 96)]
+        [("fwd_sm90", 80)]
     launched.clear()
     dq, dk, dv, dbias = cuda_attention.backward(torch.randn_like(out), q, k, v, bias, out, lse, 0.125, False,
                                                 bias_grad=True)
     assert (dq.shape, dk.shape, dv.shape, dbias.shape) == (q.shape, k.shape, v.shape, bias.shape)
     assert {variant.head_dim for variant, _ in launched if variant.kernel in ("fwd", "bwd", "bwd_sm90")} == {96}
-    launch._sm90_reason.cache_clear()
-    plan.plan_for.cache_clear()
 
 
 @pytest.mark.parametrize("head_dim,hopper_d", [(72, 80), (104, 128), (136, 160), (176, 192), (200, 256)])

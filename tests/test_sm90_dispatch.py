@@ -123,22 +123,20 @@ BIAS_WITH_GRAD = dataclasses.replace(SCORE_MODS["bias"], dbias=launch.Buf(ALIGNE
 @pytest.mark.parametrize("mod", sorted(SCORE_MODS))
 @pytest.mark.parametrize("d", sorted(BACKWARD_SM90))
 def test_takes_score_mods(mod, d):
-    """Every score mod on the Hopper kernels of both passes at head dims 32-128 but 80; dropout's forward on mma.sync
-    at a head dim whose Hopper variant spilled (tiles.Sm90Tiles.dropout: d32, d256), its backward still on Hopper up to
+    """Every score mod on the Hopper kernels of both passes at every head dim; dropout's forward on mma.sync at a head
+    dim whose Hopper variant spilled (tiles.Sm90Tiles.dropout: d32, d160 and up), its backward still on Hopper up to
     128; above 128 the wide backward takes a window and soft-capping, not a bias or dropout (Sm90Tiles.bias,
-    .dropout); at 80, 160, 192 (not yet run on a GPU with them) the forward takes none (tiles.Sm90Tiles.mods)."""
-    none = f"score mods at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.mods)"
+    .dropout)."""
     spilled = mod == "dropout" and not FORWARD_SM90[d].dropout
-    forward = (none if not FORWARD_SM90[d].mods else
-               f"dropout at head_dim {d}: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)" if spilled
-               else None)
-    backward = none if d == 80 else None
+    forward = f"dropout at head_dim {d}: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)" if spilled \
+        else None
+    backward = None
     if d > 128:
         backward = {"bias": f"a bias at head_dim {d}: its Hopper kernel's score mods have none (tiles.Sm90Tiles.bias)",
                     "dropout": f"dropout at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.dropout)"}.get(mod)
     assert _why(d=d, mods=SCORE_MODS[mod], forward=forward) == backward
     assert spilled == (mod == "dropout" and d in (32, 160, 192, 256))
-    assert FORWARD_SM90[d].mods == (d not in (80, 160, 192))
+    assert FORWARD_SM90[d].mods and BACKWARD_SM90[d].mods
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
