@@ -55,6 +55,7 @@ EXPECTED_FORM: dict[str, Counter] = {
     "opt": Counter({_CAUSAL_PAD: 2}),
     "falcon": Counter({_CAUSAL_PAD: 2}),
     "mixtral": Counter({_CAUSAL_PAD: 2}),
+    "deepseek_v3": Counter({_CAUSAL_PAD: 2}),
     "bert": Counter({"key_padding": 2}),
     # T5 adds its mask to the learned relative-position bias before the scores see either, so every site (encoder
     # self, decoder self, cross) is one dense bias: a key mask beside another bias is not split out.

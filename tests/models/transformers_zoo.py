@@ -143,7 +143,7 @@ def upcast_qk_specs() -> dict[str, Spec]:
 
 
 def specs() -> dict[str, Spec]:
-    """Every family of issue 14's list, by name."""
+    """Every family of issue 14's list, and DeepSeek-V3's latent attention (v's head dim not q's), by name."""
     gpt = _GPT
     stack = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     return {
@@ -161,6 +161,12 @@ def specs() -> dict[str, Spec]:
         # no fp64 kernel; fp64 is the reference).
         "mixtral": _llama_like("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
                                experts_implementation="batched_mm"),
+        # Multi-head latent attention (DeepSeek-V2 / V3): q and k of 8 + 4 columns (no position part, rotary part),
+        # v of its own 8; the two layers dense (first_k_dense_replace), as the experts are not what is checked here.
+        "deepseek_v3": _llama_like("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4,
+                                   q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                   v_head_dim=8, first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
+                                   n_group=1, topk_group=1, moe_intermediate_size=16),
         "gpt2": _lm("GPT2Config", "GPT2LMHeadModel", **gpt),
         "gptj": _lm("GPTJConfig", "GPTJForCausalLM", **gpt, rotary_dim=4),
         "gpt_neox": _lm("GPTNeoXConfig", "GPTNeoXForCausalLM", **stack, intermediate_size=64,
