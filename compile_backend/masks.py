@@ -9,7 +9,8 @@ holds for every length when the sequence axis is dynamic.
 
 ``Keep`` generalises the triangle to what ``transformers.masking_utils`` builds: index tensors made in the
 graph (``arange(n) + offset``, indexed with ``None`` to a broadcast axis) compared with each other give a band
-lo <= j - i <= hi (causal, sliding windows); ``&`` joins terms; a boolean term broadcast over heads and
+lo <= j - i <= hi (causal, sliding windows; a distance ``abs(q_idx - kv_idx) <= w`` bounded above, the
+bidirectional window of ModernBERT's local layers, both edges); ``&`` joins terms; a boolean term broadcast over heads and
 queries, (B or 1, 1, 1, Nk) such as ``attention_mask[batch_idx, kv_idx]``, is a per-key term passed to the op
 as it is (its values are runtime data, never read here). Terms that are constant by the same index arithmetic
 are dropped: a bound on one index that holds at its extreme (BERT's ``q_idx >= 0``), and the packed-sequence
@@ -281,6 +282,13 @@ _ORDER = {operator.le: (1, 0), operator.lt: (1, 1), operator.ge: (-1, 0), operat
 _COMPARE = {spelling: _ORDER[meaning] for spelling, meaning in _TRUTH.items() if meaning in _ORDER}
 
 
+def _abs_input(node: Any) -> Optional[fx.Node]:
+    """x of ``abs(x)`` / ``x.abs()`` (None otherwise)."""
+    if is_call(node, (operator.abs, torch.abs), ("abs", "__abs__")):
+        return node.args[0]
+    return None
+
+
 def _spelled(table: dict) -> tuple[tuple, tuple]:
     """(functions, methods) of a table keyed by spellings, for ``is_call``."""
     return tuple(k for k in table if not isinstance(k, str)), tuple(k for k in table if isinstance(k, str))
@@ -371,11 +379,29 @@ class StructureAnalysis:
 
     def _compare(self, node: fx.Node, negated: bool) -> Keep:
         sign, shift = _COMPARE[node.target]
-        a, b = (self.index(x) for x in (node.args[0], node.args[1]))
+        # One side may be the distance |x| of an index expression x (a bidirectional sliding window,
+        # transformers' ``abs(q_idx - kv_idx) <= w``): the comparison is then s·|x| + e <= 0 with e affine.
+        sides = [_abs_input(x) for x in node.args[:2]]
+        if all(x is not None for x in sides):
+            raise Unproven(f"the comparison {node.name} has a distance on both sides")
+        (a, b), s = [self.index(x if y is None else y) for x, y in zip(node.args[:2], sides)], 0
+        if sides[0] is not None:
+            a, s = Affine((), 0), sign
+        elif sides[1] is not None:
+            b, s = Affine((), 0), -sign
         e = (a + -b) if sign > 0 else (b + -a)
-        e = Affine(e.coef, e.const + shift)  # the comparison is e <= 0
-        if negated:  # not (e <= 0)  <=>  e >= 1  <=>  -e + 1 <= 0
-            e = Affine((-e).coef, -e.const + 1)
+        e = Affine(e.coef, e.const + shift)  # the comparison is s·|x| + e <= 0
+        if negated:  # not (s·|x| + e <= 0)  <=>  -s·|x| - e + 1 <= 0
+            e, s = Affine((-e).coef, -e.const + 1), -s
+        if s == 0:
+            return self._band(node, e)
+        if s < 0:  # |x| >= e: outside a band on both sides
+            raise Unproven(f"the comparison {node.name} keeps keys far from the diagonal: a union of two bands")
+        x = self.index(next(y for y in sides if y is not None))
+        return self._band(node, x + e) & self._band(node, -x + e)  # |x| <= -e  <=>  x + e <= 0 and -x + e <= 0
+
+    def _band(self, node: fx.Node, e: Affine) -> Keep:
+        """The keep-set of e <= 0 for an affine e of the query and key positions (node: the comparison)."""
         c = dict(e.coef)
         if set(c) - {-1, -2}:
             raise Unproven(f"the comparison {node.name} involves batch or head indices")

@@ -298,6 +298,62 @@ def test_lookalike_masks_stay_dense(fn, extra, reason):
     compile_and_compare(fn, q, k, v, *extra, expect=1)
 
 
+def _distance(q, k):
+    """|i - j| of query i and key j, built with aranges as masking_utils builds its masks."""
+    i = torch.arange(q.shape[-2])[None, None, :, None]
+    j = torch.arange(k.shape[-2])[None, None, None, :]
+    return i, j
+
+
+def distance_within(q, k, v):
+    """masking_utils' bidirectional sliding window (ModernBERT's local layers): abs(q_idx - kv_idx) <= 2."""
+    i, j = _distance(q, k)
+    bias = torch.where(abs(i - j) <= 2, torch.tensor(0.0), torch.finfo(torch.float32).min)
+    return (_scores(q, k) + bias).softmax(-1) @ v
+
+
+def distance_not_beyond(q, k, v):
+    """The same band as a fill of the keys beyond it: masked_fill(~((j - i).abs() < 3))."""
+    i, j = _distance(q, k)
+    return _scores(q, k).masked_fill(~(3 > (j - i).abs()), float("-inf")).softmax(-1) @ v
+
+
+def distance_beyond(q, k, v):
+    """Look-alike: only keys more than 1 away (a union of two bands, not a window)."""
+    i, j = _distance(q, k)
+    bias = torch.where(abs(i - j) > 1, torch.tensor(0.0), torch.finfo(torch.float32).min)
+    return (_scores(q, k) + bias).softmax(-1) @ v
+
+
+def distance_against_distance(q, k, v):
+    """Look-alike: |i - j| <= |i - 2|, a distance on both sides."""
+    i, j = _distance(q, k)
+    bias = torch.where(abs(i - j) <= abs(i - 2), torch.tensor(0.0), torch.finfo(torch.float32).min)
+    return (_scores(q, k) + bias).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn,window", [(distance_within, (2, 2)), (distance_not_beyond, (2, 2))])
+def test_a_distance_bound_is_a_bidirectional_window(fn, window):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(fn, q, k, v).sites
+    assert site.fused and site.mask_form == "window" and not site.causal and site.window == window, str(site)
+    compile_and_compare(fn, q, k, v, expect=1)
+
+
+@pytest.mark.parametrize("fn,reason", [(distance_beyond, "a union of two bands"),
+                                       (distance_against_distance, "a distance on both sides")])
+def test_distance_lookalikes_stay_dense(fn, reason):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
+    torch._dynamo.reset()
+    (site,) = compile_backend.explain(fn, q, k, v).sites
+    assert site.fused and site.mask_form == "dense bias" and not site.causal, str(site)
+    assert any(reason in n for n in site.notes), site.notes
+    compile_and_compare(fn, q, k, v, expect=1)
+
+
 def inverted_integer_mask(q, k, v):
     """~ of an integer 0/1 triangle is -1 / -2, both true: every key is masked (not the upper triangle)."""
     keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.long).tril()

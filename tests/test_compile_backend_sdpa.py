@@ -431,7 +431,7 @@ def test_routing_benchmark_rule_and_cli(capsys):
 _CAUSAL_PAD, _WINDOW_PAD = "causal + key padding", "causal + window + key padding"
 SDPA_FORMS = {
     "qwen2": {_CAUSAL_PAD: 2}, "qwen3": {_CAUSAL_PAD: 2}, "phi3": {_CAUSAL_PAD: 2}, "mixtral": {_CAUSAL_PAD: 2},
-    "deepseek_v3": {_CAUSAL_PAD: 2},
+    "deepseek_v3": {_CAUSAL_PAD: 2}, "modernbert": {"key padding": 1, "window + key padding": 1},
     "gpt2": {_CAUSAL_PAD: 2}, "gpt_neox": {_CAUSAL_PAD: 2}, "opt": {_CAUSAL_PAD: 2},
     "gemma2": {_CAUSAL_PAD: 1, _WINDOW_PAD: 1}, "gemma3": {_CAUSAL_PAD: 1, _WINDOW_PAD: 1},
     "whisper": {"none": 4, _CAUSAL_PAD: 2}, "clip": {_CAUSAL_PAD: 2, "none": 2},

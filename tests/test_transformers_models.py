@@ -57,6 +57,7 @@ EXPECTED_FORM: dict[str, Counter] = {
     "mixtral": Counter({_CAUSAL_PAD: 2}),
     "deepseek_v3": Counter({_CAUSAL_PAD: 2}),
     "bert": Counter({"key_padding": 2}),
+    "modernbert": Counter({"key_padding": 1, "window+key_padding": 1}),
     # T5 adds its mask to the learned relative-position bias before the scores see either, so every site (encoder
     # self, decoder self, cross) is one dense bias: a key mask beside another bias is not split out.
     "t5": Counter({"bias": 6}),

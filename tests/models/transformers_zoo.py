@@ -143,7 +143,8 @@ def upcast_qk_specs() -> dict[str, Spec]:
 
 
 def specs() -> dict[str, Spec]:
-    """Every family of issue 14's list, and DeepSeek-V3's latent attention (v's head dim not q's), by name."""
+    """Every family of issue 14's list, DeepSeek-V3's latent attention (v's head dim not q's) and ModernBERT's
+    bidirectional window, by name."""
     gpt = _GPT
     stack = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     return {
@@ -176,6 +177,13 @@ def specs() -> dict[str, Spec]:
         "falcon": _lm("FalconConfig", "FalconForCausalLM", **stack),
         "bert": Spec(_eager("BertConfig", "BertModel", **stack, intermediate_size=64, max_position_embeddings=64,
                             pad_token_id=PAD_ID), _text, sites=2),
+        # Global attention in layer 0, a bidirectional sliding window (|i - j| <= 3, masking_utils' abs of the
+        # distance) in layer 1.
+        "modernbert": Spec(_eager("ModernBertConfig", "ModernBertModel", **stack, intermediate_size=64,
+                                  max_position_embeddings=64, local_attention=6, global_attn_every_n_layers=2,
+                                  pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, cls_token_id=BOS_ID,
+                                  sep_token_id=EOS_ID),
+                           _text, sites=2),
         # Encoder self-attention, decoder self- and cross-attention, 2 layers each; generate() runs the encoder
         # outside the compiled forward.
         "t5": Spec(_eager("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64,
