@@ -123,6 +123,9 @@ class Matcher:
         try:
             steps, chain, qk = self._walk_scores(x)
         except NotScores as err:
+            if self._sink_logits(x):
+                raise Skip("attention sinks: a logit per head concatenated beside the keys (GPT-OSS), dropped after "
+                           "the softmax; the op has no sink term") from None
             if pv is None:
                 return None
             raise Skip(f"the softmax input is not Q·Kᵀ: {err}") from None
@@ -146,6 +149,24 @@ class Matcher:
             if len([u for u in node.users if u not in shape_reads]) != 1:
                 raise Skip(f"the scores ({node.name}) have other users besides the softmax")
         return self._site(softmax, qk, pv, steps, chain + shape_reads)
+
+    def _sink_logits(self, x: Any) -> bool:
+        """Whether the softmax input is ``cat([scores, sinks], -1)``, less its row max or not, with the scores
+        Q·Kᵀ: a softmax with extra logits beside the keys, which looks like attention once they are sliced off."""
+        if (added := sp.additive_operands(x)) is not None and added[2] < 0:
+            x = added[0]
+        if not sp.is_call(x, (torch.cat, torch.concat, torch.concatenate), ("cat",)):
+            return False
+        parts, dim = sp.arg(x, 0, "tensors"), sp.arg(x, 1, "dim", 0)
+        if not isinstance(parts, (list, tuple)) or len(parts) < 2 or not isinstance(dim, int):
+            return False
+        if dim % sp.meta(x).dim() != sp.meta(x).dim() - 1:
+            return False
+        try:
+            self._walk_scores(parts[0])
+        except (NotScores, Skip):
+            return False
+        return True
 
     # ---- the two walks -------------------------------------------------------------------------
 

@@ -142,6 +142,14 @@ def upcast_qk_specs() -> dict[str, Spec]:
             "gpt2_upcast": _lm("GPT2Config", "GPT2LMHeadModel", **_GPT, reorder_and_upcast_attn=True)}
 
 
+def left_alone_specs() -> dict[str, Spec]:
+    """Families whose attention the backend must leave to eager, saying why: GPT-OSS's sinks (a learned logit per
+    head beside the keys, in the softmax's denominator)."""
+    return {"gpt_oss": _llama_like("GptOssConfig", "GptOssForCausalLM", intermediate_size=32, head_dim=8,
+                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention"])}
+
+
 def specs() -> dict[str, Spec]:
     """Every family of issue 14's list, DeepSeek-V3's latent attention (v's head dim not q's) and ModernBERT's
     bidirectional window, by name."""
