@@ -381,14 +381,15 @@ class StructureAnalysis:
         sign, shift = _COMPARE[node.target]
         # One side may be the distance |x| of an index expression x (a bidirectional sliding window,
         # transformers' ``abs(q_idx - kv_idx) <= w``): the comparison is then s·|x| + e <= 0 with e affine.
-        sides = [_abs_input(x) for x in node.args[:2]]
-        if all(x is not None for x in sides):
+        left, right = node.args[:2]
+        distances = _abs_input(left), _abs_input(right)
+        if None not in distances:
             raise Unproven(f"the comparison {node.name} has a distance on both sides")
-        (a, b), s = [self.index(x if y is None else y) for x, y in zip(node.args[:2], sides)], 0
-        if sides[0] is not None:
-            a, s = Affine((), 0), sign
-        elif sides[1] is not None:
-            b, s = Affine((), 0), -sign
+        x = distances[0] if distances[0] is not None else distances[1]
+        # The distance's side counts as 0 in e; s is its sign in s·|x| + e <= 0.
+        a = Affine((), 0) if distances[0] is not None else self.index(left)
+        b = Affine((), 0) if distances[1] is not None else self.index(right)
+        s = 0 if x is None else sign if distances[0] is not None else -sign
         e = (a + -b) if sign > 0 else (b + -a)
         e = Affine(e.coef, e.const + shift)  # the comparison is s·|x| + e <= 0
         if negated:  # not (s·|x| + e <= 0)  <=>  -s·|x| - e + 1 <= 0
@@ -397,8 +398,8 @@ class StructureAnalysis:
             return self._band(node, e)
         if s < 0:  # |x| >= e: outside a band on both sides
             raise Unproven(f"the comparison {node.name} keeps keys far from the diagonal: a union of two bands")
-        x = self.index(next(y for y in sides if y is not None))
-        return self._band(node, x + e) & self._band(node, -x + e)  # |x| <= -e  <=>  x + e <= 0 and -x + e <= 0
+        d = self.index(x)
+        return self._band(node, d + e) & self._band(node, -d + e)  # |d| <= -e  <=>  d + e <= 0 and -d + e <= 0
 
     def _band(self, node: fx.Node, e: Affine) -> Keep:
         """The keep-set of e <= 0 for an affine e of the query and key positions (node: the comparison)."""
