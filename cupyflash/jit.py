@@ -162,11 +162,11 @@ def all_variants() -> list[Variant]:
             out += [Variant(k, dtype, d, c, m, p) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                     ("bwd_sm90", tiles.BACKWARD_SM90))
                     for d in table for c in (False, True) for m, p in FEATURE_SETS
-                    if not (c and m) and (table[d].mods or not m) and (table[d].dropout or not p)]
+                    if not (c and m) and (table[d].dropout or not p)]
             # the key mask goes with the plain path only (plan.py)
             out += [Variant(k, dtype, d, c, key_mask=True) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                              ("bwd_sm90", tiles.BACKWARD_SM90))
-                    for d in table for c in (False, True) if table[d].key_mask]
+                    for d in table for c in (False, True)]
             out += [Variant(k, dtype, d) for k in ("bwd_convert_dq_sm90", *SPLIT_KV_KERNELS)
                     for d in tiles.BACKWARD_SM90]
             # the Hopper backward's preprocess at head dims mma.sync has no kernel for (in flash_attn.cu's module)

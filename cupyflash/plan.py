@@ -209,12 +209,6 @@ def choose_family(layout: CallLayout, mods: ScoreMods) -> tuple[str, str]:
     return MMA_SYNC, why_not
 
 
-def _hopper_takes_key_mask(layout: CallLayout) -> bool:
-    """Whether the Hopper kernel of the layout's pass has a key mask variant at its head dim (Sm90Tiles.key_mask, as
-    jit.all_variants compiles them)."""
-    return tiles.sm90_table(layout.kernel)[layout.shape[3]].key_mask
-
-
 @functools.lru_cache(maxsize=1024)
 def plan_for(layout: CallLayout) -> Plan:
     """The call's Plan (see the module's docstring); raises NotImplementedError for a head dim with no backward.
@@ -223,8 +217,7 @@ def plan_for(layout: CallLayout) -> Plan:
     bias = layout.bias
     if bias is not None and bias.mask:
         plain = layout._replace(bias=None)
-        if (bias.shape[1:3] == (1, 1) and not _mods_any(plain) and choose_family(plain, ScoreMods())[0] == HOPPER
-                and _hopper_takes_key_mask(plain)):
+        if bias.shape[1:3] == (1, 1) and not _mods_any(plain) and choose_family(plain, ScoreMods())[0] == HOPPER:
             return _build(plain, key_mask=bias)
         additive = BiasLayout(bias.shape, dbias_strides(bias.shape), f32=False)
         return dataclasses.replace(_build(layout._replace(bias=additive)), mask_form="bias")

@@ -71,13 +71,9 @@ class Sm90Tiles:
     # (launch.sm90_unsupported says so) and CI does not compile them.
     dropout: bool = True
     consumers: int = 2
-    # Whether the score mods' variants run here (bias, window, soft-cap); False: such calls run on mma.sync, as for
-    # `dropout`. `bias`: whether they take a bias tensor too (the wide backward's take the window and soft-capping).
-    mods: bool = True
+    # Whether the score mods' variants take a bias tensor; False: such calls run on mma.sync, as for `dropout` (the
+    # wide backward's take a window and soft-capping only).
     bias: bool = True
-    # Whether the key mask's variant (kernels_cu/key_mask.cuh) runs here; False: a boolean key mask runs as an added
-    # bias, as beside a score mod (plan.plan_for), and CI does not compile the variant.
-    key_mask: bool = True
     # The backward above head dim 128 (flash_bwd_sm90_wide.cuh): each consumer warpgroup forms Sᵀ and dPᵀ for half
     # the queries and dK, dV, dQ for half the columns, P and dS through shared memory.
     wide: bool = False
@@ -107,7 +103,6 @@ FORWARD_SM90 = {
     # copies on 128 and 256 columns (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
     # of FlashAttention-4's forward; as they are (session28-NVIDIA_H100_80GB_HBM3.md): d80 0.89-0.92x, d192 0.85-0.88x,
     # d160 0.84x causal and 0.60x without a causal mask (FORWARD_SM90_PLAIN's 128 x 80 there: benchmarks/NOTES.md).
-    # Their score mods' and key mask's variants ran on a GPU in session 29 (tests/test_gpu_hopper_head_dims.py, H100).
     80: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
     # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
@@ -117,7 +112,7 @@ FORWARD_SM90 = {
     **{d: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256) for d in (160, 192)},
     # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
     # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
-    # with score mods runs on mma.sync (BACKWARD_SM90's wide kernel has none), from this forward's LSE. H100, same run
+    # with a bias runs on mma.sync (BACKWARD_SM90's wide kernel has none), from this forward's LSE. H100, same run
     # (benchmarks/results/fwd-d256-sm90-NVIDIA_H100_80GB_HBM3.log): 531-629 TFLOP/s, causal 371-628, 3.2-3.4x the
     # mma.sync forward, 0.83-0.90x of FlashAttention-4 at N >= 4096
     256: Sm90Tiles(Bc=64, stages=2, dropout=False),
@@ -159,11 +154,11 @@ BACKWARD_SM90 = {
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
     # Above 128 (Gemma's 256; 160, 192) FlashAttention-4's d256 tile, 64 x 64 (flash_bwd_sm90_wide.cuh), plain and
-    # causal, with a key mask, a window and soft-capping (Gemma 2 and 3); a bias and dropout on mma.sync. Before it the backward at these head dims ran on mma.sync at
-    # 0.14-0.33x of FA4 (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md); on it
-    # (session28-NVIDIA_H100_80GB_HBM3.md, same N): d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
-    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, bias=False,
-                    wide=True)
+    # causal, with a key mask, a window and soft-capping (Gemma 2 and 3); a bias and dropout on mma.sync. Before it
+    # the backward at these head dims ran on mma.sync at 0.14-0.33x of FA4 (H100, N 4096,
+    # benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md); on it (session28-NVIDIA_H100_80GB_HBM3.md, same N):
+    # d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
+    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, bias=False, wide=True)
        for d in (160, 192, 256)},
 }
 

@@ -39,8 +39,7 @@ def main():
         out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, bias, d ** -0.5, False, 50, 10, 0.1, seed, 5.0)
         torch.ops.cupyflash.flash_attn_bwd(torch.randn_like(out), q, k, v, bias, out, lse, d ** -0.5, False, 50, 10,
                                            0.1, seed, True, 5.0)
-    # The wide Hopper backward's window and soft-capping (flash_bwd_sm90_wide.cuh with Mods; the forward at d160 pads
-    # to 256).
+    # The wide Hopper backward's window and soft-capping (flash_bwd_sm90_wide.cuh with Mods).
     for d in (160, 256):
         q = torch.randn(2, 4, 130, d, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(2, 2, 77, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -2,8 +2,7 @@
 d96, whose O = P V and dK, dV GEMMs compute its own 96 columns (wgmma.cuh head_cols), and the wide backward above 128
 (flash_bwd_sm90_wide.cuh: 160, 192, 256): the op against the fp32 reference with the tolerance rule, over odd
 lengths, Nq != Nk, grouped-query heads, transposed views and every score mod, each call checked to run on the Hopper
-kernels (no "on mma.sync" in the launch log; above 128 the backward with score mods or a key mask does) at its own
-head dim, or where the tables do not take a call's score mods or key mask there yet, padded (tiles.FORWARD_SM90)."""
+kernels (no "on mma.sync" in the launch log; above 128 the backward with a bias does) at its own head dim."""
 from __future__ import annotations
 
 import pytest
@@ -24,25 +23,20 @@ def _on_mma_sync(caplog) -> list:
 
 
 def _check(caplog, head_dim, q, k, v, dout, bias=None, runs_at=None, **features):
-    """check_features, then where each pass ran: the forward on the Hopper kernels at `runs_at` (by default head_dim,
-    or where its Hopper tiles decline the call's score mods or key mask, padded to mma.sync's next head dim), the
-    backward on mma.sync only where its Hopper tiles there decline them too (tiles.Sm90Tiles.mods, .bias, .dropout,
-    .key_mask)."""
+    """check_features, then where each pass ran: the forward on the Hopper kernels at `runs_at` (by default
+    head_dim), the backward on mma.sync only where its Hopper tiles there decline the call's bias or dropout
+    (tiles.Sm90Tiles.bias, .dropout)."""
     cuda_path._KNOWN.clear()
     caplog.clear()
     with caplog.at_level("DEBUG", logger="cupyflash.launch"):
         check_features(q, k, v, dout, bias, **features)
     fallbacks = _on_mma_sync(caplog)
     keys = bias is not None and bias.dtype == torch.bool and bias.shape[2] == 1
-    mods = any(v not in (None, 0.0, (-1, -1), False) for k, v in features.items() if k not in ("causal", "seed"))
-    mods = mods or (bias is not None and not keys)
-    if runs_at is None:
-        t = tiles.FORWARD_SM90[head_dim]
-        runs_at = head_dim if not (mods and not t.mods or keys and not t.key_mask) else kernel_head_dim(head_dim)
+    runs_at = head_dim if runs_at is None else runs_at
     t = tiles.BACKWARD_SM90[runs_at]
     dropout = features.get("dropout_p", 0.0) > 0
     added_bias = bias is not None and not keys
-    if mods and not t.mods or added_bias and not t.bias or dropout and not t.dropout or keys and not t.key_mask:
+    if added_bias and not t.bias or dropout and not t.dropout:
         # The declined backward goes to mma.sync's next head dim, and the reason names it there (d160's bias: 256)
         at = kernel_head_dim(runs_at)
         assert fallbacks and all(m.startswith("backward on mma.sync: ") and f"at head_dim {at}:" in m

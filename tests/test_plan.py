@@ -936,7 +936,7 @@ def test_key_meta_rows_cover_a_whole_block_past_the_last_key():
     ("fwd", dict(bias=KEY_MASK, dropout_p=0.1), "dropout"),
     ("bwd", dict(bias=KEY_MASK, cc=80), "mma.sync"),
     ("fwd", dict(bias=KEY_MASK, sm90=False), "mma.sync"),
-    ("bwd", dict(bias=KEY_MASK, d=256, window=(32, 0)), "no score mods on the wide Hopper backward"),
+    ("bwd", dict(bias=KEY_MASK, d=256, window=(32, 0)), "a window beside it on the wide Hopper backward"),
 ])
 def test_other_boolean_masks_run_as_an_added_bias(kernel, change, why):
     """Plan.mask_form "bias": the face turns the mask into 0 / -inf, contiguous, as the plan's layout says."""

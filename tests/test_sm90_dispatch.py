@@ -136,7 +136,6 @@ def test_takes_score_mods(mod, d):
                     "dropout": f"dropout at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.dropout)"}.get(mod)
     assert _why(d=d, mods=SCORE_MODS[mod], forward=forward) == backward
     assert spilled == (mod == "dropout" and d in (32, 160, 192, 256))
-    assert FORWARD_SM90[d].mods and BACKWARD_SM90[d].mods
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
