@@ -245,11 +245,17 @@ def test_unseen_rows_in_16_bit_within_the_rule(dtype, n_k):
         assert_within_rule(g, r, e, 3.0, rounding_floor(r, dtype), f"d{name}")
 
 
+def _positions(q, k):
+    """Query positions i, (1, 1, Nq, 1), and key positions j, (1, 1, 1, Nk), as masking_utils builds its masks."""
+    i = torch.arange(q.shape[-2])[None, None, :, None]
+    j = torch.arange(k.shape[-2])[None, None, None, :]
+    return i, j
+
+
 def filled_causal_padding(q, k, v, pad):
     """masked_fill replaces the scores of masked keys: a row with no key is uniform and passes no gradient to q
     or k (eager's rows of the first, left-padded, queries)."""
-    i = torch.arange(q.shape[-2])[None, None, :, None]
-    j = torch.arange(k.shape[-2])[None, None, None, :]
+    i, j = _positions(q, k)
     keep = (j <= i + (k.shape[-2] - q.shape[-2])) & pad[:, None, None, :]
     return _scores(q, k).masked_fill(~keep, torch.finfo(torch.float32).min).softmax(-1) @ v
 
@@ -271,8 +277,7 @@ def _scores(q, k):
 
 def strided_mask(q, k, v):
     """kv <= 2·q, built with aranges as masking_utils builds its masks: not a band."""
-    i = torch.arange(q.shape[-2])[None, None, :, None]
-    j = torch.arange(k.shape[-2])[None, None, None, :]
+    i, j = _positions(q, k)
     bias = torch.where(j <= 2 * i, torch.tensor(0.0), torch.finfo(torch.float32).min)
     return (_scores(q, k) + bias).softmax(-1) @ v
 
@@ -298,36 +303,29 @@ def test_lookalike_masks_stay_dense(fn, extra, reason):
     compile_and_compare(fn, q, k, v, *extra, expect=1)
 
 
-def _distance(q, k):
-    """|i - j| of query i and key j, built with aranges as masking_utils builds its masks."""
-    i = torch.arange(q.shape[-2])[None, None, :, None]
-    j = torch.arange(k.shape[-2])[None, None, None, :]
-    return i, j
-
-
 def distance_within(q, k, v):
     """masking_utils' bidirectional sliding window (ModernBERT's local layers): abs(q_idx - kv_idx) <= 2."""
-    i, j = _distance(q, k)
+    i, j = _positions(q, k)
     bias = torch.where(abs(i - j) <= 2, torch.tensor(0.0), torch.finfo(torch.float32).min)
     return (_scores(q, k) + bias).softmax(-1) @ v
 
 
 def distance_not_beyond(q, k, v):
     """The same band as a fill of the keys beyond it: masked_fill(~((j - i).abs() < 3))."""
-    i, j = _distance(q, k)
+    i, j = _positions(q, k)
     return _scores(q, k).masked_fill(~(3 > (j - i).abs()), float("-inf")).softmax(-1) @ v
 
 
 def distance_beyond(q, k, v):
     """Look-alike: only keys more than 1 away (a union of two bands, not a window)."""
-    i, j = _distance(q, k)
+    i, j = _positions(q, k)
     bias = torch.where(abs(i - j) > 1, torch.tensor(0.0), torch.finfo(torch.float32).min)
     return (_scores(q, k) + bias).softmax(-1) @ v
 
 
 def distance_against_distance(q, k, v):
     """Look-alike: |i - j| <= |i - 2|, a distance on both sides."""
-    i, j = _distance(q, k)
+    i, j = _positions(q, k)
     bias = torch.where(abs(i - j) <= abs(i - 2), torch.tensor(0.0), torch.finfo(torch.float32).min)
     return (_scores(q, k) + bias).softmax(-1) @ v
 
