@@ -391,10 +391,12 @@ def _sum_to_shape(t: torch.Tensor, shape) -> torch.Tensor:
 
 def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
              dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None, bias_grad: bool = False, *,
-             softcap: float = 0.0):
+             softcap: float = 0.0, dlse: Optional[torch.Tensor] = None):
     """Returns (dq, dk, dv, dbias) recomputing P chunk by chunk from the saved lse (nothing N×N kept); dbias is
-    shaped like attn_bias when bias_grad, else None. (out, lse) may come from either forward path."""
-    plan = route(q, k, attn_bias, causal, window, dropout_p, softcap, bias_grad, lse) if _same_head_dims(q, v) else None
+    shaped like attn_bias when bias_grad, else None. (out, lse) may come from either forward path. ``dlse``: the
+    gradient reaching lse, or None (torch's kernels take none: such a call runs chunked)."""
+    plan = (route(q, k, attn_bias, causal, window, dropout_p, softcap, bias_grad, lse)
+            if _same_head_dims(q, v) and dlse is None else None)
     x = _prepare(q, k, v, attn_bias, scale, causal, window, softcap, plan)
     do, o = dout.to(x.q.dtype), out.to(x.q.dtype)
     if plan is not None:
@@ -406,7 +408,7 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
             dq, dk, dv = (a + b for a, b in zip((dq, dk, dv), parts))
         dbias = None
     else:
-        dq, dk, dv, dbias = _chunked_backward(x, do, o, lse, attn_bias, dropout_p, seed, bias_grad)
+        dq, dk, dv, dbias = _chunked_backward(x, do, o, lse, attn_bias, dropout_p, seed, bias_grad, dlse=dlse)
     group = q.shape[1] // k.shape[1]
     if group > 1:  # sum the gradients of the query heads that share a K/V head
         dk = dk.unflatten(1, (k.shape[1], group)).sum(2)  # (B, Hkv, Nk, D)
@@ -415,11 +417,13 @@ def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, win
             None if dbias is None else dbias.to(attn_bias.dtype))
 
 
-def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_grad, rows=None):
+def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_grad, rows=None, dlse=None):
     """(dq, dk, dv, dbias) in the compute dtype with dk, dv for q's heads. ``rows``: (rows as _union_rows gives
     them, selected (.., Nq) bool) to take only the selected rows' share (no dropout, no bias gradient), or None
     for all."""
     d_i = (do * o).sum(dim=-1, keepdim=True)  # D = rowsum(dO ∘ O), (B, H, Nq, 1)
+    if dlse is not None:  # dLSE_i / dS_ij = P_ij: the LSE's gradient enters dS = P ∘ (dP - D) as D - dLSE
+        d_i = d_i - dlse.unsqueeze(-1).to(d_i.dtype)
     shift, inv_l = _softmax_shift(x, lse)
     chunks = _key_chunks(x)
     if rows is not None:

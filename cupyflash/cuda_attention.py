@@ -24,9 +24,9 @@ def plain_forward_runner(q, k, v, scale: float, causal: bool, window: tuple, sof
 
 
 def backward(dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
-             dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
+             dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0, dlse=None):
     return cuda_path.backward(_TORCH, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed,
-                              bias_grad, softcap)
+                              bias_grad, softcap, dlse)
 
 
 def plain_backward_runner(dout, q, k, v, out, lse, scale: float, causal: bool, window: tuple, softcap: float,

@@ -355,12 +355,12 @@ def plain_backward_runner(xp, dout, q, k, v, out, lse, scale: float, causal: boo
 
 
 def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool, window=(-1, -1),
-             dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0):
+             dropout_p: float = 0.0, seed=None, bias_grad: bool = False, softcap: float = 0.0, dlse=None):
     """(dq, dk, dv, dbias): shaped like q, k, v, in the layouts of xp.grad_allocator; dbias shaped like attn_bias
-    in its dtype, or None."""
+    in its dtype, or None. `dlse`: the gradient reaching lse ((B, H, Nq) fp32), or None."""
     if q.shape[3] and not _as_is(xp, "bwd", q, v):
         return _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed,
-                                bias_grad, softcap, declined=False)
+                                bias_grad, softcap, dlse, declined=False)
     with xp.on_device(q):
         dtype = xp.dtype_name(q)
         dq, dk, dv = (xp.grad_allocator(a)() for a in (q, k, v))  # as the op's fake
@@ -379,6 +379,7 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
         row_lse = xp.empty((batch, heads, n_q, 2), "float32", q) if rebuild else None
         window = tuple(window)
         lse = xp.contiguous(lse)
+        dlse = None if dlse is None else xp.contiguous(dlse)
         bias = _kernel_bias(xp, attn_bias, dtype)
 
         def bufs(q, k, v, out, dout) -> dict:
@@ -386,27 +387,30 @@ def backward(xp, dout, q, k, v, attn_bias, out, lse, scale: float, causal: bool,
                          dv=dv)  # BACKWARD_BUFS' order
             if row_lse is not None:
                 named["row_lse"] = row_lse
+            if dlse is not None:
+                named["dlse"] = dlse
             return named
 
         def build(ready):
             return _plan(xp, "bwd", ready[0], ready[1], bias, bufs(*ready), scale, causal, window, dropout_p, softcap,
                          bias_grad)
 
-        options = (xp.signature(lse), scale, causal, window, dropout_p, softcap, bias_grad, rebuild)
+        options = (xp.signature(lse), scale, causal, window, dropout_p, softcap, bias_grad, rebuild,
+                   None if dlse is None else xp.signature(dlse))
         p, ready = _planned(xp, "bwd", (q, k, v, out, dout), bias, options, build)
         if p.family == plan.PADDED:
             return _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed,
-                                    bias_grad, softcap)
+                                    bias_grad, softcap, dlse)
         _launch(xp, p, ready[0], bias, bufs(*ready), causal, window, seed, dbias)
     return dq, dk, dv, None if dbias is None else xp.astype(dbias, xp.dtype_name(attn_bias))
 
 
 def _padded_backward(xp, dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p, seed, bias_grad,
-                     softcap, declined=True):
+                     softcap, dlse, declined=True):
     """backward on the arrays zero-padded to _padded_head_dim's head dim, the gradients sliced back."""
     kernel_d = _padded_head_dim(xp, "bwd", q, v, declined)
     launch.require_backward(max(q.shape[3], v.shape[3]), xp.dtype_name(q))
     padded = (_pad_head(xp, a, kernel_d) for a in (dout, q, k, v))
     dq, dk, dv, dbias = backward(xp, *padded, attn_bias, _pad_head(xp, out, kernel_d), lse, scale, causal, window,
-                                 dropout_p, seed, bias_grad, softcap)
+                                 dropout_p, seed, bias_grad, softcap, dlse)
     return (*(_unpad_head(xp, g, t.shape[3], xp.grad_allocator(t)) for g, t in ((dq, q), (dk, k), (dv, v))), dbias)

@@ -188,9 +188,10 @@ def flash_attn_forward(q, k, v, attn_bias=None, *, scale: float | None = None, c
 def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float | None = None,
                         causal: bool = False, window: tuple = (-1, -1), dropout_p: float = 0.0,
                         dropout_seed: int | None = None, softcap: float = 0.0, bias_grad: bool = False,
-                        allow_tf32: bool = False):
+                        allow_tf32: bool = False, dlse=None):
     """Returns (dq, dk, dv), or (dq, dk, dv, dbias) with ``bias_grad``, for the forward's (out, lse) with the same
-    arguments, recomputing the attention matrix block by block.
+    arguments, recomputing the attention matrix block by block. ``dlse``: the gradient of a loss that reads lse too
+    ((B, H, Nq) fp32), or None.
 
     dq, dk, dv are contiguous and shaped like q, k, v (dk, dv summed over the query heads sharing a K/V head);
     dbias is shaped like ``attn_bias`` (summed over its broadcast dims) in its dtype. Dropout regenerates the
@@ -202,23 +203,26 @@ def flash_attn_backward(dout, q, k, v, out, lse, attn_bias=None, *, scale: float
     if _is_torch(q):
         from .torch_op import flash_attn_bwd
 
-        _require_cuda_tensors(dout=dout, q=q, k=k, v=v, out=out, lse=lse, attn_bias=attn_bias)
+        _require_cuda_tensors(dout=dout, q=q, k=k, v=v, out=out, lse=lse, attn_bias=attn_bias, dlse=dlse)
         _require_tf32(q, allow_tf32)
         dout, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, out))  # as the op's autograd does
         grads = flash_attn_bwd(dout, q, k, v, attn_bias, out, lse, _scale(scale, q), causal, *window,
                                float(dropout_p),
-                               _torch_seed(dropout_seed, dropout_p, q), bool(bias_grad), float(softcap))
+                               _torch_seed(dropout_seed, dropout_p, q), bool(bias_grad), float(softcap),
+                               dlse=dlse)
         return grads if bias_grad else grads[:3]
     import cupy
 
     q, k, v = _as_cupy("q", q), _as_cupy("k", k), _as_cupy("v", v)
     dout, out, lse = _as_cupy("dout", dout), _as_cupy("out", out), _as_cupy("lse", lse)
     attn_bias = None if attn_bias is None else _as_cupy("attn_bias", attn_bias)
+    dlse = None if dlse is None else _as_cupy("dlse", dlse)
     _check_arrays(q, k, v, attn_bias, allow_tf32)
-    check_backward_inputs(_info("q", q), _info("v", v), _info("dout", dout), _info("out", out), _info("lse", lse))
+    check_backward_inputs(_info("q", q), _info("v", v), _info("dout", dout), _info("out", out), _info("lse", lse),
+                          None if dlse is None else _info("dlse", dlse))
     scale, window = _scale(scale, q), effective_window(window, q.shape[2], k.shape[2])
     with q.device:
         seed = _seed_on_device(dropout_seed, dropout_p)
         dq, dk, dv, dbias = cuda_path.backward(ops_for(q), dout, q, k, v, attn_bias, out, lse, scale, causal, window,
-                                               float(dropout_p), seed, bool(bias_grad), float(softcap))
+                                               float(dropout_p), seed, bool(bias_grad), float(softcap), dlse)
     return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias)

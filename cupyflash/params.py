@@ -227,7 +227,8 @@ BWD_SM90_ARGS = Struct("flash_bwd_sm90_kernel", (
     positional=True)
 BWD_PREPROCESS = Struct("BwdPreprocessParams<u16>", (
     ("dout", PTR), ("out", PTR), ("d_vec", PTR), ("dq_accum", PTR), ("do_s", BHN), ("o_s", BHN),
-    ("H", I32), ("Nq", I32), ("Nq_accum", I32), ("n_rows", I64), ("lse", PTR), ("row_lse", PTR)))
+    ("H", I32), ("Nq", I32), ("Nq_accum", I32), ("n_rows", I64), ("lse", PTR), ("row_lse", PTR),
+    ("dlse", PTR)))
 CONVERT_DQ = Struct("ConvertDqParams<u16>", (
     ("dq_accum", PTR), ("dq", PTR), ("dq_s", BHN), ("H", I32), ("Nq", I32), ("n_rows", I64), ("scale", F32)))
 SPLIT_KV = Struct("SplitKvParams<u16>", (
@@ -363,14 +364,15 @@ def mma_backward(*, dtype: str, shape: tuple, n_k: int, kv_heads: int, q: Buf, k
 
 
 def preprocess(*, dout: Buf, out: Buf, d_vec: Buf, dq_accum: Buf, heads: int, n_q: int, n_q_accum: int,
-               n_rows: int, lse: Buf | None = None, row_lse: Buf | None = None) -> Packed:
-    """flash_bwd_preprocess's BwdPreprocessParams: D = rowsum(dO ∘ O), dQ_accum's n_rows rows (n_q_accum per head)
-    zeroed; with `lse` and `row_lse` (contiguous), row_lse = (lse · log2 e, 0) too."""
+               n_rows: int, lse: Buf | None = None, row_lse: Buf | None = None, dlse: Buf | None = None) -> Packed:
+    """flash_bwd_preprocess's BwdPreprocessParams: D = rowsum(dO ∘ O) (- dlse, the LSE's gradient, contiguous
+    (B, H, Nq)), dQ_accum's n_rows rows (n_q_accum per head) zeroed; with `lse` and `row_lse` (contiguous), row_lse =
+    (lse · log2 e, 0) too."""
     if (lse is None) != (row_lse is None):
         raise ValueError("the preprocess writes row_lse from lse: pass both or neither")
     return BWD_PREPROCESS.pack(dict(dout=dout.ptr, out=out.ptr, d_vec=d_vec.ptr, dq_accum=dq_accum.ptr,
                                     do_s=_bhn(dout), o_s=_bhn(out), H=heads, Nq=n_q, Nq_accum=n_q_accum, n_rows=n_rows,
-                                    lse=_optional(lse), row_lse=_optional(row_lse)))
+                                    lse=_optional(lse), row_lse=_optional(row_lse), dlse=_optional(dlse)))
 
 
 def convert_dq(*, dq_accum: Buf, dq: Buf, heads: int, n_q: int, n_rows: int, scale: float) -> Packed:

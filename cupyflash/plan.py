@@ -55,6 +55,7 @@ BACKWARD_BUFS = ("q", "k", "v", "out", "dout", "lse", "d_vec", "dq_accum", "dq",
 # row_lse, contiguous (B, H, Nq, 2) fp32, the rows' (hi, lo) pairs with P = exp2((s - hi) - lo) (the rebuild rule of
 # cupyflash/cpu_attention.py; _stats_step).
 BIAS_BACKWARD_BUFS = ("row_lse",)
+# A backward whose LSE has a gradient takes dlse last: contiguous (B, H, Nq) fp32, subtracted from D by the preprocess.
 
 
 def preprocess_lanes(d: int, dtype: str) -> int:
@@ -91,7 +92,8 @@ class CallLayout(NamedTuple):
     shape: tuple  # q's (B, H, Nq, D)
     n_k: int
     kv_heads: int
-    bufs: tuple  # ((name, strides in elements, address % 16), ...): FORWARD_BUFS, BACKWARD_BUFS (+ BIAS_BACKWARD_BUFS)
+    # ((name, strides in elements, address % 16), ...): FORWARD_BUFS, BACKWARD_BUFS (+ BIAS_BACKWARD_BUFS, dlse)
+    bufs: tuple
     causal: bool
     scale: float
     bias: BiasLayout | None = None
@@ -325,7 +327,8 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
         row_block = (32 * ROWS_PER_BLOCK,)
         pre = params.preprocess(dout=bufs["dout"], out=bufs["out"], d_vec=bufs["d_vec"], dq_accum=bufs["dq_accum"],
                                 heads=heads, n_q=n_q, n_q_accum=dq_accum_rows(n_q), n_rows=accum_rows,
-                                lse=None if row_lse is None else bufs["lse"], row_lse=row_lse)
+                                lse=None if row_lse is None else bufs["lse"], row_lse=row_lse,
+                                dlse=bufs.get("dlse"))
         if family == HOPPER:  # dQ_accum in the Hopper kernel's fragment order: one thread per float4
             n_items = accum_rows * d // 4
             convert = (jit.Variant("bwd_convert_dq_sm90", layout.dtype, d),

@@ -266,19 +266,21 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    attn_bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
                    causal: bool, window_left: int = -1, window_right: int = -1, dropout_p: float = 0.0,
                    dropout_seed: Optional[torch.Tensor] = None, bias_grad: bool = False, softcap: float = 0.0,
-                   unseen_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   unseen_rows: int = 0, dlse: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dbias) shaped like q, k, v and attn_bias (dbias contiguous, empty unless bias_grad);
     dq, dk, dv (B, H, N, D) tensors whose memory is (B, N, H, D) (array_ops.token_major_strides). ``unseen_rows``:
-    the forward's."""
+    the forward's. ``dlse``: the gradient reaching lse ((B, H, Nq) fp32), or None; a row that saw no key (lse
+    +inf) takes none of it."""
     return _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
-                     dropout_seed, bias_grad, softcap, unseen_rows)
+                     dropout_seed, bias_grad, softcap, unseen_rows, dlse)
 
 
 def _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p, dropout_seed,
-              bias_grad, softcap, unseen_rows=0):
+              bias_grad, softcap, unseen_rows=0, dlse=None):
     """flash_attn_bwd's body, which _EagerAttention's backward runs too."""
     dq, dk, dv, dbias = _attention_backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left,
-                                            window_right, dropout_p, dropout_seed, bias_grad, softcap)
+                                            window_right, dropout_p, dropout_seed, bias_grad, softcap, dlse)
     if unseen_rows:
         unseen.check_mode(unseen_rows, dropout_p)
         unseen.backward(dq, dk, dv, dout, q, k, v, lse, scale, unseen_rows)
@@ -286,19 +288,19 @@ def _backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, wi
 
 
 def _attention_backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
-                        dropout_seed, bias_grad, softcap):
+                        dropout_seed, bias_grad, softcap, dlse=None):
     """The attention's gradients (rows without keys add nothing)."""
     key = None
-    if (dropout_p == 0.0 and dropout_seed is None and not bias_grad
+    if (dropout_p == 0.0 and dropout_seed is None and not bias_grad and dlse is None
             and (attn_bias is None or _key_mask_like(attn_bias))):
         key = _plain_key((q, k, v, dout, out, lse, attn_bias), (scale, causal, window_left, window_right, softcap))
         run = _PLAIN_BACKWARDS.get(key)
         if run is not None:
             return (*run(dout, q, k, v, out, lse, attn_bias), q.new_empty(0))
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
-                    bias_grad, softcap)
+                    bias_grad, softcap, dlse)
     result = _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
-                            dropout_seed, bias_grad, softcap)
+                            dropout_seed, bias_grad, softcap, dlse)
     if key is not None and key not in _PLAIN_BACKWARDS:
         window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
         _remember(_PLAIN_BACKWARDS, key,
@@ -308,7 +310,7 @@ def _attention_backward(dout, q, k, v, attn_bias, out, lse, scale, causal, windo
 
 
 def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left, window_right, dropout_p,
-                   dropout_seed, bias_grad, softcap):
+                   dropout_seed, bias_grad, softcap, dlse=None):
     """The backward on inputs already checked."""
     if is_empty(q.shape, k.shape):
         # No query, key or feature: dq, dk, dv have no element or nothing to sum, and dBias = P ∘ (dO Vᵀ - D) is
@@ -317,7 +319,7 @@ def _backward_pass(dout, q, k, v, attn_bias, out, lse, scale, causal, window_lef
         return (*(_token_major_empty(t.shape, t).zero_() for t in (q, k, v)), dbias)
     window = effective_window((window_left, window_right), q.shape[2], k.shape[2])
     dq, dk, dv, dbias = _impl(q).backward(dout, q, k, v, attn_bias, out, lse, scale, causal, window, dropout_p,
-                                          dropout_seed, bias_grad, softcap=softcap)
+                                          dropout_seed, bias_grad, softcap=softcap, dlse=dlse)
     dq, dk, dv = (_token_major(g) for g in (dq, dk, dv))
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
 
@@ -336,43 +338,44 @@ def _token_major(a: torch.Tensor) -> torch.Tensor:
 
 
 def _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
-                    bias_grad, softcap):
+                    bias_grad, softcap, dlse=None):
     """The forward's checks and the backward's own. The op's backward under autograd or Inductor gets what its
     forward checked: a call whose layouts and arguments passed before is a dict lookup (only passing checks are
     cached), while a user's direct call with anything new runs every check, with the same messages."""
-    tensors = (dout, q, k, v, attn_bias, out, lse, dropout_seed)
+    tensors = (dout, q, k, v, attn_bias, out, lse, dropout_seed, dlse)
     if all(type(t) is torch.Tensor for t in tensors if t is not None) and not torch.compiler.is_compiling():
         key = (*(_layout(t) for t in tensors), scale, window_left, window_right, dropout_p, bias_grad, softcap,
                q.device.type == "cuda" and q.dtype == torch.float32 and tf32_allowed())
         if key in _BACKWARD_CHECKED:
             return
         _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p,
-                                 dropout_seed, bias_grad, softcap)
+                                 dropout_seed, bias_grad, softcap, dlse)
         if len(_BACKWARD_CHECKED) >= 1024:
             _BACKWARD_CHECKED.clear()
         _BACKWARD_CHECKED.add(key)
         return
     _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p,
-                             dropout_seed, bias_grad, softcap)
+                             dropout_seed, bias_grad, softcap, dlse)
 
 
 _BACKWARD_CHECKED = set()  # _check_backward's keys that passed
 
 
 def _check_backward_uncached(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p,
-                             dropout_seed, bias_grad, softcap):
+                             dropout_seed, bias_grad, softcap, dlse):
     _check(q, k, v, attn_bias, (window_left, window_right), dropout_p, dropout_seed, softcap, scale)
     check_backward_inputs(*(_info(name, _layout(t)) for name, t in (("q", q), ("v", v), ("dout", dout),
-                                                                       ("out", out), ("lse", lse))))
+                                                                       ("out", out), ("lse", lse))),
+                          dlse=None if dlse is None else _info("dlse", _layout(dlse)))
     check_bias_grad(None if attn_bias is None else str(attn_bias.dtype).removeprefix("torch."), bias_grad)
 
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, attn_bias, out, lse, scale, causal, window_left=-1, window_right=-1, dropout_p=0.0,
-      dropout_seed=None, bias_grad=False, softcap=0.0, unseen_rows=0):
+      dropout_seed=None, bias_grad=False, softcap=0.0, unseen_rows=0, dlse=None):
     # Checked here too: a meta tensor among real ones dispatches the call here, not to the op's body.
     _check_backward(dout, q, k, v, attn_bias, out, lse, scale, window_left, window_right, dropout_p, dropout_seed,
-                    bias_grad, softcap)
+                    bias_grad, softcap, dlse)
     unseen.check_mode(unseen_rows, dropout_p)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
     return (*(_token_major_empty(t.shape, t) for t in (q, k, v)), dbias)
@@ -382,27 +385,32 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_bias, scale, causal, window_left, window_right, dropout_p, dropout_seed, softcap = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_bias, out, lse, dropout_seed)
-    # The backward kernels take no gradient of the LSE (D = rowsum(dO ∘ O) has no term for it): a loss reading the
-    # LSE would get silently wrong gradients, so it carries none and autograd says so.
-    ctx.mark_non_differentiable(lse)
+    # An output no loss reads gets None, not a zero tensor (an allocation and a memset launch at each backward, ~20
+    # µs of the engine thread's time on an H100's host): lse's gradient is rarely there, out's nearly always.
+    ctx.set_materialize_grads(False)
     ctx.scale, ctx.causal, ctx.window, ctx.dropout_p = scale, causal, (window_left, window_right), dropout_p
     ctx.softcap = softcap
     ctx.unseen_rows = inputs[12] if len(inputs) > 12 else 0
 
 
-def _gradients(ctx, dout, backward_pass):
-    """The input gradients from the saved context, the backward run by `backward_pass` (flash_attn_bwd's
-    signature): the op's own under autograd, or its body (_backward) in _EagerAttention."""
+def _gradients(ctx, dout, dlse, backward_pass):
+    """The input gradients from the saved context and the gradients reaching out and lse (None where no loss reads
+    them), the backward run by `backward_pass` (flash_attn_bwd's signature): the op's own under autograd, or its
+    body (_backward) in _EagerAttention."""
+    if dout is None and dlse is None:
+        return (None,) * len(ctx.needs_input_grad)
     q, k, v, attn_bias, out, lse, dropout_seed = ctx.saved_tensors
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv, dbias = backward_pass(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, attn_bias,
                                       out, lse, ctx.scale, ctx.causal, *ctx.window, ctx.dropout_p, dropout_seed,
-                                      bias_grad, ctx.softcap, ctx.unseen_rows)
+                                      bias_grad, ctx.softcap, ctx.unseen_rows, dlse)
     return dq, dk, dv, dbias if bias_grad else None, *[None] * (len(ctx.needs_input_grad) - 4)
 
 
 def _op_backward(ctx, dout, dlse):
-    return _gradients(ctx, dout, flash_attn_bwd)
+    return _gradients(ctx, dout, dlse, flash_attn_bwd)
 
 
 flash_attn_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -489,14 +497,11 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, *inputs):
         out, lse = _forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
-        # lse's gradient is never read: without this, autograd fills a zero tensor for it before each backward
-        # (an allocation and a memset launch, ~20 µs of the engine thread's time on an H100's host).
-        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _gradients(ctx, dout, _backward)
+        return _gradients(ctx, dout, dlse, _backward)
 
 
 class _Dropped(torch.autograd.Function):
@@ -553,9 +558,11 @@ def _scalar(name: str, x, expected: str) -> float:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
                     *, scale: Optional[float] = None, causal: bool = False, window: Optional[tuple] = (-1, -1),
-                    dropout_p: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
+                    dropout_p: float = 0.0, softcap: float = 0.0, return_lse: bool = False):
     """dropout(softmax(scale · q kᵀ + attn_bias)) v for (B, H, N, D) tensors, differentiable in q, k, v and a
-    floating attn_bias. Accepts what SDPA accepts where the kernels can (docs/API.md).
+    floating attn_bias. Accepts what SDPA accepts where the kernels can (docs/API.md). With ``return_lse``, (out,
+    lse): lse (B, H, Nq) fp32 the rows' natural-log log-sum-exp of the logits (+inf for a row that sees no key),
+    differentiable too (attention sinks, merging attention over key blocks).
 
     ``attn_bias``: additive (floating) or boolean (True = keep, as SDPA), 2-D (Nq, Nk), 3-D (H, Nq, Nk) or 4-D,
     broadcastable to (B, H, Nq, Nk) by size-1 dims. k and v may have fewer heads than q (grouped-query attention);
@@ -577,6 +584,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
                     "a float, or None for 1/sqrt(head_dim)")
     q, k, v, attn_bias = _sdpa_shapes(q, k, v, attn_bias)
     if dropout_p == 1.0:
+        if return_lse:
+            raise ValueError("return_lse=True with dropout_p=1: every probability is dropped, so out is 0 and the "
+                             "kernels are not run; pass dropout_p < 1")
         # The scalars were checked above, and scale and softcap leave the zeros as they are (the op's value checks
         # call math.isfinite, which Dynamo does not trace).
         _check_tensors(q, k, v, attn_bias)
@@ -587,10 +597,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
     args = (q, k, v, attn_bias, scale, causal, *window, dropout_p, seed, softcap)
     # The op itself where graphs are captured (torch.compile) or tensors are not plain (fake, subclasses).
     if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (q, k, v)):
-        return flash_attn_fwd(*args)[0]
-    if forward_ad._current_level >= 0:
-        _refuse_tangents("flash_attention", (q, k, v, attn_bias))
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                         or (attn_bias is not None and attn_bias.requires_grad))):
-        return _forward(*args)[0]  # nothing to record: the op's body (a plain call runs its plan at once)
-    return _EagerAttention.apply(*args)[0]
+        result = flash_attn_fwd(*args)
+    else:
+        if forward_ad._current_level >= 0:
+            _refuse_tangents("flash_attention", (q, k, v, attn_bias))
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                             or (attn_bias is not None and attn_bias.requires_grad))):
+            result = _forward(*args)  # nothing to record: the op's body (a plain call runs its plan at once)
+        else:
+            result = _EagerAttention.apply(*args)
+    return result if return_lse else result[0]

@@ -127,9 +127,10 @@ def _check_bias(bias: TensorInfo, q: TensorInfo, k: TensorInfo) -> None:
         raise ValueError(f"attn_bias is on {bias.device} but q is on {q.device}; all inputs must be on one device")
 
 
-def check_backward_inputs(q: TensorInfo, v: TensorInfo, dout: TensorInfo, out: TensorInfo, lse: TensorInfo) -> None:
-    """The backward's own inputs, beside q, k, v and the bias (check_attention_inputs): the forward's out and lse
-    and the gradient of out, shaped (B, H, Nq, v's head dim)."""
+def check_backward_inputs(q: TensorInfo, v: TensorInfo, dout: TensorInfo, out: TensorInfo, lse: TensorInfo,
+                          dlse: TensorInfo | None = None) -> None:
+    """The backward's own inputs, beside q, k, v and the bias (check_attention_inputs): the forward's out and lse,
+    the gradient of out, shaped (B, H, Nq, v's head dim), and that of lse, shaped as lse, or None."""
     want = (*q.shape[:3], v.shape[3])
     for t in (dout, out):
         if tuple(t.shape) != want or t.dtype != q.dtype:
@@ -138,7 +139,10 @@ def check_backward_inputs(q: TensorInfo, v: TensorInfo, dout: TensorInfo, out: T
     if lse.shape != q.shape[:-1] or lse.dtype != "float32":
         raise ValueError(f"lse must be float32 of shape (batch, heads, seqlen_q) = {q.shape[:-1]}, "
                          f"got {lse.dtype} {lse.shape}")
-    for t in (dout, out, lse):
+    if dlse is not None and (dlse.shape != q.shape[:-1] or dlse.dtype != "float32"):
+        raise ValueError(f"dlse (the gradient of lse) must be float32 of shape (batch, heads, seqlen_q) = "
+                         f"{q.shape[:-1]}, got {dlse.dtype} {dlse.shape}")
+    for t in (dout, out, lse) + (() if dlse is None else (dlse,)):
         if t.device != q.device:
             raise ValueError(f"{t.name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
 

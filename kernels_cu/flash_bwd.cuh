@@ -1,8 +1,9 @@
 // Backward: dQ, dK, dV recomputing S and P from Q, K and the saved LSE (Algorithm 2 of FlashAttention-2,
 // https://arxiv.org/abs/2307.08691). Three launches:
-//   1. flash_bwd_preprocess: D_i = rowsum(dO ∘ O), fp32, and dQ_accum zeroed. With a bias the rows' (hi, lo) pairs
-//      too, P = exp2((s - hi) - lo): (LSE · log2 e, 0), until the forward kernel's stats mode (flash_fwd.cuh)
-//      replaces those of the rows under the rebuild rule (scores.cuh kLseRebuild) with (m, log2 l).
+//   1. flash_bwd_preprocess: D_i = rowsum(dO ∘ O) (less dLSE_i where the LSE has a gradient), fp32, and dQ_accum
+//      zeroed. With a bias the rows' (hi, lo) pairs too, P = exp2((s - hi) - lo): (LSE · log2 e, 0), until the
+//      forward kernel's stats mode (flash_fwd.cuh) replaces those of the rows under the rebuild rule (scores.cuh
+//      kLseRebuild) with (m, log2 l).
 //   2. flash_bwd_kernel: one thread block per (K/V block of Bc rows, K/V head, batch). dK_j, dV_j stay in
 //      registers while the Q/dO blocks of every query head that shares the K/V head (grouped-query attention)
 //      stream through shared memory, so dK/dV are summed over the group without atomics; each warp owns 16 keys
@@ -69,7 +70,8 @@ __global__ void flash_bwd_preprocess(const BwdPreprocessParams<typename T::elem>
 #pragma unroll
     for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(mask, acc, off);
     if (g == 0) {
-        d_vec[q_row] = acc;
+        // dLSE_i / dS_ij = P_ij, so a gradient reaching the LSE enters dS = P ∘ (dP - D) as D_i - dLSE_i.
+        d_vec[q_row] = params.dlse == nullptr ? acc : acc - params.dlse[q_row];
         if (params.row_lse != nullptr) params.row_lse[q_row] = make_float2(params.lse[q_row] * kLog2e, 0.f);
     }
 }

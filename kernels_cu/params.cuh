@@ -107,7 +107,8 @@ struct BwdParams {
     const float2* row_lse;
 };
 
-// flash_bwd.cuh flash_bwd_preprocess. lse and row_lse both null or both set.
+// flash_bwd.cuh flash_bwd_preprocess. lse and row_lse both null or both set; dlse null, or the LSE's gradient
+// (contiguous (B, H, Nq) fp32).
 template <typename E>
 struct BwdPreprocessParams {
     const E* dout;
@@ -119,6 +120,7 @@ struct BwdPreprocessParams {
     i64 n_rows;  // B·H·Nq_accum
     const float* lse;
     float2* row_lse;
+    const float* dlse;
 };
 
 // flash_bwd.cuh flash_bwd_convert_dq and flash_bwd_sm90.cuh flash_bwd_convert_dq_sm90.

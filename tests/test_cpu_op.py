@@ -119,14 +119,89 @@ def test_input_checks_cached_by_layout_still_refuse_every_bad_call():
             cupyflash.flash_attention(q, k.float(), v)
 
 
-def test_lse_carries_no_gradient():
-    """The backward has no term for the LSE's gradient, so the op marks it non-differentiable: a loss on it raises
-    instead of silently getting the gradient of the output alone."""
-    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
-    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.25, True)
-    assert out.requires_grad and not lse.requires_grad
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        lse.sum().backward()
+def _lse_loss_ref(q, k, v, g, g_lse, causal, mask=None):
+    """<out, g> + <lse, g_lse> in fp64 autograd: the reference for the op's gradient through the LSE."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    n_q, n_k = s.shape[-2:]
+    if causal:
+        s = s.masked_fill(~torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    loss = (torch.softmax(s, -1) @ v * g.double()).sum() + (torch.logsumexp(s, -1) * g_lse.double()).sum()
+    return torch.autograd.grad(loss, (q, k, v))
+
+
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, False), (False, True)])
+def test_lse_gradient_reaches_q_and_k(causal, masked):
+    """A loss reading lse (attention sinks, merging partial attentions) gets its gradient through the backward
+    (D - dLSE): the op under autograd, its backward called with dlse, and flash_attention(return_lse=True), against
+    fp64 autograd; a key mask leaves the masked keys' gradient 0."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (17, 23, 23))
+    g, g_lse = torch.randn(2, 3, 17, 16), torch.randn(2, 3, 17)
+    mask = (torch.rand(2, 1, 1, 23) > 0.3) if masked else None
+    if masked:
+        mask[..., 0] = True  # every row keeps a key: lse finite
+    ref = _lse_loss_ref(q, k, v, g, g_lse, causal, mask)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(*leaves, mask, 0.25, causal)
+    assert out.requires_grad and lse.requires_grad
+    by_autograd = torch.autograd.grad((out, lse), leaves, (g, g_lse))
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, mask, 0.25, causal)
+    by_call = torch.ops.cupyflash.flash_attn_bwd(g, q, k, v, mask, out, lse, 0.25, causal, dlse=g_lse)[:3]
+    out, lse = cupyflash.flash_attention(*leaves, mask, causal=causal, return_lse=True)
+    by_function = torch.autograd.grad((out * g).sum() + (lse * g_lse).sum(), leaves)
+    for grads in (by_autograd, by_call, by_function):
+        for name, ours, want in zip(("dq", "dk", "dv"), grads, ref):
+            torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5, msg=name)
+    without = _lse_loss_ref(q, k, v, g, torch.zeros_like(g_lse), causal, mask)
+    assert (without[0] - ref[0]).abs().max() > 0.1  # the LSE's term is there to be missed
+
+
+def test_lse_gradient_alone_and_out_gradient_alone():
+    """Only lse in the loss (out's gradient None: zeros stand in) or only out (lse's None: no dlse, the plain
+    backward) give fp64 autograd's gradients."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
+    out, lse = cupyflash.flash_attention(q, k, v, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(lse.sum(), (q, k, v), allow_unused=True)
+    ref = _lse_loss_ref(q, k, v, torch.zeros(1, 2, 9, 8), torch.ones(1, 2, 9), False)
+    torch.testing.assert_close(dq.double(), ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dk.double(), ref[1], rtol=1e-4, atol=1e-5)
+    assert dv is None or not dv.any()
+    out, lse = cupyflash.flash_attention(q, k, v, return_lse=True)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = _lse_loss_ref(q, k, v, torch.ones(1, 2, 9, 8), torch.zeros(1, 2, 9), False)
+    for ours, want in zip(grads, ref):
+        torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_lse_gradient_under_torch_compile():
+    """The LSE's gradient through the op as AOTAutograd traces it (the op's registered autograd and fake)."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 11, 8, requires_grad=True) for _ in range(3))
+    sink = torch.randn(2, requires_grad=True)
+
+    def sinks(q, k, v, sink):
+        out, lse = cupyflash.flash_attention(q, k, v, causal=True, return_lse=True)
+        return out * torch.sigmoid(lse - sink[:, None])[..., None]
+
+    eager = torch.autograd.grad(sinks(q, k, v, sink).square().sum(), (q, k, v, sink))
+    compiled = torch.compile(sinks, backend="aot_eager", fullgraph=True)
+    for ours, want in zip(torch.autograd.grad(compiled(q, k, v, sink).square().sum(), (q, k, v, sink)), eager):
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_lse_gradient_is_refused_by_name():
+    q, k, v, dout = (torch.randn(1, 2, 5, 8) for _ in range(4))
+    out, lse = torch.ops.cupyflash.flash_attn_fwd(q, k, v, None, 0.25, False)
+    with pytest.raises(ValueError, match=r"dlse \(the gradient of lse\) must be float32 of shape"):
+        torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, False, dlse=lse[..., :4])
+    with pytest.raises(ValueError, match="dlse .* must be float32"):
+        torch.ops.cupyflash.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, False, dlse=lse.double())
+    with pytest.raises(ValueError, match="return_lse=True with dropout_p=1"):
+        cupyflash.flash_attention(q, k, v, dropout_p=1.0, return_lse=True)
 
 
 def test_backward_op_called_directly_still_refuses_bad_input_after_a_good_call():
