@@ -1,5 +1,6 @@
-"""A real transformers Llama training step: the cupyflash backend on the eager attention code against what a user
-already has (``attn_implementation="sdpa"``, eager and under Inductor), one process, the same weights and batch.
+"""A real transformers Llama (or GPT-OSS) training step: the cupyflash backend on the eager attention code against
+what a user already has (``attn_implementation="sdpa"``, eager and under Inductor; for GPT-OSS, whose attention
+sinks SDPA cannot take, FlexAttention under Inductor), one process, the same weights and batch.
 
 The model is transformers' own LlamaForCausalLM from a config built here (no download): bf16, hidden 2048,
 16 query heads and 4 key/value heads of head dim 128 (grouped-query), 4 layers, vocab 32000. The batch has
@@ -10,12 +11,15 @@ code builds its 4-D mask and SDPA gets a mask tensor. One step: forward, loss ov
     python benchmarks/llama_step.py --seq 4096 --batch 2 --no-padding
     python benchmarks/llama_step.py --padding-side left        # rows that see no key: eager's uniform rows
     python benchmarks/llama_step.py --variants inductor-sdpa cupyflash --profile out/   # + kernels per step side by side
+    python benchmarks/llama_step.py --family gpt_oss     # GPT-OSS-20B's attention (64 heads of 64, 8 kv heads, sinks,
+                                                         # window 128 on every other layer), 4 experts; T 4096 x 1
 
 Variants: eager-sdpa, inductor-sdpa (the bar: issue 14 asks for <= 0.9x its step time), eager-eager (naive
 attention), cupyflash (the eager attention code compiled with backend="cupyflash"), cupyflash-routed-sdpa (the
 model written for SDPA compiled with backend="cupyflash", options={"sdpa": "route"}: its calls routed to the op,
-their masks proven). Median step time from CUDA
-events after warm-up, peak memory, the first step's loss and the backend's mask form per site.
+their masks proven), inductor-eager (the eager attention code under Inductor), inductor-flex (transformers'
+FlexAttention under Inductor; GPT-OSS's bar). Median step time from CUDA events after warm-up, peak memory, the first
+step's loss and the backend's mask form per site.
 """
 from __future__ import annotations
 
@@ -38,18 +42,38 @@ from gpt_train_step import step_timer  # noqa: E402
 from e2e_profile import kernel_stats, report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("eager-sdpa", "inductor-sdpa", "eager-eager", "cupyflash", "cupyflash-routed-sdpa")
+# variant: (attn_implementation, how it is compiled: None, "inductor", "cupyflash", "cupyflash-route")
+VARIANTS = {"eager-sdpa": ("sdpa", None), "inductor-sdpa": ("sdpa", "inductor"), "eager-eager": ("eager", None),
+            "inductor-eager": ("eager", "inductor"), "inductor-flex": ("flex_attention", "inductor"),
+            "cupyflash": ("eager", "cupyflash"), "cupyflash-routed-sdpa": ("sdpa", "cupyflash-route")}
+# family: (defaults, the variants run by default, the bar the ratios are taken against)
+FAMILIES = {
+    "llama": (dict(seq=2048, batch=4, hidden=2048, heads=16, kv_heads=4, head_dim=None, layers=4),
+              ("eager-sdpa", "inductor-sdpa", "eager-eager", "cupyflash", "cupyflash-routed-sdpa"), "inductor-sdpa"),
+    # GPT-OSS-20B's attention and width; 4 experts (top 2) of the width, where it has 32 (top 4)
+    "gpt_oss": (dict(seq=4096, batch=1, hidden=2880, heads=64, kv_heads=8, head_dim=64, layers=4),
+                ("inductor-flex", "inductor-eager", "cupyflash"), "inductor-flex"),
+}
 
 
 def build(args, attn: str) -> torch.nn.Module:
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
-                                      attn_implementation=attn, pad_token_id=0)
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
+                  attn_implementation=attn, pad_token_id=0)
+    if args.family == "gpt_oss":
+        # Experts as batched matmuls: AOTAutograd fails on the default grouped_mm ones (issue 15, item 4).
+        config = transformers.GptOssConfig(**common, intermediate_size=args.hidden, head_dim=args.head_dim,
+                                           sliding_window=128, num_local_experts=4, num_experts_per_tok=2,
+                                           layer_types=["sliding_attention", "full_attention"] * (args.layers // 2),
+                                           experts_implementation="batched_mm")
+        model_class = transformers.GptOssForCausalLM
+    else:
+        config = transformers.LlamaConfig(**common, intermediate_size=args.hidden * 4)
+        model_class = transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
+    return model_class(config).to("cuda", torch.bfloat16).train()
 
 
 def batch(args) -> dict:
@@ -66,12 +90,13 @@ def run(name: str, base_sd: dict, args, inputs: dict) -> dict:
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
     counters.clear()
-    model = build(args, "sdpa" if name.endswith("sdpa") else "eager")
+    attn, compiler = VARIANTS[name]
+    model = build(args, attn)
     model.load_state_dict(base_sd)
-    route = {"sdpa": "route"} if name == "cupyflash-routed-sdpa" else {}
-    if name == "inductor-sdpa":
+    route = {"sdpa": "route"} if compiler == "cupyflash-route" else {}
+    if compiler == "inductor":
         model = torch.compile(model)
-    elif name.startswith("cupyflash"):
+    elif compiler is not None:
         model = torch.compile(model, backend="cupyflash", options=route or None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     losses = []
@@ -95,7 +120,7 @@ def run(name: str, base_sd: dict, args, inputs: dict) -> dict:
         row["profile"].update(variant=name, wall_ms=row["ms"], host_ms=float("nan"))
     if name.startswith("cupyflash"):
         import compile_backend
-        plain = build(args, "sdpa" if route else "eager")
+        plain = build(args, attn)
         plain.load_state_dict(base_sd)
         row["forms"] = sorted({s.mask_form for s in compile_backend.explain(plain, **inputs, options=route).fused})
         del plain
@@ -114,7 +139,7 @@ def profile_steps(name: str, step, steps: int, out: Path) -> dict:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    trace = out / f"llama-{name}.trace.json"
+    trace = out / f"step-{name}.trace.json"
     prof.export_chrome_trace(str(trace))
     stats = kernel_stats(trace, steps)
     trace.unlink()  # hundreds of MB; the report keeps what it says
@@ -123,23 +148,31 @@ def profile_steps(name: str, step, steps: int, out: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--family", choices=FAMILIES, default="llama")
+    p.add_argument("--seq", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--head-dim", type=int, help="GPT-OSS's (Llama's is hidden / heads)")
+    p.add_argument("--layers", type=int)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--no-padding", dest="padding", action="store_false")
     p.add_argument("--padding-side", choices=("right", "left"), default="right",
                    help="left: the padded rows' first queries see no key under the causal mask (eager's uniform rows)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help="the family's by default")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", type=Path, help="also profile each variant's steps; the kernels side by side go to "
                    "PROFILE/llama-profile-<T>x<batch>x<layers>.md")
     args = p.parse_args(argv)
+    defaults, variants, bar_name = FAMILIES[args.family]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.head_dim = args.head_dim or args.hidden // args.heads
+    args.variants = args.variants or variants
     if gpu_missing("llama_step.py"):
         return 2
     gpu = torch.cuda.get_device_name()
@@ -152,13 +185,13 @@ def main(argv=None) -> int:
         except Exception as e:  # one variant's failure is a row of the table, not the end of the run
             rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:300]})
         print({k: v for k, v in rows[-1].items() if k != "profile"}, flush=True)
-    bar = next((r["ms"] for r in rows if r["variant"] == "inductor-sdpa" and "ms" in r), None)
-    lines = [f"# transformers Llama training step on {gpu}",
+    bar = next((r["ms"] for r in rows if r["variant"] == bar_name and "ms" in r), None)
+    lines = [f"# transformers {args.family} training step on {gpu}",
              "", f"torch {torch.__version__}; bf16; T {args.seq} x batch {args.batch}, hidden {args.hidden}, "
-             f"{args.heads} heads / {args.kv_heads} kv heads (head dim {args.hidden // args.heads}), {args.layers} layers; "
+             f"{args.heads} heads / {args.kv_heads} kv heads (head dim {args.head_dim}), {args.layers} layers; "
              f"{args.padding_side + ' padding on every other row' if args.padding else 'no padding'}; median of {args.steps} "
              "steps.",
-             "", "| variant | step ms | / inductor-sdpa | peak GiB | first loss | fused sites | mask forms |",
+             "", f"| variant | step ms | / {bar_name} | peak GiB | first loss | fused sites | mask forms |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -172,10 +205,11 @@ def main(argv=None) -> int:
     profiled = [r["profile"] for r in rows if "profile" in r]
     if profiled:
         shape = (args.seq, args.batch, args.layers)
-        kernels = report(profiled, shape, top=40, model="transformers Llama")
-        (args.profile / f"llama-profile-{'x'.join(map(str, shape))}.md").write_text(kernels)
+        kernels = report(profiled, shape, top=40, model=f"transformers {args.family}")
+        (args.profile / f"{args.family}-profile-{'x'.join(map(str, shape))}.md").write_text(kernels)
         print(kernels)
-    out = args.out or RESULTS / f"llama-step-{gpu.replace(' ', '_')}.md"
+    prefix = "llama-step" if args.family == "llama" else f"{args.family.replace('_', '-')}-step"
+    out = args.out or RESULTS / f"{prefix}-{gpu.replace(' ', '_')}.md"
     out.write_text(text)
     return 0
 

@@ -12,6 +12,7 @@ model computes.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -95,6 +96,9 @@ class Site:
     keep_mask: Optional[tuple] = None
     nan_rows: bool = False
     dense_masks: list = field(default_factory=list)  # mask nodes the op no longer reads (dead if unused)
+    # (sink logits node, its frame): extra logits concatenated beside the keys inside the softmax and sliced off
+    # after it (GPT-OSS's attention sinks), (..., Nq or 1, w); None for none.
+    sink: Optional[tuple] = None
 
 
 def where(node: fx.Node) -> str:
@@ -119,13 +123,14 @@ class Matcher:
         if found is None:
             return None
         x, dim = found
-        pv, pv_reason = self._walk_probs(softmax)
+        sink = self._sink_split(x, dim)
+        shifted = []
+        if sink is not None:
+            x, sink_logits, shifted = sink
+        pv, pv_reason = self._walk_probs(softmax, None if sink is None else x)
         try:
             steps, chain, qk = self._walk_scores(x)
         except NotScores as err:
-            if self._sink_logits(x):
-                raise Skip("attention sinks: a logit per head concatenated beside the keys (GPT-OSS), dropped after "
-                           "the softmax; the op has no sink term") from None
             if pv is None:
                 return None
             raise Skip(f"the softmax input is not Q·Kᵀ: {err}") from None
@@ -148,25 +153,35 @@ class Matcher:
         for node in chain:
             if len([u for u in node.users if u not in shape_reads]) != 1:
                 raise Skip(f"the scores ({node.name}) have other users besides the softmax")
-        return self._site(softmax, qk, pv, steps, chain + shape_reads)
+        site = self._site(softmax, qk, pv, steps, chain + shape_reads + shifted)
+        if sink is not None:
+            site.sink = (sink_logits, _frame(shifted[-1]))
+            site.notes.append("attention sinks: out · σ(lse - sink) (the sink logits' share of the denominator)")
+        return site
 
-    def _sink_logits(self, x: Any) -> bool:
-        """Whether the softmax input is ``cat([scores, sinks], -1)``, less its row max or not, with the scores
-        Q·Kᵀ: a softmax with extra logits beside the keys, which looks like attention once they are sliced off."""
+    def _sink_split(self, x: Any, dim: Any) -> Optional[tuple[fx.Node, Any, list[fx.Node]]]:
+        """For a softmax over ``cat([scores, sinks], -1)`` less a per-row shift or not (GPT-OSS subtracts the row
+        max), the scores Q·Kᵀ: (scores, sinks, the nodes from the softmax input to the cat, the cat last); else None.
+        softmax([s, t])[..., :Nk] = softmax(s) · σ(lse(s) - lse(t)): attention with its out scaled per row."""
+        walked = []
         if (added := sp.additive_operands(x)) is not None and added[2] < 0:
+            shift = sp.meta(added[1])
+            if isinstance(shift, torch.Tensor) and shift.dim() > 0 and not equal(shift.shape[-1], 1):
+                return None  # not one number per row: not shift-invariant
+            walked += [x] + _shift_nodes(added[1])
             x = added[0]
-        if not sp.is_call(x, (torch.cat, torch.concat, torch.concatenate), ("cat",)):
-            return False
-        parts, dim = sp.arg(x, 0, "tensors"), sp.arg(x, 1, "dim", 0)
-        if not isinstance(parts, (list, tuple)) or len(parts) < 2 or not isinstance(dim, int):
-            return False
-        if dim % sp.meta(x).dim() != sp.meta(x).dim() - 1:
-            return False
+        if not sp.is_call(x, (torch.cat, torch.concat, torch.concatenate), ("cat",)) or not isinstance(dim, int):
+            return None
+        parts, cat_dim = sp.arg(x, 0, "tensors"), sp.arg(x, 1, "dim", 0)
+        n = sp.meta(x).dim()
+        if (not isinstance(parts, (list, tuple)) or len(parts) != 2 or not isinstance(cat_dim, int)
+                or cat_dim % n != n - 1 or dim % n != n - 1 or not isinstance(parts[0], fx.Node)):
+            return None
         try:
             self._walk_scores(parts[0])
         except (NotScores, Skip):
-            return False
-        return True
+            return None
+        return parts[0], parts[1], walked + [x]
 
     # ---- the two walks -------------------------------------------------------------------------
 
@@ -248,9 +263,17 @@ class Matcher:
         self._walk_scores(tanh.args[0])  # NotScores unless the tanh is on Q·Kᵀ: then it is not our business
         raise Skip(f"{reason}: the kernel applies only the soft-cap cap · tanh(s / cap)")
 
-    def _walk_probs(self, softmax: fx.Node) -> tuple[Optional[tuple[fx.Node, sp.Contraction, list]], str]:
-        """Forwards from the softmax to P·V: ((pv node, contraction, chain), "") or (None, reason)."""
+    def _walk_probs(self, softmax: fx.Node, sink_scores: Optional[fx.Node] = None
+                    ) -> tuple[Optional[tuple[fx.Node, sp.Contraction, list]], str]:
+        """Forwards from the softmax to P·V: ((pv node, contraction, chain), "") or (None, reason). With
+        ``sink_scores`` (the scores beside sink logits) the first step must slice the keys' columns off."""
         node, chain = softmax, [softmax]
+        if sink_scores is not None:
+            users = list(softmax.users)
+            if len(users) != 1 or not _keys_sliced(users[0], softmax, sp.meta(sink_scores).shape[-1]):
+                return None, "the softmax over the keys and sink logits is not sliced back to the keys alone"
+            node = users[0]
+            chain.append(node)
         while True:
             users = list(node.users)
             if any(u.op == "output" for u in users):
@@ -477,6 +500,38 @@ def _without_upcasts(q: Operand, k: Operand, v_dtype: torch.dtype, erase: list) 
         return q, k
     erase.extend(walked)
     return q16, k16
+
+
+def _shift_nodes(shift: Any) -> list[fx.Node]:
+    """The nodes of a row shift ``x.max(-1, keepdim=True).values`` / ``amax`` (they die with the site)."""
+    if not isinstance(shift, fx.Node):
+        return []
+    if shift.op == "call_function" and shift.target is operator.getitem and isinstance(shift.args[0], fx.Node):
+        return [shift.args[0], shift]
+    return [shift]
+
+
+def _keys_sliced(node: fx.Node, src: fx.Node, n_k: Any) -> bool:
+    """Whether ``node`` is ``src[..., :n_k]`` (``:-w`` for w sink columns, or every leading dim written out)."""
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[0] is not src:
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    n = sp.meta(src).dim()
+    if index and index[0] is Ellipsis:
+        lead = index[1:-1]
+    else:
+        lead = index[:-1]
+        if len(index) != n:
+            return False
+    last = index[-1] if index else None
+    if any(i != slice(None) for i in lead) or not isinstance(last, slice) or last.step not in (None, 1):
+        return False
+    if last.start not in (None, 0):
+        return False
+    width = sp.meta(src).shape[-1]
+    stop = last.stop
+    return stop is not None and (equal(stop, n_k) or (isinstance(stop, int) and stop < 0
+                                                       and equal(width + stop, n_k)))
 
 
 def _frame(node: fx.Node) -> tuple:

@@ -194,7 +194,9 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
                    window_right=right, softcap=float(softcap), token_major_out=token_major,
                    unseen_rows=_unseen_mode(site))
         out = emit("call_function", operator.getitem, res, 0)
-        if site.nan_rows:
+        if site.sink is not None:
+            out = _with_sinks(emit, out, emit("call_function", operator.getitem, res, 1), site.sink, dst)
+        elif site.nan_rows:
             rows = emit("call_function", lse_unseen, emit("call_function", operator.getitem, res, 1))
             out = emit("call_function", nan_rows, out, q, k, v, rows, site.unseen == "add")
         elif site.unseen is None and bias is not None and sp.meta(bias).is_floating_point():
@@ -221,11 +223,24 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
             "token_major_out": token_major}
 
 
+def _with_sinks(emit: Emitter, out: fx.Node, lse: fx.Node, sink: tuple, dst: tuple) -> fx.Node:
+    """out · σ(lse - sink): the keys' share of a softmax whose denominator also holds the sink logits (their
+    logsumexp where there are several), in fp32. A row that sees no key is 0 with lse = +inf, as eager's, whose sink
+    then takes the whole row: so sites with sinks keep the op's rows (no uniform or NaN rows)."""
+    node, frame = sink
+    logits = to_layout(emit, node, frame, dst, full=False)  # (B or 1, H or 1, Nq or 1, w)
+    logits = emit.method("float", logits)
+    if not equal(sp.meta(logits).shape[-1], 1):
+        logits = emit("call_function", torch.logsumexp, logits, -1, keepdim=True)
+    gap = emit("call_function", torch.sub, emit.method("unsqueeze", lse, -1), logits)  # (B, H, Nq, 1)
+    return emit("call_function", torch.mul, out, emit("call_function", torch.sigmoid, gap))
+
+
 def _unseen_mode(site: Site) -> int:
     """The op's unseen_rows for a site whose rows may see no key under a finite fill (cupyflash/unseen_rows.py):
     eager's uniform row, with the scores' gradient where the fill was added to them; 0 for any other site (a -inf
-    fill's NaN rows are nan_rows')."""
-    if site.unseen is None or site.nan_rows:
+    fill's NaN rows are nan_rows'; beside sinks eager's rows are 0, the op's own)."""
+    if site.unseen is None or site.nan_rows or site.sink is not None:
         return 0
     return unseen.UNIFORM_SCORES if site.unseen == "add" else unseen.UNIFORM
 
@@ -260,6 +275,8 @@ def _mask_form(site: Site, bias: Optional[fx.Node]) -> str:
     parts = (["causal"] if site.causal else []) + (["window"] if site.window != (-1, -1) else [])
     if site.key_terms:
         parts.append("key padding")
+    elif site.keep_mask is not None and site.sink is not None:
+        parts.append("mask")  # rows without a key: 0, as eager's beside sinks
     elif site.keep_mask is not None:
         parts.append(f"mask ({'NaN' if site.nan_rows else 'uniform'} rows as eager)")
     elif bias is not None:

@@ -55,16 +55,8 @@ def learned_bias(q, k, v, bias):
     return (q @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
 
 
-def sink_beside_the_keys(q, k, v):
-    """A learned logit per head in each row's denominator (GPT-OSS's sinks, here without its max shift)."""
-    s = q @ k.transpose(-2, -1) / 8.0
-    sink = torch.full((*s.shape[:-1], 1), 0.5)
-    return torch.cat([s, sink], dim=-1).softmax(dim=-1)[..., :-1] @ v
-
-
 LOOKALIKES = [
     (softmax_over_queries, "not the key axis"),
-    (sink_beside_the_keys, "attention sinks"),
     (probs_returned, "leave the graph"),
     (scores_returned, "other users"),
     (probs_times_two, "between the softmax and P·V"),

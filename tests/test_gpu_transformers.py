@@ -2,9 +2,9 @@
 
 tests/test_transformers_models.py checks every family on the CPU path with tiny heads (head dim 8, no GPU kernel);
 here a few families with GPU-sized heads run the CUDA kernels through the masks the backend proves (causal, sliding
-window, key padding, soft-cap) and through the dense fallback. Each compiled bf16 CUDA model's outputs and every
-parameter gradient are within the tolerance rule against the same model in fp64 on the CPU, bf16 eager on the GPU
-being the same-dtype PyTorch math, with no, right and left padding. The same holds for models written for SDPA
+window, key padding, soft-cap, attention sinks) and through the dense fallback. Each compiled bf16 CUDA model's
+outputs and every parameter gradient are within the tolerance rule against the same model in fp64 on the CPU, bf16
+eager on the GPU being the same-dtype PyTorch math, with no, right and left padding. The same holds for models written for SDPA
 (``attn_implementation="sdpa"``) whose calls the backend routes (``options={"sdpa": "route"}``), masks proven.
 """
 from __future__ import annotations
@@ -34,6 +34,11 @@ FAMILIES = {  # name: (config class, model class, fields)
     "mistral": ("MistralConfig", "MistralForCausalLM", {**LLAMA, "sliding_window": 40}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**LLAMA, "head_dim": 64, "sliding_window": 40,
                                                       "attn_logit_softcapping": 50.0}),
+    # attention sinks (out · σ(lse - sink) around the op, dlse in its backward), sliding and full layers
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {**LLAMA, "head_dim": 64, "sliding_window": 40,
+                                                      "layer_types": ["sliding_attention", "full_attention"],
+                                                      "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                      "experts_implementation": "batched_mm"}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=4,
                                                    n_positions=256, pad_token_id=0)),
     "bert": ("BertConfig", "BertModel", dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2,

@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 pytest.importorskip("transformers")
 
 import compile_backend
-from models.transformers_zoo import PADDINGS, fp32_mask_fill, left_alone_specs, specs, upcast_qk_specs
+from models.transformers_zoo import PADDINGS, fp32_mask_fill, specs, upcast_qk_specs
 from reference import GRAD_FACTOR, OUT_FACTOR, assert_within_rule, rounding_floor, seed_from
 
 SPECS = specs()
@@ -56,6 +56,7 @@ EXPECTED_FORM: dict[str, Counter] = {
     "falcon": Counter({_CAUSAL_PAD: 2}),
     "mixtral": Counter({_CAUSAL_PAD: 2}),
     "deepseek_v3": Counter({_CAUSAL_PAD: 2}),
+    "gpt_oss": Counter({_WINDOW_PAD: 1, _CAUSAL_PAD: 1}),  # with sinks: out · σ(lse - sink)
     "bert": Counter({"key_padding": 2}),
     "modernbert": Counter({"key_padding": 1, "window+key_padding": 1}),
     # T5 adds its mask to the learned relative-position bias before the scores see either, so every site (encoder
@@ -294,23 +295,3 @@ def test_bf16_sites_that_upcast_q_and_k_are_fused(name):
     report = compile_backend.explain(model, **spec.inputs(torch.Generator().manual_seed(seed_from(name)), "right"))
     assert len(report.fused) == len(report.sites) == spec.sites, str(report)
     assert {s.mask_form for s in report.fused} == {"causal + key padding"}, str(report)
-
-
-@pytest.mark.parametrize("name", list(left_alone_specs()))
-def test_attention_sinks_are_left_alone_with_the_reason(name):
-    """GPT-OSS concatenates a learned sink logit to each row of scores, takes the softmax and drops its column: it
-    looks like attention once sliced, but its denominator has the sink. Every site is reported and left to eager,
-    and the compiled model gives eager's outputs."""
-    torch._dynamo.reset()
-    spec = left_alone_specs()[name]
-    torch.manual_seed(seed_from(name))
-    model = spec.build()
-    inputs = spec.inputs(torch.Generator().manual_seed(seed_from(name)), "left")
-    report = compile_backend.explain(model, **inputs)
-    assert len(report.sites) == spec.sites and not report.fused, str(report)
-    assert all(s.reason.startswith("attention sinks:") for s in report.skipped), str(report)
-    fused = counters["cupyflash"]["attention_fused"]
-    compiled = torch.compile(copy.deepcopy(model), backend="cupyflash", options=OPTIONS)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
-    assert counters["cupyflash"]["attention_fused"] == fused

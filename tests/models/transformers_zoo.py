@@ -142,17 +142,9 @@ def upcast_qk_specs() -> dict[str, Spec]:
             "gpt2_upcast": _lm("GPT2Config", "GPT2LMHeadModel", **_GPT, reorder_and_upcast_attn=True)}
 
 
-def left_alone_specs() -> dict[str, Spec]:
-    """Families whose attention the backend must leave to eager, saying why: GPT-OSS's sinks (a learned logit per
-    head beside the keys, in the softmax's denominator)."""
-    return {"gpt_oss": _llama_like("GptOssConfig", "GptOssForCausalLM", intermediate_size=32, head_dim=8,
-                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-                                   layer_types=["sliding_attention", "full_attention"])}
-
-
 def specs() -> dict[str, Spec]:
-    """Every family of issue 14's list, DeepSeek-V3's latent attention (v's head dim not q's) and ModernBERT's
-    bidirectional window, by name."""
+    """Every family of issue 14's list, DeepSeek-V3's latent attention (v's head dim not q's), GPT-OSS's attention
+    sinks and ModernBERT's bidirectional window, by name."""
     gpt = _GPT
     stack = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     return {
@@ -172,6 +164,11 @@ def specs() -> dict[str, Spec]:
                                experts_implementation="batched_mm"),
         # Multi-head latent attention (DeepSeek-V2 / V3): q and k of 8 + 4 columns (no position part, rotary part),
         # v of its own 8; the two layers dense (first_k_dense_replace), as the experts are not what is checked here.
+        # Attention sinks (a learned logit per head in each row's softmax denominator), sliding and full layers;
+        # experts as batched matmuls, as Mixtral's.
+        "gpt_oss": _llama_like("GptOssConfig", "GptOssForCausalLM", intermediate_size=32, head_dim=8,
+                               num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                               layer_types=["sliding_attention", "full_attention"], experts_implementation="batched_mm"),
         "deepseek_v3": _llama_like("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4,
                                    q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                    v_head_dim=8, first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
