@@ -63,11 +63,11 @@ def build(args, attn: str) -> torch.nn.Module:
                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
                   attn_implementation=attn, pad_token_id=0)
     if args.family == "gpt_oss":
-        # Experts as batched matmuls: AOTAutograd fails on the default grouped_mm ones (issue 15, item 4).
+        # transformers' default experts (grouped_mm): batched_mm gathers each token's expert weights, 253 GiB at
+        # T 4096 (session 30, H100).
         config = transformers.GptOssConfig(**common, intermediate_size=args.hidden, head_dim=args.head_dim,
                                            sliding_window=128, num_local_experts=4, num_experts_per_tok=2,
-                                           layer_types=["sliding_attention", "full_attention"] * (args.layers // 2),
-                                           experts_implementation="batched_mm")
+                                           layer_types=["sliding_attention", "full_attention"] * (args.layers // 2))
         model_class = transformers.GptOssForCausalLM
     else:
         config = transformers.LlamaConfig(**common, intermediate_size=args.hidden * 4)

@@ -34,10 +34,12 @@ FAMILIES = {  # name: (config class, model class, fields)
     "mistral": ("MistralConfig", "MistralForCausalLM", {**LLAMA, "sliding_window": 40}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**LLAMA, "head_dim": 64, "sliding_window": 40,
                                                       "attn_logit_softcapping": 50.0}),
-    # attention sinks (out · σ(lse - sink) around the op, dlse in its backward), sliding and full layers
+    # Attention sinks (out · σ(lse - sink) around the op, dlse in its backward), sliding and full layers. Every
+    # token takes both experts: with a top-k choice, bf16 routes a few tokens differently from fp64 (a tie broken
+    # otherwise), and the router's gradient then differs by O(1) whatever the attention (session 30, H100).
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {**LLAMA, "head_dim": 64, "sliding_window": 40,
                                                       "layer_types": ["sliding_attention", "full_attention"],
-                                                      "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                      "num_local_experts": 2, "num_experts_per_tok": 2,
                                                       "experts_implementation": "batched_mm"}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=4,
                                                    n_positions=256, pad_token_id=0)),
