@@ -78,9 +78,17 @@ def row_max(bias: torch.Tensor, plan: Plan, n_q: int) -> list:
     return tops
 
 
+def _unit_last(*tensors):
+    """The tensors with a unit stride along D: torch's CPU flash kernels read D as contiguous whatever the strides
+    (torch 2.13: a (B, H, D, N).transpose view gives wrong numbers, not an error; F.scaled_dot_product_attention
+    copies before calling them)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def forward(q, k, v, bias: Optional[torch.Tensor], scale: float, plan: Plan):
     """(out, lse) in the op's contract. q, k, v: (B, H, N, D) in the compute dtype (fp32/fp64), k and v with q's
     heads; bias: additive in the compute dtype (route checked that it masks as ours, and found plan.no_key)."""
+    q, k, v = _unit_last(q, k, v)
     rows = slice(plan.row0, None)
     q_rows = q[..., rows, :]  # (B, H, Nq - row0, D)
     outs, lses = [], []
@@ -111,6 +119,7 @@ def forward(q, k, v, bias: Optional[torch.Tensor], scale: float, plan: Plan):
 def backward(dout, q, k, v, bias: Optional[torch.Tensor], out, lse, scale: float, plan: Plan):
     """(dq, dk, dv) contiguous, in the compute dtype, for q, k, v as forward takes them; lse: the op's (B, H, Nq)
     fp32 (+inf rows give P = 0 in torch's backward as in ours)."""
+    dout, q, k, v, out = _unit_last(dout, q, k, v, out)
     rows = slice(plan.row0, None)
     args = (dout[..., rows, :], q[..., rows, :])
     saved = (out[..., rows, :], lse[..., rows].to(q.dtype))

@@ -174,7 +174,7 @@ def test_lse_gradient_alone_and_out_gradient_alone():
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     ref = _lse_loss_ref(q, k, v, torch.ones(1, 2, 9, 8), torch.zeros(1, 2, 9), False)
     for ours, want in zip(grads, ref):
-        torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
 
 
 def test_lse_gradient_under_torch_compile():
@@ -267,3 +267,25 @@ def test_out_layout_real_and_fake(token_major, head_dims):
     grads = torch_op.flash_attn_bwd(dout, q, k, v, None, out, lse, 0.25, True)[:3]
     for g, w in zip(grads, torch_op.flash_attn_bwd(dout, q, k, v, None, want, want_lse, 0.25, True)[:3]):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("strided", ["q", "k", "v", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_inputs_with_a_strided_head_dim(strided, causal):
+    """q, k, v whose D is not contiguous ((B, N, 3, H, D).permute(2, 0, 3, 4, 1): XCiT attends over channels so)
+    give the contiguous inputs' out and gradients. torch's CPU flash kernels, which the CPU path calls, read D as
+    contiguous whatever its stride: 4-6 of error before session 30's copy."""
+    torch.manual_seed(5)
+    packed = torch.randn(2, 23, 3, 4, 17, requires_grad=True)  # (B, D, 3, H, N): N = 17 "tokens" of D = 23
+    parts = packed.permute(2, 0, 3, 4, 1).unbind(0)  # each (B, H, 17, 23), stride 204 along D
+    q, k, v = (t if strided in (name, "all") else t.contiguous() for name, t in zip("qkv", parts))
+    out = cupyflash.flash_attention(q, k, v, causal=causal)
+    s = q.double() @ k.double().transpose(-1, -2) * 23 ** -0.5
+    if causal:
+        s = s.masked_fill(~torch.ones(17, 17, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.softmax(s, -1) @ v.double()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, packed, g)
+    (want,) = torch.autograd.grad(ref, packed, g.double())
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
