@@ -58,7 +58,9 @@ class Step:
     """One op between Q·Kᵀ and the softmax, in program order, on scores with batch dims ``frame``.
 
     kind "scale": multiply by ``factor``; "add": add ``sign`` · ``tensor``; "fill": set the scores where
-    ``tensor`` (a boolean mask) is true to ``value``; "softcap": replace the scores s by value · tanh(s / value).
+    ``tensor`` (a boolean mask) is true to ``value``; "softcap": replace the scores s by value · tanh(s / value);
+    "qscale": multiply (``sign`` 1) or divide (-1) by ``tensor``, numbers known at run time, one per row at most
+    (spellings.runtime_factor), which the rewrite folds into q.
     """
 
     kind: str
@@ -239,11 +241,9 @@ class Matcher:
                     node = b
                 continue
             if (scaled := sp.runtime_factor(node)) is not None:
-                self._walk_scores(scaled[0])  # NotScores unless these are the scores
-                what = (f"the 0-dim tensor {scaled[1].name}" if isinstance(sp.meta(scaled[1]), torch.Tensor) else
-                        "a float Dynamo made symbolic, as under dynamic=True; torch._dynamo.config.specialize_float"
-                        " = True keeps such floats constant")
-                raise Skip(f"the scores are scaled by a number known only at run time ({what})")
+                node, factor, divides = scaled
+                steps.append(Step("qscale", _frame(node), tensor=factor, sign=-1.0 if divides else 1.0))
+                continue
             raise NotScores(f"{sp.describe(node)} ({node.name})")
 
     def _softcap(self, tanh: fx.Node, chain: list[fx.Node]) -> tuple[float, fx.Node]:
@@ -251,7 +251,12 @@ class Matcher:
         before ``tanh``): (cap, s), with the division added to ``chain``; else Skip, if ``tanh`` is on Q·Kᵀ."""
         after = sp.scalar_factor(chain[-2]) if len(chain) > 1 else None
         before = sp.scalar_factor(tanh.args[0]) if isinstance(tanh.args[0], fx.Node) else None
-        if after is None or after[0] is not tanh or before is None:
+        runtime = [sp.runtime_factor(n) for n in (chain[-2] if len(chain) > 1 else None, tanh.args[0])
+                   if isinstance(n, fx.Node)]
+        if any(r is not None for r in runtime):
+            reason = ("a soft-cap known only at run time (a tensor, or a float Dynamo made symbolic as under "
+                      "dynamic=True; torch._dynamo.config.specialize_float = True keeps such floats constant)")
+        elif after is None or after[0] is not tanh or before is None:
             reason = "tanh on the scores without a division by a constant cap before it and a multiplication after"
         # One cap on both sides (1/c rounds, so up to double rounding); c < 0 gives the same as |c| (tanh is odd).
         elif not math.isclose(before[1] * after[1], 1.0, rel_tol=1e-12):
@@ -306,8 +311,6 @@ class Matcher:
         q, fq = self._strip(Operand(*c.left), erase)
         k, fk = self._strip(Operand(*c.right_t), erase)
         qk_frame = _frame(qk)
-        if len(qk_frame) > 2:
-            raise Skip(f"scores with {len(qk_frame)} batch dims (the op takes at most batch and heads)")
         if c.addend is not None:
             steps = [Step("add", qk_frame, tensor=c.addend)] + steps
         scale = c.factor * fq * fk
@@ -351,6 +354,13 @@ class Matcher:
                 if added:
                     raise Skip("a bias or mask inside the soft-cap's tanh: the kernel adds them after the cap")
                 capped = True
+                kept.append(step)
+                continue
+            if step.kind == "qscale":
+                if added or capped:
+                    raise Skip("the scores are scaled by numbers known only at run time after a bias, mask or "
+                               "soft-cap: the op folds such a factor into q, which would leave those unscaled")
+                site.notes.append(f"q scaled by {sp.describe_value(step.tensor)}, known at run time")
                 kept.append(step)
                 continue
             if step.kind == "scale":

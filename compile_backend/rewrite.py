@@ -101,19 +101,22 @@ def to_layout(emit: Emitter, t: fx.Node, src: tuple, dst: tuple, full: bool) -> 
         t = emit.method("flatten", t, 0, len(src) - 1)
     if len(dst) == 0:
         return emit.method("squeeze", t, 0)
-    if len(dst) == 2:
-        if _static_int(dst[1]) is not None:
-            sizes = (-1, dst[1])
-        elif _static_int(dst[0]) is not None:
-            sizes = (dst[0], -1)
-        else:
-            raise Skip("regrouping batch dims where both batch and heads are dynamic")
+    if len(dst) >= 2:
+        dynamic = [i for i, d in enumerate(dst) if _static_int(d) is None]
+        if len(dynamic) > 1:
+            raise Skip("regrouping batch dims where more than one of them is dynamic")
+        sizes = tuple(-1 if i in dynamic else d for i, d in enumerate(dst))
+        if not dynamic:
+            sizes = (-1, *sizes[1:])
         t = emit.method("unflatten", t, 0, sizes)
     return t
 
 
 def _op_frame(qk_frame: tuple) -> tuple:
-    """The op's (B, H): the scores' own batch dims when there are two, else (1, B·H) / (1, 1)."""
+    """The op's (B, H): the scores' own batch dims when there are two, (1, B·H) / (1, 1) for fewer, and the leading
+    ones merged into B for more (Twins' and Hiera's (B, groups, heads))."""
+    if len(qk_frame) > 2:
+        return (math.prod(qk_frame[:-1]), qk_frame[-1])
     return qk_frame if len(qk_frame) == 2 else (1, qk_frame[0]) if len(qk_frame) == 1 else (1, 1)
 
 
@@ -154,6 +157,8 @@ def _bias(emit: Emitter, site: Site, dst: tuple) -> tuple[Optional[fx.Node], flo
                 bias = emit("call_function", torch.mul, bias, step.factor)
         elif step.kind == "softcap":  # the matcher lets no bias or mask before it
             softcap = step.value
+        elif step.kind == "qscale":  # folded into q (_scaled_q)
+            continue
         else:  # "add" (a fill is a band, a key mask or a keep-mask: matcher)
             b = to_layout(emit, step.tensor, step.frame, dst, full=False)
             if not sp.meta(b).is_floating_point():
@@ -176,7 +181,7 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
     emit = Emitter(gm.graph, site.pv)
     try:
         dst = _op_frame(site.qk_frame)
-        q = _operand(emit, site.q, site.qk_frame, dst)
+        q = _scaled_q(emit, _operand(emit, site.q, site.qk_frame, dst), site, dst)
         k = _operand(emit, site.k, site.qk_frame, dst)
         v = _operand(emit, site.v, site.pv_frame, dst)
         k, v, kv_heads = _grouped_kv(k, v)
@@ -221,6 +226,23 @@ def fuse(gm: fx.GraphModule, site: Site) -> dict:
     return {"scale": float(scale), "causal": bool(site.causal), "has_bias": bias is not None, "kv_heads": kv_heads,
             "softcap": float(softcap), "window": tuple(site.window), "mask_form": _mask_form(site, bias),
             "token_major_out": token_major}
+
+
+def _scaled_q(emit: Emitter, q: fx.Node, site: Site, dst: tuple) -> fx.Node:
+    """q times the site's factors known only at run time (steps "qscale": a learned per-head temperature, XCiT's;
+    Swin V2's logit scale; a symbolic float), as (q · t) kᵀ = (q kᵀ) · t for t one number per row at most; in q's
+    dtype, the factor's gradient through the product."""
+    dtype = sp.meta(q).dtype
+    for step in site.steps:
+        if step.kind != "qscale":
+            continue
+        factor = step.tensor
+        if isinstance(sp.meta(factor), torch.Tensor) and sp.meta(factor).dim() > 0:
+            factor = to_layout(emit, factor, step.frame, dst, full=False)  # (B or 1, H or 1, Nq or 1, 1)
+        q = emit("call_function", torch.mul if step.sign > 0 else torch.div, q, factor)
+        if sp.meta(q).dtype != dtype:
+            q = emit.method("to", q, dtype)
+    return q
 
 
 def _with_sinks(emit: Emitter, out: fx.Node, lse: fx.Node, sink: tuple, dst: tuple) -> fx.Node:

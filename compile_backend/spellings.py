@@ -42,6 +42,14 @@ def meta(node: Any) -> Any:
     return node
 
 
+def describe_value(x: Any) -> str:
+    """A run-time number for a report: 'the (4, 1, 1) tensor l_temperature_', 'the symbolic float s0'."""
+    value = meta(x)
+    if isinstance(value, torch.Tensor):
+        return f"the {tuple(value.shape)} tensor {x.name}" if value.dim() else f"the 0-dim tensor {x.name}"
+    return f"the symbolic float {x.name}" if isinstance(x, fx.Node) else repr(x)
+
+
 def describe(node: fx.Node) -> str:
     """Short name of what a node does, for skip reasons: ``torch.relu``, ``Tensor.mul``, ``operator.mul``."""
     if node.op == "call_function":
@@ -157,25 +165,30 @@ def scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     return None
 
 
-def runtime_factor(node: fx.Node) -> Optional[tuple[fx.Node, Any]]:
-    """(tensor operand, factor) when the node multiplies or divides a tensor by a number known only at run time:
-    a symbolic float (Dynamo lifts Python floats to graph inputs under ``dynamic=True``) or a 0-dim tensor
-    input; else None."""
+def runtime_factor(node: fx.Node) -> Optional[tuple[fx.Node, Any, bool]]:
+    """(tensor operand, factor, divides) when the node multiplies or divides a tensor by numbers known only at run
+    time, one per row at most: a symbolic float (Dynamo lifts Python floats to graph inputs under ``dynamic=True``),
+    a 0-dim tensor, or a tensor whose last dim is 1 (a learned per-head temperature, (H, 1, 1); a per-row factor,
+    (..., N, 1)); else None."""
     def runtime_number(x):
         value = meta(x)
-        return isinstance(x, fx.Node) and (isinstance(value, (torch.SymFloat, torch.SymInt))
-                                           or isinstance(value, torch.Tensor) and value.dim() == 0)
+        if not isinstance(x, fx.Node) or const_value(x) is not None:
+            return False
+        if isinstance(value, (torch.SymFloat, torch.SymInt)):
+            return True
+        return isinstance(value, torch.Tensor) and (value.dim() == 0 or (value.dim() >= 2 and value.shape[-1] == 1))
 
     if is_call(node, (operator.mul, operator.imul, torch.mul), ("mul", "__mul__", "__rmul__")):
         a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         for tensor, c in ((a, b), (b, a)):
             if runtime_number(c) and isinstance(meta(tensor), torch.Tensor) and meta(tensor).dim() > 0:
-                return tensor, c
+                return tensor, c, False
     elif is_call(node, (operator.truediv, operator.itruediv, torch.div, torch.true_divide),
                  ("div", "true_divide", "__truediv__")):
         c = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        if runtime_number(c) and isinstance(meta(node.args[0]), torch.Tensor):
-            return node.args[0], c
+        if (node.kwargs.get("rounding_mode") is None and runtime_number(c)
+                and isinstance(meta(node.args[0]), torch.Tensor)):
+            return node.args[0], c, True
     return None
 
 

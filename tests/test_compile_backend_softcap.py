@@ -205,7 +205,7 @@ LOOKALIKES = [
     (tanh_without_multiply, (), "without a division by a constant cap"),
     (tanh_without_divide, (), "without a division by a constant cap"),
     (tanh_then_cast_then_multiply, (), "without a division by a constant cap"),
-    (runtime_cap, (torch.tensor(CAP),), "scaled by a number known only at run time (the 0-dim tensor l_cap_)"),
+    (runtime_cap, (torch.tensor(CAP),), "a soft-cap known only at run time"),
     (bias_inside_cap, (torch.randn(1, H, N, N),), "a bias or mask inside the soft-cap's tanh"),
     (causal_mask_inside_cap, (), "a bias or mask inside the soft-cap's tanh"),
     (capped_twice, (), "two soft-caps on the scores"),
