@@ -1,6 +1,7 @@
 """The backend on real ``timm`` model code on the GPU (timm's naive attention, ``set_fused_attn(False)``): ViT (no
 mask), Swin (windows with a learned relative-position bias and the shifted windows' -100 mask, head dim 32), BEiT (a
-learned relative-position bias, its gradient through the op), bf16.
+learned relative-position bias, its gradient through the op), Swin V2 (a learned scale per head, folded into q),
+Twins (scores with three batch dims), bf16.
 
 Every attention site is fused; the compiled bf16 CUDA model's output and every parameter gradient are within the
 tolerance rule against the same model in fp64 on the CPU, bf16 eager on the GPU being the same-dtype PyTorch math.
@@ -26,6 +27,13 @@ MODELS = {  # name: (the mask form of every site, sites)
     "vit_tiny_patch16_224": ("none", 12),
     "swin_tiny_patch4_window7_224": ("dense bias", 12),
     "beit_base_patch16_224": ("dense bias", 12),
+    # Q·Kᵀ scaled by a learned per-head factor, folded into q: Swin V2's logit scale (and its bias). XCiT's
+    # temperature fuses too, but its class attention (one query over 197 keys) has a q gradient 4x bf16 eager's
+    # error on the CPU path's bf16 run, over the rule's 3x: D = rowsum(dO ∘ O) from the 16-bit O, as FlashAttention's
+    # and cuDNN's backwards take it, shifts every dS of that one row alike (session 30; not run on a GPU)
+    "swinv2_cr_tiny_ns_224": ("dense bias", 12),
+    # (B, groups, heads, N, N) scores, the leading dims merged
+    "twins_svt_small": ("none", 18),
 }
 
 
