@@ -291,6 +291,8 @@ class Matcher:
                 if dropout[1]:
                     return None, "dropout is not in the kernel yet (active dropout on the probabilities)"
             elif sp.cast_input(user) is not node and _regroup_input(user) is not node:
+                if (flipped := _probs_on_right(user, node)) is not None:
+                    return (flipped[0], flipped[1], chain + [user]), ""
                 c = sp.contraction(user)
                 if c is None:
                     return None, f"{sp.describe(user)} ({user.name}) sits between the softmax and P·V"
@@ -510,6 +512,20 @@ def _without_upcasts(q: Operand, k: Operand, v_dtype: torch.dtype, erase: list) 
         return q, k
     erase.extend(walked)
     return q16, k16
+
+
+def _probs_on_right(user: fx.Node, probs: fx.Node) -> Optional[tuple[fx.Node, sp.Contraction]]:
+    """For ``X @ probs.transpose(-2, -1)`` (EfficientViT's ``v @ attnᵀ``, X (..., D, Nk)): (that product, the
+    contraction as P · Xᵀ with its out transposed back), ``user`` being the transpose; else None."""
+    n = sp.meta(probs).dim()
+    if sp.perm_of(user) != (probs, _swap_last(n)) or len(user.users) != 1:
+        return None
+    pv = next(iter(user.users))
+    c = sp.contraction(pv)
+    if (c is None or c.right_t != (user, _swap_last(n)) or c.addend is not None or c.factor != 1.0
+            or c.out_perm is not None):
+        return None
+    return pv, sp.Contraction((probs, None), c.left, out_perm=_swap_last(n))
 
 
 def _shift_nodes(shift: Any) -> list[fx.Node]:

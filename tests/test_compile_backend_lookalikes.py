@@ -47,8 +47,8 @@ def finite_fill_arbitrary_mask(q, k, v, keep):  # the "Annotated Transformer" sp
     return (q @ k.transpose(-2, -1)).masked_fill(keep == 0, -1e9).softmax(dim=-1) @ v
 
 
-def probs_on_right(q, k, v):
-    return v.transpose(-2, -1) @ (q @ k.transpose(-2, -1)).softmax(dim=-1).transpose(-2, -1)
+def probs_transposed_on_left(q, k, v):  # Pᵀ V: each key's mix of the queries' rows, not attention
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1).transpose(-2, -1) @ v
 
 
 def learned_bias(q, k, v, bias):
@@ -61,7 +61,7 @@ LOOKALIKES = [
     (scores_returned, "other users"),
     (probs_times_two, "between the softmax and P·V"),
     (relu_between, "between the softmax and P·V"),
-    (probs_on_right, "between the softmax and P·V"),
+    (probs_transposed_on_left, "between the softmax and P·V"),
 ]
 
 
@@ -137,3 +137,16 @@ def test_boolean_or_integer_tensor_added_to_scores_is_a_number(dtype):
     added = (torch.rand(B, 1, N, N) > 0.5).to(dtype)
     compile_and_compare(lambda q, k, v, m: (q @ k.transpose(-2, -1) * 0.25 + m).softmax(-1) @ v, *_qkv(), added,
                         expect=1, frozen=(3,))
+
+
+def probs_on_right(q, k, v, bias):
+    """EfficientViT's (MSRA) spelling: q, k, v (B, H, D, N), out = v · Pᵀ = (P · vᵀ)ᵀ."""
+    attn = (q.transpose(-2, -1) @ k) * 0.25 + bias
+    return v @ attn.softmax(dim=-1).transpose(-2, -1)
+
+
+def test_probs_on_the_right_fused():
+    """X · Pᵀ is attention with its out transposed: fused, eager's numbers and gradients, out (B, H, D, Nq)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, D, N) for _ in range(3))
+    compile_and_compare(probs_on_right, q, k, v, torch.randn(1, H, N, N), expect=1)
