@@ -174,7 +174,7 @@ def test_lse_gradient_alone_and_out_gradient_alone():
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     ref = _lse_loss_ref(q, k, v, torch.ones(1, 2, 9, 8), torch.zeros(1, 2, 9), False)
     for ours, want in zip(grads, ref):
-        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_lse_gradient_under_torch_compile():
