@@ -42,12 +42,13 @@ def meta(node: Any) -> Any:
     return node
 
 
-def describe_value(x: Any) -> str:
-    """A run-time number for a report: 'the (4, 1, 1) tensor l_temperature_', 'the symbolic float s0'."""
+def describe_value(x: fx.Node) -> str:
+    """A run-time number (runtime_factor's factor) for a report: 'the (4, 1, 1) tensor l_temperature_', 'the
+    symbolic number s0'."""
     value = meta(x)
     if isinstance(value, torch.Tensor):
         return f"the {tuple(value.shape)} tensor {x.name}" if value.dim() else f"the 0-dim tensor {x.name}"
-    return f"the symbolic float {x.name}" if isinstance(x, fx.Node) else repr(x)
+    return f"the symbolic number {x.name}"
 
 
 def describe(node: fx.Node) -> str:
