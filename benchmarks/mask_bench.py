@@ -63,6 +63,9 @@ def hopper_mod_cases(batch: int, n: int, device):
         ("soft-cap 30", {"softcap": 30.0}, "no mask"),
         ("soft-cap 30 + causal + window N/8", {"causal": True, "softcap": 30.0, "window": (n // 8, 0)},
          "causal flag"),
+        # Gemma 2 with padding: its soft-cap keeps the padding an added mask (compile_backend/matcher.py _structured)
+        ("padding mask + soft-cap 30 + causal", {"attn_bias": m["padding"], "causal": True, "softcap": 30.0},
+         "causal flag"),
         ("dropout 0.1", {"dropout_p": 0.1}, "no mask"),
     ]
 

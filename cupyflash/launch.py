@@ -92,13 +92,13 @@ def sm90_unsupported(kernel: str, *, dtype: str, shape: tuple, n_k: int, kv_head
     # A buffer's address matters only modulo 16 (TMA's alignment), so the answer is cached by layout: it was 7.6 µs
     # of an H100 host's ~125 per forward.
     layouts = tuple(tuple((name, buf.strides, buf.ptr % 16) for name, buf in names.items()) for names in (q_like, kv))
-    return _sm90_reason(kernel, dtype, tuple(shape), n_k, kv_heads, layouts, mods.dropout_p > 0, mods.bias is not None,
+    return _sm90_reason(kernel, dtype, tuple(shape), n_k, kv_heads, layouts, mods.dropout_p > 0,
                         compute_capability)
 
 
 @functools.lru_cache(maxsize=1024)
 def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int, layouts: tuple, dropout: bool,
-                 bias: bool, compute_capability: int) -> str | None:
+                 compute_capability: int) -> str | None:
     """sm90_unsupported's answer; `layouts`: ((name, strides, address % 16) of each q-like buffer, then of k, v)."""
     batch, heads, n_q, d = shape
     table = tiles.sm90_table(kernel)
@@ -108,8 +108,6 @@ def _sm90_reason(kernel: str, dtype: str, shape: tuple, n_k: int, kv_heads: int,
         return f"dtype {dtype}: it takes {' and '.join(jit.SM90_DTYPES)}"
     if d not in table:
         return f"head_dim {d}: it takes {tuple(table)}"
-    if bias and not table[d].bias:
-        return f"a bias at head_dim {d}: its Hopper kernel's score mods have none (tiles.Sm90Tiles.bias)"
     if dropout and not table[d].dropout:
         if table[d].wide:
             return f"dropout at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.dropout)"

@@ -71,9 +71,6 @@ class Sm90Tiles:
     # (launch.sm90_unsupported says so) and CI does not compile them.
     dropout: bool = True
     consumers: int = 2
-    # Whether the score mods' variants take a bias tensor; False: such calls run on mma.sync, as for `dropout` (the
-    # wide backward's take a window and soft-capping only).
-    bias: bool = True
     # The backward above head dim 128 (flash_bwd_sm90_wide.cuh): each consumer warpgroup forms Sᵀ and dPᵀ for half
     # the queries and dK, dV, dQ for half the columns, P and dS through shared memory.
     wide: bool = False
@@ -111,8 +108,7 @@ FORWARD_SM90 = {
     128: Sm90Tiles(Bc=128, stages=2),
     **{d: Sm90Tiles(Bc=64, stages=2, dropout=False, pad_to=256) for d in (160, 192)},
     # d256 (Gemma 1/2/3): 64 keys per block, so Q (64 KiB) and two stages of K and V (128 KiB) fit; O takes 128 of a
-    # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. Its backward
-    # with a bias runs on mma.sync (BACKWARD_SM90's wide kernel has none), from this forward's LSE. H100, same run
+    # consumer thread's 232 registers. With dropout it spilled 8 B: dropout at d256 runs on mma.sync. H100, same run
     # (benchmarks/results/fwd-d256-sm90-NVIDIA_H100_80GB_HBM3.log): 531-629 TFLOP/s, causal 371-628, 3.2-3.4x the
     # mma.sync forward, 0.83-0.90x of FlashAttention-4 at N >= 4096
     256: Sm90Tiles(Bc=64, stages=2, dropout=False),
@@ -154,11 +150,11 @@ BACKWARD_SM90 = {
     96: Sm90Tiles(Bc=128, stages=2, Br=64, pad_to=128),
     128: Sm90Tiles(Bc=128, stages=2, Br=64),
     # Above 128 (Gemma's 256; 160, 192) FlashAttention-4's d256 tile, 64 x 64 (flash_bwd_sm90_wide.cuh), plain and
-    # causal, with a key mask, a window and soft-capping (Gemma 2 and 3); a bias and dropout on mma.sync. Before it
+    # causal, with a key mask, a bias, a window and soft-capping (Gemma 2 and 3); dropout on mma.sync. Before it
     # the backward at these head dims ran on mma.sync at 0.14-0.33x of FA4 (H100, N 4096,
     # benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md); on it (session28-NVIDIA_H100_80GB_HBM3.md, same N):
     # d256 1.18-1.27x of FA4, d160 0.83-0.87x, d192 0.77-0.79x.
-    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, bias=False, wide=True)
+    **{d: Sm90Tiles(Bc=64, stages=2, Br=64, pad_to=256 if d < 256 else 0, dropout=False, wide=True)
        for d in (160, 192, 256)},
 }
 
@@ -265,11 +261,11 @@ def sm90_backward_smem_bytes(d: int, t: Sm90Tiles, mods: bool = False) -> int:
     the soft-cap derivatives of each consumer thread's Br / 2 scores (fp16), each consumer warpgroup's dQ staging
     tile (its 16 rows of its columns, fp32, 16-byte aligned), and 1 KiB of alignment slack."""
     tile_d = t.tile_head_dim(d)
-    if t.wide:  # K and V, the Q and dO slots, two Pᵀ and two dSᵀ tiles, LSE and D per slot, the mbarriers
-        return ((2 * t.Bc + 2 * t.stages * t.Br) * tile_d * 2 + 4 * t.Bc * t.Br * 2 + t.stages * 2 * t.Br * 4
+    row_arrays = 3 if mods else 2
+    if t.wide:  # K and V, the Q and dO slots, two Pᵀ and two dSᵀ tiles, the row arrays per slot, the mbarriers
+        return ((2 * t.Bc + 2 * t.stages * t.Br) * tile_d * 2 + 4 * t.Bc * t.Br * 2 + t.stages * row_arrays * t.Br * 4
                 + 8 * (1 + 2 * t.stages) + 1024)
     cap_grad = 256 * t.Br // 2 * 2 if mods else 0
-    row_arrays = 3 if mods else 2
     dq_cols = d if d <= tile_d // 2 or t.Br == 128 else tile_d // 2  # flash_bwd_sm90.cuh kDqCols
     dq_staging = 8 * 16 * dq_cols * 4 + 8 * 8 + 16  # and each consumer warp's destination address
     return ((2 * t.Bc + 2 * t.stages * t.Br) * tile_d * 2 + 2 * t.Bc * t.Br * 2 + t.stages * row_arrays * t.Br * 4

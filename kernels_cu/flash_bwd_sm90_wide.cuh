@@ -16,10 +16,12 @@
 //      reductions from registers (a staging tile for a bulk add would take 64 KiB of shared memory, which the two
 //      Q/dO slots hold here).
 // dK and dV, 64 keys by the share's columns in fp32 registers (128 + 128 a thread at d256), are stored at the end.
-// The plain path (a causal mask, the key mask of key_mask.cuh) and, with Mods, a window and soft-capping (Gemma 2 and
-// 3 at d256; scores.cuh): a bias and dropout run on mma.sync (cupyflash/tiles.py BACKWARD_SM90, `bias`, `dropout`),
-// so the rebuild rule's rows (a bias's) never come here. Parameters: flash_bwd_sm90_kernel's, in its order
-// (cupyflash/params.py BWD_SM90_ARGS; checked below), the bias's and dropout's unread.
+// The plain path (a causal mask, the key mask of key_mask.cuh) and, with Mods, the score mods of scores.cuh as
+// flash_bwd_sm90.cuh takes them: a bias with its tile classes (pairs whose tile is kTileSkip are not visited), the
+// rebuild rule's rows (P = exp2((s - hi) - lo), lo staged beside LSE and D) and dBias by atomics, a window and
+// soft-capping (Gemma 2 at d256 with padding takes all three). Dropout runs on mma.sync (cupyflash/tiles.py
+// BACKWARD_SM90 `dropout`). Parameters: flash_bwd_sm90_kernel's, in its order (cupyflash/params.py BWD_SM90_ARGS;
+// checked below), dropout's unread.
 #pragma once
 #include "flash_bwd_sm90.cuh"
 
@@ -47,7 +49,7 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
                            i64 key_meta_sb) {
     static_assert(D == 256 && DHead > D / 2 && DHead <= D && DHead % 8 == 0, "head dims 136 .. 256 on 256 columns");
     static_assert(!Dropout && !(Mods && KeyMask), "no dropout; beside a score mod the key mask is a bias (plan.py)");
-    static_assert(Br == 64 && Bc == 64 && kStages == 2, "64 x 64 blocks, two Q/dO slots: 231464 B of shared memory");
+    static_assert(Br == 64 && Bc == 64 && kStages == 2, "64 x 64 blocks, two Q/dO slots: 231976 B of shared memory");
     constexpr int kQueries = Br / 2;                 // Sᵀ's and dPᵀ's queries per warpgroup
     constexpr int kCols0 = D / 2;                    // the first warpgroup's column share (DqFrag: by columns)
     constexpr int kCols1 = head_cols(D / 2, DHead - D / 2);  // the second's: DHead - 128, as a wgmma N
@@ -62,13 +64,14 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
     const u32 sdO0 = sQ0 + kStages * TileQ::bytes();
     const u32 sP0 = sdO0 + kStages * TileQ::bytes();
     const u32 sdS0 = sP0 + 2 * TilePS::bytes();
-    const u32 sRow0 = sdS0 + 2 * TilePS::bytes();  // per stage: LSE_i · log2 e, D_i (Br floats each)
-    const u32 bars = sRow0 + kStages * 2 * Br * 4;  // kv_full, qdo_full[S], q_empty[S]
+    constexpr int kRowArrays = Mods ? 3 : 2;
+    const u32 sRow0 = sdS0 + 2 * TilePS::bytes();  // per stage: LSE_i · log2 e (hi), D_i, with Mods lo (Br floats each)
+    const u32 bars = sRow0 + kStages * kRowArrays * Br * 4;  // kv_full, qdo_full[S], q_empty[S]
     auto sQ = [&](int it) { return sQ0 + (it % kStages) * TileQ::bytes(); };
     auto sdO = [&](int it) { return sdO0 + (it % kStages) * TileQ::bytes(); };
     auto sP = [&](int it) { return sP0 + (it % 2) * TilePS::bytes(); };
     auto sdS = [&](int it) { return sdS0 + (it % 2) * TilePS::bytes(); };
-    auto sLse = [&](int it) { return sRow0 + (it % kStages) * 2 * Br * 4; };
+    auto sLse = [&](int it) { return sRow0 + (it % kStages) * kRowArrays * Br * 4; };
     const u32 kv_full = bars;
     auto qdo_full = [&](int it) { return bars + 8 * (1 + it % kStages); };
     auto q_empty = [&](int it) { return bars + 8 * (1 + kStages + it % kStages); };
@@ -97,6 +100,21 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
     auto block_of = [&](int it) { return i_begin + it % n_blocks; };
     const KeyRow keys{KeyMask ? key_meta + b * key_meta_sb : nullptr};
     const bool dead = KeyMask && (k0 + Bc <= keys.lo() || k0 >= keys.hi());
+    // The pairs this block visits, in the one order the producer's loops and the consumers walk: less those whose
+    // bias tile is kTileSkip (Mods). A pair's slot and phase count the pairs visited before it (n).
+    auto pair_class = [&](int it) {
+        return mods.template tile_class_span<Br, Bc>(b, head_of(it), block_of(it) * Br, k0, cls_tq, cls_tk);
+    };
+    int it_begin = 0, it_end = n_pairs;
+    if constexpr (Mods) {
+        if (tile_cls != nullptr)  // the whole block, before the warpgroups part
+            trim_skipped<384>(it_begin, it_end, [&](int it) { return pair_class(it) == kTileSkip; }, tid);
+    }
+    auto next_pair = [&](int it) {
+        if constexpr (Mods)
+            while (it < it_end && tile_cls != nullptr && pair_class(it) == kTileSkip) ++it;
+        return it;
+    };
 
     if (tid == 0) {
         mbar_init(kv_full, 1);
@@ -112,18 +130,26 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
         regs_dealloc<40>();
         if (dead) return;
         if (warp == 9) {  // LSE_i · log2 e and D_i; rows past Nq: P = exp2(s - inf) = 0, D = 0
-            for (int it = 0; it < n_pairs; ++it) {
+            for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
+                const int n = Mods ? n_done : it;  // pairs before this one: its slot and phase (plain: it)
                 const int q0 = block_of(it) * Br;
                 const i64 row0 = ((i64)b * H + head_of(it)) * Nq + q0;
-                mbar_wait(q_empty(it), phase(it) ^ 1);
-                const u32 dst = sLse(it) + 4 * lane;
+                mbar_wait(q_empty(n), phase(n) ^ 1);
+                const u32 dst = sLse(n) + 4 * lane;
 #pragma unroll
                 for (int r = 0; r < Br; r += 32) {
                     const bool ok = q0 + r + lane < Nq;
-                    st_shared_f32(dst + 4 * r, ok ? lse[row0 + r + lane] * kLog2e : inf_f());
+                    if (Mods && row_lse != nullptr) {
+                        const float2 hi_lo = ok ? row_lse[row0 + r + lane] : make_float2(inf_f(), 0.f);
+                        st_shared_f32(dst + 4 * r, hi_lo.x);
+                        st_shared_f32(dst + 4 * (2 * Br + r), hi_lo.y);
+                    } else {
+                        st_shared_f32(dst + 4 * r, ok ? lse[row0 + r + lane] * kLog2e : inf_f());
+                        if (Mods) st_shared_f32(dst + 4 * (2 * Br + r), 0.f);
+                    }
                     st_shared_f32(dst + 4 * (Br + r), ok ? d_vec[row0 + r + lane] : 0.f);
                 }
-                mbar_arrive(qdo_full(it));
+                mbar_arrive(qdo_full(n));
             }
         }
         // Q_i's and dO_i's copies from two threads (warps 8 and 10): one thread issuing both, four boxes each, held
@@ -136,10 +162,11 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
                 tma_tile<Bc, D>(sV, tm_v, k0, h_kv, b, kv_full);
             }
             const TmaDesc& tm = is_q ? tm_q : tm_do;
-            for (int it = 0; it < n_pairs; ++it) {
-                mbar_wait(q_empty(it), phase(it) ^ 1);
-                mbar_arrive_expect_tx(qdo_full(it), TileQ::bytes());
-                tma_tile<Br, D>(is_q ? sQ(it) : sdO(it), tm, block_of(it) * Br, head_of(it), b, qdo_full(it));
+            for (int n_done = 0, it = next_pair(it_begin); it < it_end; ++n_done, it = next_pair(it + 1)) {
+                const int n = Mods ? n_done : it;  // pairs before this one: its slot and phase (plain: it)
+                mbar_wait(q_empty(n), phase(n) ^ 1);
+                mbar_arrive_expect_tx(qdo_full(n), TileQ::bytes());
+                tma_tile<Br, D>(is_q ? sQ(n) : sdO(n), tm, block_of(it) * Br, head_of(it), b, qdo_full(n));
             }
         }
         return;
@@ -169,10 +196,12 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
-        for (int it = dead ? n_pairs : 0; it < n_pairs; ++it) {
-            const int q0 = block_of(it) * Br;
-            const i64 bh = (i64)b * H + head_of(it);
-            mbar_wait(qdo_full(it), phase(it));
+        for (int n_done = 0, it = dead ? it_end : next_pair(it_begin); it < it_end;
+             ++n_done, it = next_pair(it + 1)) {
+            const int n = Mods ? n_done : it;  // as the producer's
+            const int hq = head_of(it), q0 = block_of(it) * Br;
+            const i64 bh = (i64)b * H + hq;
+            mbar_wait(qdo_full(n), phase(n));
             // K's and V's descriptors formed per block from opaque bases (as flash_bwd_sm90.cuh's): hoisted out of the
             // loop they were held in registers and spilled.
             u32 k_base = sK, v_base = sV;
@@ -185,12 +214,12 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
 #pragma unroll
             for (int kk = 0; kk < head_k_steps(DHead); ++kk)
                 Wgmma<T, kQueries>::template ss<0, 0>(st, TileKV::desc_k(k_base, 0, kk),
-                                                      TileQ::desc_k(sQ(it), kQueries * wg, kk), kk > 0);
+                                                      TileQ::desc_k(sQ(n), kQueries * wg, kk), kk > 0);
             wgmma_commit();
 #pragma unroll
             for (int kk = 0; kk < head_k_steps(DHead); ++kk)
                 Wgmma<T, kQueries>::template ss<0, 0>(dpt, TileKV::desc_k(v_base, 0, kk),
-                                                      TileQ::desc_k(sdO(it), kQueries * wg, kk), kk > 0);
+                                                      TileQ::desc_k(sdO(n), kQueries * wg, kk), kk > 0);
             wgmma_commit();
             // Element (nt, 2r + c): key key0 + 8r, query q0 + query_of(nt, c), its row in the stage's arrays
             auto query_of = [&](int nt, int c) { return kQueries * wg + nt * 8 + 2 * (lane % 4) + c; };
@@ -198,9 +227,22 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
             wgmma_wait<1>();  // Sᵀ; dPᵀ still running
             fence_operands(st);
             if constexpr (Mods) {
-                // Pᵀ = exp2(logit - LSE) with the logits as flash_bwd_sm90.cuh's: cap, then the visibility mask on
-                // the blocks that cross the sequence end or a window edge (rows past Nq have LSE +inf, so P = 0).
+                // Pᵀ = exp2(logit - LSE) with the logits as flash_bwd_sm90.cuh's: cap, bias (per element, on the
+                // tiles that read it), then the visibility mask on the blocks that cross the sequence end or a
+                // window edge (rows past Nq have LSE +inf, so P = 0).
                 mods.template scale_scores<T, kQueries / 8>(st, scale_log2, cap_grad);
+                if (mods.has_bias() && pair_class(it) == kTileRead) {
+                    const i64 block_off = mods.bias_row(b, hq, q0);  // element (q0, 0) of this head's bias
+#pragma unroll
+                    for (int nt = 0; nt < kQueries / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int query = query_of(nt, e & 1), key = key0 + 8 * (e >> 1);
+                            if (q0 + query < Nq && key < Nk)
+                                st[nt][e] = mods.template add_bias<T>(
+                                    st[nt][e], block_off + query * mods.bias_sm + key * mods.bias_sn);
+                        }
+                }
                 const int qw0 = q0 + kQueries * wg;  // this warpgroup's first query
                 if (k0 + Bc > Nk || k0 + Bc - 1 > qw0 + mods.diag + mods.right ||
                     k0 < qw0 + kQueries - 1 + mods.diag - mods.left) {
@@ -212,17 +254,18 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
                 }
 #pragma unroll
                 for (int nt = 0; nt < kQueries / 8; ++nt) {
-                    float lse2[2];
-                    lds_f32x2(lse2[0], lse2[1], sLse(it) + 4 * query_of(nt, 0));
+                    float lse2[2], lo[2];
+                    lds_f32x2(lse2[0], lse2[1], sLse(n) + 4 * query_of(nt, 0));
+                    lds_f32x2(lo[0], lo[1], sLse(n) + 4 * (2 * Br + query_of(nt, 0)));
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2(st[nt][e] - lse2[e & 1]);
+                    for (int e = 0; e < 4; ++e) st[nt][e] = fast_exp2((st[nt][e] - lse2[e & 1]) - lo[e & 1]);
                 }
             } else {
                 const bool masked = KeyMask || k0 + Bc > Nk || (Causal && k0 + Bc - 1 > q0 + kQueries * wg + diag);
 #pragma unroll
                 for (int nt = 0; nt < kQueries / 8; ++nt) {
                     float lse2[2];
-                    lds_f32x2(lse2[0], lse2[1], sLse(it) + 4 * query_of(nt, 0));
+                    lds_f32x2(lse2[0], lse2[1], sLse(n) + 4 * query_of(nt, 0));
 #pragma unroll
                     for (int c = 0; c < 2; ++c)
 #pragma unroll
@@ -240,15 +283,32 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
 #pragma unroll
             for (int nt = 0; nt < kQueries / 8; ++nt) {
                 float d_i[2];
-                lds_f32x2(d_i[0], d_i[1], sLse(it) + 4 * (Br + query_of(nt, 0)));
+                lds_f32x2(d_i[0], d_i[1], sLse(n) + 4 * (Br + query_of(nt, 0)));
 #pragma unroll
                 for (int c = 0; c < 2; ++c)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        float& ds = dpt[nt][2 * r + c];
-                        ds = st[nt][2 * r + c] * (ds - d_i[c]);
-                        if (Mods && mods.softcap()) ds *= decltype(mods)::cap_grad_at(cap_grad, nt, 2 * r + c);
-                    }
+                    for (int r = 0; r < 2; ++r) dpt[nt][2 * r + c] = st[nt][2 * r + c] * (dpt[nt][2 * r + c] - d_i[c]);
+            }
+            if constexpr (Mods) {
+                // dBias = dS (the bias adds to the logit), summed over the bias's broadcast dims by atomics; before
+                // the soft-cap's factor, as the bias adds after the cap.
+                if (dbias != nullptr) {
+                    float* dbias_lane = dbias + b * dbias_sb + hq * dbias_sh + (i64)(q0 + query_of(0, 0)) * dbias_sm +
+                                        (i64)key0 * dbias_sn;
+#pragma unroll
+                    for (int nt = 0; nt < kQueries / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (q0 + query_of(nt, e & 1) < Nq && key0 + 8 * (e >> 1) < Nk)
+                                atomicAdd(dbias_lane + (nt * 8 + (e & 1)) * dbias_sm + (e >> 1) * 8 * dbias_sn,
+                                          dpt[nt][e]);
+                }
+                if (mods.softcap()) {
+#pragma unroll
+                    for (int nt = 0; nt < kQueries / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) dpt[nt][e] *= decltype(mods)::cap_grad_at(cap_grad, nt, e);
+                }
             }
             // Pᵀ and dSᵀ into the block's tiles: this lane's two keys (rows), columns query_of(nt, 0) and the next
             // (one 32-bit word in chunk 4·wg + nt); row + 8 is the next swizzle atom, 1024 bytes on.
@@ -258,9 +318,9 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
                 const int chunk = (kQueries / 8) * wg + nt;
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    st_shared_u32(TilePS::chunk_or((sP(it) + key_row * 128) | (4 * (lane % 4)), swz, chunk) + 1024 * r,
+                    st_shared_u32(TilePS::chunk_or((sP(n) + key_row * 128) | (4 * (lane % 4)), swz, chunk) + 1024 * r,
                                   T::pack(st[nt][2 * r], st[nt][2 * r + 1]));
-                    st_shared_u32(TilePS::chunk_or((sdS(it) + key_row * 128) | (4 * (lane % 4)), swz, chunk) + 1024 * r,
+                    st_shared_u32(TilePS::chunk_or((sdS(n) + key_row * 128) | (4 * (lane % 4)), swz, chunk) + 1024 * r,
                                   T::pack(dpt[nt][2 * r], dpt[nt][2 * r + 1]));
                 }
             }
@@ -278,7 +338,7 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
             auto issue_dq = [&](int part) {
 #pragma unroll
                 for (int kk = 0; kk < Bc / 16; ++kk)
-                    Wgmma<T, NQ>::template ss<1, 1>(dq, TilePS::desc_mn(sdS(it), kk),
+                    Wgmma<T, NQ>::template ss<1, 1>(dq, TilePS::desc_mn(sdS(n), kk),
                                                     TileKV::desc_mn(k_base + TileKV::col_offset(c0 + part * NQ), kk), kk > 0);
                 wgmma_commit();
             };
@@ -298,19 +358,19 @@ flash_bwd_sm90_wide_kernel(const __grid_constant__ TmaDesc tm_q, const __grid_co
             issue_dq(0);
 #pragma unroll
             for (int kk = 0; kk < Br / 16; ++kk)
-                Wgmma<T, NC>::template ss<0, 1>(acc_dv, TilePS::desc_k(sP(it), 0, kk),
-                                                TileQ::desc_mn(sdO(it) + TileQ::col_offset(c0), kk), 1);
+                Wgmma<T, NC>::template ss<0, 1>(acc_dv, TilePS::desc_k(sP(n), 0, kk),
+                                                TileQ::desc_mn(sdO(n) + TileQ::col_offset(c0), kk), 1);
 #pragma unroll
             for (int kk = 0; kk < Br / 16; ++kk)
-                Wgmma<T, NC>::template ss<0, 1>(acc_dk, TilePS::desc_k(sdS(it), 0, kk),
-                                                TileQ::desc_mn(sQ(it) + TileQ::col_offset(c0), kk), 1);
+                Wgmma<T, NC>::template ss<0, 1>(acc_dk, TilePS::desc_k(sdS(n), 0, kk),
+                                                TileQ::desc_mn(sQ(n) + TileQ::col_offset(c0), kk), 1);
             wgmma_commit();
             wgmma_wait<1>();  // dQ's first part; dV and dK still running
             add_dq(0);
             wgmma_wait<0>();
             fence_operands(acc_dv);
             fence_operands(acc_dk);
-            mbar_arrive(q_empty(it));  // Q_i and dO_i are read
+            mbar_arrive(q_empty(n));  // Q_i and dO_i are read
             if constexpr (kDqParts == 2) {
                 fence_operands(dq);
                 wgmma_fence();

@@ -2,7 +2,7 @@
 d96, whose O = P V and dK, dV GEMMs compute its own 96 columns (wgmma.cuh head_cols), and the wide backward above 128
 (flash_bwd_sm90_wide.cuh: 160, 192, 256): the op against the fp32 reference with the tolerance rule, over odd
 lengths, Nq != Nk, grouped-query heads, transposed views and every score mod, each call checked to run on the Hopper
-kernels (no "on mma.sync" in the launch log; above 128 the backward with a bias does) at its own head dim."""
+kernels (no "on mma.sync" in the launch log; above 128 the backward with dropout does) at its own head dim."""
 from __future__ import annotations
 
 import pytest
@@ -24,20 +24,16 @@ def _on_mma_sync(caplog) -> list:
 
 def _check(caplog, head_dim, q, k, v, dout, bias=None, runs_at=None, **features):
     """check_features, then where each pass ran: the forward on the Hopper kernels at `runs_at` (by default
-    head_dim), the backward on mma.sync only where its Hopper tiles there decline the call's bias or dropout
-    (tiles.Sm90Tiles.bias, .dropout)."""
+    head_dim), the backward on mma.sync only where its Hopper tiles there decline the call's dropout
+    (tiles.Sm90Tiles.dropout)."""
     cuda_path._KNOWN.clear()
     caplog.clear()
     with caplog.at_level("DEBUG", logger="cupyflash.launch"):
         check_features(q, k, v, dout, bias, **features)
     fallbacks = _on_mma_sync(caplog)
-    keys = bias is not None and bias.dtype == torch.bool and bias.shape[2] == 1
     runs_at = head_dim if runs_at is None else runs_at
-    t = tiles.BACKWARD_SM90[runs_at]
-    dropout = features.get("dropout_p", 0.0) > 0
-    added_bias = bias is not None and not keys
-    if added_bias and not t.bias or dropout and not t.dropout:
-        # The declined backward goes to mma.sync's next head dim, and the reason names it there (d160's bias: 256)
+    if features.get("dropout_p", 0.0) > 0 and not tiles.BACKWARD_SM90[runs_at].dropout:
+        # The declined backward goes to mma.sync's next head dim, and the reason names it there (d160's: 256)
         at = kernel_head_dim(runs_at)
         assert fallbacks and all(m.startswith("backward on mma.sync: ") and f"at head_dim {at}:" in m
                                  for m in fallbacks), fallbacks
@@ -93,6 +89,11 @@ MODS_CASES = [  # (head_dim, dtype, causal, (Nq, Nk), bias (shape, dtype) or Non
     (256, BF16, False, (1023, 1024), None, (256, 128), 50.0, 0.0),
     (256, BF16, True, (97, 97), None, (-1, -1), 50.0, 0.0),
     (160, BF16, False, (113, 203), None, (48, 8), 5.0, 0.0),
+    # the wide backward's bias: Gemma 2's padding beside its window and soft-cap (an added mask, tiles skipped), a
+    # float bias with its gradient (the rebuild rule's rows), a broadcast one
+    (256, BF16, True, (1023, 1024), ("padding", torch.bool), (256, 0), 50.0, 0.0),
+    (256, FP16, False, (113, 203), ("BHQK", FP32), (-1, -1), 0.0, 0.0),
+    (192, BF16, True, (203, 113), ("B11K", BF16), (-1, -1), 30.0, 0.0),
 ]
 
 

@@ -187,8 +187,9 @@ def test_head_dims_only_the_hopper_kernels_have(kernel, d):
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
     """d160 / d192 / d256: the wide Hopper backward (flash_bwd_sm90_wide.cuh, 64 x 64 blocks, 256-column tiles), plain,
-    causal, with a window or soft-capping (its mods variant, no causal one: a causal window is right = 0) or a key
-    mask (its key-mask variant); a bias on mma.sync (d256) or, where mma.sync has no kernel, PADDED."""
+    causal, with a bias, a window or soft-capping (its mods variant, no causal one: a causal window is right = 0) or
+    a key mask (its key-mask variant). An added bias's rebuild-rule rows come from mma.sync's forward, which has
+    d256 only: d160 and d192 with one run PADDED to 256 (cuda_path), on the wide kernel there."""
     p = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal))
     assert p.family == plan.HOPPER and p.tiles.wide and (p.tiles.Br, p.tiles.Bc) == (64, 64)
     assert p.variant.expression.startswith("cupyflash::flash_bwd_sm90_wide_kernel<cupyflash::bf16, 256, ")
@@ -200,11 +201,14 @@ def test_the_backward_above_128_runs_on_the_wide_hopper_kernel(d, causal):
     assert masked.mask_form == "keys" and masked.family == plan.HOPPER and masked.tiles.wide
     assert masked.variant.name == f"bwd_sm90_bf16_d{d}{'_causal' if causal else ''}_keys"
     biased = plan.plan_for(_layout("bwd", "bfloat16", d, causal=causal, bias=BIAS))
-    assert biased.family == (plan.MMA_SYNC if d == 256 else plan.PADDED)
+    if d == 256:
+        assert biased.family == plan.HOPPER and biased.tiles.wide and biased.variant.mods
+        assert biased.variant.shared_bytes == main.shared_bytes + 2 * 64 * 4  # each Q/dO slot's rows' lo
+    else:
+        assert biased.family == plan.PADDED and "rebuild rule" in biased.why
     for change in (dict(window=(32, 0)), dict(softcap=30.0), dict(causal=True, window=(32, 0))):
         p = plan.plan_for(_layout("bwd", "bfloat16", d, **change))
         assert p.family == plan.HOPPER and p.tiles.wide and p.variant.mods and not p.variant.causal
-    assert biased.why.startswith(f"a bias at head_dim {d}")
     compiled = {v.name for v in jit.all_variants()}
     assert {f"bwd_sm90_bf16_d{d}_causal", f"bwd_sm90_bf16_d{d}_mods", f"bwd_sm90_bf16_d{d}_causal_keys"} <= compiled
     assert f"bwd_sm90_bf16_d{d}_mods_dropout" not in compiled
@@ -348,9 +352,9 @@ def test_no_backward_head_dim():
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_wide_head_backward_runs_one_launch_per_column_range(dtype):
-    """d256: two launches of the same variant, columns 0-127 and 128-255 (tiles.Tiles.out_cols), both between the
-    preprocess and the dQ conversion; only the first adds into dBias."""
-    p = plan.plan_for(_layout("bwd", dtype=dtype, d=256, cc=90, bias=BIAS._replace(grad=True)))
+    """d256 on mma.sync (sm_80): two launches of the same variant, columns 0-127 and 128-255 (tiles.Tiles.out_cols),
+    both between the preprocess and the dQ conversion; only the first adds into dBias."""
+    p = plan.plan_for(_layout("bwd", dtype=dtype, d=256, cc=80, bias=BIAS._replace(grad=True)))
     assert p.family == plan.MMA_SYNC
     kernels = [s.variant.kernel for s in p.steps]
     assert kernels[0] == "bwd_preprocess" and kernels[-1] == "bwd_convert_dq"

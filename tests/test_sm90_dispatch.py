@@ -125,15 +125,13 @@ BIAS_WITH_GRAD = dataclasses.replace(SCORE_MODS["bias"], dbias=launch.Buf(ALIGNE
 def test_takes_score_mods(mod, d):
     """Every score mod on the Hopper kernels of both passes at every head dim; dropout's forward on mma.sync at a head
     dim whose Hopper variant spilled (tiles.Sm90Tiles.dropout: d32, d160 and up), its backward still on Hopper up to
-    128; above 128 the wide backward takes a window and soft-capping, not a bias or dropout (Sm90Tiles.bias,
-    .dropout)."""
+    128; above 128 the wide backward takes a bias, a window and soft-capping, not dropout (Sm90Tiles.dropout)."""
     spilled = mod == "dropout" and not FORWARD_SM90[d].dropout
     forward = f"dropout at head_dim {d}: its Hopper variant spilled registers (tiles.Sm90Tiles.dropout)" if spilled \
         else None
     backward = None
-    if d > 128:
-        backward = {"bias": f"a bias at head_dim {d}: its Hopper kernel's score mods have none (tiles.Sm90Tiles.bias)",
-                    "dropout": f"dropout at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.dropout)"}.get(mod)
+    if d > 128 and mod == "dropout":
+        backward = f"dropout at head_dim {d}: its Hopper kernel has none (tiles.Sm90Tiles.dropout)"
     assert _why(d=d, mods=SCORE_MODS[mod], forward=forward) == backward
     assert spilled == (mod == "dropout" and d in (32, 160, 192, 256))
 
