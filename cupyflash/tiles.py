@@ -129,8 +129,10 @@ FORWARD_SM90_PLAIN = {
     (128, False): Sm90Tiles(Bc=176, stages=2),
     (256, False): Sm90Tiles(Bc=80, stages=2, dropout=False),
     (256, True): Sm90Tiles(Bc=80, stages=2, dropout=False),
-    # d160 and d192 on d256's tiles (FORWARD_SM90's note)
-    **{(d, causal): Sm90Tiles(Bc=80, stages=2, dropout=False, pad_to=256) for d in (160, 192) for causal in (False, True)},
+    # d160 and d192 on 192-column tiles (d160's last 32 zero-filled by TMA): Q (48 KiB) and two stages of 112 keys
+    # (168 KiB) fit, where d256's tiles held 80 keys.
+    **{(d, causal): Sm90Tiles(Bc=112, stages=2, dropout=False, pad_to=192 if d == 160 else 0)
+       for d in (160, 192) for causal in (False, True)},
 }
 
 
