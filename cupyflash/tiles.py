@@ -95,11 +95,12 @@ FORWARD_SM90 = {
     32: Sm90Tiles(Bc=128, stages=2, pad_to=64, dropout=False),
     64: Sm90Tiles(Bc=128, stages=2),
     # Head dims with no mma.sync kernel (Phi-2's 80; 160, and 192 of MLA-style models): the Hopper kernels run them
-    # on 128- and 256-column tiles with no copies and no zero columns in O = P V (wgmma.cuh head_cols); elsewhere
+    # on 128- and 256-column tiles (the plain forward at 160 and 192: 192, FORWARD_SM90_PLAIN) with no copies and no
+    # zero columns in O = P V (wgmma.cuh head_cols); elsewhere
     # (mma.sync) they run zero-padded by copies to the next of tiles.FORWARD's (plan.PADDED). Before, as padded
     # copies on 128 and 256 columns (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
     # of FlashAttention-4's forward; as they are (session28-NVIDIA_H100_80GB_HBM3.md): d80 0.89-0.92x, d192 0.85-0.88x,
-    # d160 0.84x causal and 0.60x without a causal mask (FORWARD_SM90_PLAIN's 128 x 80 there: benchmarks/NOTES.md).
+    # d160 0.84x causal and 0.60x without a causal mask (0.76x on session 30's machine; FORWARD_SM90_PLAIN below).
     80: Sm90Tiles(Bc=128, stages=2, pad_to=128),
     # d96 on 128-column tiles, S = Q Kᵀ on 6 of their 8 k steps (H100, benchmarks/results/sm90-ab-NVIDIA_H100_80GB_HBM3.log,
     # N 1024-16384): fwd 310-495 TFLOP/s and bwd 196-366 against mma.sync's 197-286 / 146-243 and SDPA flash's 252-339 /
@@ -130,7 +131,9 @@ FORWARD_SM90_PLAIN = {
     (256, False): Sm90Tiles(Bc=80, stages=2, dropout=False),
     (256, True): Sm90Tiles(Bc=80, stages=2, dropout=False),
     # d160 and d192 on 192-column tiles (d160's last 32 zero-filled by TMA): Q (48 KiB) and two stages of 112 keys
-    # (168 KiB) fit, where d256's tiles held 80 keys.
+    # (168 KiB) fit, where d256's tiles held 80 keys. H100, in turns with the 256 x 80 tiles and 192 x 96 (session 31,
+    # benchmarks/results/session31-NVIDIA_H100_80GB_HBM3.md, N 1024 / 4096 / 16384): d160 +10 / +16 / +13 %, causal
+    # +8 / +12 / +12 %; d192 -1 / ±3 / +5 %, causal +2 / +6 / +7 %. 96 keys: 0-4 % under 112, but +6 % at d192 N 1024.
     **{(d, causal): Sm90Tiles(Bc=112, stages=2, dropout=False, pad_to=192 if d == 160 else 0)
        for d in (160, 192) for causal in (False, True)},
 }
