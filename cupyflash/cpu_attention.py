@@ -53,6 +53,7 @@ import torch
 
 from . import cpu_torch_kernels
 from .cpu_torch_kernels import bias_block, block_index
+from .params import keep_threshold
 
 KEY_CHUNK = 1024
 MASKED_BIAS = -1e30
@@ -83,20 +84,21 @@ def _philox(c0, c1, c2, c3, k0, k1):
 
 def dropout_keep(seed: int, dropout_p: float, batch: int, heads: int, rows, cols) -> torch.Tensor:
     """Bool (B, H, len(rows), len(cols)): True where the kernels keep P[b, h, row, col] for this seed."""
-    threshold = min(0xFFFFFFFF, int((1.0 - dropout_p) * 2.0 ** 32))
+    threshold = keep_threshold(dropout_p)
     bh = np.arange(batch * heads, dtype=np.uint64).reshape(batch, heads, 1, 1)
     r = np.asarray(rows, dtype=np.uint64).reshape(1, 1, -1, 1)
     c = np.asarray(cols, dtype=np.uint64).reshape(1, 1, 1, -1)
     bh, r, c = np.broadcast_arrays(bh, r, c)
-    # One Philox call per group {row, row + 8} x {col, col + 8} (kernels_cu/scores.cuh random_quad): the group's
-    # index drops bit 3 of the row and of the column, and that bit of each picks the element's word.
-    three, seven = np.uint64(3), np.uint64(7)
-    group_row, group_col = (r >> np.uint64(4)) << three | r & seven, (c >> np.uint64(4)) << three | c & seven
+    # One Philox call per group {row, row + 8} x {col, col + 1, col + 8, col + 9} (kernels_cu/scores.cuh
+    # random_group): the group's index drops bit 3 of the row and bits 0 and 3 of the column; bit 3 of each picks the
+    # element's word, bit 0 of the column its 16-bit half.
+    one, two, three, four, seven = (np.uint64(n) for n in (1, 2, 3, 4, 7))
+    group_row, group_col = (r >> four) << three | r & seven, (c >> four) << two | (c & seven) >> one
     words = _philox(group_col, group_row, bh & np.uint64(0xFFFFFFFF), bh >> np.uint64(32),
                     seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
-    one = np.uint64(1)
     word = np.choose(((r >> three & one) << one | c >> three & one).astype(np.intp), words)
-    return torch.from_numpy(word < np.uint64(threshold))
+    number = word >> ((c & one) << four) & np.uint64(0xFFFF)
+    return torch.from_numpy(number < np.uint64(threshold))
 
 
 def _widen_kv(t: torch.Tensor, heads: int) -> torch.Tensor:

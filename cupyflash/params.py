@@ -277,6 +277,12 @@ def _bhmn(b: Buf | None) -> tuple:
     return (0, (0, 0, 0, 0)) if b is None else (b.ptr, tuple(b.strides[:4]))
 
 
+def keep_threshold(dropout_p: float) -> int:
+    """Dropout keeps a score iff its 16-bit random number is below this (kernels_cu/scores.cuh random_group): the keep
+    probability 1 - dropout_p in multiples of 2^-16."""
+    return int((1.0 - dropout_p) * 65536.0)
+
+
 def score_mods(kernel: str, mods, scale: float, tiles) -> dict:
     """ScoreModParams of launch.ScoreMods `mods` for the attention kernel of pass `kernel` ("fwd" or "bwd"): the
     tile classes' tile size is the kernel's (`tiles`; the plan classifies the bias in them), dBias the backward's
@@ -285,8 +291,8 @@ def score_mods(kernel: str, mods, scale: float, tiles) -> dict:
     cls, cls_s = _bhmn(mods.tile_classes)
     dbias, dbias_s = _bhmn(mods.dbias if kernel == "bwd" else None)
     keep = 1.0 - mods.dropout_p
-    # An element is kept iff its 32-bit Philox word < threshold; 0xffffffff means "no dropout" (scores.cuh).
-    threshold = 0xFFFFFFFF if mods.dropout_p == 0 else min(0xFFFFFFFF, int(keep * 2.0 ** 32))
+    # An element is kept iff its 16-bit Philox number < threshold; 0xffffffff means "no dropout" (scores.cuh).
+    threshold = 0xFFFFFFFF if mods.dropout_p == 0 else keep_threshold(mods.dropout_p)
     if mods.dropout_p > 0 and not mods.seed_ptr:
         raise ValueError("dropout needs the device address of its seed (seed_ptr)")
     # soft-capping: (scale / softcap, softcap · log2 e), the tanh argument and the log2-unit logit scale; 0: off

@@ -160,7 +160,7 @@ flash_fwd_kernel(const FwdParams<typename T::elem> params) {
                 }
                 l_i[mt][r] = l_i[mt][r] * alpha[r] + row_sum;  // l counts every key: dropout acts after softmax
             }
-            // After both row halves: each of dropout's Philox calls serves rows r = 0 and 1 (scores.cuh random_quad)
+            // After both row halves: each of dropout's Philox calls serves rows r = 0 and 1 (scores.cuh random_group)
             if (mods.dropout())
                 mods.template drop<Bc / 8>(s[mt], bh, q0 + warp_row0 + mt * 16 + lane / 4, k0 + 2 * (lane % 4),
                                            params.mods.keep_threshold);

@@ -269,7 +269,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 }
                 l_i[r] = l_i[r] * alpha[r] + row_sum;  // l counts every key: dropout acts after the softmax
             }
-            // flash_fwd.cuh's numbering, after both row halves (each Philox call serves both: scores.cuh random_quad)
+            // flash_fwd.cuh's numbering, after both row halves (each Philox call serves both: scores.cuh random_group)
             if (mods.dropout())
                 mods.template drop<Bc / 8>(s, (i64)b * H + h, row_of(0), col_of(0, 0), params.mods.keep_threshold);
             wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free

@@ -97,7 +97,7 @@ struct ScoreMods {
     const signed char* tile_cls;             // TileClass per (b, h, Q block, K block); nullptr: all kTileRead
     i64 cls_sb, cls_sh, cls_sm, cls_sn;      // strides, 0 along the bias's broadcast dims
     int Nq, Nk, diag, left, right;           // visibility window, see the top of this file
-    u32 keep_threshold;                      // dropout keeps an element iff its random word < this
+    u32 keep_threshold;                      // dropout keeps an element iff its 16-bit number < this
     u32 seed_lo, seed_hi;
     float cap_in, cap_out;                   // soft-capping: scale / softcap and softcap · log2 e; cap_out = 0: off
     bool pairs;  // a lane's two adjacent keys are one aligned load: unit key stride, even Nk and row offsets
@@ -182,47 +182,67 @@ struct ScoreMods {
         return f16::to_float((u16)(e & 1 ? pair >> 16 : pair & 0xffffu));
     }
 
-    // Dropout's random words: one Philox call per group of four elements {row, row + 8} x {col, col + 8} (row and
-    // col below 8 mod 16), its words x, y, z, w for (row, col), (row, col + 8), (row + 8, col), (row + 8, col + 8).
-    // Both accumulator layouts hold whole groups in one lane: S's in the forward (rows lane/4 + {0, 8}; keys in n8
-    // tiles nt and nt + 1) and Sᵀ's in the backward (keys lane/4 + {0, 8}; queries in n8 tiles nt and nt + 1), so
-    // each call serves four scores. Philox's integer multiplies outlasted the tensor cores when each call served
-    // one key pair (forward, dropout 3.4x the plain one at d128) or one score (backward, 2.1x; H100).
-    CF_DEVICE U4 random_quad(i64 bh, int row, int col) const {
-        const u32 group_row = (u32)((row >> 4) << 3 | (row & 7)), group_col = (u32)((col >> 4) << 3 | (col & 7));
+    // Dropout's random numbers, 16 bits a score: one Philox call per group of eight elements {row, row + 8} x
+    // {col, col + 1, col + 8, col + 9} (row below 8 mod 16; col even and below 8 mod 16). Word x holds (row, col) in
+    // its low half and (row, col + 1) in its high half, y the same at col + 8, z and w at row + 8. S's layout in the
+    // forward holds whole groups in one lane (rows lane/4 + {0, 8}; keys 2·(lane%4) + {0, 1} of n8 tiles nt and
+    // nt + 1): a call per eight scores (drop). Sᵀ's in the backward holds half a group (keys lane/4 + {0, 8}: the
+    // columns of lane/4's parity) and lane ^ 4 the other half: each of the two draws every other group and hands its
+    // partner that half (keep_bits_t). Philox's integer multiplies set dropout's cost: at one call per four scores it
+    // took 1.66x the plain forward at d128 (H100), at one per key pair 3.4x. 16 bits quantize the keep probability to
+    // multiples of 2^-16 (FlashAttention-2's dropout takes 8 bits); the kept scores are scaled by 1 / (1 - p) as asked.
+    CF_DEVICE U4 random_group(i64 bh, int row, int col) const {
+        const u32 group_row = (u32)((row >> 4) << 3 | (row & 7)), group_col = (u32)((col >> 4) << 2 | (col & 7) >> 1);
         return philox(U4{group_col, group_row, (u32)bh, (u32)(bh >> 32)}, seed_lo, seed_hi);
+    }
+    static CF_DEVICE bool kept16(u32 word, int high, u32 threshold) {
+        return (high ? word >> 16 : word & 0xffffu) < threshold;
     }
 
     // Dropout on the forward's S tile (NT n8 tiles, NT even): zeroes s[nt][e] (row row0 + 8·(e/2), key
-    // col0 + 8·nt + e%2; row0 and col0 below 8 mod 16) where its word is at or above the keep threshold.
+    // col0 + 8·nt + e%2; row0 below 8 mod 16, col0 even and below 8 mod 16) where its number is at or above the keep
+    // threshold.
     template <int NT>
     CF_DEVICE void drop(float (*s)[4], i64 bh, int row0, int col0, u32 threshold) const {
-        static_assert(NT % 2 == 0, "random_quad's groups span two n8 tiles");
+        static_assert(NT % 2 == 0, "random_group's groups span two n8 tiles");
 #pragma unroll
-        for (int nt = 0; nt < NT; nt += 2)
+        for (int nt = 0; nt < NT; nt += 2) {
+            const U4 w = random_group(bh, row0, col0 + nt * 8);
+            const u32 words[4] = {w.x, w.y, w.z, w.w};  // word i: row + 8·(i/2), n8 tile nt + i%2
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const U4 w = random_quad(bh, row0, col0 + nt * 8 + c);
-                if (w.x >= threshold) s[nt][c] = 0.f;
-                if (w.y >= threshold) s[nt + 1][c] = 0.f;
-                if (w.z >= threshold) s[nt][2 + c] = 0.f;
-                if (w.w >= threshold) s[nt + 1][2 + c] = 0.f;
-            }
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    if (!kept16(words[i], c, threshold)) s[nt + (i & 1)][2 * (i >> 1) + c] = 0.f;
+        }
     }
 
     // The backward's keep bits on its Sᵀ tile (NT n8 tiles of queries, NT even): bit nt·4 + e set where the forward
-    // kept element (nt, e), key key0 + 8·(e/2), query q_col0 + 8·nt + e%2 (key0 and q_col0 below 8 mod 16). The
-    // loop stays rolled, one Philox chain per iteration: unrolled, the scheduler interleaved the chains beside the
-    // accumulators and spilled (tests/test_kernel_compile.py).
+    // kept element (nt, e), key key0 + 8·(e/2), query q_col0 + 8·nt + e%2 (key0 below 8 mod 16; q_col0 even and below
+    // 8 mod 16). Every lane of the warp calls it (the shuffle): this lane draws the groups of query parity key0 % 2,
+    // lane ^ 4 (key key0 ^ 1, the same queries) those of the other parity, and each hands the other the numbers of
+    // its keys. The loop stays rolled, one Philox chain per iteration: unrolled, the scheduler interleaved the chains
+    // beside the accumulators and spilled (tests/test_kernel_compile.py).
     template <int NT>
     CF_DEVICE u32 keep_bits_t(i64 bh, int key0, int q_col0, u32 threshold) const {
-        static_assert(NT % 2 == 0 && NT * 4 <= 32, "random_quad's groups span two n8 tiles; one bit per element");
+        static_assert(NT % 2 == 0 && NT * 4 <= 32, "random_group's groups span two n8 tiles; one bit per element");
+        const int odd = key0 & 1;
         u32 bits = 0;
 #pragma unroll 1
-        for (int g = 0; g < NT; ++g) {  // the group of tiles nt = g & ~1 and nt + 1, query parity c = g & 1
-            const U4 w = random_quad(bh, q_col0 + (g & ~1) * 8 + (g & 1), key0);  // rows are queries, columns keys
-            bits |= ((u32)(w.x < threshold) | (u32)(w.y < threshold) << 2 | (u32)(w.z < threshold) << 4 |
-                     (u32)(w.w < threshold) << 6) << ((g & ~1) * 4 + (g & 1));
+        for (int nt = 0; nt < NT; nt += 2) {  // query rows of n8 tiles nt, nt + 1: the group's row and row + 8
+            const U4 w = random_group(bh, q_col0 + nt * 8 + odd, key0 & ~1);  // rows are queries, columns keys
+            // Word i: query row + 8·(i/2), key + 8·(i%2); its half of parity p is key key0 & ~1 + p's.
+            const u32 mine = odd ? (w.x >> 16) | (w.y & 0xffff0000u) : (w.x & 0xffffu) | (w.y << 16);
+            const u32 mine2 = odd ? (w.z >> 16) | (w.w & 0xffff0000u) : (w.z & 0xffffu) | (w.w << 16);
+            const u32 theirs = odd ? (w.x & 0xffffu) | (w.y << 16) : (w.x >> 16) | (w.y & 0xffff0000u);
+            const u32 theirs2 = odd ? (w.z & 0xffffu) | (w.w << 16) : (w.z >> 16) | (w.w & 0xffff0000u);
+            const u32 got = __shfl_xor_sync(0xffffffffu, theirs, 4), got2 = __shfl_xor_sync(0xffffffffu, theirs2, 4);
+            // (nt + i/2, e = 2·(i%2) + query parity): this lane's draw at parity odd, the partner's at 1 - odd
+            const u32 own = (u32)kept16(mine, 0, threshold) | (u32)kept16(mine, 1, threshold) << 2 |
+                            (u32)kept16(mine2, 0, threshold) << 4 | (u32)kept16(mine2, 1, threshold) << 6;
+            const u32 other = (u32)kept16(got, 0, threshold) | (u32)kept16(got, 1, threshold) << 2 |
+                              (u32)kept16(got2, 0, threshold) << 4 | (u32)kept16(got2, 1, threshold) << 6;
+            bits |= (own << odd | other << (1 - odd)) << (nt * 4);
         }
         return bits;
     }

@@ -260,9 +260,11 @@ def test_rows_without_keys(how):
 
 def test_dropout_keep_deterministic_and_rate():
     """dropout_keep is a pure function of (seed, element): repeated calls and any sub-range (the chunks the CPU
-    path draws) agree; its keep rate is 1 - p within binomial bounds; seeds (their high word too) differ."""
+    path draws) agree; its keep rate is 1 - p within binomial bounds (its 16-bit threshold within 2^-16 of 1 - p);
+    seeds (their high word too) differ."""
     rows, cols = range(97), range(203)
     for p in (0.1, 0.5, 0.8):
+        assert 0 <= (1 - p) - cpu_attention.keep_threshold(p) / 65536 < 2 ** -16
         seed = seed_from("keep", p)
         keep = cpu_attention.dropout_keep(seed, p, 2, 3, rows, cols)
         assert keep.shape == (2, 3, 97, 203) and keep.dtype == torch.bool
@@ -281,7 +283,7 @@ def test_dropout_keep_deterministic_and_rate():
 
 def test_philox_known_answers():
     """The generator is Philox4x32-7: Random123's known-answer vectors (kat_vectors, philox4x32 7), all four output
-    words (the dropout words of a group of four elements)."""
+    words (the dropout numbers of a group of eight elements, two 16-bit halves each)."""
     assert cpu_attention.PHILOX_ROUNDS == 7
     vectors = [((0, 0, 0, 0), (0, 0), (0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48)),
                ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662)),
