@@ -19,16 +19,25 @@ _TORCH_NAMES = ("flash_attention", "flash_attn_fwd", "flash_attn_bwd", "why_unsu
 
 import sys as _sys
 
+
+def _bind_torch_names():
+    """The torch face's names as attributes of the package: `cupyflash.flash_attention` in a loop is then a plain
+    attribute read, where the module __getattr__ below took ~3 µs a call (benchmarks/host_overhead.py --cpu-stub)."""
+    from . import torch_op
+
+    for name in _TORCH_NAMES:
+        globals()[name] = getattr(torch_op, name)
+
+
 # torch is loaded already (None there means an import was blocked): register torch.ops.cupyflash.* now, at no cost.
 if _sys.modules.get("torch") is not None:
-    from . import torch_op as _torch_op
+    _bind_torch_names()
 
 
 def __getattr__(name):
     if name in _TORCH_NAMES:
-        from . import torch_op
-
-        return getattr(torch_op, name)
+        _bind_torch_names()
+        return globals()[name]
     raise AttributeError(f"module 'cupyflash' has no attribute {name!r}")
 
 
