@@ -75,9 +75,10 @@ def test_demo_on_gpu_times_three_variants_side_by_side():
 
 
 def test_doctor_reports_versions_and_compiles_every_variant(tmp_path):
-    # Every variant of one head dim (all kernels, dtypes, causal or not) keeps this quick on 2 cores;
-    # test_kernel_compile.py compiles the full set. An empty cache: the reports come from NVRTC.
-    proc = _run([sys.executable, "-m", "cupyflash", "doctor", "--only", "_d64"], env={"CUPY_CACHE_DIR": str(tmp_path)})
+    # Every bf16 variant of one head dim (all kernels, causal or not, both families: 5 modules) keeps this quick on 2
+    # cores; test_kernel_compile.py compiles the full set. An empty cache: the reports come from NVRTC.
+    proc = _run([sys.executable, "-m", "cupyflash", "doctor", "--only", "bf16_d64"],
+                env={"CUPY_CACHE_DIR": str(tmp_path)})
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     for label in ("GPU", "driver", "CUDA runtime", "CuPy", "torch", "NVRTC", "kernel cache", "cache size"):
@@ -89,7 +90,7 @@ def test_doctor_reports_versions_and_compiles_every_variant(tmp_path):
     arches = re.search(r"^kernel variants for (.+) \(", out, re.M).group(1).split(", ")
     if not HAS_GPU:
         assert arches == ["sm_80", "sm_90"]
-    expected = {(arch, name) for arch in arches for name in _variant_names("_d64", arch)}
+    expected = {(arch, name) for arch in arches for name in _variant_names("bf16_d64", arch)}
     assert expected, "no head_dim 64 variant to check"
     compiled = set(re.findall(r"^  ok +(sm_\d+)  (\S+) +\d+ regs", out, re.M))
     assert compiled == expected
