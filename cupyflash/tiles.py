@@ -96,9 +96,9 @@ FORWARD_SM90 = {
     64: Sm90Tiles(Bc=128, stages=2),
     # Head dims with no mma.sync kernel (Phi-2's 80; 160, and 192 of MLA-style models): the Hopper kernels run them
     # on 128- and 256-column tiles (the plain forward at 160 and 192: 192, FORWARD_SM90_PLAIN) with no copies and no
-    # zero columns in O = P V (wgmma.cuh head_cols); elsewhere
-    # (mma.sync) they run zero-padded by copies to the next of tiles.FORWARD's (plan.PADDED). Before, as padded
-    # copies on 128 and 256 columns (H100, N 4096, benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
+    # zero columns in O = P V (wgmma.cuh head_cols); elsewhere (mma.sync) they run zero-padded by copies to the next
+    # of tiles.FORWARD's (plan.PADDED). Before, as padded copies on 128 and 256 columns (H100, N 4096,
+    # benchmarks/results/session27-NVIDIA_H100_80GB_HBM3.md): 0.43-0.56x
     # of FlashAttention-4's forward; as they are (session28-NVIDIA_H100_80GB_HBM3.md): d80 0.89-0.92x, d192 0.85-0.88x,
     # d160 0.84x causal and 0.60x without a causal mask (0.76x on session 30's machine; FORWARD_SM90_PLAIN below).
     80: Sm90Tiles(Bc=128, stages=2, pad_to=128),

@@ -161,8 +161,9 @@ def test_head_dim_256_on_hopper_and_dropout_on_mma_sync(dtype):
 @pytest.mark.parametrize("kernel,d", [("fwd", 80), ("fwd", 160), ("fwd", 192), ("bwd", 80), ("bwd", 160), ("bwd", 192)])
 def test_head_dims_only_the_hopper_kernels_have(kernel, d):
     """Head dims with a Hopper kernel and no mma.sync one run as they are on sm_90 (tiles of 128, 192 or 256 columns,
-    the tensors' own DHead in the variant: d160 and d192's plain and causal forward on 192 x 112 keys); where the Hopper kernel declines the call its plan says PADDED (no steps) and
-    the faces pad to validate.kernel_head_dim's, as every head dim between the kernels'."""
+    the tensors' own DHead in the variant: d160 and d192's plain and causal forward on 192 x 112 keys); where the
+    Hopper kernel declines the call its plan says PADDED (no steps) and the faces pad to validate.kernel_head_dim's,
+    as every head dim between the kernels'."""
     assert plan.hopper_only(kernel, d) and not plan.mma_sync_takes(kernel, "bfloat16", d)
     p = plan.plan_for(_layout(kernel, "bfloat16", d, causal=True))
     assert p.family == plan.HOPPER and p.variant.head_dim == d and p.tiles.tile_head_dim(d) in (128, 192, 256)
