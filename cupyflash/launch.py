@@ -65,11 +65,16 @@ class ScoreMods:
     dropout_p: float = 0.0
     seed_ptr: int = 0  # device address of the int64 dropout seed (read by the kernels, so CUDA graphs replay it)
     softcap: float = 0.0  # logits = softcap · tanh(scale · q·k / softcap); 0: off
+    # A scale <= 0: the plain Hopper forward takes each row's max on the unscaled scores and folds the scale into
+    # exp2's FFMA, right for a scale > 0 only (masked scores, -inf, would turn NaN or +inf); the variant with the
+    # mods compiled in scales first there (kernels_cu/flash_fwd_sm90.cuh).
+    scale_not_positive: bool = False
 
     @property
     def any(self) -> bool:
         """Whether the kernel variant with these features compiled in is needed."""
-        return self.bias is not None or self.window != (-1, -1) or self.dropout_p > 0 or self.softcap > 0
+        return (self.bias is not None or self.window != (-1, -1) or self.dropout_p > 0 or self.softcap > 0
+                or self.scale_not_positive)
 
 
 SM90_ENV = "CUPYFLASH_SM90"  # "0": the mma.sync kernels on Hopper too (A/B runs, bisecting)

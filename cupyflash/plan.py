@@ -189,7 +189,8 @@ def _score_mods(layout: CallLayout, classes_shape: tuple | None) -> ScoreMods:
         tile_classes=None if classes_shape is None else Buf(Slot("tile_classes"), tile_classes_strides(classes_shape)),
         dbias=Buf(Slot("dbias"), dbias_strides(bias.shape)) if bias is not None and bias.grad else None,
         window=tuple(layout.window), dropout_p=layout.dropout_p,
-        seed_ptr=Slot("seed") if layout.dropout_p > 0 else 0, softcap=layout.softcap)
+        seed_ptr=Slot("seed") if layout.dropout_p > 0 else 0, softcap=layout.softcap,
+        scale_not_positive=not layout.scale > 0)
 
 
 def _step(variant: jit.Variant, grid: tuple, block: tuple, packed: params.Packed) -> Step:
@@ -430,7 +431,7 @@ def _stats_step(layout: CallLayout, bufs: dict) -> Step:
 def _mods_any(layout: CallLayout) -> bool:
     """Whether the variant with score modifications compiled in is needed (launch.ScoreMods.any)."""
     return (layout.bias is not None or tuple(layout.window) != (-1, -1) or layout.dropout_p > 0
-            or layout.softcap > 0)
+            or layout.softcap > 0 or not layout.scale > 0)
 
 
 def _classes_shape(bias_shape: tuple, t) -> tuple:

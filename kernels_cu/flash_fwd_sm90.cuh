@@ -38,9 +38,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const u32 sV0 = sK0 + kStages * TileKV::bytes();
     // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S], q_empty
     const u32 bars = sV0 + kStages * TileKV::bytes();
-    // With Mods, the index of the K/V block in each ring slot, from the producer: the consumers take it from there
-    // rather than walk the tile classes past skipped blocks in their loop, which made ptxas serialize every wgmma of
-    // the kernel (C7514: a data-dependent inner loop between the GEMMs' issue and wait).
+    // With Mods, the index of the K/V block in each ring slot and whether its scores read the bias (j · 2 + read),
+    // from the producer: the consumers take them from there rather than walk the tile classes past skipped blocks in
+    // their loop, which made ptxas serialize every wgmma of the kernel (C7514: a data-dependent inner loop between
+    // the GEMMs' issue and wait), or load a block's classes from global memory between its S GEMM and its softmax.
     auto sJ = [&](int j) { return bars + 8 * (2 + 4 * kStages) + 4 * (j % kStages); };
     auto sK = [&](int j) { return sK0 + (j % kStages) * TileKV::bytes(); };
     auto sV = [&](int j) { return sV0 + (j % kStages) * TileKV::bytes(); };
@@ -126,7 +127,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 tma_tile<Br, D>(sQ, params.tm_q, q0, h, b, q_full);
                 for (int j = next_block(j_begin); j < j_end; ++g, j = next_block(j + 1)) {
                     mbar_wait(k_empty(g), phase(g) ^ 1);
-                    if constexpr (Mods) st_shared_s32(sJ(g), j);  // seen by the consumers' wait on k_full (release)
+                    if constexpr (Mods)  // seen by the consumers' wait on k_full (release)
+                        st_shared_s32(sJ(g), 2 * j + (mods.has_bias() && tile_class(j) == kTileRead));
                     mbar_arrive_expect_tx(k_full(g), TileKV::bytes());
                     tma_tile<Bc, D>(sK(g), params.tm_k, j * Bc, h / params.attn.group, b, k_full(g));
                     mbar_wait(v_empty(g), phase(g) ^ 1);
@@ -168,7 +170,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
         for (int n = 0; n < n_visits; ++n) {  // n: this Q block's blocks done before this one
             const int g = g0 + n;  // the ring slot and phase
             mbar_wait(k_full(g), phase(g));
-            const int j = Mods ? lds_s32(sJ(g)) : j_begin + n;
+            const int j_read = Mods ? lds_s32(sJ(g)) : 0;
+            const int j = Mods ? j_read >> 1 : j_begin + n;
             const int k0 = j * Bc;
             if (n > 0) mbar_wait(v_full(g - 1), phase(g - 1));
             float s[Bc / 8][4];
@@ -196,12 +199,23 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             // tile.
             auto row_of = [&](int e) { return q0 + warp_row0 + lane / 4 + (e >> 1) * 8; };
             auto col_of = [&](int nt, int e) { return k0 + nt * 8 + 2 * (lane % 4) + (e & 1); };
+            // The logits in log2 units are s · s_scale, s_scale > 0: the softmax takes the row max on s and folds the
+            // factor into its exp2's FFMA.
+            float s_scale = params.attn.scale_log2;
             if constexpr (Mods) {
-                // The logits in log2 units, as flash_fwd.cuh: cap, bias on the blocks whose tile reads it, then the
-                // visibility mask on the blocks that cross the sequence end or a window edge. One uniform branch
-                // around each loop (a branch per score would be if-converted into every block).
-                mods.template scale_scores<T, Bc / 8>(s, params.attn.scale_log2);
-                if (mods.has_bias() && tile_class(j) == kTileRead) {
+                // As flash_fwd.cuh's logits: cap, bias on the blocks whose tile reads it, then the visibility mask on
+                // the blocks that cross the sequence end or a window edge. One uniform branch around each loop (a
+                // branch per score would be if-converted into every block). s is scaled where the bias adds, and
+                // for a scale <= 0 (launch.ScoreMods.scale_not_positive: a row max on s would be its min or 0).
+                s_scale = mods.template cap_scores<T, Bc / 8>(s, s_scale);
+                if ((j_read & 1) || !(s_scale > 0.f)) {
+#pragma unroll
+                    for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[nt][e] *= s_scale;
+                    s_scale = 1.f;
+                }
+                if (j_read & 1) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
                         mods.template add_bias_row<T, Bc / 8>(
@@ -247,9 +261,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                                 s[nt][e] = -inf_f();
                 }
             }
-            // m_i is in log2 units of the scaled scores; the row max is taken on the raw ones (scale_log2 > 0), and
-            // exp2(s · scale_log2 - m) is one FFMA per score. With Mods the scores are logits already.
-            const float s_scale = Mods ? 1.f : params.attn.scale_log2;
+            // m_i is in log2 units; exp2(s · s_scale - m) is one FFMA per score.
             float alpha[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {

@@ -157,6 +157,18 @@ struct ScoreMods {
         }
     }
 
+    // scale_scores less its last factor, which it returns (the Hopper forward folds it into its exp2's FFMA): with
+    // soft-capping s becomes tanh(s · cap_in) and the factor cap_out, else s stays and the factor is scale_log2.
+    template <typename T, int NT>
+    CF_DEVICE float cap_scores(float (*s)[4], float scale_log2) const {
+        if (!softcap()) return scale_log2;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = cap_tanh<T>(s[nt][e] * cap_in);
+        return cap_out;
+    }
+
     // scale_scores, keeping with soft-capping the derivative of each capped score, 1 - tanh², for the backward:
     // cap_grad[nt][r] holds those of s[nt][2r] and s[nt][2r + 1] as an fp16 pair (half the registers of floats; dS
     // is rounded to 16 bits after it anyway). The Hopper backward holds them instead of recomputing Sᵀ, which spilled.

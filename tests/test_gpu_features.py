@@ -184,6 +184,27 @@ def test_finfo_min_and_neg_inf(dtype, bias_dtype, causal):
     assert err <= 2 * rounding_floor(uniform, dtype), f"finfo.min row: max|out - mean(v)| = {err:.3e}"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+@pytest.mark.parametrize("mods", ["causal", "key padding", "soft-cap", "bias"])
+def test_scale_zero_or_negative(mods, scale, head_dim):
+    """A scale of 0 (every logit the bias alone) or below 0 is a finite float the op takes: masked keys (causal, key
+    padding, the tail past Nk) stay masked. The plain Hopper forward takes each row's max on unscaled scores, right
+    for a scale > 0 only, so these calls take the variant with the score mods (launch.ScoreMods.scale_not_positive)."""
+    n_q, n_k = 113, 203
+    seed = seed_from("scale", mods, scale, head_dim)
+    q, k, v, dout = draw_inputs(BATCH, 4, 2, n_q, n_k, head_dim, BF16, "contiguous", seed)
+    bias = None
+    if mods == "key padding":
+        lengths = torch.tensor([n_k, 150], device="cuda")  # (BATCH,)
+        bias = (torch.arange(n_k, device="cuda") < lengths[:, None])[:, None, None, :]
+    elif mods == "bias":
+        bias = draw_bias("BHQK", q, k, BF16, seed + 1)
+    out, lse, _, _ = check_features(q, k, v, dout, bias, causal=mods in ("causal", "soft-cap"), scale=scale,
+                                    softcap=30.0 if mods == "soft-cap" else 0.0, bias_grad=mods == "bias")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("how", ["-inf bias", "bool mask", "window"])
 def test_rows_without_keys(how):
     """Rows that see no key (all -inf, all False, or left of a window when Nq > Nk): out 0, lse +inf, dq 0,

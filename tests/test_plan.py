@@ -954,6 +954,19 @@ def test_other_boolean_masks_run_as_an_added_bias(kernel, change, why):
     assert p.tile_classes_shape is not None and "key_mask_prep" not in [s.variant.kernel for s in p.steps]
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_scale_not_above_zero_takes_the_score_mods_variant(scale, kernel, causal):
+    """The plain Hopper forward takes each row's max on unscaled scores (right for a scale > 0 only): a scale <= 0
+    plans the variant with the score mods on both passes, and a key mask beside it runs as an added bias."""
+    p = plan.plan_for(_layout(kernel, causal=causal)._replace(scale=scale))
+    assert p.family == plan.HOPPER and p.variant.mods
+    assert plan.plan_for(_layout(kernel, causal=causal)).variant.mods is False
+    masked = plan.plan_for(_layout(kernel, causal=causal, bias=KEY_MASK)._replace(scale=scale))
+    assert masked.mask_form == "bias" and masked.variant.mods and not masked.variant.key_mask
+
+
 @pytest.fixture
 def stubbed_hopper(monkeypatch):
     """stubbed_device's twin with an sm_90 pretended (TMA maps not encoded): each launch recorded with the
