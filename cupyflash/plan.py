@@ -429,9 +429,8 @@ def _stats_step(layout: CallLayout, bufs: dict) -> Step:
 
 
 def _mods_any(layout: CallLayout) -> bool:
-    """Whether the variant with score modifications compiled in is needed (launch.ScoreMods.any)."""
-    return (layout.bias is not None or tuple(layout.window) != (-1, -1) or layout.dropout_p > 0
-            or layout.softcap > 0 or not layout.scale > 0)
+    """Whether the variant with score modifications compiled in is needed: launch.ScoreMods.any of the layout's."""
+    return _score_mods(layout, None).any
 
 
 def _classes_shape(bias_shape: tuple, t) -> tuple:

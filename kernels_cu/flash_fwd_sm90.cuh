@@ -214,14 +214,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 // for a scale <= 0 (launch.ScoreMods.scale_not_positive: a row max on s would be its min, or 0 · -inf),
                 // and always with dropout (the factor held through its Philox rounds spilled d128's registers).
                 s_scale = mods.template cap_scores<T, Bc / 8>(s, s_scale);
-                const int how = j_how & 3;
-                if (Dropout || (how & 1)) {
+                if (Dropout || (j_how & 1)) {
 #pragma unroll
                     for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll
                         for (int e = 0; e < 4; ++e) s[nt][e] *= s_scale;
                     s_scale = 1.f;
-                    if (how & 2) {
+                    if (j_how & 2) {
 #pragma unroll
                         for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
                             mods.template add_bias_row<T, Bc / 8>(

@@ -243,18 +243,21 @@ struct ScoreMods {
 #pragma unroll 1
         for (int nt = 0; nt < NT; nt += 2) {  // query rows of n8 tiles nt, nt + 1: the group's row and row + 8
             const U4 w = random_group(bh, q_col0 + nt * 8 + odd, key0 & ~1);  // rows are queries, columns keys
-            // Word i: query row + 8·(i/2), key + 8·(i%2); its half of parity p is key key0 & ~1 + p's.
-            const u32 mine = odd ? (w.x >> 16) | (w.y & 0xffff0000u) : (w.x & 0xffffu) | (w.y << 16);
-            const u32 mine2 = odd ? (w.z >> 16) | (w.w & 0xffff0000u) : (w.z & 0xffffu) | (w.w << 16);
-            const u32 theirs = odd ? (w.x & 0xffffu) | (w.y << 16) : (w.x >> 16) | (w.y & 0xffff0000u);
-            const u32 theirs2 = odd ? (w.z & 0xffffu) | (w.w << 16) : (w.z >> 16) | (w.w & 0xffff0000u);
-            const u32 got = __shfl_xor_sync(0xffffffffu, theirs, 4), got2 = __shfl_xor_sync(0xffffffffu, theirs2, 4);
-            // (nt + i/2, e = 2·(i%2) + query parity): this lane's draw at parity odd, the partner's at 1 - odd
-            const u32 own = (u32)kept16(mine, 0, threshold) | (u32)kept16(mine, 1, threshold) << 2 |
-                            (u32)kept16(mine2, 0, threshold) << 4 | (u32)kept16(mine2, 1, threshold) << 6;
-            const u32 other = (u32)kept16(got, 0, threshold) | (u32)kept16(got, 1, threshold) << 2 |
-                              (u32)kept16(got2, 0, threshold) << 4 | (u32)kept16(got2, 1, threshold) << 6;
-            bits |= (own << odd | other << (1 - odd)) << (nt * 4);
+            // Word i: query row + 8·(i/2), key + 8·(i%2); its half of parity p is key key0 & ~1 + p's. The halves of
+            // parity p of a word pair (keys key, key + 8) as one word:
+            auto halves = [](u32 a, u32 b, int p) {
+                return p ? (a >> 16) | (b & 0xffff0000u) : (a & 0xffffu) | (b << 16);
+            };
+            // (nt + i/2, e = 2·(i%2) + query parity) of the four numbers in lo (row) and hi (row + 8), parity 0
+            auto keep4 = [&](u32 lo, u32 hi) {
+                return (u32)kept16(lo, 0, threshold) | (u32)kept16(lo, 1, threshold) << 2 |
+                       (u32)kept16(hi, 0, threshold) << 4 | (u32)kept16(hi, 1, threshold) << 6;
+            };
+            const u32 got = __shfl_xor_sync(0xffffffffu, halves(w.x, w.y, 1 - odd), 4),
+                      got2 = __shfl_xor_sync(0xffffffffu, halves(w.z, w.w, 1 - odd), 4);
+            // this lane's draw at parity odd, the partner's at 1 - odd
+            bits |= (keep4(halves(w.x, w.y, odd), halves(w.z, w.w, odd)) << odd | keep4(got, got2) << (1 - odd))
+                    << (nt * 4);
         }
         return bits;
     }
