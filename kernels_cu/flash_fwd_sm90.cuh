@@ -29,7 +29,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     constexpr int kConsumerThreads = 128 * kConsumers;
     constexpr bool kPingPong = kConsumers == 2;
     constexpr int DO = head_cols(D, DHead);  // O's columns
-    constexpr float kRescaleSlack = 8.f;     // log2 units: P <= 256 (the softmax below)
+    // Lazy rescaling (the softmax below) where O's rescale costs a thread at least as many FMULs (DO / 2 a block) as it
+    // has scores (Bc / 2): d128 with 128 keys, d160-d256; there it took 2-5 % off the forward, where the vote and the
+    // branch cost 1-5 % at d64 and d128 on 176 keys (H100, benchmarks/NOTES.md).
+    constexpr bool kLazyRescale = DO >= Bc;
+    constexpr float kRescaleSlack = 8.f;  // log2 units: P <= 256
     using TileQ = SwTile<Br, D>;
     using TileKV = SwTile<Bc, D>;
     // Each field of `params` is read where it is used (params.cuh says why).
@@ -268,10 +272,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                                 s[nt][e] = -inf_f();
                 }
             }
-            // m_i is in log2 units; exp2(s · s_scale - m) is one FFMA per score. m_i, and with it O and l, move only
-            // where some row of the warp would otherwise see a P above 2^kRescaleSlack (FlashAttention-4's lazy
-            // rescaling: flash_attn/cute/softmax.py SoftmaxSm100, rescale_threshold 8 for 16-bit inputs): P stays in
-            // fp16's range, O and l carry the same factor, and most blocks after a row's first skip the multiply of O.
+            // m_i is in log2 units; exp2(s · s_scale - m) is one FFMA per score. Lazy rescaling (FlashAttention-4's:
+            // flash_attn/cute/softmax.py SoftmaxSm100, rescale_threshold 8 for 16-bit inputs): m_i, and with it O and
+            // l, move only where some row of the warp would otherwise see a P above 2^kRescaleSlack; P stays in fp16's
+            // range, O and l carry the same factor, and most blocks after a row's first skip the multiply of O.
             float mx[2], alpha[2] = {1.f, 1.f};
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
@@ -280,8 +284,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 for (int nt = 0; nt < Bc / 8; ++nt) mx[r] = fmaxf(mx[r], fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
                 mx[r] = warp_max4(mx[r]) * s_scale;
             }
-            const bool rescale = __any_sync(0xffffffffu, mx[0] > m_i[0] + kRescaleSlack ||
-                                                             mx[1] > m_i[1] + kRescaleSlack);
+            const bool rescale = !kLazyRescale || __any_sync(0xffffffffu, mx[0] > m_i[0] + kRescaleSlack ||
+                                                                              mx[1] > m_i[1] + kRescaleSlack);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 if (rescale) {
