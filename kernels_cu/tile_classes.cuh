@@ -74,10 +74,7 @@ tile_minmax(const TileMinmaxParams params) {
                 keeps |= x > kMaskedBias;
             }
         }
-        // One store per run of lanes on the same row (their items are consecutive: item - 1 is lane - 1's): a store
-        // per load made the dense causal mask's pass half stores.
-        const u32 keeping = __ballot_sync(__activemask(), keeps);
-        if (keeps && (c == 0 || lane == 0 || !((keeping >> (lane - 1)) & 1u))) row_keeps[bh * nq + row] = 1;
+        if (keeps) row_keeps[bh * nq + row] = 1;
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) {
