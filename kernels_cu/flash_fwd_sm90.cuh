@@ -30,7 +30,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     constexpr bool kPingPong = kConsumers == 2;
     constexpr int DO = head_cols(D, DHead);  // O's columns
     // Lazy rescaling (the softmax below) where O's rescale costs a thread at least as many FMULs (DO / 2 a block) as it
-    // has scores (Bc / 2): d128 with 128 keys, d160-d256; there it took 2-5 % off the forward, where the vote and the
+    // has scores (Bc / 2): d128 with 128 keys, d160-d256; there it took 1-5 % off the forward, where the vote and the
     // branch cost 1-5 % at d64 and d128 on 176 keys (H100, benchmarks/NOTES.md).
     constexpr bool kLazyRescale = DO >= Bc;
     constexpr float kRescaleSlack = 8.f;  // log2 units: P <= 256
