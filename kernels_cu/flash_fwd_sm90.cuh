@@ -29,6 +29,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     constexpr int kConsumerThreads = 128 * kConsumers;
     constexpr bool kPingPong = kConsumers == 2;
     constexpr int DO = head_cols(D, DHead);  // O's columns
+    // Lazy rescaling (the softmax below) where O's rescale costs a thread at least as many FMULs (DO / 2 a block) as it
+    // has scores (Bc / 2): d128 with 128 keys, d160-d256; there it took 1-5 % off the forward, where the vote and the
+    // branch cost 1-5 % at d64 and d128 on 176 keys (H100, benchmarks/NOTES.md).
+    constexpr bool kLazyRescale = DO >= Bc;
+    constexpr float kRescaleSlack = 8.f;  // log2 units: P <= 256
     using TileQ = SwTile<Br, D>;
     using TileKV = SwTile<Bc, D>;
     // Each field of `params` is read where it is used (params.cuh says why).
@@ -267,17 +272,28 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                                 s[nt][e] = -inf_f();
                 }
             }
-            // m_i is in log2 units; exp2(s · s_scale - m) is one FFMA per score.
-            float alpha[2];
+            // m_i is in log2 units; exp2(s · s_scale - m) is one FFMA per score. Lazy rescaling (FlashAttention-4's:
+            // flash_attn/cute/softmax.py SoftmaxSm100, rescale_threshold 8 for 16-bit inputs): m_i, and with it O and
+            // l, move only where some row of the warp would otherwise see a P above 2^kRescaleSlack; P stays in fp16's
+            // range, O and l carry the same factor, and most blocks after a row's first skip the multiply of O.
+            float mx[2], alpha[2] = {1.f, 1.f};
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float mx = -inf_f();
+                mx[r] = -inf_f();
 #pragma unroll
-                for (int nt = 0; nt < Bc / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-                mx = fmaxf(m_i[r], warp_max4(mx) * s_scale);
-                const float m_use = mx == -inf_f() ? 0.f : mx;
-                alpha[r] = fast_exp2(m_i[r] - m_use);
-                m_i[r] = mx;
+                for (int nt = 0; nt < Bc / 8; ++nt) mx[r] = fmaxf(mx[r], fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                mx[r] = warp_max4(mx[r]) * s_scale;
+            }
+            const bool rescale = !kLazyRescale || __any_sync(0xffffffffu, mx[0] > m_i[0] + kRescaleSlack ||
+                                                                              mx[1] > m_i[1] + kRescaleSlack);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (rescale) {
+                    const float m_new = fmaxf(m_i[r], mx[r]);
+                    alpha[r] = fast_exp2(m_i[r] - (m_new == -inf_f() ? 0.f : m_new));
+                    m_i[r] = m_new;
+                }
+                const float m_use = m_i[r] == -inf_f() ? 0.f : m_i[r];
                 float row_sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < Bc / 8; ++nt) {
@@ -293,12 +309,14 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
             fence_operands(acc_o);
             if (n > 0) mbar_arrive(v_empty(g - 1));
+            if (rescale) {
 #pragma unroll
-            for (int dt = 0; dt < DO / 8; ++dt) {
-                acc_o[dt][0] *= alpha[0];
-                acc_o[dt][1] *= alpha[0];
-                acc_o[dt][2] *= alpha[1];
-                acc_o[dt][3] *= alpha[1];
+                for (int dt = 0; dt < DO / 8; ++dt) {
+                    acc_o[dt][0] *= alpha[0];
+                    acc_o[dt][1] *= alpha[0];
+                    acc_o[dt][2] *= alpha[1];
+                    acc_o[dt][3] *= alpha[1];
+                }
             }
 #pragma unroll
             for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);

@@ -205,6 +205,25 @@ def test_scale_zero_or_negative(mods, scale, head_dim):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rise", [-60.0, 25.0, 60.0])
+def test_row_max_moving_across_key_blocks(rise, causal, dtype, head_dim):
+    """Logits that climb (or fall) along the keys by `rise` over Nk. Where the Hopper forward rescales lazily (d128
+    causal, d256: flash_fwd_sm90.cuh kLazyRescale) a row's max, O and l move only once a block would give a P above
+    2^8 (kRescaleSlack): a rise of 25 (36 in log2 units) passes it every other 128-key block, 60 at every block, a
+    fall never after the first; under the causal mask early rows stop before the rise. Unscaled logits (scale 1):
+    q·k = rise · key / Nk plus noise."""
+    n_q, n_k = 1023, 1024
+    seed = seed_from("row max", rise, causal, dtype, head_dim)
+    q, k, v, dout = draw_inputs(BATCH, 4, 2, n_q, n_k, head_dim, dtype, "contiguous", seed, qk_scale=0.3)
+    q[..., 0] = 1.0
+    k[..., 0] = torch.linspace(0.0, rise, n_k, device="cuda", dtype=dtype)
+    out, lse, _, _ = check_features(q, k, v, dout, causal=causal, scale=1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("how", ["-inf bias", "bool mask", "window"])
 def test_rows_without_keys(how):
     """Rows that see no key (all -inf, all False, or left of a window when Nq > Nk): out 0, lse +inf, dq 0,
