@@ -49,9 +49,11 @@ def cases(batch: int, n: int, device):
     ]
 
 
-def hopper_mod_cases(batch: int, n: int, device):
+def hopper_mod_cases(batch: int, heads: int, n: int, device):
     """(name, cupyflash kwargs, the name of the case it is measured against) per score mod."""
     m = masks(batch, n, device)
+    # A float bias per head over every (query, key), as T5's relative positions or ALiBi: every tile is read
+    relative = torch.randn(1, heads, n, n, dtype=torch.bfloat16, device=device)
     return [
         ("no mask", {}, "no mask"),
         ("causal flag", {"causal": True}, "causal flag"),
@@ -67,6 +69,7 @@ def hopper_mod_cases(batch: int, n: int, device):
         ("padding mask + soft-cap 30 + causal", {"attn_bias": m["padding"], "causal": True, "softcap": 30.0},
          "causal flag"),
         ("dropout 0.1", {"dropout_p": 0.1}, "no mask"),
+        ("float bias (1, H, N, N)", {"attn_bias": relative}, "no mask"),
     ]
 
 
@@ -76,7 +79,7 @@ def hopper_mod_rows(bench, d: int, n: int) -> list:
     q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     rows, hopper = [], {}
-    for name, kw, base in hopper_mod_cases(batch, n, q.device):
+    for name, kw, base in hopper_mod_cases(batch, heads, n, q.device):
         times = {}
         for kernels, env in (("hopper", "1"), ("mma.sync", "0")):
             os.environ[SM90_ENV] = env
