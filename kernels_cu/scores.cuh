@@ -304,7 +304,10 @@ struct ScoreMods {
         with_bias<T>([&](auto p) {
             p += row_off;
             float bv[NT][2];
-            if (pairs) {
+            if (pairs && col0 + (NT - 1) * 8 + 2 <= Nk) {  // every key of the lane's pairs: one base, fixed offsets
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) load_pair<T>(p + col0 + nt * 8, bv[nt]);
+            } else if (pairs) {
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) load_pair<T>(p + min(col0 + nt * 8, Nk - 2), bv[nt]);
             } else {
