@@ -43,9 +43,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     const u32 sV0 = sK0 + kStages * TileKV::bytes();
     // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S], q_empty
     const u32 bars = sV0 + kStages * TileKV::bytes();
-    // With Mods, the index of the K/V block in each ring slot and what its scores take (4j + 2 · read + first: read,
-    // they add the bias; first, they are scaled before the softmax: where they read it, and without soft-capping at a
-    // scale <= 0), from the producer: the consumers take them from there rather than walk the tile classes past
+    // With Mods, the index of the K/V block in each ring slot and whether its scores add the bias (2j + read), from
+    // the producer: the consumers take them from there rather than walk the tile classes past
     // skipped blocks in their loop, which made ptxas serialize every wgmma of the kernel (C7514: a data-dependent
     // inner loop between the GEMMs' issue and wait), or load a block's classes from global memory between its S GEMM
     // and its softmax.
@@ -136,8 +135,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                     mbar_wait(k_empty(g), phase(g) ^ 1);
                     if constexpr (Mods) {  // seen by the consumers' wait on k_full (release)
                         const bool read = mods.has_bias() && tile_class(j) == kTileRead;
-                        const bool first = read || (!mods.softcap() && !(params.attn.scale_log2 > 0.f));
-                        st_shared_s32(sJ(g), 4 * j + 2 * read + first);
+                        st_shared_s32(sJ(g), 2 * j + read);
                     }
                     mbar_arrive_expect_tx(k_full(g), TileKV::bytes());
                     tma_tile<Bc, D>(sK(g), params.tm_k, j * Bc, h / params.attn.group, b, k_full(g));
@@ -167,6 +165,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
     // anew in each, the arrival and wait sat in a warpgroup-divergent branch between wgmma and ptxas serialized them:
     // C7519).
     if (kPingPong && wg == 1) named_arrive(1, 256);
+    const bool scale_first = Mods && !mods.softcap() && !(params.attn.scale_log2 > 0.f);  // the softmax's note
     for (int tile = 0, g0 = 0; tile < n_tiles; ++tile, g0 += n_visits) {  // g0: blocks before this Q block's
         const int q0 = q0_of(tile), q_last = q_last_of(q0);
         if (tile > 0) n_visits = max(0, plain_end(q0) - j_begin);
@@ -181,7 +180,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             const int g = g0 + n;  // the ring slot and phase
             mbar_wait(k_full(g), phase(g));
             const int j_how = Mods ? lds_s32(sJ(g)) : 0;
-            const int j = Mods ? j_how >> 2 : j_begin + n;
+            const int j = Mods ? j_how >> 1 : j_begin + n;
             const int k0 = j * Bc;
             if (n > 0) mbar_wait(v_full(g - 1), phase(g - 1));
             float s[Bc / 8][4];
@@ -215,22 +214,23 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             if constexpr (Mods) {
                 // As flash_fwd.cuh's logits: cap, bias on the blocks whose tile reads it, then the visibility mask on
                 // the blocks that cross the sequence end or a window edge. One uniform branch around each loop (a
-                // branch per score would be if-converted into every block). s is scaled first where the bias adds,
-                // for a scale <= 0 (launch.ScoreMods.scale_not_positive: a row max on s would be its min, or 0 · -inf),
-                // and always with dropout (the factor held through its Philox rounds spilled d128's registers).
+                // branch per score would be if-converted into every block). s is scaled first for a scale <= 0
+                // (launch.ScoreMods.scale_not_positive: a row max on s would be its min, or 0 · -inf) and always with
+                // dropout (the factor held through its Philox rounds spilled d128's registers); the bias is added in
+                // s's units (scores.cuh biased), so a block that reads it takes no multiply a score.
                 s_scale = mods.template cap_scores<T, Bc / 8>(s, s_scale);
-                if (Dropout || (j_how & 1)) {
+                if (Dropout || scale_first) {
 #pragma unroll
                     for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll
                         for (int e = 0; e < 4; ++e) s[nt][e] *= s_scale;
                     s_scale = 1.f;
-                    if (j_how & 2) {
+                }
+                if (j_how & 1) {
 #pragma unroll
-                        for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
-                            mods.template add_bias_row<T, Bc / 8>(
-                                s, r, mods.bias_row(b, h, min(row_of(2 * r), params.attn.Nq - 1)), col_of(0, 0));
-                    }
+                    for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
+                        mods.template add_bias_row<T, Bc / 8>(
+                            s, r, mods.bias_row(b, h, min(row_of(2 * r), params.attn.Nq - 1)), col_of(0, 0), s_scale);
                 }
                 if (k0 + Bc > params.attn.Nk || k0 + Bc - 1 > q0 + mods.diag + mods.right ||
                     k0 < q_last + mods.diag - mods.left) {

@@ -262,12 +262,15 @@ struct ScoreMods {
         return bits;
     }
 
-    // x = the log2-scaled (capped) score, bv its bias; returns the logit in log2 units. Without a branch: -inf stays
-    // -inf through the FMA (x is finite or -inf), other values <= kMaskedBias give kMaskedLogit2. Written as a
-    // branch, ptxas kept one per element with its BSSY / BSYNC pair: ~10 instructions a biased score.
-    CF_DEVICE float biased(float x, float bv) const {
-        const float logit = fmaf(bv, kLog2e, x);
-        return bv <= kMaskedBias && bv != -inf_f() ? kMaskedLogit2 : logit;
+    // x = the (capped) score, whose logit in log2 units is x · unit, bv its bias; returns the biased score in the
+    // same units (unit = 1: the logit in log2 units). Without a branch: -inf stays -inf through the FMA (x is finite
+    // or -inf), other values <= kMaskedBias give kMaskedLogit2. Written as a branch, ptxas kept one per element with
+    // its BSSY / BSYNC pair: ~10 instructions a biased score.
+    CF_DEVICE float biased(float x, float bv) const { return biased(x, bv, kLog2e, kMaskedLogit2); }
+    // ... with kLog2e / unit and kMaskedLogit2 / unit given.
+    CF_DEVICE float biased(float x, float bv, float to_x, float masked) const {
+        const float logit = fmaf(bv, to_x, x);
+        return bv <= kMaskedBias && bv != -inf_f() ? masked : logit;
     }
     CF_DEVICE i64 bias_row(int b, int h, int row) const { return b * bias_sb + h * bias_sh + row * bias_sm; }
 
@@ -297,10 +300,10 @@ struct ScoreMods {
     }
 
     // Adds the biases of this lane's keys col0 + nt·8 + {0, 1} (col0 even, nt < NT) in the row at row_off to
-    // s[nt][2r] and s[nt][2r + 1] (an accumulator tile's rows lane/4 + 8r). With `pairs` each key pair is one
-    // 4-byte (16-bit) or 8-byte (fp32) load.
+    // s[nt][2r] and s[nt][2r + 1] (an accumulator tile's rows lane/4 + 8r), scores in units of `unit` (biased).
+    // With `pairs` each key pair is one 4-byte (16-bit) or 8-byte (fp32) load.
     template <typename T, int NT>
-    CF_DEVICE void add_bias_row(float (*s)[4], int r, i64 row_off, int col0) const {
+    CF_DEVICE void add_bias_row(float (*s)[4], int r, i64 row_off, int col0, float unit = 1.f) const {
         with_bias<T>([&](auto p) {
             p += row_off;
             float bv[NT][2];
@@ -316,10 +319,12 @@ struct ScoreMods {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) bv[nt][e] = bias_float<T>(__ldg(p + min(col0 + nt * 8 + e, Nk - 1) * bias_sn));
             }
+            const float inv = __fdividef(1.f, unit);  // MUFU.RCP: an IEEE division is a call with a slow path
+            const float to_x = kLog2e * inv, masked = kMaskedLogit2 * inv;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                s[nt][2 * r] = biased(s[nt][2 * r], bv[nt][0]);
-                s[nt][2 * r + 1] = biased(s[nt][2 * r + 1], bv[nt][1]);
+                s[nt][2 * r] = biased(s[nt][2 * r], bv[nt][0], to_x, masked);
+                s[nt][2 * r + 1] = biased(s[nt][2 * r + 1], bv[nt][1], to_x, masked);
             }
         });
     }
