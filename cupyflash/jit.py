@@ -66,11 +66,12 @@ class Variant:
     mods: bool = False  # bias / window compiled in (kernels_cu/scores.cuh); False: the lean plain path
     dropout: bool = False  # dropout compiled in (only with mods)
     key_mask: bool = False  # the plain Hopper kernels' key padding (kernels_cu/key_mask.cuh)
+    tall: bool = False  # the causal Hopper forward on tiles.FORWARD_SM90_TALL's tile (plan._build says when)
 
     @property
     def tiles(self) -> tiles.Tiles | tiles.Sm90Tiles | None:
         if self.kernel == "fwd_sm90":
-            return tiles.sm90_forward_tiles(self.head_dim, self.mods, self.causal)
+            return tiles.sm90_forward_tiles(self.head_dim, self.mods, self.causal, self.tall)
         if self.kernel == "bwd_sm90":
             return tiles.sm90_backward_tiles(self.head_dim, self.mods)
         if self.kernel == "bwd_convert_dq_sm90":
@@ -90,7 +91,7 @@ class Variant:
             return f"{self.kernel}_{short}"
         return (f"{self.kernel}_{short}_d{self.head_dim}" + ("_causal" if self.causal else "")
                 + ("_mods" if self.mods else "") + ("_dropout" if self.dropout else "")
-                + ("_keys" if self.key_mask else ""))
+                + ("_keys" if self.key_mask else "") + ("_tall" if self.tall else ""))
 
     @property
     def expression(self) -> str:
@@ -167,6 +168,7 @@ def all_variants() -> list[Variant]:
             out += [Variant(k, dtype, d, c, key_mask=True) for k, table in (("fwd_sm90", tiles.FORWARD_SM90),
                                                                              ("bwd_sm90", tiles.BACKWARD_SM90))
                     for d in table for c in (False, True)]
+            out += [Variant("fwd_sm90", dtype, d, True, tall=True) for d in tiles.FORWARD_SM90_TALL]
             out += [Variant(k, dtype, d) for k in ("bwd_convert_dq_sm90", *SPLIT_KV_KERNELS)
                     for d in tiles.BACKWARD_SM90]
             # the Hopper backward's preprocess at head dims mma.sync has no kernel for (in flash_attn.cu's module)

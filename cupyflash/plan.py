@@ -31,6 +31,8 @@ PADDED = "padded"
 # per thread block. H200, bf16, pairs against one (results/fwd-pairs-ab-NVIDIA_H200.log): N 512 +2-14 %, 1024 +4-8 %,
 # 2048 +3-9 %, 4096 0-3 %, 16384 -1 to -2 % (half as many thread blocks, twice as long: the last wave's tail).
 PAIR_MAX_ROWS = 4096
+# Past the pairs, the plain causal forward at a head dim of tiles.FORWARD_SM90_TALL takes that tile (jit.Variant.tall).
+TALL_MIN_ROWS = PAIR_MAX_ROWS + 1
 # The plain causal backward's grid puts K/V blocks outermost over groups of (batch, K/V head) pairs whose Q and dO take
 # at most this many bytes (backward_grid): a third of the smallest L2 of the GPUs measured (H100 and H200, 50 MiB).
 K_OUTER_MAX_BYTES = 16 << 20
@@ -287,6 +289,9 @@ def _build(layout: CallLayout, key_mask: BiasLayout | None = None) -> Plan:
         step, keys, key_meta_shape = _key_mask_step(layout, key_mask)
         prep = (step,)
         variant = dataclasses.replace(variant, key_mask=True)
+    if (family == HOPPER and layout.kernel == "fwd" and variant.causal and not variant.mods and not variant.key_mask
+            and d in tiles.FORWARD_SM90_TALL and n_q >= TALL_MIN_ROWS):
+        variant = dataclasses.replace(variant, tall=True)
     t = variant.tiles
     if layout.bias is not None and _classes_shape(layout.bias.shape, t) != classes_shape:
         classes_shape = _classes_shape(layout.bias.shape, t)

@@ -139,8 +139,17 @@ FORWARD_SM90_PLAIN = {
 }
 
 
-def sm90_forward_tiles(d: int, mods: bool, causal: bool) -> Sm90Tiles:
-    """The Hopper forward's tiles at head dim `d`: the plain or causal variant's, or those with score mods."""
+# The causal forward's tall variant (jit.Variant.tall, for long queries: plan.TALL_MIN_ROWS): d64 on the non-causal
+# variant's 192 x 128 tile. The 192-row causal tile won 3 / 7 % at N 4096 / 16384 and lost 10 % at 1024, where a Q
+# block crosses the diagonal in two K blocks (H100, session 16, benchmarks/results/fwd-tiles-ab-NVIDIA_H100_80GB_HBM3.log).
+FORWARD_SM90_TALL = {64: FORWARD_SM90_PLAIN[(64, False)]}
+
+
+def sm90_forward_tiles(d: int, mods: bool, causal: bool, tall: bool = False) -> Sm90Tiles:
+    """The Hopper forward's tiles at head dim `d`: the plain or causal variant's (tall: FORWARD_SM90_TALL's), or
+    those with score mods."""
+    if tall:
+        return FORWARD_SM90_TALL[d]
     return FORWARD_SM90[d] if mods else FORWARD_SM90_PLAIN.get((d, causal), FORWARD_SM90[d])
 
 

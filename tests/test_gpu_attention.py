@@ -211,6 +211,21 @@ def test_hopper_forward_q_block_pairs_equal_one_per_thread_block(n_q, n_k, head_
 
 
 @needs_hopper
+@pytest.mark.parametrize("dtype,layout,n_q,n_k", [(BF16, "contiguous", 4097, 4097), (FP16, "transposed", 4500, 5003),
+                                                  (BF16, "transposed", 6000, 4211)])
+def test_hopper_causal_d64_past_the_pairs_takes_the_tall_tile(dtype, layout, n_q, n_k):
+    """The causal d64 forward past plan.PAIR_MAX_ROWS query rows runs on 192-row Q blocks (jit.Variant.tall): the
+    rule against the fp32 reference, forward and backward (its LSE), with Nq != Nk both ways (6000 x 4211: Q blocks
+    at the top that see no key)."""
+    q, k, v, dout = make_inputs(1, 2, n_q, n_k, 64, dtype, layout, seed_from("tall", n_q, n_k, layout))
+    cuda_path._KNOWN.clear()  # so that the plan this call makes is the one found below
+    cupyflash.torch_op._PLAIN_FORWARDS.clear()
+    check_against_reference(q, k, v, dout, causal=True)
+    (p,) = [p for p in cuda_path._KNOWN.values() if p.layout.kernel == "fwd"]
+    assert p.family == plan.HOPPER and p.variant.tall and p.tiles.Br == 192
+
+
+@needs_hopper
 @pytest.mark.parametrize("head_dim", sorted(FORWARD_SM90))
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_hopper_kernels_take_plain_calls(layout, head_dim, caplog, monkeypatch):

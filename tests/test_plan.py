@@ -113,6 +113,30 @@ def test_forward_d64_plain_tiles_are_192_rows_causal_and_mods_keep_128():
     assert mods.variant.mods and (mods.tiles.Br, mods.tiles.threads) == (128, 384)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_forward_d64_causal_takes_the_tall_tile_past_the_pairs(dtype):
+    """Past PAIR_MAX_ROWS query rows (where the 128-row Q blocks no longer go in pairs) the plain causal d64 forward
+    takes the 192-row tile (jit.Variant.tall); up to it, with a key mask, score mods, at d128 or in the backward,
+    not."""
+    def fwd(n_q, **kw):
+        return plan.plan_for(_layout("fwd", dtype, kw.pop("d", 64), n_q=n_q, n_k=n_q + 5, **kw))
+
+    tall = fwd(plan.TALL_MIN_ROWS, causal=True)
+    assert tall.variant == jit.Variant("fwd_sm90", dtype, 64, True, tall=True) and tall.variant.name.endswith("_tall")
+    assert (tall.tiles.Br, tall.tiles.Bc, tall.tiles.threads) == (192, 128, 512)
+    (step,) = tall.steps
+    assert step.grid == (math.ceil(plan.TALL_MIN_ROWS / 192), H, B) and step.block == (512,)
+    assert tall.variant in jit.all_variants()  # compiled, and in CI's compile check
+    pairs = fwd(plan.PAIR_MAX_ROWS, causal=True)
+    assert not pairs.variant.tall and pairs.tiles.Br == 128
+    assert pairs.steps[0].grid == (math.ceil(plan.PAIR_MAX_ROWS / 128 / 2), H, B)
+    for other in (fwd(8192, causal=True, bias=KEY_MASK._replace(shape=(B, 1, 1, 8197), strides=(8197, 0, 0, 1))),
+                  fwd(8192, causal=True, window=(64, 0)), fwd(8192, causal=True, d=128), fwd(8192)):
+        assert not other.variant.tall and other.variant != tall.variant
+    bwd = plan.plan_for(_layout("bwd", dtype, 64, causal=True, n_q=8192, n_k=8192))
+    assert not bwd.variant.tall
+
+
 TRANSPOSED_Q = dict(q=(NQ * H * 64, 64, H * 64, 1))  # a (B, N, H, D) view, as models produce: TMA takes it
 
 
