@@ -53,7 +53,7 @@ import torch
 
 from . import cpu_torch_kernels
 from .cpu_torch_kernels import bias_block, block_index
-from .params import keep_threshold
+from .params import keep_probability, keep_threshold
 
 KEY_CHUNK = 1024
 MASKED_BIAS = -1e30
@@ -89,15 +89,15 @@ def dropout_keep(seed: int, dropout_p: float, batch: int, heads: int, rows, cols
     r = np.asarray(rows, dtype=np.uint64).reshape(1, 1, -1, 1)
     c = np.asarray(cols, dtype=np.uint64).reshape(1, 1, 1, -1)
     bh, r, c = np.broadcast_arrays(bh, r, c)
-    # One Philox call per group {row, row + 8} x {col, col + 1, col + 8, col + 9} (kernels_cu/scores.cuh
-    # random_group): the group's index drops bit 3 of the row and bits 0 and 3 of the column; bit 3 of each picks the
-    # element's word, bit 0 of the column its 16-bit half.
-    one, two, three, four, seven = (np.uint64(n) for n in (1, 2, 3, 4, 7))
-    group_row, group_col = (r >> four) << three | r & seven, (c >> four) << two | (c & seven) >> one
+    # One Philox call per group {row, row + 8} x {col, col + 1, col + 8, col + 9, col + 16, ..., col + 25}
+    # (kernels_cu/scores.cuh random_group): the group's index drops bit 3 of the row and bits 0, 3 and 4 of the
+    # column; bit 3 of the row and of the column pick the element's word, bit 4 and bit 0 of the column its byte.
+    one, two, three, four, five, seven, eight = (np.uint64(n) for n in (1, 2, 3, 4, 5, 7, 8))
+    group_row, group_col = (r >> four) << three | r & seven, (c >> five) << two | (c & seven) >> one
     words = _philox(group_col, group_row, bh & np.uint64(0xFFFFFFFF), bh >> np.uint64(32),
                     seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
-    word = np.choose(((r >> three & one) << one | c >> three & one).astype(np.intp), words)
-    number = word >> ((c & one) << four) & np.uint64(0xFFFF)
+    word = np.choose(((c >> three & one) << one | r >> three & one).astype(np.intp), words)
+    number = word >> (((c >> four & one) << one | c & one) * eight) & np.uint64(0xFF)
     return torch.from_numpy(number < np.uint64(threshold))
 
 
@@ -342,7 +342,7 @@ def forward(q, k, v, attn_bias, scale: float, causal: bool, window=(-1, -1), dro
             p.mul_(keep.to(p.device))
         acc[..., rows, :].mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, x.v[..., j0:j1, :]))
     empty = l_i == 0
-    norm = (l_i * (1.0 - dropout_p)).clamp_min(1e-38).unsqueeze(-1)
+    norm = (l_i * keep_probability(dropout_p)).clamp_min(1e-38).unsqueeze(-1)
     out = torch.where(empty.unsqueeze(-1), 0.0, acc / norm)
     lse = torch.where(empty, float("inf"), m_i + torch.log(l_i.clamp_min(1e-38)))
     return out.to(q.dtype), lse.to(torch.float32)
@@ -446,7 +446,7 @@ def _chunked_backward(x: _Inputs, do, o, lse, attn_bias, dropout_p, seed, bias_g
         dp = torch.matmul(do_r, x.v[..., j0:j1, :].transpose(-1, -2))
         if dropout_p > 0:
             keep = dropout_keep(philox_key, dropout_p, batch, heads, range(rows.start, rows.stop), range(j0, j1))
-            keep = keep.to(p.device) / (1.0 - dropout_p)
+            keep = keep.to(p.device) / keep_probability(dropout_p)
             dv[..., j0:j1, :] += torch.matmul((p * keep).transpose(-1, -2), do_r)
             dp.mul_(keep)
         else:

@@ -278,9 +278,16 @@ def _bhmn(b: Buf | None) -> tuple:
 
 
 def keep_threshold(dropout_p: float) -> int:
-    """Dropout keeps a score iff its 16-bit random number is below this (kernels_cu/scores.cuh random_group): the keep
-    probability 1 - dropout_p in multiples of 2^-16."""
-    return int((1.0 - dropout_p) * 65536.0)
+    """Dropout keeps a score iff its 8-bit random number is below this (kernels_cu/scores.cuh random_group): the keep
+    probability 1 - dropout_p rounded to a multiple of 1/256, at least 1/256 (FlashAttention-2's dropout takes 8 bits
+    too)."""
+    return min(256, max(1, round((1.0 - dropout_p) * 256.0)))
+
+
+def keep_probability(dropout_p: float) -> float:
+    """The probability that dropout keeps a score, keep_threshold / 256; kept scores are scaled by its inverse, so the
+    output's expectation is the attention without dropout."""
+    return keep_threshold(dropout_p) / 256.0
 
 
 def score_mods(kernel: str, mods, scale: float, tiles) -> dict:
@@ -290,8 +297,8 @@ def score_mods(kernel: str, mods, scale: float, tiles) -> dict:
     bias, bias_s = _bhmn(mods.bias)
     cls, cls_s = _bhmn(mods.tile_classes)
     dbias, dbias_s = _bhmn(mods.dbias if kernel == "bwd" else None)
-    keep = 1.0 - mods.dropout_p
-    # An element is kept iff its 16-bit Philox number < threshold; 0xffffffff means "no dropout" (scores.cuh).
+    keep = keep_probability(mods.dropout_p)
+    # An element is kept iff its 8-bit Philox number < threshold; 0xffffffff means "no dropout" (scores.cuh).
     threshold = 0xFFFFFFFF if mods.dropout_p == 0 else keep_threshold(mods.dropout_p)
     if mods.dropout_p > 0 and not mods.seed_ptr:
         raise ValueError("dropout needs the device address of its seed (seed_ptr)")

@@ -183,6 +183,14 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             const int j = Mods ? j_how >> 1 : j_begin + n;
             const int k0 = j * Bc;
             if (n > 0) mbar_wait(v_full(g - 1), phase(g - 1));
+            // Dropout's Philox words, drawn before this warpgroup's turn at the GEMMs (under the other's); after the
+            // exponentials they sat on the softmax's critical path, and between the GEMMs' issue and wait ptxas
+            // serialized the wgmma (C7514).
+            U4 rnd[Dropout ? Bc / 32 : 1];
+            if constexpr (Dropout) {
+                if (mods.dropout())
+                    mods.template draw<Bc / 8>(rnd, (i64)b * H + h, q0 + warp_row0 + lane / 4, k0 + 2 * (lane % 4));
+            }
             float s[Bc / 8][4];
 #pragma unroll
             for (int nt = 0; nt < Bc / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -216,7 +224,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 // the blocks that cross the sequence end or a window edge. One uniform branch around each loop (a
                 // branch per score would be if-converted into every block). s is scaled first for a scale <= 0
                 // (launch.ScoreMods.scale_not_positive: a row max on s would be its min, or 0 · -inf) and always with
-                // dropout (the factor held through its Philox rounds spilled d128's registers); the bias is added in
+                // dropout (the factor held beside its Philox words spilled d128's registers); the bias is added in
                 // s's units (scores.cuh biased), so a block that reads it takes no multiply a score.
                 s_scale = mods.template cap_scores<T, Bc / 8>(s, s_scale);
                 if (Dropout || scale_first) {
@@ -303,9 +311,6 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 }
                 l_i[r] = l_i[r] * alpha[r] + row_sum;  // l counts every key: dropout acts after the softmax
             }
-            // flash_fwd.cuh's numbering, after both row halves (each Philox call serves both: scores.cuh random_group)
-            if (mods.dropout())
-                mods.template drop<Bc / 8>(s, (i64)b * H + h, row_of(0), col_of(0, 0), params.mods.keep_threshold);
             wgmma_wait<0>();  // P_{j-1} V_{j-1} is in acc_o; p and V_{j-1}'s slot are free
             fence_operands(acc_o);
             if (n > 0) mbar_arrive(v_empty(g - 1));
@@ -320,6 +325,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             }
 #pragma unroll
             for (int kk = 0; kk < Bc / 16; ++kk) acc_to_a<T>(p[kk], s, kk);
+            if constexpr (Dropout) {
+                if (mods.dropout()) mods.template drop_packed<Bc / 8>(p, rnd, params.mods.keep_threshold);
+            }
         }
         mbar_arrive(q_empty);  // every S GEMM of this Q block is done: the producer may load the next one
         if (n_visits > 0) {

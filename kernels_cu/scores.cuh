@@ -97,7 +97,7 @@ struct ScoreMods {
     const signed char* tile_cls;             // TileClass per (b, h, Q block, K block); nullptr: all kTileRead
     i64 cls_sb, cls_sh, cls_sm, cls_sn;      // strides, 0 along the bias's broadcast dims
     int Nq, Nk, diag, left, right;           // visibility window, see the top of this file
-    u32 keep_threshold;                      // dropout keeps an element iff its 16-bit number < this
+    u32 keep_threshold;                      // dropout keeps an element iff its 8-bit number < this
     u32 seed_lo, seed_hi;
     float cap_in, cap_out;                   // soft-capping: scale / softcap and softcap · log2 e; cap_out = 0: off
     bool pairs;  // a lane's two adjacent keys are one aligned load: unit key stride, even Nk and row offsets
@@ -194,70 +194,104 @@ struct ScoreMods {
         return f16::to_float((u16)(e & 1 ? pair >> 16 : pair & 0xffffu));
     }
 
-    // Dropout's random numbers, 16 bits a score: one Philox call per group of eight elements {row, row + 8} x
-    // {col, col + 1, col + 8, col + 9} (row below 8 mod 16; col even and below 8 mod 16). Word x holds (row, col) in
-    // its low half and (row, col + 1) in its high half, y the same at col + 8, z and w at row + 8. S's layout in the
-    // forward holds whole groups in one lane (rows lane/4 + {0, 8}; keys 2·(lane%4) + {0, 1} of n8 tiles nt and
-    // nt + 1): a call per eight scores (drop). Sᵀ's in the backward holds half a group (keys lane/4 + {0, 8}: the
-    // columns of lane/4's parity) and lane ^ 4 the other half: each of the two draws every other group and hands its
-    // partner that half (keep_bits_t). Philox's integer multiplies set dropout's cost: at one call per four scores it
-    // took 1.66x the plain forward at d128 (H100), at one per key pair 3.4x. 16 bits quantize the keep probability to
-    // multiples of 2^-16 (FlashAttention-2's dropout takes 8 bits); the kept scores are scaled by 1 / (1 - p) as asked.
+    // Dropout's random numbers, 8 bits a score, as FlashAttention-2's: one Philox call per group of sixteen elements,
+    // rows {row, row + 8} x keys col + {0, 1, 8, 9, 16, 17, 24, 25} (row below 8 mod 16; col even and below 8 mod
+    // 32). Byte c of word i holds (row + 8·(i % 2), col + 8·(i / 2) + 16·(c / 2) + c % 2): words 0-3 in the order
+    // of a 16-bit A fragment's registers (common.cuh acc_to_a), bytes 0 and 1 the pair of one k16 step and bytes 2
+    // and 3 of the next, so the Hopper forward masks packed P with one compare per pair (drop_packed). S's layout
+    // holds whole groups in one lane (rows lane/4 + {0, 8}; keys 2·(lane%4) + {0, 1} of n8 tiles nt .. nt + 3): a
+    // call per sixteen scores. Sᵀ's in the backward holds a quarter (keys lane/4 + {0, 8}: one parity, one half of
+    // the 32 keys), lane ^ 4 the other parity and another warp the other half: a call per eight scores
+    // (keep_bits_t). Philox's integer multiplies and the compares set dropout's cost: with 16-bit numbers, a call
+    // per eight scores, the forward took 1.42x the plain one at d128 (H100, session 31). 8 bits quantize the keep
+    // probability to multiples of 1/256 (params.keep_threshold); the kept scores are scaled by its inverse.
     CF_DEVICE U4 random_group(i64 bh, int row, int col) const {
-        const u32 group_row = (u32)((row >> 4) << 3 | (row & 7)), group_col = (u32)((col >> 4) << 2 | (col & 7) >> 1);
+        const u32 group_row = (u32)((row >> 4) << 3 | (row & 7)), group_col = (u32)((col >> 5) << 2 | (col & 7) >> 1);
         return philox(U4{group_col, group_row, (u32)bh, (u32)(bh >> 32)}, seed_lo, seed_hi);
     }
-    static CF_DEVICE bool kept16(u32 word, int high, u32 threshold) {
-        return (high ? word >> 16 : word & 0xffffu) < threshold;
-    }
+    static CF_DEVICE bool kept8(u32 word, int byte, u32 threshold) { return ((word >> (8 * byte)) & 0xffu) < threshold; }
 
     // Dropout on the forward's S tile (NT n8 tiles, NT even): zeroes s[nt][e] (row row0 + 8·(e/2), key
     // col0 + 8·nt + e%2; row0 below 8 mod 16, col0 even and below 8 mod 16) where its number is at or above the keep
-    // threshold.
+    // threshold. A group spans 32 keys: a tile of 16 keys (NT = 2) starting at 16 mod 32 takes its bytes 2 and 3.
     template <int NT>
     CF_DEVICE void drop(float (*s)[4], i64 bh, int row0, int col0, u32 threshold) const {
-        static_assert(NT % 2 == 0, "random_group's groups span two n8 tiles");
+        static_assert(NT == 2 || NT % 4 == 0, "a group spans four n8 tiles; a tile of 16 keys takes half of one");
 #pragma unroll
-        for (int nt = 0; nt < NT; nt += 2) {
-            const U4 w = random_group(bh, row0, col0 + nt * 8);
-            const u32 words[4] = {w.x, w.y, w.z, w.w};  // word i: row + 8·(i/2), n8 tile nt + i%2
+        for (int nt = 0; nt < NT; nt += 4) {
+            const int half = NT % 4 ? (col0 >> 4) & 1 : 0;  // NT % 4 == 0: col0 is below 8 mod 32
+            const U4 w = random_group(bh, row0, col0 + nt * 8 - 16 * half);
+            const u32 words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int c = 0; c < 2; ++c)
-                    if (!kept16(words[i], c, threshold)) s[nt + (i & 1)][2 * (i >> 1) + c] = 0.f;
+                for (int c = 0; c < 4; ++c) {
+                    const int t = nt + (i >> 1) + 2 * (c >> 1);  // the n8 tile of word i's byte c (NT = 2: of half)
+                    if (NT % 4 ? (c >> 1) == half : t < NT)
+                        if (!kept8(words[i], c, threshold)) s[NT % 4 ? (i >> 1) : t][2 * (i & 1) + (c & 1)] = 0.f;
+                }
+        }
+    }
+
+    // The Hopper forward's dropout words for its S tile (NT n8 tiles, NT a multiple of 4; row0 below 8 mod 16, col0
+    // even and below 8 mod 32), drawn before the tile's scores exist: under the other warpgroup's GEMMs, off the
+    // softmax's critical path.
+    template <int NT>
+    CF_DEVICE void draw(U4 (&w)[NT / 4], i64 bh, int row0, int col0) const {
+        static_assert(NT % 4 == 0, "a group spans four n8 tiles");
+#pragma unroll
+        for (int g = 0; g < NT / 4; ++g) w[g] = random_group(bh, row0, col0 + 32 * g);
+    }
+    // ... applied to P packed as A fragments (acc_to_a, 16-bit T): word i of group g masks p[2g][i] by bytes 0 and 1,
+    // p[2g + 1][i] by bytes 2 and 3. FlashAttention-2's compare: each byte moved into a 16-bit half (prmt) and the
+    // halves compared as f16x2 against the threshold's (numbers below 2^10 are f16 subnormals, ordered as integers;
+    // without .ftz), the u32 result 0xffff per half kept.
+    template <int NT>
+    static CF_DEVICE void drop_packed(u32 (*p)[4], const U4 (&w)[NT / 4], u32 threshold) {
+        const u32 t2 = threshold | threshold << 16;
+#pragma unroll
+        for (int g = 0; g < NT / 4; ++g) {
+            const u32 words[4] = {w[g].x, w[g].y, w[g].z, w[g].w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    u32 r16, keep;
+                    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r16) : "r"(words[i]), "r"(h ? 0x4342u : 0x4140u));
+                    asm("set.lt.u32.f16x2 %0, %1, %2;" : "=r"(keep) : "r"(r16), "r"(t2));
+                    p[2 * g + h][i] &= keep;
+                }
         }
     }
 
     // The backward's keep bits on its Sᵀ tile (NT n8 tiles of queries, NT even): bit nt·4 + e set where the forward
     // kept element (nt, e), key key0 + 8·(e/2), query q_col0 + 8·nt + e%2 (key0 below 8 mod 16; q_col0 even and below
-    // 8 mod 16). Every lane of the warp calls it (the shuffle): this lane draws the groups of query parity key0 % 2,
-    // lane ^ 4 (key key0 ^ 1, the same queries) those of the other parity, and each hands the other the numbers of
-    // its keys. The loop stays rolled, one Philox chain per iteration: unrolled, the scheduler interleaved the chains
-    // beside the accumulators and spilled (tests/test_kernel_compile.py).
+    // 8 mod 16). Every lane of the warp calls it (the shuffle): the lane's keys are byte b = 2·(key0 / 16 % 2) +
+    // key0 % 2 of its groups' words (key0 in words 0, 1; key0 + 8 in 2, 3); it draws the groups of query parity
+    // key0 % 2, lane ^ 4 (key key0 ^ 1, the same queries) those of the other parity, and each hands the other its
+    // byte of the four words. The loop stays rolled, one Philox chain per iteration: unrolled, the scheduler
+    // interleaved the chains beside the accumulators and spilled (tests/test_kernel_compile.py).
     template <int NT>
     CF_DEVICE u32 keep_bits_t(i64 bh, int key0, int q_col0, u32 threshold) const {
-        static_assert(NT % 2 == 0 && NT * 4 <= 32, "random_group's groups span two n8 tiles; one bit per element");
-        const int odd = key0 & 1;
+        static_assert(NT % 2 == 0 && NT * 4 <= 32, "a group's rows span two n8 tiles; one bit per element");
+        const int odd = key0 & 1, b = 2 * ((key0 >> 4) & 1) + odd;
         u32 bits = 0;
 #pragma unroll 1
         for (int nt = 0; nt < NT; nt += 2) {  // query rows of n8 tiles nt, nt + 1: the group's row and row + 8
-            const U4 w = random_group(bh, q_col0 + nt * 8 + odd, key0 & ~1);  // rows are queries, columns keys
-            // Word i: query row + 8·(i/2), key + 8·(i%2); its half of parity p is key key0 & ~1 + p's. The halves of
-            // parity p of a word pair (keys key, key + 8) as one word:
-            auto halves = [](u32 a, u32 b, int p) {
-                return p ? (a >> 16) | (b & 0xffff0000u) : (a & 0xffffu) | (b << 16);
+            const U4 w = random_group(bh, q_col0 + nt * 8 + odd, key0 & ~0x19);  // rows are queries, columns keys
+            // byte c of words 0-3 as the bytes of one word
+            auto gather = [&](int c) {
+                return __byte_perm(__byte_perm(w.x, w.y, c | (c + 4) << 4), __byte_perm(w.z, w.w, c | (c + 4) << 4),
+                                   0x5410);
             };
-            // (nt + i/2, e = 2·(i%2) + query parity) of the four numbers in lo (row) and hi (row + 8), parity 0
-            auto keep4 = [&](u32 lo, u32 hi) {
-                return (u32)kept16(lo, 0, threshold) | (u32)kept16(lo, 1, threshold) << 2 |
-                       (u32)kept16(hi, 0, threshold) << 4 | (u32)kept16(hi, 1, threshold) << 6;
+            // Word i (byte i of v): query row + 8·(i % 2) (tile nt + i % 2), key + 8·(i / 2) (e / 2): element
+            // (nt + i % 2, e = 2·(i / 2) + p) of the group of query parity p
+            auto keep4 = [&](u32 v, int p) {
+                return (u32)kept8(v, 0, threshold) << p | (u32)kept8(v, 1, threshold) << (4 + p) |
+                       (u32)kept8(v, 2, threshold) << (2 + p) | (u32)kept8(v, 3, threshold) << (6 + p);
             };
-            const u32 got = __shfl_xor_sync(0xffffffffu, halves(w.x, w.y, 1 - odd), 4),
-                      got2 = __shfl_xor_sync(0xffffffffu, halves(w.z, w.w, 1 - odd), 4);
-            // this lane's draw at parity odd, the partner's at 1 - odd
-            bits |= (keep4(halves(w.x, w.y, odd), halves(w.z, w.w, odd)) << odd | keep4(got, got2) << (1 - odd))
-                    << (nt * 4);
+            const u32 got = __shfl_xor_sync(0xffffffffu, gather(b ^ 1), 4);  // the partner's draw, this lane's byte
+            bits |= (keep4(gather(b), odd) | keep4(got, 1 - odd)) << (nt * 4);
         }
         return bits;
     }

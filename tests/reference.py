@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from cupyflash.cpu_attention import MASKED_BIAS, MASKED_LOGIT, backward as _semantics_bwd, forward as _semantics_fwd
+from cupyflash.params import keep_probability
 
 OUT_FACTOR = 2  # out and lse
 GRAD_FACTOR = 3  # dq, dk, dv: the backward rounds more often (P, dS in fp16/bf16), FlashAttention allows 3x
@@ -95,7 +96,8 @@ def attention_ref(q, k, v, dout=None, *, scale: float, causal: bool, compute_dty
     ``bias``: additive (any float dtype; values <= -1e30 mask their key as in cpu_attention: -inf gets weight 0,
     others become MASKED_LOGIT, whose gradient still flows as in eager softmax where finfo.min absorbs the
     score) or boolean (True = keep), broadcastable to (B, H, Nq, Nk). k and v may have fewer heads than q.
-    ``dropout_keep``: bool (B, H, Nq, Nk); kept probabilities are scaled by 1 / (1 - ``dropout_p``).
+    ``dropout_keep``: bool (B, H, Nq, Nk); kept probabilities are scaled by 1 / keep_probability(``dropout_p``)
+    (1 - p to a multiple of 1/256).
     Results stay in ``compute_dtype`` (the fp32 reference is not rounded back to fp16/bf16).
     """
     with _no_tf32(), torch.enable_grad():
@@ -135,7 +137,7 @@ def attention_ref(q, k, v, dout=None, *, scale: float, causal: bool, compute_dty
         lse = torch.logsumexp(s_lse.masked_fill(~visible, float("-inf")), dim=-1)  # (B, H, Nq)
         lse = lse.masked_fill(~has_key.squeeze(-1), float("inf"))
         if dropout_keep is not None:
-            p = p * (dropout_keep.to(device=q.device, dtype=compute_dtype) / (1.0 - dropout_p))
+            p = p * (dropout_keep.to(device=q.device, dtype=compute_dtype) / keep_probability(dropout_p))
         out = torch.matmul(p, vw)  # (B, H, Nq, D)
         result = AttentionResult(out.detach(), lse)
         if grad:

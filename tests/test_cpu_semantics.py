@@ -260,11 +260,12 @@ def test_rows_without_keys(how):
 
 def test_dropout_keep_deterministic_and_rate():
     """dropout_keep is a pure function of (seed, element): repeated calls and any sub-range (the chunks the CPU
-    path draws) agree; its keep rate is 1 - p within binomial bounds (its 16-bit threshold within 2^-16 of 1 - p);
-    seeds (their high word too) differ."""
+    path draws) agree; its keep rate is its keep probability within binomial bounds (the 8-bit threshold within
+    1/512 of 1 - p); seeds (their high word too) differ."""
     rows, cols = range(97), range(203)
     for p in (0.1, 0.5, 0.8):
-        assert 0 <= (1 - p) - cpu_attention.keep_threshold(p) / 65536 < 2 ** -16
+        assert abs((1 - p) - cpu_attention.keep_threshold(p) / 256) <= 1 / 512
+        keep_p = cpu_attention.keep_probability(p)
         seed = seed_from("keep", p)
         keep = cpu_attention.dropout_keep(seed, p, 2, 3, rows, cols)
         assert keep.shape == (2, 3, 97, 203) and keep.dtype == torch.bool
@@ -273,7 +274,7 @@ def test_dropout_keep_deterministic_and_rate():
         assert torch.equal(part, keep[:, :, 40:60, 128:203])
         n = keep.numel()
         kept = int(keep.sum())
-        assert abs(kept - n * (1 - p)) <= 5 * math.sqrt(n * p * (1 - p)), f"p={p}: kept {kept} of {n}"
+        assert abs(kept - n * keep_p) <= 5 * math.sqrt(n * keep_p * (1 - keep_p)), f"p={p}: kept {kept} of {n}"
         for other in (seed + 1, seed + 2 ** 32):
             differ = (cpu_attention.dropout_keep(other, p, 2, 3, rows, cols) != keep).float().mean().item()
             assert differ > p * (1 - p), f"seed {other} vs {seed}: only {differ:.3f} of the mask differs"

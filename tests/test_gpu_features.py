@@ -20,6 +20,7 @@ import cupyflash
 import cupyflash.torch_op  # registers torch.ops.cupyflash.*
 from cupyflash import launch, plan
 from cupyflash.cpu_attention import dropout_keep
+from cupyflash.params import keep_probability
 from reference import (GRAD_FACTOR, OUT_FACTOR, assert_close_ulps, assert_dropout_runs_agree,
                        assert_within_rule, attention_ref, draw_inputs, nbytes, poison_cuda_allocator, rounding_floor,
                        seed_from, semantics_ref, visible_mask)
@@ -344,9 +345,9 @@ def test_dropout_larger():
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [FP16, BF16])
 def test_dropout_mask_is_exact(dtype, head_dim, p):
-    """V = identity (Nk = D) makes out[i, j] = P[i, j] · keep[i, j] / (1 - p), so (out != 0) is the kernel's
-    keep mask: it equals dropout_keep exactly (query heads index the mask under grouped-query attention) and
-    its keep rate lies within binomial bounds of 1 - p."""
+    """V = identity (Nk = D) makes out[i, j] = P[i, j] · keep[i, j] / keep_probability(p), so (out != 0) is the
+    kernel's keep mask: it equals dropout_keep exactly (query heads index the mask under grouped-query attention)
+    and its keep rate lies within binomial bounds of its keep probability (1 - p to a multiple of 1/256)."""
     n_q, n_k, h_q, h_kv = 203, head_dim, 4, 2
     seed = seed_from("mask", dtype, head_dim, p)
     q, k, _, _ = draw_inputs(BATCH, h_q, h_kv, n_q, n_k, head_dim, dtype, "contiguous", seed, qk_scale=0.5)
@@ -360,7 +361,8 @@ def test_dropout_mask_is_exact(dtype, head_dim, p):
     assert not mismatch.any(), (f"{int(mismatch.sum())} of {keep.numel()} elements kept/dropped unlike dropout_keep;"
                                 f" first at {tuple(mismatch.nonzero()[0].tolist())}")
     n, n_kept = kept.numel(), int(kept.sum())
-    assert abs(n_kept - n * (1 - p)) <= 5 * math.sqrt(n * p * (1 - p)), f"kernel kept {n_kept} of {n} at p={p}"
+    keep_p = keep_probability(p)
+    assert abs(n_kept - n * keep_p) <= 5 * math.sqrt(n * keep_p * (1 - keep_p)), f"kernel kept {n_kept} of {n} at p={p}"
     ref = semantics_ref(q, k, v, scale=scale, causal=False, dropout_p=p, seed=dseed)
     pt = attention_ref(q, k, v, scale=scale, causal=False, compute_dtype=dtype, dropout_keep=keep, dropout_p=p)
     assert_within_rule(out, ref.out, pt.out, OUT_FACTOR, rounding_floor(ref.out, dtype), "out")
@@ -369,7 +371,7 @@ def test_dropout_mask_is_exact(dtype, head_dim, p):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [FP16, BF16])
 def test_dropout_mask_in_backward(dtype, head_dim):
-    """dO = identity (Nq = D) makes dV[j, i] = P[i, j] · keep[i, j] / (1 - p): the backward regenerates the
+    """dO = identity (Nq = D) makes dV[j, i] = P[i, j] · keep[i, j] / keep_probability(p): the backward regenerates the
     forward's mask exactly, across several K/V blocks."""
     n_q, n_k, h, p = head_dim, 203, 3, 0.3
     seed = seed_from("bwd mask", dtype, head_dim)
@@ -390,7 +392,8 @@ def test_dropout_mask_in_backward(dtype, head_dim):
 
 def test_dropout_is_unbiased():
     """The mean of the dropout output over many seeds approaches the output without dropout, within 6 standard
-    deviations of the mean (Var out_i = p / (1 - p) · Σ_j P_ij² v_j² per seed) plus the rule's allowance."""
+    deviations of the mean (Var out_i = (1 - κ) / κ · Σ_j P_ij² v_j² per seed, κ the keep probability) plus the
+    rule's allowance."""
     n_seeds, p, n, head_dim, dtype = 512, 0.3, 64, 64, FP16
     q, k, v, _ = draw_inputs(1, 2, 2, n, n, head_dim, dtype, "contiguous", seed_from("unbiased"))
     scale = 1.0 / math.sqrt(head_dim)
@@ -405,10 +408,12 @@ def test_dropout_is_unbiased():
     ref = semantics_ref(q, k, v, scale=scale, causal=False)
     pt = attention_ref(q, k, v, scale=scale, causal=False, compute_dtype=dtype)
     probs = torch.softmax(scale * q.double() @ k.double().transpose(-1, -2), dim=-1)  # (B, H, N, N)
-    sd_mean = (p / (1 - p) * (probs ** 2 @ v.double() ** 2) / n_seeds).sqrt()  # (B, H, N, D)
+    keep_p = keep_probability(p)
+    sd_mean = ((1 - keep_p) / keep_p * (probs ** 2 @ v.double() ** 2) / n_seeds).sqrt()  # (B, H, N, D)
     allowance = OUT_FACTOR * (pt.out.double() - ref.out.double()).abs().max().item() + rounding_floor(ref.out, dtype)
     excess = ((mean - ref.out.double()).abs() - allowance) / sd_mean
-    assert excess.max().item() <= 6.0, f"mean over {n_seeds} seeds is {excess.max().item():.1f} sd off the no-dropout out"
+    assert excess.max().item() <= 6.0, (f"mean over {n_seeds} seeds is {excess.max().item():.1f} sd off the no-dropout "
+                                        f"out")
     single = (out.double() - ref.out.double()).abs().max().item()
     assert single > 10 * allowance, "a single dropout run should differ clearly from the no-dropout output"
 
