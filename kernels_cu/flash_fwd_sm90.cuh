@@ -223,11 +223,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 // As flash_fwd.cuh's logits: cap, bias on the blocks whose tile reads it, then the visibility mask on
                 // the blocks that cross the sequence end or a window edge. One uniform branch around each loop (a
                 // branch per score would be if-converted into every block). s is scaled first for a scale <= 0
-                // (launch.ScoreMods.scale_not_positive: a row max on s would be its min, or 0 · -inf) and always with
-                // dropout (the factor held beside its Philox words spilled d128's registers); the bias is added in
-                // s's units (scores.cuh biased), so a block that reads it takes no multiply a score.
+                // (launch.ScoreMods.scale_not_positive: a row max on s would be its min, or 0 · -inf; with dropout
+                // that multiply, beside its Philox words held from before the GEMMs, spilled 20 B at d128); the bias
+                // is added in s's units (scores.cuh biased), so a block that reads it takes no multiply a score.
                 s_scale = mods.template cap_scores<T, Bc / 8>(s, s_scale);
-                if (Dropout || scale_first) {
+                if (scale_first) {
 #pragma unroll
                     for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll

@@ -49,7 +49,7 @@ struct ScoreModParams {
     float* dbias;  // the backward's fp32 dBias accumulator, shaped like the bias
     BhmnStrides dbias_s;
     int win_left, win_right;  // visibility window; kNoWindow: unbounded
-    u32 keep_threshold;       // dropout keeps an element iff its 16-bit number < this; 0xffffffff: no dropout
+    u32 keep_threshold;       // dropout keeps an element iff its 8-bit number < this; 0xffffffff: no dropout
     float inv_keep;           // 1 / keep probability
     const unsigned long long* seed;  // device address of the dropout seed
     float cap_in, cap_out;           // soft-capping: scale / softcap and softcap · log2 e; 0: off
