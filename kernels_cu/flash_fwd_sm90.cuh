@@ -292,6 +292,21 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 for (int nt = 0; nt < Bc / 8; ++nt) mx[r] = fmaxf(mx[r], fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
                 mx[r] = warp_max4(mx[r]) * s_scale;
             }
+            if constexpr (Mods) {
+                // A block that added its bias in s's units can hold logits of any size (a bias of -1e9 on every key
+                // of a row): there exp2's FFMA, s · s_scale - m unrounded, exceeds the rounded row max m by up to half
+                // its ulp (2^6 at 2^30), and P overflowed fp16. Past 2^20 the block's scores take the multiply,
+                // rounded as m was.
+                const bool huge = (fabsf(mx[0]) >= 0x1p20f && mx[0] != -inf_f()) ||
+                                  (fabsf(mx[1]) >= 0x1p20f && mx[1] != -inf_f());
+                if ((j_how & 1) && __any_sync(0xffffffffu, huge)) {
+#pragma unroll
+                    for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[nt][e] *= s_scale;
+                    s_scale = 1.f;
+                }
+            }
             const bool rescale = !kLazyRescale || __any_sync(0xffffffffu, mx[0] > m_i[0] + kRescaleSlack ||
                                                                               mx[1] > m_i[1] + kRescaleSlack);
 #pragma unroll
