@@ -219,6 +219,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
             // The logits in log2 units are s · s_scale, s_scale > 0: the softmax takes the row max on s and folds the
             // factor into its exp2's FFMA.
             float s_scale = params.attn.scale_log2;
+            auto scale_in_place = [&] {  // s · s_scale in place, the logits in log2 units: s_scale becomes 1
+#pragma unroll
+                for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[nt][e] *= s_scale;
+                s_scale = 1.f;
+            };
             if constexpr (Mods) {
                 // As flash_fwd.cuh's logits: cap, bias on the blocks whose tile reads it, then the visibility mask on
                 // the blocks that cross the sequence end or a window edge. One uniform branch around each loop (a
@@ -227,13 +234,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 // that multiply, beside its Philox words held from before the GEMMs, spilled 20 B at d128); the bias
                 // is added in s's units (scores.cuh biased), so a block that reads it takes no multiply a score.
                 s_scale = mods.template cap_scores<T, Bc / 8>(s, s_scale);
-                if (scale_first) {
-#pragma unroll
-                    for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) s[nt][e] *= s_scale;
-                    s_scale = 1.f;
-                }
+                if (scale_first) scale_in_place();
                 if (j_how & 1) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r)  // rows past Nq read row Nq - 1's bias: they are never stored
@@ -297,14 +298,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params<typename T::elem> pa
                 // of a row): there exp2's FFMA, s · s_scale - m unrounded, exceeds the rounded row max m by up to half
                 // its ulp (2^6 at 2^30), and P overflowed fp16. Past 2^20 the block's scores take the multiply,
                 // rounded as m was.
-                const bool huge = (fabsf(mx[0]) >= 0x1p20f && mx[0] != -inf_f()) ||
-                                  (fabsf(mx[1]) >= 0x1p20f && mx[1] != -inf_f());
-                if ((j_how & 1) && __any_sync(0xffffffffu, huge)) {
-#pragma unroll
-                    for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) s[nt][e] *= s_scale;
-                    s_scale = 1.f;
+                if (j_how & 1) {
+                    const bool huge = (fabsf(mx[0]) >= 0x1p20f && mx[0] != -inf_f()) ||
+                                      (fabsf(mx[1]) >= 0x1p20f && mx[1] != -inf_f());
+                    if (__any_sync(0xffffffffu, huge)) scale_in_place();
                 }
             }
             const bool rescale = !kLazyRescale || __any_sync(0xffffffffu, mx[0] > m_i[0] + kRescaleSlack ||
