@@ -11,5 +11,6 @@ import e2e_profile  # noqa: E402
 import e2e_step  # noqa: E402
 import host_overhead  # noqa: E402
 import host_profile  # noqa: E402
+import revisions_ab  # noqa: E402
 
-__all__ = ["e2e_profile", "e2e_step", "host_overhead", "host_profile"]
+__all__ = ["e2e_profile", "e2e_step", "host_overhead", "host_profile", "revisions_ab"]

@@ -1,0 +1,267 @@
+"""Revisions of cupyflash timed in turns on one GPU: each revision's package and kernels exported to a directory of
+its own, each case run by every revision in its own process, round after round, so that clock and thermal drift fall
+on all of them alike; then the median ms per case and each revision's ratio to the first.
+
+    # where git is (the GPU machine gets a copy of the work tree without .git): trees into an ignored directory
+    python benchmarks/revisions_ab.py export .ab main my-branch tall=abc1234
+    # on the GPU machine (the device call carries .ab)
+    python benchmarks/revisions_ab.py run .ab --cases mods --rounds 2 --out benchmarks/results/x-ab-GPU.md
+
+A revision's process imports its own tree (its directory first on sys.path, as `cd base && python ...` did by hand)
+and times the cases with this script's list and its own `cupyflash.gpu_timing.median_timer`, through
+`cupyflash.flash_attention` only. `--tests` runs pytest selections in every tree after the first round.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+EXPORTED = ("cupyflash", "kernels_cu", "pyproject.toml", "tests")
+
+# Case sets: (label, dtype, head dim, N, keyword arguments of flash_attention, passes). B·N = 16k tokens and
+# H·D = 2048, as `cupyflash bench`. Masks are built in the worker: "causal_bias" is a (1, 1, N, N) additive mask of
+# the causal pattern in the call's dtype, "causal_mask" the same as a boolean tensor.
+_MODS = ("causal_bias", "causal_mask")
+CASES = {
+    "plain": [(f"d{d} N{n} {name}", "bf16", d, n, kw, "fwd,bwd")
+              for d in (64, 128) for n in (2048, 8192)
+              for name, kw in (("plain", {}), ("causal", {"causal": True}))],
+    "mods": [(f"{dt} d{d} N{n} {name}", dt, d, n, kw, passes)
+             for dt, d, n in (("bf16", 128, 8192), ("bf16", 64, 8192), ("fp16", 128, 8192), ("bf16", 64, 2048))
+             for name, kw, passes in (
+                 ("plain", {}, "fwd,bwd"), ("causal flag", {"causal": True}, "fwd,bwd"),
+                 ("dense causal", {"attn_bias": "causal_bias"}, "fwd,bwd"),
+                 ("dense causal bool", {"attn_bias": "causal_mask"}, "fwd"),
+                 ("softcap30", {"softcap": 30.0}, "fwd"), ("softcap30 causal", {"softcap": 30.0, "causal": True}, "fwd"),
+                 ("dropout0.1", {"dropout_p": 0.1}, "fwd,bwd"),
+                 ("dropout0.1 causal", {"dropout_p": 0.1, "causal": True}, "fwd"))],
+}
+
+
+def export(directory: Path, revisions: list[str]) -> list[tuple[str, str]]:
+    """Each `NAME=REV` (or `REV`, named after it) into directory/NAME, from `git archive`; returns (name, commit)."""
+    done = []
+    for spec in revisions:
+        name, _, rev = spec.rpartition("=")
+        name = name or rev.replace("/", "-")
+        commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        tree = directory / name
+        if tree.exists():
+            subprocess.run(["rm", "-rf", str(tree)], check=True)
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit, *EXPORTED], check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            try:
+                tar.extractall(tree, filter="data")
+            except TypeError:  # Python before 3.11.4: no filters (git archive's members are plain files anyway)
+                tar.extractall(tree)
+        (tree / "REVISION").write_text(f"{rev} {commit}\n")
+        done.append((name, commit))
+    return done
+
+
+def trees(directory: Path, names: str | None) -> list[str]:
+    """The exported trees to run, in the order given (else as exported: by REVISION's time, oldest first)."""
+    if names:
+        return names.split(",")
+    found = [p.parent for p in directory.glob("*/REVISION")]
+    return [p.name for p in sorted(found, key=lambda p: (p / "REVISION").stat().st_mtime)]
+
+
+def _in_tree(directory: Path, name: str, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """This script's worker (`args`) in a process that imports the tree's cupyflash."""
+    tree = (directory / name).resolve()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH")))))
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def parse_times(stdout: str) -> dict[str, float]:
+    """The worker's `TIME<TAB>case / pass<TAB>ms` lines."""
+    times = {}
+    for line in stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] == "TIME":
+            times[parts[1]] = float(parts[2])
+    return times
+
+
+def table(names: list[str], runs: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown: per case, each tree's median ms over the rounds, and after the first tree its ratio to the first."""
+    cases = list(dict.fromkeys(c for name in names for r in runs[name] for c in r))
+    head = "| case | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+    rows = []
+    for case in cases:
+        medians = []
+        for name in names:
+            values = [r[case] for r in runs[name] if case in r]
+            medians.append(statistics.median(values) if values else None)
+        cells = []
+        for i, m in enumerate(medians):
+            if m is None:
+                cells.append("–")
+            elif i == 0 or medians[0] is None:
+                cells.append(f"{m:.3f}")
+            else:
+                cells.append(f"{m:.3f} ({m / medians[0]:.3f}x)")
+        rows.append(f"| {case} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def tests_for(name: str, tests: list[str]) -> list[str]:
+    """The pytest selections for tree `name`: each `NAME=SELECTION` of it, and each SELECTION without a name."""
+    chosen = []
+    for spec in tests:
+        head, eq, rest = spec.partition("=")
+        if eq and " " not in head and not head.startswith("-"):
+            if head == name:
+                chosen.append(rest)
+        else:
+            chosen.append(spec)
+    return chosen
+
+
+def _worker_cases(case_set: str) -> int:
+    """In a tree's process: time `case_set`, one TIME line per case and pass."""
+    import torch
+
+    import cupyflash
+    from cupyflash.gpu_timing import median_timer
+
+    _, bench = median_timer(25, 150)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    print(f"DEVICE\t{torch.cuda.get_device_name()}\t{cupyflash.__file__}", flush=True)
+    made = {}
+    for label, dt, d, n, kw, passes in CASES[case_set]:
+        dtype = dtypes[dt]
+        if made.get("key") != (dt, d, n):
+            made.clear()
+            torch.cuda.empty_cache()
+            h, b = 2048 // d, max(1, 16384 // n)
+            qkv = [torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+            causal = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+            made.update(key=(dt, d, n), qkv=qkv, causal_mask=causal,
+                        causal_bias=torch.zeros(1, 1, n, n, dtype=dtype, device="cuda").masked_fill(~causal, -torch.inf))
+        kwargs = {k: made[v] if isinstance(v, str) and v in _MODS else v for k, v in kw.items()}
+        q, k, v = made["qkv"]
+        if "fwd" in passes.split(","):
+            with torch.no_grad():
+                ms = bench(lambda: cupyflash.flash_attention(q, k, v, **kwargs))
+            print(f"TIME\t{label} / fwd\t{ms:.4f}", flush=True)
+        if "bwd" in passes.split(","):
+            out = cupyflash.flash_attention(q, k, v, **kwargs)
+            dout = torch.randn_like(out)
+            ms = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+            print(f"TIME\t{label} / bwd\t{ms:.4f}", flush=True)
+            del out, dout
+    return 0
+
+
+def _worker_warm(filters: list[str]) -> int:
+    """In a tree's process: compile (or load from CuPy's cache) every module whose key's repr holds all `filters`."""
+    import concurrent.futures
+    import multiprocessing
+
+    from cupyflash import jit
+
+    keys = [key for key in jit.module_keys() if all(f in repr(key) for f in filters)]
+    with concurrent.futures.ProcessPoolExecutor(min(16, os.cpu_count() or 1),
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_build, keys))
+    print(f"warm: {len(keys)} modules ({jit.__file__})", flush=True)
+    return 0
+
+
+def _build(key) -> None:
+    from cupyflash import jit
+
+    jit._raw_module(key, 0)
+
+
+def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: list[str], tests: list[str],
+        out: Path | None, budget_s: float) -> int:
+    start = time.monotonic()
+    for name in names:
+        print(_in_tree(directory, name, "_warm", *warm).stdout.strip(), flush=True)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    device = ""
+    for r in range(rounds):
+        if r and time.monotonic() - start > budget_s:
+            print(f"round {r + 1} skipped: past the {budget_s:.0f} s budget", flush=True)
+            break
+        for name in names:
+            done = _in_tree(directory, name, "_cases", case_set)
+            if done.returncode:
+                print(f"{name}: worker failed ({done.returncode}):\n{done.stderr[-3000:]}", flush=True)
+            runs[name].append(parse_times(done.stdout))
+            device = device or next((line.split("\t")[1] for line in done.stdout.splitlines()
+                                     if line.startswith("DEVICE\t")), "")
+        print(f"round {r + 1} done at {time.monotonic() - start:.0f} s", flush=True)
+        if r == 0:
+            for name in names:
+                for selection in tests_for(name, tests):
+                    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
+                                           *shlex.split(selection)], cwd=(directory / name).resolve(),
+                                          env=dict(os.environ, PYTHONPATH=str((directory / name).resolve())),
+                                          capture_output=True, text=True)
+                    print(f"tests {name} [{selection}]: {done.stdout.strip().splitlines()[-1:]}", flush=True)
+                    if done.returncode:
+                        print(done.stdout[-4000:], flush=True)
+    revisions = {name: (directory / name / "REVISION").read_text().split() for name in names}
+    text = (f"# {case_set} cases, {device}, in turns ({rounds} rounds asked), median ms\n\n"
+            + "".join(f"- {name}: {rev} {commit[:12]}\n" for name, (rev, commit) in revisions.items())
+            + "\n" + table(names, runs))
+    print(text, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_cases"]:
+        return _worker_cases(argv[1])
+    if argv[:1] == ["_warm"]:
+        return _worker_warm(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="trees of git revisions (NAME=REV or REV) into DIR")
+    ex.add_argument("directory", type=Path)
+    ex.add_argument("revisions", nargs="+")
+    rn = sub.add_parser("run", help="time the exported trees in turns (on a GPU)")
+    rn.add_argument("directory", type=Path)
+    rn.add_argument("--names", help="comma-separated trees, the first the baseline (default: all, as exported)")
+    rn.add_argument("--cases", choices=tuple(CASES), default="plain")
+    rn.add_argument("--rounds", type=int, default=2)
+    rn.add_argument("--warm", default="sm90 bfloat16", help="module-key filters to compile first (default: "
+                                                            "'sm90 bfloat16')")
+    rn.add_argument("--tests", action="append", default=[],
+                    help="a pytest selection run after the first round in every tree, or as NAME=SELECTION in that "
+                         "one (repeatable)")
+    rn.add_argument("--out", type=Path)
+    rn.add_argument("--budget-s", type=float, default=420.0, help="no round starts after this many seconds")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        for name, commit in export(args.directory, args.revisions):
+            print(f"{name}: {commit}")
+        return 0
+    from cupyflash.errors import gpu_missing
+
+    if gpu_missing("revisions_ab.py run"):
+        return 2
+    return run(args.directory, trees(args.directory, args.names), args.cases, args.rounds, args.warm.split(),
+               args.tests, args.out, args.budget_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

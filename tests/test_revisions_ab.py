@@ -1,0 +1,65 @@
+"""benchmarks/revisions_ab.py on the CPU: the export of git revisions into trees, the worker's output parsed, the
+table's medians and ratios, and every case a call that flash_attention accepts. Its run times kernels: GPU only."""
+import inspect
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import cupyflash
+from benchmark_scripts import revisions_ab
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_export_writes_each_revision_as_a_tree(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    done = revisions_ab.export(tmp_path, ["base=HEAD", "HEAD"])
+    assert done == [("base", head), ("HEAD", head)]
+    for name in ("base", "HEAD"):
+        tree = tmp_path / name
+        assert (tree / "cupyflash" / "__init__.py").is_file()
+        assert (tree / "kernels_cu" / "flash_fwd_sm90.cuh").is_file()
+        assert (tree / "REVISION").read_text().split() == ["HEAD", head]
+    assert revisions_ab.trees(tmp_path, None) == ["base", "HEAD"]
+    assert revisions_ab.trees(tmp_path, "HEAD,base") == ["HEAD", "base"]
+    with pytest.raises(subprocess.CalledProcessError):
+        revisions_ab.export(tmp_path, ["x=no-such-revision"])
+
+
+def test_parse_times_takes_only_time_lines():
+    out = "DEVICE\tNVIDIA H200\t/x/cupyflash/__init__.py\nTIME\td64 N2048 plain / fwd\t0.5120\nnoise\tTIME\t1\n" \
+          "TIME\td64 N2048 plain / bwd\t1.25\n"
+    assert revisions_ab.parse_times(out) == {"d64 N2048 plain / fwd": 0.512, "d64 N2048 plain / bwd": 1.25}
+
+
+def test_tests_for_takes_named_selections_for_their_tree_only():
+    tests = ["tests/test_gpu_attention.py -n 8", "cmb=tests/test_gpu_features.py -k 'softcap or k=v'",
+             "tests/test_gpu_features.py -k x=y"]
+    assert revisions_ab.tests_for("main", tests) == [tests[0], tests[2]]
+    assert revisions_ab.tests_for("cmb", tests) == [tests[0], "tests/test_gpu_features.py -k 'softcap or k=v'",
+                                                    tests[2]]
+
+
+def test_table_takes_medians_and_ratios_to_the_first_tree():
+    runs = {"main": [{"a / fwd": 1.0, "b / fwd": 2.0}, {"a / fwd": 3.0, "b / fwd": 2.0}, {"a / fwd": 2.0}],
+            "new": [{"a / fwd": 1.0}, {"a / fwd": 1.0}, {"a / fwd": 1.5}]}
+    text = revisions_ab.table(["main", "new"], runs)
+    assert "| a / fwd | 2.000 | 1.000 (0.500x) |" in text
+    assert "| b / fwd | 2.000 | – |" in text
+
+
+@pytest.mark.parametrize("case_set", sorted(revisions_ab.CASES))
+def test_every_case_is_a_flash_attention_call(case_set):
+    accepted = set(inspect.signature(cupyflash.flash_attention).parameters)
+    labels = [label for label, *_ in revisions_ab.CASES[case_set]]
+    assert len(labels) == len(set(labels)), "labels name the rows of the table"
+    for label, dtype, d, n, kwargs, passes in revisions_ab.CASES[case_set]:
+        assert set(kwargs) <= accepted, label
+        assert dtype in ("bf16", "fp16") and 2048 % d == 0 and 16384 % n == 0, label
+        assert set(passes.split(",")) <= {"fwd", "bwd"}, label
+        for value in kwargs.values():
+            assert not isinstance(value, str) or value in revisions_ab._MODS, label
