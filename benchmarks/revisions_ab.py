@@ -77,12 +77,20 @@ def trees(directory: Path, names: str | None) -> list[str]:
     return [p.name for p in sorted(found, key=lambda p: (p / "REVISION").stat().st_mtime)]
 
 
-def _in_tree(directory: Path, name: str, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """This script's worker (`args`) in a process that imports the tree's cupyflash."""
+def _worker(directory: Path, name: str, *args: str) -> subprocess.Popen:
+    """This script's worker (`args`) in a process that imports the tree's cupyflash (its directory first on the
+    path, before an installed cupyflash)."""
     tree = (directory / name).resolve()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH")))))
-    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], cwd=tree, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], cwd=tree, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _in_tree(directory: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    """_worker's process, waited for."""
+    proc = _worker(directory, name, *args)
+    stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def parse_times(stdout: str) -> dict[str, float]:
@@ -130,8 +138,21 @@ def tests_for(name: str, tests: list[str]) -> list[str]:
     return chosen
 
 
-def _worker_cases(case_set: str) -> int:
-    """In a tree's process: time `case_set`, one TIME line per case and pass."""
+def _fa4_attention():
+    """FlashAttention-4's function behind flash_attention's signature for the cases it has (causal, soft-cap): q, k, v
+    (B, H, N, D) views of its (B, N, H, D) memory (the worker makes them so)."""
+    from flash_attn.cute import flash_attn_func
+
+    def attention(q, k, v, causal=False, softcap=None):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return flash_attn_func(q, k, v, causal=causal, softcap=softcap or 0.0)[0].transpose(1, 2)
+
+    return attention
+
+
+def _worker_cases(case_set: str, fa4: bool = False) -> int:
+    """In a tree's process: time `case_set`, one TIME line per case and pass; with `fa4`, FlashAttention-4 instead
+    of cupyflash, on the cases without a bias or dropout."""
     import torch
 
     import cupyflash
@@ -139,15 +160,20 @@ def _worker_cases(case_set: str) -> int:
 
     _, bench = median_timer(25, 150)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    print(f"DEVICE\t{torch.cuda.get_device_name()}\t{cupyflash.__file__}", flush=True)
+    attention = _fa4_attention() if fa4 else cupyflash.flash_attention
+    print(f"DEVICE\t{torch.cuda.get_device_name()}\t{'fa4' if fa4 else cupyflash.__file__}", flush=True)
     made = {}
     for label, dt, d, n, kw, passes in CASES[case_set]:
+        if fa4 and not set(kw) <= {"causal", "softcap"}:
+            continue
         dtype = dtypes[dt]
         if made.get("key") != (dt, d, n):
             made.clear()
             torch.cuda.empty_cache()
             h, b = 2048 // d, max(1, 16384 // n)
-            qkv = [torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+            # (B, H, N, D); FA4's (B, N, H, D) memory seen as (B, H, N, D)
+            qkv = [(torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2) if fa4 else
+                    torch.randn(b, h, n, d, device="cuda", dtype=dtype)).requires_grad_() for _ in range(3)]
             causal = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
             made.update(key=(dt, d, n), qkv=qkv, causal_mask=causal,
                         causal_bias=torch.zeros(1, 1, n, n, dtype=dtype, device="cuda").masked_fill(~causal, -torch.inf))
@@ -155,10 +181,10 @@ def _worker_cases(case_set: str) -> int:
         q, k, v = made["qkv"]
         if "fwd" in passes.split(","):
             with torch.no_grad():
-                ms = bench(lambda: cupyflash.flash_attention(q, k, v, **kwargs))
+                ms = bench(lambda: attention(q, k, v, **kwargs))
             print(f"TIME\t{label} / fwd\t{ms:.4f}", flush=True)
         if "bwd" in passes.split(","):
-            out = cupyflash.flash_attention(q, k, v, **kwargs)
+            out = attention(q, k, v, **kwargs)
             dout = torch.randn_like(out)
             ms = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
             print(f"TIME\t{label} / bwd\t{ms:.4f}", flush=True)
@@ -187,19 +213,37 @@ def _build(key) -> None:
     jit._raw_module(key, 0)
 
 
+def imported_from(directory: Path, name: str) -> Path:
+    """Where a process of tree `name` imports cupyflash from (the A/B times nothing if every tree's process imports
+    one installed copy)."""
+    done = _in_tree(directory, name, "_where")
+    if done.returncode:
+        raise RuntimeError(f"{name}: cupyflash does not import: {done.stderr[-2000:]}")
+    return Path(done.stdout.strip())
+
+
 def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: list[str], tests: list[str],
-        out: Path | None, budget_s: float) -> int:
+        out: Path | None, budget_s: float, fa4: bool = False) -> int:
+    """Every tree of `names` (and with `fa4` FlashAttention-4, timed from the first tree's process) on the cases, in
+    turns; prints and writes the table."""
     start = time.monotonic()
     for name in names:
-        print(_in_tree(directory, name, "_warm", *warm).stdout.strip(), flush=True)
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        where = imported_from(directory, name)
+        if (directory / name).resolve() not in where.parents:
+            raise RuntimeError(f"{name}: its process imports cupyflash from {where}, not from its tree")
+    for proc in [_worker(directory, name, "_warm", *warm) for name in names]:  # the trees' compiles at once
+        stdout, stderr = proc.communicate()
+        print(stdout.strip() if proc.returncode == 0 else f"warm failed: {stderr[-2000:]}", flush=True)
+    columns = [*names, "fa4"] if fa4 else list(names)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in columns}
     device = ""
     for r in range(rounds):
         if r and time.monotonic() - start > budget_s:
             print(f"round {r + 1} skipped: past the {budget_s:.0f} s budget", flush=True)
             break
-        for name in names:
-            done = _in_tree(directory, name, "_cases", case_set)
+        for name in columns:
+            done = (_in_tree(directory, names[0], "_cases", case_set, "fa4") if name == "fa4" else
+                    _in_tree(directory, name, "_cases", case_set))
             if done.returncode:
                 print(f"{name}: worker failed ({done.returncode}):\n{done.stderr[-3000:]}", flush=True)
             runs[name].append(parse_times(done.stdout))
@@ -219,7 +263,8 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
     revisions = {name: (directory / name / "REVISION").read_text().split() for name in names}
     text = (f"# {case_set} cases, {device}, in turns ({rounds} rounds asked), median ms\n\n"
             + "".join(f"- {name}: {rev} {commit[:12]}\n" for name, (rev, commit) in revisions.items())
-            + "\n" + table(names, runs))
+            + ("- fa4: FlashAttention-4 (cases without a bias or dropout)\n" if fa4 else "")
+            + "\n" + table(columns, runs))
     print(text, flush=True)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,9 +275,14 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_cases"]:
-        return _worker_cases(argv[1])
+        return _worker_cases(argv[1], fa4=argv[2:] == ["fa4"])
     if argv[:1] == ["_warm"]:
         return _worker_warm(argv[1:])
+    if argv[:1] == ["_where"]:
+        import cupyflash
+
+        print(Path(cupyflash.__file__).resolve())
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="trees of git revisions (NAME=REV or REV) into DIR")
@@ -248,6 +298,8 @@ def main(argv=None) -> int:
     rn.add_argument("--tests", action="append", default=[],
                     help="a pytest selection run after the first round in every tree, or as NAME=SELECTION in that "
                          "one (repeatable)")
+    rn.add_argument("--fa4", action="store_true", help="FlashAttention-4 as a column too (importable: "
+                                                        "../shared/fa4/README.md)")
     rn.add_argument("--out", type=Path)
     rn.add_argument("--budget-s", type=float, default=420.0, help="no round starts after this many seconds")
     args = parser.parse_args(argv)
@@ -260,7 +312,7 @@ def main(argv=None) -> int:
     if gpu_missing("revisions_ab.py run"):
         return 2
     return run(args.directory, trees(args.directory, args.names), args.cases, args.rounds, args.warm.split(),
-               args.tests, args.out, args.budget_s)
+               args.tests, args.out, args.budget_s, args.fa4)
 
 
 if __name__ == "__main__":

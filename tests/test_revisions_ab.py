@@ -24,6 +24,8 @@ def test_export_writes_each_revision_as_a_tree(tmp_path, monkeypatch):
         assert (tree / "cupyflash" / "__init__.py").is_file()
         assert (tree / "kernels_cu" / "flash_fwd_sm90.cuh").is_file()
         assert (tree / "REVISION").read_text().split() == ["HEAD", head]
+    for name in ("base", "HEAD"):  # each tree's process imports its own cupyflash, not the installed one
+        assert revisions_ab.imported_from(tmp_path, name) == (tmp_path / name / "cupyflash" / "__init__.py").resolve()
     assert revisions_ab.trees(tmp_path, None) == ["base", "HEAD"]
     assert revisions_ab.trees(tmp_path, "HEAD,base") == ["HEAD", "base"]
     with pytest.raises(subprocess.CalledProcessError):
