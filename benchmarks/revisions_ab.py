@@ -28,8 +28,9 @@ EXPORTED = ("cupyflash", "kernels_cu", "pyproject.toml", "tests")
 
 # Case sets: (label, dtype, head dim, N, keyword arguments of flash_attention, passes). B·N = 16k tokens and
 # H·D = 2048, as `cupyflash bench`. Masks are built in the worker: "causal_bias" is a (1, 1, N, N) additive mask of
-# the causal pattern in the call's dtype, "causal_mask" the same as a boolean tensor.
-_MODS = ("causal_bias", "causal_mask")
+# the causal pattern in the call's dtype, "causal_mask" the same as a boolean tensor; "padding_bias" a (B, 1, 1, N)
+# additive mask hiding the last quarter of the keys from every other batch row, "padding_mask" the same as booleans.
+_MODS = ("causal_bias", "causal_mask", "padding_bias", "padding_mask")
 CASES = {
     "plain": [(f"d{d} N{n} {name}", "bf16", d, n, kw, "fwd,bwd")
               for d in (64, 128) for n in (2048, 8192)
@@ -39,7 +40,9 @@ CASES = {
              for name, kw, passes in (
                  ("plain", {}, "fwd,bwd"), ("causal flag", {"causal": True}, "fwd,bwd"),
                  ("dense causal", {"attn_bias": "causal_bias"}, "fwd,bwd"),
-                 ("dense causal bool", {"attn_bias": "causal_mask"}, "fwd"),
+                 ("dense causal bool", {"attn_bias": "causal_mask"}, "fwd,bwd"),
+                 ("padding bias", {"attn_bias": "padding_bias"}, "fwd,bwd"),
+                 ("padding bool", {"attn_bias": "padding_mask"}, "fwd,bwd"),
                  ("softcap30", {"softcap": 30.0}, "fwd"), ("softcap30 causal", {"softcap": 30.0, "causal": True}, "fwd"),
                  ("dropout0.1", {"dropout_p": 0.1}, "fwd,bwd"),
                  ("dropout0.1 causal", {"dropout_p": 0.1, "causal": True}, "fwd"))],
@@ -150,7 +153,13 @@ def _fa4_attention():
     return attention
 
 
-def _worker_cases(case_set: str, fa4: bool = False) -> int:
+def chosen_cases(case_set: str, match: str | None) -> list[tuple]:
+    """The cases of `case_set` whose labels hold one of the comma-separated `match` strings (all without)."""
+    parts = [m for m in (match or "").split(",") if m]
+    return [c for c in CASES[case_set] if not parts or any(m in c[0] for m in parts)]
+
+
+def _worker_cases(case_set: str, match: str | None = None, fa4: bool = False) -> int:
     """In a tree's process: time `case_set`, one TIME line per case and pass; with `fa4`, FlashAttention-4 instead
     of cupyflash, on the cases without a bias or dropout."""
     import torch
@@ -163,7 +172,7 @@ def _worker_cases(case_set: str, fa4: bool = False) -> int:
     attention = _fa4_attention() if fa4 else cupyflash.flash_attention
     print(f"DEVICE\t{torch.cuda.get_device_name()}\t{'fa4' if fa4 else cupyflash.__file__}", flush=True)
     made = {}
-    for label, dt, d, n, kw, passes in CASES[case_set]:
+    for label, dt, d, n, kw, passes in chosen_cases(case_set, match):
         if fa4 and not set(kw) <= {"causal", "softcap"}:
             continue
         dtype = dtypes[dt]
@@ -175,8 +184,11 @@ def _worker_cases(case_set: str, fa4: bool = False) -> int:
             qkv = [(torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2) if fa4 else
                     torch.randn(b, h, n, d, device="cuda", dtype=dtype)).requires_grad_() for _ in range(3)]
             causal = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
-            made.update(key=(dt, d, n), qkv=qkv, causal_mask=causal,
-                        causal_bias=torch.zeros(1, 1, n, n, dtype=dtype, device="cuda").masked_fill(~causal, -torch.inf))
+            keep = torch.ones(b, 1, 1, n, dtype=torch.bool, device="cuda")
+            keep[::2, ..., 3 * n // 4:] = False
+            made.update(key=(dt, d, n), qkv=qkv, causal_mask=causal, padding_mask=keep,
+                        causal_bias=torch.zeros(1, 1, n, n, dtype=dtype, device="cuda").masked_fill(~causal, -torch.inf),
+                        padding_bias=torch.zeros(b, 1, 1, n, dtype=dtype, device="cuda").masked_fill(~keep, -torch.inf))
         kwargs = {k: made[v] if isinstance(v, str) and v in _MODS else v for k, v in kw.items()}
         q, k, v = made["qkv"]
         if "fwd" in passes.split(","):
@@ -223,7 +235,7 @@ def imported_from(directory: Path, name: str) -> Path:
 
 
 def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: list[str], tests: list[str],
-        out: Path | None, budget_s: float, fa4: bool = False) -> int:
+        out: Path | None, budget_s: float, fa4: bool = False, match: str = "") -> int:
     """Every tree of `names` (and with `fa4` FlashAttention-4, timed from the first tree's process) on the cases, in
     turns; prints and writes the table."""
     start = time.monotonic()
@@ -242,8 +254,8 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
             print(f"round {r + 1} skipped: past the {budget_s:.0f} s budget", flush=True)
             break
         for name in columns:
-            done = (_in_tree(directory, names[0], "_cases", case_set, "fa4") if name == "fa4" else
-                    _in_tree(directory, name, "_cases", case_set))
+            done = (_in_tree(directory, names[0], "_cases", case_set, match, "fa4") if name == "fa4" else
+                    _in_tree(directory, name, "_cases", case_set, match))
             if done.returncode:
                 print(f"{name}: worker failed ({done.returncode}):\n{done.stderr[-3000:]}", flush=True)
             runs[name].append(parse_times(done.stdout))
@@ -261,7 +273,8 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
                     if done.returncode:
                         print(done.stdout[-4000:], flush=True)
     revisions = {name: (directory / name / "REVISION").read_text().split() for name in names}
-    text = (f"# {case_set} cases, {device}, in turns ({rounds} rounds asked), median ms\n\n"
+    text = (f"# {case_set} cases{f' matching {match!r}' if match else ''}, {device}, in turns ({rounds} rounds "
+            "asked), median ms\n\n"
             + "".join(f"- {name}: {rev} {commit[:12]}\n" for name, (rev, commit) in revisions.items())
             + ("- fa4: FlashAttention-4 (cases without a bias or dropout)\n" if fa4 else "")
             + "\n" + table(columns, runs))
@@ -274,8 +287,8 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_cases"]:
-        return _worker_cases(argv[1], fa4=argv[2:] == ["fa4"])
+    if argv[:1] == ["_cases"]:  # _cases SET MATCH [fa4]
+        return _worker_cases(argv[1], argv[2], fa4=argv[3:] == ["fa4"])
     if argv[:1] == ["_warm"]:
         return _worker_warm(argv[1:])
     if argv[:1] == ["_where"]:
@@ -292,6 +305,8 @@ def main(argv=None) -> int:
     rn.add_argument("directory", type=Path)
     rn.add_argument("--names", help="comma-separated trees, the first the baseline (default: all, as exported)")
     rn.add_argument("--cases", choices=tuple(CASES), default="plain")
+    rn.add_argument("--match", default="", help="only the cases whose labels hold one of these comma-separated "
+                                                "strings")
     rn.add_argument("--rounds", type=int, default=2)
     rn.add_argument("--warm", default="sm90 bfloat16", help="module-key filters to compile first (default: "
                                                             "'sm90 bfloat16')")
@@ -312,7 +327,7 @@ def main(argv=None) -> int:
     if gpu_missing("revisions_ab.py run"):
         return 2
     return run(args.directory, trees(args.directory, args.names), args.cases, args.rounds, args.warm.split(),
-               args.tests, args.out, args.budget_s, args.fa4)
+               args.tests, args.out, args.budget_s, args.fa4, args.match)
 
 
 if __name__ == "__main__":

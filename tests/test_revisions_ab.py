@@ -65,3 +65,51 @@ def test_every_case_is_a_flash_attention_call(case_set):
         assert set(passes.split(",")) <= {"fwd", "bwd"}, label
         for value in kwargs.values():
             assert not isinstance(value, str) or value in revisions_ab._MODS, label
+
+
+def test_chosen_cases_match_labels():
+    every = revisions_ab.chosen_cases("mods", "")
+    assert every == revisions_ab.CASES["mods"]
+    some = revisions_ab.chosen_cases("mods", "softcap,dense causal bool")
+    assert some and all("softcap" in c[0] or "dense causal bool" in c[0] for c in some)
+    assert len(some) < len(every)
+
+
+def test_run_tables_every_tree_and_fa4_from_the_workers(tmp_path, monkeypatch):
+    """run() with the workers replaced by canned output: the trees' import check, the compiles, the rounds in turns
+    (FA4's from the first tree's process), the tests by tree, and the written table."""
+    for name in ("main", "new"):
+        (tmp_path / name / "cupyflash").mkdir(parents=True)
+        (tmp_path / name / "REVISION").write_text(f"{name} {'0' * 40}\n")
+    calls = []
+
+    def in_tree(directory, name, *args):
+        calls.append((name, *args))
+        if args[0] == "_where":
+            out = str((directory / name / "cupyflash" / "__init__.py").resolve())
+        else:
+            ms = {"main": 2.0, "new": 1.0}[name] if args[-1] != "fa4" else 4.0
+            out = f"DEVICE\tGPU X\t{name}\nTIME\td64 N2048 plain / fwd\t{ms}\n"
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+    class Warm:
+        returncode = 0
+
+        def communicate(self):
+            return "warm: 0 modules", ""
+
+    ran_tests = []
+    real_run = subprocess.run
+    monkeypatch.setattr(revisions_ab, "_in_tree", in_tree)
+    monkeypatch.setattr(revisions_ab, "_worker", lambda directory, name, *args: Warm())
+    monkeypatch.setattr(revisions_ab.subprocess, "run", lambda cmd, cwd, **kw: (
+        ran_tests.append((Path(cwd).name, cmd[-1])), subprocess.CompletedProcess(cmd, 0, "1 passed", ""))[1])
+    out = tmp_path / "ab.md"
+    assert revisions_ab.run(tmp_path, ["main", "new"], "plain", 2, [], ["new=tests/test_x.py"], out, 1e9,
+                            fa4=True, match="plain") == 0
+    monkeypatch.setattr(revisions_ab.subprocess, "run", real_run)
+    text = out.read_text()
+    assert "GPU X" in text and "| d64 N2048 plain / fwd | 2.000 | 1.000 (0.500x) | 4.000 (2.000x) |" in text
+    rounds = [c for c in calls if c[1] == "_cases"]
+    assert [c[0] for c in rounds] == ["main", "new", "main", "main", "new", "main"]  # fa4 from main's process
+    assert ran_tests == [("new", "tests/test_x.py")]
