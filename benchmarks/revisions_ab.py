@@ -43,7 +43,8 @@ CASES = {
                  ("dense causal bool", {"attn_bias": "causal_mask"}, "fwd,bwd"),
                  ("padding bias", {"attn_bias": "padding_bias"}, "fwd,bwd"),
                  ("padding bool", {"attn_bias": "padding_mask"}, "fwd,bwd"),
-                 ("softcap30", {"softcap": 30.0}, "fwd"), ("softcap30 causal", {"softcap": 30.0, "causal": True}, "fwd"),
+                 ("softcap30", {"softcap": 30.0}, "fwd"),
+                 ("softcap30 causal", {"softcap": 30.0, "causal": True}, "fwd"),
                  ("dropout0.1", {"dropout_p": 0.1}, "fwd,bwd"),
                  ("dropout0.1 causal", {"dropout_p": 0.1, "causal": True}, "fwd"))],
 }
@@ -80,13 +81,20 @@ def trees(directory: Path, names: str | None) -> list[str]:
     return [p.name for p in sorted(found, key=lambda p: (p / "REVISION").stat().st_mtime)]
 
 
-def _worker(directory: Path, name: str, *args: str) -> subprocess.Popen:
-    """This script's worker (`args`) in a process that imports the tree's cupyflash (its directory first on the
-    path, before an installed cupyflash)."""
+PREWARM = Path(__file__).resolve().parents[1] / "scripts" / "prewarm.py"
+
+
+def _tree_env(directory: Path, name: str) -> dict:
+    """The environment of a process that imports tree `name`'s cupyflash (its directory first on the path, before an
+    installed cupyflash)."""
     tree = (directory / name).resolve()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH")))))
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], cwd=tree, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH")))))
+
+
+def _worker(directory: Path, name: str, *args: str, script: Path = Path(__file__)) -> subprocess.Popen:
+    """`script` (this one's worker by default) with `args`, in tree `name`'s process."""
+    return subprocess.Popen([sys.executable, str(script.resolve()), *args], cwd=(directory / name).resolve(),
+                            env=_tree_env(directory, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _in_tree(directory: Path, name: str, *args: str) -> subprocess.CompletedProcess:
@@ -165,6 +173,7 @@ def _worker_cases(case_set: str, match: str | None = None, fa4: bool = False) ->
     import torch
 
     import cupyflash
+    from cupyflash.bench_shapes import bench_shape
     from cupyflash.gpu_timing import median_timer
 
     _, bench = median_timer(25, 150)
@@ -179,7 +188,7 @@ def _worker_cases(case_set: str, match: str | None = None, fa4: bool = False) ->
         if made.get("key") != (dt, d, n):
             made.clear()
             torch.cuda.empty_cache()
-            h, b = 2048 // d, max(1, 16384 // n)
+            b, h, _, _ = bench_shape(n, d)
             # (B, H, N, D); FA4's (B, N, H, D) memory seen as (B, H, N, D)
             qkv = [(torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2) if fa4 else
                     torch.randn(b, h, n, d, device="cuda", dtype=dtype)).requires_grad_() for _ in range(3)]
@@ -187,8 +196,10 @@ def _worker_cases(case_set: str, match: str | None = None, fa4: bool = False) ->
             keep = torch.ones(b, 1, 1, n, dtype=torch.bool, device="cuda")
             keep[::2, ..., 3 * n // 4:] = False
             made.update(key=(dt, d, n), qkv=qkv, causal_mask=causal, padding_mask=keep,
-                        causal_bias=torch.zeros(1, 1, n, n, dtype=dtype, device="cuda").masked_fill(~causal, -torch.inf),
-                        padding_bias=torch.zeros(b, 1, 1, n, dtype=dtype, device="cuda").masked_fill(~keep, -torch.inf))
+                        causal_bias=torch.zeros(1, 1, n, n, dtype=dtype, device="cuda").masked_fill(~causal,
+                                                                                                   -torch.inf),
+                        padding_bias=torch.zeros(b, 1, 1, n, dtype=dtype, device="cuda").masked_fill(~keep,
+                                                                                                    -torch.inf))
         kwargs = {k: made[v] if isinstance(v, str) and v in _MODS else v for k, v in kw.items()}
         q, k, v = made["qkv"]
         if "fwd" in passes.split(","):
@@ -202,27 +213,6 @@ def _worker_cases(case_set: str, match: str | None = None, fa4: bool = False) ->
             print(f"TIME\t{label} / bwd\t{ms:.4f}", flush=True)
             del out, dout
     return 0
-
-
-def _worker_warm(filters: list[str]) -> int:
-    """In a tree's process: compile (or load from CuPy's cache) every module whose key's repr holds all `filters`."""
-    import concurrent.futures
-    import multiprocessing
-
-    from cupyflash import jit
-
-    keys = [key for key in jit.module_keys() if all(f in repr(key) for f in filters)]
-    with concurrent.futures.ProcessPoolExecutor(min(16, os.cpu_count() or 1),
-                                                mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_build, keys))
-    print(f"warm: {len(keys)} modules ({jit.__file__})", flush=True)
-    return 0
-
-
-def _build(key) -> None:
-    from cupyflash import jit
-
-    jit._raw_module(key, 0)
 
 
 def imported_from(directory: Path, name: str) -> Path:
@@ -243,7 +233,7 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
         where = imported_from(directory, name)
         if (directory / name).resolve() not in where.parents:
             raise RuntimeError(f"{name}: its process imports cupyflash from {where}, not from its tree")
-    for proc in [_worker(directory, name, "_warm", *warm) for name in names]:  # the trees' compiles at once
+    for proc in [_worker(directory, name, *warm, script=PREWARM) for name in names]:  # the trees' compiles at once
         stdout, stderr = proc.communicate()
         print(stdout.strip() if proc.returncode == 0 else f"warm failed: {stderr[-2000:]}", flush=True)
     columns = [*names, "fa4"] if fa4 else list(names)
@@ -267,8 +257,7 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
                 for selection in tests_for(name, tests):
                     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
                                            *shlex.split(selection)], cwd=(directory / name).resolve(),
-                                          env=dict(os.environ, PYTHONPATH=str((directory / name).resolve())),
-                                          capture_output=True, text=True)
+                                          env=_tree_env(directory, name), capture_output=True, text=True)
                     print(f"tests {name} [{selection}]: {done.stdout.strip().splitlines()[-1:]}", flush=True)
                     if done.returncode:
                         print(done.stdout[-4000:], flush=True)
@@ -289,8 +278,6 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_cases"]:  # _cases SET MATCH [fa4]
         return _worker_cases(argv[1], argv[2], fa4=argv[3:] == ["fa4"])
-    if argv[:1] == ["_warm"]:
-        return _worker_warm(argv[1:])
     if argv[:1] == ["_where"]:
         import cupyflash
 
@@ -308,8 +295,8 @@ def main(argv=None) -> int:
     rn.add_argument("--match", default="", help="only the cases whose labels hold one of these comma-separated "
                                                 "strings")
     rn.add_argument("--rounds", type=int, default=2)
-    rn.add_argument("--warm", default="sm90 bfloat16", help="module-key filters to compile first (default: "
-                                                            "'sm90 bfloat16')")
+    rn.add_argument("--warm", default="sm90 bfloat16",
+                    help="scripts/prewarm.py's module-key filters, compiled first (default: 'sm90 bfloat16')")
     rn.add_argument("--tests", action="append", default=[],
                     help="a pytest selection run after the first round in every tree, or as NAME=SELECTION in that "
                          "one (repeatable)")

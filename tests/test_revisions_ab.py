@@ -101,7 +101,7 @@ def test_run_tables_every_tree_and_fa4_from_the_workers(tmp_path, monkeypatch):
     ran_tests = []
     real_run = subprocess.run
     monkeypatch.setattr(revisions_ab, "_in_tree", in_tree)
-    monkeypatch.setattr(revisions_ab, "_worker", lambda directory, name, *args: Warm())
+    monkeypatch.setattr(revisions_ab, "_worker", lambda directory, name, *args, script: Warm())
     monkeypatch.setattr(revisions_ab.subprocess, "run", lambda cmd, cwd, **kw: (
         ran_tests.append((Path(cwd).name, cmd[-1])), subprocess.CompletedProcess(cmd, 0, "1 passed", ""))[1])
     out = tmp_path / "ab.md"
