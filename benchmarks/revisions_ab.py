@@ -239,6 +239,19 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
     columns = [*names, "fa4"] if fa4 else list(names)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in columns}
     device = ""
+    revisions = {name: (directory / name / "REVISION").read_text().split() for name in names}
+
+    def write(done_rounds: int) -> str:
+        text = (f"# {case_set} cases{f' matching {match!r}' if match else ''}, {device}, in turns ({done_rounds} of "
+                f"{rounds} rounds), median ms\n\n"
+                + "".join(f"- {name}: {rev} {commit[:12]}\n" for name, (rev, commit) in revisions.items())
+                + ("- fa4: FlashAttention-4 (cases without a bias or dropout)\n" if fa4 else "")
+                + "\n" + table(columns, runs))
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        return text
+
     for r in range(rounds):
         if r and time.monotonic() - start > budget_s:
             print(f"round {r + 1} skipped: past the {budget_s:.0f} s budget", flush=True)
@@ -252,6 +265,7 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
             device = device or next((line.split("\t")[1] for line in done.stdout.splitlines()
                                      if line.startswith("DEVICE\t")), "")
         print(f"round {r + 1} done at {time.monotonic() - start:.0f} s", flush=True)
+        write(r + 1)  # after every round: a call stopped at its time limit still brings back the rounds it ran
         if r == 0:
             for name in names:
                 for selection in tests_for(name, tests):
@@ -261,16 +275,7 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
                     print(f"tests {name} [{selection}]: {done.stdout.strip().splitlines()[-1:]}", flush=True)
                     if done.returncode:
                         print(done.stdout[-4000:], flush=True)
-    revisions = {name: (directory / name / "REVISION").read_text().split() for name in names}
-    text = (f"# {case_set} cases{f' matching {match!r}' if match else ''}, {device}, in turns ({rounds} rounds "
-            "asked), median ms\n\n"
-            + "".join(f"- {name}: {rev} {commit[:12]}\n" for name, (rev, commit) in revisions.items())
-            + ("- fa4: FlashAttention-4 (cases without a bias or dropout)\n" if fa4 else "")
-            + "\n" + table(columns, runs))
-    print(text, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+    print(write(len(runs[columns[0]])), flush=True)
     return 0
 
 
