@@ -2,10 +2,10 @@
 (tensor-core HMMA, ldmatrix LDSM, cp.async LDGSTS, 16-byte global loads, MUFU.EX2 for exp2, local-memory
 spills) beside registers and spill bytes from ptxas.
 
-    python benchmarks/sass_report.py --out benchmarks/results/sass-sm_90.md     # needs cuobjdump on PATH
+    python benchmarks/sass_report.py --out benchmarks/results/sass-sm_90.md     # needs cuobjdump or nvdisasm
 
-cuobjdump comes with the CUDA toolkit, or without one from PyPI: `pip install "nvidia-cuda-cuobjdump==13.*"`, then
-put its `nvidia/cu13/bin` (under site-packages) on PATH.
+cuobjdump comes with the CUDA toolkit, or without one from PyPI: `pip install "nvidia-cuda-cuobjdump==13.*"` (or
+nvdisasm, `nvidia-cuda-nvdisasm`), then put its `nvidia/cu13/bin` (under site-packages) on PATH.
 
 NVRTC compiles each module for the arch without a GPU; cuobjdump disassembles the cubin.
 """
@@ -40,8 +40,10 @@ _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 def sass_counts(cubin: Path) -> dict:
     """{mangled kernel name: Counter of full opcodes (with modifiers)}."""
-    run = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True)
-    if run.returncode != 0:  # an older cuobjdump may not read a newer NVRTC's cubin; nvdisasm often still does
+    run = None
+    if shutil.which("cuobjdump"):
+        run = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True)
+    if run is None or run.returncode != 0:  # an older cuobjdump may not read a newer NVRTC's cubin; nvdisasm does
         run = subprocess.run(["nvdisasm", "-c", str(cubin)], capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"cannot disassemble {cubin.name}: {run.stderr.strip()[:300]}")
@@ -87,8 +89,8 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--out", help="write the markdown table here too")
     args = ap.parse_args()
-    if not shutil.which("cuobjdump"):
-        raise SystemExit("cuobjdump not found: it ships with the CUDA toolkit (nvcc)")
+    if not (shutil.which("cuobjdump") or shutil.which("nvdisasm")):
+        raise SystemExit("neither cuobjdump nor nvdisasm found: they ship with the CUDA toolkit (nvcc)")
     rows = [f"SASS instruction counts per kernel ({args.arch}, NVRTC, `python benchmarks/sass_report.py`)", "",
             *table_rows(MODULES, ("fwd", "bwd"), COLUMNS, args.arch)]
     if args.arch == "sm_90":
