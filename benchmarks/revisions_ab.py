@@ -9,7 +9,8 @@ on all of them alike; then the median ms per case and each revision's ratio to t
 
 A revision's process imports its own tree (its directory first on sys.path, as `cd base && python ...` did by hand)
 and times the cases with this script's list and its own `cupyflash.gpu_timing.median_timer`, through
-`cupyflash.flash_attention` only. `--tests` runs pytest selections in every tree after the first round.
+`cupyflash.flash_attention` only. `--tests` runs pytest selections in every tree after the first round (each stopped after `--tests-s`); the
+table is written after every round, so a call stopped at its limit brings back the rounds it ran.
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ def imported_from(directory: Path, name: str) -> Path:
 
 
 def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: list[str], tests: list[str],
-        out: Path | None, budget_s: float, fa4: bool = False, match: str = "") -> int:
+        out: Path | None, budget_s: float, fa4: bool = False, match: str = "", tests_s: float = 240.0) -> int:
     """Every tree of `names` (and with `fa4` FlashAttention-4, timed from the first tree's process) on the cases, in
     turns; prints and writes the table."""
     start = time.monotonic()
@@ -269,9 +270,15 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
         if r == 0:
             for name in names:
                 for selection in tests_for(name, tests):
-                    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
-                                           *shlex.split(selection)], cwd=(directory / name).resolve(),
-                                          env=_tree_env(directory, name), capture_output=True, text=True)
+                    try:
+                        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
+                                               *shlex.split(selection)], cwd=(directory / name).resolve(),
+                                              env=_tree_env(directory, name), capture_output=True, text=True,
+                                              timeout=tests_s)
+                    except subprocess.TimeoutExpired as stopped:  # its output is bytes whatever text= says
+                        print(f"tests {name} [{selection}]: stopped after {tests_s:.0f} s\n"
+                              f"{(stopped.stdout or b'').decode(errors='replace')[-4000:]}", flush=True)
+                        continue
                     print(f"tests {name} [{selection}]: {done.stdout.strip().splitlines()[-1:]}", flush=True)
                     if done.returncode:
                         print(done.stdout[-4000:], flush=True)
@@ -305,6 +312,7 @@ def main(argv=None) -> int:
     rn.add_argument("--tests", action="append", default=[],
                     help="a pytest selection run after the first round in every tree, or as NAME=SELECTION in that "
                          "one (repeatable)")
+    rn.add_argument("--tests-s", type=float, default=240.0, help="seconds each pytest selection may run")
     rn.add_argument("--fa4", action="store_true", help="FlashAttention-4 as a column too (importable: "
                                                         "../shared/fa4/README.md)")
     rn.add_argument("--out", type=Path)
@@ -319,7 +327,7 @@ def main(argv=None) -> int:
     if gpu_missing("revisions_ab.py run"):
         return 2
     return run(args.directory, trees(args.directory, args.names), args.cases, args.rounds, args.warm.split(),
-               args.tests, args.out, args.budget_s, args.fa4, args.match)
+               args.tests, args.out, args.budget_s, args.fa4, args.match, args.tests_s)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,34 @@ def test_run_tables_every_tree_and_fa4_from_the_workers(tmp_path, monkeypatch):
     rounds = [c for c in calls if c[1] == "_cases"]
     assert [c[0] for c in rounds] == ["main", "new", "main", "main", "new", "main"]  # fa4 from main's process
     assert ran_tests == [("new", "tests/test_x.py")]
+
+
+def test_run_goes_on_past_a_selection_that_outlasts_its_time(tmp_path, monkeypatch, capsys):
+    """A pytest selection stopped at --tests-s: its output so far is printed, and the rounds and table go on."""
+    for name in ("main", "new"):
+        (tmp_path / name / "cupyflash").mkdir(parents=True)
+        (tmp_path / name / "REVISION").write_text(f"{name} {'0' * 40}\n")
+
+    def in_tree(directory, name, *args):
+        if args[0] == "_where":
+            return subprocess.CompletedProcess(args, 0, str((directory / name / "cupyflash" / "x.py").resolve()), "")
+        return subprocess.CompletedProcess(args, 0, f"TIME\td64 N2048 plain / fwd\t{len(name)}\n", "")
+
+    class Warm:
+        returncode = 0
+
+        def communicate(self):
+            return "", ""
+
+    def slow_tests(cmd, cwd, timeout, **kw):
+        raise subprocess.TimeoutExpired(cmd, timeout, output=b"....F still running")
+
+    monkeypatch.setattr(revisions_ab, "_in_tree", in_tree)
+    monkeypatch.setattr(revisions_ab, "_worker", lambda directory, name, *args, script: Warm())
+    monkeypatch.setattr(revisions_ab.subprocess, "run", slow_tests)
+    out = tmp_path / "ab.md"
+    assert revisions_ab.run(tmp_path, ["main", "new"], "plain", 2, [], ["new=tests/test_x.py"], out, 1e9,
+                            tests_s=5) == 0
+    printed = capsys.readouterr().out
+    assert "tests new [tests/test_x.py]: stopped after 5 s" in printed and "....F still running" in printed
+    assert "(2 of 2 rounds)" in out.read_text()
