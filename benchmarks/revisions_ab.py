@@ -9,8 +9,9 @@ on all of them alike; then the median ms per case and each revision's ratio to t
 
 A revision's process imports its own tree (its directory first on sys.path, as `cd base && python ...` did by hand)
 and times the cases with this script's list and its own `cupyflash.gpu_timing.median_timer`, through
-`cupyflash.flash_attention` only. `--tests` runs pytest selections in every tree after the first round (each stopped after `--tests-s`); the
-table is written after every round, so a call stopped at its limit brings back the rounds it ran.
+`cupyflash.flash_attention` only. `--tests` runs pytest selections in every tree after the first round (each
+stopped after `--tests-s`); the table is written after every round, so a call stopped at its limit brings back the
+rounds it ran.
 """
 from __future__ import annotations
 
