@@ -19,6 +19,7 @@ import argparse
 import io
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def export(directory: Path, revisions: list[str]) -> list[tuple[str, str]]:
                                 capture_output=True, text=True).stdout.strip()
         tree = directory / name
         if tree.exists():
-            subprocess.run(["rm", "-rf", str(tree)], check=True)
+            shutil.rmtree(tree)
         tree.mkdir(parents=True)
         archive = subprocess.run(["git", "archive", commit, *EXPORTED], check=True, capture_output=True).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -243,17 +244,15 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
     device = ""
     revisions = {name: (directory / name / "REVISION").read_text().split() for name in names}
 
-    def write(done_rounds: int) -> str:
-        text = (f"# {case_set} cases{f' matching {match!r}' if match else ''}, {device}, in turns ({done_rounds} of "
-                f"{rounds} rounds), median ms\n\n"
+    def report() -> str:
+        return (f"# {case_set} cases{f' matching {match!r}' if match else ''}, {device}, in turns "
+                f"({len(runs[columns[0]])} of {rounds} rounds), median ms\n\n"
                 + "".join(f"- {name}: {rev} {commit[:12]}\n" for name, (rev, commit) in revisions.items())
                 + ("- fa4: FlashAttention-4 (cases without a bias or dropout)\n" if fa4 else "")
                 + "\n" + table(columns, runs))
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-        return text
 
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     for r in range(rounds):
         if r and time.monotonic() - start > budget_s:
             print(f"round {r + 1} skipped: past the {budget_s:.0f} s budget", flush=True)
@@ -267,24 +266,30 @@ def run(directory: Path, names: list[str], case_set: str, rounds: int, warm: lis
             device = device or next((line.split("\t")[1] for line in done.stdout.splitlines()
                                      if line.startswith("DEVICE\t")), "")
         print(f"round {r + 1} done at {time.monotonic() - start:.0f} s", flush=True)
-        write(r + 1)  # after every round: a call stopped at its time limit still brings back the rounds it ran
+        if out is not None:  # after every round: a call stopped at its time limit still brings back the rounds it ran
+            out.write_text(report())
         if r == 0:
-            for name in names:
-                for selection in tests_for(name, tests):
-                    try:
-                        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
-                                               *shlex.split(selection)], cwd=(directory / name).resolve(),
-                                              env=_tree_env(directory, name), capture_output=True, text=True,
-                                              timeout=tests_s)
-                    except subprocess.TimeoutExpired as stopped:  # its output is bytes whatever text= says
-                        print(f"tests {name} [{selection}]: stopped after {tests_s:.0f} s\n"
-                              f"{(stopped.stdout or b'').decode(errors='replace')[-4000:]}", flush=True)
-                        continue
-                    print(f"tests {name} [{selection}]: {done.stdout.strip().splitlines()[-1:]}", flush=True)
-                    if done.returncode:
-                        print(done.stdout[-4000:], flush=True)
-    print(write(len(runs[columns[0]])), flush=True)
+            _run_tests(directory, names, tests, tests_s)
+    print(report(), flush=True)
     return 0
+
+
+def _run_tests(directory: Path, names: list[str], tests: list[str], tests_s: float) -> None:
+    """Each tree's pytest selections (tests_for) in its own process, each stopped after `tests_s`; prints the
+    outcome, and the output where a selection failed or was stopped."""
+    for name in names:
+        for selection in tests_for(name, tests):
+            try:
+                done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
+                                       *shlex.split(selection)], cwd=(directory / name).resolve(),
+                                      env=_tree_env(directory, name), capture_output=True, text=True, timeout=tests_s)
+            except subprocess.TimeoutExpired as stopped:  # its output is bytes whatever text= says
+                print(f"tests {name} [{selection}]: stopped after {tests_s:.0f} s\n"
+                      f"{(stopped.stdout or b'').decode(errors='replace')[-4000:]}", flush=True)
+                continue
+            print(f"tests {name} [{selection}]: {done.stdout.strip().splitlines()[-1:]}", flush=True)
+            if done.returncode:
+                print(done.stdout[-4000:], flush=True)
 
 
 def main(argv=None) -> int:

@@ -75,9 +75,18 @@ def test_chosen_cases_match_labels():
     assert len(some) < len(every)
 
 
-def test_run_tables_every_tree_and_fa4_from_the_workers(tmp_path, monkeypatch):
-    """run() with the workers replaced by canned output: the trees' import check, the compiles, the rounds in turns
-    (FA4's from the first tree's process), the tests by tree, and the written table."""
+class _Warm:
+    """A finished compile process."""
+    returncode = 0
+
+    def communicate(self):
+        return "warm: 0 modules", ""
+
+
+def _canned_trees(tmp_path, monkeypatch, ms) -> list:
+    """Trees main and new under tmp_path whose workers answer at once: the import check with the tree's own
+    cupyflash, the compiles done, and each round's worker a DEVICE line and one case at `ms(name, args)` ms. Returns
+    the list the workers' calls are appended to."""
     for name in ("main", "new"):
         (tmp_path / name / "cupyflash").mkdir(parents=True)
         (tmp_path / name / "REVISION").write_text(f"{name} {'0' * 40}\n")
@@ -88,20 +97,21 @@ def test_run_tables_every_tree_and_fa4_from_the_workers(tmp_path, monkeypatch):
         if args[0] == "_where":
             out = str((directory / name / "cupyflash" / "__init__.py").resolve())
         else:
-            ms = {"main": 2.0, "new": 1.0}[name] if args[-1] != "fa4" else 4.0
-            out = f"DEVICE\tGPU X\t{name}\nTIME\td64 N2048 plain / fwd\t{ms}\n"
+            out = f"DEVICE\tGPU X\t{name}\nTIME\td64 N2048 plain / fwd\t{ms(name, args)}\n"
         return subprocess.CompletedProcess(args, 0, out, "")
 
-    class Warm:
-        returncode = 0
+    monkeypatch.setattr(revisions_ab, "_in_tree", in_tree)
+    monkeypatch.setattr(revisions_ab, "_worker", lambda directory, name, *args, script: _Warm())
+    return calls
 
-        def communicate(self):
-            return "warm: 0 modules", ""
 
+def test_run_tables_every_tree_and_fa4_from_the_workers(tmp_path, monkeypatch):
+    """run() with the workers replaced by canned output: the trees' import check, the compiles, the rounds in turns
+    (FA4's from the first tree's process), the tests by tree, and the written table."""
+    calls = _canned_trees(tmp_path, monkeypatch,
+                          lambda name, args: {"main": 2.0, "new": 1.0}[name] if args[-1] != "fa4" else 4.0)
     ran_tests = []
     real_run = subprocess.run
-    monkeypatch.setattr(revisions_ab, "_in_tree", in_tree)
-    monkeypatch.setattr(revisions_ab, "_worker", lambda directory, name, *args, script: Warm())
     monkeypatch.setattr(revisions_ab.subprocess, "run", lambda cmd, cwd, **kw: (
         ran_tests.append((Path(cwd).name, cmd[-1])), subprocess.CompletedProcess(cmd, 0, "1 passed", ""))[1])
     out = tmp_path / "ab.md"
@@ -117,26 +127,11 @@ def test_run_tables_every_tree_and_fa4_from_the_workers(tmp_path, monkeypatch):
 
 def test_run_goes_on_past_a_selection_that_outlasts_its_time(tmp_path, monkeypatch, capsys):
     """A pytest selection stopped at --tests-s: its output so far is printed, and the rounds and table go on."""
-    for name in ("main", "new"):
-        (tmp_path / name / "cupyflash").mkdir(parents=True)
-        (tmp_path / name / "REVISION").write_text(f"{name} {'0' * 40}\n")
-
-    def in_tree(directory, name, *args):
-        if args[0] == "_where":
-            return subprocess.CompletedProcess(args, 0, str((directory / name / "cupyflash" / "x.py").resolve()), "")
-        return subprocess.CompletedProcess(args, 0, f"TIME\td64 N2048 plain / fwd\t{len(name)}\n", "")
-
-    class Warm:
-        returncode = 0
-
-        def communicate(self):
-            return "", ""
+    _canned_trees(tmp_path, monkeypatch, lambda name, args: len(name))
 
     def slow_tests(cmd, cwd, timeout, **kw):
         raise subprocess.TimeoutExpired(cmd, timeout, output=b"....F still running")
 
-    monkeypatch.setattr(revisions_ab, "_in_tree", in_tree)
-    monkeypatch.setattr(revisions_ab, "_worker", lambda directory, name, *args, script: Warm())
     monkeypatch.setattr(revisions_ab.subprocess, "run", slow_tests)
     out = tmp_path / "ab.md"
     assert revisions_ab.run(tmp_path, ["main", "new"], "plain", 2, [], ["new=tests/test_x.py"], out, 1e9,
